@@ -55,7 +55,10 @@ class CacheStats:
         return total
 
     def reset(self) -> None:
-        self.per_layer = [LayerStats() for _ in self.per_layer]
+        """Zero every counter in place: the slot tables hold these very objects."""
+        for layer in self.per_layer:
+            for f in fields(layer):
+                setattr(layer, f.name, type(getattr(layer, f.name))())
 
     def to_dict(self) -> dict:
         """Totals at the top level, then `per_layer` (the shape `generate --json` prints)."""

@@ -1,0 +1,261 @@
+"""The expert cache: K slots per layer on the compute device, fed from an arena of packed experts.
+
+An expert is one contiguous uint8 buffer of `expert_bytes`; a load is one copy of it. The cache moves
+bytes and keeps counts; the SlotTable of each layer decides what goes where (cache/table.py), so the
+simulator, which asks the same tables, counts the same hits.
+
+Three ways to hold the experts (DESIGN.md, "Where things live"):
+- direct: no slots. The arena is where compute happens (the CPU default): every request is served
+  straight from it, counted as hits, and nothing is copied.
+- inclusive: the arena holds every expert; a slot holds a copy. An eviction just overwrites the slot.
+- exclusive: slots and arena together hold each expert once. A miss swaps the loaded expert with the
+  evicted one: the newcomer goes host to device into a spare slot buffer while the victim goes device
+  to host into a spare arena row, then the spares trade places with the rows they replaced. On CUDA
+  the two copies run on two streams and overlap (PCIe is full duplex).
+
+On CUDA the arena is pinned (pageable, with a warning, when pinning fails), loads run on copy streams,
+and each slot carries two events: `ready` (its load finished) and `free` (the compute that read it
+finished), so a copy never overwrites a slot still being read and compute never reads a half-loaded one.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from cache.policies import LRU, Policy
+from cache.stats import CacheStats
+from cache.table import SlotTable, Step
+from quant.errors import MoEOffloadError
+
+MODES = ("direct", "inclusive", "exclusive")
+
+
+class ExpertCache:
+    """Packed experts of `num_layers` x `num_experts`, served per request through per-layer slots."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_experts: int,
+        expert_bytes: int,
+        device: torch.device | str = "cpu",
+        slots_per_layer: Sequence[int] | None = None,
+        mode: str = "inclusive",
+        policy: Callable[[], Policy] = LRU,
+        pin_memory: bool | None = None,
+    ) -> None:
+        self.num_layers, self.num_experts, self.expert_bytes = num_layers, num_experts, expert_bytes
+        self.device = torch.device(device)
+        self.mode = "direct" if slots_per_layer is None else mode
+        if self.mode not in MODES:
+            raise MoEOffloadError(f"unknown cache mode {mode!r}; choose one of {', '.join(MODES[1:])}")
+        if self.mode == "direct" and self.device.type != "cpu":
+            raise MoEOffloadError(
+                "experts can be computed straight from the arena only on the CPU; set slots"
+            )
+        self.stats = CacheStats.for_layers(num_layers)
+        self.slots_per_layer = list(slots_per_layer) if slots_per_layer is not None else None
+        if self.slots_per_layer is not None:
+            self._check_slots(self.slots_per_layer)
+            self.tables = [
+                SlotTable(k, policy(), self.stats.per_layer[layer])
+                for layer, k in enumerate(self.slots_per_layer)
+            ]
+        self.on_cuda = self.device.type == "cuda"
+        pin = self.on_cuda if pin_memory is None else pin_memory
+        self.pinned = False
+
+        if self.mode == "direct" or self.mode == "inclusive":
+            self.arena = self._host_rows(num_layers * num_experts, pin)
+        if self.mode == "direct":
+            return
+
+        total_slots = sum(self.slots_per_layer)
+        self.slot_base = [sum(self.slots_per_layer[:layer]) for layer in range(num_layers)]
+        spare = 1 if self.mode == "exclusive" else 0
+        self.slot_rows = torch.empty(total_slots + spare, expert_bytes, dtype=torch.uint8, device=self.device)
+        # slot -> row of slot_rows; fixed in inclusive mode, traded with the spare in exclusive mode
+        self.slot_row = list(range(total_slots))
+        self.slot_ready: list[torch.cuda.Event | None] = [None] * total_slots
+        self.row_free: list[torch.cuda.Event | None] = [None] * (total_slots + spare)
+        if self.on_cuda:
+            self.h2d_stream = torch.cuda.Stream(self.device)
+            self.d2h_stream = torch.cuda.Stream(self.device) if self.mode == "exclusive" else None
+        if self.mode == "exclusive":
+            self.gpu_spare = total_slots
+            experts_in_arena = num_layers * num_experts - total_slots
+            self.arena = self._host_rows(experts_in_arena + 1, pin)
+            self.cpu_spare = experts_in_arena
+            # where each expert not in a slot lives in the arena; filled by write()
+            self.home: list[dict[int, int]] = [{} for _ in range(num_layers)]
+            self._next_home = 0
+            self.last_h2d: torch.cuda.Event | None = None  # the copy that last read an arena row
+            self.last_d2h: torch.cuda.Event | None = None  # the copy that last read a slot row
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def _check_slots(self, slots: list[int]) -> None:
+        if len(slots) != self.num_layers:
+            raise MoEOffloadError(
+                f"slots per layer names {len(slots)} layers, the model has {self.num_layers}"
+            )
+        for k in slots:
+            if not 1 <= k <= self.num_experts:
+                limit = f"between 1 and {self.num_experts} (the experts per layer)"
+                raise MoEOffloadError(f"slots per layer must be {limit}, got {k}")
+
+    def _host_rows(self, rows: int, pin: bool) -> torch.Tensor:
+        if pin:
+            try:
+                self.pinned = True
+                return torch.empty(rows, self.expert_bytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as error:
+                self.pinned = False
+                warnings.warn(
+                    f"could not pin {rows * self.expert_bytes} bytes ({error}); using pageable memory, "
+                    "host-to-device copies will be slower",
+                    stacklevel=3,
+                )
+        return torch.empty(rows, self.expert_bytes, dtype=torch.uint8)
+
+    def write(self, layer: int, expert: int, data: torch.Tensor) -> None:
+        """Place one packed expert, at load time. In exclusive mode the first K of a layer fill its slots."""
+        if data.dtype != torch.uint8 or data.numel() != self.expert_bytes:
+            raise ValueError(f"expected {self.expert_bytes} uint8 bytes, got {data.numel()} {data.dtype}")
+        data = data.reshape(-1)
+        if self.mode != "exclusive":
+            self.arena[layer * self.num_experts + expert].copy_(data)
+            return
+        table = self.tables[layer]
+        if table.free_slots:
+            slot = table.free_slots.pop(0)
+            table.slot_of[expert] = slot
+            table.policy.on_insert(expert, 0, prefetch=False)
+            self.slot_rows[self.slot_row[self.slot_base[layer] + slot]].copy_(data)
+        else:
+            self.home[layer][expert] = self._next_home
+            self.arena[self._next_home].copy_(data)
+            self._next_home += 1
+
+    def arena_bytes(self) -> int:
+        return self.arena.numel()
+
+    def slot_bytes(self) -> int:
+        return 0 if self.mode == "direct" else self.slot_rows.numel()
+
+    # -- the decode path ---------------------------------------------------------------------------
+
+    def fetch(
+        self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Serve one request. Yields (expert, packed bytes) in compute order; compute each before the next.
+
+        The caller must finish using a buffer before asking for the next one: when a request has more
+        experts than its layer has slots, a later load reuses the slot of an earlier expert.
+        """
+        if self.mode == "direct":
+            stats = self.stats.per_layer[layer]
+            stats.requests += len(experts)
+            stats.hits += len(experts)
+            for expert in experts:
+                yield expert, self.arena[layer * self.num_experts + expert]
+            return
+        for step in self.tables[layer].request(experts, weights):
+            if not step.hit:
+                self._load(layer, step)
+            slot = self.slot_base[layer] + step.slot
+            self._wait_ready(layer, slot)
+            row = self.slot_row[slot]
+            yield step.expert, self.slot_rows[row]
+            if self.on_cuda:  # the compute that read this row is enqueued: a later copy into it waits for it
+                self.row_free[row] = torch.cuda.current_stream(self.device).record_event()
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Guess the experts of layer `layer`'s next request and start loading those not in a slot."""
+        if self.mode == "direct":
+            return
+        for step in self.tables[layer].prefetch(experts):
+            self._load(layer, step)
+
+    def guess(self, layer: int) -> list[int] | None:
+        """The prefetcher's pending guess for the layer's next request (for traces)."""
+        if self.mode == "direct" or self.tables[layer].guess is None:
+            return None
+        return sorted(self.tables[layer].guess)
+
+    def reset(self) -> None:
+        """A new sequence: caches start empty (exclusive mode: the slots keep what they hold, cold)."""
+        if self.mode == "direct":
+            return
+        for table in self.tables:
+            residents = list(table.slot_of.items())
+            table.reset()
+            if self.mode == "exclusive":  # each expert lives in one place only: the slots can't be emptied
+                for expert, slot in residents:
+                    table.slot_of[expert] = slot
+                    table.free_slots.remove(slot)
+                    table.policy.on_insert(expert, 0, prefetch=False)
+
+    # -- copies ------------------------------------------------------------------------------------
+
+    def _load(self, layer: int, step: Step) -> None:
+        slot = self.slot_base[layer] + step.slot
+        stats = self.stats.per_layer[layer]
+        stats.h2d_bytes += self.expert_bytes
+        if self.mode == "inclusive":
+            row = self.slot_row[slot]
+            source = self.arena[layer * self.num_experts + step.expert]
+            self.slot_ready[slot] = self._copy(self.slot_rows[row], source, self.row_free[row])
+            return
+        # exclusive: newcomer arena row -> spare slot row, victim's slot row -> spare arena row, then trade
+        assert step.evicted is not None, "exclusive mode keeps every slot full"
+        stats.d2h_bytes += self.expert_bytes
+        home = self.home[layer].pop(step.expert)
+        victim_row = self.slot_row[slot]
+        if self.on_cuda:
+            self._wait_free(self.d2h_stream, self.last_h2d)  # the spare arena row was last read by an h2d
+            self._wait_free(self.d2h_stream, self.row_free[victim_row])
+            with torch.cuda.stream(self.d2h_stream):
+                self.arena[self.cpu_spare].copy_(self.slot_rows[victim_row], non_blocking=True)
+                self.last_d2h = self.d2h_stream.record_event()
+            self.h2d_stream.wait_event(self.last_d2h)  # the spare slot row was last read by a d2h
+        else:
+            self.arena[self.cpu_spare].copy_(self.slot_rows[victim_row])
+        ready = self._copy(self.slot_rows[self.gpu_spare], self.arena[home], self.row_free[self.gpu_spare])
+        if self.on_cuda:
+            self.last_h2d = ready
+        self.home[layer][step.evicted] = self.cpu_spare
+        self.cpu_spare = home
+        self.slot_row[slot], self.gpu_spare = self.gpu_spare, victim_row
+        self.slot_ready[slot] = ready
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, dst_free: torch.cuda.Event | None):
+        if not self.on_cuda:
+            dst.copy_(src)
+            return None
+        self._wait_free(self.h2d_stream, dst_free)
+        with torch.cuda.stream(self.h2d_stream):
+            dst.copy_(src, non_blocking=self.pinned)
+            return self.h2d_stream.record_event()
+
+    @staticmethod
+    def _wait_free(stream: torch.cuda.Stream, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            stream.wait_event(event)
+
+    def _wait_ready(self, layer: int, slot: int) -> None:
+        event = self.slot_ready[slot]
+        if event is None:
+            return
+        if not event.query():
+            # may synchronize the host: the compute needs this load now; the wait is the stall we report
+            start = time.perf_counter()
+            event.synchronize()
+            self.stats.per_layer[layer].stall_s += time.perf_counter() - start
+        torch.cuda.current_stream(self.device).wait_event(event)
+        self.slot_ready[slot] = None

@@ -1,0 +1,110 @@
+"""ExpertCache under forced routing: exact hits, misses, bytes and prefetch counts, and the bytes served."""
+
+import random
+
+import pytest
+import torch
+
+from cache.expert_cache import ExpertCache
+from quant.errors import MoEOffloadError
+
+LAYERS, EXPERTS, NBYTES = 2, 6, 40
+
+
+def expert_bytes(layer: int, expert: int) -> torch.Tensor:
+    """A packed expert whose every byte says which expert it is."""
+    return torch.full((NBYTES,), layer * EXPERTS + expert + 1, dtype=torch.uint8)
+
+
+def make_cache(slots, mode="inclusive") -> ExpertCache:
+    cache = ExpertCache(
+        num_layers=LAYERS,
+        num_experts=EXPERTS,
+        expert_bytes=NBYTES,
+        slots_per_layer=None if slots is None else [slots] * LAYERS,
+        mode=mode,
+    )
+    for layer in range(LAYERS):
+        for expert in range(EXPERTS):
+            cache.write(layer, expert, expert_bytes(layer, expert))
+    return cache
+
+
+def serve(cache, layer, experts):
+    """Fetch a request and check every buffer holds the expert it claims to be."""
+    served = []
+    for expert, buffer in cache.fetch(layer, experts):
+        assert torch.equal(buffer, expert_bytes(layer, expert)), (
+            f"layer {layer} expert {expert} served wrong bytes"
+        )
+        served.append(expert)
+    return served
+
+
+def test_inclusive_counts_hits_misses_and_bytes_exactly():
+    cache = make_cache(slots=2)
+    assert serve(cache, 0, [3, 1]) == [3, 1]  # two misses
+    assert serve(cache, 0, [1, 4]) == [1, 4]  # 1 hits; 4 evicts 3 (LRU), never 1 of the same request
+    assert serve(cache, 0, [3, 4]) == [4, 3]  # hits first: 4 hits, 3 misses and evicts 1
+    layer = cache.stats.per_layer[0]
+    assert (layer.requests, layer.hits, layer.misses) == (6, 2, 4)
+    assert layer.h2d_bytes == 4 * NBYTES and layer.d2h_bytes == 0
+    assert cache.stats.per_layer[1].requests == 0
+
+
+def test_one_slot_serves_a_two_expert_request_in_turn():
+    cache = make_cache(slots=1)
+    assert serve(cache, 1, [2, 5]) == [2, 5]
+    assert serve(cache, 1, [5, 2]) == [5, 2]  # 5 is a hit, then 2 takes its slot
+    layer = cache.stats.per_layer[1]
+    assert (layer.hits, layer.misses, layer.h2d_bytes) == (1, 3, 3 * NBYTES)
+
+
+def test_prefetch_used_and_wasted_and_recall():
+    cache = make_cache(slots=3)
+    cache.prefetch(0, [0, 1])  # two loads issued
+    serve(cache, 0, [1, 2])  # 1 was prefetched: a hit and a prefetch used; 2 a miss
+    cache.prefetch(0, [4, 5])  # 4 fills the free slot, 5 evicts the LRU expert: 0, never used
+    serve(cache, 0, [4, 3])
+    layer = cache.stats.per_layer[0]
+    assert (layer.prefetches_issued, layer.prefetches_used, layer.prefetches_wasted) == (4, 2, 1)
+    assert (layer.hits, layer.misses) == (2, 2)
+    assert (layer.guess_right, layer.guess_total) == (2, 4)
+    assert layer.recall == 0.5
+    assert layer.h2d_bytes == 6 * NBYTES
+    cache.reset()  # 5 was prefetched and never used
+    assert cache.stats.per_layer[0].prefetches_wasted == 2
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 5, 6])
+def test_exclusive_swaps_keep_every_expert_intact_and_count_like_inclusive(slots):
+    rng = random.Random(slots)
+    requests = [(rng.randrange(LAYERS), rng.sample(range(EXPERTS), 2)) for _ in range(300)]
+    inclusive, exclusive = make_cache(slots), make_cache(slots, mode="exclusive")
+    # exclusive starts with experts 0..K-1 in the slots; warm the inclusive cache the same way
+    for layer in range(LAYERS):
+        serve(inclusive, layer, list(range(slots)))
+    inclusive.stats.reset()
+    for layer, experts in requests:
+        assert serve(inclusive, layer, experts) == serve(exclusive, layer, experts)
+    a, b = inclusive.stats.total(), exclusive.stats.total()
+    assert (a.hits, a.misses, a.h2d_bytes) == (b.hits, b.misses, b.h2d_bytes)
+    assert b.d2h_bytes == b.h2d_bytes  # every load in exclusive mode sends its victim back
+    assert exclusive.arena.shape[0] == LAYERS * (EXPERTS - slots) + 1  # each expert held once, plus a spare
+
+
+def test_direct_mode_serves_from_the_arena_without_copies():
+    cache = make_cache(slots=None)
+    assert cache.mode == "direct"
+    assert serve(cache, 0, [5, 0]) == [5, 0]
+    total = cache.stats.total()
+    assert (total.requests, total.hits, total.misses, total.h2d_bytes) == (2, 2, 0, 0)
+
+
+def test_slot_counts_are_checked():
+    with pytest.raises(
+        MoEOffloadError, match=r"slots per layer must be between 1 and 6 \(the experts per layer\), got 7"
+    ):
+        ExpertCache(num_layers=1, num_experts=6, expert_bytes=8, slots_per_layer=[7])
+    with pytest.raises(MoEOffloadError, match="slots per layer names 1 layers, the model has 2"):
+        ExpertCache(num_layers=2, num_experts=6, expert_bytes=8, slots_per_layer=[2])
