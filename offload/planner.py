@@ -1,0 +1,146 @@
+"""The memory planner: free VRAM and RAM -> where the experts live and how many slots each layer gets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from quant.errors import MoEOffloadError
+
+GiB = 1 << 30
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 1 << 10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 1 << 20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": GiB,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 1 << 40,
+}
+HOST_HEADROOM = (
+    1 * GiB
+)  # left for Python, torch and the tokenizer when the RAM budget is read off the machine
+GPU_HEADROOM = 0.05  # share of the GPU budget kept for activations, the allocator and CUDA's own use
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '15GB', '800MiB', '1.5g' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise MoEOffloadError(f"cannot read memory size {text!r}; write it like 12GiB, 15GB or 800MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str  # "direct", "inclusive" or "exclusive" (see cache/expert_cache.py)
+    slots_per_layer: tuple[int, ...] | None
+    expert_bytes: int
+    host_bytes: int  # the arena
+    device_bytes: int  # resident weights + KV cache + slots
+    device_budget: int
+    host_budget: int
+
+    def describe(self) -> list[tuple[str, str]]:
+        slots = (
+            "none (computed in place)" if self.slots_per_layer is None else _slots_text(self.slots_per_layer)
+        )
+        return [
+            ("mode", self.mode),
+            ("slots per layer", slots),
+            ("bytes per expert", format_bytes(self.expert_bytes)),
+            ("arena (host)", f"{format_bytes(self.host_bytes)} of {format_bytes(self.host_budget)}"),
+            ("device", f"{format_bytes(self.device_bytes)} of {format_bytes(self.device_budget)}"),
+        ]
+
+
+def _slots_text(slots: tuple[int, ...]) -> str:
+    return str(slots[0]) if len(set(slots)) == 1 else ", ".join(map(str, slots))
+
+
+def free_memory(device: torch.device) -> tuple[int, int]:
+    """(device bytes free, host bytes available) on this machine."""
+    host = max(psutil.virtual_memory().available - HOST_HEADROOM, 0)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], host
+    return host, host
+
+
+def plan_memory(
+    *,
+    device: torch.device,
+    num_layers: int,
+    num_experts: int,
+    expert_bytes: int,
+    resident_bytes: int,
+    kv_bytes: int,
+    slots: int | None = None,
+    device_budget: int | None = None,
+    host_budget: int | None = None,
+) -> MemoryPlan:
+    """Choose the mode and the slots per layer; raise MoEOffloadError naming what to change."""
+    if device_budget is None or host_budget is None:
+        free_device, free_host = free_memory(device)
+        device_budget = free_device if device_budget is None else device_budget
+        host_budget = free_host if host_budget is None else host_budget
+    all_experts = num_layers * num_experts * expert_bytes
+
+    if device.type == "cpu":  # one memory: the arena is where compute happens
+        slot_bytes = 0 if slots is None else num_layers * slots * expert_bytes
+        need = resident_bytes + kv_bytes + all_experts + slot_bytes
+        if need > host_budget:
+            raise MoEOffloadError(
+                f"the model needs {format_bytes(need)} of RAM and {format_bytes(host_budget)} is available; "
+                "quantize the experts to fewer bits (--expert-bits 2) or raise --cpu-memory"
+            )
+        if slots is not None and not 1 <= slots <= num_experts:
+            raise MoEOffloadError(
+                f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}"
+            )
+        mode = "direct" if slots is None else "inclusive"
+        per_layer = None if slots is None else (slots,) * num_layers
+        return MemoryPlan(mode, per_layer, expert_bytes, all_experts, need, device_budget, host_budget)
+
+    if slots is not None and slots > num_experts:
+        raise MoEOffloadError(f"--slots {slots} is more than the {num_experts} experts per layer")
+    fixed = resident_bytes + kv_bytes
+    room = int(device_budget * (1 - GPU_HEADROOM)) - fixed - expert_bytes  # less the spare row of a swap
+    fit = room // expert_bytes // num_layers if room > 0 else 0  # slots per layer the GPU can hold
+    if slots is None:
+        slots = min(fit, num_experts)
+    if slots < 1 or slots > fit:
+        need = fixed + (num_layers * max(slots, 1) + 1) * expert_bytes
+        raise MoEOffloadError(
+            f"{max(slots, 1)} expert slots per layer need {format_bytes(need / (1 - GPU_HEADROOM))} of GPU memory "
+            f"(resident weights and KV cache {format_bytes(fixed)}), and the budget is {format_bytes(device_budget)}; "
+            "lower --slots or --max-seq-len, quantize to fewer bits, or raise --gpu-memory"
+        )
+    in_slots = num_layers * slots * expert_bytes
+    exclusive_arena = all_experts - in_slots + expert_bytes  # each expert once, plus the spare row
+    if all_experts <= host_budget:
+        mode, host_bytes = "inclusive", all_experts
+    elif exclusive_arena <= host_budget:
+        mode, host_bytes = "exclusive", exclusive_arena
+    else:
+        raise MoEOffloadError(
+            f"the experts need {format_bytes(exclusive_arena)} of RAM beside the {format_bytes(in_slots)} in GPU "
+            f"slots, and {format_bytes(host_budget)} is available; quantize to fewer bits or raise --cpu-memory"
+        )
+    device_bytes = fixed + in_slots + (expert_bytes if mode == "exclusive" else 0)
+    return MemoryPlan(
+        mode, (slots,) * num_layers, expert_bytes, host_bytes, device_bytes, device_budget, host_budget
+    )
