@@ -1,0 +1,218 @@
+"""The shared decoder: embeddings, RMSNorm, RoPE, GQA attention with a static KV cache, the layer walk.
+
+The MoE block is injected: `moe(layer, x, h_mid) -> Tensor[T, D]` with x the post-attention normed
+hidden state and h_mid the residual after attention (the early point for a prefetch guess), and
+optionally `moe.layer_done(layer, h)` once layer `layer`'s output is known (the late point). The
+decoder knows nothing of caches, quantization formats or families; it matches transformers'
+MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q - window`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quant.errors import MoEOffloadError
+
+try:
+    from quant.linear import linear
+except ImportError:  # quant/linear.py not written yet: plain tensors only
+
+    def linear(x: Tensor, weight: Any) -> Tensor:
+        return F.linear(x, weight)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the shared decoder, the MoE block and the planner need, whatever the family."""
+
+    model_type: str
+    hidden_size: int  # D
+    intermediate_size: int  # I, per expert
+    num_layers: int
+    num_heads: int  # H
+    num_kv_heads: int  # K; H % K == 0 (GQA)
+    head_dim: int  # S
+    num_experts: int  # E, per layer
+    top_k: int  # experts per token
+    vocab_size: int  # V
+    rms_norm_eps: float
+    rope_theta: float
+    sliding_window: int | None  # None: full causal attention
+    max_position: int  # max_position_embeddings: the longest context the model was trained for
+    tie_word_embeddings: bool  # lm_head is the embedding
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        return cls(**{**data, "eos_token_ids": tuple(data.get("eos_token_ids", ()))})
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' MixtralRMSNorm: normalize in float32, scale in the input's dtype."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, max_seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [max_seq_len, S], computed in float32 exactly as transformers does, then cast."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # [S/2]
+    freqs = torch.arange(max_seq_len, dtype=torch.float)[:, None] * inv_freq[None, :]  # [N, S/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, S]
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, S] rotated by position; rotate_half pairs dim i with dim i + S/2 (HF convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Decoder:
+    """Resident weights, the static KV cache and the layer walk, for one sequence (batch 1)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, Any],
+        moe,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_seq_len: int | None = None,
+    ) -> None:
+        self.config = config
+        self.moe = moe
+        self.layer_done = getattr(moe, "layer_done", None)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_seq_len = max_seq_len or min(config.max_position, 4096)
+        self.eps = config.rms_norm_eps
+        assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)
+
+        D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        shapes = {"embed": (config.vocab_size, D), "norm": (D,), "lm_head": (config.vocab_size, D)}
+        for layer in range(config.num_layers):
+            shapes |= {
+                f"layers.{layer}.input_norm": (D,),
+                f"layers.{layer}.q_proj": (H * S, D),
+                f"layers.{layer}.k_proj": (K * S, D),
+                f"layers.{layer}.v_proj": (K * S, D),
+                f"layers.{layer}.o_proj": (D, H * S),
+                f"layers.{layer}.post_norm": (D,),
+                f"layers.{layer}.router": (config.num_experts, D),
+            }
+        self.weights: dict[str, Any] = {}
+        for name, shape in shapes.items():
+            if name == "lm_head" and config.tie_word_embeddings and name not in weights:
+                self.weights[name] = self.weights["embed"]
+                continue
+            if name not in weights:
+                raise MoEOffloadError(f"the checkpoint has no tensor {name!r}; it is incomplete, re-download it")
+            self.weights[name] = self._resident(name, weights[name], shape)
+
+        # static KV cache, allocated once: [layers, K, max_seq_len, S] each, so a layer's keys are a view
+        cache_shape = (config.num_layers, K, self.max_seq_len, S)
+        self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
+        self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
+        self.cos, self.sin = rope_tables(config, self.max_seq_len, self.device, dtype)
+        self.positions = torch.arange(self.max_seq_len, device=self.device)  # for prefill masks
+
+    def _resident(self, name: str, weight: Any, shape: tuple[int, ...]) -> Any:
+        """A plain tensor goes to the device and dtype (its shape checked); a quantized one stays as given."""
+        if not isinstance(weight, Tensor):
+            return weight
+        if tuple(weight.shape) != shape:
+            raise MoEOffloadError(
+                f"tensor {name!r} has shape {tuple(weight.shape)} but config.json implies {shape}; "
+                "the checkpoint and its config.json do not belong together"
+            )
+        return weight.to(self.device, self.dtype)
+
+    def router(self, layer: int) -> Tensor:
+        return self.weights[f"layers.{layer}.router"]  # [E, D]
+
+    def post_norm(self, layer: int) -> Tensor:
+        return self.weights[f"layers.{layer}.post_norm"]  # [D]
+
+    def reset(self) -> None:
+        """Forget the sequence. Positions past the last forward are never read, so this is for tidiness."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, start_pos: int, *, last_only: bool = False) -> Tensor:
+        """Logits [T, V] (or [1, V] with last_only) in float32 for tokens at start_pos .. start_pos+T-1."""
+        # T = tokens, D = hidden, V = vocab
+        tokens = input_ids.shape[0]
+        end = start_pos + tokens
+        if end > self.max_seq_len:
+            raise MoEOffloadError(
+                f"{tokens} tokens at position {start_pos} need a context of {end}, but it holds "
+                f"{self.max_seq_len}; shorten the prompt or raise max_seq_len"
+            )
+        w = self.weights
+        h = F.embedding(input_ids, w["embed"])  # [T, D]
+        mask = self._mask(start_pos, tokens)
+        for layer in range(self.config.num_layers):
+            prefix = f"layers.{layer}."
+            h = h + self._attention(layer, rms_norm(h, w[prefix + "input_norm"], self.eps), start_pos, mask)
+            x = rms_norm(h, w[prefix + "post_norm"], self.eps)
+            h = h + self.moe(layer, x, h)
+            if self.layer_done is not None:
+                self.layer_done(layer, h)
+        if last_only:
+            h = h[-1:]
+        return linear(rms_norm(h, w["norm"], self.eps), w["lm_head"]).float()  # [T, V]
+
+    __call__ = forward
+
+    def _mask(self, start_pos: int, tokens: int) -> Tensor | None:
+        """Boolean [T, start_pos+T] (True = attend) for prefill; None for one token (decode needs none)."""
+        if tokens == 1:
+            return None  # one query: the key range itself is the mask (see _attention)
+        q_pos = self.positions[start_pos : start_pos + tokens, None]  # [T, 1]
+        k_pos = self.positions[None, : start_pos + tokens]  # [1, start_pos+T]
+        mask = k_pos <= q_pos
+        if self.config.sliding_window is not None:
+            mask &= k_pos > q_pos - self.config.sliding_window
+        return mask
+
+    def _attention(self, layer: int, x: Tensor, start_pos: int, mask: Tensor | None) -> Tensor:
+        # T = tokens, D = hidden, H = heads, K = kv heads, S = head dim, N = attended positions
+        c, w = self.config, self.weights
+        tokens, end = x.shape[0], start_pos + x.shape[0]
+        prefix = f"layers.{layer}."
+        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]  # [T, S]
+        q = apply_rope(linear(x, w[prefix + "q_proj"]).view(tokens, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(linear(x, w[prefix + "k_proj"]).view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+        v = linear(x, w[prefix + "v_proj"]).view(tokens, c.num_kv_heads, c.head_dim)  # [T, K, S]
+        self.k_cache[layer, :, start_pos:end] = k.transpose(0, 1)
+        self.v_cache[layer, :, start_pos:end] = v.transpose(0, 1)
+
+        first = 0
+        if mask is None and c.sliding_window is not None:  # one query sees the last `window` keys
+            first = max(0, end - c.sliding_window)
+        elif mask is not None:
+            first = max(0, start_pos - (c.sliding_window or end) + 1)  # keys no query can see
+            mask = mask[:, first:]
+        keys = self.k_cache[layer, :, first:end]  # [K, N, S]
+        values = self.v_cache[layer, :, first:end]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads
+        )  # [H, T, S]
+        return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"])

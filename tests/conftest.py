@@ -1,0 +1,25 @@
+"""Shared fixtures: one default tiny checkpoint, and the trained tiny model beside the repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_tiny_mixtral
+
+TRAINED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-mixtral-code"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A default tiny random Mixtral in the hub's layout (2 shards, per-expert names, untied)."""
+    return make_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral") / "model")
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir() -> Path:
+    """The really trained tiny Mixtral (../shared/models/tiny-mixtral-code); skipped where it is absent."""
+    if not (TRAINED_MODEL / "config.json").is_file():
+        pytest.skip(f"the trained tiny model is not at {TRAINED_MODEL} (it lives in ../shared beside the repo)")
+    return TRAINED_MODEL

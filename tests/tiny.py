@@ -1,0 +1,148 @@
+"""Tiny Mixtral checkpoints for tests, written the way the hub's real Mixtral files are written.
+
+`make_tiny_mixtral` builds a transformers `MixtralForCausalLM` with seeded random float32 weights and
+saves it with `save_pretrained`, which in transformers 5 writes the hub's layout: sharded safetensors
+with `model.safetensors.index.json` and per-expert `block_sparse_moe.experts.{e}.w1/w2/w3.weight`.
+`fused=True` rewrites the files with all experts of a layer fused (`mlp.experts.gate_up_proj`,
+`mlp.experts.down_proj`, `mlp.gate.weight`), the other layout a loader must read.
+
+The weights are drawn wider than transformers' init (std 0.02), so that routing, attention and the
+residual stream all matter to the logits: an oracle test on near-zero weights would prove little.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def make_tiny_mixtral(
+    path: Path,
+    *,
+    hidden: int = 64,
+    intermediate: int = 96,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    vocab: int = 128,
+    seed: int = 0,
+    sliding_window: int | None = None,
+    fused: bool = False,
+    tie: bool = False,
+    max_pos: int = 256,
+    shards: int = 2,
+) -> Path:
+    """Write a tiny random Mixtral to `path` (about `shards` files; 1 -> a single model.safetensors)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    path = Path(path)
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        sliding_window=sliding_window,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = MixtralForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * noise)  # norms near 1, but not all equal
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            else:  # linear layers: unit-variance outputs; the router a little sharper
+                scale = 2.0 if name.endswith("gate.weight") else 1.0
+                param.copy_(scale * noise / math.sqrt(param.shape[-1]))
+    total_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    max_shard_size = total_bytes + 1 if shards <= 1 else math.ceil(total_bytes / shards)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+
+    names = _tensor_names(path)
+    expert_names = [n for n in names if EXPERT_NAME.match(n)]
+    assert len(expert_names) == layers * experts * 3, "save_pretrained no longer writes the hub's layout"
+    assert ("lm_head.weight" in names) != tie
+    if fused:
+        _rewrite_fused(path, layers, experts, shards)
+    return path
+
+
+def hf_model(path: Path):
+    """The transformers oracle: MixtralForCausalLM in float32, eval mode."""
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _tensor_names(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        return list(f.keys())
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+        file.unlink()
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    return tensors
+
+
+def _rewrite_fused(path: Path, layers: int, experts: int, shards: int) -> None:
+    """Replace the per-expert tensors with transformers 5's fused ones ([E, 2I, D] gate then up, [E, D, I])."""
+    tensors = _read_all(path)
+    fused: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not EXPERT_NAME.match(name):
+            fused[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = tensor
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+
+        def stack(w: str, prefix=prefix) -> torch.Tensor:
+            return torch.stack([tensors[f"{prefix}.{e}.{w}.weight"] for e in range(experts)])
+
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.cat([stack("w1"), stack("w3")], dim=1)
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = stack("w2")
+    _write_sharded(path, fused, shards)
+
+
+def _write_sharded(path: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """Write `tensors` in `shards` files with an index (one file: model.safetensors, no index)."""
+    metadata = {"format": "pt"}
+    if shards <= 1:
+        save_file(tensors, path / "model.safetensors", metadata=metadata)
+        return
+    names = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[i::shards]}
+        save_file(part, path / file, metadata=metadata)
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
