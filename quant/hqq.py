@@ -1,0 +1,260 @@
+"""HQQ quantization as two pure functions: `quantize(weight, spec) -> Quantized` and `dequantize(q)`.
+
+hqq's `Quantizer.quantize` does the math (half-quadratic optimisation of the zero point). We keep
+its packed code layout exactly, so our dequantize is bit-exact against hqq's, and add what hqq 0.2.8
+dropped: quantized scales and zeros (the 2-bit scheme of mixtral-offloading, Eliseev & Mazur 2023).
+
+Layout, for a weight [N, K] and group size g (hqq axis=1: a group is g consecutive inputs of a row):
+    R = N*K/g groups; codes are the [R, g] integer grid packed along R the hqq way
+    (4-bit: rows r and r+R/2 share a byte; 2-bit: four rows; 3-bit: ten rows per int32; 8-bit: none);
+    scale, zero: [R, 1], one pair per group. weight ~= (code - zero) * scale.
+With meta_bits, scale and zero are themselves Quantized [R, 1] tensors (8-bit in groups of 128).
+
+Float meta is stored as float16: at 2-bit g16 a float32 scale+zero pair per group would cost 4 bits
+per weight, more than the codes; float16 halves that and is what hqq itself keeps (compute dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from hqq.core.quantize import Quantizer
+from torch import Tensor
+
+from quant.errors import MoEOffloadError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+META_DTYPE = torch.float16  # float scales and zeros on disk and in the packed expert (see module doc)
+
+# How many rows of the [R, g] code grid share one packed element, and that element's dtype.
+_ROWS_PER_ELEMENT = {8: 1, 4: 2, 2: 4, 3: 10}
+_CODE_DTYPE = {8: torch.uint8, 4: torch.uint8, 2: torch.uint8, 3: torch.int32}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int  # 2, 3, 4 or 8
+    group_size: int  # weights per (scale, zero) pair, along the input dim (hqq axis=1)
+    meta_bits: int | None = None  # also quantize scale and zero (the paper's 2-bit scheme: 8-bit)
+    meta_group_size: int = 128  # scales (zeros) per meta (scale, zero) pair when meta_bits is set
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantSpec.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.meta_bits is not None and self.meta_bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantSpec.meta_bits must be None or one of {SUPPORTED_BITS}")
+        if self.group_size < 1 or self.meta_group_size < 1:
+            raise ValueError("QuantSpec group sizes must be positive")
+
+    def describe(self) -> str:
+        """E.g. "2-bit g16, 8-bit meta g128": how the README and error messages name a spec."""
+        meta = "" if self.meta_bits is None else f", {self.meta_bits}-bit meta g{self.meta_group_size}"
+        return f"{self.bits}-bit g{self.group_size}{meta}"
+
+    @property
+    def meta_spec(self) -> QuantSpec | None:
+        """How scale and zero are quantized, or None when they stay float16."""
+        if self.meta_bits is None:
+            return None
+        return QuantSpec(bits=self.meta_bits, group_size=self.meta_group_size)
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "meta_bits": self.meta_bits,
+            "meta_group_size": self.meta_group_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> QuantSpec:
+        return cls(
+            bits=int(d["bits"]),
+            group_size=int(d["group_size"]),
+            meta_bits=None if d.get("meta_bits") is None else int(d["meta_bits"]),
+            meta_group_size=int(d.get("meta_group_size", 128)),
+        )
+
+
+EXPERT_PRESETS: dict[str, QuantSpec | None] = {
+    "2": QuantSpec(bits=2, group_size=16, meta_bits=8, meta_group_size=128),  # mixtral-offloading's
+    "3": QuantSpec(bits=3, group_size=64),
+    "4": QuantSpec(bits=4, group_size=64),
+    "none": None,
+}
+ATTN_PRESETS: dict[str, QuantSpec | None] = {
+    "4": QuantSpec(bits=4, group_size=64),
+    "8": QuantSpec(bits=8, group_size=64),
+    "none": None,
+}
+
+
+def preset(presets: Mapping[str, QuantSpec | None], name: str, option: str) -> QuantSpec | None:
+    """Look a preset up by name; `option` (e.g. "--expert-bits") names it in the error."""
+    if name not in presets:
+        raise MoEOffloadError(f"unknown {option} {name!r}; choose one of {', '.join(presets)}")
+    return presets[name]
+
+
+@dataclass
+class Quantized:
+    codes: Tensor  # packed codes, hqq layout (see module doc)
+    scale: Tensor | Quantized  # [R, 1] float16, or quantized itself when spec.meta_bits is set
+    zero: Tensor | Quantized  # [R, 1] float16, or quantized itself
+    shape: tuple[int, ...]  # the original weight's shape [N, K]
+    spec: QuantSpec
+
+
+# ---------------------------------------------------------------------------------------------------
+# shapes
+
+
+def _check_shape(shape: tuple[int, ...], spec: QuantSpec) -> None:
+    """Raise if a weight of `shape` cannot be quantized with `spec` (a user's choice of group size)."""
+    if len(shape) != 2:
+        raise ValueError(f"quantize takes a 2-D weight [out, in], got shape {tuple(shape)}")
+    out_features, in_features = shape
+    bad = None
+    if in_features % spec.group_size:
+        bad = f"its input size {in_features} is not a multiple of group size {spec.group_size}"
+    else:
+        groups = out_features * in_features // spec.group_size
+        if groups % _ROWS_PER_ELEMENT[spec.bits] and spec.bits != 3:
+            bad = f"its {groups} groups do not pack {_ROWS_PER_ELEMENT[spec.bits]} to a byte"
+        elif spec.meta_bits is not None:
+            if groups % spec.meta_group_size:
+                bad = f"its {groups} groups are not a multiple of meta group size {spec.meta_group_size}"
+            elif spec.meta_bits != 3 and (groups // spec.meta_group_size) % _ROWS_PER_ELEMENT[spec.meta_bits]:
+                bad = f"its {groups // spec.meta_group_size} meta groups do not pack evenly"
+    if bad:
+        raise MoEOffloadError(
+            f"cannot quantize a weight of shape {tuple(shape)} at {spec.describe()}: {bad}; choose another group size"
+        )
+
+
+def _codes_shape(groups: int, group_size: int, bits: int) -> tuple[int, int]:
+    return (math.ceil(groups / _ROWS_PER_ELEMENT[bits]), group_size)
+
+
+def tensor_shapes(shape: tuple[int, ...], spec: QuantSpec, prefix: str) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The flat tensors `to_tensors` makes for a weight of `shape`: {name: (shape, dtype)}, no math."""
+    _check_shape(shape, spec)
+    groups = shape[0] * shape[1] // spec.group_size
+    out = {f"{prefix}.codes": (_codes_shape(groups, spec.group_size, spec.bits), _CODE_DTYPE[spec.bits])}
+    meta = spec.meta_spec
+    for part in ("scale", "zero"):
+        if meta is None:
+            out[f"{prefix}.{part}"] = ((groups, 1), META_DTYPE)
+        else:
+            meta_groups = groups // meta.group_size
+            out[f"{prefix}.{part}.codes"] = (
+                _codes_shape(meta_groups, meta.group_size, meta.bits),
+                _CODE_DTYPE[meta.bits],
+            )
+            out[f"{prefix}.{part}.scale"] = ((meta_groups, 1), META_DTYPE)
+            out[f"{prefix}.{part}.zero"] = ((meta_groups, 1), META_DTYPE)
+    return out
+
+
+def quantized_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Bytes of a quantized weight (codes and meta, no alignment padding)."""
+    return sum(
+        math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in tensor_shapes(shape, spec, "w").values()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantize / dequantize
+
+
+def _hqq_quantize(weight: Tensor, spec: QuantSpec, optimize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """hqq's quantizer on weight's own device: (codes, scale float32, zero float32)."""
+    codes, meta = Quantizer.quantize(
+        weight,
+        nbits=spec.bits,
+        channel_wise=True,
+        group_size=spec.group_size,
+        optimize=optimize,
+        round_zero=False,
+        axis=1,
+        bitpack=True,
+        view_as_float=False,
+        device=str(weight.device),  # hqq 0.2.8 defaults to "cuda"
+    )
+    # hqq's optimiser runs under inference_mode; clone so callers get ordinary tensors.
+    return codes.clone(), meta["scale"].float().clone(), meta["zero"].float().clone()
+
+
+@torch.no_grad()
+def quantize(weight: Tensor, spec: QuantSpec) -> Quantized:
+    """Quantize a 2-D weight [out, in] on its own device. Deterministic: same input, same bytes."""
+    shape = tuple(weight.shape)
+    _check_shape(shape, spec)
+    codes, scale, zero = _hqq_quantize(weight, spec, optimize=True)
+    meta = spec.meta_spec
+    if meta is None:
+        return Quantized(codes, scale.to(META_DTYPE), zero.to(META_DTYPE), shape, spec)
+    # Scales and zeros are smooth enough for plain min-max 8-bit (no optimiser), as in mixtral-offloading.
+    scale_q = _quantize_meta(scale, meta)
+    zero_q = _quantize_meta(zero, meta)
+    return Quantized(codes, scale_q, zero_q, shape, spec)
+
+
+def _quantize_meta(values: Tensor, meta: QuantSpec) -> Quantized:
+    codes, scale, zero = _hqq_quantize(values, meta, optimize=False)
+    return Quantized(codes, scale.to(META_DTYPE), zero.to(META_DTYPE), tuple(values.shape), meta)
+
+
+def _unpack(codes: Tensor, bits: int, groups: int, dtype: torch.dtype) -> Tensor:
+    """Packed codes -> the [groups, g] integer grid in `dtype` (same values as hqq's BitPack.unpack)."""
+    if bits == 8:
+        return codes.to(dtype)
+    per = _ROWS_PER_ELEMENT[bits]
+    # Element row i holds grid rows i, i+step, ..., highest bits first.
+    shifts = torch.arange(per - 1, -1, -1, device=codes.device, dtype=codes.dtype) * bits
+    mask = (1 << bits) - 1
+    grid = (codes.unsqueeze(0) >> shifts.view(per, 1, 1)) & mask  # [per, step, g]
+    grid = grid.reshape(per * codes.shape[0], codes.shape[1])
+    return grid[:groups].to(dtype)  # 3-bit pads the grid to a multiple of 10 rows
+
+
+def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(codes - zero) * scale in `dtype`, reshaped to q.shape. Works on views into a packed buffer."""
+    groups = math.prod(q.shape) // q.spec.group_size
+    scale = dequantize(q.scale, dtype) if isinstance(q.scale, Quantized) else q.scale.to(dtype)
+    zero = dequantize(q.zero, dtype) if isinstance(q.zero, Quantized) else q.zero.to(dtype)
+    grid = _unpack(q.codes, q.spec.bits, groups, dtype)  # [R, g]
+    return ((grid - zero) * scale).reshape(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# flat tensors (safetensors names)
+
+
+def to_tensors(q: Quantized, prefix: str) -> dict[str, Tensor]:
+    """Flat names: prefix.codes, prefix.scale, prefix.zero (or prefix.scale.codes, ... when quantized)."""
+    out = {f"{prefix}.codes": q.codes}
+    for part in ("scale", "zero"):
+        value = getattr(q, part)
+        if isinstance(value, Quantized):
+            out.update(to_tensors(value, f"{prefix}.{part}"))
+        else:
+            out[f"{prefix}.{part}"] = value
+    return out
+
+
+def from_tensors(tensors: Mapping[str, Tensor], prefix: str, spec: QuantSpec, shape) -> Quantized:
+    """Inverse of `to_tensors`; the tensors are used as they are (views stay views)."""
+    shape = tuple(shape)
+    meta = spec.meta_spec
+    parts = {}
+    for part in ("scale", "zero"):
+        if meta is None:
+            parts[part] = tensors[f"{prefix}.{part}"]
+        else:
+            groups = math.prod(shape) // spec.group_size
+            parts[part] = from_tensors(tensors, f"{prefix}.{part}", meta, (groups, 1))
+    return Quantized(tensors[f"{prefix}.codes"], parts["scale"], parts["zero"], shape, spec)

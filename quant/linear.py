@@ -1,0 +1,18 @@
+"""The quantized linear forward: dequantize to the activation dtype, then one matmul.
+
+The first, simplest correct kernel; a fused dequantize-matmul can replace it behind the same call.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from quant.hqq import Quantized, dequantize
+
+
+def linear(x: Tensor, weight: Tensor | Quantized) -> Tensor:
+    """x [..., in] @ weight[out, in].T -> [..., out], in x.dtype. Allocates the dequantized weight."""
+    if isinstance(weight, Quantized):
+        weight = dequantize(weight, x.dtype)
+    return F.linear(x, weight)

@@ -1,0 +1,184 @@
+"""quant/hqq.py and quant/linear.py: bit-exact against hqq, deterministic, errors in order."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hqq.core.quantize import HQQLinear, Quantizer
+
+from quant.errors import MoEOffloadError
+from quant.hqq import (
+    ATTN_PRESETS,
+    EXPERT_PRESETS,
+    Quantized,
+    QuantSpec,
+    dequantize,
+    from_tensors,
+    preset,
+    quantize,
+    quantized_nbytes,
+    tensor_shapes,
+    to_tensors,
+)
+from quant.linear import linear
+
+# out=96, in=80: odd shapes. 480 groups of 16; meta groups of 32 (15), 48 (10) or 24 (20).
+SPECS = [
+    QuantSpec(bits=2, group_size=16),
+    QuantSpec(bits=3, group_size=16),
+    QuantSpec(bits=4, group_size=16),
+    QuantSpec(bits=8, group_size=16),
+    QuantSpec(bits=2, group_size=16, meta_bits=8, meta_group_size=32),
+    QuantSpec(bits=3, group_size=16, meta_bits=3, meta_group_size=32),
+    QuantSpec(bits=4, group_size=16, meta_bits=8, meta_group_size=32),
+    QuantSpec(bits=8, group_size=16, meta_bits=4, meta_group_size=48),
+    QuantSpec(bits=2, group_size=16, meta_bits=2, meta_group_size=24),
+]
+
+
+def _weight(shape=(96, 80), seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+
+
+def _hqq_meta(q: Quantized, dtype: torch.dtype) -> dict:
+    """hqq's own meta dict for q, in `dtype` (what Quantizer.dequantize reads)."""
+    packing = Quantizer.bit_to_packing[q.spec.bits]
+    meta = {
+        "nbits": q.spec.bits,
+        "group_size": q.spec.group_size,
+        "shape": torch.Size(q.shape),
+        "axis": 1,
+        "packing": packing,
+        "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+        "view_as_float": False,
+        "compute_dtype": dtype,
+    }
+    for part in ("scale", "zero"):
+        value = getattr(q, part)
+        if isinstance(value, Quantized):
+            meta[f"quant_{part}"] = True
+            meta[f"{part}_q"] = value.codes
+            meta[f"meta_{part}"] = _hqq_meta(value, dtype)
+        else:
+            meta[f"quant_{part}"] = False
+            meta[part] = value.to(dtype)
+    return meta
+
+
+def _hqq_dequantize(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """HQQLinear.dequantize itself (it dequantizes quantized zero/scale first), on a stand-in layer."""
+    layer = SimpleNamespace(ready=True, W_q=q.codes, meta=_hqq_meta(q, dtype))
+    return HQQLinear.dequantize(layer)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_is_bit_exact_against_hqq(spec, dtype):
+    q = quantize(_weight(), spec)
+    ours = dequantize(q, dtype)
+    theirs = _hqq_dequantize(q, dtype)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == (96, 80)
+    as_int = {4: torch.int32, 2: torch.int16}[dtype.itemsize]  # compare bits: no NaN/-0.0 leniency
+    assert torch.equal(ours.view(as_int), theirs.view(as_int))
+
+
+@pytest.mark.parametrize("spec", SPECS[:4], ids=lambda s: s.describe())
+def test_codes_are_hqqs_own(spec):
+    weight = _weight()
+    q = quantize(weight, spec)
+    codes, meta = Quantizer.quantize(weight, nbits=spec.bits, group_size=spec.group_size, axis=1, device="cpu")
+    assert torch.equal(q.codes, codes)
+    assert torch.equal(q.scale, meta["scale"].half()) and torch.equal(q.zero, meta["zero"].half())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_quantize_is_deterministic_and_shapes_are_predicted(spec):
+    weight = _weight(seed=3)
+    a = to_tensors(quantize(weight, spec), "w")
+    b = to_tensors(quantize(weight.clone(), spec), "w")
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+        assert not a[name].is_inference()
+    predicted = tensor_shapes((96, 80), spec, "w")
+    assert {k: (tuple(v.shape), v.dtype) for k, v in a.items()} == predicted
+    assert quantized_nbytes((96, 80), spec) == sum(t.numel() * t.element_size() for t in a.values())
+    float_meta = [t for name, t in a.items() if not name.endswith("codes")]
+    assert all(t.dtype == torch.float16 for t in float_meta)
+
+
+def test_to_tensors_from_tensors_round_trip():
+    spec = QuantSpec(bits=2, group_size=16, meta_bits=8, meta_group_size=32)
+    q = quantize(_weight(), spec)
+    flat = to_tensors(q, "layers.0.w1")
+    assert sorted(flat) == [
+        "layers.0.w1.codes",
+        "layers.0.w1.scale.codes",
+        "layers.0.w1.scale.scale",
+        "layers.0.w1.scale.zero",
+        "layers.0.w1.zero.codes",
+        "layers.0.w1.zero.scale",
+        "layers.0.w1.zero.zero",
+    ]
+    back = from_tensors(flat, "layers.0.w1", spec, (96, 80))
+    assert back.scale.shape == (480, 1) and back.scale.spec == spec.meta_spec
+    assert torch.equal(dequantize(back), dequantize(q))
+
+
+def test_error_falls_with_bits_and_meta_quantization_costs_little():
+    weight = _weight((256, 512), seed=1)
+
+    def rel_error(spec):
+        return float((dequantize(quantize(weight, spec)) - weight).norm() / weight.norm())
+
+    errors = {bits: rel_error(QuantSpec(bits=bits, group_size=64)) for bits in (2, 3, 4, 8)}
+    assert errors[8] < 0.01 < errors[4] < 0.1 < errors[3] < 0.2 < errors[2] < 0.45
+    plain, meta = rel_error(QuantSpec(2, 16)), rel_error(EXPERT_PRESETS["2"])
+    assert plain < 0.31 and meta < plain * 1.001
+
+
+def test_presets():
+    assert EXPERT_PRESETS["2"] == QuantSpec(bits=2, group_size=16, meta_bits=8, meta_group_size=128)
+    assert EXPERT_PRESETS["3"] == QuantSpec(3, 64) and EXPERT_PRESETS["4"] == QuantSpec(4, 64)
+    assert EXPERT_PRESETS["none"] is None and ATTN_PRESETS["4"] == QuantSpec(4, 64)
+    assert ATTN_PRESETS["8"] == QuantSpec(8, 64) and ATTN_PRESETS["none"] is None
+    for spec in (*EXPERT_PRESETS.values(), *ATTN_PRESETS.values()):
+        if spec is not None:
+            assert QuantSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(MoEOffloadError) as err:
+        preset(EXPERT_PRESETS, "5", "--expert-bits")
+    assert str(err.value) == "unknown --expert-bits '5'; choose one of 2, 3, 4, none"
+    with pytest.raises(ValueError):
+        QuantSpec(bits=5, group_size=64)
+
+
+def test_shapes_that_do_not_group_are_refused():
+    with pytest.raises(MoEOffloadError) as err:
+        quantize(_weight(), QuantSpec(4, 64))
+    assert str(err.value) == (
+        "cannot quantize a weight of shape (96, 80) at 4-bit g64: its input size 80 is not a multiple of "
+        "group size 64; choose another group size"
+    )
+    with pytest.raises(MoEOffloadError) as err:
+        quantize(_weight(), EXPERT_PRESETS["2"])
+    assert str(err.value) == (
+        "cannot quantize a weight of shape (96, 80) at 2-bit g16, 8-bit meta g128: its 480 groups are not "
+        "a multiple of meta group size 128; choose another group size"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear(dtype):
+    weight = _weight((64, 128), seed=2)
+    q = quantize(weight, QuantSpec(4, 32))
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out = linear(x, q)
+    assert out.dtype == dtype and out.shape == (3, 5, 64)
+    assert torch.equal(out, F.linear(x, dequantize(q, dtype)))
+    exact = F.linear(x.float(), weight)
+    assert float((out.float() - exact).norm() / exact.norm()) < 0.1
+    assert torch.equal(linear(x, weight.to(dtype)), F.linear(x, weight.to(dtype)))
+    assert math.prod(out.shape) == 3 * 5 * 64
