@@ -1,0 +1,115 @@
+"""quant/packing.py: one buffer per expert, exact bytes, zero-copy views, exact round trips."""
+
+import json
+
+import pytest
+import torch
+
+from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, dequantize, quantize, to_tensors
+from quant.packing import ExpertFormat, PackedLayout, TensorEntry
+
+D, I = 64, 128  # hidden, intermediate: w1 [128, 64] at 2-bit g16 has 512 groups, 4 meta groups of 128
+
+
+def _expert(seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    w1, w3 = (torch.randn(I, D, generator=generator) * 0.02 for _ in range(2))
+    w2 = torch.randn(D, I, generator=generator) * 0.02
+    return w1.to(dtype), w2.to(dtype), w3.to(dtype)
+
+
+def test_layout_offsets_are_aligned_and_nbytes_exact():
+    tensors = {
+        "a": torch.zeros(3, dtype=torch.uint8),
+        "b": torch.zeros(5, 7, dtype=torch.float16),
+        "c": torch.zeros(2, dtype=torch.int32),
+    }
+    layout = PackedLayout.of(tensors)
+    assert layout.entries == (
+        TensorEntry("a", 0, (3,), "uint8"),
+        TensorEntry("b", 64, (5, 7), "float16"),
+        TensorEntry("c", 192, (2,), "int32"),  # b ends at 64 + 70 = 134
+    )
+    assert layout.nbytes == 256  # c ends at 200, rounded up so experts back to back stay aligned
+    assert PackedLayout.of(tensors, align=16).nbytes == 112  # a 0..3, b 16..86, c 96..104
+    assert PackedLayout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+
+
+def test_views_share_storage_with_the_buffer():
+    fmt = ExpertFormat.build(D, I, EXPERT_PRESETS["4"], torch.bfloat16)
+    buffer = fmt.pack(*_expert())
+    views = fmt.layout.views(buffer)
+    for entry in fmt.layout.entries:
+        assert entry.offset % 64 == 0
+        assert views[entry.name].data_ptr() == buffer.data_ptr() + entry.offset
+    before = buffer.clone()
+    views["w2.scale"][3, 0] = 1.5  # float16 1.5 = 0x3E00, little-endian
+    changed = (buffer != before).nonzero().flatten().tolist()
+    offset = fmt.layout.entries[[e.name for e in fmt.layout.entries].index("w2.scale")].offset + 3 * 2
+    assert changed == [offset + 1] or changed == [offset, offset + 1]
+    assert buffer[offset + 1].item() == 0x3E and buffer[offset].item() == 0x00
+
+
+@pytest.mark.parametrize("name", ["2", "3", "4"])
+def test_pack_views_dequantize_equals_the_original(name):
+    spec = EXPERT_PRESETS[name]
+    fmt = ExpertFormat.build(D, I, spec, torch.bfloat16)
+    w1, w2, w3 = _expert(seed=int(name))
+    # Packed into the middle of an arena, as the cache does: views must work at any aligned offset.
+    arena = torch.full((3, fmt.nbytes), 0xAB, dtype=torch.uint8)
+    fmt.pack(w1, w2, w3, out=arena[1])
+    unpacked = fmt.unpack(arena[1])
+    assert torch.equal(arena[1], fmt.pack(w1, w2, w3))  # garbage in `out` never leaks into the bytes
+    for key, weight in {"w1": w1, "w2": w2, "w3": w3}.items():
+        original = quantize(weight, spec)
+        got = unpacked[key]
+        assert isinstance(got, Quantized) and got.shape == tuple(weight.shape)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(dequantize(got, dtype), dequantize(original, dtype))
+        assert got.codes.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("spec", [EXPERT_PRESETS["2"], QuantSpec(3, 32), None], ids=["2", "3g32", "none"])
+def test_analytic_layout_matches_the_real_tensors(spec):
+    fmt = ExpertFormat.build(D, I, spec, torch.float16)
+    if spec is None:
+        tensors = dict(zip(("w1", "w2", "w3"), (w.half() for w in _expert())))
+    else:
+        tensors = {}
+        for key, weight in zip(("w1", "w2", "w3"), _expert()):
+            tensors.update(to_tensors(quantize(weight, spec), key))
+    assert fmt.layout == PackedLayout.of(tensors)
+
+
+def test_expert_format_dict_round_trip():
+    for spec in (*EXPERT_PRESETS.values(), QuantSpec(8, 32)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            fmt = ExpertFormat.build(D, I, spec, dtype)
+            assert ExpertFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unquantized_experts_round_trip_exactly(dtype):
+    fmt = ExpertFormat.build(D, I, None, dtype)
+    assert fmt.nbytes == 3 * D * I * dtype.itemsize  # 64 * 128 * itemsize is already 64-aligned
+    w1, w2, w3 = _expert(seed=5, dtype=dtype)
+    got = fmt.unpack(fmt.pack(w1, w2, w3))
+    for key, weight in {"w1": w1, "w2": w2, "w3": w3}.items():
+        assert got[key].dtype == dtype and torch.equal(got[key], weight)
+
+
+def test_mixtral_expert_bytes():
+    # Mixtral-8x7B: hidden 4096, intermediate 14336; these figures go into the README.
+    nbytes = {
+        name: ExpertFormat.build(4096, 14336, spec, torch.bfloat16).nbytes for name, spec in EXPERT_PRESETS.items()
+    }
+    assert nbytes == {"2": 66_748_416, "3": 81_474_816, "4": 99_090_432, "none": 352_321_536}
+
+
+def test_pack_refuses_wrong_shapes():
+    fmt = ExpertFormat.build(D, I, EXPERT_PRESETS["4"], torch.bfloat16)
+    w1, w2, w3 = _expert()
+    with pytest.raises(ValueError, match=r"w2: expected shape \(64, 128\), got \(128, 64\)"):
+        fmt.pack(w1, w1, w3)
+    with pytest.raises(ValueError, match="uint8 buffer of shape"):
+        fmt.layout.views(torch.zeros(fmt.nbytes - 1, dtype=torch.uint8))
