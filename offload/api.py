@@ -1,0 +1,346 @@
+"""The public Python API: `load()` and the model object users hold.
+
+import offload
+model = offload.load("path/to/Mixtral-8x7B-Instruct-quantized", slots=4)
+result = model.generate("def fibonacci(n):", max_new_tokens=64, temperature=0)
+print(result.text, model.stats.hit_rate)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cache.expert_cache import ExpertCache
+from cache.policies import make_policy
+from cache.stats import CacheStats, LayerStats
+from offload.convert import open_source
+from offload.decoder import Decoder, ModelConfig
+from offload.generate import GenerationResult, SamplingConfig, TextStreamer, generate
+from offload.moe import MoEBlock
+from offload.planner import MemoryPlan, parse_bytes, plan_memory
+from offload.prefetch import WHEN, Prefetcher
+from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
+from quant.errors import MoEOffloadError
+from quant.hqq import Quantized
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PREFETCH = ("none", *WHEN)
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything `load()` takes besides the model. The CLI's options map onto these one to one."""
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on CUDA (float16 where unsupported), float32 on the CPU
+    slots: int | None = None  # expert slots per layer; None: the planner's choice (CUDA), in place (CPU)
+    gpu_memory: str | None = None  # budget on the GPU, e.g. "12GiB"; None: what is free
+    cpu_memory: str | None = None  # budget in RAM for the arena; None: what is available
+    expert_bits: str = "none"  # HF folders only: quantize experts in memory ("2", "3", "4", "none")
+    attn_bits: str = "none"  # HF folders only: quantize attention in memory ("4", "8", "none")
+    prefetch: str = "both"  # none | early | late | both (early guess, corrected at the layer output)
+    policy: str = "lru"  # eviction policy (cache/policies.py)
+    max_seq_len: int | None = None  # context size; None: the model's, at most 4096
+    verify: bool = True  # check a quantized folder's sha256 sums on load
+
+
+@dataclass
+class RunStats:
+    """Every figure of a run: the cache counters per layer, and tokens per second."""
+
+    cache: CacheStats
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    generations: list[GenerationResult] = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> LayerStats:
+        return self.cache.total()
+
+    @property
+    def hit_rate(self) -> float:
+        return self.total.hit_rate
+
+    @property
+    def recall(self) -> float | None:
+        return self.total.recall
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    def add(self, result: GenerationResult) -> None:
+        self.prefill_tokens += result.prefill_tokens
+        self.decode_tokens += result.decode_tokens
+        self.prefill_s += result.prefill_s
+        self.decode_s += result.decode_s
+
+    def to_dict(self) -> dict:
+        """Totals at the top level (hit_rate, hits, misses, ...), tokens/s, then `per_layer`."""
+        timing = {
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+        }
+        cache = self.cache.to_dict()
+        per_layer = cache.pop("per_layer")
+        return {**cache, **timing, "per_layer": per_layer}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise MoEOffloadError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoEOffloadError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise MoEOffloadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _nbytes(weight: torch.Tensor | Quantized) -> int:
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    return _nbytes(weight.codes) + _nbytes(weight.scale) + _nbytes(weight.zero)
+
+
+def _to_device(weight, device: torch.device, dtype: torch.dtype):
+    """Resident weights on the compute device: float tensors in `dtype`, quantized ones as stored."""
+    if isinstance(weight, Quantized):
+        return Quantized(
+            weight.codes.to(device),
+            _to_device(weight.scale, device, None),
+            _to_device(weight.zero, device, None),
+            weight.shape,
+            weight.spec,
+        )
+    return weight.to(device) if dtype is None else weight.to(device, dtype)
+
+
+def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
+    """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords."""
+    opts = LoadOptions(**options)
+    if opts.prefetch not in PREFETCH:
+        raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    source = open_source(model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, verify=opts.verify)
+    config: ModelConfig = source.config
+    max_seq_len = opts.max_seq_len or min(config.max_position, 4096)
+    if max_seq_len < 2:
+        raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    expert_format = source.expert_format(dtype)
+
+    resident = source.resident()
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * max_seq_len * config.head_dim * dtype.itemsize
+    plan = plan_memory(
+        device=device,
+        num_layers=config.num_layers,
+        num_experts=config.num_experts,
+        expert_bytes=expert_format.nbytes,
+        resident_bytes=sum(_nbytes(w) for w in resident.values()),
+        kv_bytes=kv_bytes,
+        slots=opts.slots,
+        device_budget=None if opts.gpu_memory is None else parse_bytes(opts.gpu_memory),
+        host_budget=None if opts.cpu_memory is None else parse_bytes(opts.cpu_memory),
+    )
+    make_policy(opts.policy)  # an unknown name fails here, before the long part
+    cache = ExpertCache(
+        num_layers=config.num_layers,
+        num_experts=config.num_experts,
+        expert_bytes=expert_format.nbytes,
+        device=device,
+        slots_per_layer=plan.slots_per_layer,
+        mode=plan.mode,
+        policy=lambda: make_policy(opts.policy),
+    )
+    total = config.num_layers * config.num_experts
+    for layer in range(config.num_layers):
+        for expert in range(config.num_experts):
+            cache.write(layer, expert, source.packed_expert(layer, expert, expert_format))
+            if progress is not None:
+                progress("experts", layer * config.num_experts + expert + 1, total)
+
+    moe = MoEBlock(routers=[], route=source.family.route, top_k=config.top_k, cache=cache, expert_format=expert_format)
+    weights = {name: _to_device(w, device, dtype) for name, w in resident.items()}
+    decoder = Decoder(config, weights, moe, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
+    if opts.prefetch != "none" and plan.mode != "direct":
+        moe.prefetcher = Prefetcher(
+            routers=moe.routers,
+            post_norms=[decoder.post_norm(layer) for layer in range(config.num_layers)],
+            eps=config.rms_norm_eps,
+            route=source.family.route,
+            top_k=config.top_k,
+            cache=cache,
+            when=opts.prefetch,
+        )
+    return OffloadedModel(source=source, decoder=decoder, moe=moe, cache=cache, plan=plan, options=opts)
+
+
+class OffloadedModel:
+    """A loaded model: logits, generation (streaming or not), chat, and the run's statistics."""
+
+    def __init__(
+        self, *, source, decoder: Decoder, moe: MoEBlock, cache: ExpertCache, plan: MemoryPlan, options: LoadOptions
+    ) -> None:
+        self.source, self.decoder, self.moe, self.cache, self.plan, self.options = (
+            source,
+            decoder,
+            moe,
+            cache,
+            plan,
+            options,
+        )
+        self.config: ModelConfig = decoder.config
+        self.device, self.dtype = decoder.device, decoder.dtype
+        self.max_seq_len = decoder.max_seq_len
+        self.stats = RunStats(cache.stats)
+        self._tokenizer = None
+        self.sequence = -1  # sequences started; traces number them
+        self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
+        self.trace_writer = None
+
+    # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------
+
+    def reset(self) -> None:
+        """A new sequence: empty KV cache, and expert caches empty as the trace rules say."""
+        self.decoder.reset()
+        self.cache.reset()
+        self.sequence += 1
+        self.decode_step = 0
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """input_ids [T] at positions start_pos.. -> float32 logits [T, V]."""
+        logits = self.decoder.forward(input_ids.to(self.device), start_pos)
+        if input_ids.shape[0] == 1:
+            self.decode_step += 1
+        return logits
+
+    def logits(self, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Logits [T, V] of a fresh sequence (prefill only)."""
+        self.reset()
+        return self.forward(torch.as_tensor(input_ids, dtype=torch.long), 0)
+
+    # -- text ---------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.source.folder)
+        return self._tokenizer
+
+    def stop_ids(self) -> set[int]:
+        ids = stop_ids(self.tokenizer, read_generation_config(self.source.folder))
+        return ids | set(self.config.eos_token_ids)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(
+        self,
+        prompt: str | list[int] | None = None,
+        *,
+        messages: list[dict] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Continue `prompt` (text or ids), or answer `messages` through the chat template.
+
+        `on_text` streams the text as it is generated. The result carries the ids, the text and timings;
+        `model.stats` accumulates every generation's cache counters and tokens per second.
+        """
+        if (prompt is None) == (messages is None):
+            raise MoEOffloadError("give either a prompt or chat messages")
+        if messages is not None:
+            prompt_ids = chat_prompt_ids(self.tokenizer, messages)
+        elif isinstance(prompt, str):
+            prompt_ids = self.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        streamer = TextStreamer(self.tokenizer) if on_text is not None else None
+
+        def on_token(token_id: int) -> None:
+            if streamer is not None:
+                piece = streamer.push(token_id)
+                if piece:
+                    on_text(piece)
+
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
+        result = generate(self, prompt_ids, config, self.stop_ids(), on_token=on_token, synchronize=synchronize)
+        if streamer is not None:
+            rest = streamer.flush()
+            if rest:
+                on_text(rest)
+        result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        self.stats.add(result)
+        return result
+
+    # -- traces and statistics ----------------------------------------------------------------------
+
+    def record_trace(self, writer) -> None:
+        """Send every cache request to `writer.record(...)` (cache/trace.py's TraceWriter)."""
+        self.trace_writer = writer
+
+        def record(layer: int, experts: list[int], weights: list[float], guess, prefill: bool) -> None:
+            writer.record(
+                sequence=self.sequence,
+                token_idx=-1 if prefill else self.decode_step,
+                layer=layer,
+                experts=experts,
+                gating_probs=weights,
+                guess=guess,
+                phase="prefill" if prefill else "decode",
+            )
+
+        self.moe.recorder = record
+
+    def reset_stats(self) -> None:
+        self.cache.stats.reset()
+        self.stats = RunStats(self.cache.stats)
+
+    def info(self) -> dict:
+        """What `moe-offload info` prints: the model, its formats and the memory plan."""
+        c = self.config
+        fmt = self.moe.expert_format
+        return {
+            "model": self.source.description,
+            "family": c.model_type,
+            "layers": c.num_layers,
+            "experts per layer": f"{c.num_experts} (top {c.top_k})",
+            "hidden / expert intermediate": f"{c.hidden_size} / {c.intermediate_size}",
+            "expert format": "unquantized " + str(fmt.dtype).removeprefix("torch.")
+            if fmt.spec is None
+            else fmt.spec.describe(),
+            "device / dtype": f"{self.device} / {str(self.dtype).removeprefix('torch.')}",
+            "context": self.max_seq_len,
+            **dict(self.plan.describe()),
+            "prefetch": self.options.prefetch if self.plan.mode != "direct" else "none (no slots)",
+            "policy": self.options.policy,
+        }

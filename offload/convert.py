@@ -1,0 +1,198 @@
+"""From a Hugging Face checkpoint to our quantized folder, and the sources `load()` reads from.
+
+`quantize_model` streams the source one layer of experts at a time (peak RAM near one layer, never the
+whole model), writes each file under a temporary name and renames it, and resumes after a kill: every
+finished file is in the writer's journal and is skipped on the next run of the same job.
+
+A source is what a model is built from: an HF folder (quantized in memory when asked) or a quantized
+folder. Both answer the same questions, so `load()` has one path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from offload.checkpoint import HFCheckpoint, open_hf
+from offload.decoder import ModelConfig
+from offload.families import Family, family_for
+from quant.checkpoint import (
+    FORMAT_VERSION,
+    RESIDENT,
+    CheckpointWriter,
+    QuantizedCheckpoint,
+    expert_file,
+    is_quantized_checkpoint,
+)
+from quant.errors import MoEOffloadError
+from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize, to_tensors
+from quant.packing import ExpertFormat
+
+# Non-expert weights that are quantized: the attention projections. Embeddings, lm_head, norms and
+# routers stay in full precision: they are small beside the experts, and the routers decide the cache.
+QUANTIZED_RESIDENT = re.compile(r"layers\.\d+\.[qkvo]_proj$")
+# Copied beside the weights, so a quantized folder is a whole model (tokenizer, chat template, stop ids).
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+Progress = Callable[[str, int], None]  # (what, how many units done now); called once per unit
+
+
+def _no_progress(what: str, units: int) -> None:
+    pass
+
+
+def quantize_resident(weights: dict[str, torch.Tensor], spec: QuantSpec | None) -> dict[str, torch.Tensor | Quantized]:
+    """Quantize the attention projections with `spec`; leave everything else as it is."""
+    if spec is None:
+        return dict(weights)
+    return {name: quantize(w, spec) if QUANTIZED_RESIDENT.search(name) else w for name, w in weights.items()}
+
+
+def quantize_model(
+    source: str,
+    out: str | Path,
+    *,
+    expert_bits: str = "2",
+    attn_bits: str = "4",
+    force: bool = False,
+    progress: Progress = _no_progress,
+) -> Path:
+    """Write `source` (an HF folder or hub id) as a quantized folder at `out`; returns `out`."""
+    expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
+    attn_spec = preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+    checkpoint = open_hf(source)
+    config = checkpoint.model_config
+    storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
+    expert_format = ExpertFormat.build(config.hidden_size, config.intermediate_size, expert_spec, storage_dtype)
+    job = {
+        "source": checkpoint.source,
+        "revision": checkpoint.revision,
+        "expert_bits": expert_bits,
+        "attn_bits": attn_bits,
+        "format_version": FORMAT_VERSION,
+    }
+    writer = CheckpointWriter(Path(out), job=job, force=force)
+
+    for layer in range(config.num_layers):
+        name = expert_file(layer)
+        if not writer.done(name):
+            packed = {str(e): expert_format.pack(**checkpoint.expert(layer, e)) for e in range(config.num_experts)}
+            writer.write(name, packed)
+        progress("layers", 1)
+
+    resident = {k: v for k, v in checkpoint.resident().items() if not (k == "lm_head" and config.tie_word_embeddings)}
+    quantized: dict[str, dict] = {}
+    if not writer.done(RESIDENT):
+        tensors: dict[str, torch.Tensor] = {}
+        for name, weight in quantize_resident(resident, attn_spec).items():
+            if isinstance(weight, Quantized):
+                tensors.update(to_tensors(weight, name))
+            else:
+                tensors[name] = weight
+        writer.write(RESIDENT, tensors)
+    if attn_spec is not None:
+        quantized = {
+            name: {"shape": list(resident[name].shape)} for name in resident if QUANTIZED_RESIDENT.search(name)
+        }
+    progress("resident", 1)
+
+    for side in SIDE_FILES:
+        path = checkpoint.path / side
+        if path.is_file() and not writer.done(side):
+            writer.write_bytes(side, path.read_bytes())
+    manifest = {
+        "source": {"model": checkpoint.source, "revision": checkpoint.revision},
+        "model_type": config.model_type,
+        "config": config.to_dict(),
+        "expert_format": expert_format.to_dict(),
+        "resident": {"spec": None if attn_spec is None else attn_spec.to_dict(), "quantized": quantized},
+        "quantization": {"expert_bits": expert_bits, "attn_bits": attn_bits},
+    }
+    return writer.finish(manifest)
+
+
+class HFSource:
+    """An HF folder or hub id, quantized in memory when asked (`--expert-bits`, `--attn-bits`)."""
+
+    def __init__(self, checkpoint: HFCheckpoint, expert_bits: str, attn_bits: str) -> None:
+        self.checkpoint = checkpoint
+        self.family: Family = checkpoint.family
+        self.config: ModelConfig = checkpoint.model_config
+        self.folder = checkpoint.path
+        self.expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
+        self.attn_spec = preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+        self.description = f"{checkpoint.source} (experts {expert_bits}, attention {attn_bits})"
+
+    def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
+        c = self.config
+        return ExpertFormat.build(c.hidden_size, c.intermediate_size, self.expert_spec, dtype)
+
+    def resident(self) -> dict[str, torch.Tensor | Quantized]:
+        return quantize_resident(self.checkpoint.resident(), self.attn_spec)
+
+    def packed_expert(self, layer: int, expert: int, expert_format: ExpertFormat) -> torch.Tensor:
+        return expert_format.pack(**self.checkpoint.expert(layer, expert))
+
+
+class QuantizedSource:
+    """A folder written by `quantize`: checked against its manifest, experts read from memory maps."""
+
+    def __init__(self, checkpoint: QuantizedCheckpoint) -> None:
+        manifest = checkpoint.manifest
+        self.checkpoint = checkpoint
+        self.folder = checkpoint.path
+        try:
+            self.config = ModelConfig.from_dict(manifest["config"])
+            self._format = ExpertFormat.from_dict(manifest["expert_format"])
+            spec = manifest["resident"]["spec"]
+            self.attn_spec = None if spec is None else QuantSpec.from_dict(spec)
+            self.quantized = manifest["resident"]["quantized"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise MoEOffloadError(
+                f"corrupt manifest in {self.folder}: {error!r}; re-run `moe-offload quantize` with --force"
+            ) from None
+        self.family = family_for({"model_type": self.config.model_type, "num_local_experts": self.config.num_experts})
+        quant = manifest.get("quantization", {})
+        self.description = (
+            f"{self.folder} (quantized from {manifest['source']['model']}: experts {quant.get('expert_bits')}, "
+            f"attention {quant.get('attn_bits')})"
+        )
+
+    def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
+        return self._format
+
+    def resident(self) -> dict[str, torch.Tensor | Quantized]:
+        tensors = self.checkpoint.read(RESIDENT)
+        weights: dict[str, torch.Tensor | Quantized] = {}
+        for name, meta in self.quantized.items():
+            weights[name] = from_tensors(tensors, name, self.attn_spec, tuple(meta["shape"]))
+        taken = tuple(f"{name}." for name in self.quantized)
+        for name in tensors:
+            if not name.startswith(taken):
+                weights[name] = tensors[name]
+        return weights
+
+    def packed_expert(self, layer: int, expert: int, expert_format: ExpertFormat) -> torch.Tensor:
+        return self.checkpoint.expert(layer, expert)
+
+
+def open_source(model: str, *, expert_bits: str = "none", attn_bits: str = "none", verify: bool = True):
+    """A quantized folder when `model` holds a manifest.json, else an HF folder or hub id."""
+    if is_quantized_checkpoint(model):
+        if (expert_bits, attn_bits) != ("none", "none"):
+            raise MoEOffloadError(
+                f"{model} is already quantized; --expert-bits and --attn-bits apply to Hugging Face folders only"
+            )
+        return QuantizedSource(QuantizedCheckpoint.open(Path(model), verify=verify))
+    return HFSource(open_hf(model), expert_bits, attn_bits)

@@ -1,0 +1,86 @@
+"""The MoE block: route, fetch through the expert cache, combine. One object serves every layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cache.expert_cache import ExpertCache
+from quant.linear import linear
+from quant.packing import ExpertFormat
+
+Route = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def expert_mlp(x: torch.Tensor, weights: dict) -> torch.Tensor:
+    """Mixtral's expert: w2(silu(w1 x) * w3 x), each weight plain or quantized."""
+    return linear(F.silu(linear(x, weights["w1"])) * linear(x, weights["w3"]), weights["w2"])
+
+
+def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The experts a layer asks the cache for, highest weight first.
+
+    One token (decode): its top-k in router order. Many tokens (prefill): every expert any token
+    chose, ordered by the gate weight it carries in total, served as one request.
+    """
+    # A = active experts per token, E' = distinct experts asked for
+    if ids.shape[0] == 1:
+        # may synchronize the device: the cache decides on the host which experts to load
+        return ids[0].tolist(), weights[0].tolist()
+    experts, inverse = torch.unique(ids, return_inverse=True)  # [E'], [T, A]
+    totals = torch.zeros(experts.shape[0], dtype=torch.float32, device=ids.device)
+    totals.index_add_(0, inverse.flatten(), weights.flatten().float())
+    order = torch.argsort(totals, descending=True, stable=True)
+    # may synchronize the device, as above
+    return experts[order].tolist(), totals[order].tolist()
+
+
+class MoEBlock:
+    """The sparse MLP of every layer. The decoder calls it with the post-attention normed hidden state."""
+
+    def __init__(
+        self,
+        *,
+        routers: Sequence[torch.Tensor],
+        route: Route,
+        top_k: int,
+        cache: ExpertCache,
+        expert_format: ExpertFormat,
+        prefetcher=None,
+        recorder=None,
+    ) -> None:
+        self.routers = routers
+        self.route = route
+        self.top_k = top_k
+        self.cache = cache
+        self.expert_format = expert_format
+        self.prefetcher = prefetcher
+        self.recorder = recorder  # called once per cache request, for routing traces
+        self.position = 0  # index of the token being decoded, for traces; the API sets it
+
+    def __call__(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor | None = None) -> torch.Tensor:
+        # T = tokens, D = hidden, E = experts, A = active experts per token
+        tokens, hidden = x.shape
+        logits = F.linear(x, self.routers[layer])  # [T, E]
+        ids, weights = self.route(logits, self.top_k)  # [T, A], highest weight first
+        assert ids.shape == (tokens, self.top_k), ids.shape
+        if self.prefetcher is not None and h_mid is not None:
+            self.prefetcher.after_attention(layer, h_mid)
+        experts, expert_weights = request_order(ids, weights)
+        if self.recorder is not None:
+            self.recorder(layer, experts, expert_weights, self.cache.guess(layer), tokens > 1)
+
+        out = torch.zeros_like(x)  # [T, D]
+        weights = weights.to(x.dtype)
+        for expert, packed in self.cache.fetch(layer, experts, expert_weights):
+            rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert
+            y = expert_mlp(x[rows], self.expert_format.unpack(packed))  # [rows, D]
+            out.index_add_(0, rows, y * weights[rows, rank, None])
+        return out
+
+    def layer_done(self, layer: int, h: torch.Tensor) -> None:
+        """Layer `layer`'s output is known: the late (or correcting) guess for the next layer."""
+        if self.prefetcher is not None:
+            self.prefetcher.after_layer(layer, h)
