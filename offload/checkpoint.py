@@ -50,10 +50,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as error:  # offline, unknown repo, gated repo, no such revision: all the user's to fix
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
         raise MoEOffloadError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {reason}); "
-            "check the id, your connection and `huggingface-cli login`, or pass a local folder"
+            "check the id, your connection and `hf auth login`, or pass a local folder"
         ) from error
 
 
