@@ -19,13 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quant.errors import MoEOffloadError
-
-try:
-    from quant.linear import linear
-except ImportError:  # quant/linear.py not written yet: plain tensors only
-
-    def linear(x: Tensor, weight: Any) -> Tensor:
-        return F.linear(x, weight)
+from quant.linear import linear
 
 
 @dataclass(frozen=True)
@@ -167,7 +161,7 @@ class Decoder:
             )
         w = self.weights
         h = F.embedding(input_ids, w["embed"])  # [T, D]
-        mask = self._mask(start_pos, tokens)
+        mask = self._mask(start_pos, tokens)  # None: decode, or a fresh full-causal prefill
         for layer in range(self.config.num_layers):
             prefix = f"layers.{layer}."
             h = h + self._attention(layer, rms_norm(h, w[prefix + "input_norm"], self.eps), start_pos, mask)
@@ -182,9 +176,11 @@ class Decoder:
     __call__ = forward
 
     def _mask(self, start_pos: int, tokens: int) -> Tensor | None:
-        """Boolean [T, start_pos+T] (True = attend) for prefill; None for one token (decode needs none)."""
+        """Boolean [T, start_pos+T] (True = attend) where a key range and is_causal cannot say it."""
         if tokens == 1:
             return None  # one query: the key range itself is the mask (see _attention)
+        if start_pos == 0 and self.config.sliding_window is None:
+            return None  # plain causal: is_causal lets SDPA pick its fastest kernel
         q_pos = self.positions[start_pos : start_pos + tokens, None]  # [T, 1]
         k_pos = self.positions[None, : start_pos + tokens]  # [1, start_pos+T]
         mask = k_pos <= q_pos
@@ -204,15 +200,19 @@ class Decoder:
         self.k_cache[layer, :, start_pos:end] = k.transpose(0, 1)
         self.v_cache[layer, :, start_pos:end] = v.transpose(0, 1)
 
-        first = 0
-        if mask is None and c.sliding_window is not None:  # one query sees the last `window` keys
-            first = max(0, end - c.sliding_window)
-        elif mask is not None:
-            first = max(0, start_pos - (c.sliding_window or end) + 1)  # keys no query can see
+        first = 0  # the first key any query here can see
+        if c.sliding_window is not None:
+            first = max(0, start_pos - c.sliding_window + 1)
+        if mask is not None:
             mask = mask[:, first:]
-        keys = self.k_cache[layer, :, first:end]  # [K, N, S]
+        keys = self.k_cache[layer, :, first:end]  # [K, N, S], a view: no copy
         values = self.v_cache[layer, :, first:end]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads
+            q.transpose(0, 1),
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and tokens > 1,
+            enable_gqa=c.num_heads != c.num_kv_heads,
         )  # [H, T, S]
         return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"])

@@ -133,12 +133,17 @@ def test_moe_gets_h_mid_and_layer_done_gets_each_layer_output(tiny_model_dir):
     decoder.forward(torch.tensor([5, 6, 7]), 0)
     seen = decoder.moe.seen
     assert [(kind, layer) for kind, layer, _ in seen] == [("moe", 0), ("done", 0), ("moe", 1), ("done", 1)]
+
     hf = hf_model(tiny_model_dir)
+    attention_out = {}
+    for layer, block in enumerate(hf.model.layers):
+        block.self_attn.register_forward_hook(lambda m, args, out, layer=layer: attention_out.update({layer: out[0]}))
     with torch.no_grad():
-        hidden = hf(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states
+        hidden = hf(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states  # inputs of each layer
+    for layer in range(2):
+        h_mid = hidden[layer][0] + attention_out[layer][0]  # the residual after attention
+        torch.testing.assert_close(seen[2 * layer][2], h_mid, rtol=0, atol=1e-5)
     torch.testing.assert_close(seen[1][2], hidden[1][0], rtol=0, atol=1e-5)  # layer 0's output
-    # h_mid: layer 1's input plus its attention, which layer 1's output minus its MoE part must equal
-    assert not torch.equal(seen[2][2], seen[1][2])
 
 
 def test_a_moe_without_layer_done_is_fine(tiny_model_dir):
