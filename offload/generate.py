@@ -1,0 +1,288 @@
+"""Generation: prefill, decode one token at a time, sample, stop, and stream text.
+
+Four small functions in the manner of gpt-fast: `prefill` runs the prompt and samples the first new
+token, `decode_one_token` feeds one token and samples the next, `decode_n_tokens` loops it until a
+stop id or a budget, and `generate` ties them together with the timing. The model is anything that
+implements `LanguageModel`; the tokenizer is not needed here except by `TextStreamer`.
+
+Stop semantics: a sampled stop id ends generation and is NOT part of `GenerationResult.token_ids`
+(it is reported in `stop_token_id`). transformers' `generate` appends it to its output instead, so
+ours + [stop_token_id] equals its generated ids. The last sampled token is never fed to the model,
+as in transformers, so N new tokens cost one prefill and N - 1 decode forwards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from quant.errors import MoEOffloadError
+
+
+class LanguageModel(Protocol):
+    """What generation drives: one sequence, a KV cache it owns, logits for the positions it is fed.
+
+    An optional `device` attribute says where input ids go (the CPU when absent).
+    """
+
+    max_seq_len: int  # the context size: prompt plus generated tokens never exceed it
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """input_ids LongTensor [T] at positions start_pos..start_pos+T-1 -> float32 logits [T, V]."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256  # an upper bound; the context end may stop generation earlier
+    temperature: float = 0.7  # 0 means greedy (argmax); higher flattens the distribution
+    top_p: float = 0.9  # nucleus: sample only from the smallest set of tokens whose mass reaches top_p
+    seed: int | None = None  # None draws a fresh seed; an int makes sampling repeatable
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
+            raise MoEOffloadError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.temperature < 0:
+            raise MoEOffloadError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise MoEOffloadError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise MoEOffloadError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise MoEOffloadError(f"seed must be a whole number >= 0 and < 2**63, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): float32 probabilities [V].
+
+    The same steps as transformers' TemperatureLogitsWarper then TopPLogitsWarper: a token is cut when
+    the mass of the tokens less likely than it, itself included, is <= 1 - top_p; the likeliest token
+    always stays.
+    """
+    assert logits.dim() == 1, f"expected logits [V], got {tuple(logits.shape)}"
+    assert not config.greedy, "greedy sampling has no distribution"
+    scores = logits.float() / config.temperature  # [V]
+    if config.top_p < 1.0:
+        sorted_scores, sorted_ids = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        cut_sorted = cumulative <= 1 - config.top_p
+        cut_sorted[-1] = False
+        cut = cut_sorted.scatter(0, sorted_ids, cut_sorted)
+        scores = scores.masked_fill(cut, -math.inf)
+    return scores.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> int:
+    """One token id from logits [V]: argmax at temperature 0, else temperature + top-p sampling.
+
+    Deterministic given a seeded generator on the logits' device (None uses torch's global RNG).
+    """
+    assert logits.dim() == 1, f"expected logits [V], got {tuple(logits.shape)}"
+    if config.greedy:
+        return int(torch.argmax(logits))  # syncs the device: the host needs the id to stop and stream
+    probs = sampling_probs(logits, config)
+    return int(torch.multinomial(probs, 1, generator=generator))  # syncs the device, as above
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated ids only: no prompt, no stop id
+    text: str | None  # generate() leaves it None; callers that hold the tokenizer fill it in
+    prefill_tokens: int  # prompt tokens run in the prefill forward
+    decode_tokens: int  # single-token decode forwards (the first new token comes from the prefill)
+    prefill_s: float  # prompt forward + first sample: the time to the first token
+    decode_s: float  # every decode step after it, on_token callbacks included
+    stop_reason: Literal["eos", "length"]  # a stop id, or max_new_tokens / the context end
+    stop_token_id: int | None = None  # the stop id that ended generation (not in token_ids)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def timing_dict(self) -> dict:
+        """The token counts, times and rates, for `--json` stats and `/stats`."""
+        return {
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "stop_reason": self.stop_reason,
+        }
+
+
+def prefill(
+    model: LanguageModel, prompt: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+) -> int:
+    """Run the prompt [T] from position 0 and sample the first new token."""
+    logits = model.forward(prompt, 0)  # [T, V]
+    assert logits.shape[0] == prompt.shape[0], f"forward gave {logits.shape[0]} rows for {prompt.shape[0]} ids"
+    return sample(logits[-1], config, generator)
+
+
+def decode_one_token(
+    model: LanguageModel,
+    token: torch.Tensor,
+    pos: int,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+) -> int:
+    """Feed one token [1] at `pos` and sample the next."""
+    logits = model.forward(token, pos)  # [1, V]
+    return sample(logits[-1], config, generator)
+
+
+def decode_n_tokens(
+    model: LanguageModel,
+    token_buffer: torch.Tensor,
+    current: int,
+    start_pos: int,
+    num_steps: int,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    stop_ids: set[int],
+    on_token: Callable[[int], None] | None,
+) -> tuple[list[int], int | None]:
+    """Feed `current` at start_pos and go on for at most num_steps forwards.
+
+    Returns the new ids (stop id excluded) and the stop id that ended it, or None at the budget.
+    `token_buffer` is a preallocated LongTensor [1] on the model's device, refilled in place.
+    """
+    new_ids: list[int] = []
+    for step in range(num_steps):
+        token_buffer.fill_(current)
+        current = decode_one_token(model, token_buffer, start_pos + step, config, generator)
+        if current in stop_ids:
+            return new_ids, current
+        new_ids.append(current)
+        if on_token is not None:
+            on_token(current)
+    return new_ids, None
+
+
+def generate(
+    model: LanguageModel,
+    prompt_ids: list[int],
+    config: SamplingConfig,
+    stop_ids: set[int],
+    on_token: Callable[[int], None] | None = None,
+    synchronize: Callable[[], None] | None = None,
+) -> GenerationResult:
+    """Empty the KV cache, prefill the prompt, then decode until a stop id, max_new_tokens or the context end.
+
+    `on_token` sees each generated id as it is sampled (never the stop id). `synchronize` (e.g.
+    torch.cuda.synchronize) is called before each clock reading so queued device work is counted.
+    """
+    prompt_len = len(prompt_ids)
+    if prompt_len == 0:
+        raise MoEOffloadError("the prompt is empty; give at least one token of text")
+    if prompt_len >= model.max_seq_len:
+        raise MoEOffloadError(
+            f"the prompt is {prompt_len} tokens but the context holds {model.max_seq_len}, "
+            f"which leaves no room for a new token; shorten the prompt to at most {model.max_seq_len - 1} tokens"
+        )
+    # Prompt plus generated ids fit the context; the last new id is sampled but never fed.
+    budget = min(config.max_new_tokens, model.max_seq_len - prompt_len)
+    device = getattr(model, "device", None) or torch.device("cpu")
+    generator = None
+    if not config.greedy:
+        generator = torch.Generator(device=device)
+        if config.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(config.seed)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # [T]
+    token_buffer = torch.empty(1, dtype=torch.long, device=device)  # [1], reused by every decode step
+
+    model.reset()
+    if synchronize is not None:
+        synchronize()  # syncs the device: earlier queued work must not count as prefill
+    start = time.perf_counter()
+    first = prefill(model, prompt, config, generator)
+    if synchronize is not None:
+        synchronize()  # syncs the device: the prefill's work must count as prefill
+    prefill_end = time.perf_counter()
+
+    token_ids: list[int] = []
+    stop_token_id: int | None = first if first in stop_ids else None
+    if stop_token_id is None:
+        token_ids.append(first)
+        if on_token is not None:
+            on_token(first)
+        more, stop_token_id = decode_n_tokens(
+            model, token_buffer, first, prompt_len, budget - 1, config, generator, stop_ids, on_token
+        )
+        token_ids.extend(more)
+    if synchronize is not None:
+        synchronize()  # syncs the device: every decode step must count as decode
+    decode_end = time.perf_counter()
+
+    sampled = len(token_ids) + (stop_token_id is not None)
+    return GenerationResult(
+        token_ids=token_ids,
+        text=None,
+        prefill_tokens=prompt_len,
+        decode_tokens=sampled - 1,  # every sampled id after the first cost one decode forward
+        prefill_s=prefill_end - start,
+        decode_s=decode_end - prefill_end,
+        stop_reason="eos" if stop_token_id is not None else "length",
+        stop_token_id=stop_token_id,
+    )
+
+
+class TextStreamer:
+    """Incremental detokenization: text that is final as soon as it is, never a broken character.
+
+    `push(id)` returns the text that id completes. It decodes a window that starts where the
+    previous piece started, not the whole sequence, and diffs it against the same window without the
+    new ids. Starting one piece back keeps a tokenizer that drops the leading space of a decode
+    (SentencePiece) right; starting at a piece boundary keeps the window from opening in the middle
+    of a character's byte-fallback tokens, which would decode as '\ufffd's. A trailing '\ufffd' is an
+    incomplete UTF-8 sequence: it is held back until later ids complete it. `flush()` returns what is
+    still held. All pieces concatenated equal tokenizer.decode(all ids, skip_special_tokens=...).
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self._prefix_offset = 0  # the window starts here: where the last emitted piece started
+        self._read_offset = 0  # the text of the ids before this has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _emit(self, held_back_ok: bool) -> str:
+        emitted = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.token_ids[self._prefix_offset :])[len(emitted) :]
+        if not new_text or (held_back_ok and new_text.endswith("\ufffd")):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return new_text
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(int(token_id))
+        return self._emit(held_back_ok=True)
+
+    def flush(self) -> str:
+        return self._emit(held_back_ok=False)
