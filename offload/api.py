@@ -25,6 +25,7 @@ from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
 from quant.errors import MoEOffloadError
 from quant.hqq import Quantized
+from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFETCH = ("none", *WHEN)
@@ -44,6 +45,7 @@ class LoadOptions:
     attn_bits: str = "none"  # HF folders only: quantize attention in memory ("4", "8", "none")
     prefetch: str = "both"  # none | early | late | both (early guess, corrected at the layer output)
     policy: str = "lru"  # eviction policy (cache/policies.py)
+    cache_mode: str = "auto"  # auto | inclusive | exclusive (see offload/planner.py)
     max_seq_len: int | None = None  # context size; None: the model's, at most 4096
     verify: bool = True  # check a quantized folder's sha256 sums on load
 
@@ -139,11 +141,30 @@ def _to_device(weight, device: torch.device, dtype: torch.dtype):
     return weight.to(device) if dtype is None else weight.to(device, dtype)
 
 
-def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
-    """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords."""
+@dataclass
+class Prepared:
+    """A model opened and planned, before any expert is read: what `info` shows and `load` builds on."""
+
+    source: object  # offload.convert.HFSource or QuantizedSource
+    options: LoadOptions
+    device: torch.device
+    dtype: torch.dtype
+    max_seq_len: int
+    expert_format: ExpertFormat
+    resident: dict
+    plan: MemoryPlan
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.source.config
+
+
+def prepare(model: str, **options) -> Prepared:
+    """Open `model`, read its resident weights and plan the memory; no expert is read yet."""
     opts = LoadOptions(**options)
     if opts.prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
+    make_policy(opts.policy)  # an unknown name fails here, before the long part
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     source = open_source(model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, verify=opts.verify)
@@ -152,7 +173,6 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
     if max_seq_len < 2:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     expert_format = source.expert_format(dtype)
-
     resident = source.resident()
     kv_bytes = 2 * config.num_layers * config.num_kv_heads * max_seq_len * config.head_dim * dtype.itemsize
     plan = plan_memory(
@@ -165,55 +185,58 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
         slots=opts.slots,
         device_budget=None if opts.gpu_memory is None else parse_bytes(opts.gpu_memory),
         host_budget=None if opts.cpu_memory is None else parse_bytes(opts.cpu_memory),
+        mode=opts.cache_mode,
     )
-    make_policy(opts.policy)  # an unknown name fails here, before the long part
+    return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan)
+
+
+def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
+    """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords."""
+    prepared = prepare(model, **options)
+    config, plan, expert_format = prepared.config, prepared.plan, prepared.expert_format
+    family = prepared.source.family
     cache = ExpertCache(
         num_layers=config.num_layers,
         num_experts=config.num_experts,
         expert_bytes=expert_format.nbytes,
-        device=device,
+        device=prepared.device,
         slots_per_layer=plan.slots_per_layer,
         mode=plan.mode,
-        policy=lambda: make_policy(opts.policy),
+        policy=lambda: make_policy(prepared.options.policy),
     )
     total = config.num_layers * config.num_experts
     for layer in range(config.num_layers):
         for expert in range(config.num_experts):
-            cache.write(layer, expert, source.packed_expert(layer, expert, expert_format))
+            cache.write(layer, expert, prepared.source.packed_expert(layer, expert, expert_format))
             if progress is not None:
                 progress("experts", layer * config.num_experts + expert + 1, total)
 
-    moe = MoEBlock(routers=[], route=source.family.route, top_k=config.top_k, cache=cache, expert_format=expert_format)
-    weights = {name: _to_device(w, device, dtype) for name, w in resident.items()}
-    decoder = Decoder(config, weights, moe, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    moe = MoEBlock(routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format)
+    weights = {name: _to_device(w, prepared.device, prepared.dtype) for name, w in prepared.resident.items()}
+    decoder = Decoder(
+        config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len
+    )
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
-    if opts.prefetch != "none" and plan.mode != "direct":
+    if prepared.options.prefetch != "none" and plan.mode != "direct":
         moe.prefetcher = Prefetcher(
             routers=moe.routers,
             post_norms=[decoder.post_norm(layer) for layer in range(config.num_layers)],
             eps=config.rms_norm_eps,
-            route=source.family.route,
+            route=family.route,
             top_k=config.top_k,
             cache=cache,
-            when=opts.prefetch,
+            when=prepared.options.prefetch,
         )
-    return OffloadedModel(source=source, decoder=decoder, moe=moe, cache=cache, plan=plan, options=opts)
+    return OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
 
 
 class OffloadedModel:
     """A loaded model: logits, generation (streaming or not), chat, and the run's statistics."""
 
-    def __init__(
-        self, *, source, decoder: Decoder, moe: MoEBlock, cache: ExpertCache, plan: MemoryPlan, options: LoadOptions
-    ) -> None:
-        self.source, self.decoder, self.moe, self.cache, self.plan, self.options = (
-            source,
-            decoder,
-            moe,
-            cache,
-            plan,
-            options,
-        )
+    def __init__(self, prepared: Prepared, *, decoder: Decoder, moe: MoEBlock, cache: ExpertCache) -> None:
+        self.prepared = prepared
+        self.source, self.plan, self.options = prepared.source, prepared.plan, prepared.options
+        self.decoder, self.moe, self.cache = decoder, moe, cache
         self.config: ModelConfig = decoder.config
         self.device, self.dtype = decoder.device, decoder.dtype
         self.max_seq_len = decoder.max_seq_len
@@ -325,22 +348,26 @@ class OffloadedModel:
         self.cache.stats.reset()
         self.stats = RunStats(self.cache.stats)
 
-    def info(self) -> dict:
-        """What `moe-offload info` prints: the model, its formats and the memory plan."""
-        c = self.config
-        fmt = self.moe.expert_format
-        return {
-            "model": self.source.description,
-            "family": c.model_type,
-            "layers": c.num_layers,
-            "experts per layer": f"{c.num_experts} (top {c.top_k})",
-            "hidden / expert intermediate": f"{c.hidden_size} / {c.intermediate_size}",
-            "expert format": "unquantized " + str(fmt.dtype).removeprefix("torch.")
-            if fmt.spec is None
-            else fmt.spec.describe(),
-            "device / dtype": f"{self.device} / {str(self.dtype).removeprefix('torch.')}",
-            "context": self.max_seq_len,
-            **dict(self.plan.describe()),
-            "prefetch": self.options.prefetch if self.plan.mode != "direct" else "none (no slots)",
-            "policy": self.options.policy,
-        }
+    def info(self) -> dict[str, object]:
+        return describe(self.prepared)
+
+
+def describe(prepared: Prepared) -> dict[str, object]:
+    """What `moe-offload info` prints: the model, its formats and the memory plan."""
+    c, fmt = prepared.config, prepared.expert_format
+    experts = "unquantized " + str(fmt.dtype).removeprefix("torch.") if fmt.spec is None else fmt.spec.describe()
+    attn = prepared.source.attn_spec
+    return {
+        "model": prepared.source.description,
+        "family": c.model_type,
+        "layers": c.num_layers,
+        "experts per layer": f"{c.num_experts} (top {c.top_k})",
+        "hidden / expert intermediate": f"{c.hidden_size} / {c.intermediate_size}",
+        "experts": experts,
+        "attention": "unquantized" if attn is None else attn.describe(),
+        "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
+        "context": prepared.max_seq_len,
+        **dict(prepared.plan.describe()),
+        "prefetch": prepared.options.prefetch if prepared.plan.mode != "direct" else "none (no slots)",
+        "policy": prepared.options.policy,
+    }

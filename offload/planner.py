@@ -27,9 +27,7 @@ _UNITS = {
     "tb": 1e12,
     "tib": 1 << 40,
 }
-HOST_HEADROOM = (
-    1 * GiB
-)  # left for Python, torch and the tokenizer when the RAM budget is read off the machine
+HOST_HEADROOM = 1 * GiB  # left for Python, torch and the tokenizer when the RAM budget is read off the machine
 GPU_HEADROOM = 0.05  # share of the GPU budget kept for activations, the allocator and CUDA's own use
 
 
@@ -56,9 +54,7 @@ class MemoryPlan:
     host_budget: int
 
     def describe(self) -> list[tuple[str, str]]:
-        slots = (
-            "none (computed in place)" if self.slots_per_layer is None else _slots_text(self.slots_per_layer)
-        )
+        slots = "none (computed in place)" if self.slots_per_layer is None else _slots_text(self.slots_per_layer)
         return [
             ("mode", self.mode),
             ("slots per layer", slots),
@@ -91,8 +87,15 @@ def plan_memory(
     slots: int | None = None,
     device_budget: int | None = None,
     host_budget: int | None = None,
+    mode: str = "auto",
 ) -> MemoryPlan:
-    """Choose the mode and the slots per layer; raise MoEOffloadError naming what to change."""
+    """Choose the mode and the slots per layer; raise MoEOffloadError naming what to change.
+
+    `mode` "auto" takes inclusive when RAM holds every expert, else exclusive; "inclusive" or
+    "exclusive" forces one (on the CPU too, with slots, to measure a swap on any machine).
+    """
+    if mode not in ("auto", "inclusive", "exclusive"):
+        raise MoEOffloadError(f"unknown cache mode {mode!r}; choose auto, inclusive or exclusive")
     if device_budget is None or host_budget is None:
         free_device, free_host = free_memory(device)
         device_budget = free_device if device_budget is None else device_budget
@@ -108,12 +111,11 @@ def plan_memory(
                 "quantize the experts to fewer bits (--expert-bits 2) or raise --cpu-memory"
             )
         if slots is not None and not 1 <= slots <= num_experts:
-            raise MoEOffloadError(
-                f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}"
-            )
-        mode = "direct" if slots is None else "inclusive"
-        per_layer = None if slots is None else (slots,) * num_layers
-        return MemoryPlan(mode, per_layer, expert_bytes, all_experts, need, device_budget, host_budget)
+            raise MoEOffloadError(f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}")
+        if slots is None:
+            return MemoryPlan("direct", None, expert_bytes, all_experts, need, device_budget, host_budget)
+        mode = "inclusive" if mode == "auto" else mode
+        return MemoryPlan(mode, (slots,) * num_layers, expert_bytes, all_experts, need, device_budget, host_budget)
 
     if slots is not None and slots > num_experts:
         raise MoEOffloadError(f"--slots {slots} is more than the {num_experts} experts per layer")
@@ -131,16 +133,15 @@ def plan_memory(
         )
     in_slots = num_layers * slots * expert_bytes
     exclusive_arena = all_experts - in_slots + expert_bytes  # each expert once, plus the spare row
-    if all_experts <= host_budget:
+    if all_experts <= host_budget and mode != "exclusive":
         mode, host_bytes = "inclusive", all_experts
-    elif exclusive_arena <= host_budget:
+    elif exclusive_arena <= host_budget and mode != "inclusive":
         mode, host_bytes = "exclusive", exclusive_arena
     else:
+        need = exclusive_arena if mode != "inclusive" else all_experts
         raise MoEOffloadError(
-            f"the experts need {format_bytes(exclusive_arena)} of RAM beside the {format_bytes(in_slots)} in GPU "
-            f"slots, and {format_bytes(host_budget)} is available; quantize to fewer bits or raise --cpu-memory"
+            f"the experts need {format_bytes(need)} of RAM beside the {format_bytes(in_slots)} in GPU slots, "
+            f"and {format_bytes(host_budget)} is available; quantize to fewer bits or raise --cpu-memory"
         )
     device_bytes = fixed + in_slots + (expert_bytes if mode == "exclusive" else 0)
-    return MemoryPlan(
-        mode, (slots,) * num_layers, expert_bytes, host_bytes, device_bytes, device_budget, host_budget
-    )
+    return MemoryPlan(mode, (slots,) * num_layers, expert_bytes, host_bytes, device_bytes, device_budget, host_budget)

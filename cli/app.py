@@ -1,0 +1,319 @@
+"""The `moe-offload` command: a thin typer app over offload/ and cache/.
+
+Every user-caused error is a MoEOffloadError; `main` prints it as one line and exits with code 2.
+Progress bars and tables go to stderr, so `--json` leaves stdout to the JSON alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from quant.errors import MoEOffloadError
+
+app = typer.Typer(
+    name="moe-offload",
+    help="Run Mixture-of-Experts models on small GPUs or none: experts stream through a per-layer cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True)
+out = Console(highlight=False, soft_wrap=True)
+
+# -- options shared by the commands that load a model (defaults live in offload.api.LoadOptions) -----
+
+Model = Annotated[str, typer.Argument(help="A quantized folder (from `quantize`), a Hugging Face folder, or a hub id.")]
+Slots = Annotated[
+    int | None,
+    typer.Option(
+        "--slots",
+        help="Expert slots per layer (1 to the experts per layer). On CUDA the default fills the GPU budget; "
+        "on the CPU the default computes experts in place, and --slots routes them through K CPU slots "
+        "that count exactly as GPU slots would.",
+    ),
+]
+GpuMemory = Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 12GiB. Default: what is free.")]
+CpuMemory = Annotated[str | None, typer.Option(help="RAM budget for the expert arena, e.g. 12GiB. Default: available.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")]
+ExpertBits = Annotated[
+    str, typer.Option(help="HF folders only: quantize experts in memory to 2, 3 or 4 bits, or none.")
+]
+AttnBits = Annotated[str, typer.Option(help="HF folders only: quantize attention in memory to 4 or 8 bits, or none.")]
+Prefetch = Annotated[
+    str,
+    typer.Option(
+        help="Speculative prefetch: none; early (guess after each layer's attention); late (at its output); "
+        "both (early guess, corrected at the output)."
+    ),
+]
+NoPrefetch = Annotated[bool, typer.Option("--no-prefetch", help="Same as --prefetch none.")]
+Policy = Annotated[str, typer.Option(help="Eviction policy of the expert cache (see `simulate`).")]
+CacheMode = Annotated[
+    str,
+    typer.Option(
+        help="auto: keep every expert in RAM when it fits (inclusive), else each expert once across GPU slots "
+        "and RAM, swapping on a miss (exclusive). Force either one with inclusive or exclusive."
+    ),
+]
+MaxSeqLen = Annotated[int | None, typer.Option(help="Context size. Default: the model's, at most 4096.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate at most.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")]
+
+
+def _load_options(**options) -> dict:
+    if options.pop("no_prefetch"):
+        options["prefetch"] = "none"
+    return options
+
+
+def _load(model: str, options: dict):
+    from offload.api import load
+
+    with _progress() as progress:
+        task = progress.add_task("loading experts", total=None)
+
+        def report(what: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return load(model, progress=report, **options)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _print_stats(stats, console: Console = err) -> None:
+    """The run's figures: totals, then one row per layer."""
+    s = stats.to_dict()
+    recall = "-" if s["recall"] is None else f"{s['recall']:.3f}"
+    console.print(
+        f"prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s · "
+        f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.2f} tok/s · "
+        f"hit rate {s['hit_rate']:.3f} · prefetch recall {recall} · "
+        f"prefetches {s['prefetches_issued']} issued, {s['prefetches_used']} used, {s['prefetches_wasted']} wasted · "
+        f"{s['h2d_bytes'] / 2**20:.1f} MiB copied · stalled {s['stall_s']:.3f} s"
+    )
+    table = Table("layer", "requests", "hits", "misses", "hit rate", "prefetch used/issued", "recall", "MiB in")
+    for layer, row in enumerate(s["per_layer"]):
+        table.add_row(
+            str(layer),
+            str(row["requests"]),
+            str(row["hits"]),
+            str(row["misses"]),
+            f"{row['hit_rate']:.3f}",
+            f"{row['prefetches_used']}/{row['prefetches_issued']}",
+            "-" if row["recall"] is None else f"{row['recall']:.3f}",
+            f"{row['h2d_bytes'] / 2**20:.1f}",
+        )
+    console.print(table)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def quantize(
+    src: Annotated[str, typer.Argument(help="A Hugging Face folder (safetensors) or hub id.")],
+    out: Annotated[Path, typer.Argument(help="The folder to write. Re-running after a kill resumes.")],
+    expert_bits: Annotated[str, typer.Option(help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")] = "2",
+    attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
+    force: Annotated[bool, typer.Option(help="Overwrite OUT if it already holds files.")] = False,
+) -> None:
+    """Quantize a checkpoint into moe-offload's folder: packed experts, resident weights, a manifest."""
+    from offload.checkpoint import open_hf
+    from offload.convert import quantize_model
+
+    layers = open_hf(src).model_config.num_layers
+    with _progress() as progress:
+        task = progress.add_task("quantizing layers", total=layers + 1)
+        folder = quantize_model(
+            src,
+            out,
+            expert_bits=expert_bits,
+            attn_bits=attn_bits,
+            force=force,
+            progress=lambda what, n: progress.advance(task, n),
+        )
+    err.print(f"wrote {folder}")
+
+
+@app.command()
+def generate(
+    model: Model,
+    prompt: Annotated[str, typer.Option(help="The text to continue.")],
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = None,
+    slots: Slots = None,
+    gpu_memory: GpuMemory = None,
+    cpu_memory: CpuMemory = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    expert_bits: ExpertBits = "none",
+    attn_bits: AttnBits = "none",
+    prefetch: Prefetch = "both",
+    no_prefetch: NoPrefetch = False,
+    policy: Policy = "lru",
+    cache_mode: CacheMode = "auto",
+    max_seq_len: MaxSeqLen = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print the cache and speed figures after the text.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print only {"text", "token_ids", "stats"} as one JSON object.')
+    ] = False,
+) -> None:
+    """Continue a prompt, streaming the text as it is generated."""
+    options = _load_options(
+        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
+        expert_bits=expert_bits, attn_bits=attn_bits, prefetch=prefetch, no_prefetch=no_prefetch,
+        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
+    )  # fmt: skip
+    loaded = _load(model, options)
+    stream = None if as_json else (lambda text: out.print(text, end=""))
+    result = loaded.generate(
+        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
+    )
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": loaded.stats.to_dict()}))
+        return
+    out.print()
+    if stats:
+        _print_stats(loaded.stats)
+
+
+@app.command()
+def chat(
+    model: Model,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    max_new_tokens: MaxNewTokens = 512,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.9,
+    seed: Seed = None,
+    slots: Slots = None,
+    gpu_memory: GpuMemory = None,
+    cpu_memory: CpuMemory = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    expert_bits: ExpertBits = "none",
+    attn_bits: AttnBits = "none",
+    prefetch: Prefetch = "both",
+    no_prefetch: NoPrefetch = False,
+    policy: Policy = "lru",
+    cache_mode: CacheMode = "auto",
+    max_seq_len: MaxSeqLen = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print the figures after every answer.")] = False,
+) -> None:
+    """Chat in the terminal through the model's chat template. Type /stats, /reset or /exit."""
+    options = _load_options(
+        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
+        expert_bits=expert_bits, attn_bits=attn_bits, prefetch=prefetch, no_prefetch=no_prefetch,
+        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
+    )  # fmt: skip
+    loaded = _load(model, options)
+    messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+    err.print("chat: /stats shows the figures, /reset starts over, /exit leaves")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/stats":
+            _print_stats(loaded.stats)
+            continue
+        if command == "/reset":
+            messages = messages[:1] if system is not None else []
+            loaded.reset_stats()
+            err.print("(conversation and figures reset)")
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            result = loaded.generate(
+                messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                on_text=lambda text: out.print(text, end=""),
+            )  # fmt: skip
+        except MoEOffloadError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
+            messages.pop()
+            err.print(f"error: {error}")
+            continue
+        out.print()
+        messages.append({"role": "assistant", "content": result.text})
+        if stats:
+            _print_stats(loaded.stats)
+
+
+@app.command()
+def info(
+    model: Model,
+    slots: Slots = None,
+    gpu_memory: GpuMemory = None,
+    cpu_memory: CpuMemory = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    expert_bits: ExpertBits = "none",
+    attn_bits: AttnBits = "none",
+    max_seq_len: MaxSeqLen = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
+) -> None:
+    """Show the model's family, sizes, quantization and memory plan, without loading the experts."""
+    from offload.api import describe, prepare
+
+    facts = describe(
+        prepare(
+            model,
+            slots=slots,
+            gpu_memory=gpu_memory,
+            cpu_memory=cpu_memory,
+            device=device,
+            dtype=dtype,
+            expert_bits=expert_bits,
+            attn_bits=attn_bits,
+            max_seq_len=max_seq_len,
+        )  # fmt: skip
+    )
+    if as_json:
+        print(json.dumps(facts))
+        return
+    table = Table(show_header=False)
+    for key, value in facts.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: user errors become one line on stderr and exit code 2 (as usage errors do)."""
+    try:
+        app(args=argv, prog_name="moe-offload")  # click handles usage errors, --help and Ctrl-C itself
+    except MoEOffloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
