@@ -3,7 +3,8 @@
 Four small functions in the manner of gpt-fast: `prefill` runs the prompt and samples the first new
 token, `decode_one_token` feeds one token and samples the next, `decode_n_tokens` loops it until a
 stop id or a budget, and `generate` ties them together with the timing. The model is anything that
-implements `LanguageModel`; the tokenizer is not needed here except by `TextStreamer`.
+implements `LanguageModel`. Text lives at the edges: `TextStreamer` turns ids into printable pieces,
+and `generate_text` wires it to `generate`.
 
 Stop semantics: a sampled stop id ends generation and is NOT part of `GenerationResult.token_ids`
 (it is reported in `stop_token_id`). transformers' `generate` appends it to its output instead, so
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -250,6 +251,17 @@ def generate(
     )
 
 
+def continuation_text(tokenizer, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
+    """The text that token_ids add after the prompt, spacing exact: decode(prompt + new) less decode(prompt).
+
+    Decoding the new ids alone is not the same with SentencePiece: it drops the first new token's
+    leading space (a 4-space indent after a newline comes out as 3 spaces).
+    """
+    prompt_text = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    full_text = tokenizer.decode([*prompt_ids, *token_ids], skip_special_tokens=True)
+    return full_text[len(prompt_text) :]
+
+
 class TextStreamer:
     """Incremental detokenization: text that is final as soon as it is, never a broken character.
 
@@ -259,30 +271,71 @@ class TextStreamer:
     (SentencePiece) right; starting at a piece boundary keeps the window from opening in the middle
     of a character's byte-fallback tokens, which would decode as '\ufffd's. A trailing '\ufffd' is an
     incomplete UTF-8 sequence: it is held back until later ids complete it. `flush()` returns what is
-    still held. All pieces concatenated equal tokenizer.decode(all ids, skip_special_tokens=...).
+    still held.
+
+    With `prompt_ids`, the pieces continue the prompt: all of them together equal
+    `continuation_text(tokenizer, prompt_ids, ids)` (what `generate` prints). Without, they equal
+    tokenizer.decode(ids, skip_special_tokens=...), the new text on its own (what a chat reply shows:
+    SentencePiece drops the reply's leading space). Both hold for any ids that spell valid UTF-8; for
+    invalid byte sequences the stream keeps each valid byte where a whole decode makes the run '\ufffd's.
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = []
+        self._ids = [int(i) for i in prompt_ids]  # prompt context, then every pushed id
         self._prefix_offset = 0  # the window starts here: where the last emitted piece started
-        self._read_offset = 0  # the text of the ids before this has been emitted
+        self._read_offset = len(self._ids)  # the text of the ids before this has been emitted
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _emit(self, held_back_ok: bool) -> str:
-        emitted = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self.token_ids[self._prefix_offset :])[len(emitted) :]
-        if not new_text or (held_back_ok and new_text.endswith("\ufffd")):
+    def _emit(self, hold_back: bool) -> str:
+        emitted = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])[len(emitted) :]
+        if not new_text or (hold_back and new_text.endswith("\ufffd")):
             return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return new_text
 
     def push(self, token_id: int) -> str:
-        self.token_ids.append(int(token_id))
-        return self._emit(held_back_ok=True)
+        self._ids.append(int(token_id))
+        return self._emit(hold_back=True)
 
     def flush(self) -> str:
-        return self._emit(held_back_ok=False)
+        return self._emit(hold_back=False)
+
+
+def generate_text(
+    model: LanguageModel,
+    tokenizer,
+    prompt_ids: list[int],
+    config: SamplingConfig,
+    stop_ids: set[int],
+    on_text: Callable[[str], None] | None = None,
+    continue_prompt: bool = True,
+    synchronize: Callable[[], None] | None = None,
+) -> GenerationResult:
+    """`generate` with text: streams pieces to `on_text` and fills `result.text`.
+
+    continue_prompt=True gives the exact continuation of the prompt (plain `generate`); False gives
+    the new text on its own, as a chat reply is shown.
+    """
+    context = prompt_ids if continue_prompt else ()
+    streamer = TextStreamer(tokenizer, context)
+
+    def on_token(token_id: int) -> None:
+        piece = streamer.push(token_id)
+        if piece:
+            on_text(piece)
+
+    result = generate(model, prompt_ids, config, stop_ids, on_token if on_text else None, synchronize)
+    if on_text is not None:
+        rest = streamer.flush()
+        if rest:
+            on_text(rest)
+    if continue_prompt:
+        result.text = continuation_text(tokenizer, prompt_ids, result.token_ids)
+    else:
+        result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return result

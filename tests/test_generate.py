@@ -12,11 +12,13 @@ from offload.generate import (
     GenerationResult,
     SamplingConfig,
     TextStreamer,
+    continuation_text,
     generate,
+    generate_text,
     sample,
     sampling_probs,
 )
-from offload.tokenizer import load_tokenizer
+from offload.tokenizer import load_tokenizer, read_generation_config, stop_ids
 from quant.errors import MoEOffloadError
 
 PROMPT = [1, 17, 93, 5, 64, 101, 33]
@@ -273,3 +275,37 @@ def test_streamer_holds_back_an_incomplete_character_until_flush(mistral_tokeniz
     assert "".join(pieces) == "ok "
     assert streamer.flush() == mistral_tokenizer.decode(ids[:-1])[len("ok ") :]
     assert streamer.flush() == ""
+
+
+def test_streamer_continues_the_prompt_with_exact_spacing(mistral_tokenizer):
+    ids = mistral_tokenizer.encode("def f(x):\n    return 'é🐍'\n")
+    split = ids.index(mistral_tokenizer.convert_tokens_to_ids("<0x0A>")) + 1
+    prompt, new = ids[:split], ids[split:]
+    assert mistral_tokenizer.decode(prompt, skip_special_tokens=True) == "def f(x):\n"
+
+    with_prompt = TextStreamer(mistral_tokenizer, prompt)
+    pieces = [with_prompt.push(i) for i in new] + [with_prompt.flush()]
+    assert "".join(pieces) == continuation_text(mistral_tokenizer, prompt, new) == "    return 'é🐍'\n"
+    assert not any("\ufffd" in piece for piece in pieces)
+    # On its own, SentencePiece drops the first token's leading space: 3 spaces, as a chat reply shows.
+    alone = TextStreamer(mistral_tokenizer)
+    pieces = [alone.push(i) for i in new] + [alone.flush()]
+    assert "".join(pieces) == mistral_tokenizer.decode(new) == "   return 'é🐍'\n"
+
+
+def test_generate_text_on_the_trained_model(trained_model_dir, mistral_tokenizer):
+    # The trained model's README: greedy output for this prompt begins with a docstring line.
+    model = MixtralForCausalLM.from_pretrained(trained_model_dir, dtype=torch.float32).eval()
+    adapter = TransformersAdapter(model, max_seq_len=1024)
+    prompt = mistral_tokenizer.encode("def fibonacci(n):\n")
+    stops = stop_ids(mistral_tokenizer, read_generation_config(trained_model_dir))
+    config = SamplingConfig(max_new_tokens=14, temperature=0)
+    pieces: list[str] = []
+    result = generate_text(adapter, mistral_tokenizer, prompt, config, stops, pieces.append)
+    assert result.text.startswith('    """Return a list of the current file.')
+    assert "".join(pieces) == result.text
+    assert (result.stop_reason, len(result.token_ids), result.prefill_tokens) == ("length", 14, len(prompt))
+
+    reply = generate_text(adapter, mistral_tokenizer, prompt, config, stops, continue_prompt=False)
+    assert reply.token_ids == result.token_ids
+    assert reply.text == result.text[1:]  # on its own, the leading space of the first token goes
