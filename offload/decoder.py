@@ -5,6 +5,9 @@ hidden state and h_mid the residual after attention (the early point for a prefe
 optionally `moe.layer_done(layer, h)` once layer `layer`'s output is known (the late point). The
 decoder knows nothing of caches, quantization formats or families; it matches transformers'
 MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q - window`).
+
+Nothing here synchronizes the device: positions are Python ints, and a decode step needs no mask
+(the key range it reads is the mask). Buffers (KV cache, RoPE tables, positions) are made at init.
 """
 
 from __future__ import annotations
