@@ -275,9 +275,12 @@ class OffloadedModel:
             self._tokenizer = load_tokenizer(self.source.folder)
         return self._tokenizer
 
-    def stop_ids(self) -> set[int]:
-        ids = stop_ids(self.tokenizer, read_generation_config(self.source.folder))
-        return ids | set(self.config.eos_token_ids)
+    def stop_ids(self, tokenizer=None) -> set[int]:
+        generation_config = read_generation_config(self.source.folder)
+        if tokenizer is None:  # token ids in, token ids out: the config's stop ids are enough
+            eos = (generation_config or {}).get("eos_token_id")
+            return set(self.config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos]) - {None}
+        return stop_ids(tokenizer, generation_config) | set(self.config.eos_token_ids)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
@@ -300,6 +303,8 @@ class OffloadedModel:
         """
         if (prompt is None) == (messages is None):
             raise MoEOffloadError("give either a prompt or chat messages")
+        # ids in and no streaming: a folder without tokenizer files can still generate ids
+        tokenizer = self.tokenizer if isinstance(prompt, str) or messages or on_text else None
         if messages is not None:
             prompt_ids = chat_prompt_ids(self.tokenizer, messages)
         elif isinstance(prompt, str):
@@ -316,12 +321,14 @@ class OffloadedModel:
                     on_text(piece)
 
         synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
-        result = generate(self, prompt_ids, config, self.stop_ids(), on_token=on_token, synchronize=synchronize)
+        stops = self.stop_ids(tokenizer)
+        result = generate(self, prompt_ids, config, stops, on_token=on_token, synchronize=synchronize)
         if streamer is not None:
             rest = streamer.flush()
             if rest:
                 on_text(rest)
-        result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if tokenizer is not None:
+            result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
         self.stats.add(result)
         return result
 
