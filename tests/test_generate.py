@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -30,6 +31,7 @@ class TransformersAdapter:
     def __init__(self, model: MixtralForCausalLM, max_seq_len: int) -> None:
         self.model = model
         self.max_seq_len = max_seq_len
+        self.device = model.device
         self.calls: list[tuple[int, int]] = []  # (tokens fed, start_pos) per forward
         self.reset()
 
@@ -41,10 +43,11 @@ class TransformersAdapter:
     def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         # T = tokens fed, V = vocabulary
         assert input_ids.dim() == 1 and input_ids.dtype == torch.long
+        assert input_ids.device == self.device, "generate must feed ids on the model's device"
         assert start_pos == self.seen, f"fed position {start_pos}, but the cache holds {self.seen}"
         tokens = input_ids.shape[0]
         assert start_pos + tokens <= self.max_seq_len, "fed past the context end"
-        positions = torch.arange(start_pos, start_pos + tokens)[None]  # [1, T]
+        positions = torch.arange(start_pos, start_pos + tokens, device=self.device)[None]  # [1, T]
         out = self.model(input_ids[None], past_key_values=self.cache, use_cache=True, position_ids=positions)
         self.seen += tokens
         self.calls.append((tokens, start_pos))
@@ -73,7 +76,7 @@ def hf_model() -> MixtralForCausalLM:
 
 
 def hf_generate(model: MixtralForCausalLM, prompt: list[int], new_tokens: int, eos: int | None, **sampling):
-    input_ids = torch.tensor([prompt])
+    input_ids = torch.tensor([prompt], device=model.device)
     out = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -138,6 +141,22 @@ def test_seeded_sampling_equals_transformers_generate(hf_model):
     assert ours.token_ids == expected
     greedy = hf_generate(hf_model, PROMPT, 20, eos=None, do_sample=False)
     assert ours.token_ids != greedy  # the sampler really sampled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generation_on_cuda(hf_model):
+    model = copy.deepcopy(hf_model).to("cuda")
+    adapter = TransformersAdapter(model, max_seq_len=256)
+    config = SamplingConfig(max_new_tokens=20, temperature=0)
+    greedy = generate(adapter, PROMPT, config, set(), synchronize=torch.cuda.synchronize)
+    assert greedy.token_ids == hf_generate(model, PROMPT, 20, eos=None, do_sample=False)
+    assert greedy.prefill_s > 0 and greedy.decode_s > 0
+    # A seeded generator on the device: the same seed draws the same tokens, another seed others.
+    sampled = [
+        generate(adapter, PROMPT, SamplingConfig(max_new_tokens=20, temperature=1.5, top_p=0.95, seed=s), set())
+        for s in (3, 3, 4)
+    ]
+    assert sampled[0].token_ids == sampled[1].token_ids != sampled[2].token_ids
 
 
 def test_context_end_stops_generation(hf_model):
