@@ -119,7 +119,8 @@ def quantize_model(
         "resident": {"spec": None if attn_spec is None else attn_spec.to_dict(), "quantized": quantized},
         "quantization": {"expert_bits": expert_bits, "attn_bits": attn_bits},
     }
-    return writer.finish(manifest)
+    writer.finish(manifest)
+    return Path(out)
 
 
 class HFSource:
