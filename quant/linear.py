@@ -8,11 +8,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from quant.bnb import NF4Quantized, dequantize_nf4
 from quant.hqq import Quantized, dequantize
 
 
-def linear(x: Tensor, weight: Tensor | Quantized) -> Tensor:
+def linear(x: Tensor, weight: Tensor | Quantized | NF4Quantized) -> Tensor:
     """x [..., in] @ weight[out, in].T -> [..., out], in x.dtype. Allocates the dequantized weight."""
     if isinstance(weight, Quantized):
         weight = dequantize(weight, x.dtype)
+    elif isinstance(weight, NF4Quantized):
+        weight = dequantize_nf4(weight, x.dtype)
     return F.linear(x, weight)

@@ -1,0 +1,86 @@
+"""bitsandbytes NF4 for non-expert layers (`--attn-quant bnb`): quantize with bnb, dequantize ourselves.
+
+bnb 0.50 quantizes NF4 on CPU as well as CUDA. Dequantization is ours (table lookup times the
+block's absmax, in float32, then cast), bit-exact against `bitsandbytes.functional.dequantize_4bit`,
+so reading a checkpoint needs no bnb, and it works on views like `quant.hqq.dequantize`.
+bnb is imported only when quantizing: its import logs a warning on machines without its CPU kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quant.errors import MoEOffloadError
+
+# The 16 NF4 levels (QLoRA, Dettmers et al. 2023), float32 exactly as bnb's get_4bit_type("nf4").
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NF4Spec:
+    blocksize: int = 64  # weights per absmax, over the flattened weight
+
+    def to_dict(self) -> dict:
+        return {"method": "bnb-nf4", "blocksize": self.blocksize}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> NF4Spec:
+        return cls(blocksize=int(d["blocksize"]))
+
+
+@dataclass
+class NF4Quantized:
+    codes: Tensor  # uint8 [numel/2]: two level indices per byte, high nibble first
+    absmax: Tensor  # float32 [numel/blocksize]
+    shape: tuple[int, ...]
+    spec: NF4Spec
+
+
+def quantize_nf4(weight: Tensor, spec: NF4Spec = NF4Spec()) -> NF4Quantized:
+    """NF4-quantize a float weight with bitsandbytes, on its own device. Deterministic."""
+    import bitsandbytes.functional as bnb_functional
+
+    numel = weight.numel()
+    if numel % spec.blocksize:
+        raise MoEOffloadError(
+            f"cannot NF4-quantize a weight of shape {tuple(weight.shape)}: {numel} weights are not a multiple "
+            f"of block size {spec.blocksize}; choose another --attn-quant"
+        )
+    codes, state = bnb_functional.quantize_4bit(
+        weight.contiguous(), blocksize=spec.blocksize, compress_statistics=False, quant_type="nf4"
+    )
+    return NF4Quantized(codes.reshape(-1), state.absmax.float(), tuple(weight.shape), spec)
+
+
+def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
+    """levels[code] * absmax in float32, cast to `dtype` (the order bnb uses), reshaped to q.shape."""
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.codes.device)
+    index = torch.stack((q.codes >> 4, q.codes & 0x0F), dim=1).reshape(-1).long()  # [numel]
+    values = levels[index].view(-1, q.spec.blocksize) * q.absmax.view(-1, 1)  # [blocks, blocksize]
+    return values.to(dtype).view(q.shape)
+
+
+def to_tensors(q: NF4Quantized, prefix: str) -> dict[str, Tensor]:
+    return {f"{prefix}.nf4": q.codes, f"{prefix}.absmax": q.absmax}
+
+
+def from_tensors(tensors: Mapping[str, Tensor], prefix: str, spec: NF4Spec, shape) -> NF4Quantized:
+    return NF4Quantized(tensors[f"{prefix}.nf4"], tensors[f"{prefix}.absmax"], tuple(shape), spec)
+
+
+def tensor_shapes(shape: tuple[int, ...], spec: NF4Spec, prefix: str) -> dict[str, tuple[tuple, torch.dtype]]:
+    numel = math.prod(shape)
+    return {
+        f"{prefix}.nf4": ((numel // 2,), torch.uint8),
+        f"{prefix}.absmax": ((numel // spec.blocksize,), torch.float32),
+    }
