@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from offload.generate import SamplingConfig
 from quant.errors import MoEOffloadError
 
 app = typer.Typer(
@@ -98,6 +99,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # no bars in logs and pipes
     )
 
 
@@ -160,9 +162,9 @@ def quantize(
 def generate(
     model: Model,
     prompt: Annotated[str, typer.Option(help="The text to continue.")],
-    max_new_tokens: MaxNewTokens = 128,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
+    max_new_tokens: MaxNewTokens = SamplingConfig.max_new_tokens,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_p: TopP = SamplingConfig.top_p,
     seed: Seed = None,
     slots: Slots = None,
     gpu_memory: GpuMemory = None,
@@ -188,7 +190,7 @@ def generate(
         policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
     )  # fmt: skip
     loaded = _load(model, options)
-    stream = None if as_json else (lambda text: out.print(text, end=""))
+    stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
     result = loaded.generate(
         prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
     )
@@ -204,9 +206,9 @@ def generate(
 def chat(
     model: Model,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
-    max_new_tokens: MaxNewTokens = 512,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.9,
+    max_new_tokens: MaxNewTokens = SamplingConfig.max_new_tokens,
+    temperature: Temperature = SamplingConfig.temperature,
+    top_p: TopP = SamplingConfig.top_p,
     seed: Seed = None,
     slots: Slots = None,
     gpu_memory: GpuMemory = None,
@@ -253,7 +255,7 @@ def chat(
         try:
             result = loaded.generate(
                 messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                on_text=lambda text: out.print(text, end=""),
+                on_text=lambda text: out.print(text, end="", markup=False),
             )  # fmt: skip
         except MoEOffloadError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             messages.pop()

@@ -9,7 +9,7 @@ print(result.text, model.stats.hit_rate)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +18,7 @@ from cache.policies import make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import open_source
 from offload.decoder import Decoder, ModelConfig
-from offload.generate import GenerationResult, SamplingConfig, TextStreamer, generate
+from offload.generate import GenerationResult, SamplingConfig, generate, generate_text
 from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory
 from offload.prefetch import WHEN, Prefetcher
@@ -59,7 +59,6 @@ class RunStats:
     decode_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    generations: list[GenerationResult] = field(default_factory=list, repr=False)
 
     @property
     def total(self) -> LayerStats:
@@ -290,10 +289,10 @@ class OffloadedModel:
         prompt: str | list[int] | None = None,
         *,
         messages: list[dict] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        seed: int | None = None,
+        max_new_tokens: int = SamplingConfig.max_new_tokens,
+        temperature: float = SamplingConfig.temperature,
+        top_p: float = SamplingConfig.top_p,
+        seed: int | None = SamplingConfig.seed,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Continue `prompt` (text or ids), or answer `messages` through the chat template.
@@ -312,23 +311,13 @@ class OffloadedModel:
         else:
             prompt_ids = list(prompt)
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        streamer = TextStreamer(self.tokenizer) if on_text is not None else None
-
-        def on_token(token_id: int) -> None:
-            if streamer is not None:
-                piece = streamer.push(token_id)
-                if piece:
-                    on_text(piece)
-
         synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
         stops = self.stop_ids(tokenizer)
-        result = generate(self, prompt_ids, config, stops, on_token=on_token, synchronize=synchronize)
-        if streamer is not None:
-            rest = streamer.flush()
-            if rest:
-                on_text(rest)
-        if tokenizer is not None:
-            result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if tokenizer is None:
+            result = generate(self, prompt_ids, config, stops, synchronize=synchronize)
+        else:  # a plain prompt is continued exactly (its last space kept); a chat reply stands alone
+            result = generate_text(self, tokenizer, prompt_ids, config, stops, on_text,
+                                   continue_prompt=messages is None, synchronize=synchronize)  # fmt: skip
         self.stats.add(result)
         return result
 

@@ -1,0 +1,167 @@
+"""The command line: what users see, including every bad input (one line, exit code 2, no traceback)."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli.app import main
+from offload.convert import quantize_model
+from tests.tiny import make_tiny_mixtral
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, expected: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines == [f"error: {expected}"], lines
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+
+def test_missing_path(capsys):
+    code, _, err = run(capsys, "generate", "/no/such/model", "--prompt", "hi")
+    assert_one_line_error(
+        code, err, "no such folder: '/no/such/model'; pass a Hugging Face folder or a hub id (owner/name)"
+    )
+
+
+def test_config_that_is_not_moe(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    code, _, err = run(capsys, "info", tmp_path)
+    assert_one_line_error(code, err, "model_type 'llama' is not a Mixture-of-Experts model; moe-offload runs: mixtral")
+
+
+def test_unsupported_model_type_names_the_supported_ones(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe", "num_experts": 60}))
+    code, _, err = run(capsys, "generate", tmp_path, "--prompt", "hi")
+    assert_one_line_error(
+        code, err, "model_type 'qwen2_moe' is a Mixture-of-Experts model that moe-offload does not support yet; "
+        "supported: mixtral"
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> Path:
+    src = make_tiny_mixtral(tmp_path_factory.mktemp("src"), intermediate=128, layers=2, experts=4, seed=5)
+    return quantize_model(str(src), tmp_path_factory.mktemp("q") / "model", expert_bits="4", attn_bits="4")
+
+
+def test_corrupt_manifest(capsys, quantized, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in quantized.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    (broken / "manifest.json").write_text('{"format_version": 1, "files": ')
+    code, _, err = run(capsys, "generate", broken, "--prompt", "hi")
+    assert_one_line_error(
+        code, err, f"{broken / 'manifest.json'} is a corrupt manifest (not valid JSON); "
+        "re-run `moe-offload quantize` with --force"
+    )  # fmt: skip
+
+
+def test_prompt_longer_than_the_context(capsys, trained_model_dir):
+    code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "x = 1\n" * 20, "--max-seq-len", "16")
+    assert_one_line_error(
+        code, err, "the prompt is 101 tokens but the context holds 16, which leaves no room for a new token; "
+        "shorten the prompt to at most 15 tokens"
+    )  # fmt: skip
+
+
+def test_out_that_already_holds_files_needs_force(capsys, quantized, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    src = next(p for p in quantized.parents[1].iterdir() if p.name.startswith("src"))
+    code, _, err = run(capsys, "quantize", src, out)
+    assert_one_line_error(
+        code, err, f"{out} is not empty and is not an unfinished run of this job; "
+        "pass --force to overwrite it, or choose another OUT"
+    )  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"  # nothing was touched
+
+
+def test_slots_and_memory_that_cannot_fit(capsys, quantized):
+    code, _, err = run(capsys, "generate", quantized, "--prompt", "hi", "--slots", "9", "--device", "cpu")
+    assert_one_line_error(code, err, "--slots must be between 1 and 4 (the experts per layer), got 9")
+    code, _, err = run(capsys, "info", quantized, "--cpu-memory", "100KiB", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: the model needs ") and "of RAM and 0.1 MiB is available" in err
+
+
+# -- what a user runs --------------------------------------------------------------------------------------
+
+
+def test_generate_json_reports_text_ids_and_recall(capsys, trained_model_dir):
+    code, out, _ = run(
+        capsys, "generate", trained_model_dir, "--prompt", "def fibonacci(n):\n", "--max-new-tokens", "16",
+        "--temperature", "0", "--slots", "4", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)  # stdout holds the JSON object and nothing else
+    assert result["text"].startswith('    """Return a list of the current file.')  # the model card's
+    assert len(result["token_ids"]) == 16
+    stats = result["stats"]
+    assert len(stats["per_layer"]) == 6
+    assert stats["hits"] + stats["misses"] == stats["requests"]
+    assert stats["decode_tokens"] == 15  # the first new token comes from the prefill
+    # the early guess corrected at each layer's output: the trained model's README measures 0.83 late
+    assert 0.7 < stats["recall"] < 0.95
+    assert stats["prefetches_issued"] > 0 and stats["per_layer"][0]["recall"] is None  # nothing guesses layer 0
+
+
+def test_chat_session_streams_and_answers_commands(capsys, monkeypatch, trained_model_dir):
+    monkeypatch.setattr("sys.stdin", io.StringIO("def add(a, b):\n/stats\n/reset\n/exit\n"))
+    code, out, err = run(capsys, "chat", trained_model_dir, "--max-new-tokens", "8", "--temperature", "0",
+                         "--slots", "3", "--device", "cpu")  # fmt: skip
+    assert code == 0
+    assert out.strip()  # the streamed answer
+    assert "hit rate" in err and "prefetch recall" in err  # /stats
+    assert "(conversation and figures reset)" in err
+
+
+def test_info_plans_without_loading(capsys, quantized):
+    code, out, _ = run(capsys, "info", quantized, "--slots", "2", "--device", "cpu", "--json")
+    facts = json.loads(out)
+    assert code == 0
+    assert (facts["family"], facts["mode"], facts["slots per layer"]) == ("mixtral", "inclusive", "2")
+    assert facts["experts"].startswith("4-bit") and facts["attention"].startswith("4-bit")
+
+
+def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
+    src = make_tiny_mixtral(tmp_path / "src", hidden=128, intermediate=256, layers=8, experts=8, seed=9)
+    clean = tmp_path / "clean"
+    assert run(capsys, "quantize", src, clean)[0] == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.app", "quantize", str(src), str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (killed / "experts-001.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+
+    code, _, err = run(capsys, "quantize", src, killed)
+    assert code == 0, err
+    names = sorted(p.name for p in clean.iterdir())
+    assert names == sorted(p.name for p in killed.iterdir())  # no journal, no temporary files left
+    for name in names:
+        assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
