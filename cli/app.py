@@ -305,6 +305,27 @@ def info(
     out.print(table)
 
 
+@app.command()
+def demo(
+    slots: Annotated[int, typer.Option(help="Expert slots per layer in the demo's CPU cache.")] = 2,
+    tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+) -> None:
+    """Offline: write a tiny random Mixtral, quantize it, run it through the expert cache, show the figures."""
+    import tempfile
+
+    from offload.demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="moe-offload-demo-") as workdir:
+        err.print("writing a random 4-layer Mixtral (8 experts, top 2) in the hub's layout, quantizing it to 4-bit ...")
+        run = run_demo(Path(workdir), slots=slots, tokens=tokens)
+        out.print(f"runtime vs transformers, unquantized: max |logit diff| {run.exact_error:.1e}")
+        out.print(f"runtime vs transformers, 4-bit experts and attention: max |logit diff| {run.quantized_error:.2f}")
+        out.print(f"prompt ids:    {run.prompt_ids}")
+        out.print(f"generated ids: {run.token_ids}")
+        _print_stats(run.model.stats, out)
+        out.print("Random weights make no text; try `moe-offload generate MODEL --prompt ... --slots 2 --stats`.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console script: user errors become one line on stderr and exit code 2 (as usage errors do)."""
     try:

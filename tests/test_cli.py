@@ -165,3 +165,11 @@ def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
     assert names == sorted(p.name for p in killed.iterdir())  # no journal, no temporary files left
     for name in names:
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+def test_demo_runs_the_whole_path_exactly(capsys):
+    code, out, _ = run(capsys, "demo", "--tokens", "8")
+    assert code == 0
+    exact = next(line for line in out.splitlines() if "unquantized: max |logit diff|" in line)
+    assert float(exact.rsplit(" ", 1)[1]) < 1e-4
+    assert "hit rate" in out and "generated ids: [" in out

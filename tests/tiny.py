@@ -6,20 +6,21 @@ with `model.safetensors.index.json` and per-expert `block_sparse_moe.experts.{e}
 `fused=True` rewrites the files with all experts of a layer fused (`mlp.experts.gate_up_proj`,
 `mlp.experts.down_proj`, `mlp.gate.weight`), the other layout a loader must read.
 
-The weights are drawn wider than transformers' init (std 0.02), so that routing, attention and the
-residual stream all matter to the logits: an oracle test on near-zero weights would prove little.
+The weights (offload.demo.write_random_mixtral, which `moe-offload demo` uses too) are drawn wider than
+transformers' init, so that routing, attention and the residual stream all matter to the logits.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from offload.demo import write_random_mixtral
 
 EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
@@ -43,40 +44,11 @@ def make_tiny_mixtral(
     shards: int = 2,
 ) -> Path:
     """Write a tiny random Mixtral to `path` (about `shards` files; 1 -> a single model.safetensors)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    path = Path(path)
-    config = MixtralConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-        vocab_size=vocab,
-        max_position_embeddings=max_pos,
-        sliding_window=sliding_window,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = MixtralForCausalLM(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * noise)  # norms near 1, but not all equal
-            elif "embed_tokens" in name:
-                param.copy_(noise)
-            else:  # linear layers: unit-variance outputs; the router a little sharper
-                scale = 2.0 if name.endswith("gate.weight") else 1.0
-                param.copy_(scale * noise / math.sqrt(param.shape[-1]))
-    total_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    max_shard_size = total_bytes + 1 if shards <= 1 else math.ceil(total_bytes / shards)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-
+    path = write_random_mixtral(
+        Path(path), hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
+        experts=experts, top_k=top_k, vocab=vocab, seed=seed, sliding_window=sliding_window, tie=tie,
+        max_pos=max_pos, shards=shards,
+    )  # fmt: skip
     names = _tensor_names(path)
     expert_names = [n for n in names if EXPERT_NAME.match(n)]
     assert len(expert_names) == layers * experts * 3, "save_pretrained no longer writes the hub's layout"
