@@ -167,6 +167,40 @@ class ExpertFormat:
                 tensors.update(to_tensors(quantize(weight, self.spec), name))
         return self.layout.pack(tensors, out)
 
+    def random(self, generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
+        """A synthetic expert for speed tests (no quantization): random codes, sane scales and zeros.
+
+        Dequantized weights are finite, |w| < 0.1 with a standard deviation near 0.01-0.02, like a
+        trained model's, so a synthetic model computes sane numbers. Deterministic for a seeded
+        `generator` (which must live on out's device).
+        """
+        if out is None:
+            out = torch.zeros(self.nbytes, dtype=torch.uint8)
+        views = self.layout.views(out)
+        out.zero_()
+        for name, view in views.items():
+            if self.spec is None:
+                view.copy_(torch.randn(view.shape, generator=generator, device=view.device) * 0.01)
+                continue
+            part = name.rsplit(".", 1)[-1]
+            if part == "codes":  # any bit pattern is a valid code, but keep 3-bit int32 to its 30 bits
+                high = 1 << 30 if view.dtype == torch.int32 else 256
+                view.copy_(torch.randint(0, high, view.shape, generator=generator, device=view.device))
+            else:
+                view.fill_(self._synthetic_meta(name))
+        return out
+
+    def _synthetic_meta(self, name: str) -> float:
+        """The float16 value of scale/zero entry `name`: (code - zero) * scale spans about +-0.02."""
+        levels = (1 << self.spec.bits) - 1
+        scale, zero = 0.04 / levels, levels / 2
+        parts = name.split(".")  # "w1.scale", or "w1.scale.scale" when scale and zero are quantized
+        if len(parts) == 2:
+            return scale if parts[1] == "scale" else zero
+        meta_levels = (1 << self.spec.meta_bits) - 1
+        target = scale if parts[1] == "scale" else zero  # dequantized meta spans [0, 2 * target]
+        return 2 * target / meta_levels if parts[2] == "scale" else 0.0
+
     def unpack(self, buffer: Tensor) -> dict[str, Tensor | Quantized]:
         """{"w1", "w2", "w3"}: tensors or Quantized whose tensors are views into `buffer`."""
         views = self.layout.views(buffer)

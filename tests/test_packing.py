@@ -145,3 +145,16 @@ def test_trained_expert_output_error_by_preset():
         errors[name] = float((expert(*packed) - exact).norm() / exact.norm())
     assert errors["none"] == 0.0
     assert errors["4"] < 0.10 < errors["3"] < 0.22 < errors["2"] < 0.37  # measured 0.090, 0.199, 0.345
+
+
+@pytest.mark.parametrize("name", list(EXPERT_PRESETS))
+def test_random_expert_is_deterministic_and_sane(name):
+    spec = EXPERT_PRESETS[name]
+    fmt = ExpertFormat.build(D, I, spec, torch.bfloat16)
+    buffer = fmt.random(torch.Generator().manual_seed(1))
+    assert torch.equal(buffer, fmt.random(torch.Generator().manual_seed(1), out=torch.full_like(buffer, 7)))
+    assert not torch.equal(buffer, fmt.random(torch.Generator().manual_seed(2)))
+    for weight in fmt.unpack(buffer).values():
+        weight = weight.float() if spec is None else dequantize(weight)
+        assert bool(torch.isfinite(weight).all()) and float(weight.abs().max()) < 0.1
+        assert 0.005 < float(weight.std()) < 0.03
