@@ -1,0 +1,86 @@
+"""Time every policy x slots 1..8 on the shared Mixtral trace; print the table and write JSON.
+
+python benchmarks/bench_simulate.py [--trace PATH] [--out benchmarks/results/simulate_shared_trace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cache.policies import POLICIES  # noqa: E402
+from cache.simulate import simulate  # noqa: E402
+from cache.trace import read_trace  # noqa: E402
+
+SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
+SLOTS = range(1, 9)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", type=Path, default=SHARED_TRACE)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulate_shared_trace.json")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    trace = read_trace(args.trace)
+    results = [simulate(trace, name, slots) for name in POLICIES for slots in SLOTS]
+    seconds = time.perf_counter() - start
+
+    table = Table(title=f"hit rate on {args.trace.name} ({len(trace.tokens)} tokens, {trace.num_layers} layers)")
+    table.add_column("policy")
+    for slots in SLOTS:
+        table.add_column(str(slots), justify="right")
+    for name in POLICIES:
+        table.add_row(name, *(f"{r.hit_rate:.4f}" for r in results if r.policy == name))
+    console = Console()
+    console.print(table)
+    console.print(f"{len(POLICIES)} policies x {len(SLOTS)} slot counts in {seconds:.2f} s (reading included)")
+
+    record = {
+        "device": f"cpu: {cpu_name()}",
+        "commit": git_commit(),
+        "command": " ".join(["python", *sys.argv]),
+        "results": [r.to_dict() for r in results],
+        "seconds": round(seconds, 3),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(temp, args.out)
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

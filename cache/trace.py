@@ -1,0 +1,245 @@
+"""Routing traces: read the shared format, and write it (with two extra fields) from the runtime.
+
+One JSON object a line, one line per (sequence, token, layer), as in shared/traces/README.md:
+
+    {"dataset": "humaneval", "problem_id": 0, "layer": 0, "experts": [6, 5],
+     "gating_probs": [0.6959, 0.3040], "token_idx": 0}
+
+`problem_id` is the sequence, `experts` the router's choice in router order (highest weight first)
+and `gating_probs` their gate weights. Traces that the runtime records add two fields:
+
+- `guess`: the experts the prefetcher guessed for this request before it was made, or null when it
+  made no guess (layer 0, or prefetch off);
+- `phase`: "decode" (one token) or "prefill" (a whole prompt chunk: one row per layer naming every
+  expert the chunk used, so a row may hold more than two experts).
+
+Readers treat a missing `guess` as null and a missing `phase` as "decode".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from quant.errors import MoEOffloadError
+
+PHASES = ("prefill", "decode")  # the order a sequence's requests are replayed in
+
+
+@dataclass(frozen=True)
+class Request:
+    """One layer's request for one token (or one prefill chunk): served as a unit."""
+
+    experts: tuple[int, ...]  # router order, highest gate weight first
+    weights: tuple[float, ...]  # gate weights, same order
+    guess: tuple[int, ...] | None = None  # what the runtime's prefetcher guessed for it
+
+
+@dataclass(frozen=True)
+class Token:
+    """Every layer's request of one decode token, or of one prefill chunk."""
+
+    sequence: int
+    token_idx: int
+    phase: str
+    layers: tuple[Request, ...]  # index = layer
+
+
+@dataclass
+class Trace:
+    """A read trace: complete tokens in replay order, and how many incomplete ones were skipped."""
+
+    path: Path
+    tokens: list[Token]
+    num_layers: int
+    num_experts: int  # highest expert id seen + 1
+    skipped_tokens: int = 0
+    has_guesses: bool = False  # some row carries a non-null `guess`
+
+    def sequences(self) -> list[list[Token]]:
+        """Tokens split by sequence, in replay order; caches empty at the start of each."""
+        runs: list[list[Token]] = []
+        for token in self.tokens:
+            if not runs or runs[-1][0].sequence != token.sequence:
+                runs.append([])
+            runs[-1].append(token)
+        return runs
+
+    def select(self, sequences: Sequence[int]) -> Trace:
+        """The same trace restricted to the given sequence ids (for held-out tuning)."""
+        keep = set(sequences)
+        tokens = [t for t in self.tokens if t.sequence in keep]
+        return Trace(self.path, tokens, self.num_layers, self.num_experts, 0, self.has_guesses)
+
+    @property
+    def sequence_ids(self) -> list[int]:
+        return [run[0].sequence for run in self.sequences()]
+
+
+_REQUIRED = {"problem_id": int, "layer": int, "token_idx": int, "experts": list, "gating_probs": list}
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a trace file. Tokens missing a layer are skipped and counted; bad lines raise.
+
+    Replay order: sequences in order of first appearance in the file; within a sequence, prefill
+    chunks before decode tokens, each by `token_idx`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MoEOffloadError(f"trace {path} does not exist: give the path of a .jsonl routing trace")
+    # (sequence, phase, token_idx) -> {layer: Request}
+    groups: dict[tuple[int, str, int], dict[int, Request]] = {}
+    sequence_rank: dict[int, int] = {}
+    num_layers = num_experts = 0
+    has_guesses = False
+    with path.open(encoding="utf-8") as lines:
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            sequence, token_idx, layer, phase, request = _parse_line(line, path, line_no)
+            sequence_rank.setdefault(sequence, len(sequence_rank))
+            layers = groups.setdefault((sequence, phase, token_idx), {})
+            if layer in layers:
+                raise MoEOffloadError(
+                    f"{path} line {line_no}: a second row for problem_id {sequence}, token_idx "
+                    f"{token_idx}, layer {layer} ({phase}); remove the duplicate line"
+                )
+            layers[layer] = request
+            num_layers = max(num_layers, layer + 1)
+            num_experts = max(num_experts, max(request.experts, default=-1) + 1)
+            has_guesses = has_guesses or request.guess is not None
+    if not groups:
+        raise MoEOffloadError(f"trace {path} holds no rows: record one with `moe-offload trace`")
+
+    tokens: list[Token] = []
+    skipped = 0
+    order = sorted(groups, key=lambda k: (sequence_rank[k[0]], PHASES.index(k[1]), k[2]))
+    for sequence, phase, token_idx in order:
+        layers = groups[(sequence, phase, token_idx)]
+        if len(layers) != num_layers:
+            skipped += 1
+            continue
+        tokens.append(Token(sequence, token_idx, phase, tuple(layers[i] for i in range(num_layers))))
+    return Trace(path, tokens, num_layers, num_experts, skipped, has_guesses)
+
+
+def _parse_line(line: str, path: Path, line_no: int) -> tuple[int, int, int, str, Request]:
+    where = f"{path} line {line_no}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise MoEOffloadError(f"{where}: not valid JSON ({error.msg}); fix or remove the line") from None
+    if not isinstance(row, dict):
+        raise MoEOffloadError(f"{where}: expected a JSON object per line; fix or remove the line")
+    for name, kind in _REQUIRED.items():
+        value = row.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MoEOffloadError(
+                f"{where}: field {name!r} is missing or not {'an integer' if kind is int else 'a list'}; "
+                "fix or remove the line"
+            )
+    experts, weights = row["experts"], row["gating_probs"]
+    if not experts or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts):
+        raise MoEOffloadError(f"{where}: 'experts' must be non-negative integers, got {experts}")
+    if len(set(experts)) != len(experts):
+        raise MoEOffloadError(f"{where}: 'experts' names an expert twice: {experts}")
+    if len(weights) != len(experts) or not all(isinstance(w, (int, float)) for w in weights):
+        raise MoEOffloadError(f"{where}: 'gating_probs' must hold one number per expert, got {weights}")
+    if row["layer"] < 0:
+        raise MoEOffloadError(f"{where}: 'layer' must be >= 0, got {row['layer']}")
+    guess = row.get("guess")
+    if guess is not None and not (isinstance(guess, list) and all(isinstance(e, int) for e in guess)):
+        raise MoEOffloadError(f"{where}: 'guess' must be a list of expert ids or null, got {guess}")
+    phase = row.get("phase", "decode")
+    if phase not in PHASES:
+        raise MoEOffloadError(f"{where}: 'phase' must be 'prefill' or 'decode', got {phase!r}")
+    request = Request(tuple(experts), tuple(float(w) for w in weights), None if guess is None else tuple(guess))
+    return row["problem_id"], row["token_idx"], row["layer"], phase, request
+
+
+@dataclass
+class TraceWriter:
+    """Writes one row per cache request; the file appears under its final name only on close().
+
+    Use as a context manager: leaving the block by an exception deletes the temporary file.
+    """
+
+    path: Path
+    dataset: str = "moe-offload"
+    rows: int = field(default=0, init=False)
+    _temp: Path = field(init=False)
+    _file: IO[str] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._file = self._temp.open("w", encoding="utf-8")
+
+    def record(
+        self,
+        sequence: int,
+        token_idx: int,
+        layer: int,
+        experts: list[int],
+        gating_probs: list[float],
+        guess: list[int] | None,
+        phase: str = "decode",
+    ) -> None:
+        """One cache request: `experts` in router order, `guess` what the prefetcher guessed for it."""
+        if self._file is None:
+            raise RuntimeError(f"TraceWriter for {self.path} is already closed")
+        if phase not in PHASES:
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        if len(experts) != len(gating_probs):
+            raise ValueError(f"{len(experts)} experts but {len(gating_probs)} gate weights")
+        row = {
+            "dataset": self.dataset,
+            "problem_id": int(sequence),
+            "layer": int(layer),
+            "experts": [int(e) for e in experts],
+            "gating_probs": [float(w) for w in gating_probs],
+            "token_idx": int(token_idx),
+            "guess": None if guess is None else [int(e) for e in guess],
+            "phase": phase,
+        }
+        self._file.write(json.dumps(row) + "\n")
+        self.rows += 1
+
+    def close(self) -> Path:
+        """Flush, then rename the temporary file to the final name. Returns the final path."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self._temp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop what was written: nothing appears under the final name."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_requests(trace: Trace) -> Iterator[tuple[Token, int, Request]]:
+    """(token, layer, request) in replay order: token by token, layer by layer."""
+    for token in trace.tokens:
+        for layer, request in enumerate(token.layers):
+            yield token, layer, request

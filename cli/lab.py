@@ -1,0 +1,171 @@
+"""The cache lab's command: `moe-offload simulate TRACE` replays a routing trace through the policies.
+
+Thin over cache/: reading is cache.trace, replaying is cache.simulate. The lead's cli/app.py calls
+`register(app)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cache.policies import ONLINE_POLICIES, POLICIES
+from cache.predictors import PREFETCH_CHOICES
+from cache.simulate import SimResult, simulate
+from cache.trace import read_trace
+from quant.errors import MoEOffloadError
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `simulate` command to `app`."""
+    app.command("simulate", help=SIMULATE_HELP)(simulate_command)
+
+
+SIMULATE_HELP = (
+    "Replay TRACE through cache policies and print the hit rate per policy and slot count. "
+    "One cache per layer, empty at each new sequence; a request (one token's experts at one layer) is "
+    "served as a unit, by the same SlotTable the runtime uses. Hit rate = hits / experts asked for."
+)
+
+
+def simulate_command(
+    trace: Path = typer.Argument(
+        ...,
+        metavar="TRACE",
+        help="A routing trace (.jsonl): ../shared/traces' format, or one written by `moe-offload trace`.",
+    ),
+    policy: str = typer.Option(
+        None,
+        "--policy",
+        help=f"Comma-separated eviction policies ({', '.join(POLICIES)}). Default: every online one, plus belady.",
+    ),
+    slots: str = typer.Option("1-8", "--slots", help="Slots per layer: a number, a range (1-8), or a list (2,4,6)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Add a row per layer under each policy."),
+    prefetch: str = typer.Option(
+        "none",
+        "--prefetch",
+        help="Prefetch predictor for layer l+1, guessed once layer l is known: " + "|".join(PREFETCH_CHOICES) + ".",
+    ),
+    as_json: bool = typer.Option(False, "--json", help='Print only {"results": [...]} on stdout.'),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of hit rate against slots, one line per policy."),
+) -> None:
+    """`moe-offload simulate`: see SIMULATE_HELP."""
+    try:
+        policies = _parse_policies(policy)
+        slot_counts = _parse_slots(slots)
+        if prefetch not in PREFETCH_CHOICES:
+            raise MoEOffloadError(f"--prefetch {prefetch!r} is unknown: choose one of {', '.join(PREFETCH_CHOICES)}")
+        routing = read_trace(trace)
+        results = [simulate(routing, name, count, prefetch=prefetch) for name in policies for count in slot_counts]
+        if plot is not None:
+            write_plot(results, plot, title=f"{trace.name} (prefetch: {prefetch})")
+    except MoEOffloadError as error:
+        Console(stderr=True).print(f"error: {error}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+    if as_json:
+        typer.echo(json.dumps({"results": [r.to_dict(per_layer=per_layer) for r in results]}))
+        return
+    console = Console()
+    console.print(
+        f"{trace}: {len(routing.tokens)} tokens x {routing.num_layers} layers, "
+        f"{len(routing.sequence_ids)} sequences, {routing.skipped_tokens} incomplete tokens skipped",
+        markup=False,
+    )
+    console.print(_hit_rate_table(results, policies, slot_counts, per_layer))
+    if prefetch != "none":
+        console.print(_prefetch_table(results))
+    if plot is not None:
+        console.print(f"wrote {plot}", markup=False)
+
+
+def _parse_policies(text: str | None) -> list[str]:
+    if text is None:
+        return [*ONLINE_POLICIES, *(n for n, cls in POLICIES.items() if cls.offline)]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in POLICIES]
+    if unknown or not names:
+        raise MoEOffloadError(
+            f"--policy {text!r}: unknown {unknown or 'none given'}; choose from {', '.join(POLICIES)}"
+        )
+    return names
+
+
+def _parse_slots(text: str) -> list[int]:
+    counts: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            counts.extend(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise MoEOffloadError(f"--slots {text!r} is not a number, range or list: write e.g. 4, 1-8 or 2,4,6") from None
+    if not counts or min(counts) < 1:
+        raise MoEOffloadError(f"--slots {text!r} must name slot counts of at least 1: write e.g. 1-8")
+    return sorted(set(counts))
+
+
+def _hit_rate_table(results: list[SimResult], policies: list[str], slot_counts: list[int], per_layer: bool) -> Table:
+    table = Table(title="hit rate (hits / experts asked)")
+    table.add_column("policy")
+    for count in slot_counts:
+        table.add_column(f"{count} slots", justify="right")
+    by_key = {(r.policy, r.slots): r for r in results}
+    for name in policies:
+        row = [by_key[(name, count)] for count in slot_counts]
+        table.add_row(name, *(f"{r.hit_rate:.4f}" for r in row))
+        if per_layer:
+            for layer in range(len(row[0].stats.per_layer)):
+                table.add_row(f"  layer {layer}", *(f"{r.stats.per_layer[layer].hit_rate:.4f}" for r in row))
+    return table
+
+
+def _prefetch_table(results: list[SimResult]) -> Table:
+    table = Table(title=f"prefetch: {results[0].prefetch}")
+    for column in ("policy", "slots", "hit rate", "recall", "issued", "used", "wasted"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for result in results:
+        total = result.stats.total()
+        recall = "-" if total.recall is None else f"{total.recall:.4f}"
+        table.add_row(
+            result.policy,
+            str(result.slots),
+            f"{total.hit_rate:.4f}",
+            recall,
+            str(total.prefetches_issued),
+            str(total.prefetches_used),
+            str(total.prefetches_wasted),
+        )
+    return table
+
+
+def write_plot(results: list[SimResult], path: Path, title: str) -> None:
+    """Hit rate against slots, one line per policy; written to a temporary name, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r.policy for r in results):
+        points = sorted((r.slots, r.hit_rate) for r in results if r.policy == name)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    axes.set_xlabel("slots per layer")
+    axes.set_ylabel("hit rate")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(temp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise MoEOffloadError(f"--plot {path}: cannot write it ({error.strerror}); pick a writable path") from None
+    finally:
+        plt.close(figure)
