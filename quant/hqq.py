@@ -161,9 +161,7 @@ def tensor_shapes(shape: tuple[int, ...], spec: QuantSpec, prefix: str) -> dict[
 
 def quantized_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
     """Bytes of a quantized weight (codes and meta, no alignment padding)."""
-    return sum(
-        math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in tensor_shapes(shape, spec, "w").values()
-    )
+    return sum(math.prod(s) * dtype.itemsize for s, dtype in tensor_shapes(shape, spec, "w").values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,7 +188,11 @@ def _hqq_quantize(weight: Tensor, spec: QuantSpec, optimize: bool) -> tuple[Tens
 
 @torch.no_grad()
 def quantize(weight: Tensor, spec: QuantSpec) -> Quantized:
-    """Quantize a 2-D weight [out, in] on its own device. Deterministic: same input, same bytes."""
+    """Quantize a 2-D weight [out, in] on its own device. Deterministic: same input, same bytes.
+
+    Same bytes holds on one device kind (hqq optimises in float16 on CUDA, float32 on CPU), whatever
+    the thread count. hqq calls torch.cuda.empty_cache() inside (a no-op until CUDA is initialised).
+    """
     shape = tuple(weight.shape)
     _check_shape(shape, spec)
     codes, scale, zero = _hqq_quantize(weight, spec, optimize=True)
