@@ -207,3 +207,15 @@ def test_nf4_dequantize_is_bit_exact_against_bitsandbytes(dtype):
     assert torch.equal(linear(x, back), F.linear(x, dequantize_nf4(q, dtype)))
     rel = (dequantize_nf4(q) - weight.float()).norm() / weight.float().norm()
     assert 0.05 < float(rel) < 0.12  # between hqq 4-bit g64 (~0.086) and 3-bit
+
+
+def test_quantize_bytes_do_not_depend_on_the_thread_count():
+    weight = _weight((256, 512), seed=7, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = to_tensors(quantize(weight, EXPERT_PRESETS["2"]), "w")
+    finally:
+        torch.set_num_threads(threads)
+    many = to_tensors(quantize(weight, EXPERT_PRESETS["2"]), "w")
+    assert all(torch.equal(one[name].view(torch.uint8), many[name].view(torch.uint8)) for name in one)
