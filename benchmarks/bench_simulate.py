@@ -14,11 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from cache.policies import POLICIES  # noqa: E402
 from cache.simulate import simulate  # noqa: E402
@@ -58,10 +60,14 @@ def main() -> None:
     results = [simulate(trace, name, slots) for name in POLICIES for slots in SLOTS]
     seconds = time.perf_counter() - start
 
-    table = Table(title=f"hit rate on {args.trace.name} ({len(trace.tokens)} tokens, {trace.num_layers} layers)")
-    table.add_column("policy")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title=f"hit rate on {args.trace.name} ({len(trace.tokens)} tokens, {trace.num_layers} layers)",
+    )
+    table.add_column("policy", no_wrap=True)
     for slots in SLOTS:
-        table.add_column(str(slots), justify="right")
+        table.add_column(str(slots), justify="right", no_wrap=True)
     for name in POLICIES:
         table.add_row(name, *(f"{r.hit_rate:.4f}" for r in results if r.policy == name))
     console = Console()

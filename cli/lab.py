@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -110,10 +111,10 @@ def _parse_slots(text: str) -> list[int]:
 
 
 def _hit_rate_table(results: list[SimResult], policies: list[str], slot_counts: list[int], per_layer: bool) -> Table:
-    table = Table(title="hit rate (hits / experts asked)")
-    table.add_column("policy")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="hit rate (hits / experts asked), by slots per layer")
+    table.add_column("policy", no_wrap=True)
     for count in slot_counts:
-        table.add_column(f"{count} slots", justify="right")
+        table.add_column(str(count), justify="right", no_wrap=True)
     by_key = {(r.policy, r.slots): r for r in results}
     for name in policies:
         row = [by_key[(name, count)] for count in slot_counts]
@@ -125,7 +126,7 @@ def _hit_rate_table(results: list[SimResult], policies: list[str], slot_counts: 
 
 
 def _prefetch_table(results: list[SimResult]) -> Table:
-    table = Table(title=f"prefetch: {results[0].prefetch}")
+    table = Table(box=box.SIMPLE_HEAD, title=f"prefetch: {results[0].prefetch}")
     for column in ("policy", "slots", "hit rate", "recall", "issued", "used", "wasted"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for result in results:

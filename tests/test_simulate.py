@@ -173,3 +173,17 @@ def test_cli_plot_writes_a_png(tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hit_rate.png"]
+
+
+TINY_TRACE = Path(__file__).resolve().parents[1] / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"
+
+
+def test_tiny_model_trace_figures():
+    """The committed trace of the trained tiny model (benchmarks/record_tiny_trace.py): README's table."""
+    trace = read_trace(TINY_TRACE)
+    assert (len(trace.tokens), trace.num_layers, trace.num_experts, trace.skipped_tokens) == (1792, 6, 8, 0)
+    rates = {name: round(simulate(trace, name, 4).hit_rate, 4) for name in ("lru", "lfu", "path", "belady")}
+    assert rates == {"lru": 0.7366, "lfu": 0.7675, "path": 0.7814, "belady": 0.8232}
+    # the guesses recorded from layer l-1's output: the tiny model's README measured recall 0.83
+    recorded = simulate(trace, "lru", 4, prefetch="recorded").stats.total()
+    assert round(recorded.recall, 4) == 0.8197 and round(recorded.hit_rate, 4) == 0.8942
