@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cache.policies import POLICIES, make_policies
 from cache.predictors import make_predictor
-from cache.stats import CacheStats
+from cache.stats import CacheStats, LayerStats
 from cache.table import SlotTable
 from cache.trace import Trace
 from quant.errors import MoEOffloadError
@@ -34,6 +34,27 @@ class SimResult:
     @property
     def hit_rate(self) -> float:
         return self.stats.total().hit_rate
+
+    @property
+    def hits(self) -> int:
+        return self.stats.total().hits
+
+    @property
+    def misses(self) -> int:
+        return self.stats.total().misses
+
+    @property
+    def requests(self) -> int:
+        return self.stats.total().requests
+
+    @property
+    def recall(self) -> float | None:
+        """Share of asked-for experts the predictor had guessed; None without a predictor."""
+        return self.stats.total().recall
+
+    @property
+    def per_layer(self) -> list[LayerStats]:
+        return self.stats.per_layer
 
     def to_dict(self, per_layer: bool = False) -> dict:
         total = self.stats.total()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -236,10 +236,3 @@ class TraceWriter:
             self.close()
         else:
             self.abort()
-
-
-def iter_requests(trace: Trace) -> Iterator[tuple[Token, int, Request]]:
-    """(token, layer, request) in replay order: token by token, layer by layer."""
-    for token in trace.tokens:
-        for layer, request in enumerate(token.layers):
-            yield token, layer, request
