@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from offload.api import LoadOptions
 from offload.generate import SamplingConfig
 from quant.errors import MoEOffloadError
 
@@ -169,14 +170,14 @@ def generate(
     slots: Slots = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    device: Device = LoadOptions.device,
+    dtype: Dtype = LoadOptions.dtype,
     expert_bits: ExpertBits = "none",
     attn_bits: AttnBits = "none",
-    prefetch: Prefetch = "both",
+    prefetch: Prefetch = LoadOptions.prefetch,
     no_prefetch: NoPrefetch = False,
-    policy: Policy = "lru",
-    cache_mode: CacheMode = "auto",
+    policy: Policy = LoadOptions.policy,
+    cache_mode: CacheMode = LoadOptions.cache_mode,
     max_seq_len: MaxSeqLen = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the cache and speed figures after the text.")] = False,
     as_json: Annotated[
@@ -213,14 +214,14 @@ def chat(
     slots: Slots = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    device: Device = LoadOptions.device,
+    dtype: Dtype = LoadOptions.dtype,
     expert_bits: ExpertBits = "none",
     attn_bits: AttnBits = "none",
-    prefetch: Prefetch = "both",
+    prefetch: Prefetch = LoadOptions.prefetch,
     no_prefetch: NoPrefetch = False,
-    policy: Policy = "lru",
-    cache_mode: CacheMode = "auto",
+    policy: Policy = LoadOptions.policy,
+    cache_mode: CacheMode = LoadOptions.cache_mode,
     max_seq_len: MaxSeqLen = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the figures after every answer.")] = False,
 ) -> None:
@@ -273,8 +274,8 @@ def info(
     slots: Slots = None,
     gpu_memory: GpuMemory = None,
     cpu_memory: CpuMemory = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    device: Device = LoadOptions.device,
+    dtype: Dtype = LoadOptions.dtype,
     expert_bits: ExpertBits = "none",
     attn_bits: AttnBits = "none",
     max_seq_len: MaxSeqLen = None,

@@ -43,7 +43,9 @@ class LoadOptions:
     cpu_memory: str | None = None  # budget in RAM for the arena; None: what is available
     expert_bits: str = "none"  # HF folders only: quantize experts in memory ("2", "3", "4", "none")
     attn_bits: str = "none"  # HF folders only: quantize attention in memory ("4", "8", "none")
-    prefetch: str = "both"  # none | early | late | both (early guess, corrected at the layer output)
+    # none | early | late | both (early guess, corrected at the output). late: the best hit rate for the fewest
+    # bytes on the trained tiny model (benchmarks/prefetch_points.py); both moves 26% more for +0.006
+    prefetch: str = "late"
     policy: str = "lru"  # eviction policy (cache/policies.py)
     cache_mode: str = "auto"  # auto | inclusive | exclusive (see offload/planner.py)
     max_seq_len: int | None = None  # context size; None: the model's, at most 4096

@@ -36,7 +36,7 @@ class Prefetcher:
         route: Route,
         top_k: int,
         cache: ExpertCache,
-        when: str = "both",
+        when: str,
     ) -> None:
         if when not in WHEN:
             raise ValueError(f"when must be one of {WHEN}, got {when!r}")
