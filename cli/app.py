@@ -51,6 +51,7 @@ ExpertBits = Annotated[
     str, typer.Option(help="HF folders only: quantize experts in memory to 2, 3 or 4 bits, or none.")
 ]
 AttnBits = Annotated[str, typer.Option(help="HF folders only: quantize attention in memory to 4 or 8 bits, or none.")]
+AttnQuant = Annotated[str, typer.Option(help="Attention quantizer: hqq, or bnb (bitsandbytes NF4, 4-bit only).")]
 Prefetch = Annotated[
     str,
     typer.Option(
@@ -139,6 +140,7 @@ def quantize(
     out: Annotated[Path, typer.Argument(help="The folder to write. Re-running after a kill resumes.")],
     expert_bits: Annotated[str, typer.Option(help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")] = "2",
     attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
+    attn_quant: AttnQuant = LoadOptions.attn_quant,
     force: Annotated[bool, typer.Option(help="Overwrite OUT if it already holds files.")] = False,
 ) -> None:
     """Quantize a checkpoint into moe-offload's folder: packed experts, resident weights, a manifest."""
@@ -153,6 +155,7 @@ def quantize(
             out,
             expert_bits=expert_bits,
             attn_bits=attn_bits,
+            attn_quant=attn_quant,
             force=force,
             progress=lambda what, n: progress.advance(task, n),
         )
@@ -174,6 +177,7 @@ def generate(
     dtype: Dtype = LoadOptions.dtype,
     expert_bits: ExpertBits = "none",
     attn_bits: AttnBits = "none",
+    attn_quant: AttnQuant = LoadOptions.attn_quant,
     prefetch: Prefetch = LoadOptions.prefetch,
     no_prefetch: NoPrefetch = False,
     policy: Policy = LoadOptions.policy,
@@ -187,7 +191,7 @@ def generate(
     """Continue a prompt, streaming the text as it is generated."""
     options = _load_options(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
-        expert_bits=expert_bits, attn_bits=attn_bits, prefetch=prefetch, no_prefetch=no_prefetch,
+        expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch, no_prefetch=no_prefetch,
         policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
     )  # fmt: skip
     loaded = _load(model, options)
@@ -218,6 +222,7 @@ def chat(
     dtype: Dtype = LoadOptions.dtype,
     expert_bits: ExpertBits = "none",
     attn_bits: AttnBits = "none",
+    attn_quant: AttnQuant = LoadOptions.attn_quant,
     prefetch: Prefetch = LoadOptions.prefetch,
     no_prefetch: NoPrefetch = False,
     policy: Policy = LoadOptions.policy,
@@ -228,7 +233,7 @@ def chat(
     """Chat in the terminal through the model's chat template. Type /stats, /reset or /exit."""
     options = _load_options(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
-        expert_bits=expert_bits, attn_bits=attn_bits, prefetch=prefetch, no_prefetch=no_prefetch,
+        expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch, no_prefetch=no_prefetch,
         policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
     )  # fmt: skip
     loaded = _load(model, options)
@@ -278,6 +283,7 @@ def info(
     dtype: Dtype = LoadOptions.dtype,
     expert_bits: ExpertBits = "none",
     attn_bits: AttnBits = "none",
+    attn_quant: AttnQuant = LoadOptions.attn_quant,
     max_seq_len: MaxSeqLen = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
 ) -> None:

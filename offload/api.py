@@ -16,13 +16,14 @@ import torch
 from cache.expert_cache import ExpertCache
 from cache.policies import make_policy
 from cache.stats import CacheStats, LayerStats
-from offload.convert import open_source
+from offload.convert import describe_spec, open_source
 from offload.decoder import Decoder, ModelConfig
 from offload.generate import GenerationResult, SamplingConfig, generate, generate_text
 from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
+from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
 from quant.hqq import Quantized
 from quant.packing import ExpertFormat
@@ -43,6 +44,7 @@ class LoadOptions:
     cpu_memory: str | None = None  # budget in RAM for the arena; None: what is available
     expert_bits: str = "none"  # HF folders only: quantize experts in memory ("2", "3", "4", "none")
     attn_bits: str = "none"  # HF folders only: quantize attention in memory ("4", "8", "none")
+    attn_quant: str = "hqq"  # how attention is quantized: hqq, or bnb (bitsandbytes NF4, 4-bit)
     # none | early | late | both (early guess, corrected at the output). late: the best hit rate for the fewest
     # bytes on the trained tiny model (benchmarks/prefetch_points.py); both moves 26% more for +0.006
     prefetch: str = "late"
@@ -123,14 +125,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _nbytes(weight: torch.Tensor | Quantized) -> int:
+def _nbytes(weight: torch.Tensor | Quantized | NF4Quantized) -> int:
     if isinstance(weight, torch.Tensor):
         return weight.numel() * weight.element_size()
+    if isinstance(weight, NF4Quantized):
+        return _nbytes(weight.codes) + _nbytes(weight.absmax)
     return _nbytes(weight.codes) + _nbytes(weight.scale) + _nbytes(weight.zero)
 
 
 def _to_device(weight, device: torch.device, dtype: torch.dtype):
     """Resident weights on the compute device: float tensors in `dtype`, quantized ones as stored."""
+    if isinstance(weight, NF4Quantized):
+        return NF4Quantized(weight.codes.to(device), weight.absmax.to(device), weight.shape, weight.spec)
     if isinstance(weight, Quantized):
         return Quantized(
             weight.codes.to(device),
@@ -168,7 +174,9 @@ def prepare(model: str, **options) -> Prepared:
     make_policy(opts.policy)  # an unknown name fails here, before the long part
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    source = open_source(model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, verify=opts.verify)
+    source = open_source(
+        model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, attn_quant=opts.attn_quant, verify=opts.verify
+    )
     config: ModelConfig = source.config
     max_seq_len = opts.max_seq_len or min(config.max_position, 4096)
     if max_seq_len < 2:
@@ -354,7 +362,6 @@ def describe(prepared: Prepared) -> dict[str, object]:
     """What `moe-offload info` prints: the model, its formats and the memory plan."""
     c, fmt = prepared.config, prepared.expert_format
     experts = "unquantized " + str(fmt.dtype).removeprefix("torch.") if fmt.spec is None else fmt.spec.describe()
-    attn = prepared.source.attn_spec
     return {
         "model": prepared.source.description,
         "family": c.model_type,
@@ -362,7 +369,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "experts per layer": f"{c.num_experts} (top {c.top_k})",
         "hidden / expert intermediate": f"{c.hidden_size} / {c.intermediate_size}",
         "experts": experts,
-        "attention": "unquantized" if attn is None else attn.describe(),
+        "attention": describe_spec(prepared.source.attn_spec),
         "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
         "context": prepared.max_seq_len,
         **dict(prepared.plan.describe()),

@@ -19,6 +19,9 @@ import torch
 from offload.checkpoint import HFCheckpoint, open_hf
 from offload.decoder import ModelConfig
 from offload.families import Family, family_for
+from quant.bnb import NF4Quantized, NF4Spec, quantize_nf4
+from quant.bnb import from_tensors as nf4_from_tensors
+from quant.bnb import to_tensors as nf4_to_tensors
 from quant.checkpoint import (
     FORMAT_VERSION,
     RESIDENT,
@@ -46,17 +49,43 @@ SIDE_FILES = (
 )
 
 Progress = Callable[[str, int], None]  # (what, how many units done now); called once per unit
+AttnSpec = QuantSpec | NF4Spec | None
+ATTN_QUANT = ("hqq", "bnb")
 
 
 def _no_progress(what: str, units: int) -> None:
     pass
 
 
-def quantize_resident(weights: dict[str, torch.Tensor], spec: QuantSpec | None) -> dict[str, torch.Tensor | Quantized]:
+def attn_spec(attn_bits: str, attn_quant: str) -> AttnSpec:
+    """The attention projections' format: HQQ at --attn-bits, or bitsandbytes NF4 (4-bit only)."""
+    if attn_quant not in ATTN_QUANT:
+        raise MoEOffloadError(f"unknown --attn-quant {attn_quant!r}; choose hqq or bnb")
+    if attn_quant == "bnb":
+        if attn_bits != "4":
+            raise MoEOffloadError(f"--attn-quant bnb is 4-bit NF4 only; use --attn-bits 4, not {attn_bits}")
+        return NF4Spec()
+    return preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+
+
+def spec_from_dict(d: dict | None) -> AttnSpec:
+    if d is None:
+        return None
+    return NF4Spec.from_dict(d) if d.get("method") == "bnb-nf4" else QuantSpec.from_dict(d)
+
+
+def describe_spec(spec: AttnSpec) -> str:
+    if spec is None:
+        return "unquantized"
+    return f"bitsandbytes NF4, block {spec.blocksize}" if isinstance(spec, NF4Spec) else spec.describe()
+
+
+def quantize_resident(weights: dict[str, torch.Tensor], spec: AttnSpec) -> dict[str, torch.Tensor | Quantized]:
     """Quantize the attention projections with `spec`; leave everything else as it is."""
     if spec is None:
         return dict(weights)
-    return {name: quantize(w, spec) if QUANTIZED_RESIDENT.search(name) else w for name, w in weights.items()}
+    method = quantize_nf4 if isinstance(spec, NF4Spec) else quantize
+    return {name: method(w, spec) if QUANTIZED_RESIDENT.search(name) else w for name, w in weights.items()}
 
 
 def quantize_model(
@@ -65,12 +94,13 @@ def quantize_model(
     *,
     expert_bits: str = "2",
     attn_bits: str = "4",
+    attn_quant: str = "hqq",
     force: bool = False,
     progress: Progress = _no_progress,
 ) -> Path:
     """Write `source` (an HF folder or hub id) as a quantized folder at `out`; returns `out`."""
     expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
-    attn_spec = preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+    resident_spec = attn_spec(attn_bits, attn_quant)
     checkpoint = open_hf(source)
     config = checkpoint.model_config
     storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
@@ -80,6 +110,7 @@ def quantize_model(
         "revision": checkpoint.revision,
         "expert_bits": expert_bits,
         "attn_bits": attn_bits,
+        "attn_quant": attn_quant,
         "format_version": FORMAT_VERSION,
     }
     writer = CheckpointWriter(Path(out), job=job, force=force)
@@ -95,13 +126,15 @@ def quantize_model(
     quantized: dict[str, dict] = {}
     if not writer.done(RESIDENT):
         tensors: dict[str, torch.Tensor] = {}
-        for name, weight in quantize_resident(resident, attn_spec).items():
+        for name, weight in quantize_resident(resident, resident_spec).items():
             if isinstance(weight, Quantized):
                 tensors.update(to_tensors(weight, name))
+            elif isinstance(weight, NF4Quantized):
+                tensors.update(nf4_to_tensors(weight, name))
             else:
                 tensors[name] = weight
         writer.write(RESIDENT, tensors)
-    if attn_spec is not None:
+    if resident_spec is not None:
         quantized = {
             name: {"shape": list(resident[name].shape)} for name in resident if QUANTIZED_RESIDENT.search(name)
         }
@@ -116,8 +149,8 @@ def quantize_model(
         "model_type": config.model_type,
         "config": config.to_dict(),
         "expert_format": expert_format.to_dict(),
-        "resident": {"spec": None if attn_spec is None else attn_spec.to_dict(), "quantized": quantized},
-        "quantization": {"expert_bits": expert_bits, "attn_bits": attn_bits},
+        "resident": {"spec": None if resident_spec is None else resident_spec.to_dict(), "quantized": quantized},
+        "quantization": {"expert_bits": expert_bits, "attn_bits": attn_bits, "attn_quant": attn_quant},
     }
     writer.finish(manifest)
     return Path(out)
@@ -126,14 +159,14 @@ def quantize_model(
 class HFSource:
     """An HF folder or hub id, quantized in memory when asked (`--expert-bits`, `--attn-bits`)."""
 
-    def __init__(self, checkpoint: HFCheckpoint, expert_bits: str, attn_bits: str) -> None:
+    def __init__(self, checkpoint: HFCheckpoint, expert_bits: str, attn_bits: str, attn_quant: str) -> None:
         self.checkpoint = checkpoint
         self.family: Family = checkpoint.family
         self.config: ModelConfig = checkpoint.model_config
         self.folder = checkpoint.path
         self.expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
-        self.attn_spec = preset(ATTN_PRESETS, attn_bits, "--attn-bits")
-        self.description = f"{checkpoint.source} (experts {expert_bits}, attention {attn_bits})"
+        self.attn_spec = attn_spec(attn_bits, attn_quant)
+        self.description = f"{checkpoint.source} (experts {expert_bits}, attention {describe_spec(self.attn_spec)})"
 
     def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
         c = self.config
@@ -156,8 +189,7 @@ class QuantizedSource:
         try:
             self.config = ModelConfig.from_dict(manifest["config"])
             self._format = ExpertFormat.from_dict(manifest["expert_format"])
-            spec = manifest["resident"]["spec"]
-            self.attn_spec = None if spec is None else QuantSpec.from_dict(spec)
+            self.attn_spec = spec_from_dict(manifest["resident"]["spec"])
             self.quantized = manifest["resident"]["quantized"]
         except (KeyError, TypeError, ValueError) as error:
             raise MoEOffloadError(
@@ -176,8 +208,9 @@ class QuantizedSource:
     def resident(self) -> dict[str, torch.Tensor | Quantized]:
         tensors = self.checkpoint.read(RESIDENT)
         weights: dict[str, torch.Tensor | Quantized] = {}
+        unpack = nf4_from_tensors if isinstance(self.attn_spec, NF4Spec) else from_tensors
         for name, meta in self.quantized.items():
-            weights[name] = from_tensors(tensors, name, self.attn_spec, tuple(meta["shape"]))
+            weights[name] = unpack(tensors, name, self.attn_spec, tuple(meta["shape"]))
         taken = tuple(f"{name}." for name in self.quantized)
         for name in tensors:
             if not name.startswith(taken):
@@ -188,7 +221,9 @@ class QuantizedSource:
         return self.checkpoint.expert(layer, expert)
 
 
-def open_source(model: str, *, expert_bits: str = "none", attn_bits: str = "none", verify: bool = True):
+def open_source(
+    model: str, *, expert_bits: str = "none", attn_bits: str = "none", attn_quant: str = "hqq", verify: bool = True
+):
     """A quantized folder when `model` holds a manifest.json, else an HF folder or hub id."""
     if is_quantized_checkpoint(model):
         if (expert_bits, attn_bits) != ("none", "none"):
@@ -196,4 +231,4 @@ def open_source(model: str, *, expert_bits: str = "none", attn_bits: str = "none
                 f"{model} is already quantized; --expert-bits and --attn-bits apply to Hugging Face folders only"
             )
         return QuantizedSource(QuantizedCheckpoint.open(Path(model), verify=verify))
-    return HFSource(open_hf(model), expert_bits, attn_bits)
+    return HFSource(open_hf(model), expert_bits, attn_bits, attn_quant)

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from hqq.core.quantize import Quantizer
 from torch import Tensor
 
 from quant.errors import MoEOffloadError
@@ -170,6 +169,8 @@ def quantized_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
 
 def _hqq_quantize(weight: Tensor, spec: QuantSpec, optimize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """hqq's quantizer on weight's own device: (codes, scale float32, zero float32)."""
+    from hqq.core.quantize import Quantizer  # imported here: it pulls in torch._dynamo (about 1.3 s)
+
     codes, meta = Quantizer.quantize(
         weight,
         nbits=spec.bits,

@@ -18,7 +18,7 @@ def dequantized(weight) -> torch.Tensor:
     return dequantize(weight, torch.float32) if isinstance(weight, Quantized) else weight.float()
 
 
-def carry_our_weights(reference, model) -> None:
+def carry_our_weights(reference, model, dequantize_attention=dequantized) -> None:
     """Put our (dequantized) experts and attention into a transformers MixtralForCausalLM."""
     config = model.config
     with torch.no_grad():
@@ -30,7 +30,7 @@ def carry_our_weights(reference, model) -> None:
                 layer.mlp.experts.down_proj[expert] = w["w2"]
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 weight = model.decoder.weights[f"layers.{layer_index}.{proj}"]
-                getattr(layer.self_attn, proj).weight.copy_(dequantized(weight))
+                getattr(layer.self_attn, proj).weight.copy_(dequantize_attention(weight))
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,24 @@ def test_trained_model_loss_stays_near_hqqs_own_round_trip(trained_model_dir, bi
     assert math.isfinite(ours)
     assert abs(ours - hqq) < 0.03, f"{bits}-bit: ours {ours:.4f}, hqq {hqq:.4f}, unquantized {full:.4f}"
     assert ours - full < (0.05 if bits == 4 else 0.4), f"{bits}-bit costs {ours - full:.4f} nats"
+
+
+def test_bnb_nf4_attention_matches_transformers_with_our_dequantized_weights(tiny, tmp_path):
+    folder = quantize_model(str(tiny), tmp_path / "nf4", expert_bits="4", attn_bits="4", attn_quant="bnb")
+    model = offload.load(str(folder), device="cpu")
+    from quant.bnb import NF4Quantized, dequantize_nf4
+
+    weight = model.decoder.weights["layers.0.q_proj"]
+    assert isinstance(weight, NF4Quantized)
+    tokens = torch.randint(3, 128, (16,), generator=torch.Generator().manual_seed(2))
+    reference = hf_model(tiny)
+    with torch.no_grad():
+        carry_our_weights(reference, model, dequantize_attention=dequantize_nf4)
+        expected = reference(tokens[None]).logits[0]
+    assert (model.logits(tokens) - expected).abs().max().item() < 1e-4
+    assert model.info()["attention"] == "bitsandbytes NF4, block 64"
+
+
+def test_bnb_is_four_bit_only(tiny):
+    with pytest.raises(offload.MoEOffloadError, match="--attn-quant bnb is 4-bit NF4 only; use --attn-bits 4, not 8"):
+        offload.load(str(tiny), device="cpu", attn_bits="8", attn_quant="bnb")
