@@ -69,18 +69,22 @@ class SlotTable:
             stats.guess_right += sum(e in self.guess for e in experts)
             self.guess = None
 
-        protected = {e for e in experts if e in self.slot_of}
-        served = [e for e in experts if e in protected]  # hits are computed before any load
+        # hits are what is cached as the request starts; they are computed before any load, so a hit
+        # whose slot a later miss of this request takes (fewer slots than experts) is still a hit
+        start_slot = {e: self.slot_of[e] for e in experts if e in self.slot_of}
+        for expert in start_slot:
+            if expert in self.unused_prefetches:
+                self.unused_prefetches.discard(expert)
+                stats.prefetches_used += 1
+        protected = set(start_slot)
+        served = list(start_slot)  # hits are served first, in router order
         hits: list[Step] = []
         misses: list[Step] = []
         for i, expert in enumerate(experts):
             weight = 1.0 if weights is None else float(weights[i])
-            if expert in self.slot_of:
+            if expert in start_slot:
                 stats.hits += 1
-                if expert in self.unused_prefetches:
-                    self.unused_prefetches.discard(expert)
-                    stats.prefetches_used += 1
-                hits.append(Step(expert, self.slot_of[expert], hit=True))
+                hits.append(Step(expert, start_slot[expert], hit=True))
             else:
                 stats.misses += 1
                 slot, evicted = self._make_room(protected, served)

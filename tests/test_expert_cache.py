@@ -108,3 +108,11 @@ def test_slot_counts_are_checked():
         ExpertCache(num_layers=1, num_experts=6, expert_bytes=8, slots_per_layer=[7])
     with pytest.raises(MoEOffloadError, match="slots per layer names 1 layers, the model has 2"):
         ExpertCache(num_layers=2, num_experts=6, expert_bytes=8, slots_per_layer=[2])
+
+
+def test_a_hit_is_served_before_a_miss_of_its_request_takes_its_slot():
+    cache = make_cache(slots=1)
+    serve(cache, 0, [5])
+    assert serve(cache, 0, [3, 5]) == [5, 3]  # 5 is computed first, then 3 is loaded over it
+    layer = cache.stats.per_layer[0]
+    assert (layer.hits, layer.misses, layer.h2d_bytes) == (1, 2, 2 * NBYTES)

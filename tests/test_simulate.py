@@ -75,12 +75,10 @@ def test_prefill_row_replays_as_one_request(tmp_path):
     assert (total.requests, total.hits, total.misses) == (8, 3, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="SlotTable bug reported to the lead: a hit evicted by its own request's miss")
 def test_a_cached_expert_is_a_hit_even_when_its_request_overflows_the_slots():
     # README rules: an expert already cached is a hit; when a request has more experts than slots,
     # its own experts make room for each other, oldest served first. With 1 slot holding 5, the
-    # request [7, 5] serves 5 (hit), then loads 7 over it: 1 hit, 1 miss. SlotTable today evicts 5
-    # for 7 before it reaches 5 in router order, then counts 5 as a miss and reloads it.
+    # request [7, 5] serves 5 (hit), then loads 7 over it: 1 hit, 1 miss.
     from cache.policies import make_policy
     from cache.table import SlotTable
 
