@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ class ExpertCache:
         device: torch.device | str = "cpu",
         slots_per_layer: Sequence[int] | None = None,
         mode: str = "inclusive",
-        policy: Callable[[], Policy] = LRU,
+        policies: Sequence[Policy] | None = None,
         pin_memory: bool | None = None,
     ) -> None:
         self.num_layers, self.num_experts, self.expert_bytes = num_layers, num_experts, expert_bytes
@@ -55,15 +55,15 @@ class ExpertCache:
         if self.mode not in MODES:
             raise MoEOffloadError(f"unknown cache mode {mode!r}; choose one of {', '.join(MODES[1:])}")
         if self.mode == "direct" and self.device.type != "cpu":
-            raise MoEOffloadError(
-                "experts can be computed straight from the arena only on the CPU; set slots"
-            )
+            raise MoEOffloadError("experts can be computed straight from the arena only on the CPU; set slots")
         self.stats = CacheStats.for_layers(num_layers)
         self.slots_per_layer = list(slots_per_layer) if slots_per_layer is not None else None
         if self.slots_per_layer is not None:
             self._check_slots(self.slots_per_layer)
+            # one policy per layer, built as the simulator builds them (cache.policies.make_policies)
+            policies = policies if policies is not None else [LRU() for _ in range(num_layers)]
             self.tables = [
-                SlotTable(k, policy(), self.stats.per_layer[layer])
+                SlotTable(k, policies[layer], self.stats.per_layer[layer])
                 for layer, k in enumerate(self.slots_per_layer)
             ]
         self.on_cuda = self.device.type == "cuda"
@@ -101,9 +101,7 @@ class ExpertCache:
 
     def _check_slots(self, slots: list[int]) -> None:
         if len(slots) != self.num_layers:
-            raise MoEOffloadError(
-                f"slots per layer names {len(slots)} layers, the model has {self.num_layers}"
-            )
+            raise MoEOffloadError(f"slots per layer names {len(slots)} layers, the model has {self.num_layers}")
         for k in slots:
             if not 1 <= k <= self.num_experts:
                 limit = f"between 1 and {self.num_experts} (the experts per layer)"

@@ -333,6 +333,15 @@ def demo(
         out.print("Random weights make no text; try `moe-offload generate MODEL --prompt ... --slots 2 --stats`.")
 
 
+def _register_lab() -> None:
+    from cli import lab
+
+    lab.register(app)
+
+
+_register_lab()
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console script: user errors become one line on stderr and exit code 2 (as usage errors do)."""
     try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cache.expert_cache import ExpertCache
-from cache.policies import make_policy
+from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
 from offload.decoder import Decoder, ModelConfig
@@ -211,7 +211,7 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
         device=prepared.device,
         slots_per_layer=plan.slots_per_layer,
         mode=plan.mode,
-        policy=lambda: make_policy(prepared.options.policy),
+        policies=make_policies(prepared.options.policy, config.num_layers, config.num_experts),
     )
     total = config.num_layers * config.num_experts
     for layer in range(config.num_layers):
