@@ -184,7 +184,7 @@ class ExpertCache:
         """The prefetcher's pending guess for the layer's next request (for traces)."""
         if self.mode == "direct" or self.tables[layer].guess is None:
             return None
-        return sorted(self.tables[layer].guess)
+        return list(self.tables[layer].guess)
 
     def reset(self) -> None:
         """A new sequence: caches start empty (exclusive mode: the slots keep what they hold, cold)."""

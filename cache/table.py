@@ -45,7 +45,7 @@ class SlotTable:
         self.slot_of: dict[int, int] = {}  # expert -> slot
         self.free_slots: list[int] = list(range(capacity))
         self.unused_prefetches: set[int] = set()  # prefetched experts no request has used yet
-        self.guess: frozenset[int] | None = None  # the prefetcher's guess for the next request
+        self.guess: tuple[int, ...] | None = None  # the prefetcher's guess for the next request, in its order
         self.t = 0  # requests served since the last reset
 
     def reset(self) -> None:
@@ -103,7 +103,7 @@ class SlotTable:
         guessed expert already cached is never evicted for another guessed one; when no other slot
         is left, the remaining guesses are not loaded. Returns the loads to issue.
         """
-        self.guess = frozenset(experts)
+        self.guess = tuple(experts)
         protected = set(self.guess) & set(self.slot_of)
         loads: list[Step] = []
         for expert in experts:

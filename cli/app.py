@@ -313,6 +313,53 @@ def info(
 
 
 @app.command()
+def trace(
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", help="The trace to write (.jsonl).")],
+    prompt: Annotated[str | None, typer.Option(help="One prompt.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="A text file with one prompt per line.")] = None,
+    max_new_tokens: MaxNewTokens = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 (the default here) is greedy.")] = 0.0,
+    seed: Seed = None,
+    slots: Slots = None,
+    gpu_memory: GpuMemory = None,
+    cpu_memory: CpuMemory = None,
+    device: Device = LoadOptions.device,
+    dtype: Dtype = LoadOptions.dtype,
+    expert_bits: ExpertBits = "none",
+    attn_bits: AttnBits = "none",
+    attn_quant: AttnQuant = LoadOptions.attn_quant,
+    prefetch: Prefetch = LoadOptions.prefetch,
+    no_prefetch: NoPrefetch = False,
+    policy: Policy = LoadOptions.policy,
+    cache_mode: CacheMode = LoadOptions.cache_mode,
+    max_seq_len: MaxSeqLen = None,
+) -> None:
+    """Record the routing of real prompts: per sequence, token and layer, the experts, gate weights and guesses."""
+    if (prompt is None) == (prompts is None):
+        raise MoEOffloadError("give --prompt TEXT or --prompts FILE (one prompt per line)")
+    if prompts is not None:
+        if not prompts.is_file():
+            raise MoEOffloadError(f"no such prompts file: {str(prompts)!r}")
+        texts = [line for line in prompts.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise MoEOffloadError(f"{prompts} holds no prompt; write one prompt per line")
+    else:
+        texts = [prompt]
+    options = _load_options(
+        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
+        expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch,
+        no_prefetch=no_prefetch, policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
+    )  # fmt: skip
+    loaded = _load(model, options)
+    path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    total = loaded.stats.total
+    err.print(f"wrote {path}: {len(texts)} sequences, {loaded.stats.decode_tokens} decode tokens, "
+              f"hit rate {total.hit_rate:.3f} at {loaded.plan.slots_per_layer and loaded.plan.slots_per_layer[0]} "
+              "slots per layer")  # fmt: skip
+
+
+@app.command()
 def demo(
     slots: Annotated[int, typer.Option(help="Expert slots per layer in the demo's CPU cache.")] = 2,
     tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -334,8 +335,10 @@ class OffloadedModel:
     # -- traces and statistics ----------------------------------------------------------------------
 
     def record_trace(self, writer) -> None:
-        """Send every cache request to `writer.record(...)` (cache/trace.py's TraceWriter)."""
-        self.trace_writer = writer
+        """Send every cache request to `writer.record(...)` (cache/trace.py's TraceWriter); None stops."""
+        if writer is None:
+            self.moe.recorder = None
+            return
 
         def record(layer: int, experts: list[int], weights: list[float], guess, prefill: bool) -> None:
             writer.record(
@@ -349,6 +352,26 @@ class OffloadedModel:
             )
 
         self.moe.recorder = record
+
+    def trace(
+        self, prompts: list[str], out, *, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None
+    ) -> Path:
+        """Generate from each prompt (one sequence each) and write every cache request to `out`.
+
+        The trace uses shared/traces' fields plus `guess` and `phase` (cache/trace.py); replaying it
+        through `simulate` with the same slots and policy counts the same hits as this run.
+        """
+        from cache.trace import TraceWriter
+
+        writer = TraceWriter(Path(out), dataset="moe-offload")
+        self.record_trace(writer)
+        try:
+            for prompt in prompts:
+                self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        finally:
+            self.record_trace(None)
+        self.cache.reset()  # the last sequence ends: its unused prefetches count as wasted, as in a replay
+        return writer.close()
 
     def reset_stats(self) -> None:
         self.cache.stats.reset()
