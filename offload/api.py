@@ -9,7 +9,7 @@ print(result.text, model.stats.hit_rate)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
 from offload.decoder import Decoder, ModelConfig
-from offload.generate import GenerationResult, SamplingConfig, generate, generate_text
+from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
 from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory
 from offload.prefetch import WHEN, Prefetcher
@@ -57,13 +57,10 @@ class LoadOptions:
 
 @dataclass
 class RunStats:
-    """Every figure of a run: the cache counters per layer, and tokens per second."""
+    """Every figure of a run: the cache counters per layer, and the generations' tokens per second."""
 
     cache: CacheStats
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def total(self) -> LayerStats:
@@ -78,32 +75,22 @@ class RunStats:
         return self.total.recall
 
     @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+    def decode_tokens(self) -> int:
+        return self.timing.decode_tokens
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+        return self.timing.decode_tokens_per_s
 
-    def add(self, result: GenerationResult) -> None:
-        self.prefill_tokens += result.prefill_tokens
-        self.decode_tokens += result.decode_tokens
-        self.prefill_s += result.prefill_s
-        self.decode_s += result.decode_s
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.timing.prefill_tokens_per_s
 
     def to_dict(self) -> dict:
         """Totals at the top level (hit_rate, hits, misses, ...), tokens/s, then `per_layer`."""
-        timing = {
-            "prefill_tokens": self.prefill_tokens,
-            "decode_tokens": self.decode_tokens,
-            "prefill_s": round(self.prefill_s, 6),
-            "decode_s": round(self.decode_s, 6),
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
-        }
         cache = self.cache.to_dict()
         per_layer = cache.pop("per_layer")
-        return {**cache, **timing, "per_layer": per_layer}
+        return {**cache, **self.timing.to_dict(), "per_layer": per_layer}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -329,7 +316,7 @@ class OffloadedModel:
         else:  # a plain prompt is continued exactly (its last space kept); a chat reply stands alone
             result = generate_text(self, tokenizer, prompt_ids, config, stops, on_text,
                                    continue_prompt=messages is None, synchronize=synchronize)  # fmt: skip
-        self.stats.add(result)
+        self.stats.timing.add(result)
         return result
 
     # -- traces and statistics ----------------------------------------------------------------------

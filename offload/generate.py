@@ -101,6 +101,40 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
 
 
 @dataclass
+class Timing:
+    """Token counts and seconds of prefill and decode, and their rates: one generation's, or a run's sum."""
+
+    prefill_tokens: int = 0  # prompt tokens run in prefill forwards
+    decode_tokens: int = 0  # single-token decode forwards
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def add(self, other: Timing | GenerationResult) -> None:
+        self.prefill_tokens += other.prefill_tokens
+        self.decode_tokens += other.decode_tokens
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+
+    def to_dict(self) -> dict:
+        return {
+            "prefill_tokens": self.prefill_tokens,
+            "decode_tokens": self.decode_tokens,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+        }
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]  # generated ids only: no prompt, no stop id
     text: str | None  # generate() leaves it None; callers that hold the tokenizer fill it in
@@ -112,24 +146,20 @@ class GenerationResult:
     stop_token_id: int | None = None  # the stop id that ended generation (not in token_ids)
 
     @property
+    def timing(self) -> Timing:
+        return Timing(self.prefill_tokens, self.decode_tokens, self.prefill_s, self.decode_s)
+
+    @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        return self.timing.prefill_tokens_per_s
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        return self.timing.decode_tokens_per_s
 
     def timing_dict(self) -> dict:
         """The token counts, times and rates, for `--json` stats and `/stats`."""
-        return {
-            "prefill_tokens": self.prefill_tokens,
-            "decode_tokens": self.decode_tokens,
-            "prefill_s": round(self.prefill_s, 6),
-            "decode_s": round(self.decode_s, 6),
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
-            "stop_reason": self.stop_reason,
-        }
+        return {**self.timing.to_dict(), "stop_reason": self.stop_reason}
 
 
 def prefill(

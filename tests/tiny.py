@@ -25,30 +25,16 @@ from offload.demo import write_random_mixtral
 EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
-def make_tiny_mixtral(
-    path: Path,
-    *,
-    hidden: int = 64,
-    intermediate: int = 96,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    experts: int = 8,
-    top_k: int = 2,
-    vocab: int = 128,
-    seed: int = 0,
-    sliding_window: int | None = None,
-    fused: bool = False,
-    tie: bool = False,
-    max_pos: int = 256,
-    shards: int = 2,
-) -> Path:
-    """Write a tiny random Mixtral to `path` (about `shards` files; 1 -> a single model.safetensors)."""
-    path = write_random_mixtral(
-        Path(path), hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
-        experts=experts, top_k=top_k, vocab=vocab, seed=seed, sliding_window=sliding_window, tie=tie,
-        max_pos=max_pos, shards=shards,
-    )  # fmt: skip
+def make_tiny_mixtral(path: Path, *, fused: bool = False, shards: int = 2, **shape) -> Path:
+    """Write a tiny random Mixtral to `path` in about `shards` files (1: a single model.safetensors).
+
+    `shape` goes to offload.demo.write_random_mixtral: hidden, intermediate, layers, heads, kv_heads,
+    experts, top_k, vocab, seed, sliding_window, tie, max_pos.
+    """
+    path = write_random_mixtral(Path(path), shards=shards, **shape)
+    config = json.loads((path / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config["num_local_experts"]
+    tie = config["tie_word_embeddings"]
     names = _tensor_names(path)
     expert_names = [n for n in names if EXPERT_NAME.match(n)]
     assert len(expert_names) == layers * experts * 3, "save_pretrained no longer writes the hub's layout"
