@@ -144,16 +144,32 @@ def quantize_model(
         path = checkpoint.path / side
         if path.is_file() and not writer.done(side):
             writer.write_bytes(side, path.read_bytes())
-    manifest = {
-        "source": {"model": checkpoint.source, "revision": checkpoint.revision},
+    quantization = {"expert_bits": expert_bits, "attn_bits": attn_bits, "attn_quant": attn_quant}
+    source = {"model": checkpoint.source, "revision": checkpoint.revision}
+    writer.finish(build_manifest(source, config, expert_format, resident_spec, quantized, quantization))
+    return Path(out)
+
+
+def build_manifest(
+    source: dict,
+    config: ModelConfig,
+    expert_format: ExpertFormat,
+    resident_spec: AttnSpec,
+    quantized: dict[str, dict],
+    quantization: dict,
+) -> dict:
+    """What a quantized folder's manifest.json says of its model (CheckpointWriter adds the files).
+
+    `quantized` names the resident tensors stored quantized with `resident_spec`, with their shapes.
+    """
+    return {
+        "source": source,
         "model_type": config.model_type,
         "config": config.to_dict(),
         "expert_format": expert_format.to_dict(),
         "resident": {"spec": None if resident_spec is None else resident_spec.to_dict(), "quantized": quantized},
-        "quantization": {"expert_bits": expert_bits, "attn_bits": attn_bits, "attn_quant": attn_quant},
+        "quantization": quantization,
     }
-    writer.finish(manifest)
-    return Path(out)
 
 
 class HFSource:
