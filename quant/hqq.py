@@ -261,3 +261,29 @@ def from_tensors(tensors: Mapping[str, Tensor], prefix: str, spec: QuantSpec, sh
             groups = math.prod(shape) // spec.group_size
             parts[part] = from_tensors(tensors, f"{prefix}.{part}", meta, (groups, 1))
     return Quantized(tensors[f"{prefix}.codes"], parts["scale"], parts["zero"], shape, spec)
+
+
+def random_quantized(shape: tuple[int, ...], spec: QuantSpec, generator: torch.Generator | None = None) -> Quantized:
+    """A synthetic quantized weight for speed tests: random codes, sane scales and zeros, no hqq run.
+
+    Codes are uniform over every level; the float scale and zero put (code - zero) * scale in about
+    +-0.02 (std near 0.01, like a trained model's weights). Quantized scales and zeros get random codes
+    too, with meta that spans [0, 2x] the float value. Same idea as quant/packing.py's
+    `ExpertFormat.random`. Deterministic for a seeded `generator`, on whose device the tensors are made.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    levels = (1 << spec.bits) - 1
+    target = {"scale": 0.04 / levels, "zero": levels / 2}
+    tensors: dict[str, Tensor] = {}
+    for name, (part_shape, dtype) in tensor_shapes(shape, spec, "w").items():
+        parts = name.split(".")  # "w.codes", "w.scale", or "w.scale.codes", "w.scale.scale" with meta_bits
+        if parts[-1] == "codes":  # any bit pattern is a valid code, but keep 3-bit int32 to its 30 bits
+            high = 1 << 30 if dtype == torch.int32 else 256
+            tensors[name] = torch.randint(0, high, part_shape, generator=generator, device=device, dtype=dtype)
+        elif len(parts) == 2:
+            tensors[name] = torch.full(part_shape, target[parts[1]], dtype=dtype, device=device)
+        else:  # meta of a quantized scale or zero: dequantized values span [0, 2 * target]
+            meta_levels = (1 << spec.meta_bits) - 1
+            value = 2 * target[parts[1]] / meta_levels if parts[2] == "scale" else 0.0
+            tensors[name] = torch.full(part_shape, value, dtype=dtype, device=device)
+    return from_tensors(tensors, "w", spec, shape)
