@@ -360,6 +360,106 @@ def trace(
 
 
 @app.command()
+def bench(
+    model: Model,
+    tokens: Annotated[int, typer.Option(help="Decode tokens to time.")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens for the prefill.")] = 16,
+    route_trace: Annotated[
+        Path | None,
+        typer.Option(
+            help="Replay the routing of this trace (e.g. ../shared/traces/...jsonl) instead of the "
+            "model's routers: real hit rates on a synthetic model."
+        ),
+    ] = None,
+    prefetch: Annotated[
+        str,
+        typer.Option(
+            help="gate: the model's own guess (meaningless with --route-trace, reported as replayed); "
+            "oracle: the next layer's experts read from the trace (an upper bound); none."
+        ),
+    ] = "gate",
+    compare: Annotated[
+        bool,
+        typer.Option(
+            help="Also run, on the same checkpoint and budget: no cache, LRU without and with prefetch, "
+            "and transformers/accelerate device_map offloading where it can run."
+        ),
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results to this JSON file.")] = None,
+    slots: Slots = None,
+    gpu_memory: GpuMemory = None,
+    cpu_memory: CpuMemory = None,
+    device: Device = LoadOptions.device,
+    dtype: Dtype = LoadOptions.dtype,
+    expert_bits: ExpertBits = "none",
+    attn_bits: AttnBits = "none",
+    policy: Policy = LoadOptions.policy,
+    cache_mode: CacheMode = LoadOptions.cache_mode,
+    max_seq_len: MaxSeqLen = None,
+) -> None:
+    """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound."""
+    from offload import bench as benchmark
+    from offload.planner import parse_bytes
+
+    if tokens < 3:
+        raise MoEOffloadError(f"--tokens must be at least 3 (two are warm-up for the allocation count), got {tokens}")
+    options = _load_options(
+        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
+        expert_bits=expert_bits, attn_bits=attn_bits, prefetch="none", no_prefetch=False, policy=policy,
+        cache_mode=cache_mode, max_seq_len=max_seq_len or prompt_tokens + tokens + 16,  # + the compute-only pass
+    )  # fmt: skip
+    loaded = _load(model, options)
+    accelerate = None
+    if compare and route_trace is None and not loaded.source.folder.joinpath("manifest.json").exists():
+
+        def accelerate() -> dict:
+            return benchmark.accelerate_baseline(
+                model, device=loaded.device, dtype=loaded.dtype, tokens=tokens, prompt_tokens=prompt_tokens,
+                gpu_budget=None if gpu_memory is None else parse_bytes(gpu_memory),
+                cpu_budget=None if cpu_memory is None else parse_bytes(cpu_memory),
+            )  # fmt: skip
+
+    result = benchmark.bench(loaded, tokens=tokens, prompt_tokens=prompt_tokens,
+                             route_trace=None if route_trace is None else str(route_trace), prefetch=prefetch,
+                             compare=compare, accelerate=accelerate)  # fmt: skip
+    _print_bench(result)
+    if json_out is not None:
+        _write_json(json_out, result)
+        err.print(f"wrote {json_out}")
+
+
+def _print_bench(result: dict) -> None:
+    table = Table("run", "tok/s", "bound", "of bound", "hit rate", "recall", "MiB/token", "stall s")
+    notes = []
+    for name, r in {"measured": result, **result.get("baselines", {})}.items():
+        if "hit_rate" not in r:  # a baseline that could not run here says why
+            table.add_row(name, str(r.get("decode_tokens_per_s")), *["-"] * 6)
+            notes.append(f"{name}: {r.get('note', '')}")
+            continue
+        recall = r["prefetch"]["recall"]
+        table.add_row(
+            name, f"{r['decode_tokens_per_s']:.2f}", f"{r['bound_tokens_per_s']:.2f}", f"{r['fraction_of_bound']:.2f}",
+            f"{r['hit_rate']:.3f}", "-" if recall is None else f"{recall:.3f}",
+            f"{r['h2d_bytes_per_token'] / 2**20:.1f}", f"{r['stall_s']:.3f}",
+        )  # fmt: skip
+    out.print(f"{result['model']} on {result['device']}")
+    out.print(f"routing: {result['routing']} · {result['mode']} mode, {result['slots_per_layer'][0]} slots per layer "
+              f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
+              f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token")  # fmt: skip
+    out.print(table)
+    for note in notes:
+        out.print(note)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written to a temporary name and renamed: never half a file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=2) + "\n")
+    temp.replace(path)
+
+
+@app.command()
 def demo(
     slots: Annotated[int, typer.Option(help="Expert slots per layer in the demo's CPU cache.")] = 2,
     tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,

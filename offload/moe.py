@@ -58,13 +58,19 @@ class MoEBlock:
         self.expert_format = expert_format
         self.prefetcher = prefetcher
         self.recorder = recorder  # called once per cache request, for routing traces
+        # (layer, x) -> (ids, weights) in place of the router: `bench --route-trace` replays real routing
+        # through a synthetic model, whose own routers would choose at random
+        self.routing: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.position = 0  # index of the token being decoded, for traces; the API sets it
 
     def __call__(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor | None = None) -> torch.Tensor:
         # T = tokens, D = hidden, E = experts, A = active experts per token
         tokens, hidden = x.shape
-        logits = F.linear(x, self.routers[layer])  # [T, E]
-        ids, weights = self.route(logits, self.top_k)  # [T, A], highest weight first
+        if self.routing is None:
+            logits = F.linear(x, self.routers[layer])  # [T, E]
+            ids, weights = self.route(logits, self.top_k)  # [T, A], highest weight first
+        else:
+            ids, weights = self.routing(layer, x)
         assert ids.shape == (tokens, self.top_k), ids.shape
         if self.prefetcher is not None and h_mid is not None:
             self.prefetcher.after_attention(layer, h_mid)

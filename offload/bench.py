@@ -1,0 +1,391 @@
+"""`moe-offload bench`: decode speed against the bound that PCIe and compute set.
+
+    bound time per token = max(compute per token, missed expert bytes per token / pinned H2D bandwidth)
+
+Compute per token is measured here too: a decode whose every expert is already in its slot (routing
+pinned to experts 0..k-1), so it copies nothing. The bandwidth is measured by copying an expert-sized
+pinned buffer to the device (on the CPU: a host memcpy, which is what a CPU slot load is).
+
+A synthetic model's routers choose at random, so speed on one means something only with real routing:
+`--route-trace` replays the routing of a recorded trace (shared/traces) in place of the routers. Then
+the model's own gate-based guess means nothing either, and the prefetch bounds are `none` and `oracle`
+(which knows the next layer's experts from the trace); the gate figure is reported, labelled replayed.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache.policies import make_policies
+from cache.stats import LayerStats
+from cache.trace import Token, read_trace
+from offload.api import OffloadedModel
+from offload.prefetch import Prefetcher
+from quant.errors import MoEOffloadError
+
+PREFETCH = ("gate", "oracle", "none")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the run's facts -------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
+
+
+def commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+def environment(device: torch.device) -> dict:
+    """device, commit and command: what every benchmark result records."""
+    return {"device": device_name(device), "commit": commit(), "command": " ".join(["moe-offload", *sys.argv[1:]])}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # syncs the device: the clock must see the queued work
+
+
+def h2d_bandwidth(nbytes: int, device: torch.device, repeats: int = 20) -> float:
+    """Bytes per second of one expert-sized copy from pinned host memory to the device."""
+    if device.type == "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return nbytes * repeats / (start.elapsed_time(end) / 1000)
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src)
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return nbytes * repeats / (time.perf_counter() - begin)
+
+
+# -- replayed routing --------------------------------------------------------------------------------------
+
+
+class ReplayedRouting:
+    """The routing of one recorded sequence, served to the MoE block in place of its routers.
+
+    `position` is the token being run; a prefill of T tokens takes positions position..position+T-1.
+    The trace's longest sequence is used, cycled if the benchmark runs longer.
+    """
+
+    def __init__(self, trace_path: str | Path, num_layers: int, num_experts: int, top_k: int, device) -> None:
+        trace = read_trace(Path(trace_path))
+        if trace.num_layers != num_layers:
+            raise MoEOffloadError(
+                f"trace {trace_path} has {trace.num_layers} layers but the model has {num_layers}; "
+                "replay a trace of a model with the same layers (synth --layers can match it)"
+            )
+        if trace.num_experts > num_experts:
+            raise MoEOffloadError(
+                f"trace {trace_path} names expert {trace.num_experts - 1}; the model has {num_experts}"
+            )
+        sequences = [[t for t in run if t.phase == "decode"] for run in trace.sequences()]
+        self.tokens: list[Token] = max(sequences, key=len)
+        if not self.tokens:
+            raise MoEOffloadError(f"trace {trace_path} has no decode tokens to replay")
+        self.path, self.top_k, self.device = str(trace_path), top_k, device
+        self.position = 0
+
+    def experts(self, position: int, layer: int) -> tuple[int, ...]:
+        return self.tokens[position % len(self.tokens)].layers[layer].experts[: self.top_k]
+
+    def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.tokens[(self.position + i) % len(self.tokens)].layers[layer] for i in range(x.shape[0])]
+        ids = torch.tensor([r.experts[: self.top_k] for r in rows], device=self.device)
+        weights = torch.tensor([r.weights[: self.top_k] for r in rows], device=self.device)
+        return ids, weights / weights.sum(-1, keepdim=True)
+
+
+class OraclePrefetcher:
+    """Knows layer l+1's experts from the trace: the upper bound of any guess."""
+
+    def __init__(self, routing: ReplayedRouting, cache, num_layers: int) -> None:
+        self.routing, self.cache, self.num_layers = routing, cache, num_layers
+
+    def after_attention(self, layer: int, h_mid: torch.Tensor) -> None:
+        if h_mid.shape[0] == 1 and layer + 1 < self.num_layers:  # as early as the early guess
+            self.cache.prefetch(layer + 1, list(self.routing.experts(self.routing.position, layer + 1)))
+
+    def after_layer(self, layer: int, h_out: torch.Tensor) -> None:
+        pass
+
+
+# -- one decode run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeRun:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode: LayerStats  # the cache counters of the decode steps alone
+    tokens: int
+    gpu_allocs_in_decode: int | None
+    gpu_peak_bytes: int | None
+
+
+def _allocations(device: torch.device) -> int | None:
+    return torch.cuda.memory_stats(device)["allocation.all.allocated"] if device.type == "cuda" else None
+
+
+def decode_run(
+    model: OffloadedModel,
+    *,
+    prompt_tokens: int,
+    tokens: int,
+    routing: ReplayedRouting | None,
+    forget_every_token: bool = False,
+) -> DecodeRun:
+    """Prefill `prompt_tokens`, then decode `tokens` greedily, timing each phase on its own."""
+    device = model.device
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
+    token = torch.empty(1, dtype=torch.long, device=device)
+    model.reset()
+    model.reset_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if routing is not None:
+        routing.position = 0
+    synchronize(device)
+    begin = time.perf_counter()
+    logits = model.forward(prompt, 0)
+    token.copy_(logits[-1].argmax())
+    synchronize(device)
+    prefill_s = time.perf_counter() - begin
+    before = model.stats.total
+
+    allocations = None
+    synchronize(device)
+    begin = time.perf_counter()
+    for step in range(tokens):
+        position = prompt_tokens + step
+        if routing is not None:
+            routing.position = position
+        if forget_every_token:
+            model.cache.reset()  # no cache: every expert is loaded again at every use
+        if step == 2:  # after two warm-up steps, nothing more may be allocated on the GPU
+            allocations = _allocations(device)
+        logits = model.forward(token, position)
+        token.copy_(logits[-1].argmax())  # stays on the device: no host sync per token
+    synchronize(device)
+    decode_s = time.perf_counter() - begin
+    after = model.stats.total
+    decode = LayerStats(**{k: getattr(after, k) - getattr(before, k) for k in LayerStats.__dataclass_fields__})
+    allocs = None if allocations is None else _allocations(device) - allocations
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak)
+
+
+def compute_per_token(model: OffloadedModel, tokens: int = 8) -> float:
+    """Seconds per decode token when every expert is already in its slot: routing pinned to 0..k-1."""
+    k = model.config.top_k
+    previous = model.moe.routing, model.moe.prefetcher
+    device = model.device
+
+    def pinned(layer: int, x: torch.Tensor):
+        ids = torch.arange(k, device=device).expand(x.shape[0], k)
+        return ids, torch.full((x.shape[0], k), 1.0 / k, device=device)
+
+    model.moe.routing, model.moe.prefetcher = pinned, None
+    try:
+        run = decode_run(model, prompt_tokens=2, tokens=tokens, routing=None)
+    finally:
+        model.moe.routing, model.moe.prefetcher = previous
+    return 1.0 / run.decode_tokens_per_s
+
+
+# -- the benchmark -----------------------------------------------------------------------------------------
+
+
+def _use_policy(model: OffloadedModel, name: str) -> None:
+    policies = make_policies(name, model.config.num_layers, model.config.num_experts)
+    for table, policy in zip(model.cache.tables, policies, strict=True):
+        table.policy = policy
+        table.reset()
+
+
+def _set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None) -> None:
+    if mode == "none":
+        model.moe.prefetcher = None
+    elif mode == "oracle":
+        if routing is None:
+            raise MoEOffloadError("--prefetch oracle needs --route-trace: the oracle reads the next layer from it")
+        model.moe.prefetcher = OraclePrefetcher(routing, model.cache, model.config.num_layers)
+    else:
+        c = model.config
+        model.moe.prefetcher = Prefetcher(
+            routers=model.moe.routers,
+            post_norms=[model.decoder.post_norm(layer) for layer in range(c.num_layers)],
+            eps=c.rms_norm_eps,
+            route=model.moe.route,
+            top_k=c.top_k,
+            cache=model.cache,
+            when="late",
+        )
+
+
+def _summary(run: DecodeRun, prefetch: str, bandwidth: float, compute_s: float) -> dict:
+    d = run.decode
+    h2d_per_token = d.h2d_bytes / run.tokens
+    bound_s = max(compute_s, h2d_per_token / bandwidth)
+    return {
+        "prefill_tokens_per_s": round(run.prefill_tokens_per_s, 3),
+        "decode_tokens_per_s": round(run.decode_tokens_per_s, 4),
+        "hit_rate": round(d.hit_rate, 4),
+        "prefetch": {
+            "mode": prefetch,
+            "issued": d.prefetches_issued,
+            "used": d.prefetches_used,
+            "wasted": d.prefetches_wasted,
+            "recall": None if d.recall is None else round(d.recall, 4),
+        },
+        "stall_s": round(d.stall_s, 4),
+        "h2d_bytes_per_token": round(h2d_per_token),
+        "bound_tokens_per_s": round(1.0 / bound_s, 4),
+        "fraction_of_bound": round(run.decode_tokens_per_s * bound_s, 4),
+        "gpu_peak_bytes": run.gpu_peak_bytes,
+        "gpu_allocs_in_decode": run.gpu_allocs_in_decode,
+    }
+
+
+def model_name(model: OffloadedModel) -> str:
+    manifest = getattr(model.source, "checkpoint", None)
+    manifest = getattr(manifest, "manifest", {}) if manifest is not None else {}
+    source = manifest.get("source", {}).get("model", "")
+    spec = model.moe.expert_format.spec
+    experts = "unquantized experts" if spec is None else f"{spec.bits}-bit experts"
+    if source.startswith("synthetic:"):
+        return f"synthetic {source.removeprefix('synthetic:')}, {experts}"
+    return model.source.description
+
+
+def bench(
+    model: OffloadedModel,
+    *,
+    tokens: int = 128,
+    prompt_tokens: int = 16,
+    route_trace: str | None = None,
+    prefetch: str = "gate",
+    compare: bool = False,
+    accelerate: Callable[[], dict] | None = None,
+) -> dict:
+    """Measure `model` as loaded (its slots, mode and policy); returns the JSON `bench` writes."""
+    if prefetch not in PREFETCH:
+        raise MoEOffloadError(f"unknown --prefetch {prefetch!r}; choose gate, oracle or none")
+    if model.cache.mode == "direct":
+        raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
+    c = model.config
+    routing = None
+    if route_trace is not None:
+        routing = ReplayedRouting(route_trace, c.num_layers, c.num_experts, c.top_k, model.device)
+        model.moe.routing = routing
+    bandwidth = h2d_bandwidth(model.cache.expert_bytes, model.device)
+    compute_s = compute_per_token(model)
+    model.moe.routing = routing
+
+    _set_prefetch(model, prefetch, routing)
+    run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
+    result = {
+        **environment(model.device),
+        "model": model_name(model),
+        "routing": "model" if routing is None else f"replayed: {routing.path}",
+        "mode": model.plan.mode,
+        "slots_per_layer": list(model.plan.slots_per_layer),
+        "policy": model.options.policy,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "h2d_bandwidth_gbps": round(bandwidth / 1e9, 3),
+        "compute_s_per_token": round(compute_s, 6),
+        **_summary(run, prefetch, bandwidth, compute_s),
+    }
+    if not compare:
+        return result
+
+    baselines = {}
+    _use_policy(model, "lru")
+    for name, mode, forget in (("no_cache", "none", True), ("lru_no_prefetch", "none", False),
+                               ("lru_prefetch", prefetch, False)):  # fmt: skip
+        _set_prefetch(model, mode, routing)
+        baseline = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
+                              forget_every_token=forget)  # fmt: skip
+        baselines[name] = _summary(baseline, mode, bandwidth, compute_s)
+    baselines["accelerate"] = accelerate() if accelerate is not None else {
+        "decode_tokens_per_s": None,
+        "note": "not run: transformers/accelerate device_map offloading reads Hugging Face folders only "
+        "(pass one as MODEL), and cannot replay a routing trace",
+    }  # fmt: skip
+    _use_policy(model, model.options.policy)
+    _set_prefetch(model, prefetch, routing)
+    result["baselines"] = baselines
+    return result
+
+
+def accelerate_baseline(
+    path: str, *, device: torch.device, dtype: torch.dtype, gpu_budget: int | None, cpu_budget: int | None,
+    tokens: int, prompt_tokens: int,
+) -> dict:  # fmt: skip
+    """transformers with accelerate's device_map offloading on the same Hugging Face folder and budget."""
+    from transformers import AutoModelForCausalLM
+
+    if device.type == "cuda":
+        max_memory = {device.index or 0: gpu_budget or torch.cuda.mem_get_info(device)[0]}
+        if cpu_budget is not None:
+            max_memory["cpu"] = cpu_budget
+        kwargs = {"device_map": "auto", "max_memory": max_memory}
+        note = "transformers + accelerate device_map='auto' at the same budgets (fp weights, no expert cache)"
+    else:
+        kwargs = {"device_map": {"": "cpu"}}
+        note = "CPU: transformers eager, nothing to offload to"
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    except (ValueError, RuntimeError, OSError) as error:  # e.g. the budget cannot hold what must be resident
+        return {"decode_tokens_per_s": None, "note": f"cannot run at this budget: {error}".splitlines()[0]}
+    first = next(hf.parameters()).device
+    prompt = torch.randint(3, hf.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(first)
+
+    def timed(new_tokens: int) -> float:
+        synchronize(device)
+        begin = time.perf_counter()
+        hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+        synchronize(device)
+        return time.perf_counter() - begin
+
+    with torch.no_grad():
+        timed(2)  # warm-up
+        prefill_s = timed(1)
+        total_s = timed(tokens + 1)
+    return {"decode_tokens_per_s": round(tokens / max(total_s - prefill_s, 1e-9), 4), "note": note}
