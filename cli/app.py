@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
+if not out.is_terminal:  # pipes and logs: rich would assume 80 columns and cut the tables
+    out.width = 120
 
 # -- options shared by the commands that load a model (defaults live in offload.api.LoadOptions) -----
 
