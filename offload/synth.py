@@ -44,7 +44,7 @@ PRESETS: dict[str, dict] = {
     # Mixtral-8x7B-v0.1's config.json, exactly: 46.7 B parameters, 256 experts of 176 M each
     "mixtral-8x7b": _MIXTRAL
     | dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128),
-    # a quarter of its width and of its depth, for speed on a CPU (~1.1 GB at 2-bit)
+    # a quarter of its width and of its depth, for speed on a CPU (~0.4 GB at 2-bit)
     "mixtral-small": _MIXTRAL
     | dict(hidden_size=1024, intermediate_size=3584, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=128),
     # for tests: every preset's group sizes still divide its dims

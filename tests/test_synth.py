@@ -1,0 +1,167 @@
+"""The synthetic checkpoint: loads and runs like a quantized folder, exact bytes, deterministic, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload
+from offload.decoder import ModelConfig
+from offload.families.mixtral import model_config
+from offload.synth import PRESETS, preset_config, synthesize, synthetic_format
+from quant.checkpoint import JOURNAL, MANIFEST, RESIDENT, expert_file
+from quant.errors import MoEOffloadError
+from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, dequantize, random_quantized, tensor_shapes, to_tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", "tiny")
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def test_loads_and_runs_on_token_ids(tiny_synth):
+    model = offload.load(str(tiny_synth))
+    logits = model.logits([1, 17, 300, 511, 42])
+    assert logits.shape == (5, 512)
+    assert torch.isfinite(logits).all()
+    result = model.generate([1, 17, 300], max_new_tokens=6, temperature=0)
+    assert len(result.token_ids) == 6 and all(0 <= t < 512 for t in result.token_ids)
+
+
+def test_routing_spreads_over_every_expert(tiny_synth):
+    """Random routers must not send every token to the same two experts (the cache would be trivial)."""
+    model = offload.load(str(tiny_synth))
+    chosen: Counter = Counter()
+
+    class Recorder:
+        def record(self, *, layer, experts, **_):
+            chosen.update((layer, e) for e in experts)
+
+    model.record_trace(Recorder())
+    model.logits(list(range(1, 65)))
+    for layer in range(4):
+        counts = [chosen[(layer, e)] for e in range(8)]
+        assert min(counts) > 0, (layer, counts)
+        assert max(counts) < 64, (layer, counts)  # no expert takes every token
+
+
+@pytest.mark.parametrize(("expert_bits", "attn_bits"), [("2", "4"), ("3", "4"), ("4", "none")])
+def test_manifest_says_synthetic_and_the_formats_asked_for(tmp_path, expert_bits, attn_bits):
+    folder = synthesize(tmp_path / "out", "tiny", expert_bits=expert_bits, attn_bits=attn_bits, layers=2)
+    manifest = _manifest(folder)
+    assert manifest["source"] == {"model": "synthetic:tiny", "revision": None}
+    assert manifest["quantization"]["synthetic"] is True
+    assert manifest["quantization"]["expert_bits"] == expert_bits
+    assert manifest["expert_format"]["spec"] == EXPERT_PRESETS[expert_bits].to_dict()
+    attn = ATTN_PRESETS[attn_bits]
+    assert manifest["resident"]["spec"] == (None if attn is None else attn.to_dict())
+    assert len(manifest["resident"]["quantized"]) == (0 if attn is None else 2 * 4)
+    assert manifest["config"]["num_layers"] == 2
+    assert sorted(manifest["files"]) == sorted(
+        [expert_file(0), expert_file(1), RESIDENT, "config.json", "generation_config.json"]
+    )
+    assert not (folder / JOURNAL).exists()
+    # config.json is a Mixtral config.json: our family adapter reads it back to the manifest's config
+    hf = json.loads((folder / "config.json").read_text())
+    assert hf["model_type"] == "mixtral" and hf["architectures"] == ["MixtralForCausalLM"]
+    assert model_config(hf) == ModelConfig.from_dict(manifest["config"]) == preset_config("tiny", layers=2)
+    model = offload.load(str(folder))
+    assert "synthetic:tiny" in model.info()["model"]
+    assert torch.isfinite(model.logits([1, 2, 3])).all()
+
+
+def test_mixtral_8x7b_preset_is_mixtral_and_its_bytes_per_expert_match_the_readme():
+    config = preset_config("mixtral-8x7b")
+    assert (config.hidden_size, config.intermediate_size, config.num_layers) == (4096, 14336, 32)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (32, 8, 128)
+    assert (config.num_experts, config.top_k, config.vocab_size, config.max_position) == (8, 2, 32000, 32768)
+    assert (config.rope_theta, config.rms_norm_eps, config.sliding_window) == (1e6, 1e-5, None)
+    assert (config.bos_token_id, config.eos_token_ids, config.tie_word_embeddings) == (1, (2,), False)
+    # README's quantization table, computed without writing anything
+    assert synthetic_format(config, "2").nbytes == 66_748_416
+    assert synthetic_format(config, "3").nbytes == 81_474_816
+    assert synthetic_format(config, "4").nbytes == 99_090_432
+    assert preset_config("mixtral-8x7b", layers=3).num_layers == 3
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("bits", ["2", "3", "4"])
+def test_every_preset_has_group_sizes_that_divide_its_dims(name, bits):
+    config = preset_config(name)
+    synthetic_format(config, bits)  # raises MoEOffloadError when a group size does not divide
+    D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    for shape in [(H * S, D), (K * S, D), (D, H * S)]:
+        for attn in ("4", "8"):
+            tensor_shapes(shape, ATTN_PRESETS[attn], "w")
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_synth):
+    again = _manifest(synthesize(tmp_path / "again", "tiny"))["files"]
+    first = _manifest(tiny_synth)["files"]
+    assert again == first
+    other = _manifest(synthesize(tmp_path / "other", "tiny", seed=1))["files"]
+    for name in [expert_file(layer) for layer in range(4)] + [RESIDENT]:
+        assert other[name]["sha256"] != first[name]["sha256"], name
+    assert other["config.json"] == first["config.json"]
+
+
+@pytest.mark.parametrize("bits", ["2", "3", "4"])
+def test_random_quantized_dequantizes_small_and_finite(bits):
+    spec = EXPERT_PRESETS[bits]
+    q = random_quantized((256, 128), spec, torch.Generator().manual_seed(0))
+    tensors = to_tensors(q, "w")
+    expected = tensor_shapes((256, 128), spec, "w")
+    assert {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()} == expected
+    weight = dequantize(q)
+    assert weight.shape == (256, 128) and torch.isfinite(weight).all()
+    assert weight.abs().max() < 0.1
+    assert 0.005 < weight.std() < 0.03  # a trained weight's scale, and not constant
+    assert abs(weight.mean()) < 0.002
+    same = random_quantized((256, 128), spec, torch.Generator().manual_seed(0))
+    assert torch.equal(dequantize(same), weight)
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_synth):
+    out = tmp_path / "resumed"
+    done = []
+
+    def die_after_two_layers(what: str, units: int) -> None:
+        done.append(what)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out, "tiny", progress=die_after_two_layers)
+    assert not (out / MANIFEST).exists() and (out / JOURNAL).exists()
+    inodes = {layer: os.stat(out / expert_file(layer)).st_ino for layer in (0, 1)}
+
+    synthesize(out, "tiny")
+    assert _manifest(out)["files"] == _manifest(tiny_synth)["files"]
+    assert {layer: os.stat(out / expert_file(layer)).st_ino for layer in (0, 1)} == inodes  # not rewritten
+    # another job in the same folder is refused, not mixed in
+    with pytest.raises(MoEOffloadError, match="already holds a quantized checkpoint"):
+        synthesize(out, "tiny", seed=1)
+
+
+def test_bad_preset_and_layers_are_user_errors(tmp_path):
+    with pytest.raises(MoEOffloadError) as error:
+        synthesize(tmp_path / "x", "mixtral-9x9b")
+    assert (
+        str(error.value) == "unknown synthetic preset 'mixtral-9x9b'; choose one of mixtral-8x7b, mixtral-small, tiny"
+    )
+    with pytest.raises(MoEOffloadError) as error:
+        synthesize(tmp_path / "x", "tiny", layers=0)
+    assert str(error.value) == "--layers must be between 1 and 65535, got 0"
+    with pytest.raises(MoEOffloadError) as error:
+        synthesize(tmp_path / "x", "tiny", expert_bits="5")
+    assert str(error.value) == "unknown --expert-bits '5'; choose one of 2, 3, 4, none"
+    assert not (tmp_path / "x").exists()  # nothing is written before the arguments check out
