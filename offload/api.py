@@ -93,6 +93,15 @@ class RunStats:
         return {**cache, **self.timing.to_dict(), "per_layer": per_layer}
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,6 +251,7 @@ class OffloadedModel:
         self.sequence = -1  # sequences started; traces number them
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
         self.trace_writer = None
+        self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
 
     # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------
 
@@ -251,6 +261,7 @@ class OffloadedModel:
         self.cache.reset()
         self.sequence += 1
         self.decode_step = 0
+        self.context_ids = []
 
     def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         """input_ids [T] at positions start_pos.. -> float32 logits [T, V]."""
@@ -282,6 +293,10 @@ class OffloadedModel:
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a conversation, through the chat template."""
+        return chat_prompt_ids(self.tokenizer, messages)
+
     def generate(
         self,
         prompt: str | list[int] | None = None,
@@ -303,7 +318,7 @@ class OffloadedModel:
         # ids in and no streaming: a folder without tokenizer files can still generate ids
         tokenizer = self.tokenizer if isinstance(prompt, str) or messages or on_text else None
         if messages is not None:
-            prompt_ids = chat_prompt_ids(self.tokenizer, messages)
+            prompt_ids = self.encode_chat(messages)
         elif isinstance(prompt, str):
             prompt_ids = self.encode(prompt)
         else:
@@ -311,11 +326,16 @@ class OffloadedModel:
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
         stops = self.stop_ids(tokenizer)
+        # a conversation going on: the KV cache already holds the turns so far, so prefill only what is new
+        cached = 0 if messages is None else min(_common_prefix(self.context_ids, prompt_ids), len(prompt_ids) - 1)
         if tokenizer is None:
             result = generate(self, prompt_ids, config, stops, synchronize=synchronize)
         else:  # a plain prompt is continued exactly (its last space kept); a chat reply stands alone
-            result = generate_text(self, tokenizer, prompt_ids, config, stops, on_text,
-                                   continue_prompt=messages is None, synchronize=synchronize)  # fmt: skip
+            result = generate_text(
+                self, tokenizer, prompt_ids, config, stops, on_text,
+                continue_prompt=messages is None, synchronize=synchronize, cached=cached,
+            )  # fmt: skip
+        self.context_ids = prompt_ids + result.token_ids[: result.decode_tokens]  # every id fed to the model
         self.stats.timing.add(result)
         return result
 

@@ -163,10 +163,14 @@ class GenerationResult:
 
 
 def prefill(
-    model: LanguageModel, prompt: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+    model: LanguageModel,
+    prompt: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    start_pos: int = 0,
 ) -> int:
-    """Run the prompt [T] from position 0 and sample the first new token."""
-    logits = model.forward(prompt, 0)  # [T, V]
+    """Run the prompt [T] from start_pos and sample the first new token."""
+    logits = model.forward(prompt, start_pos)  # [T, V]
     assert logits.shape[0] == prompt.shape[0], f"forward gave {logits.shape[0]} rows for {prompt.shape[0]} ids"
     return sample(logits[-1], config, generator)
 
@@ -218,15 +222,20 @@ def generate(
     stop_ids: set[int],
     on_token: Callable[[int], None] | None = None,
     synchronize: Callable[[], None] | None = None,
+    cached: int = 0,
 ) -> GenerationResult:
     """Empty the KV cache, prefill the prompt, then decode until a stop id, max_new_tokens or the context end.
 
     `on_token` sees each generated id as it is sampled (never the stop id). `synchronize` (e.g.
     torch.cuda.synchronize) is called before each clock reading so queued device work is counted.
+    `cached` > 0 says the KV cache already holds prompt_ids[:cached] (a conversation going on): the cache
+    is kept and only the rest of the prompt is prefilled.
     """
     prompt_len = len(prompt_ids)
     if prompt_len == 0:
         raise MoEOffloadError("the prompt is empty; give at least one token of text")
+    if not 0 <= cached < prompt_len:
+        raise ValueError(f"cached must leave at least one prompt token to prefill: {cached} of {prompt_len}")
     if prompt_len >= model.max_seq_len:
         raise MoEOffloadError(
             f"the prompt is {prompt_len} tokens but the context holds {model.max_seq_len}, "
@@ -245,11 +254,12 @@ def generate(
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # [T]
     token_buffer = torch.empty(1, dtype=torch.long, device=device)  # [1], reused by every decode step
 
-    model.reset()
+    if cached == 0:
+        model.reset()
     if synchronize is not None:
         synchronize()  # syncs the device: earlier queued work must not count as prefill
     start = time.perf_counter()
-    first = prefill(model, prompt, config, generator)
+    first = prefill(model, prompt[cached:], config, generator, cached)
     if synchronize is not None:
         synchronize()  # syncs the device: the prefill's work must count as prefill
     prefill_end = time.perf_counter()
@@ -272,7 +282,7 @@ def generate(
     return GenerationResult(
         token_ids=token_ids,
         text=None,
-        prefill_tokens=prompt_len,
+        prefill_tokens=prompt_len - cached,
         decode_tokens=sampled - 1,  # every sampled id after the first cost one decode forward
         prefill_s=prefill_end - start,
         decode_s=decode_end - prefill_end,
@@ -345,6 +355,7 @@ def generate_text(
     on_text: Callable[[str], None] | None = None,
     continue_prompt: bool = True,
     synchronize: Callable[[], None] | None = None,
+    cached: int = 0,
 ) -> GenerationResult:
     """`generate` with text: streams pieces to `on_text` and fills `result.text`.
 
@@ -359,7 +370,7 @@ def generate_text(
         if piece:
             on_text(piece)
 
-    result = generate(model, prompt_ids, config, stop_ids, on_token if on_text else None, synchronize)
+    result = generate(model, prompt_ids, config, stop_ids, on_token if on_text else None, synchronize, cached)
     if on_text is not None:
         rest = streamer.flush()
         if rest:

@@ -1,0 +1,33 @@
+"""The Python API: a conversation going on reuses the KV cache for what the turns share."""
+
+import offload
+
+
+def test_chat_turns_prefill_only_what_is_new(trained_model_dir):
+    turns = ["def add(a, b):", "Now a docstring.", "And a test."]
+    reused = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    fresh = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    messages: list[dict] = []
+    previous_prompt_len = 0
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        prompt_len = len(reused.encode_chat(messages))
+        ours = reused.generate(messages=messages, max_new_tokens=10, temperature=0)
+        fresh.reset()
+        theirs = fresh.generate(messages=messages, max_new_tokens=10, temperature=0)
+        assert ours.token_ids == theirs.token_ids
+        assert theirs.prefill_tokens == prompt_len
+        # at least the previous turn's prompt is in the KV cache already (the reply, re-encoded from its
+        # text, may tokenize differently from the ids generated, so reuse can stop there)
+        assert ours.prefill_tokens <= prompt_len - previous_prompt_len
+        previous_prompt_len = prompt_len
+        messages.append({"role": "assistant", "content": ours.text})
+    assert reused.sequence == 0  # one conversation, one sequence: the expert caches were never reset
+
+
+def test_a_plain_prompt_starts_a_new_sequence(trained_model_dir):
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    first = model.generate("import os\n", max_new_tokens=6, temperature=0)
+    second = model.generate("import os\n", max_new_tokens=6, temperature=0)
+    assert first.token_ids == second.token_ids and second.prefill_tokens == first.prefill_tokens
+    assert model.sequence == 1
