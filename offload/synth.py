@@ -107,6 +107,20 @@ def hf_config(config: ModelConfig) -> dict:
     }
 
 
+def synthetic_name(manifest: dict) -> str | None:
+    """How a benchmark names a synthetic folder ("synthetic mixtral-8x7b, 2-bit experts"); None if real."""
+    quantization = manifest.get("quantization") or {}
+    if quantization.get("synthetic") is not True:
+        return None
+    bits = quantization.get("expert_bits")
+    experts = "unquantized experts" if bits == "none" else f"{bits}-bit experts"
+    layers = (manifest.get("config") or {}).get("num_layers")
+    preset = quantization.get("preset")
+    default_layers = PRESETS.get(preset, {}).get("num_layers")
+    depth = "" if layers == default_layers else f" ({layers} layers)"
+    return f"synthetic {preset}{depth}, {experts}"
+
+
 def _no_progress(what: str, units: int) -> None:
     pass
 

@@ -13,7 +13,7 @@ import torch
 import offload
 from offload.decoder import ModelConfig
 from offload.families.mixtral import model_config
-from offload.synth import PRESETS, preset_config, synthesize, synthetic_format
+from offload.synth import PRESETS, preset_config, synthesize, synthetic_format, synthetic_name
 from quant.checkpoint import JOURNAL, MANIFEST, RESIDENT, expert_file
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, dequantize, random_quantized, tensor_shapes, to_tensors
@@ -70,6 +70,7 @@ def test_manifest_says_synthetic_and_the_formats_asked_for(tmp_path, expert_bits
         [expert_file(0), expert_file(1), RESIDENT, "config.json", "generation_config.json"]
     )
     assert not (folder / JOURNAL).exists()
+    assert synthetic_name(manifest) == f"synthetic tiny (2 layers), {expert_bits}-bit experts"
     # config.json is a Mixtral config.json: our family adapter reads it back to the manifest's config
     hf = json.loads((folder / "config.json").read_text())
     assert hf["model_type"] == "mixtral" and hf["architectures"] == ["MixtralForCausalLM"]
@@ -108,6 +109,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_synth):
     again = _manifest(synthesize(tmp_path / "again", "tiny"))["files"]
     first = _manifest(tiny_synth)["files"]
     assert again == first
+    assert synthetic_name(_manifest(tiny_synth)) == "synthetic tiny, 2-bit experts"
+    assert synthetic_name({"quantization": {"expert_bits": "2"}}) is None  # a real quantized folder
     other = _manifest(synthesize(tmp_path / "other", "tiny", seed=1))["files"]
     for name in [expert_file(layer) for layer in range(4)] + [RESIDENT]:
         assert other[name]["sha256"] != first[name]["sha256"], name
