@@ -362,6 +362,31 @@ def trace(
 
 
 @app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="The folder to write (a quantized folder with random codes).")],
+    preset: Annotated[str, typer.Option(help="mixtral-8x7b (full size), mixtral-small (CPU benchmarks) or tiny.")] = (
+        "mixtral-8x7b"
+    ),
+    expert_bits: Annotated[str, typer.Option(help="Experts: 2, 3, 4 or none.")] = "2",
+    attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
+    layers: Annotated[
+        int | None, typer.Option(help="Override the preset's layer count (e.g. to match a trace).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed writes the same bytes.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT if it already holds files.")] = False,
+) -> None:
+    """Write a synthetic model of real shapes straight in our format: speed without the real weights."""
+    from offload.synth import preset_config, synthesize
+
+    total = preset_config(preset, layers).num_layers + 1
+    with _progress() as progress:
+        task = progress.add_task("writing layers", total=total)
+        folder = synthesize(out, preset, expert_bits=expert_bits, attn_bits=attn_bits, layers=layers, seed=seed,
+                            force=force, progress=lambda what, n: progress.advance(task, n))  # fmt: skip
+    err.print(f"wrote {folder}")
+
+
+@app.command()
 def bench(
     model: Model,
     tokens: Annotated[int, typer.Option(help="Decode tokens to time.")] = 128,

@@ -29,6 +29,7 @@ from cache.stats import LayerStats
 from cache.trace import Token, read_trace
 from offload.api import OffloadedModel
 from offload.prefetch import Prefetcher
+from offload.synth import synthetic_name
 from quant.errors import MoEOffloadError
 
 PREFETCH = ("gate", "oracle", "none")
@@ -281,14 +282,10 @@ def _summary(run: DecodeRun, prefetch: str, bandwidth: float, compute_s: float) 
 
 
 def model_name(model: OffloadedModel) -> str:
-    manifest = getattr(model.source, "checkpoint", None)
-    manifest = getattr(manifest, "manifest", {}) if manifest is not None else {}
-    source = manifest.get("source", {}).get("model", "")
-    spec = model.moe.expert_format.spec
-    experts = "unquantized experts" if spec is None else f"{spec.bits}-bit experts"
-    if source.startswith("synthetic:"):
-        return f"synthetic {source.removeprefix('synthetic:')}, {experts}"
-    return model.source.description
+    """What ran: "synthetic mixtral-8x7b, 2-bit experts", or the source's own description."""
+    checkpoint = getattr(model.source, "checkpoint", None)
+    manifest = getattr(checkpoint, "manifest", None) or {}
+    return synthetic_name(manifest) or model.source.description
 
 
 def bench(
