@@ -24,6 +24,7 @@ from quant.bnb import from_tensors as nf4_from_tensors
 from quant.bnb import to_tensors as nf4_to_tensors
 from quant.checkpoint import (
     FORMAT_VERSION,
+    JOURNAL,
     RESIDENT,
     CheckpointWriter,
     QuantizedCheckpoint,
@@ -241,6 +242,10 @@ def open_source(
     model: str, *, expert_bits: str = "none", attn_bits: str = "none", attn_quant: str = "hqq", verify: bool = True
 ):
     """A quantized folder when `model` holds a manifest.json, else an HF folder or hub id."""
+    if (Path(model) / JOURNAL).is_file() and not is_quantized_checkpoint(model):
+        raise MoEOffloadError(
+            f"{model} is an unfinished quantize or synth run; run the same command again to finish it"
+        )
     if is_quantized_checkpoint(model):
         if (expert_bits, attn_bits) != ("none", "none"):
             raise MoEOffloadError(

@@ -53,6 +53,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _readable_mode() -> int:
+    """rw for everyone the umask allows, as an ordinary file gets (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _readable_mode()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -190,6 +200,7 @@ class CheckpointWriter:
         self._verified.discard(file_name)
         try:
             dump(tmp)
+            os.chmod(tmp, _FILE_MODE)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             entry = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}

@@ -158,6 +158,9 @@ def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    code, _, err = run(capsys, "info", killed)
+    assert_one_line_error(code, err, f"{killed} is an unfinished quantize or synth run; run the same command again "
+                          "to finish it")  # fmt: skip
 
     code, _, err = run(capsys, "quantize", src, killed)
     assert code == 0, err
@@ -165,6 +168,7 @@ def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
     assert names == sorted(p.name for p in killed.iterdir())  # no journal, no temporary files left
     for name in names:
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
+        assert (killed / name).stat().st_mode & 0o044 == 0o044, f"{name} is not readable by others"
 
 
 def test_demo_runs_the_whole_path_exactly(capsys):
