@@ -433,7 +433,7 @@ def bench(
     options = _load_options(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
         expert_bits=expert_bits, attn_bits=attn_bits, prefetch="none", no_prefetch=False, policy=policy,
-        cache_mode=cache_mode, max_seq_len=max_seq_len or prompt_tokens + tokens + 16,  # + the compute-only pass
+        cache_mode=cache_mode, max_seq_len=max_seq_len or max(prompt_tokens + tokens, 20) + 1,  # compute pass: 17
     )  # fmt: skip
     loaded = _load(model, options)
     accelerate = None

@@ -209,22 +209,35 @@ def decode_run(
     return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak)
 
 
-def compute_per_token(model: OffloadedModel, tokens: int = 8) -> float:
-    """Seconds per decode token when every expert is already in its slot: routing pinned to 0..k-1."""
+def compute_per_token(model: OffloadedModel, tokens: int = 12, warmup: int = 3) -> float:
+    """Seconds per decode token when every expert is already in its slot: routing pinned to 0..k-1.
+
+    The median of `tokens` steps timed one by one, after `warmup` steps: one slow step (a page
+    fault, a first kernel launch) must not set the bound.
+    """
     k = model.config.top_k
-    previous = model.moe.routing, model.moe.prefetcher
     device = model.device
+    previous = model.moe.routing, model.moe.prefetcher
 
     def pinned(layer: int, x: torch.Tensor):
         ids = torch.arange(k, device=device).expand(x.shape[0], k)
         return ids, torch.full((x.shape[0], k), 1.0 / k, device=device)
 
     model.moe.routing, model.moe.prefetcher = pinned, None
+    token = torch.ones(1, dtype=torch.long, device=device)
+    times = []
     try:
-        run = decode_run(model, prompt_tokens=2, tokens=tokens, routing=None)
+        model.reset()
+        model.forward(torch.ones(2, dtype=torch.long, device=device), 0)
+        for step in range(warmup + tokens):
+            synchronize(device)
+            begin = time.perf_counter()
+            model.forward(token, 2 + step)
+            synchronize(device)
+            times.append(time.perf_counter() - begin)
     finally:
         model.moe.routing, model.moe.prefetcher = previous
-    return 1.0 / run.decode_tokens_per_s
+    return sorted(times[warmup:])[len(times[warmup:]) // 2]
 
 
 # -- the benchmark -----------------------------------------------------------------------------------------
