@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quant.errors import MoEOffloadError
+from quant.hqq import Workspace
 from quant.linear import linear
 
 
@@ -94,6 +95,8 @@ class Decoder:
     ) -> None:
         self.config = config
         self.moe = moe
+        # quantized weights dequantize into these buffers, made on first use: no weight-sized allocation per step
+        self.workspace = Workspace()
         self.layer_done = getattr(moe, "layer_done", None)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -174,7 +177,7 @@ class Decoder:
                 self.layer_done(layer, h)
         if last_only:
             h = h[-1:]
-        return linear(rms_norm(h, w["norm"], self.eps), w["lm_head"]).float()  # [T, V]
+        return linear(rms_norm(h, w["norm"], self.eps), w["lm_head"], self.workspace).float()  # [T, V]
 
     __call__ = forward
 
@@ -197,9 +200,10 @@ class Decoder:
         tokens, end = x.shape[0], start_pos + x.shape[0]
         prefix = f"layers.{layer}."
         cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]  # [T, S]
-        q = apply_rope(linear(x, w[prefix + "q_proj"]).view(tokens, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(linear(x, w[prefix + "k_proj"]).view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
-        v = linear(x, w[prefix + "v_proj"]).view(tokens, c.num_kv_heads, c.head_dim)  # [T, K, S]
+        ws = self.workspace
+        q = apply_rope(linear(x, w[prefix + "q_proj"], ws).view(tokens, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(linear(x, w[prefix + "k_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+        v = linear(x, w[prefix + "v_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim)  # [T, K, S]
         self.k_cache[layer, :, start_pos:end] = k.transpose(0, 1)
         self.v_cache[layer, :, start_pos:end] = v.transpose(0, 1)
 
@@ -218,4 +222,4 @@ class Decoder:
             is_causal=mask is None and tokens > 1,
             enable_gqa=c.num_heads != c.num_kv_heads,
         )  # [H, T, S]
-        return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"])
+        return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)

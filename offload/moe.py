@@ -8,15 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
+from quant.hqq import Workspace
 from quant.linear import linear
 from quant.packing import ExpertFormat
 
 Route = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def expert_mlp(x: torch.Tensor, weights: dict) -> torch.Tensor:
-    """Mixtral's expert: w2(silu(w1 x) * w3 x), each weight plain or quantized."""
-    return linear(F.silu(linear(x, weights["w1"])) * linear(x, weights["w3"]), weights["w2"])
+def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = None) -> torch.Tensor:
+    """Mixtral's expert: w2(silu(w1 x) * w3 x), each weight plain or quantized (dequantized into `workspace`)."""
+    gate = F.silu(linear(x, weights["w1"], workspace))
+    return linear(gate * linear(x, weights["w3"], workspace), weights["w2"], workspace)
 
 
 def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -61,7 +63,7 @@ class MoEBlock:
         # (layer, x) -> (ids, weights) in place of the router: `bench --route-trace` replays real routing
         # through a synthetic model, whose own routers would choose at random
         self.routing: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.position = 0  # index of the token being decoded, for traces; the API sets it
+        self.workspace = Workspace()  # the experts' dequantization buffers, made on first use
 
     def __call__(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor | None = None) -> torch.Tensor:
         # T = tokens, D = hidden, E = experts, A = active experts per token
@@ -82,7 +84,7 @@ class MoEBlock:
         weights = weights.to(x.dtype)
         for expert, packed in self.cache.fetch(layer, experts, expert_weights):
             rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert
-            y = expert_mlp(x[rows], self.expert_format.unpack(packed))  # [rows, D]
+            y = expert_mlp(x[rows], self.expert_format.unpack(packed), self.workspace)  # [rows, D]
             out.index_add_(0, rows, y * weights[rows, rank, None])
         return out
 

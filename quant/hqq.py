@@ -211,26 +211,85 @@ def _quantize_meta(values: Tensor, meta: QuantSpec) -> Quantized:
     return Quantized(codes, scale.to(META_DTYPE), zero.to(META_DTYPE), tuple(values.shape), meta)
 
 
-def _unpack(codes: Tensor, bits: int, groups: int, dtype: torch.dtype) -> Tensor:
+class Workspace:
+    """Buffers that dequantization writes into, made on first use and reused after: a decode step that
+    dequantizes through a workspace allocates no weight-sized tensor (on the CPU, no page faults; on
+    CUDA, no allocator traffic). One workspace serves one stream of work: a buffer is reused by the
+    next call of the same shape, so use each result before the next dequantize of that shape.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def buffer(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (tag, tuple(shape), dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
+
+    def shifts(self, bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = ("shifts", bits, dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = _shifts(bits, dtype, device)
+        return self._buffers[key]
+
+
+def _shifts(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Element row i holds grid rows i, i+step, ..., highest bits first: the shift of each."""
+    per = _ROWS_PER_ELEMENT[bits]
+    return (torch.arange(per - 1, -1, -1, device=device, dtype=dtype) * bits).view(per, 1, 1)
+
+
+def _unpack(
+    codes: Tensor, bits: int, groups: int, dtype: torch.dtype, workspace: Workspace | None = None, tag: str = ""
+) -> Tensor:
     """Packed codes -> the [groups, g] integer grid in `dtype` (same values as hqq's BitPack.unpack)."""
     if bits == 8:
-        return codes.to(dtype)
+        if workspace is None:
+            return codes.to(dtype)
+        return workspace.buffer(tag + "grid", tuple(codes.shape), dtype, codes.device).copy_(codes)
     per = _ROWS_PER_ELEMENT[bits]
-    # Element row i holds grid rows i, i+step, ..., highest bits first.
-    shifts = torch.arange(per - 1, -1, -1, device=codes.device, dtype=codes.dtype) * bits
     mask = (1 << bits) - 1
-    grid = (codes.unsqueeze(0) >> shifts.view(per, 1, 1)) & mask  # [per, step, g]
-    grid = grid.reshape(per * codes.shape[0], codes.shape[1])
-    return grid[:groups].to(dtype)  # 3-bit pads the grid to a multiple of 10 rows
+    if workspace is None:
+        grid = (codes.unsqueeze(0) >> _shifts(bits, codes.dtype, codes.device)) & mask  # [per, step, g]
+        grid = grid.reshape(per * codes.shape[0], codes.shape[1])
+        return grid[:groups].to(dtype)  # 3-bit pads the grid to a multiple of 10 rows
+    shifted = workspace.buffer(tag + "codes", (per, *codes.shape), codes.dtype, codes.device)
+    torch.bitwise_right_shift(codes.unsqueeze(0), workspace.shifts(bits, codes.dtype, codes.device), out=shifted)
+    shifted.bitwise_and_(mask)
+    grid = shifted.view(per * codes.shape[0], codes.shape[1])[:groups]
+    return workspace.buffer(tag + "grid", tuple(grid.shape), dtype, codes.device).copy_(grid)
 
 
-def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(codes - zero) * scale in `dtype`, reshaped to q.shape. Works on views into a packed buffer."""
+def dequantize(
+    q: Quantized, dtype: torch.dtype = torch.float32, workspace: Workspace | None = None, tag: str = ""
+) -> Tensor:
+    """(codes - zero) * scale in `dtype`, reshaped to q.shape. Works on views into a packed buffer.
+
+    With a workspace the result is one of its buffers (the same values, bit for bit), valid until the
+    next dequantize of that shape through it.
+    """
     groups = math.prod(q.shape) // q.spec.group_size
-    scale = dequantize(q.scale, dtype) if isinstance(q.scale, Quantized) else q.scale.to(dtype)
-    zero = dequantize(q.zero, dtype) if isinstance(q.zero, Quantized) else q.zero.to(dtype)
-    grid = _unpack(q.codes, q.spec.bits, groups, dtype)  # [R, g]
-    return ((grid - zero) * scale).reshape(q.shape)
+    if workspace is None:
+        scale = dequantize(q.scale, dtype) if isinstance(q.scale, Quantized) else q.scale.to(dtype)
+        zero = dequantize(q.zero, dtype) if isinstance(q.zero, Quantized) else q.zero.to(dtype)
+        grid = _unpack(q.codes, q.spec.bits, groups, dtype)  # [R, g]
+        return ((grid - zero) * scale).reshape(q.shape)
+    # the meta first: it goes through the same workspace, and must be read before the grid reuses it
+    scale = _meta(q.scale, dtype, workspace, tag + "scale.")
+    zero = _meta(q.zero, dtype, workspace, tag + "zero.")
+    grid = _unpack(q.codes, q.spec.bits, groups, dtype, workspace, tag)  # [R, g], a workspace buffer
+    return grid.sub_(zero).mul_(scale).view(q.shape)
+
+
+def _meta(meta: Tensor | Quantized, dtype: torch.dtype, workspace: Workspace, tag: str) -> Tensor:
+    """A scale or zero in `dtype`. `tag` (its path, e.g. "scale.") gives it buffers of its own, apart from
+    the weight's grid and from a quantized meta's own meta."""
+    if isinstance(meta, Quantized):
+        return dequantize(meta, dtype, workspace, tag)
+    if meta.dtype == dtype:
+        return meta
+    return workspace.buffer(tag + "values", tuple(meta.shape), dtype, meta.device).copy_(meta)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -219,3 +219,22 @@ def test_quantize_bytes_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     many = to_tensors(quantize(weight, EXPERT_PRESETS["2"]), "w")
     assert all(torch.equal(one[name].view(torch.uint8), many[name].view(torch.uint8)) for name in one)
+
+
+@pytest.mark.parametrize("preset", ["2", "3", "4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_through_a_workspace_is_bit_identical_and_reuses_its_buffers(preset, dtype):
+    from quant.hqq import Workspace
+
+    spec = EXPERT_PRESETS[preset]
+    weights = [torch.randn(96, 128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    quantized = [quantize(w, spec) for w in weights]
+    workspace = Workspace()
+    first = dequantize(quantized[0], dtype, workspace)
+    assert torch.equal(first, dequantize(quantized[0], dtype))
+    buffers = len(workspace._buffers)
+    for q in quantized[1:]:  # the same shape: the same buffers, and still the exact values
+        again = dequantize(q, dtype, workspace)
+        assert torch.equal(again, dequantize(q, dtype))
+        assert again.data_ptr() == first.data_ptr()
+    assert len(workspace._buffers) == buffers
