@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -25,28 +24,10 @@ sys.path.insert(0, str(REPO))
 from cache.policies import POLICIES  # noqa: E402
 from cache.simulate import simulate  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
+from offload.bench import environment  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 SLOTS = range(1, 9)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -75,9 +56,7 @@ def main() -> None:
     console.print(f"{len(POLICIES)} policies x {len(SLOTS)} slot counts in {seconds:.2f} s (reading included)")
 
     record = {
-        "device": f"cpu: {cpu_name()}",
-        "commit": git_commit(),
-        "command": " ".join(["python", *sys.argv]),
+        **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "results": [r.to_dict() for r in results],
         "seconds": round(seconds, 3),
     }

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
+from offload.bench import environment  # noqa: E402
 
 SOURCES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py")  # modules of the standard library
 
@@ -63,13 +62,6 @@ def run(model_dir: str, slots: int, prefetch: str, texts: list[list[int]]) -> di
     }
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "tiny-mixtral-code"))
@@ -94,11 +86,8 @@ def main() -> None:
         cells = (r["slots"], r["prefetch"], f"{r['hit_rate']:.3f}", recall, r["prefetches_issued"],
                  r["prefetches_used"], r["prefetches_wasted"], f"{r['h2d_bytes'] / 2**20:.1f}")  # fmt: skip
         print(" ".join(f"{c:>8}" for c in cells))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     report = {
-        "device": f"cpu: {cpu_name()}, 1 thread",
-        "commit": commit,
-        "command": " ".join(["python", *sys.argv]),
+        **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "model": "tiny-mixtral-code (trained, 6 layers, 8 experts, top 2), unquantized",
         "routing": "model",
         "text": f"{len(texts)} windows of {args.length} tokens of: {', '.join(SOURCES[: len(texts)])}",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -24,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
-from benchmarks.prefetch_points import SOURCES, cpu_name  # noqa: E402
+from benchmarks.prefetch_points import SOURCES  # noqa: E402
+from offload.bench import environment  # noqa: E402
 
 
 def mean_loss(logits_of, windows: list[torch.Tensor]) -> float:
@@ -57,11 +57,8 @@ def main() -> None:
         row["loss"] = round(row["loss"], 4)
         row["delta"] = round(row["loss"] - full, 4)
         print(f"{row['experts']:>26} {row['attention']:>9} {row['loss']:>7.4f} {row['delta']:>+8.4f}")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     report = {
-        "device": f"cpu: {cpu_name()}, 1 thread",
-        "commit": commit,
-        "command": " ".join(["python", *sys.argv]),
+        **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "model": "tiny-mixtral-code (trained, 6 layers, 8 experts, top 2)",
         "text": f"{len(windows)} windows of {args.length} tokens of: {', '.join(SOURCES)}",
         "results": rows,

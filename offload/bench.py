@@ -60,9 +60,9 @@ def commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, program: str = "moe-offload") -> dict:
     """device, commit and command: what every benchmark result records."""
-    return {"device": device_name(device), "commit": commit(), "command": " ".join(["moe-offload", *sys.argv[1:]])}
+    return {"device": device_name(device), "commit": commit(), "command": " ".join([program, *sys.argv[1:]])}
 
 
 def synchronize(device: torch.device) -> None:
