@@ -131,20 +131,12 @@ class ExpertCache:
             return
         table = self.tables[layer]
         if table.free_slots:
-            slot = table.free_slots.pop(0)
-            table.slot_of[expert] = slot
-            table.policy.on_insert(expert, 0, prefetch=False)
+            slot = table.place(expert)
             self.slot_rows[self.slot_row[self.slot_base[layer] + slot]].copy_(data)
         else:
             self.home[layer][expert] = self._next_home
             self.arena[self._next_home].copy_(data)
             self._next_home += 1
-
-    def arena_bytes(self) -> int:
-        return self.arena.numel()
-
-    def slot_bytes(self) -> int:
-        return 0 if self.mode == "direct" else self.slot_rows.numel()
 
     # -- the decode path ---------------------------------------------------------------------------
 
@@ -191,13 +183,11 @@ class ExpertCache:
         if self.mode == "direct":
             return
         for table in self.tables:
-            residents = list(table.slot_of.items())
+            residents = sorted(table.slot_of, key=table.slot_of.__getitem__)  # in slot order
             table.reset()
             if self.mode == "exclusive":  # each expert lives in one place only: the slots can't be emptied
-                for expert, slot in residents:
-                    table.slot_of[expert] = slot
-                    table.free_slots.remove(slot)
-                    table.policy.on_insert(expert, 0, prefetch=False)
+                for expert in residents:
+                    table.place(expert)  # slots refill in order, so each resident keeps its slot
 
     # -- copies ------------------------------------------------------------------------------------
 

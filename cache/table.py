@@ -58,6 +58,12 @@ class SlotTable:
         self.t = 0
         self.policy.reset()
 
+    def place(self, expert: int) -> int:
+        """Put `expert` in a free slot without a request (the exclusive cache's residents); returns the slot."""
+        slot = self.free_slots.pop(0)
+        self._insert(expert, slot, prefetch=False)
+        return slot
+
     def request(self, experts: Sequence[int], weights: Sequence[float] | None = None) -> list[Step]:
         """Serve one request. Returns its steps in compute order: hits first, then misses."""
         if len(set(experts)) != len(experts):

@@ -14,14 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
+from offload.decoder import rms_norm
 from offload.moe import Route
 
 WHEN = ("early", "late", "both")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 class Prefetcher:
