@@ -155,7 +155,7 @@ class Prepared:
     dtype: torch.dtype
     max_seq_len: int
     expert_format: ExpertFormat
-    resident: dict
+    resident: dict  # emptied by load() once the weights are on the device
     plan: MemoryPlan
 
     @property
@@ -219,21 +219,14 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
 
     moe = MoEBlock(routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format)
     weights = {name: _to_device(w, prepared.device, prepared.dtype) for name, w in prepared.resident.items()}
+    prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
         config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len
     )
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
-    if prepared.options.prefetch != "none" and plan.mode != "direct":
-        moe.prefetcher = Prefetcher(
-            routers=moe.routers,
-            post_norms=[decoder.post_norm(layer) for layer in range(config.num_layers)],
-            eps=config.rms_norm_eps,
-            route=family.route,
-            top_k=config.top_k,
-            cache=cache,
-            when=prepared.options.prefetch,
-        )
-    return OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
+    model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
+    model.set_prefetch(prepared.options.prefetch)
+    return model
 
 
 class OffloadedModel:
@@ -250,8 +243,25 @@ class OffloadedModel:
         self._tokenizer = None
         self.sequence = -1  # sequences started; traces number them
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
-        self.trace_writer = None
         self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
+
+    def set_prefetch(self, when: str) -> None:
+        """Where the prefetcher guesses: none, early, late or both (offload/prefetch.py)."""
+        if when not in PREFETCH:
+            raise MoEOffloadError(f"unknown prefetch {when!r}; choose one of {', '.join(PREFETCH)}")
+        if when == "none" or self.cache.mode == "direct":  # no slots: nothing to prefetch into
+            self.moe.prefetcher = None
+            return
+        c = self.config
+        self.moe.prefetcher = Prefetcher(
+            routers=self.moe.routers,
+            post_norms=[self.decoder.post_norm(layer) for layer in range(c.num_layers)],
+            eps=c.rms_norm_eps,
+            route=self.moe.route,
+            top_k=c.top_k,
+            cache=self.cache,
+            when=when,
+        )
 
     # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------
 

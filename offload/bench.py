@@ -28,7 +28,6 @@ from cache.policies import make_policies
 from cache.stats import LayerStats
 from cache.trace import Token, read_trace
 from offload.api import OffloadedModel
-from offload.prefetch import Prefetcher
 from offload.synth import synthetic_name
 from quant.errors import MoEOffloadError
 
@@ -251,23 +250,12 @@ def _use_policy(model: OffloadedModel, name: str) -> None:
 
 
 def _set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None) -> None:
-    if mode == "none":
-        model.moe.prefetcher = None
-    elif mode == "oracle":
+    if mode == "oracle":
         if routing is None:
             raise MoEOffloadError("--prefetch oracle needs --route-trace: the oracle reads the next layer from it")
         model.moe.prefetcher = OraclePrefetcher(routing, model.cache, model.config.num_layers)
-    else:
-        c = model.config
-        model.moe.prefetcher = Prefetcher(
-            routers=model.moe.routers,
-            post_norms=[model.decoder.post_norm(layer) for layer in range(c.num_layers)],
-            eps=c.rms_norm_eps,
-            route=model.moe.route,
-            top_k=c.top_k,
-            cache=model.cache,
-            when="late",
-        )
+    else:  # gate: the runtime's own guess, at the layer output (the default point)
+        model.set_prefetch("none" if mode == "none" else "late")
 
 
 def _summary(run: DecodeRun, prefetch: str, bandwidth: float, compute_s: float) -> dict:
