@@ -1,0 +1,78 @@
+"""The CUDA paths: skipped without a GPU. Written on a machine with none; their first run is still to come.
+
+Run on a GPU machine with `python -m pytest tests/test_cuda.py -q` before trusting any CUDA figure.
+"""
+
+import random
+
+import pytest
+import torch
+
+import offload
+from cache.expert_cache import ExpertCache
+from tests.tiny import hf_model, make_tiny_mixtral
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_mixtral(tmp_path_factory.mktemp("cuda"), hidden=64, intermediate=128, experts=6, seed=11)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-3), ("bfloat16", 0.15), ("float16", 0.05)])
+@pytest.mark.parametrize("slots", [1, 3, 6])
+def test_logits_match_transformers_on_cuda(tiny, dtype, tolerance, slots):
+    tokens = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf_model(tiny)(tokens[None]).logits[0]  # float32 on the CPU: the reference
+    model = offload.load(str(tiny), device="cuda", dtype=dtype, slots=slots, prefetch="late")
+    assert model.cache.pinned
+    model.reset()
+    got = [model.forward(tokens[:8], 0)]
+    for pos in range(8, 20):
+        got.append(model.forward(tokens[pos : pos + 1], pos))
+    error = (torch.cat(got).cpu() - expected).abs().max().item()
+    assert error < tolerance, f"{dtype}, {slots} slots: max |logit diff| {error:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["inclusive", "exclusive"])
+def test_every_served_buffer_is_the_right_expert_after_many_async_loads(mode):
+    layers, experts, nbytes = 3, 8, 1 << 20  # 1 MiB experts: copies long enough to overlap
+    cache = ExpertCache(num_layers=layers, num_experts=experts, expert_bytes=nbytes, device="cuda",
+                        slots_per_layer=[3] * layers, mode=mode)  # fmt: skip
+    for layer in range(layers):
+        for expert in range(experts):
+            cache.write(layer, expert, torch.full((nbytes,), layer * experts + expert + 1, dtype=torch.uint8))
+    rng = random.Random(0)
+    for _ in range(400):
+        layer = rng.randrange(layers)
+        if rng.random() < 0.5 and layer + 1 < layers:
+            cache.prefetch(layer + 1, rng.sample(range(experts), 2))  # loads in flight while we compute
+        for expert, buffer in cache.fetch(layer, rng.sample(range(experts), 2)):
+            # compute on the default stream reads the slot: it must see this expert's bytes, fully loaded
+            assert int(buffer.min()) == int(buffer.max()) == layer * experts + expert + 1
+    torch.cuda.synchronize()
+    total = cache.stats.total()
+    assert total.hits + total.misses == total.requests == 800
+    if mode == "exclusive":
+        assert total.d2h_bytes == total.h2d_bytes
+
+
+def test_decode_allocates_nothing_on_the_gpu(tiny):
+    """The goal of issues 3 and 5. Expected to fail until activations, attention and sampling use
+    preallocated buffers (or CUDA graphs); dequantization already does (quant.hqq.Workspace)."""
+    model = offload.load(str(tiny), device="cuda", slots=3, expert_bits="4", attn_bits="4", prefetch="late")
+    model.reset()
+    model.forward(torch.tensor([5, 6, 7], device="cuda"), 0)
+    token = torch.tensor([8], device="cuda")
+    for pos in range(3, 6):  # warm-up: the workspace and the allocator's pools fill
+        model.forward(token, pos)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for pos in range(6, 14):
+        model.forward(token, pos)
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+    if allocations:
+        pytest.xfail(f"{allocations} allocations in 8 decode steps (known: see the docstring)")
