@@ -143,6 +143,10 @@ def quantize(
     expert_bits: Annotated[str, typer.Option(help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")] = "2",
     attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
     attn_quant: AttnQuant = LoadOptions.attn_quant,
+    device: Annotated[
+        str,
+        typer.Option(help="Where hqq runs: auto (CUDA when there is one: seconds per layer, not minutes), cpu, cuda."),
+    ] = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite OUT if it already holds files.")] = False,
 ) -> None:
     """Quantize a checkpoint into moe-offload's folder: packed experts, resident weights, a manifest."""
@@ -158,6 +162,7 @@ def quantize(
             expert_bits=expert_bits,
             attn_bits=attn_bits,
             attn_quant=attn_quant,
+            device=device,
             force=force,
             progress=lambda what, n: progress.advance(task, n),
         )

@@ -21,7 +21,7 @@ from offload.convert import describe_spec, open_source
 from offload.decoder import Decoder, ModelConfig
 from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
 from offload.moe import MoEBlock
-from offload.planner import MemoryPlan, parse_bytes, plan_memory
+from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
 from quant.bnb import NF4Quantized
@@ -100,16 +100,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise MoEOffloadError(f"unknown device {name!r}; choose cpu, cuda or auto")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MoEOffloadError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -68,6 +68,16 @@ def _slots_text(slots: tuple[int, ...]) -> str:
     return str(slots[0]) if len(set(slots)) == 1 else ", ".join(map(str, slots))
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise MoEOffloadError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoEOffloadError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
 def free_memory(device: torch.device) -> tuple[int, int]:
     """(device bytes free, host bytes available) on this machine."""
     host = max(psutil.virtual_memory().available - HOST_HEADROOM, 0)

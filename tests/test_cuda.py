@@ -76,3 +76,14 @@ def test_decode_allocates_nothing_on_the_gpu(tiny):
     allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
     if allocations:
         pytest.xfail(f"{allocations} allocations in 8 decode steps (known: see the docstring)")
+
+
+def test_quantize_on_the_gpu_gives_a_folder_close_to_the_cpus(tiny, tmp_path):
+    from offload.convert import quantize_model
+
+    on_gpu = quantize_model(str(tiny), tmp_path / "gpu", expert_bits="2", attn_bits="4", device="cuda")
+    on_cpu = quantize_model(str(tiny), tmp_path / "cpu", expert_bits="2", attn_bits="4", device="cpu")
+    tokens = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(3))
+    a = offload.load(str(on_gpu), device="cpu").logits(tokens)
+    b = offload.load(str(on_cpu), device="cpu").logits(tokens)
+    assert (a - b).abs().max().item() < 0.5  # hqq optimizes in each device's arithmetic: close, not equal
