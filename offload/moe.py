@@ -81,6 +81,12 @@ class MoEBlock:
             self.recorder(layer, experts, expert_weights, self.cache.guess(layer), tokens > 1)
 
         out = torch.zeros_like(x)  # [T, D]
+        if tokens == 1:  # decode: the token's gate weights are on the host already; no index work per expert
+            weight_of = dict(zip(experts, expert_weights))
+            for expert, packed in self.cache.fetch(layer, experts, expert_weights):
+                y = expert_mlp(x, self.expert_format.unpack(packed), self.workspace)  # [1, D]
+                out.add_(y, alpha=weight_of[expert])
+            return out
         weights = weights.to(x.dtype)
         for expert, packed in self.cache.fetch(layer, experts, expert_weights):
             rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert
