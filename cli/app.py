@@ -71,6 +71,15 @@ CacheMode = Annotated[
     ),
 ]
 MaxSeqLen = Annotated[int | None, typer.Option(help="Context size. Default: the model's, at most 4096.")]
+FusedGemv = Annotated[
+    bool | None,
+    typer.Option(
+        "--fused-gemv/--no-fused-gemv",
+        help="Decode's quantized products through the fused dequantize+GEMV Triton kernel, or dequantize "
+        "then multiply. Default: fused on CUDA when Triton is installed (CUDA builds of torch ship it).",
+        show_default=False,
+    ),
+]
 MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]
@@ -190,6 +199,7 @@ def generate(
     policy: Policy = LoadOptions.policy,
     cache_mode: CacheMode = LoadOptions.cache_mode,
     max_seq_len: MaxSeqLen = None,
+    fused_gemv: FusedGemv = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the cache and speed figures after the text.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help='Print only {"text", "token_ids", "stats"} as one JSON object.')
@@ -199,7 +209,7 @@ def generate(
     options = _load_options(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
         expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch, no_prefetch=no_prefetch,
-        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
+        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len, fused_gemv=fused_gemv,
     )  # fmt: skip
     loaded = _load(model, options)
     stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
@@ -235,13 +245,14 @@ def chat(
     policy: Policy = LoadOptions.policy,
     cache_mode: CacheMode = LoadOptions.cache_mode,
     max_seq_len: MaxSeqLen = None,
+    fused_gemv: FusedGemv = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the figures after every answer.")] = False,
 ) -> None:
     """Chat in the terminal through the model's chat template. Type /stats, /reset or /exit."""
     options = _load_options(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
         expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch, no_prefetch=no_prefetch,
-        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
+        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len, fused_gemv=fused_gemv,
     )  # fmt: skip
     loaded = _load(model, options)
     messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
@@ -292,6 +303,7 @@ def info(
     attn_bits: AttnBits = "none",
     attn_quant: AttnQuant = LoadOptions.attn_quant,
     max_seq_len: MaxSeqLen = None,
+    fused_gemv: FusedGemv = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
 ) -> None:
     """Show the model's family, sizes, quantization and memory plan, without loading the experts."""
@@ -307,7 +319,9 @@ def info(
             dtype=dtype,
             expert_bits=expert_bits,
             attn_bits=attn_bits,
+            attn_quant=attn_quant,
             max_seq_len=max_seq_len,
+            fused_gemv=fused_gemv,
         )  # fmt: skip
     )
     if as_json:
@@ -341,6 +355,7 @@ def trace(
     policy: Policy = LoadOptions.policy,
     cache_mode: CacheMode = LoadOptions.cache_mode,
     max_seq_len: MaxSeqLen = None,
+    fused_gemv: FusedGemv = None,
 ) -> None:
     """Record the routing of real prompts: per sequence, token and layer, the experts, gate weights and guesses."""
     if (prompt is None) == (prompts is None):
@@ -356,7 +371,7 @@ def trace(
     options = _load_options(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
         expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch,
-        no_prefetch=no_prefetch, policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len,
+        no_prefetch=no_prefetch, policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len, fused_gemv=fused_gemv,
     )  # fmt: skip
     loaded = _load(model, options)
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -428,6 +443,7 @@ def bench(
     policy: Policy = LoadOptions.policy,
     cache_mode: CacheMode = LoadOptions.cache_mode,
     max_seq_len: MaxSeqLen = None,
+    fused_gemv: FusedGemv = None,
 ) -> None:
     """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound."""
     from offload import bench as benchmark
@@ -439,6 +455,7 @@ def bench(
         slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
         expert_bits=expert_bits, attn_bits=attn_bits, prefetch="none", no_prefetch=False, policy=policy,
         cache_mode=cache_mode, max_seq_len=max_seq_len or max(prompt_tokens + tokens, 20) + 1,  # compute pass: 17
+        fused_gemv=fused_gemv,
     )  # fmt: skip
     loaded = _load(model, options)
     accelerate = None

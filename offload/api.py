@@ -24,9 +24,10 @@ from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
+from quant import gemv
 from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
-from quant.hqq import Quantized
+from quant.hqq import Quantized, Workspace
 from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +54,9 @@ class LoadOptions:
     cache_mode: str = "auto"  # auto | inclusive | exclusive (see offload/planner.py)
     max_seq_len: int | None = None  # context size; None: the model's, at most 4096
     verify: bool = True  # check a quantized folder's sha256 sums on load
+    # decode's HQQ products through the fused dequantize+GEMV kernel (quant/gemv.py); None: on CUDA when
+    # Triton is installed (CUDA builds of torch ship it). False: dequantize, then a matrix product
+    fused_gemv: bool | None = None
 
 
 @dataclass
@@ -147,6 +151,7 @@ class Prepared:
     expert_format: ExpertFormat
     resident: dict  # emptied by load() once the weights are on the device
     plan: MemoryPlan
+    fused_gemv: bool  # decode's HQQ products run the fused kernel (LoadOptions.fused_gemv, resolved)
 
     @property
     def config(self) -> ModelConfig:
@@ -183,7 +188,23 @@ def prepare(model: str, **options) -> Prepared:
         host_budget=None if opts.cpu_memory is None else parse_bytes(opts.cpu_memory),
         mode=opts.cache_mode,
     )
-    return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan)
+    fused = resolve_fused_gemv(opts.fused_gemv, device)
+    return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused)
+
+
+def kernel_name(fused_gemv: bool) -> str:
+    return "fused dequantize+GEMV (Triton)" if fused_gemv else "dequantize, then matmul"
+
+
+def resolve_fused_gemv(option: bool | None, device: torch.device) -> bool:
+    """LoadOptions.fused_gemv -> whether to use the kernel; asking for it where it cannot run is an error."""
+    if option is None:
+        return device.type == "cuda" and gemv.triton is not None
+    if option and device.type != "cuda":
+        raise MoEOffloadError("--fused-gemv runs on CUDA only; on the CPU experts are dequantized, then multiplied")
+    if option and gemv.triton is None:
+        raise MoEOffloadError("--fused-gemv needs Triton, which CUDA builds of torch ship with; pip install triton")
+    return option
 
 
 def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
@@ -207,12 +228,17 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
             if progress is not None:
                 progress("experts", layer * config.num_experts + expert + 1, total)
 
-    moe = MoEBlock(routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format)
+    fused = prepared.fused_gemv
+    moe = MoEBlock(
+        routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
+        workspace=Workspace(fused),
+    )  # fmt: skip
     weights = {name: _to_device(w, prepared.device, prepared.dtype) for name, w in prepared.resident.items()}
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
-        config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len
-    )
+        config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len,
+        workspace=Workspace(fused),
+    )  # fmt: skip
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
     model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
     model.set_prefetch(prepared.options.prefetch)
@@ -401,6 +427,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "experts": experts,
         "attention": describe_spec(prepared.source.attn_spec),
         "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
+        "decode kernel": kernel_name(prepared.fused_gemv),
         "context": prepared.max_seq_len,
         **dict(prepared.plan.describe()),
         "prefetch": prepared.options.prefetch if prepared.plan.mode != "direct" else "none (no slots)",

@@ -92,11 +92,12 @@ class Decoder:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_seq_len: int | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
         self.config = config
         self.moe = moe
         # quantized weights dequantize into these buffers, made on first use: no weight-sized allocation per step
-        self.workspace = Workspace()
+        self.workspace = workspace or Workspace()
         self.layer_done = getattr(moe, "layer_done", None)
         self.device = torch.device(device)
         self.dtype = dtype

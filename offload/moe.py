@@ -15,10 +15,25 @@ from quant.packing import ExpertFormat
 Route = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = None) -> torch.Tensor:
-    """Mixtral's expert: w2(silu(w1 x) * w3 x), each weight plain or quantized (dequantized into `workspace`)."""
-    gate = F.silu(linear(x, weights["w1"], workspace))
-    return linear(gate * linear(x, weights["w3"], workspace), weights["w2"], workspace)
+def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = None, reuse: bool = False) -> torch.Tensor:
+    """Mixtral's expert: w2(silu(w1 x) * w3 x), each weight plain or quantized (see quant/linear.py).
+
+    `reuse` (a decode step, whose shapes never change) writes the three products into `workspace`
+    buffers too, so the expert allocates nothing; the result is valid until the next reusing call.
+    """
+    if not reuse:
+        gate = F.silu(linear(x, weights["w1"], workspace))
+        return linear(gate * linear(x, weights["w3"], workspace), weights["w2"], workspace)
+    # T = tokens, I = intermediate, D = hidden
+    tokens = x.shape[0]
+    intermediate, hidden = weights["w1"].shape[0], weights["w2"].shape[0]
+
+    def buffer(name: str, features: int) -> torch.Tensor:
+        return workspace.buffer("mlp." + name, (tokens, features), x.dtype, x.device)
+
+    gate = F.silu(linear(x, weights["w1"], workspace, buffer("gate", intermediate)), inplace=True)  # [T, I]
+    gate.mul_(linear(x, weights["w3"], workspace, buffer("up", intermediate)))
+    return linear(gate, weights["w2"], workspace, buffer("down", hidden))  # [T, D]
 
 
 def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -52,6 +67,7 @@ class MoEBlock:
         expert_format: ExpertFormat,
         prefetcher=None,
         recorder=None,
+        workspace: Workspace | None = None,
     ) -> None:
         self.routers = routers
         self.route = route
@@ -63,7 +79,8 @@ class MoEBlock:
         # (layer, x) -> (ids, weights) in place of the router: `bench --route-trace` replays real routing
         # through a synthetic model, whose own routers would choose at random
         self.routing: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.workspace = Workspace()  # the experts' dequantization buffers, made on first use
+        # the experts' dequantization and decode buffers, made on first use; it also picks the kernel
+        self.workspace = workspace or Workspace()
         # unpacked views by buffer address: slot and arena rows live as long as the model, and unpacking a
         # 2-bit expert costs ~70 us of Python, ~4.6 ms a token for Mixtral if redone at every use
         self._views: dict[int, dict] = {}
@@ -83,13 +100,14 @@ class MoEBlock:
         if self.recorder is not None:
             self.recorder(layer, experts, expert_weights, self.cache.guess(layer), tokens > 1)
 
-        out = torch.zeros_like(x)  # [T, D]
         if tokens == 1:  # decode: the token's gate weights are on the host already; no index work per expert
             weight_of = dict(zip(experts, expert_weights))
+            out = self.workspace.buffer("moe.out", (tokens, hidden), x.dtype, x.device).zero_()  # [1, D]
             for expert, packed in self.cache.fetch(layer, experts, expert_weights):
-                y = expert_mlp(x, self._unpack(packed), self.workspace)  # [1, D]
+                y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
                 out.add_(y, alpha=weight_of[expert])
-            return out
+            return out  # a workspace buffer: the decoder adds it to the residual before the next layer
+        out = torch.zeros_like(x)  # [T, D]
         weights = weights.to(x.dtype)
         for expert, packed in self.cache.fetch(layer, experts, expert_weights):
             rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert

@@ -216,9 +216,13 @@ class Workspace:
     dequantizes through a workspace allocates no weight-sized tensor (on the CPU, no page faults; on
     CUDA, no allocator traffic). One workspace serves one stream of work: a buffer is reused by the
     next call of the same shape, so use each result before the next dequantize of that shape.
+
+    `fused` asks quant/linear.py to multiply a few tokens by an HQQ weight with the fused
+    dequantize+GEMV kernel instead (quant/gemv.py), which needs no weight-sized buffer at all.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused
         self._buffers: dict[tuple, Tensor] = {}
 
     def buffer(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

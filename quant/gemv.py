@@ -1,0 +1,125 @@
+"""Fused dequantize + GEMV for HQQ weights: y = x @ W.T without ever writing W out.
+
+A decode step multiplies one token by every active expert's three matrices. Dequantizing first
+writes each [N, K] weight out in 16-bit and reads it back: for a 2-bit Mixtral expert matrix that is
+~235 MB of traffic to use ~15 MB of codes. This Triton kernel reads the packed codes and the
+(possibly 8-bit-quantized) scales and zeros in place, and accumulates in float32.
+
+Per group r (g consecutive inputs k of output n), with codes c, zero z and scale s:
+    sum_k W[n, k] x[k] = sum_r s_r * (sum_j c_rj x_j - z_r * sum_j x_j)
+so the kernel needs one scale and one zero per group, not per weight.
+
+Code layout is hqq's (quant/hqq.py): grid row r = n * K/g + k // g lives in packed row r % step,
+at bit slot r // step (highest bits first), column k % g.
+
+Triton runs on CUDA; tests run the same kernel on the CPU under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quant.hqq import _ROWS_PER_ELEMENT, Quantized
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch ship without Triton; linear() then dequantizes instead
+    triton = None
+
+MAX_ROWS = 8  # tokens per call the kernel serves; a prefill's matrix product is faster dequantized
+BLOCK_N = 16  # outputs per program: small, so even a 4096-output matrix spreads over 256 programs
+BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size up to 256
+
+
+def supports(x: Tensor, q: Quantized) -> bool:
+    """Whether `gemv` serves this call: Triton present, x on CUDA (or interpreted), a small batch,
+    and a layout the kernel reads (power-of-two group size dividing BLOCK_K, float or 8-bit meta)."""
+    if triton is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[1] != q.shape[1]:
+        return False
+    g = q.spec.group_size
+    if g & (g - 1) or BLOCK_K % g:
+        return False
+    meta = q.spec.meta_spec
+    return meta is None or (meta.bits == 8 and meta.group_size & (meta.group_size - 1) == 0)
+
+
+def gemv(x: Tensor, q: Quantized, out: Tensor | None = None) -> Tensor:
+    """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then)."""
+    # M = tokens (rows of x), N = outputs, K = inputs
+    assert supports(x, q), (tuple(x.shape), q.shape, q.spec)
+    rows, inputs = x.shape
+    outputs = q.shape[0]
+    if out is None:
+        out = torch.empty(rows, outputs, dtype=x.dtype, device=x.device)
+    assert out.shape == (rows, outputs) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
+    x = x.contiguous()
+    quantized_meta = isinstance(q.scale, Quantized)
+    if quantized_meta:
+        scale, zero = q.scale, q.zero
+        meta = (scale.codes, scale.scale, scale.zero, zero.codes, zero.scale, zero.zero)
+        meta_group = scale.spec.group_size
+    else:
+        meta = (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero)  # the kernel reads only the first of each
+        meta_group = 1
+    grid = (triton.cdiv(outputs, BLOCK_N), rows)
+    _gemv_kernel[grid](
+        x, q.codes, *meta, out,
+        outputs, inputs, q.codes.shape[0],
+        BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
+        QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _group_meta(r, mask, codes, scale, zero, QUANTIZED: tl.constexpr, META_GROUP: tl.constexpr):
+        """A group's scale (or zero) in float32: stored float16, or 8-bit codes with their own meta."""
+        if QUANTIZED:
+            c = tl.load(codes + r, mask=mask, other=0).to(tl.float32)
+            meta = r // META_GROUP
+            z = tl.load(zero + meta, mask=mask, other=0).to(tl.float32)
+            s = tl.load(scale + meta, mask=mask, other=0).to(tl.float32)
+            return (c - z) * s
+        return tl.load(codes + r, mask=mask, other=0).to(tl.float32)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, codes_ptr,
+        scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        out_ptr,
+        N, K, STEP,
+        BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
+        QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps
+        GROUPS_PER_BLOCK: tl.constexpr = BLOCK_K // GROUP
+        m = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        n_ok = n < N
+        groups_per_row = K // GROUP
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            k_ok = k < K
+            xk = tl.load(x_ptr + m * K + k, mask=k_ok, other=0).to(tl.float32)  # [BK]
+            mask = n_ok[:, None] & k_ok[None, :]  # [BN, BK]
+            r = n[:, None] * groups_per_row + k[None, :] // GROUP  # [BN, BK] grid row of each weight
+            packed = tl.load(codes_ptr + (r % STEP) * GROUP + k[None, :] % GROUP, mask=mask, other=0)
+            shift = (PER - 1 - r // STEP) * BITS
+            code = ((packed >> shift) & ((1 << BITS) - 1)).to(tl.float32)
+            # per group: sum_j c_j x_j and sum_j x_j
+            cx = tl.sum(tl.reshape(code * xk[None, :], (BLOCK_N, GROUPS_PER_BLOCK, GROUP)), axis=2)  # [BN, GB]
+            xs = tl.sum(tl.reshape(xk, (GROUPS_PER_BLOCK, GROUP)), axis=1)  # [GB]
+            g = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)  # [GB]
+            rg = n[:, None] * groups_per_row + g[None, :]  # [BN, GB]
+            g_ok = n_ok[:, None] & (g < groups_per_row)[None, :]
+            s = _group_meta(rg, g_ok, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP)
+            z = _group_meta(rg, g_ok, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
+            acc += tl.sum(s * (cx - z * xs[None, :]), axis=1)
+        tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)

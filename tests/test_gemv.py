@@ -1,0 +1,126 @@
+"""The fused dequantize+GEMV kernel (quant/gemv.py) against dequantize-then-multiply.
+
+Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), the same code that CUDA
+compiles; tests/test_cuda.py times nothing but repeats the model-level check on the device.
+"""
+
+import pytest
+import torch
+
+import offload
+from quant import gemv
+from quant.hqq import EXPERT_PRESETS, QuantSpec, Workspace, dequantize, quantize, random_quantized
+from quant.linear import linear
+from quant.packing import ExpertFormat
+from tests.test_quantized_model import carry_our_weights
+from tests.tiny import hf_model, make_tiny_mixtral
+
+pytestmark = pytest.mark.skipif(gemv.triton is None, reason="Triton is not installed (pip install triton)")
+
+SPECS = {
+    "2-bit g16, 8-bit meta": EXPERT_PRESETS["2"],
+    "3-bit g64": EXPERT_PRESETS["3"],
+    "4-bit g64": EXPERT_PRESETS["4"],
+    "8-bit g64": QuantSpec(bits=8, group_size=64),
+    "2-bit g16, float meta": QuantSpec(bits=2, group_size=16),
+}
+
+
+def reference(x: torch.Tensor, q) -> torch.Tensor:
+    return x.double() @ dequantize(q, torch.float32).double().T
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("shape", [(256, 512), (96, 256), (40, 1024)])  # 3-bit: R % 10 != 0 pads the grid
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_equals_dequantize_then_matmul(name, shape, rows):
+    generator = torch.Generator().manual_seed(sum(shape) + rows)
+    q = random_quantized(shape, SPECS[name], generator)
+    x = torch.randn(rows, shape[1], generator=generator)
+    expected = reference(x, q)
+    got = gemv.gemv(x, q)
+    assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
+    assert (got.double() - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("bits", ["2", "3", "4"])
+def test_gemv_on_hqq_quantized_weights_in_a_packed_expert(bits):
+    """Real hqq codes, read through views into one packed buffer, as the MoE block reads a slot."""
+    generator = torch.Generator().manual_seed(int(bits))
+    fmt = ExpertFormat.build(128, 256, EXPERT_PRESETS[bits], torch.float32)
+    raw = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in fmt._weight_shapes(128, 256).items()}
+    buffer = torch.zeros(2 * fmt.nbytes, dtype=torch.uint8)[fmt.nbytes :]  # a view at an offset, like an arena row
+    fmt.pack(**raw, out=buffer)
+    for name, q in fmt.unpack(buffer).items():
+        x = torch.randn(1, q.shape[1], generator=generator)
+        expected = reference(x, quantize(raw[name], fmt.spec))  # quantization is deterministic
+        got = gemv.gemv(x, q)
+        assert (got.double() - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_in_half_precision_rounds_once(dtype):
+    """16-bit activations: the kernel accumulates in float32 and rounds the result once."""
+    generator = torch.Generator().manual_seed(5)
+    q = random_quantized((128, 512), EXPERT_PRESETS["2"], generator)
+    x = torch.randn(1, 512, generator=generator).to(dtype)
+    got = gemv.gemv(x, q)
+    expected = reference(x.float(), q)
+    assert got.dtype == dtype
+    assert torch.equal(got, expected.to(torch.float32).to(dtype)) or (
+        (got.double() - expected).abs().max().item() <= 2 * torch.finfo(dtype).eps * expected.abs().max().item()
+    )
+
+
+def test_gemv_writes_into_out_and_linear_dispatches_on_the_workspace():
+    generator = torch.Generator().manual_seed(6)
+    q = random_quantized((64, 256), EXPERT_PRESETS["4"], generator)
+    x = torch.randn(1, 256, generator=generator)
+    out = torch.full((1, 64), float("nan"))
+    assert gemv.gemv(x, q, out) is out
+    assert torch.equal(linear(x, q, Workspace(fused=True)), out)
+    # without fused, the same call dequantizes: close, but not the same rounding
+    unfused = linear(x, q, Workspace())
+    assert (unfused - out).abs().max().item() < 1e-5 and not torch.equal(unfused, out)
+
+
+def test_gemv_supports_only_what_it_reads():
+    generator = torch.Generator().manual_seed(7)
+    q = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)
+    assert gemv.supports(torch.zeros(gemv.MAX_ROWS, 256), q)
+    assert not gemv.supports(torch.zeros(gemv.MAX_ROWS + 1, 256), q)  # a prefill: dequantize, then matmul
+    assert not gemv.supports(torch.zeros(1, 128), q)  # wrong input size
+    assert not gemv.supports(torch.zeros(1, 240), random_quantized((64, 240), QuantSpec(4, 48), generator))
+    assert not gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
+    # what it refuses still multiplies, through dequantization
+    x = torch.randn(gemv.MAX_ROWS + 1, 256, generator=generator)
+    assert (linear(x, q, Workspace(fused=True)) - reference(x, q).float()).abs().max().item() < 1e-5
+
+
+def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path):
+    """The whole model, prefill dequantized and every decode step through the kernel (experts in slots,
+    4-bit attention fused too), against transformers carrying the same dequantized weights."""
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
+    model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2)
+    model.moe.workspace.fused = model.decoder.workspace.fused = True  # what load() picks on CUDA
+    calls = []
+    original = gemv.gemv
+    gemv.gemv = lambda x, q, out=None: calls.append(q.spec.bits) or original(x, q, out)
+    try:
+        tokens = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(0))
+        model.reset()
+        got = [model.decoder.forward(tokens[:10], 0)[-1]]
+        # ten tokens: attention dequantizes; an expert that few enough of them chose runs the kernel
+        assert 4 not in calls and calls.count(2) % 3 == 0
+        calls.clear()
+        for position in range(10, 14):
+            got.append(model.decoder.forward(tokens[position : position + 1], position)[-1])
+    finally:
+        gemv.gemv = original
+    # per decode step and layer: q, k, v, o (4-bit) and two experts' three matrices (2-bit)
+    assert calls.count(4) == 4 * 2 * 4 and calls.count(2) == 4 * 2 * 2 * 3
+    reference = hf_model(tiny)
+    carry_our_weights(reference, model)
+    with torch.no_grad():
+        expected = reference(tokens[None]).logits[0, 9:]
+    assert (torch.stack(got) - expected).abs().max().item() < 1e-4
