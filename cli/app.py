@@ -494,7 +494,7 @@ def _print_bench(result: dict) -> None:
     out.print(f"{result['model']} on {result['device']}")
     out.print(f"routing: {result['routing']} · {result['mode']} mode, {result['slots_per_layer'][0]} slots per layer "
               f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
-              f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token")  # fmt: skip
+              f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}")  # fmt: skip
     out.print(table)
     for note in notes:
         out.print(note)

@@ -27,7 +27,7 @@ import torch
 from cache.policies import make_policies
 from cache.stats import LayerStats
 from cache.trace import Token, read_trace
-from offload.api import OffloadedModel
+from offload.api import OffloadedModel, kernel_name
 from offload.synth import synthetic_name
 from quant.errors import MoEOffloadError
 
@@ -322,6 +322,7 @@ def bench(
         "mode": model.plan.mode,
         "slots_per_layer": list(model.plan.slots_per_layer),
         "policy": model.options.policy,
+        "kernel": kernel_name(model.prepared.fused_gemv),
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
         "h2d_bandwidth_gbps": round(bandwidth / 1e9, 3),

@@ -45,10 +45,16 @@ def supports(x: Tensor, q: Quantized) -> bool:
     return meta is None or (meta.bits == 8 and meta.group_size & (meta.group_size - 1) == 0)
 
 
-def gemv(x: Tensor, q: Quantized, out: Tensor | None = None) -> Tensor:
-    """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then)."""
+def gemv(
+    x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+    num_warps: int = 4,
+) -> Tensor:  # fmt: skip
+    """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
+
+    block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them.
+    """
     # M = tokens (rows of x), N = outputs, K = inputs
-    assert supports(x, q), (tuple(x.shape), q.shape, q.spec)
+    assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
     if out is None:
@@ -63,13 +69,13 @@ def gemv(x: Tensor, q: Quantized, out: Tensor | None = None) -> Tensor:
     else:
         meta = (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero)  # the kernel reads only the first of each
         meta_group = 1
-    grid = (triton.cdiv(outputs, BLOCK_N), rows)
+    grid = (triton.cdiv(outputs, block_n), rows)
     _gemv_kernel[grid](
         x, q.codes, *meta, out,
         outputs, inputs, q.codes.shape[0],
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -84,8 +90,10 @@ if triton is not None:
             meta = r // META_GROUP
             z = tl.load(zero + meta, mask=mask, other=0).to(tl.float32)
             s = tl.load(scale + meta, mask=mask, other=0).to(tl.float32)
-            return (c - z) * s
-        return tl.load(codes + r, mask=mask, other=0).to(tl.float32)
+            value = (c - z) * s
+        else:
+            value = tl.load(codes + r, mask=mask, other=0).to(tl.float32)
+        return value
 
     @triton.jit
     def _gemv_kernel(
@@ -97,29 +105,29 @@ if triton is not None:
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps
-        GROUPS_PER_BLOCK: tl.constexpr = BLOCK_K // GROUP
+        # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps, held as
+        # [BLOCK_N, GB, GROUP] tiles (GB = groups per step) so index math runs once per group
+        GB: tl.constexpr = BLOCK_K // GROUP
         m = tl.program_id(1)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = n < N
+        j = tl.arange(0, GROUP)  # [G] position inside a group
         groups_per_row = K // GROUP
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-            k_ok = k < K
-            xk = tl.load(x_ptr + m * K + k, mask=k_ok, other=0).to(tl.float32)  # [BK]
-            mask = n_ok[:, None] & k_ok[None, :]  # [BN, BK]
-            r = n[:, None] * groups_per_row + k[None, :] // GROUP  # [BN, BK] grid row of each weight
-            packed = tl.load(codes_ptr + (r % STEP) * GROUP + k[None, :] % GROUP, mask=mask, other=0)
+            g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
+            g_ok = g < groups_per_row
+            xk = tl.load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], mask=g_ok[:, None], other=0)
+            xk = xk.to(tl.float32)  # [GB, G]
+            r = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] grid row of each group
+            mask = n_ok[:, None] & g_ok[None, :]
+            address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
+            packed = tl.load(codes_ptr + address[:, :, None] + j[None, None, :], mask=mask[:, :, None], other=0)
             shift = (PER - 1 - r // STEP) * BITS
-            code = ((packed >> shift) & ((1 << BITS) - 1)).to(tl.float32)
-            # per group: sum_j c_j x_j and sum_j x_j
-            cx = tl.sum(tl.reshape(code * xk[None, :], (BLOCK_N, GROUPS_PER_BLOCK, GROUP)), axis=2)  # [BN, GB]
-            xs = tl.sum(tl.reshape(xk, (GROUPS_PER_BLOCK, GROUP)), axis=1)  # [GB]
-            g = k0 // GROUP + tl.arange(0, GROUPS_PER_BLOCK)  # [GB]
-            rg = n[:, None] * groups_per_row + g[None, :]  # [BN, GB]
-            g_ok = n_ok[:, None] & (g < groups_per_row)[None, :]
-            s = _group_meta(rg, g_ok, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP)
-            z = _group_meta(rg, g_ok, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
+            code = ((packed >> shift[:, :, None]) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, GB, G]
+            cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
+            xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
+            s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP)
+            z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
             acc += tl.sum(s * (cx - z * xs[None, :]), axis=1)
         tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)

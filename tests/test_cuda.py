@@ -87,3 +87,21 @@ def test_quantize_on_the_gpu_gives_a_folder_close_to_the_cpus(tiny, tmp_path):
     a = offload.load(str(on_gpu), device="cpu").logits(tokens)
     b = offload.load(str(on_cpu), device="cpu").logits(tokens)
     assert (a - b).abs().max().item() < 0.5  # hqq optimizes in each device's arithmetic: close, not equal
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-3), ("bfloat16", 0.15), ("float16", 0.05)])
+def test_fused_gemv_decode_matches_dequantize_then_matmul_on_cuda(tiny, dtype, tolerance):
+    """quant/gemv.py compiled for the GPU (the CPU tests run it interpreted): same logits, both kernels."""
+    tokens = torch.randint(3, 128, (16,), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for fused in (None, False):  # None: the default, which must pick the kernel on CUDA
+        model = offload.load(str(tiny), device="cuda", dtype=dtype, slots=3, expert_bits="2", attn_bits="4",
+                             fused_gemv=fused)  # fmt: skip
+        assert model.moe.workspace.fused is (fused is None) and model.decoder.workspace.fused is (fused is None)
+        model.reset()
+        got = [model.forward(tokens[:8], 0)[-1:]]
+        for pos in range(8, 16):
+            got.append(model.forward(tokens[pos : pos + 1], pos))
+        logits[fused] = torch.cat(got).float().cpu()
+    error = (logits[None] - logits[False]).abs().max().item()
+    assert error < tolerance, f"{dtype}: fused against dequantize+matmul, max |logit diff| {error:.3g}"
