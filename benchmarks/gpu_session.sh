@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Issue 5's GPU figures, in as few calls to a lent GPU machine as possible.
+#
+#   here (with the network):  bash benchmarks/gpu_session.sh prepare
+#       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
+#   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
+#       steps: tests kernel synth bench colab; results go to $OUT (the device tool's) or benchmarks/results
+#
+# The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
+# termcolor are carried.
+# synth writes 18 GB to /tmp/m8x7b and takes minutes: run synth, bench and colab in one call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == prepare ]]; then
+    mkdir -p .gpu
+    mkdir -p .git/info && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude; }
+    python3 -m pip wheel --no-deps -q -w .gpu hqq==0.2.8  # an sdist only on PyPI: build the (pure) wheel here
+    python3 -m pip download --no-deps -q -d .gpu termcolor  # hqq imports it; the image lacks it
+    cp ../shared/traces/mixtral-8x7b-instruct_humaneval_routing.jsonl .gpu/
+    git rev-parse HEAD >.gpu/COMMIT
+    ls -la .gpu
+    exit 0
+fi
+
+results=${OUT:-benchmarks/results}
+mkdir -p "$results"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")  # e.g. h100
+trace=.gpu/mixtral-8x7b-instruct_humaneval_routing.jsonl
+model=/tmp/m8x7b
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+moe() { python3 -m cli.app "$@"; }
+
+stamp() {  # the copy on the machine has no .git: record the commit that was sent
+    python3 - "$@" <<'EOF'
+import json, sys
+commit = open(".gpu/COMMIT").read().strip()
+for path in sys.argv[1:]:
+    data = json.load(open(path))
+    if not data.get("commit"):
+        data["commit"] = commit
+        json.dump(data, open(path, "w"), indent=2)
+EOF
+}
+
+for step in "$@"; do
+    echo "== $step"
+    case $step in
+    tests)
+        python3 -m pytest -q -rs tests/test_cuda.py tests/test_gemv.py 2>&1 | tee "$results/cuda_tests_$gpu.log"
+        ;;
+    kernel)
+        python3 benchmarks/gemv_kernel.py --sweep --out "$results/gemv_kernel_$gpu.json"
+        stamp "$results/gemv_kernel_$gpu.json"
+        ;;
+    synth)
+        [[ -f $model/manifest.json ]] || time moe synth "$model" --preset mixtral-8x7b
+        ;;
+    bench)  # the issue's three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --compare \
+            --json "$results/bench_${gpu}_mixtral-8x7b_oracle.json"
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch gate \
+            --json "$results/bench_${gpu}_mixtral-8x7b_gate.json"
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
+            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
+        ;;
+    colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
+        moe bench "$model" --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \
+            --json "$results/bench_${gpu}_colab_exclusive.json"
+        slots=$(python3 -c "import json; print(json.load(open('$results/bench_${gpu}_colab_exclusive.json'))['slots_per_layer'][0])")
+        moe bench "$model" --gpu-memory 15GiB --slots "$slots" --cache-mode inclusive --route-trace "$trace" \
+            --prefetch oracle --json "$results/bench_${gpu}_colab_inclusive.json"
+        stamp "$results"/bench_"${gpu}"_colab_*.json
+        ;;
+    *)
+        echo "unknown step $step; steps: tests kernel synth bench colab" >&2
+        exit 2
+        ;;
+    esac
+done
