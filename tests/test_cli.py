@@ -104,6 +104,15 @@ def test_slots_and_memory_that_cannot_fit(capsys, quantized):
     assert err.startswith("error: the model needs ") and "of RAM and 0.1 MiB is available" in err
 
 
+def test_fused_gemv_where_it_cannot_run(capsys, quantized):
+    code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--fused-gemv")
+    assert_one_line_error(
+        code, err, "--fused-gemv runs on CUDA only; on the CPU experts are dequantized, then multiplied"
+    )
+    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["decode kernel"] == "dequantize, then matmul"
+
+
 # -- what a user runs --------------------------------------------------------------------------------------
 
 
