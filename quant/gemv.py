@@ -75,7 +75,7 @@ def gemv(
         outputs, inputs, q.codes.shape[0],
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -103,11 +103,10 @@ if triton is not None:
         N, K, STEP,
         BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
     ):  # fmt: skip
         # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps, held as
-        # [BLOCK_N, GB, GROUP] tiles (GB = groups per step) so index math runs once per group
-        GB: tl.constexpr = BLOCK_K // GROUP
+        # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group
         m = tl.program_id(1)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = n < N

@@ -1,0 +1,51 @@
+"""Compile quant/gemv.py's kernel ahead of time for GPU architectures, on a machine with no GPU.
+
+Run by tests/test_gemv.py in a subprocess without TRITON_INTERPRET (which makes kernels interpreted).
+Prints one JSON object: {"<case> sm_<arch>": {"<load instruction>": count, ...}}. The pointers and
+sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
+"""
+
+import collections
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from quant import gemv  # noqa: E402
+
+CASES = {  # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, rows per element, group, meta group)
+    "2-bit, 8-bit meta, bf16": ("bf16", "u8", "u8", 2, 4, 16, 128),
+    "3-bit, fp16": ("fp16", "i32", "fp16", 3, 10, 64, None),
+    "4-bit, fp32": ("fp32", "u8", "fp16", 4, 2, 64, None),
+    "8-bit, bf16": ("bf16", "u8", "fp16", 8, 1, 64, None),
+}
+
+
+def compile_case(case: tuple, arch: int) -> str:
+    act, codes, meta_codes, bits, per, group, meta_group = case
+    pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
+                "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
+                "out_ptr": act}  # fmt: skip
+    constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
+                 "META_GROUP": meta_group or 1, "BLOCK_N": gemv.BLOCK_N, "BLOCK_K": gemv.BLOCK_K,
+                 "GB": gemv.BLOCK_K // group}  # fmt: skip
+    signature = {name: "*" + dtype for name, dtype in pointers.items()}
+    signature |= {"N": "i32", "K": "i32", "STEP": "i32"} | {name: "constexpr" for name in constants}
+    aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
+    source = ASTSource(gemv._gemv_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+
+if __name__ == "__main__":
+    loads = {}
+    for name, case in CASES.items():
+        for arch in map(int, sys.argv[1:]):
+            ptx = compile_case(case, arch)
+            loads[f"{name} sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+    print(json.dumps(loads))
