@@ -1,7 +1,7 @@
 """The fused dequantize+GEMV kernel (quant/gemv.py) against dequantize-then-multiply.
 
-Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), the same code that CUDA
-compiles; tests/test_cuda.py times nothing but repeats the model-level check on the device.
+Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py) on CPU tensors; with one, the
+same tests run the compiled kernel on CUDA tensors (references stay on the CPU, in float64).
 """
 
 import json
@@ -15,13 +15,23 @@ import torch
 
 import offload
 from quant import gemv
-from quant.hqq import EXPERT_PRESETS, QuantSpec, Workspace, dequantize, quantize, random_quantized
+from quant.hqq import (
+    EXPERT_PRESETS,
+    QuantSpec,
+    Workspace,
+    dequantize,
+    from_tensors,
+    quantize,
+    random_quantized,
+    to_tensors,
+)
 from quant.linear import linear
 from quant.packing import ExpertFormat
 from tests.test_quantized_model import carry_our_weights
 from tests.tiny import hf_model, make_tiny_mixtral
 
 pytestmark = pytest.mark.skipif(gemv.triton is None, reason="Triton is not installed (pip install triton)")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted (tests/conftest.py)
 
 SPECS = {
     "2-bit g16, 8-bit meta": EXPERT_PRESETS["2"],
@@ -33,7 +43,18 @@ SPECS = {
 
 
 def reference(x: torch.Tensor, q) -> torch.Tensor:
-    return x.double() @ dequantize(q, torch.float32).double().T
+    """x @ W.T in float64 on the CPU, W dequantized by quant/hqq.py."""
+    return x.cpu().double() @ dequantize(q, torch.float32).double().T
+
+
+def on_device(q):
+    """q's tensors on DEVICE (the kernel reads them there)."""
+    return from_tensors({k: v.to(DEVICE) for k, v in to_tensors(q, "w").items()}, "w", q.spec, q.shape)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, relative: float = 1e-5) -> None:
+    error = (got.cpu().double() - expected).abs().max().item()
+    assert error < relative * expected.abs().max().item(), error
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -43,10 +64,9 @@ def test_gemv_equals_dequantize_then_matmul(name, shape, rows):
     generator = torch.Generator().manual_seed(sum(shape) + rows)
     q = random_quantized(shape, SPECS[name], generator)
     x = torch.randn(rows, shape[1], generator=generator)
-    expected = reference(x, q)
-    got = gemv.gemv(x, q)
+    got = gemv.gemv(x.to(DEVICE), on_device(q))
     assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
-    assert (got.double() - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+    assert_close(got, reference(x, q))
 
 
 @pytest.mark.parametrize("bits", ["2", "3", "4"])
@@ -55,13 +75,11 @@ def test_gemv_on_hqq_quantized_weights_in_a_packed_expert(bits):
     generator = torch.Generator().manual_seed(int(bits))
     fmt = ExpertFormat.build(128, 256, EXPERT_PRESETS[bits], torch.float32)
     raw = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in fmt._weight_shapes(128, 256).items()}
-    buffer = torch.zeros(2 * fmt.nbytes, dtype=torch.uint8)[fmt.nbytes :]  # a view at an offset, like an arena row
-    fmt.pack(**raw, out=buffer)
+    buffer = torch.zeros(2 * fmt.nbytes, dtype=torch.uint8, device=DEVICE)[fmt.nbytes :]  # like an arena row
+    buffer.copy_(fmt.pack(**raw))
     for name, q in fmt.unpack(buffer).items():
         x = torch.randn(1, q.shape[1], generator=generator)
-        expected = reference(x, quantize(raw[name], fmt.spec))  # quantization is deterministic
-        got = gemv.gemv(x, q)
-        assert (got.double() - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
+        assert_close(gemv.gemv(x.to(DEVICE), q), reference(x, quantize(raw[name], fmt.spec)))  # deterministic
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -70,19 +88,16 @@ def test_gemv_in_half_precision_rounds_once(dtype):
     generator = torch.Generator().manual_seed(5)
     q = random_quantized((128, 512), EXPERT_PRESETS["2"], generator)
     x = torch.randn(1, 512, generator=generator).to(dtype)
-    got = gemv.gemv(x, q)
-    expected = reference(x.float(), q)
+    got = gemv.gemv(x.to(DEVICE), on_device(q))
     assert got.dtype == dtype
-    assert torch.equal(got, expected.to(torch.float32).to(dtype)) or (
-        (got.double() - expected).abs().max().item() <= 2 * torch.finfo(dtype).eps * expected.abs().max().item()
-    )
+    assert_close(got, reference(x, q), relative=torch.finfo(dtype).eps)
 
 
 def test_gemv_writes_into_out_and_linear_dispatches_on_the_workspace():
     generator = torch.Generator().manual_seed(6)
-    q = random_quantized((64, 256), EXPERT_PRESETS["4"], generator)
-    x = torch.randn(1, 256, generator=generator)
-    out = torch.full((1, 64), float("nan"))
+    q = on_device(random_quantized((64, 256), EXPERT_PRESETS["4"], generator))
+    x = torch.randn(1, 256, generator=generator).to(DEVICE)
+    out = torch.full((1, 64), float("nan"), device=DEVICE)
     assert gemv.gemv(x, q, out) is out
     assert torch.equal(linear(x, q, Workspace(fused=True)), out)
     # without fused, the same call dequantizes: close, but not the same rounding
@@ -100,9 +115,10 @@ def test_gemv_supports_only_what_it_reads():
     assert not gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
     # what it refuses still multiplies, through dequantization
     x = torch.randn(gemv.MAX_ROWS + 1, 256, generator=generator)
-    assert (linear(x, q, Workspace(fused=True)) - reference(x, q).float()).abs().max().item() < 1e-5
+    assert_close(linear(x, q, Workspace(fused=True)), reference(x, q))
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreted on CPU tensors; tests/test_cuda.py has the CUDA twin")
 def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path):
     """The whole model, prefill dequantized and every decode step through the kernel (experts in slots,
     4-bit attention fused too), against transformers carrying the same dequantized weights."""
