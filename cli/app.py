@@ -6,6 +6,8 @@ Progress bars and tables go to stderr, so `--json` leaves stdout to the JSON alo
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -86,10 +88,53 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest s
 Seed = Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")]
 
 
-def _load_options(**options) -> dict:
-    if options.pop("no_prefetch"):
-        options["prefetch"] = "none"
-    return options
+# the options a command that loads a model may offer: name -> (typer annotation, default: LoadOptions' own)
+LOAD_OPTIONS: dict[str, tuple[object, object]] = {
+    "slots": (Slots, LoadOptions.slots),
+    "gpu_memory": (GpuMemory, LoadOptions.gpu_memory),
+    "cpu_memory": (CpuMemory, LoadOptions.cpu_memory),
+    "device": (Device, LoadOptions.device),
+    "dtype": (Dtype, LoadOptions.dtype),
+    "expert_bits": (ExpertBits, LoadOptions.expert_bits),
+    "attn_bits": (AttnBits, LoadOptions.attn_bits),
+    "attn_quant": (AttnQuant, LoadOptions.attn_quant),
+    "prefetch": (Prefetch, LoadOptions.prefetch),
+    "no_prefetch": (NoPrefetch, False),
+    "policy": (Policy, LoadOptions.policy),
+    "cache_mode": (CacheMode, LoadOptions.cache_mode),
+    "max_seq_len": (MaxSeqLen, LoadOptions.max_seq_len),
+    "fused_gemv": (FusedGemv, LoadOptions.fused_gemv),
+}
+
+
+def loads_model(*names: str):
+    """Give a command the load options `names` (all of them when none are named), after its own.
+
+    The command takes a `load` parameter instead: a dict of LoadOptions keywords, with --no-prefetch
+    folded into prefetch. One declaration per option, here, for every command.
+    """
+    names = names or tuple(LOAD_OPTIONS)
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # typer reads real annotations, not strings
+        own = [p for p in signature.parameters.values() if p.name != "load"]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=LOAD_OPTIONS[name][0],
+                              default=LOAD_OPTIONS[name][1])
+            for name in names
+        ]  # fmt: skip
+
+        @functools.wraps(command)
+        def run(**arguments):
+            load = {name: arguments.pop(name) for name in names}
+            if load.pop("no_prefetch", False):
+                load["prefetch"] = "none"
+            return command(**arguments, load=load)
+
+        run.__signature__ = signature.replace(parameters=own + added)
+        return run
+
+    return decorate
 
 
 def _load(model: str, options: dict):
@@ -179,6 +224,7 @@ def quantize(
 
 
 @app.command()
+@loads_model()
 def generate(
     model: Model,
     prompt: Annotated[str, typer.Option(help="The text to continue.")],
@@ -186,32 +232,14 @@ def generate(
     temperature: Temperature = SamplingConfig.temperature,
     top_p: TopP = SamplingConfig.top_p,
     seed: Seed = None,
-    slots: Slots = None,
-    gpu_memory: GpuMemory = None,
-    cpu_memory: CpuMemory = None,
-    device: Device = LoadOptions.device,
-    dtype: Dtype = LoadOptions.dtype,
-    expert_bits: ExpertBits = "none",
-    attn_bits: AttnBits = "none",
-    attn_quant: AttnQuant = LoadOptions.attn_quant,
-    prefetch: Prefetch = LoadOptions.prefetch,
-    no_prefetch: NoPrefetch = False,
-    policy: Policy = LoadOptions.policy,
-    cache_mode: CacheMode = LoadOptions.cache_mode,
-    max_seq_len: MaxSeqLen = None,
-    fused_gemv: FusedGemv = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the cache and speed figures after the text.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help='Print only {"text", "token_ids", "stats"} as one JSON object.')
     ] = False,
+    load: dict | None = None,
 ) -> None:
     """Continue a prompt, streaming the text as it is generated."""
-    options = _load_options(
-        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
-        expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch, no_prefetch=no_prefetch,
-        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len, fused_gemv=fused_gemv,
-    )  # fmt: skip
-    loaded = _load(model, options)
+    loaded = _load(model, load)
     stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
     result = loaded.generate(
         prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
@@ -225,6 +253,7 @@ def generate(
 
 
 @app.command()
+@loads_model()
 def chat(
     model: Model,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
@@ -232,29 +261,11 @@ def chat(
     temperature: Temperature = SamplingConfig.temperature,
     top_p: TopP = SamplingConfig.top_p,
     seed: Seed = None,
-    slots: Slots = None,
-    gpu_memory: GpuMemory = None,
-    cpu_memory: CpuMemory = None,
-    device: Device = LoadOptions.device,
-    dtype: Dtype = LoadOptions.dtype,
-    expert_bits: ExpertBits = "none",
-    attn_bits: AttnBits = "none",
-    attn_quant: AttnQuant = LoadOptions.attn_quant,
-    prefetch: Prefetch = LoadOptions.prefetch,
-    no_prefetch: NoPrefetch = False,
-    policy: Policy = LoadOptions.policy,
-    cache_mode: CacheMode = LoadOptions.cache_mode,
-    max_seq_len: MaxSeqLen = None,
-    fused_gemv: FusedGemv = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the figures after every answer.")] = False,
+    load: dict | None = None,
 ) -> None:
     """Chat in the terminal through the model's chat template. Type /stats, /reset or /exit."""
-    options = _load_options(
-        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
-        expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch, no_prefetch=no_prefetch,
-        policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len, fused_gemv=fused_gemv,
-    )  # fmt: skip
-    loaded = _load(model, options)
+    loaded = _load(model, load)
     messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
     err.print("chat: /stats shows the figures, /reset starts over, /exit leaves")
     while True:
@@ -292,38 +303,19 @@ def chat(
 
 
 @app.command()
+@loads_model(
+    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "max_seq_len",
+    "fused_gemv",
+)  # fmt: skip
 def info(
     model: Model,
-    slots: Slots = None,
-    gpu_memory: GpuMemory = None,
-    cpu_memory: CpuMemory = None,
-    device: Device = LoadOptions.device,
-    dtype: Dtype = LoadOptions.dtype,
-    expert_bits: ExpertBits = "none",
-    attn_bits: AttnBits = "none",
-    attn_quant: AttnQuant = LoadOptions.attn_quant,
-    max_seq_len: MaxSeqLen = None,
-    fused_gemv: FusedGemv = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
+    load: dict | None = None,
 ) -> None:
     """Show the model's family, sizes, quantization and memory plan, without loading the experts."""
     from offload.api import describe, prepare
 
-    facts = describe(
-        prepare(
-            model,
-            slots=slots,
-            gpu_memory=gpu_memory,
-            cpu_memory=cpu_memory,
-            device=device,
-            dtype=dtype,
-            expert_bits=expert_bits,
-            attn_bits=attn_bits,
-            attn_quant=attn_quant,
-            max_seq_len=max_seq_len,
-            fused_gemv=fused_gemv,
-        )  # fmt: skip
-    )
+    facts = describe(prepare(model, **load))
     if as_json:
         print(json.dumps(facts))
         return
@@ -334,6 +326,7 @@ def info(
 
 
 @app.command()
+@loads_model()
 def trace(
     model: Model,
     out: Annotated[Path, typer.Option("--out", help="The trace to write (.jsonl).")],
@@ -342,20 +335,7 @@ def trace(
     max_new_tokens: MaxNewTokens = 64,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 (the default here) is greedy.")] = 0.0,
     seed: Seed = None,
-    slots: Slots = None,
-    gpu_memory: GpuMemory = None,
-    cpu_memory: CpuMemory = None,
-    device: Device = LoadOptions.device,
-    dtype: Dtype = LoadOptions.dtype,
-    expert_bits: ExpertBits = "none",
-    attn_bits: AttnBits = "none",
-    attn_quant: AttnQuant = LoadOptions.attn_quant,
-    prefetch: Prefetch = LoadOptions.prefetch,
-    no_prefetch: NoPrefetch = False,
-    policy: Policy = LoadOptions.policy,
-    cache_mode: CacheMode = LoadOptions.cache_mode,
-    max_seq_len: MaxSeqLen = None,
-    fused_gemv: FusedGemv = None,
+    load: dict | None = None,
 ) -> None:
     """Record the routing of real prompts: per sequence, token and layer, the experts, gate weights and guesses."""
     if (prompt is None) == (prompts is None):
@@ -368,12 +348,7 @@ def trace(
             raise MoEOffloadError(f"{prompts} holds no prompt; write one prompt per line")
     else:
         texts = [prompt]
-    options = _load_options(
-        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
-        expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, prefetch=prefetch,
-        no_prefetch=no_prefetch, policy=policy, cache_mode=cache_mode, max_seq_len=max_seq_len, fused_gemv=fused_gemv,
-    )  # fmt: skip
-    loaded = _load(model, options)
+    loaded = _load(model, load)
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     total = loaded.stats.total
     err.print(f"wrote {path}: {len(texts)} sequences, {loaded.stats.decode_tokens} decode tokens, "
@@ -407,6 +382,10 @@ def synth(
 
 
 @app.command()
+@loads_model(
+    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "policy", "cache_mode",
+    "max_seq_len", "fused_gemv",
+)  # fmt: skip
 def bench(
     model: Model,
     tokens: Annotated[int, typer.Option(help="Decode tokens to time.")] = 128,
@@ -433,17 +412,7 @@ def bench(
         ),
     ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results to this JSON file.")] = None,
-    slots: Slots = None,
-    gpu_memory: GpuMemory = None,
-    cpu_memory: CpuMemory = None,
-    device: Device = LoadOptions.device,
-    dtype: Dtype = LoadOptions.dtype,
-    expert_bits: ExpertBits = "none",
-    attn_bits: AttnBits = "none",
-    policy: Policy = LoadOptions.policy,
-    cache_mode: CacheMode = LoadOptions.cache_mode,
-    max_seq_len: MaxSeqLen = None,
-    fused_gemv: FusedGemv = None,
+    load: dict | None = None,
 ) -> None:
     """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound."""
     from offload import bench as benchmark
@@ -451,21 +420,17 @@ def bench(
 
     if tokens < 3:
         raise MoEOffloadError(f"--tokens must be at least 3 (two are warm-up for the allocation count), got {tokens}")
-    options = _load_options(
-        slots=slots, gpu_memory=gpu_memory, cpu_memory=cpu_memory, device=device, dtype=dtype,
-        expert_bits=expert_bits, attn_bits=attn_bits, prefetch="none", no_prefetch=False, policy=policy,
-        cache_mode=cache_mode, max_seq_len=max_seq_len or max(prompt_tokens + tokens, 20) + 1,  # compute pass: 17
-        fused_gemv=fused_gemv,
-    )  # fmt: skip
-    loaded = _load(model, options)
+    # bench sets the prefetch itself; the compute pass needs 17 positions
+    load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or max(prompt_tokens + tokens, 20) + 1}
+    loaded = _load(model, load)
     accelerate = None
     if compare and route_trace is None and not loaded.source.folder.joinpath("manifest.json").exists():
 
         def accelerate() -> dict:
             return benchmark.accelerate_baseline(
                 model, device=loaded.device, dtype=loaded.dtype, tokens=tokens, prompt_tokens=prompt_tokens,
-                gpu_budget=None if gpu_memory is None else parse_bytes(gpu_memory),
-                cpu_budget=None if cpu_memory is None else parse_bytes(cpu_memory),
+                gpu_budget=None if load["gpu_memory"] is None else parse_bytes(load["gpu_memory"]),
+                cpu_budget=None if load["cpu_memory"] is None else parse_bytes(load["cpu_memory"]),
             )  # fmt: skip
 
     result = benchmark.bench(loaded, tokens=tokens, prompt_tokens=prompt_tokens,
