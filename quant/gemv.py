@@ -34,15 +34,15 @@ BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size 
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
-    """Whether `gemv` serves this call: Triton present, x on CUDA (or interpreted), a small batch,
-    and a layout the kernel reads (power-of-two group size dividing BLOCK_K, float or 8-bit meta)."""
+    """Whether `gemv` serves this call: Triton present, a small batch, and a layout the kernel reads
+    (a power-of-two group size dividing BLOCK_K; float or 8-bit meta; int32 offsets). The device is
+    the caller's choice: Workspace.fused is set on CUDA, or by tests under Triton's interpreter."""
     if triton is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[1] != q.shape[1]:
         return False
     g = q.spec.group_size
-    if g & (g - 1) or BLOCK_K % g:
+    if g & (g - 1) or BLOCK_K % g or q.shape[0] * q.shape[1] >= 2**31:
         return False
-    meta = q.spec.meta_spec
-    return meta is None or (meta.bits == 8 and meta.group_size & (meta.group_size - 1) == 0)
+    return q.spec.meta_bits in (None, 8)
 
 
 def gemv(
