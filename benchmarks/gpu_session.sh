@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: tests kernel synth bench colab; results go to $OUT (the device tool's) or benchmarks/results
+#       steps: tests kernel synth bench colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -69,6 +69,13 @@ for step in "$@"; do
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
         ;;
+    profile)  # where a decode step's time goes (after synth), fused kernel on and off
+        python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB \
+            --out "$results/profile_decode_${gpu}_fused.json"
+        python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB --no-fused-gemv \
+            --out "$results/profile_decode_${gpu}_dequantize.json"
+        stamp "$results"/profile_decode_"${gpu}"_*.json
+        ;;
     colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
         moe bench "$model" --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \
             --json "$results/bench_${gpu}_colab_exclusive.json"
@@ -78,7 +85,7 @@ for step in "$@"; do
         stamp "$results"/bench_"${gpu}"_colab_*.json
         ;;
     *)
-        echo "unknown step $step; steps: tests kernel synth bench colab" >&2
+        echo "unknown step $step; steps: tests kernel synth bench colab profile" >&2
         exit 2
         ;;
     esac
