@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: tests kernel synth bench colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests kernel synth bench colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -59,7 +59,11 @@ for step in "$@"; do
         python3 benchmarks/gemv_kernel.py --sweep --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;
+    synth-start)  # synth on 8 CPU threads in the background, while the GPU steps run
+        [[ -f $model/manifest.json ]] || { OMP_NUM_THREADS=8 moe synth "$model" --preset mixtral-8x7b >"$results/synth.log" 2>&1 & synth_pid=$!; }
+        ;;
     synth)
+        if [[ -n ${synth_pid:-} ]]; then wait "$synth_pid"; tail -3 "$results/synth.log"; fi
         [[ -f $model/manifest.json ]] || time moe synth "$model" --preset mixtral-8x7b
         ;;
     bench)  # the three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines
