@@ -35,15 +35,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 moe() { python3 -m cli.app "$@"; }
 
-stamp() {  # the copy on the machine has no .git: record the commit that was sent
+stamp() {  # the machine's copy has the session's first commit in .git, or none: record the commit sent
     python3 - "$@" <<'EOF'
 import json, sys
 commit = open(".gpu/COMMIT").read().strip()
 for path in sys.argv[1:]:
     data = json.load(open(path))
-    if not data.get("commit"):
-        data["commit"] = commit
-        json.dump(data, open(path, "w"), indent=2)
+    data["commit"] = commit
+    json.dump(data, open(path, "w"), indent=2)
 EOF
 }
 
@@ -52,11 +51,11 @@ for step in "$@"; do
     case $step in
     tests)
         # a failure is reported, not fatal: the steps after it still run
-        python3 -m pytest -q -rs tests/test_cuda.py tests/test_gemv.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
+        python3 -m pytest -q -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
         ;;
     kernel)
-        python3 benchmarks/gemv_kernel.py --sweep --out "$results/gemv_kernel_$gpu.json"
+        python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;
     synth-start)  # synth on 8 CPU threads in the background, while the GPU steps run
@@ -73,13 +72,15 @@ for step in "$@"; do
             --json "$results/bench_${gpu}_mixtral-8x7b_gate.json"
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-cuda-graphs \
+            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_eager.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
         ;;
-    profile)  # where a decode step's time goes (after synth), fused kernel on and off
+    profile)  # where a decode step's time goes (after synth), CUDA graphs on and off
         python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB \
-            --out "$results/profile_decode_${gpu}_fused.json"
-        python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB --no-fused-gemv \
-            --out "$results/profile_decode_${gpu}_dequantize.json"
+            --out "$results/profile_decode_${gpu}_graphs.json"
+        python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
+            --out "$results/profile_decode_${gpu}_eager.json"
         stamp "$results"/profile_decode_"${gpu}"_*.json
         ;;
     colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
