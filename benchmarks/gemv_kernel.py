@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--sweep", action="store_true", help="also time every launch shape")
+    parser.add_argument("--sweep-bits", default="2,3,4", help="the expert bits whose launch shapes --sweep times")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_kernel.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available() or gemv.triton is None:
@@ -72,10 +73,14 @@ def main() -> None:
             unfused = timed_us(linear, xin, q, workspace, out)
             fused = timed_us(gemv.gemv, xin, q, out)
             row = {"bits": int(bits), "matrix": name, "shape": list(q.shape), "quantized_bytes": nbytes,
+                   "rows_together": gemv._rows_together(q),
                    "dequantize_matmul_us": round(unfused, 1), "fused_us": round(fused, 1),
                    "fused_gb_per_s": round(nbytes / fused / 1e3, 1), "relative_error": error}  # fmt: skip
-            if args.sweep:
-                shapes = itertools.product((8, 16, 32, 64), (128, 256, 512), (2, 4, 8))
+            if args.sweep and bits in args.sweep_bits.split(","):
+                # the packed-row kernel's block_n counts packed rows, each PER outputs: fewer per program
+                packed = gemv._rows_together(q) > 1
+                blocks = ((1, 2, 4, 8), (512, 1024, 2048)) if packed else ((8, 16, 32, 64), (128, 256, 512))
+                shapes = itertools.product(*blocks, (2, 4, 8))
                 best = min(
                     (timed_us(gemv.gemv, xin, q, out, block_n=n, block_k=k, num_warps=w, repeats=20), n, k, w)
                     for n, k, w in shapes
@@ -84,7 +89,7 @@ def main() -> None:
             rows.append(row)
             print(f"{bits}-bit {name} {tuple(q.shape)}: dequantize+matmul {unfused:8.1f} us, fused {fused:7.1f} us "
                   f"({row['fused_gb_per_s']} GB/s of codes), error {error:.1e}"
-                  + (f", best {row['best']}" if args.sweep else ""))  # fmt: skip
+                  + (f", best {row['best']}" if "best" in row else ""))  # fmt: skip
         for fused in (False, True):
             workspace = Workspace(fused=fused)
             us = timed_us(expert_mlp, x, weights, workspace, reuse=True)
@@ -94,7 +99,12 @@ def main() -> None:
     report = {
         **environment(device, program=f"python {sys.argv[0]}"),
         "dtype": args.dtype,
-        "defaults": {"block_n": gemv.BLOCK_N, "block_k": gemv.BLOCK_K, "num_warps": 4},
+        "defaults": {
+            "block_n": gemv.BLOCK_N,
+            "block_k": gemv.BLOCK_K,
+            "num_warps": 4,
+            "packed_launch": gemv.PACKED_LAUNCH,  # by bits: (block_n packed rows, block_k)
+        },
         "matrices": rows,
         "expert_mlp": mlps,
     }

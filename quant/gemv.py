@@ -10,7 +10,13 @@ Per group r (g consecutive inputs k of output n), with codes c, zero z and scale
 so the kernel needs one scale and one zero per group, not per weight.
 
 Code layout is hqq's (quant/hqq.py): grid row r = n * K/g + k // g lives in packed row r % step,
-at bit slot r // step (highest bits first), column k % g.
+at bit slot r // step (highest bits first), column k % g. So one packed element holds the codes of PER
+grid rows step apart; when N % PER == 0, step = N/PER * K/g and those rows are outputs n, n + N/PER,
+..., n + (PER-1) N/PER at the same k. Two kernels:
+  - `_gemv_packed_kernel` (N % PER == 0, every Mixtral shape at 2 and 4 bits): a program takes packed
+    rows n < N/PER, reads each element once, contiguously, and makes all PER outputs from it;
+  - `_gemv_kernel` (any shape, e.g. 3-bit's padded grid): a program takes consecutive outputs, so it
+    reads each element for one of its codes, and PER far-apart programs read the same element.
 
 Triton runs on CUDA; tests run the same kernel on the CPU under TRITON_INTERPRET=1.
 """
@@ -29,8 +35,11 @@ except ImportError:  # CPU builds of torch ship without Triton; linear() then de
     triton = None
 
 MAX_ROWS = 8  # tokens per call the kernel serves; a prefill's matrix product is faster dequantized
-BLOCK_N = 16  # outputs per program: small, so even a 4096-output matrix spreads over 256 programs
+BLOCK_N = 16  # _gemv_kernel's outputs per program: small, so a 4096-output matrix spreads over 256 programs
 BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size up to 256
+# _gemv_packed_kernel's (block_n packed rows, block_k inputs) by bits: about BLOCK_N outputs per program
+# (block_n * PER; 3-bit: 20) and 4 KB of codes per loop step, as _gemv_kernel; not yet tuned on a GPU
+PACKED_LAUNCH = {2: (4, 1024), 3: (2, 512), 4: (8, 512)}
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
@@ -45,15 +54,27 @@ def supports(x: Tensor, q: Quantized) -> bool:
     return q.spec.meta_bits in (None, 8)
 
 
+def _rows_together(q: Quantized) -> int:
+    """Outputs made from each packed element a program reads: PER when N % PER == 0 (the packed-row
+    kernel), else 1 (_gemv_kernel; 8-bit, one code per byte, is the same either way)."""
+    per = _ROWS_PER_ELEMENT[q.spec.bits]
+    return per if q.shape[0] % per == 0 else 1
+
+
 def gemv(
-    x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+    x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
     num_warps: int = 4,
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
 
-    block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them.
+    block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them. block_n
+    counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs; left
+    out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K.
     """
     # M = tokens (rows of x), N = outputs, K = inputs
+    per = _rows_together(q)
+    default_n, default_k = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K)
+    block_n, block_k = block_n or default_n, block_k or default_k
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
@@ -69,14 +90,17 @@ def gemv(
     else:
         meta = (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero)  # the kernel reads only the first of each
         meta_group = 1
-    grid = (triton.cdiv(outputs, block_n), rows)
-    _gemv_kernel[grid](
-        x, q.codes, *meta, out,
-        outputs, inputs, q.codes.shape[0],
+    args = (x, q.codes, *meta, out, outputs, inputs, q.codes.shape[0])
+    launch = dict(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
         BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps,
     )  # fmt: skip
+    if per > 1:
+        grid = (triton.cdiv(outputs // per, block_n), rows)
+        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), **launch)
+    else:
+        _gemv_kernel[(triton.cdiv(outputs, block_n), rows)](*args, **launch)
     return out
 
 
@@ -130,3 +154,45 @@ if triton is not None:
             z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
             acc += tl.sum(s * (cx - z * xs[None, :]), axis=1)
         tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _gemv_packed_kernel(
+        x_ptr, codes_ptr,
+        scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        out_ptr,
+        N, K, STEP,
+        BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, GROUP: tl.constexpr,
+        QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
+    ):  # fmt: skip
+        # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
+        # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
+        # contiguous elements), read once in [BLOCK_N, GB, GROUP] tiles, for BLOCK_N * PER outputs.
+        m = tl.program_id(1)
+        per_slot = N // PER  # outputs per bit slot
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] packed row of outputs n + i * per_slot
+        n_ok = n < per_slot
+        slot = tl.arange(0, PER_P2)  # [P] bit slot; PER_P2 is PER rounded up to a power of two (3-bit: 16)
+        j = tl.arange(0, GROUP)  # [G] position inside a group
+        groups_per_row = K // GROUP
+        acc = tl.zeros([BLOCK_N, PER_P2], dtype=tl.float32)  # [BN, P]: column i sums output n + i * per_slot
+        for k0 in range(0, K, BLOCK_K):
+            g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
+            g_ok = g < groups_per_row
+            xk = tl.load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], mask=g_ok[:, None], other=0)
+            xk = xk.to(tl.float32)  # [GB, G]
+            xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
+            p = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] packed row, = grid row of bit slot 0
+            mask = n_ok[:, None] & g_ok[None, :]
+            packed = tl.load(codes_ptr + p[:, :, None] * GROUP + j[None, None, :], mask=mask[:, :, None], other=0)
+            for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
+                code = ((packed >> ((PER - 1 - i) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, GB, G]
+                cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
+                r = p + i * STEP  # [BN, GB] grid row
+                s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP)
+                z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
+                part = tl.sum(s * (cx - z * xs[None, :]), axis=1)  # [BN]
+                acc += tl.where(slot[None, :] == i, part[:, None], 0.0)
+        outputs = n[:, None] + slot[None, :] * per_slot  # [BN, P]
+        mask = n_ok[:, None] & (slot[None, :] < PER)
+        tl.store(out_ptr + m * N + outputs, acc.to(out_ptr.dtype.element_ty), mask=mask)

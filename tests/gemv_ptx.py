@@ -1,8 +1,9 @@
 """Compile quant/gemv.py's kernel ahead of time for GPU architectures, on a machine with no GPU.
 
 Run by tests/test_gemv.py in a subprocess without TRITON_INTERPRET (which makes kernels interpreted).
-Prints one JSON object: {"<case> sm_<arch>": {"<load instruction>": count, ...}}. The pointers and
-sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
+Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": count, ...}}, for
+_gemv_kernel on every case and _gemv_packed_kernel on those with more than one code per element. The
+pointers and sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
 """
 
 import collections
@@ -27,25 +28,33 @@ CASES = {  # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, 
 }
 
 
-def compile_case(case: tuple, arch: int) -> str:
+def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
+    """PTX of _gemv_kernel, or with `packed` of _gemv_packed_kernel at gemv's default launch for it."""
     act, codes, meta_codes, bits, per, group, meta_group = case
+    block_n, block_k = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K)
     pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
                 "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
                 "out_ptr": act}  # fmt: skip
     constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
-                 "META_GROUP": meta_group or 1, "BLOCK_N": gemv.BLOCK_N, "BLOCK_K": gemv.BLOCK_K,
-                 "GB": gemv.BLOCK_K // group}  # fmt: skip
+                 "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "GB": block_k // group}  # fmt: skip
+    if packed:
+        constants["PER_P2"] = triton.next_power_of_2(per)
     signature = {name: "*" + dtype for name, dtype in pointers.items()}
     signature |= {"N": "i32", "K": "i32", "STEP": "i32"} | {name: "constexpr" for name in constants}
     aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
-    source = ASTSource(gemv._gemv_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in aligned})
+    kernel = gemv._gemv_packed_kernel if packed else gemv._gemv_kernel
+    source = ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
 
 if __name__ == "__main__":
     loads = {}
     for name, case in CASES.items():
-        for arch in map(int, sys.argv[1:]):
-            ptx = compile_case(case, arch)
-            loads[f"{name} sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+        for kernel, packed in (("_gemv_kernel", False), ("_gemv_packed_kernel", True)):
+            if packed and case[4] == 1:  # one code per byte: gemv never takes the packed kernel
+                continue
+            for arch in map(int, sys.argv[1:]):
+                ptx = compile_case(case, arch, packed)
+                loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
     print(json.dumps(loads))

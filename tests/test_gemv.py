@@ -5,6 +5,7 @@ same tests run the compiled kernel on CUDA tensors (references stay on the CPU, 
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import offload
 from quant import gemv
 from quant.hqq import (
     EXPERT_PRESETS,
+    Quantized,
     QuantSpec,
     Workspace,
     dequantize,
@@ -67,6 +69,65 @@ def test_gemv_equals_dequantize_then_matmul(name, shape, rows):
     got = gemv.gemv(x.to(DEVICE), on_device(q))
     assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
     assert_close(got, reference(x, q))
+
+
+class Launches:
+    """Stands in for a Triton kernel in gemv's module and records the grids it is launched on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(
+    "spec, shape, together, launch",
+    [  # launch: (block_n, block_k), None for gemv's default; N / PER not a multiple of block_n leaves a ragged program
+        (EXPERT_PRESETS["2"], (64, 256), 4, None),  # packed rows 0..15, each the codes of outputs n + 16 i
+        (EXPERT_PRESETS["2"], (48, 512), 4, (8, 64)),  # 12 packed rows: a ragged second program; 8 steps over K
+        (EXPERT_PRESETS["4"], (96, 256), 2, (32, 128)),
+        (EXPERT_PRESETS["3"], (20, 128), 10, (1, 64)),  # N % 10 == 0: 3-bit's grid is not padded either
+        (EXPERT_PRESETS["2"], (2, 1024), 1, None),  # 128 groups pack 4 to a byte, but N % 4 != 0: the fallback
+        (QuantSpec(2, 16), (42, 64), 1, (16, 64)),
+        (EXPERT_PRESETS["4"], (3, 128), 1, None),
+        (EXPERT_PRESETS["3"], (96, 256), 1, None),  # the padded grid
+    ],
+)
+def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, spec, shape, together, launch):
+    """Shapes with N % PER == 0 take _gemv_packed_kernel (each packed row read once makes PER outputs);
+    others _gemv_kernel. Both against dequantize-then-multiply, at two tokens."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    q = random_quantized(shape, spec, generator)
+    x = torch.randn(2, shape[1], generator=generator)
+    assert gemv._rows_together(q) == together
+    packed, fallback = Launches(gemv._gemv_packed_kernel), Launches(gemv._gemv_kernel)
+    monkeypatch.setattr(gemv, "_gemv_packed_kernel", packed)
+    monkeypatch.setattr(gemv, "_gemv_kernel", fallback)
+    block_n, block_k = launch or (None, None)
+    got = gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k)
+    assert_close(got, reference(x, q))
+    default_n = gemv.PACKED_LAUNCH[spec.bits][0] if together > 1 else gemv.BLOCK_N
+    programs = math.ceil(shape[0] // together / (block_n or default_n))  # a program per block_n (packed) rows
+    assert (packed if together > 1 else fallback).grids == [(programs, 2)]
+    assert (fallback if together > 1 else packed).grids == []
+
+
+def test_which_kernel_each_mixtral_matrix_takes():
+    """_rows_together: PER outputs per element read (the packed-row kernel) where N % PER == 0, else 1."""
+    empty = torch.empty(0)
+
+    def together(shape, spec):
+        return gemv._rows_together(Quantized(empty, empty, empty, shape, spec))
+
+    for shape in [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]:  # w1 and w3, w2, q and o, k and v
+        assert together(shape, EXPERT_PRESETS["2"]) == 4
+        assert together(shape, EXPERT_PRESETS["4"]) == 2
+        assert together(shape, EXPERT_PRESETS["3"]) == 1  # 10 rows per int32, and 10 divides none of them
+        assert together(shape, QuantSpec(8, 64)) == 1  # one code per byte: nothing to share
+    assert together((40, 1024), EXPERT_PRESETS["3"]) == 10
+    assert together((42, 64), QuantSpec(2, 16)) == 1
 
 
 @pytest.mark.parametrize("bits", ["2", "3", "4"])
@@ -149,7 +210,7 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path)
 
 
 def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
-    """The interpreter checks the arithmetic; this compiles the kernel for real GPUs (sm_75: the T4 of a
+    """The interpreter checks the arithmetic; this compiles both kernels for real GPUs (sm_75: the T4 of a
     free Colab, sm_90: H100) with Triton's own ptxas, no GPU needed, and checks the codes are read 16
     bytes at a time rather than byte by byte."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -157,6 +218,7 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     loads = json.loads(done.stdout)
-    assert len(loads) == 8
+    # _gemv_kernel at 2, 3, 4 and 8 bits; _gemv_packed_kernel at 2, 3 and 4 (8-bit never takes it)
+    assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 8 + ["_gemv_packed_kernel"] * 6
     for case, counts in loads.items():
         assert counts.get("ld.global.v4.b32", 0) >= 2, (case, counts)
