@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,12 +37,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-fused-gemv", action="store_true")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_decode.json"))
     parser.add_argument("--chrome", default=None, help="also write a Chrome trace (chrome://tracing) here")
     args = parser.parse_args()
 
     model = offload.load(args.model, device=args.device, gpu_memory=args.gpu_memory, slots=args.slots,
-                         prefetch="none", fused_gemv=False if args.no_fused_gemv else None)  # fmt: skip
+                         prefetch="none", fused_gemv=False if args.no_fused_gemv else None,
+                         cuda_graphs=False if args.no_cuda_graphs else None)  # fmt: skip
     c, device = model.config, model.device
     routing = ReplayedRouting(args.route_trace, c.num_layers, c.num_experts, c.top_k, device)
     model.moe.routing = routing
@@ -52,14 +55,20 @@ def main() -> None:
 
     def step(position: int) -> None:
         routing.position = position
-        token.copy_(model.forward(token, position)[-1].argmax())
+        torch.argmax(model.forward(token, position, copy=False)[-1], dim=-1, keepdim=True, out=token)
 
-    for position in range(4, 8):  # warm-up: buffers, kernels compiled, allocator pools
+    for position in range(4, 8):  # warm-up: buffers, kernels compiled, graphs captured, allocator pools
         step(position)
     synchronize(device)
+    begin = time.perf_counter()  # the same steps' wall time without the profiler's own cost
+    for position in range(8, 8 + args.steps):
+        step(position)
+    synchronize(device)
+    wall_ms = (time.perf_counter() - begin) * 1000 / args.steps
+    print(f"{wall_ms:.2f} ms per decode step without the profiler")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for position in range(8, 8 + args.steps):
+        for position in range(8 + args.steps, 8 + 2 * args.steps):
             step(position)
         synchronize(device)
 
@@ -81,7 +90,9 @@ def main() -> None:
         "model": args.model,
         "routing": f"replayed: {args.route_trace}",
         "kernel": kernel_name(model.prepared.fused_gemv),
+        "cuda_graphs": model.prepared.cuda_graphs,
         "steps": args.steps,
+        "wall_ms_per_step": round(wall_ms, 3),
         "top": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,15 @@ FusedGemv = Annotated[
         show_default=False,
     ),
 ]
+CudaGraphs = Annotated[
+    bool | None,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay decode's resident part (attention, norms, router, guesses, head) as CUDA graphs, or "
+        "launch every kernel from Python. Default: graphs on CUDA.",
+        show_default=False,
+    ),
+]
 MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]
@@ -104,6 +113,7 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
     "cache_mode": (CacheMode, LoadOptions.cache_mode),
     "max_seq_len": (MaxSeqLen, LoadOptions.max_seq_len),
     "fused_gemv": (FusedGemv, LoadOptions.fused_gemv),
+    "cuda_graphs": (CudaGraphs, LoadOptions.cuda_graphs),
 }
 
 
@@ -305,7 +315,7 @@ def chat(
 @app.command()
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "max_seq_len",
-    "fused_gemv",
+    "fused_gemv", "cuda_graphs",
 )  # fmt: skip
 def info(
     model: Model,
@@ -384,7 +394,7 @@ def synth(
 @app.command()
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "policy", "cache_mode",
-    "max_seq_len", "fused_gemv",
+    "max_seq_len", "fused_gemv", "cuda_graphs",
 )  # fmt: skip
 def bench(
     model: Model,
@@ -418,10 +428,11 @@ def bench(
     from offload import bench as benchmark
     from offload.planner import parse_bytes
 
-    if tokens < 3:
-        raise MoEOffloadError(f"--tokens must be at least 3 (two are warm-up for the allocation count), got {tokens}")
-    # bench sets the prefetch itself; the compute pass needs 17 positions
-    load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or max(prompt_tokens + tokens, 20) + 1}
+    if tokens < 1:
+        raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
+    # bench sets the prefetch itself; the compute pass needs 17 positions, a run two warm-up steps more
+    positions = max(prompt_tokens + benchmark.DECODE_WARMUP + tokens, 20) + 1
+    load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or positions}
     loaded = _load(model, load)
     accelerate = None
     if compare and route_trace is None and not loaded.source.folder.joinpath("manifest.json").exists():
@@ -459,7 +470,8 @@ def _print_bench(result: dict) -> None:
     out.print(f"{result['model']} on {result['device']}")
     out.print(f"routing: {result['routing']} · {result['mode']} mode, {result['slots_per_layer'][0]} slots per layer "
               f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
-              f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}")  # fmt: skip
+              f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}"
+              + (" · CUDA graphs" if result["cuda_graphs"] else ""))  # fmt: skip
     out.print(table)
     for note in notes:
         out.print(note)

@@ -20,6 +20,7 @@ from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
 from offload.decoder import Decoder, ModelConfig
 from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
+from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
@@ -57,6 +58,9 @@ class LoadOptions:
     # decode's HQQ products through the fused dequantize+GEMV kernel (quant/gemv.py); None: on CUDA when
     # Triton is installed (CUDA builds of torch ship it). False: dequantize, then a matrix product
     fused_gemv: bool | None = None
+    # decode's resident part (attention, norms, router, guesses, head) replayed as CUDA graphs (offload/graphs.py);
+    # None: on CUDA. False: every kernel launched from Python
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -152,6 +156,7 @@ class Prepared:
     resident: dict  # emptied by load() once the weights are on the device
     plan: MemoryPlan
     fused_gemv: bool  # decode's HQQ products run the fused kernel (LoadOptions.fused_gemv, resolved)
+    cuda_graphs: bool  # decode's resident part runs as CUDA graphs (LoadOptions.cuda_graphs, resolved)
 
     @property
     def config(self) -> ModelConfig:
@@ -189,7 +194,8 @@ def prepare(model: str, **options) -> Prepared:
         mode=opts.cache_mode,
     )
     fused = resolve_fused_gemv(opts.fused_gemv, device)
-    return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused)
+    graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
+    return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs)
 
 
 def kernel_name(fused_gemv: bool) -> str:
@@ -205,6 +211,13 @@ def resolve_fused_gemv(option: bool | None, device: torch.device) -> bool:
     if option and gemv.triton is None:
         raise MoEOffloadError("--fused-gemv needs Triton, which CUDA builds of torch ship with; pip install triton")
     return option
+
+
+def resolve_cuda_graphs(option: bool | None, device: torch.device) -> bool:
+    """LoadOptions.cuda_graphs -> whether decode replays graphs; asking for them off CUDA is an error."""
+    if option and device.type != "cuda":
+        raise MoEOffloadError("--cuda-graphs runs on CUDA only; on the CPU every kernel is called from Python")
+    return device.type == "cuda" if option is None else option
 
 
 def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
@@ -237,7 +250,7 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
         config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len,
-        workspace=Workspace(fused),
+        workspace=Workspace(fused), graphs=DecodeGraphs() if prepared.cuda_graphs else None,
     )  # fmt: skip
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
     model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
@@ -289,11 +302,17 @@ class OffloadedModel:
         self.decode_step = 0
         self.context_ids = []
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """input_ids [T] at positions start_pos.. -> float32 logits [T, V]."""
+    def forward(self, input_ids: torch.Tensor, start_pos: int, *, copy: bool = True) -> torch.Tensor:
+        """input_ids [T] at positions start_pos.. -> float32 logits [T, V].
+
+        copy=False: a decode step on CUDA graphs returns the graphs' logits buffer itself, valid until the
+        next forward; `bench` uses it so that a step allocates nothing.
+        """
         logits = self.decoder.forward(input_ids.to(self.device), start_pos)
         if input_ids.shape[0] == 1:
             self.decode_step += 1
+            if copy and self.decoder.graphs is not None:
+                logits = logits.clone()
         return logits
 
     def logits(self, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
@@ -428,6 +447,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "attention": describe_spec(prepared.source.attn_spec),
         "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
         "decode kernel": kernel_name(prepared.fused_gemv),
+        "decode graphs": "CUDA graphs" if prepared.cuda_graphs else "off",
         "context": prepared.max_seq_len,
         **dict(prepared.plan.describe()),
         "prefetch": prepared.options.prefetch if prepared.plan.mode != "direct" else "none (no slots)",

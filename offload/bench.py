@@ -121,6 +121,12 @@ class ReplayedRouting:
     def experts(self, position: int, layer: int) -> tuple[int, ...]:
         return self.tokens[position % len(self.tokens)].layers[layer].experts[: self.top_k]
 
+    def decode(self, layer: int) -> tuple[list[int], list[float]]:
+        """The token at `position`: its experts and gate weights (summing to 1), as the host needs them."""
+        row = self.tokens[self.position % len(self.tokens)].layers[layer]
+        weights = row.weights[: self.top_k]
+        return list(row.experts[: self.top_k]), [w / sum(weights) for w in weights]
+
     def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.tokens[(self.position + i) % len(self.tokens)].layers[layer] for i in range(x.shape[0])]
         ids = torch.tensor([r.experts[: self.top_k] for r in rows], device=self.device)
@@ -159,6 +165,9 @@ def _allocations(device: torch.device) -> int | None:
     return torch.cuda.memory_stats(device)["allocation.all.allocated"] if device.type == "cuda" else None
 
 
+DECODE_WARMUP = 2  # decode steps before the timed ones
+
+
 def decode_run(
     model: OffloadedModel,
     *,
@@ -167,7 +176,8 @@ def decode_run(
     routing: ReplayedRouting | None,
     forget_every_token: bool = False,
 ) -> DecodeRun:
-    """Prefill `prompt_tokens`, then decode `tokens` greedily, timing each phase on its own."""
+    """Prefill `prompt_tokens`, then decode `tokens` greedily after DECODE_WARMUP untimed steps, timing
+    each phase on its own; the decode's cache counters and allocations are the timed steps' alone."""
     device = model.device
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
@@ -181,24 +191,26 @@ def decode_run(
     synchronize(device)
     begin = time.perf_counter()
     logits = model.forward(prompt, 0)
-    token.copy_(logits[-1].argmax())
+    torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)
     synchronize(device)
     prefill_s = time.perf_counter() - begin
-    before = model.stats.total
 
-    allocations = None
-    synchronize(device)
-    begin = time.perf_counter()
-    for step in range(tokens):
-        position = prompt_tokens + step
+    def step(position: int) -> None:
         if routing is not None:
             routing.position = position
         if forget_every_token:
             model.cache.reset()  # no cache: every expert is loaded again at every use
-        if step == 2:  # after two warm-up steps, nothing more may be allocated on the GPU
-            allocations = _allocations(device)
-        logits = model.forward(token, position)
-        token.copy_(logits[-1].argmax())  # stays on the device: no host sync per token
+        logits = model.forward(token, position, copy=False)
+        torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)  # stays on the device, and allocates nothing
+
+    # untimed warm-up steps: the first captures the CUDA graphs (seconds), both fill the allocator's pools
+    for position in range(prompt_tokens, prompt_tokens + DECODE_WARMUP):
+        step(position)
+    synchronize(device)
+    before, allocations = model.stats.total, _allocations(device)  # from here, nothing may be allocated
+    begin = time.perf_counter()
+    for position in range(prompt_tokens + DECODE_WARMUP, prompt_tokens + DECODE_WARMUP + tokens):
+        step(position)
     synchronize(device)
     decode_s = time.perf_counter() - begin
     after = model.stats.total
@@ -208,21 +220,30 @@ def decode_run(
     return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak)
 
 
+class PinnedRouting:
+    """Every token to experts 0..k-1 at equal weight: once loaded, nothing is ever copied again."""
+
+    def __init__(self, top_k: int, device: torch.device) -> None:
+        self.top_k, self.device = top_k, device
+
+    def decode(self, layer: int) -> tuple[list[int], list[float]]:
+        return list(range(self.top_k)), [1.0 / self.top_k] * self.top_k
+
+    def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, tokens = self.top_k, x.shape[0]
+        ids = torch.arange(k, device=self.device).expand(tokens, k)
+        return ids, torch.full((tokens, k), 1.0 / k, device=self.device)
+
+
 def compute_per_token(model: OffloadedModel, tokens: int = 12, warmup: int = 3) -> float:
     """Seconds per decode token when every expert is already in its slot: routing pinned to 0..k-1.
 
     The median of `tokens` steps timed one by one, after `warmup` steps: one slow step (a page
     fault, a first kernel launch) must not set the bound.
     """
-    k = model.config.top_k
     device = model.device
     previous = model.moe.routing, model.moe.prefetcher
-
-    def pinned(layer: int, x: torch.Tensor):
-        ids = torch.arange(k, device=device).expand(x.shape[0], k)
-        return ids, torch.full((x.shape[0], k), 1.0 / k, device=device)
-
-    model.moe.routing, model.moe.prefetcher = pinned, None
+    model.moe.routing, model.moe.prefetcher = PinnedRouting(model.config.top_k, device), None
     token = torch.ones(1, dtype=torch.long, device=device)
     times = []
     try:
@@ -323,6 +344,7 @@ def bench(
         "slots_per_layer": list(model.plan.slots_per_layer),
         "policy": model.options.policy,
         "kernel": kernel_name(model.prepared.fused_gemv),
+        "cuda_graphs": model.prepared.cuda_graphs,
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
         "h2d_bandwidth_gbps": round(bandwidth / 1e9, 3),

@@ -8,6 +8,11 @@ MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q -
 
 Nothing here synchronizes the device: positions are Python ints, and a decode step needs no mask
 (the key range it reads is the mask). Buffers (KV cache, RoPE tables, positions) are made at init.
+
+With `graphs` set (offload/graphs.py), a decode step takes the static path instead: its token and
+position live in device buffers, the KV write is an index_copy_ and attention reads a fixed key range
+under a mask, so the resident part of each layer is the same kernels at the same addresses every step,
+and CUDA graphs replay it. The experts run eagerly between the graphs (see `_decode_static`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from offload.graphs import DecodeGraphs, key_range
 from quant.errors import MoEOffloadError
 from quant.hqq import Workspace
 from quant.linear import linear
@@ -93,6 +99,7 @@ class Decoder:
         dtype: torch.dtype = torch.float32,
         max_seq_len: int | None = None,
         workspace: Workspace | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.config = config
         self.moe = moe
@@ -132,6 +139,9 @@ class Decoder:
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
         self.cos, self.sin = rope_tables(config, self.max_seq_len, self.device, dtype)
         self.positions = torch.arange(self.max_seq_len, device=self.device)  # for prefill masks
+        # the static decode path (module docstring): on when graphs are given and the MoE block has its halves
+        self.graphs = graphs if graphs is not None and hasattr(moe, "route_into") else None
+        self._static: StaticStep | None = None
 
     def _resident(self, name: str, weight: Any, shape: tuple[int, ...]) -> Any:
         """A plain tensor goes to the device and dtype (its shape checked); a quantized one stays as given."""
@@ -166,6 +176,8 @@ class Decoder:
                 f"{tokens} tokens at position {start_pos} need a context of {end}, but it holds "
                 f"{self.max_seq_len}; shorten the prompt or raise max_seq_len"
             )
+        if tokens == 1 and self.graphs is not None:
+            return self._decode_static(input_ids, start_pos)
         w = self.weights
         h = F.embedding(input_ids, w["embed"])  # [T, D]
         mask = self._mask(start_pos, tokens)  # None: decode, or a fresh full-causal prefill
@@ -224,3 +236,83 @@ class Decoder:
             enable_gqa=c.num_heads != c.num_kv_heads,
         )  # [H, T, S]
         return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
+
+    # -- the static decode path ------------------------------------------------------------------------
+
+    def _decode_static(self, input_ids: Tensor, start_pos: int) -> Tensor:
+        """One token through the static path: logits [1, V], a buffer valid until the next step.
+
+        Per layer: graph "attention" (embedding at layer 0, attention, post-norm, the MoE block's routing
+        into its buffers), then the experts on the host's side (the block reads its routing, fetches
+        and runs them), then graph "residual" (the MoE output added, the block's late guess). At the end,
+        graph "head". Each graph is run eagerly the first time, then captured (offload/graphs.py).
+        """
+        s = self._static
+        if s is None:
+            s = self._static = StaticStep(self.config, self.device, self.dtype)
+        if self.moe.version != s.version:  # a new prefetcher guesses elsewhere: the graphs must be captured anew
+            self.graphs.reset()
+            s.version = self.moe.version
+        s.ids.copy_(input_ids)
+        s.pos.fill_(start_pos)  # a kernel, no host value in any graph
+        keys = key_range(start_pos + 1, self.max_seq_len)
+        run = self.graphs.run
+        for layer in range(self.config.num_layers):
+            run(("attention", layer, keys), lambda layer=layer: self._static_attention(layer, keys))
+            out = self.moe.decode_experts(layer, s.x)  # [1, D], a buffer at a fixed address
+            run(("residual", layer), lambda layer=layer, out=out: self._static_residual(layer, out))
+            self.moe.after_residual(layer)
+        run(("head",), self._static_head)
+        return s.logits
+
+    def _static_attention(self, layer: int, keys: int) -> None:
+        s, w, prefix = self._static, self.weights, f"layers.{layer}."
+        if layer == 0:
+            s.h.copy_(F.embedding(s.ids, w["embed"]))
+        s.h.add_(self._attention_at(layer, rms_norm(s.h, w[prefix + "input_norm"], self.eps), s.pos, keys))
+        s.x.copy_(rms_norm(s.h, w[prefix + "post_norm"], self.eps))
+        self.moe.route_into(layer, s.x, s.h)
+
+    def _static_residual(self, layer: int, out: Tensor) -> None:
+        self._static.h.add_(out)
+        self.moe.guess_into(layer, self._static.h)
+
+    def _static_head(self) -> None:
+        s = self._static
+        s.logits.copy_(linear(rms_norm(s.h, self.weights["norm"], self.eps), self.weights["lm_head"], self.workspace))
+
+    def _attention_at(self, layer: int, x: Tensor, pos: Tensor, keys: int) -> Tensor:
+        """One token's attention, its position a device tensor [1]: keys 0..keys-1 read, later ones masked."""
+        # D = hidden, H = heads, K = kv heads, S = head dim
+        c, w, ws = self.config, self.weights, self.workspace
+        prefix = f"layers.{layer}."
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, S]
+        q = apply_rope(linear(x, w[prefix + "q_proj"], ws).view(1, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(linear(x, w[prefix + "k_proj"], ws).view(1, c.num_kv_heads, c.head_dim), cos, sin)
+        v = linear(x, w[prefix + "v_proj"], ws).view(1, c.num_kv_heads, c.head_dim)  # [1, K, S]
+        self.k_cache[layer].index_copy_(1, pos, k.transpose(0, 1))
+        self.v_cache[layer].index_copy_(1, pos, v.transpose(0, 1))
+        key_pos = self.positions[:keys]
+        mask = key_pos <= pos  # [keys]
+        if c.sliding_window is not None:
+            mask &= key_pos > pos - c.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            self.k_cache[layer, :, :keys],
+            self.v_cache[layer, :, :keys],
+            attn_mask=mask[None, :],
+            enable_gqa=c.num_heads != c.num_kv_heads,
+        )  # [H, 1, S]
+        return linear(out.transpose(0, 1).reshape(1, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
+
+
+class StaticStep:
+    """The static decode path's buffers: the graphs read and write these addresses at every step."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.ids = torch.zeros(1, dtype=torch.long, device=device)  # the token
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # its position
+        self.h = torch.zeros(1, config.hidden_size, device=device, dtype=dtype)  # the residual stream
+        self.x = torch.zeros(1, config.hidden_size, device=device, dtype=dtype)  # the MoE block's input
+        self.logits = torch.zeros(1, config.vocab_size, device=device, dtype=torch.float32)
+        self.version = 0  # the MoE block's version the graphs were captured with

@@ -74,6 +74,7 @@ class MoEBlock:
         self.top_k = top_k
         self.cache = cache
         self.expert_format = expert_format
+        self.version = 0  # counts prefetcher changes: the decoder's graphs captured the old one's guesses
         self.prefetcher = prefetcher
         self.recorder = recorder  # called once per cache request, for routing traces
         # (layer, x) -> (ids, weights) in place of the router: `bench --route-trace` replays real routing
@@ -87,7 +88,7 @@ class MoEBlock:
 
     def __call__(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor | None = None) -> torch.Tensor:
         # T = tokens, D = hidden, E = experts, A = active experts per token
-        tokens, hidden = x.shape
+        tokens = x.shape[0]
         if self.routing is None:
             logits = F.linear(x, self.routers[layer])  # [T, E]
             ids, weights = self.route(logits, self.top_k)  # [T, A], highest weight first
@@ -101,12 +102,7 @@ class MoEBlock:
             self.recorder(layer, experts, expert_weights, self.cache.guess(layer), tokens > 1)
 
         if tokens == 1:  # decode: the token's gate weights are on the host already; no index work per expert
-            weight_of = dict(zip(experts, expert_weights))
-            out = self.workspace.buffer("moe.out", (tokens, hidden), x.dtype, x.device).zero_()  # [1, D]
-            for expert, packed in self.cache.fetch(layer, experts, expert_weights):
-                y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
-                out.add_(y, alpha=weight_of[expert])
-            return out  # a workspace buffer: the decoder adds it to the residual before the next layer
+            return self._experts(layer, x, experts, expert_weights)
         out = torch.zeros_like(x)  # [T, D]
         weights = weights.to(x.dtype)
         for expert, packed in self.cache.fetch(layer, experts, expert_weights):
@@ -114,6 +110,79 @@ class MoEBlock:
             y = expert_mlp(x[rows], self._unpack(packed), self.workspace)  # [rows, D]
             out.index_add_(0, rows, y * weights[rows, rank, None])
         return out
+
+    @property
+    def prefetcher(self):
+        return self._prefetcher
+
+    @prefetcher.setter
+    def prefetcher(self, prefetcher) -> None:
+        self._prefetcher = prefetcher
+        self.version += 1
+
+    def _experts(self, layer: int, x: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
+        """One token's experts through the cache, summed by gate weight into a workspace buffer [1, D]."""
+        weight_of = dict(zip(experts, weights))
+        out = self.workspace.buffer("moe.out", tuple(x.shape), x.dtype, x.device).zero_()  # [1, D]
+        for expert, packed in self.cache.fetch(layer, experts, weights):
+            y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
+            out.add_(y, alpha=weight_of[expert])
+        return out  # the decoder adds it to the residual before the next layer
+
+    # -- the static decode path's halves (offload/decoder.py): device work in graphs, host work between
+
+    def route_into(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor) -> None:
+        """Device half of one token's routing, graph-safe: the router's top-k ids and weights, and the
+        prefetcher's early guess for the next layer, into one float32 buffer that one copy brings over."""
+        k = self.top_k
+        routed = self._routed(x.device)  # [3k]: ids, weights, early guess
+        ids, weights = self.route(F.linear(x, self.routers[layer]), k)  # [1, k] each
+        routed[:k].copy_(ids[0])
+        routed[k : 2 * k].copy_(weights[0])
+        if self._guesses("early", layer):
+            routed[2 * k :].copy_(self.prefetcher.device_guess(layer + 1, h_mid)[0])
+
+    def decode_experts(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Host half: read what route_into wrote (one device-to-host copy, which waits for the graph),
+        start the early prefetch, then serve and run the experts. Returns the block's output [1, D]."""
+        k = self.top_k
+        values = self._routed(x.device).tolist()  # may synchronize: the cache decides on the host
+        experts, weights = [int(v) for v in values[:k]], values[k : 2 * k]
+        if self.routing is not None:  # replayed routing stands in for the router's; the copy above still ran
+            experts, weights = self._replayed(layer, x)
+        if self._guesses("early", layer):
+            self.cache.prefetch(layer + 1, [int(v) for v in values[2 * k :]])
+        elif self.prefetcher is not None and not hasattr(self.prefetcher, "device_guess"):
+            self.prefetcher.after_attention(layer, x)  # a prefetcher that guesses on the host (bench's oracle)
+        if self.recorder is not None:
+            self.recorder(layer, experts, weights, self.cache.guess(layer), False)
+        return self._experts(layer, x, experts, weights)
+
+    def guess_into(self, layer: int, h: torch.Tensor) -> None:
+        """Device half of the late guess, graph-safe: the next layer's router on layer `layer`'s output."""
+        if self._guesses("late", layer):
+            self._routed(h.device, "late").copy_(self.prefetcher.device_guess(layer + 1, h)[0])
+
+    def after_residual(self, layer: int) -> None:
+        """Host half of the late guess: start loading it (one more device-to-host copy)."""
+        if self._guesses("late", layer):
+            device = self.cache.device
+            self.cache.prefetch(layer + 1, [int(v) for v in self._routed(device, "late").tolist()])
+
+    def _guesses(self, when: str, layer: int) -> bool:
+        """Whether the prefetcher guesses layer+1 on the device at this point (`early` or `late`)."""
+        p = self.prefetcher
+        return hasattr(p, "device_guess") and getattr(p, when) and layer + 1 < len(self.routers)
+
+    def _routed(self, device: torch.device, tag: str = "routed") -> torch.Tensor:
+        size = self.top_k if tag == "late" else 3 * self.top_k
+        return self.workspace.buffer("moe." + tag, (size,), torch.float32, torch.device(device))
+
+    def _replayed(self, layer: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
+        decode = getattr(self.routing, "decode", None)
+        if decode is not None:  # the host's lists, with no device round trip
+            return decode(layer)
+        return request_order(*self.routing(layer, x))
 
     def _unpack(self, packed: torch.Tensor) -> dict:
         """The expert's weights as views into `packed`: they read whatever expert the row holds now."""

@@ -41,11 +41,13 @@ class Prefetcher:
         self.early = when in ("early", "both")
         self.late = when in ("late", "both")
 
-    def guess(self, layer: int, h: torch.Tensor) -> list[int]:
-        """Layer `layer`'s router on its own input norm of `h`: the experts it would choose."""
+    def device_guess(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s router on its own input norm of `h`: the ids [1, k] it would choose. Graph-safe."""
         x = rms_norm(h[-1:], self.post_norms[layer], self.eps)  # [1, D]
-        ids, _ = self.route(F.linear(x, self.routers[layer]), self.top_k)
-        return ids[0].tolist()  # may synchronize the device: the cache decides on the host
+        return self.route(F.linear(x, self.routers[layer]), self.top_k)[0]
+
+    def guess(self, layer: int, h: torch.Tensor) -> list[int]:
+        return self.device_guess(layer, h)[0].tolist()  # may synchronize the device: the cache decides on the host
 
     def after_attention(self, layer: int, h_mid: torch.Tensor) -> None:
         if self.early and h_mid.shape[0] == 1 and layer + 1 < len(self.routers):

@@ -7,7 +7,7 @@ import pytest
 
 import offload
 from cli.app import main
-from offload.bench import bench
+from offload.bench import DECODE_WARMUP, bench
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRACE = REPO / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"  # 6 layers: the trained model's
@@ -27,8 +27,8 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert KEYS <= set(result)
     assert result["routing"] == f"replayed: {TINY_TRACE}"
     assert result["prefetch"]["recall"] == 1.0
-    per_layer = model.stats.cache.per_layer  # the decode run's, plus its prefill
-    decode_requests = 12 * 2
+    per_layer = model.stats.cache.per_layer  # the whole run's: prefill, warm-up and timed decode steps
+    decode_requests = (DECODE_WARMUP + 12) * 2
     for layer in per_layer[1:]:  # nothing guesses layer 0
         assert layer.guess_right == layer.guess_total == decode_requests
     assert result["gpu_peak_bytes"] is None and result["gpu_allocs_in_decode"] is None  # no GPU here

@@ -113,6 +113,13 @@ def test_fused_gemv_where_it_cannot_run(capsys, quantized):
     assert code == 0 and json.loads(out)["decode kernel"] == "dequantize, then matmul"
 
 
+def test_cuda_graphs_where_they_cannot_run(capsys, quantized):
+    code, _, err = run(capsys, "bench", quantized, "--device", "cpu", "--cuda-graphs")
+    assert_one_line_error(code, err, "--cuda-graphs runs on CUDA only; on the CPU every kernel is called from Python")
+    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["decode graphs"] == "off"
+
+
 # -- what a user runs --------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,170 @@
+"""The static decode path (offload/decoder.py, offload/graphs.py) on the CPU, run eagerly as its graphs'
+first run is: it must equal the eager path in logits, in every cache decision and in the trace, and make
+no tensor outside the pieces that CUDA graphs capture. tests/test_cuda.py replays the graphs themselves."""
+
+import pytest
+import torch
+
+import offload
+from offload.bench import ReplayedRouting
+from offload.graphs import DecodeGraphs, key_range
+from tests.test_allocations import FreshTensors
+from tests.tiny import hf_model, make_tiny_mixtral
+
+SHAPES = {
+    "gqa-8x2": dict(seed=0),
+    "mqa-6x2-window": dict(hidden=64, intermediate=128, heads=4, kv_heads=1, experts=6, sliding_window=6, seed=2),
+    "tied-5x2": dict(hidden=64, intermediate=64, heads=2, kv_heads=2, experts=5, tie=True, seed=3),
+}
+PROMPT, DECODE = 7, 16
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def record(self, **row) -> None:
+        self.rows.append(row)
+
+
+class CountedGraphs(DecodeGraphs):
+    """Eager, like DecodeGraphs(capture=False), counting each piece's first runs and later runs, and
+    pausing `fresh` (if set) inside the pieces: what they make lives in a graph's pool on CUDA."""
+
+    def __init__(self) -> None:
+        super().__init__(capture=False)
+        self.first: list = []
+        self.runs = 0
+        self.fresh: FreshTensors | None = None
+
+    def run(self, key, fn) -> None:
+        self.runs += 1
+        if key not in self.first:
+            self.first.append(key)
+        if self.fresh is None:
+            fn()
+            return
+        with torch.utils._python_dispatch._disable_current_modes():
+            fn()
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def case(request, tmp_path_factory):
+    shape = SHAPES[request.param]
+    path = make_tiny_mixtral(tmp_path_factory.mktemp(request.param), **shape)
+    tokens = torch.randint(3, 128, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(shape["seed"]))
+    with torch.no_grad():
+        expected = hf_model(path)(tokens[None]).logits[0]
+    return path, shape, tokens, expected
+
+
+def teacher_forced(model, tokens: torch.Tensor) -> torch.Tensor:
+    model.reset()
+    logits = [model.forward(tokens[:PROMPT], 0)]
+    for pos in range(PROMPT, PROMPT + DECODE):
+        logits.append(model.forward(tokens[pos : pos + 1], pos))
+    return torch.cat(logits)
+
+
+def load(path, graphs: DecodeGraphs | None, **options):
+    model = offload.load(str(path), device="cpu", **options)
+    model.decoder.graphs = graphs
+    recorder = Recorder()
+    model.record_trace(recorder)
+    return model, recorder
+
+
+def test_key_ranges_double_from_256_up_to_the_context():
+    assert [key_range(n, 4096) for n in (1, 256, 257, 600, 4096)] == [256, 256, 512, 1024, 4096]
+    assert key_range(10, 100) == 100  # never past the KV cache
+
+
+@pytest.mark.parametrize("prefetch", ["none", "early", "late", "both"])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_static_path_equals_the_eager_one_and_transformers(case, prefetch, slots):
+    path, shape, tokens, expected = case
+    eager, eager_trace = load(path, None, slots=slots, prefetch=prefetch, expert_bits="2")
+    graphs = CountedGraphs()
+    static, static_trace = load(path, graphs, slots=slots, prefetch=prefetch, expert_bits="2")
+    want, got = teacher_forced(eager, tokens), teacher_forced(static, tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32 rounding, nothing more
+    assert static.stats.cache.to_dict() == eager.stats.cache.to_dict()  # every hit, miss, load and guess
+    # the same requests; gate weights to float32 rounding (masked attention sums in another order)
+    probs = [row.pop("gating_probs") for rows in (static_trace.rows, eager_trace.rows) for row in rows]
+    assert static_trace.rows == eager_trace.rows
+    half = len(probs) // 2
+    for mine, theirs in zip(probs[:half], probs[half:], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+    layers = static.config.num_layers
+    assert graphs.runs == DECODE * (2 * layers + 1)  # per layer "attention" and "residual", then "head"
+    assert len(graphs.first) == 2 * layers + 1  # one key range (256) and one prefetcher: one set of pieces
+    if slots == 1 and prefetch == "none":  # unquantized: the oracle too
+        full, _ = load(path, CountedGraphs(), slots=slots, prefetch=prefetch)
+        assert (teacher_forced(full, tokens) - expected).abs().max().item() < 1e-4
+
+
+def test_a_new_prefetcher_drops_the_graphs(case):
+    path, *_ = case
+    graphs = CountedGraphs()
+    model, _ = load(path, graphs, slots=2, prefetch="late")
+    model.reset()
+    model.forward(torch.tensor([5, 6, 7]), 0)
+    model.forward(torch.tensor([8]), 3)
+    graphs.graphs["marker"] = None  # what a capture would have left
+    model.forward(torch.tensor([9]), 4)
+    assert "marker" in graphs.graphs
+    model.set_prefetch("early")  # the late guess's graphs would go on guessing late
+    model.forward(torch.tensor([10]), 5)
+    assert "marker" not in graphs.graphs
+
+
+@pytest.mark.parametrize("routing", ["router", "replayed"])
+def test_outside_the_graphs_a_decode_step_makes_no_tensor(tmp_path, routing):
+    """With prefetch `both` (both guesses in the graphs), loading on misses: the host's part of a step, the
+    experts included, makes nothing; what the graphs' pieces make lives in their pool."""
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=3)
+    graphs = CountedGraphs()
+    model, _ = load(tiny, graphs, expert_bits="2", slots=2, prefetch="both")
+    if routing == "replayed":
+        model.moe.routing = FixedRouting()
+    model.reset()
+    model.forward(torch.tensor([5, 6, 7]), 0)
+    token = torch.tensor([8])
+    for pos in range(3, 6):  # the first step runs each piece for the first time; then the buffers exist
+        model.forward(token, pos)
+    misses = model.stats.total.misses
+    graphs.fresh = FreshTensors()
+    with graphs.fresh as fresh:
+        for pos in range(6, 10):
+            logits = model.forward(token, pos, copy=False)  # the graphs' buffer, as bench reads it
+            torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)  # as bench samples
+    assert fresh.made == {}
+    assert model.stats.total.misses > misses  # the steps did load experts
+
+
+class FixedRouting:
+    """Replayed routing's interface (offload/bench.py): alternating experts, so every step misses."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def decode(self, layer: int) -> tuple[list[int], list[float]]:
+        self.calls += 1
+        return ([0, 1], [0.6, 0.4]) if self.calls % 4 < 2 else ([2, 3], [0.7, 0.3])
+
+    def __call__(self, layer, x):
+        ids = torch.tensor([[0, 1]]).expand(x.shape[0], 2)
+        return ids, torch.full((x.shape[0], 2), 0.5)
+
+
+def test_replayed_routing_serves_the_host_the_traces_weights_normalised(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        '{"problem_id": 0, "token_idx": 0, "layer": 0, "experts": [3, 1], "gating_probs": [0.3, 0.1]}\n'
+        '{"problem_id": 0, "token_idx": 0, "layer": 1, "experts": [0, 2], "gating_probs": [0.5, 0.5]}\n'
+    )
+    routing = ReplayedRouting(trace, num_layers=2, num_experts=4, top_k=2, device="cpu")
+    experts, weights = routing.decode(0)
+    assert experts == [3, 1] and weights == pytest.approx([0.75, 0.25])
+    ids, tensor_weights = routing(0, torch.zeros(1, 8))
+    assert ids.tolist() == [experts] and tensor_weights[0].tolist() == pytest.approx(weights)
