@@ -103,7 +103,7 @@ def main() -> None:
             "block_n": gemv.BLOCK_N,
             "block_k": gemv.BLOCK_K,
             "num_warps": 4,
-            "packed_launch": gemv.PACKED_LAUNCH,  # by bits: (block_n packed rows, block_k)
+            "packed_launch": gemv.PACKED_LAUNCH,  # by bits: (block_n packed rows, block_k, num_warps)
         },
         "matrices": rows,
         "expert_mlp": mlps,

@@ -261,7 +261,7 @@ class Decoder:
             run(("attention", layer, keys), lambda layer=layer: self._static_attention(layer, keys))
             out = self.moe.decode_experts(layer, s.x)  # [1, D], a buffer at a fixed address
             run(("residual", layer), lambda layer=layer, out=out: self._static_residual(layer, out))
-            self.moe.after_residual(layer)
+            self.moe.after_residual(layer, s.h)
         run(("head",), self._static_head)
         return s.logits
 

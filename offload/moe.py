@@ -163,11 +163,10 @@ class MoEBlock:
         if self._guesses("late", layer):
             self._routed(h.device, "late").copy_(self.prefetcher.device_guess(layer + 1, h)[0])
 
-    def after_residual(self, layer: int) -> None:
+    def after_residual(self, layer: int, h: torch.Tensor) -> None:
         """Host half of the late guess: start loading it (one more device-to-host copy)."""
         if self._guesses("late", layer):
-            device = self.cache.device
-            self.cache.prefetch(layer + 1, [int(v) for v in self._routed(device, "late").tolist()])
+            self.cache.prefetch(layer + 1, [int(v) for v in self._routed(h.device, "late").tolist()])
 
     def _guesses(self, when: str, layer: int) -> bool:
         """Whether the prefetcher guesses layer+1 on the device at this point (`early` or `late`)."""

@@ -37,9 +37,10 @@ except ImportError:  # CPU builds of torch ship without Triton; linear() then de
 MAX_ROWS = 8  # tokens per call the kernel serves; a prefill's matrix product is faster dequantized
 BLOCK_N = 16  # _gemv_kernel's outputs per program: small, so a 4096-output matrix spreads over 256 programs
 BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size up to 256
-# _gemv_packed_kernel's (block_n packed rows, block_k inputs) by bits: about BLOCK_N outputs per program
-# (block_n * PER; 3-bit: 20) and 4 KB of codes per loop step, as _gemv_kernel; not yet tuned on a GPU
-PACKED_LAUNCH = {2: (4, 1024), 3: (2, 512), 4: (8, 512)}
+# _gemv_packed_kernel's (block_n packed rows, block_k inputs, warps) by bits. 2-bit: the H100 sweep's best
+# for Mixtral's w1 (benchmarks/results/gemv_kernel_h100.json: 69.6 us against 94.2 at (4, 1024, 4); w2's
+# best was (1, 2048, 2) at 86.7 us). 3- and 4-bit: about BLOCK_N outputs and 4 KB of codes a step, untuned
+PACKED_LAUNCH = {2: (2, 512, 2), 3: (2, 512, 4), 4: (8, 512, 4)}
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
@@ -63,7 +64,7 @@ def _rows_together(q: Quantized) -> int:
 
 def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
 
@@ -73,8 +74,8 @@ def gemv(
     """
     # M = tokens (rows of x), N = outputs, K = inputs
     per = _rows_together(q)
-    default_n, default_k = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K)
-    block_n, block_k = block_n or default_n, block_k or default_k
+    default_n, default_k, default_warps = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K, 4)
+    block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]

@@ -226,6 +226,9 @@ class Workspace:
         self._buffers: dict[tuple, Tensor] = {}
 
     def buffer(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find the same buffer
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (tag, tuple(shape), dtype, device)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)

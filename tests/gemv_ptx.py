@@ -31,7 +31,7 @@ CASES = {  # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, 
 def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
     """PTX of _gemv_kernel, or with `packed` of _gemv_packed_kernel at gemv's default launch for it."""
     act, codes, meta_codes, bits, per, group, meta_group = case
-    block_n, block_k = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K)
+    block_n, block_k, warps = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K, 4)
     pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
                 "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
                 "out_ptr": act}  # fmt: skip
@@ -45,7 +45,7 @@ def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
     aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
     kernel = gemv._gemv_packed_kernel if packed else gemv._gemv_kernel
     source = ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
 
 if __name__ == "__main__":
