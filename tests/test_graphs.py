@@ -9,6 +9,7 @@ import offload
 from offload.bench import ReplayedRouting
 from offload.graphs import DecodeGraphs, key_range
 from tests.test_allocations import FreshTensors
+from tests.test_offload_oracle import Recorder
 from tests.tiny import hf_model, make_tiny_mixtral
 
 SHAPES = {
@@ -17,14 +18,6 @@ SHAPES = {
     "tied-5x2": dict(hidden=64, intermediate=64, heads=2, kv_heads=2, experts=5, tie=True, seed=3),
 }
 PROMPT, DECODE = 7, 16
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def record(self, **row) -> None:
-        self.rows.append(row)
 
 
 class CountedGraphs(DecodeGraphs):
