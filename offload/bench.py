@@ -125,7 +125,8 @@ class ReplayedRouting:
         """The token at `position`: its experts and gate weights (summing to 1), as the host needs them."""
         row = self.tokens[self.position % len(self.tokens)].layers[layer]
         weights = row.weights[: self.top_k]
-        return list(row.experts[: self.top_k]), [w / sum(weights) for w in weights]
+        total = sum(weights)
+        return list(row.experts[: self.top_k]), [w / total for w in weights]
 
     def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.tokens[(self.position + i) % len(self.tokens)].layers[layer] for i in range(x.shape[0])]

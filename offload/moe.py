@@ -175,7 +175,7 @@ class MoEBlock:
 
     def _routed(self, device: torch.device, tag: str = "routed") -> torch.Tensor:
         size = self.top_k if tag == "late" else 3 * self.top_k
-        return self.workspace.buffer("moe." + tag, (size,), torch.float32, torch.device(device))
+        return self.workspace.buffer("moe." + tag, (size,), torch.float32, device)
 
     def _replayed(self, layer: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
         decode = getattr(self.routing, "decode", None)

@@ -9,7 +9,8 @@ import offload
 from offload.bench import ReplayedRouting
 from offload.graphs import DecodeGraphs, key_range
 from tests.test_allocations import FreshTensors
-from tests.test_offload_oracle import Recorder
+from tests.test_offload_oracle import DECODE, PROMPT, Recorder
+from tests.test_offload_oracle import run_teacher_forced as teacher_forced
 from tests.tiny import hf_model, make_tiny_mixtral
 
 SHAPES = {
@@ -17,7 +18,6 @@ SHAPES = {
     "mqa-6x2-window": dict(hidden=64, intermediate=128, heads=4, kv_heads=1, experts=6, sliding_window=6, seed=2),
     "tied-5x2": dict(hidden=64, intermediate=64, heads=2, kv_heads=2, experts=5, tie=True, seed=3),
 }
-PROMPT, DECODE = 7, 16
 
 
 class CountedGraphs(DecodeGraphs):
@@ -49,14 +49,6 @@ def case(request, tmp_path_factory):
     with torch.no_grad():
         expected = hf_model(path)(tokens[None]).logits[0]
     return path, shape, tokens, expected
-
-
-def teacher_forced(model, tokens: torch.Tensor) -> torch.Tensor:
-    model.reset()
-    logits = [model.forward(tokens[:PROMPT], 0)]
-    for pos in range(PROMPT, PROMPT + DECODE):
-        logits.append(model.forward(tokens[pos : pos + 1], pos))
-    return torch.cat(logits)
 
 
 def load(path, graphs: DecodeGraphs | None, **options):
