@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests kernel synth bench colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests kernel synth bench bench-more colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -47,7 +47,7 @@ EOF
 }
 
 for step in "$@"; do
-    echo "== $step"
+    echo "== $step $(date +%T)"
     case $step in
     tests)
         # a failure is reported, not fatal: the steps after it still run
@@ -68,13 +68,18 @@ for step in "$@"; do
     bench)  # the three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --compare \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle.json"
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 1 \
+            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth1.json"
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch gate \
             --json "$results/bench_${gpu}_mixtral-8x7b_gate.json"
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
+        ;;
+    bench-more)  # the same work without the fused kernel, and without CUDA graphs
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-cuda-graphs \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_eager.json"
-        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager}.json
         ;;
     profile)  # where a decode step's time goes (after synth), CUDA graphs on and off
         python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB \
@@ -92,7 +97,7 @@ for step in "$@"; do
         stamp "$results"/bench_"${gpu}"_colab_*.json
         ;;
     *)
-        echo "unknown step $step; steps: tests kernel synth bench colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests kernel synth bench bench-more colab profile" >&2
         exit 2
         ;;
     esac

@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-fused-gemv", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--oracle-depth", type=int, default=None,
+                        help="layers the oracle loads ahead (default: all but one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_decode.json"))
     parser.add_argument("--chrome", default=None, help="also write a Chrome trace (chrome://tracing) here")
     args = parser.parse_args()
@@ -48,7 +50,7 @@ def main() -> None:
     c, device = model.config, model.device
     routing = ReplayedRouting(args.route_trace, c.num_layers, c.num_experts, c.top_k, device)
     model.moe.routing = routing
-    model.moe.prefetcher = OraclePrefetcher(routing, model.cache, c.num_layers)
+    model.moe.prefetcher = OraclePrefetcher(routing, model.cache, c.num_layers, args.oracle_depth)
     token = torch.ones(1, dtype=torch.long, device=device)
     model.reset()
     model.forward(torch.ones(4, dtype=torch.long, device=device), 0)
@@ -91,6 +93,7 @@ def main() -> None:
         "routing": f"replayed: {args.route_trace}",
         "kernel": kernel_name(model.prepared.fused_gemv),
         "cuda_graphs": model.prepared.cuda_graphs,
+        "oracle_depth": model.moe.prefetcher.depth,
         "steps": args.steps,
         "wall_ms_per_step": round(wall_ms, 3),
         "top": rows,

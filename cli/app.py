@@ -411,9 +411,16 @@ def bench(
         str,
         typer.Option(
             help="gate: the model's own guess (meaningless with --route-trace, reported as replayed); "
-            "oracle: the next layer's experts read from the trace (an upper bound); none."
+            "oracle: the coming layers' experts read from the trace (an upper bound); none."
         ),
     ] = "gate",
+    oracle_depth: Annotated[
+        int | None,
+        typer.Option(
+            help="Layers ahead the oracle starts loading, on into the next token (default: every layer but "
+            "one, which keeps the link busy through layers that miss nothing; 1: the gate's reach)."
+        ),
+    ] = None,
     compare: Annotated[
         bool,
         typer.Option(
@@ -446,7 +453,7 @@ def bench(
 
     result = benchmark.bench(loaded, tokens=tokens, prompt_tokens=prompt_tokens,
                              route_trace=None if route_trace is None else str(route_trace), prefetch=prefetch,
-                             compare=compare, accelerate=accelerate)  # fmt: skip
+                             oracle_depth=oracle_depth, compare=compare, accelerate=accelerate)  # fmt: skip
     _print_bench(result)
     if json_out is not None:
         _write_json(json_out, result)

@@ -136,14 +136,34 @@ class ReplayedRouting:
 
 
 class OraclePrefetcher:
-    """Knows layer l+1's experts from the trace: the upper bound of any guess."""
+    """Knows the coming layers' experts from the trace: the upper bound of any guess.
 
-    def __init__(self, routing: ReplayedRouting, cache, num_layers: int) -> None:
-        self.routing, self.cache, self.num_layers = routing, cache, num_layers
+    At layer l's attention it starts the loads of the next `depth` layers, in the order they will be
+    computed and on into the next token. One layer ahead, the copy stream idles through layers whose
+    experts are all cached and a layer with two misses then stalls; deeper, it keeps the link busy.
+    Depth never changes what hits: a layer's table sees its own requests and prefetches in the same
+    order. It must stay below the number of layers, or token t+1's loads for layer l would evict what
+    token t is about to read there.
+    """
+
+    def __init__(self, routing: ReplayedRouting, cache, num_layers: int, depth: int | None = None) -> None:
+        depth = num_layers - 1 if depth is None else depth
+        if not 1 <= depth < num_layers:
+            raise MoEOffloadError(f"--oracle-depth must be between 1 and {num_layers - 1} (the layers but one), "
+                                  f"got {depth}")  # fmt: skip
+        self.routing, self.cache, self.num_layers, self.depth = routing, cache, num_layers, depth
+        self.issued = -1  # the last (position, layer) loaded, flattened: position * num_layers + layer
 
     def after_attention(self, layer: int, h_mid: torch.Tensor) -> None:
-        if h_mid.shape[0] == 1 and layer + 1 < self.num_layers:  # as early as the early guess
-            self.cache.prefetch(layer + 1, list(self.routing.experts(self.routing.position, layer + 1)))
+        if h_mid.shape[0] != 1:  # a prefill: the oracle guesses for decode steps only
+            return
+        now = self.routing.position * self.num_layers + layer
+        if not now <= self.issued <= now + self.depth:  # the first step, or a new sequence
+            self.issued = now
+        for ahead in range(self.issued + 1, now + self.depth + 1):
+            position, next_layer = divmod(ahead, self.num_layers)
+            self.cache.prefetch(next_layer, list(self.routing.experts(position, next_layer)))
+        self.issued = now + self.depth
 
     def after_layer(self, layer: int, h_out: torch.Tensor) -> None:
         pass
@@ -271,17 +291,18 @@ def _use_policy(model: OffloadedModel, name: str) -> None:
         table.reset()
 
 
-def _set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None) -> None:
+def _set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None, depth: int | None) -> None:
     if mode == "oracle":
         if routing is None:
             raise MoEOffloadError("--prefetch oracle needs --route-trace: the oracle reads the next layer from it")
-        model.moe.prefetcher = OraclePrefetcher(routing, model.cache, model.config.num_layers)
+        model.moe.prefetcher = OraclePrefetcher(routing, model.cache, model.config.num_layers, depth)
     else:  # gate: the runtime's own guess, at the layer output (the default point)
         model.set_prefetch("none" if mode == "none" else "late")
 
 
-def _summary(run: DecodeRun, prefetch: str, bandwidth: float, compute_s: float) -> dict:
+def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, bandwidth: float, compute_s: float) -> dict:
     d = run.decode
+    oracle = model.moe.prefetcher if prefetch == "oracle" else None
     h2d_per_token = d.h2d_bytes / run.tokens
     bound_s = max(compute_s, h2d_per_token / bandwidth)
     return {
@@ -294,6 +315,7 @@ def _summary(run: DecodeRun, prefetch: str, bandwidth: float, compute_s: float) 
             "used": d.prefetches_used,
             "wasted": d.prefetches_wasted,
             "recall": None if d.recall is None else round(d.recall, 4),
+            "depth": None if oracle is None else oracle.depth,  # layers the oracle loads ahead
         },
         "stall_s": round(d.stall_s, 4),
         "h2d_bytes_per_token": round(h2d_per_token),
@@ -318,10 +340,13 @@ def bench(
     prompt_tokens: int = 16,
     route_trace: str | None = None,
     prefetch: str = "gate",
+    oracle_depth: int | None = None,
     compare: bool = False,
     accelerate: Callable[[], dict] | None = None,
 ) -> dict:
-    """Measure `model` as loaded (its slots, mode and policy); returns the JSON `bench` writes."""
+    """Measure `model` as loaded (its slots, mode and policy); returns the JSON `bench` writes.
+
+    `oracle_depth`: the layers ahead the oracle loads (None: every layer but one)."""
     if prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown --prefetch {prefetch!r}; choose gate, oracle or none")
     if model.cache.mode == "direct":
@@ -331,11 +356,11 @@ def bench(
     if route_trace is not None:
         routing = ReplayedRouting(route_trace, c.num_layers, c.num_experts, c.top_k, model.device)
         model.moe.routing = routing
+    _set_prefetch(model, prefetch, routing, oracle_depth)  # its errors before any timing
     bandwidth = h2d_bandwidth(model.cache.expert_bytes, model.device)
-    compute_s = compute_per_token(model)
+    compute_s = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
     model.moe.routing = routing
 
-    _set_prefetch(model, prefetch, routing)
     run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
     result = {
         **environment(model.device),
@@ -350,7 +375,7 @@ def bench(
         "prompt_tokens": prompt_tokens,
         "h2d_bandwidth_gbps": round(bandwidth / 1e9, 3),
         "compute_s_per_token": round(compute_s, 6),
-        **_summary(run, prefetch, bandwidth, compute_s),
+        **_summary(run, model, prefetch, bandwidth, compute_s),
     }
     if not compare:
         return result
@@ -359,17 +384,17 @@ def bench(
     _use_policy(model, "lru")
     for name, mode, forget in (("no_cache", "none", True), ("lru_no_prefetch", "none", False),
                                ("lru_prefetch", prefetch, False)):  # fmt: skip
-        _set_prefetch(model, mode, routing)
+        _set_prefetch(model, mode, routing, oracle_depth)
         baseline = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
                               forget_every_token=forget)  # fmt: skip
-        baselines[name] = _summary(baseline, mode, bandwidth, compute_s)
+        baselines[name] = _summary(baseline, model, mode, bandwidth, compute_s)
     baselines["accelerate"] = accelerate() if accelerate is not None else {
         "decode_tokens_per_s": None,
         "note": "not run: transformers/accelerate device_map offloading reads Hugging Face folders only "
         "(pass one as MODEL), and cannot replay a routing trace",
     }  # fmt: skip
     _use_policy(model, model.options.policy)
-    _set_prefetch(model, prefetch, routing)
+    _set_prefetch(model, prefetch, routing, oracle_depth)
     result["baselines"] = baselines
     return result
 

@@ -243,26 +243,30 @@ class Decoder:
         """One token through the static path: logits [1, V], a buffer valid until the next step.
 
         Per layer: graph "attention" (embedding at layer 0, attention, post-norm, the MoE block's routing
-        into its buffers), then the experts on the host's side (the block reads its routing, fetches
-        and runs them), then graph "residual" (the MoE output added, the block's late guess). At the end,
-        graph "head". Each graph is run eagerly the first time, then captured (offload/graphs.py).
+        into its buffers), then the host reads the routing and the cache serves the experts, each an
+        "expert" graph of its slot row, then graph "residual" (the MoE output added, the block's late
+        guess). At the end, graph "head". Each graph is run eagerly the first time, then captured
+        (offload/graphs.py); after the first step every slot row's expert graphs are captured at once.
         """
         s = self._static
         if s is None:
             s = self._static = StaticStep(self.config, self.device, self.dtype)
         if self.moe.version != s.version:  # a new prefetcher guesses elsewhere: the graphs must be captured anew
             self.graphs.reset()
-            s.version = self.moe.version
+            s.version, s.experts_captured = self.moe.version, False
         s.ids.copy_(input_ids)
         s.pos.fill_(start_pos)  # a kernel, no host value in any graph
         keys = key_range(start_pos + 1, self.max_seq_len)
         run = self.graphs.run
         for layer in range(self.config.num_layers):
             run(("attention", layer, keys), lambda layer=layer: self._static_attention(layer, keys))
-            out = self.moe.decode_experts(layer, s.x)  # [1, D], a buffer at a fixed address
+            out = self.moe.decode_experts(layer, s.x, run)  # [1, D], a buffer at a fixed address
             run(("residual", layer), lambda layer=layer, out=out: self._static_residual(layer, out))
             self.moe.after_residual(layer, s.h)
         run(("head",), self._static_head)
+        if self.graphs.capture and not s.experts_captured:
+            self.moe.capture_experts(self.graphs.capture_only, s.x)  # every slot row's, this once
+            s.experts_captured = True
         return s.logits
 
     def _static_attention(self, layer: int, keys: int) -> None:
@@ -316,3 +320,4 @@ class StaticStep:
         self.x = torch.zeros(1, config.hidden_size, device=device, dtype=dtype)  # the MoE block's input
         self.logits = torch.zeros(1, config.vocab_size, device=device, dtype=torch.float32)
         self.version = 0  # the MoE block's version the graphs were captured with
+        self.experts_captured = False  # whether every slot row's expert graphs are, since the last reset

@@ -8,8 +8,9 @@ each piece can be captured once and replayed with one launch, and everything it 
 the graphs' pool, not in the allocator's traffic.
 
 What cannot be a graph stays on the host between the graphs: reading the routing (the cache decides
-which experts to load), the cache's copies and waits, and the experts themselves, whose weights sit
-in whichever slot the cache chose.
+which experts to load) and the cache's copies and waits. The experts are graphs too, one per slot
+row and place in the request: the row's address is fixed, whatever expert it holds now, and the
+gate weight is read on the device.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class DecodeGraphs:
             return
         fn()
         if self.capture:
+            self._capture(key, fn)
+
+    def capture_only(self, key: Hashable, fn: Callable[[], None]) -> None:
+        """Capture `fn` under `key` without running it, unless it is captured already or capturing is off.
+        Its kernels must have run once before (compiled, their buffers made), as some other key's."""
+        if self.capture and key not in self.graphs:
             self._capture(key, fn)
 
     def _capture(self, key: Hashable, fn: Callable[[], None]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,7 @@ class MoEBlock:
         # unpacked views by buffer address: slot and arena rows live as long as the model, and unpacking a
         # 2-bit expert costs ~70 us of Python, ~4.6 ms a token for Mixtral if redone at every use
         self._views: dict[int, dict] = {}
+        self._host_weights: dict[int, torch.Tensor] = {}  # layer -> replayed weights on their way (_staged)
 
     def __call__(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor | None = None) -> torch.Tensor:
         # T = tokens, D = hidden, E = experts, A = active experts per token
@@ -123,7 +124,7 @@ class MoEBlock:
     def _experts(self, layer: int, x: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
         """One token's experts through the cache, summed by gate weight into a workspace buffer [1, D]."""
         weight_of = dict(zip(experts, weights))
-        out = self.workspace.buffer("moe.out", tuple(x.shape), x.dtype, x.device).zero_()  # [1, D]
+        out = self._out(x).zero_()  # [1, D]
         for expert, packed in self.cache.fetch(layer, experts, weights):
             y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
             out.add_(y, alpha=weight_of[expert])
@@ -133,7 +134,8 @@ class MoEBlock:
 
     def route_into(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor) -> None:
         """Device half of one token's routing, graph-safe: the router's top-k ids and weights, and the
-        prefetcher's early guess for the next layer, into one float32 buffer that one copy brings over."""
+        prefetcher's early guess for the next layer, into one float32 buffer that one copy brings over.
+        It also clears the output the experts add into."""
         k = self.top_k
         routed = self._routed(x.device)  # [3k]: ids, weights, early guess
         ids, weights = self.route(F.linear(x, self.routers[layer]), k)  # [1, k] each
@@ -141,22 +143,47 @@ class MoEBlock:
         routed[k : 2 * k].copy_(weights[0])
         if self._guesses("early", layer):
             routed[2 * k :].copy_(self.prefetcher.device_guess(layer + 1, h_mid)[0])
+        self._out(x).zero_()
 
-    def decode_experts(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def decode_experts(self, layer: int, x: torch.Tensor, run: Callable[[Hashable, Callable[[], None]], None]):
         """Host half: read what route_into wrote (one device-to-host copy, which waits for the graph),
-        start the early prefetch, then serve and run the experts. Returns the block's output [1, D]."""
+        start the early prefetch, then serve the experts. Each runs through `run` (DecodeGraphs.run),
+        keyed by its slot row and its place in the request: captured once, an expert graph replays on
+        whatever expert the row holds, with the gate weight read from the routing buffer. Returns the
+        block's output [1, D], a buffer at a fixed address."""
         k = self.top_k
-        values = self._routed(x.device).tolist()  # may synchronize: the cache decides on the host
+        routed = self._routed(x.device)
+        values = routed.tolist()  # may synchronize: the cache decides on the host
         experts, weights = [int(v) for v in values[:k]], values[k : 2 * k]
         if self.routing is not None:  # replayed routing stands in for the router's; the copy above still ran
             experts, weights = self._replayed(layer, x)
+            routed[k : 2 * k].copy_(self._staged(layer, weights), non_blocking=True)  # what the graphs read
         if self._guesses("early", layer):
             self.cache.prefetch(layer + 1, [int(v) for v in values[2 * k :]])
         elif self.prefetcher is not None and not hasattr(self.prefetcher, "device_guess"):
             self.prefetcher.after_attention(layer, x)  # a prefetcher that guesses on the host (bench's oracle)
         if self.recorder is not None:
             self.recorder(layer, experts, weights, self.cache.guess(layer), False)
-        return self._experts(layer, x, experts, weights)
+        for expert, packed in self.cache.fetch(layer, experts, weights):
+            run(*self._expert_piece(x, packed, experts.index(expert)))
+        return self._out(x)
+
+    def capture_experts(self, capture: Callable[[Hashable, Callable[[], None]], None], x: torch.Tensor) -> None:
+        """Capture the expert graph of every slot row and place now (after one eager step has compiled the
+        kernels), so that no capture, with its device synchronisation, falls inside later decode steps."""
+        for packed in self.cache.slot_rows:
+            for place in range(self.top_k):
+                capture(*self._expert_piece(x, packed, place))
+
+    def _expert_piece(self, x: torch.Tensor, packed: torch.Tensor, place: int) -> tuple[Hashable, Callable[[], None]]:
+        """The graph key and work of the expert in slot row `packed`, `place`-th in its request: out +=
+        weight[place] * expert(x), the weight read on the device. Graph-safe."""
+
+        def work() -> None:
+            y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
+            self._out(x).addcmul_(y, self._routed(x.device)[self.top_k + place])
+
+        return ("expert", packed.data_ptr(), place), work
 
     def guess_into(self, layer: int, h: torch.Tensor) -> None:
         """Device half of the late guess, graph-safe: the next layer's router on layer `layer`'s output."""
@@ -176,6 +203,21 @@ class MoEBlock:
     def _routed(self, device: torch.device, tag: str = "routed") -> torch.Tensor:
         size = self.top_k if tag == "late" else 3 * self.top_k
         return self.workspace.buffer("moe." + tag, (size,), torch.float32, device)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.workspace.buffer("moe.out", tuple(x.shape), x.dtype, x.device)  # [1, D]
+
+    def _staged(self, layer: int, weights: Sequence[float]) -> torch.Tensor:
+        """Replayed gate weights in host memory for a copy to the device: pinned on CUDA, so the copy is
+        asynchronous; one buffer per layer, so a copy still queued is never overwritten (the host waits
+        for each layer's routing before it reaches the next)."""
+        staged = self._host_weights.get(layer)
+        if staged is None:
+            pin = self.cache.device.type == "cuda"
+            staged = self._host_weights[layer] = torch.empty(self.top_k, dtype=torch.float32, pin_memory=pin)
+        for i, weight in enumerate(weights):
+            staged[i] = weight
+        return staged
 
     def _replayed(self, layer: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
         decode = getattr(self.routing, "decode", None)

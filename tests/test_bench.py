@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import offload
 from cli.app import main
-from offload.bench import DECODE_WARMUP, bench
+from offload.bench import DECODE_WARMUP, OraclePrefetcher, ReplayedRouting, bench
+from quant.errors import MoEOffloadError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRACE = REPO / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"  # 6 layers: the trained model's
@@ -29,11 +31,58 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert result["prefetch"]["recall"] == 1.0
     per_layer = model.stats.cache.per_layer  # the whole run's: prefill, warm-up and timed decode steps
     decode_requests = (DECODE_WARMUP + 12) * 2
-    for layer in per_layer[1:]:  # nothing guesses layer 0
+    assert result["prefetch"]["depth"] == 5  # every layer but one
+    for layer in per_layer[1:]:
         assert layer.guess_right == layer.guess_total == decode_requests
+    # layer 0 is loaded from the token before: the first decode step has none
+    assert per_layer[0].guess_right == per_layer[0].guess_total == decode_requests - 2
     assert result["gpu_peak_bytes"] is None and result["gpu_allocs_in_decode"] is None  # no GPU here
     assert result["fraction_of_bound"] == pytest.approx(result["decode_tokens_per_s"] / result["bound_tokens_per_s"],
                                                         rel=1e-2)  # fmt: skip
+
+
+class Loads:
+    """A cache that records the prefetches it is asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        self.calls.append((layer, experts))
+
+
+def test_the_oracle_loads_depth_layers_ahead_in_compute_order_once_each():
+    routing = ReplayedRouting(TINY_TRACE, 6, 8, 2, "cpu")
+    cache = Loads()
+    oracle = OraclePrefetcher(routing, cache, 6, depth=3)
+    one = torch.zeros(1, 4)
+    seen = []
+    for position in (10, 11):
+        routing.position = position
+        for layer in range(6):
+            oracle.after_attention(layer, one)
+            seen.append(len(cache.calls))
+    assert seen == [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # three ahead at first, then one per layer
+    expected = [(p, layer) for p in (10, 11, 12) for layer in range(6)][1:15]  # (10, 1) .. (12, 2)
+    assert cache.calls == [(layer, list(routing.experts(p, layer))) for p, layer in expected]
+    routing.position = 0  # a new sequence: the oracle starts over
+    oracle.after_attention(0, one)
+    assert cache.calls[14:] == [(layer, list(routing.experts(0, layer))) for layer in (1, 2, 3)]
+    oracle.after_attention(0, torch.zeros(4, 4))  # a prefill chunk: no guess
+    assert len(cache.calls) == 17
+
+
+def test_oracle_depth_changes_no_hit(model):
+    """Each layer's table sees its own requests and prefetches in the same order at any depth."""
+    runs = [bench(model, tokens=8, prompt_tokens=3, route_trace=str(TINY_TRACE), prefetch="oracle", oracle_depth=d)
+            for d in (1, 5)]  # fmt: skip
+    assert [r["prefetch"]["depth"] for r in runs] == [1, 5]
+    assert runs[0]["hit_rate"] == runs[1]["hit_rate"]
+    # the loads issued inside the timed window shift by the depth; what the requests found does not
+    assert runs[0]["prefetch"]["used"] == runs[1]["prefetch"]["used"] > 0
+    message = r"^--oracle-depth must be between 1 and 5 \(the layers but one\), got 6$"
+    with pytest.raises(MoEOffloadError, match=message):
+        bench(model, tokens=2, route_trace=str(TINY_TRACE), prefetch="oracle", oracle_depth=6)
 
 
 def test_compare_runs_the_baselines(model):

@@ -80,7 +80,9 @@ def test_decode_allocates_nothing_on_the_gpu(tiny, prefetch):
     assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 0
     assert model.stats.total.misses > misses  # the steps loaded experts
     assert model.decoder.graphs.failed is None
-    assert len(model.decoder.graphs.graphs) == 2 * model.config.num_layers + 1
+    c = model.config
+    expert_graphs = 3 * c.num_layers * c.top_k  # every slot row and place, captured after the first step
+    assert len(model.decoder.graphs.graphs) == 2 * c.num_layers + 1 + expert_graphs
 
 
 def test_cuda_graphs_replay_the_eager_decode(tiny):
@@ -100,8 +102,9 @@ def test_cuda_graphs_replay_the_eager_decode(tiny):
     assert error < 1e-4, f"graphs against eager, max |logit diff| {error:.3g}"
     assert runs[True][1] == runs[False][1]
     assert runs[False][2] is None and runs[True][2].failed is None
-    layers = model.config.num_layers
-    assert len(runs[True][2].graphs) == 2 * layers + layers + 1  # attention per key range, residual, head
+    layers, k = model.config.num_layers, model.config.top_k
+    # attention per key range, residual, head, and an expert graph per slot row and place
+    assert len(runs[True][2].graphs) == 2 * layers + layers + 1 + 3 * layers * k
 
 
 def test_quantize_on_the_gpu_gives_a_folder_close_to_the_cpus(tiny, tmp_path):

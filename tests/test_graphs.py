@@ -80,9 +80,13 @@ def test_static_path_equals_the_eager_one_and_transformers(case, prefetch, slots
     half = len(probs) // 2
     for mine, theirs in zip(probs[:half], probs[half:], strict=True):
         assert mine == pytest.approx(theirs, abs=1e-6)
-    layers = static.config.num_layers
-    assert graphs.runs == DECODE * (2 * layers + 1)  # per layer "attention" and "residual", then "head"
-    assert len(graphs.first) == 2 * layers + 1  # one key range (256) and one prefetcher: one set of pieces
+    layers, k = static.config.num_layers, static.config.top_k
+    assert graphs.runs == DECODE * ((2 + k) * layers + 1)  # per layer "attention", k experts, "residual"; "head"
+    # one key range (256) and one prefetcher: one set of pieces, and experts keyed by slot row and place
+    expert_keys = [key for key in graphs.first if key[0] == "expert"]
+    assert len(graphs.first) - len(expert_keys) == 2 * layers + 1
+    rows = {row.data_ptr() for row in static.cache.slot_rows}
+    assert {key[1] for key in expert_keys} <= rows and {key[2] for key in expert_keys} == set(range(k))
     if slots == 1 and prefetch == "none":  # unquantized: the oracle too
         full, _ = load(path, CountedGraphs(), slots=slots, prefetch=prefetch)
         assert (teacher_forced(full, tokens) - expected).abs().max().item() < 1e-4
@@ -140,6 +144,30 @@ class FixedRouting:
     def __call__(self, layer, x):
         ids = torch.tensor([[0, 1]]).expand(x.shape[0], 2)
         return ids, torch.full((x.shape[0], 2), 0.5)
+
+
+def test_replayed_weights_reach_the_expert_pieces(tmp_path):
+    """The expert pieces read the gate weights on the device: replayed ones must be copied there."""
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=3)
+    trace = tmp_path / "t.jsonl"
+    chosen = [([3, 1], [0.8, 0.2]), ([0, 2], [0.3, 0.6]), ([2, 3], [0.5, 0.1])]
+    trace.write_text("".join(
+        f'{{"problem_id": 0, "token_idx": {t}, "layer": {layer}, "experts": {chosen[(t + layer) % 3][0]}, '
+        f'"gating_probs": {chosen[(t + layer) % 3][1]}}}\n'
+        for t in range(6) for layer in range(2)
+    ))  # fmt: skip
+    logits = []
+    for graphs in (None, CountedGraphs()):
+        model, _ = load(tiny, graphs, expert_bits="2", slots=2, prefetch="none")
+        model.moe.routing = routing = ReplayedRouting(trace, num_layers=2, num_experts=4, top_k=2, device="cpu")
+        model.reset()
+        model.forward(torch.tensor([5, 6, 7]), 0)
+        steps = []
+        for position in range(6):
+            routing.position = position
+            steps.append(model.forward(torch.tensor([8 + position]), 3 + position))
+        logits.append(torch.cat(steps))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_replayed_routing_serves_the_host_the_traces_weights_normalised(tmp_path):
