@@ -1,17 +1,24 @@
 """The fused dequantize+GEMV kernel against dequantize-then-matmul, on Mixtral-8x7B's expert shapes (CUDA).
 
-    python benchmarks/gemv_kernel.py [--sweep] [--dtype bfloat16] [--out benchmarks/results/gemv_kernel.json]
+    python benchmarks/gemv_kernel.py [--sweep] [--variants] [--copies N] [--dtype bfloat16]
+        [--out benchmarks/results/gemv_kernel.json]
 
 For 2-, 3- and 4-bit experts and one token: microseconds per matrix, the quantized bytes each read
-per second, and one whole expert MLP (w1, w3, w2) both ways. --sweep also times every launch shape
-(block_n x block_k x warps) and reports the best per matrix, to choose quant/gemv.py's defaults.
+per second, and one whole expert MLP (w1, w3, w2) both ways. Times are device time per call, from CUDA
+graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the
+host), over copies of the weights that together overflow L2, so every call reads its codes from memory
+as a decode step does. --variants also times each (late_sum, fast_codes) variant of the kernel, and
+--sweep every launch shape (block_n x block_k x warps, per variant with --variants), reporting the best
+per matrix, to choose quant/gemv.py's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,21 +35,64 @@ from quant.linear import linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
+VARIANTS = list(itertools.product((False, True), repeat=2))  # (late_sum, fast_codes)
 
 
-def timed_us(fn, *args, repeats: int = 50, **kwargs) -> float:
-    """Median microseconds of fn(*args, **kwargs) over `repeats` calls, each timed with CUDA events."""
-    for _ in range(5):
-        fn(*args, **kwargs)
+def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
+    """fn(x, copy, *args, **kwargs) for each copy of the weights: the calls that timed_us takes in turn."""
+    return [functools.partial(fn, x, copy, *args, **kwargs) for copy in copies]
+
+
+def timed_us(calls: list, repeats: int = 50) -> float:
+    """Device microseconds per call: `repeats` calls, taking `calls` in turn, captured back to back in a
+    CUDA graph; the median of 5 replays, timed with CUDA events, over `repeats`. Host work (Triton's launch
+    costs tens of us a call) is left out, as in a decode step replayed from a graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # outside the graph: Triton compiles, the workspace makes its buffers
+            call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(repeats):
+            calls[i % len(calls)]()
+    graph.replay()
     times = []
-    for _ in range(repeats):
+    for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(*args, **kwargs)
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / repeats)
+    return sorted(times)[len(times) // 2]
+
+
+def eager_us(calls: list, repeats: int = 50) -> float:
+    """Median microseconds of one call as a Python caller pays for it: CUDA events around each call on an
+    idle device, so the host's launch is in the figure."""
+    for call in calls:
+        call()
+    times = []
+    for i in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls[i % len(calls)]()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000)
     return sorted(times)[len(times) // 2]
+
+
+def best_launch(calls_with, packed: bool) -> dict:
+    """The fastest launch shape: calls_with(block_n=, block_k=, num_warps=) makes the calls to time."""
+    # the packed-row kernel's block_n counts packed rows, each PER outputs: fewer per program
+    blocks = ((1, 2, 4, 8), (512, 1024, 2048)) if packed else ((8, 16, 32, 64), (128, 256, 512))
+    us, n, k, w = min(
+        (timed_us(calls_with(block_n=n, block_k=k, num_warps=w), repeats=20), n, k, w)
+        for n, k, w in itertools.product(*blocks, (2, 4, 8))
+    )
+    return {"us": round(us, 1), "block_n": n, "block_k": k, "num_warps": w}
 
 
 def main() -> None:
@@ -50,49 +100,68 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--sweep", action="store_true", help="also time every launch shape")
     parser.add_argument("--sweep-bits", default="2,3,4", help="the expert bits whose launch shapes --sweep times")
+    parser.add_argument("--variants", action="store_true", help="also time every (late_sum, fast_codes) variant")
+    parser.add_argument("--copies", type=int, help="weight copies the calls take in turn (default: twice L2's worth)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_kernel.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available() or gemv.triton is None:
         sys.exit("error: this benchmark needs a CUDA device and Triton")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
 
     rows, mlps = [], []
     for bits in ("2", "3", "4"):
         fmt = ExpertFormat.build(HIDDEN, INTERMEDIATE, EXPERT_PRESETS[bits], dtype)
-        packed = torch.empty(fmt.nbytes, dtype=torch.uint8, device=device)
-        weights = fmt.unpack(fmt.random(torch.Generator(device).manual_seed(0), packed))
+        nbytes = quantized_nbytes((INTERMEDIATE, HIDDEN), fmt.spec)  # w2's too: the same number of weights
+        copies = args.copies or math.ceil(2 * l2 / nbytes)
+        experts = []  # `copies` random experts: a call reads what the call before it evicted from L2
+        for seed in range(copies):
+            packed = torch.empty(fmt.nbytes, dtype=torch.uint8, device=device)
+            experts.append(fmt.unpack(fmt.random(torch.Generator(device).manual_seed(seed), packed)))
         x = torch.randn(1, HIDDEN, device=device, dtype=dtype)
         for name in ("w1", "w2"):  # w3 has w1's shape
-            q = weights[name]
+            q = experts[0][name]
             xin = x if name == "w1" else torch.randn(1, INTERMEDIATE, device=device, dtype=dtype)
-            nbytes = quantized_nbytes(q.shape, q.spec)
             out = torch.empty(1, q.shape[0], device=device, dtype=dtype)
             workspace = Workspace()
             reference = xin.float() @ dequantize(q, torch.float32).T
             error = (gemv.gemv(xin, q, out).float() - reference).abs().max().item() / reference.abs().max().item()
-            unfused = timed_us(linear, xin, q, workspace, out)
-            fused = timed_us(gemv.gemv, xin, q, out)
+            matrices = [weights[name] for weights in experts]
+            fused_calls = functools.partial(on_copies, gemv.gemv, xin, matrices, out)  # (**gemv's keywords)
+            unfused = timed_us(on_copies(linear, xin, matrices, workspace, out))
+            fused_us, fused_eager = timed_us(fused_calls()), eager_us(fused_calls())
+            together = gemv._rows_together(q)
             row = {"bits": int(bits), "matrix": name, "shape": list(q.shape), "quantized_bytes": nbytes,
-                   "rows_together": gemv._rows_together(q),
-                   "dequantize_matmul_us": round(unfused, 1), "fused_us": round(fused, 1),
-                   "fused_gb_per_s": round(nbytes / fused / 1e3, 1), "relative_error": error}  # fmt: skip
-            if args.sweep and bits in args.sweep_bits.split(","):
-                # the packed-row kernel's block_n counts packed rows, each PER outputs: fewer per program
-                packed = gemv._rows_together(q) > 1
-                blocks = ((1, 2, 4, 8), (512, 1024, 2048)) if packed else ((8, 16, 32, 64), (128, 256, 512))
-                shapes = itertools.product(*blocks, (2, 4, 8))
-                best = min(
-                    (timed_us(gemv.gemv, xin, q, out, block_n=n, block_k=k, num_warps=w, repeats=20), n, k, w)
-                    for n, k, w in shapes
-                )
-                row["best"] = {"us": round(best[0], 1), "block_n": best[1], "block_k": best[2], "num_warps": best[3]}
+                   "rows_together": together, "weight_copies": copies,
+                   "dequantize_matmul_us": round(unfused, 1), "fused_us": round(fused_us, 1),
+                   "fused_eager_us": round(fused_eager, 1), "fused_gb_per_s": round(nbytes / fused_us / 1e3, 1),
+                   "relative_error": error}  # fmt: skip
+            sweep = args.sweep and bits in args.sweep_bits.split(",")
+            if args.variants:
+                row["variants"] = []  # each (late_sum, fast_codes) at the default launch, and its best with --sweep
+                for late_sum, fast_codes in VARIANTS:
+                    us = timed_us(fused_calls(late_sum=late_sum, fast_codes=fast_codes))
+                    variant = {"late_sum": late_sum, "fast_codes": fast_codes, "us": round(us, 1),
+                               "gb_per_s": round(nbytes / us / 1e3, 1)}  # fmt: skip
+                    if sweep:
+                        calls_with = functools.partial(fused_calls, late_sum=late_sum, fast_codes=fast_codes)
+                        variant["best"] = best_launch(calls_with, together > 1)
+                    row["variants"].append(variant)
+            if sweep:
+                default = (gemv.LATE_SUM, gemv.FAST_CODES)
+                swept = [v["best"] for v in row.get("variants", ()) if (v["late_sum"], v["fast_codes"]) == default]
+                row["best"] = swept[0] if swept else best_launch(fused_calls, together > 1)
             rows.append(row)
-            print(f"{bits}-bit {name} {tuple(q.shape)}: dequantize+matmul {unfused:8.1f} us, fused {fused:7.1f} us "
-                  f"({row['fused_gb_per_s']} GB/s of codes), error {error:.1e}"
+            print(f"{bits}-bit {name} {tuple(q.shape)}: dequantize+matmul {unfused:8.1f} us, fused {fused_us:7.1f} us "
+                  f"({row['fused_gb_per_s']} GB/s of codes; {fused_eager:.1f} us eager), error {error:.1e}"
                   + (f", best {row['best']}" if "best" in row else ""))  # fmt: skip
+            for variant in row.get("variants", ()):
+                print(f"    late_sum={variant['late_sum']!s:5} fast_codes={variant['fast_codes']!s:5}: "
+                      f"{variant['us']:7.1f} us ({variant['gb_per_s']} GB/s)"
+                      + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
         for fused in (False, True):
             workspace = Workspace(fused=fused)
-            us = timed_us(expert_mlp, x, weights, workspace, reuse=True)
+            us = timed_us(on_copies(expert_mlp, x, experts, workspace, reuse=True))
             mlps.append({"bits": int(bits), "fused": fused, "expert_mlp_us": round(us, 1)})
             print(f"{bits}-bit expert MLP, {'fused' if fused else 'dequantize+matmul'}: {us:.1f} us")
 
@@ -104,6 +173,8 @@ def main() -> None:
             "block_k": gemv.BLOCK_K,
             "num_warps": 4,
             "packed_launch": gemv.PACKED_LAUNCH,  # by bits: (block_n packed rows, block_k, num_warps)
+            "late_sum": gemv.LATE_SUM,
+            "fast_codes": gemv.FAST_CODES,
         },
         "matrices": rows,
         "expert_mlp": mlps,

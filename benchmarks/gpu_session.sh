@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests kernel synth bench bench-more colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests kernel kernel-sweep synth bench bench-more colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -54,9 +54,13 @@ for step in "$@"; do
         python3 -m pytest -q -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
         ;;
-    kernel)
-        python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_$gpu.json"
+    kernel)  # device time per call, every (late_sum, fast_codes) variant at the default launch
+        python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
+        ;;
+    kernel-sweep)  # and every 2-bit launch shape of each variant
+        python3 benchmarks/gemv_kernel.py --variants --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
+        stamp "$results/gemv_kernel_sweep_$gpu.json"
         ;;
     synth-start)  # synth on 8 CPU threads in the background, while the GPU steps run
         [[ -f $model/manifest.json ]] || { OMP_NUM_THREADS=8 moe synth "$model" --preset mixtral-8x7b >"$results/synth.log" 2>&1 & synth_pid=$!; }
@@ -97,7 +101,7 @@ for step in "$@"; do
         stamp "$results"/bench_"${gpu}"_colab_*.json
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests kernel synth bench bench-more colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests kernel kernel-sweep synth bench bench-more colab profile" >&2
         exit 2
         ;;
     esac

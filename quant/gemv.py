@@ -41,6 +41,13 @@ BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size 
 # for Mixtral's w1 (benchmarks/results/gemv_kernel_h100.json: 69.6 us against 94.2 at (4, 1024, 4); w2's
 # best was (1, 2048, 2) at 86.7 us). 3- and 4-bit: about BLOCK_N outputs and 4 KB of codes a step, untuned
 PACKED_LAUNCH = {2: (2, 512, 2), 3: (2, 512, 4), 4: (8, 512, 4)}
+# Both kernels' compile-time variants, against instruction-bound loops (2-bit w1 read ~300 GB/s of codes on
+# the H100 before them). LATE_SUM: the K loop keeps a sum per group and reduces over the groups, across
+# threads, once at the end (the 2-bit packed loop's sm_90 SASS: 21 SHFL a step -> 1). FAST_CODES: codes to
+# float32 by _as_float's magic number, not I2F (that loop: 72 I2F(P) a step -> 0, for 72 FADD). Both on,
+# untimed yet: benchmarks/gemv_kernel.py --variants times all four
+LATE_SUM = True
+FAST_CODES = True
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
@@ -64,18 +71,21 @@ def _rows_together(q: Quantized) -> int:
 
 def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, late_sum: bool | None = None, fast_codes: bool | None = None,
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
 
     block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them. block_n
     counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs; left
-    out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K.
+    out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K. late_sum and fast_codes pick the kernel's
+    variant (fast_codes changes no bit of the result, late_sum the order of its sum); left out, LATE_SUM
+    and FAST_CODES.
     """
     # M = tokens (rows of x), N = outputs, K = inputs
     per = _rows_together(q)
     default_n, default_k, default_warps = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K, 4)
     block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
+    late_sum, fast_codes = LATE_SUM if late_sum is None else late_sum, FAST_CODES if fast_codes is None else fast_codes
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
@@ -96,6 +106,7 @@ def gemv(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
         BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps,
+        LATE_SUM=late_sum, FAST_CODES=fast_codes,
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows)
@@ -108,10 +119,23 @@ def gemv(
 if triton is not None:
 
     @triton.jit
-    def _group_meta(r, mask, codes, scale, zero, QUANTIZED: tl.constexpr, META_GROUP: tl.constexpr):
+    def _as_float(c, FAST: tl.constexpr):
+        """Non-negative integer codes (below 2**23) as float32, exactly. FAST: an OR and an FADD at full
+        rate, where .to(tl.float32) is an I2F at 1/8 of FMA throughput on Hopper: 0x4B000000 | c is the
+        float 2**23 + c (c fills the mantissa), and subtracting 2**23 leaves c."""
+        if FAST:
+            value = (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            value = c.to(tl.float32)
+        return value
+
+    @triton.jit
+    def _group_meta(
+        r, mask, codes, scale, zero, QUANTIZED: tl.constexpr, META_GROUP: tl.constexpr, FAST_CODES: tl.constexpr
+    ):
         """A group's scale (or zero) in float32: stored float16, or 8-bit codes with their own meta."""
         if QUANTIZED:
-            c = tl.load(codes + r, mask=mask, other=0).to(tl.float32)
+            c = _as_float(tl.load(codes + r, mask=mask, other=0), FAST_CODES)
             meta = r // META_GROUP
             z = tl.load(zero + meta, mask=mask, other=0).to(tl.float32)
             s = tl.load(scale + meta, mask=mask, other=0).to(tl.float32)
@@ -129,6 +153,7 @@ if triton is not None:
         BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
+        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr,
     ):  # fmt: skip
         # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps, held as
         # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group
@@ -137,7 +162,8 @@ if triton is not None:
         n_ok = n < N
         j = tl.arange(0, GROUP)  # [G] position inside a group
         groups_per_row = K // GROUP
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # LATE_SUM: a sum per group, [BN, GB], reduced over the groups (across threads) once after the loop
+        acc = tl.zeros([BLOCK_N, GB] if LATE_SUM else [BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
             g_ok = g < groups_per_row
@@ -147,13 +173,19 @@ if triton is not None:
             mask = n_ok[:, None] & g_ok[None, :]
             address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
             packed = tl.load(codes_ptr + address[:, :, None] + j[None, None, :], mask=mask[:, :, None], other=0)
-            shift = (PER - 1 - r // STEP) * BITS
-            code = ((packed >> shift[:, :, None]) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, GB, G]
+            shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
+            code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
             cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
             xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
-            s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP)
-            z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
-            acc += tl.sum(s * (cx - z * xs[None, :]), axis=1)
+            s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP, FAST_CODES)
+            z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES)
+            part = s * (cx - z * xs[None, :])  # [BN, GB]
+            if LATE_SUM:
+                acc += part
+            else:
+                acc += tl.sum(part, axis=1)
+        if LATE_SUM:
+            acc = tl.sum(acc, axis=1)  # [BN]
         tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -165,6 +197,7 @@ if triton is not None:
         BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
+        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
         # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
@@ -176,7 +209,9 @@ if triton is not None:
         slot = tl.arange(0, PER_P2)  # [P] bit slot; PER_P2 is PER rounded up to a power of two (3-bit: 16)
         j = tl.arange(0, GROUP)  # [G] position inside a group
         groups_per_row = K // GROUP
-        acc = tl.zeros([BLOCK_N, PER_P2], dtype=tl.float32)  # [BN, P]: column i sums output n + i * per_slot
+        # column i sums output n + i * per_slot; LATE_SUM keeps a sum per group, [BN, GB, P], and reduces
+        # over the groups (across threads) once after the loop rather than per step and bit slot
+        acc = tl.zeros([BLOCK_N, GB, PER_P2] if LATE_SUM else [BLOCK_N, PER_P2], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
             g_ok = g < groups_per_row
@@ -186,14 +221,21 @@ if triton is not None:
             p = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] packed row, = grid row of bit slot 0
             mask = n_ok[:, None] & g_ok[None, :]
             packed = tl.load(codes_ptr + p[:, :, None] * GROUP + j[None, None, :], mask=mask[:, :, None], other=0)
+            if FAST_CODES:
+                packed = packed.to(tl.int32)  # widened once; every bit slot shifts and masks in 32 bits
             for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
-                code = ((packed >> ((PER - 1 - i) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, GB, G]
+                code = _as_float((packed >> ((PER - 1 - i) * BITS)) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
                 cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
                 r = p + i * STEP  # [BN, GB] grid row
-                s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP)
-                z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP)
-                part = tl.sum(s * (cx - z * xs[None, :]), axis=1)  # [BN]
-                acc += tl.where(slot[None, :] == i, part[:, None], 0.0)
+                s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP, FAST_CODES)
+                z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES)
+                part = s * (cx - z * xs[None, :])  # [BN, GB]
+                if LATE_SUM:
+                    acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)
+                else:
+                    acc += tl.where(slot[None, :] == i, tl.sum(part, axis=1)[:, None], 0.0)
+        if LATE_SUM:
+            acc = tl.sum(acc, axis=1)  # [BN, P]
         outputs = n[:, None] + slot[None, :] * per_slot  # [BN, P]
         mask = n_ok[:, None] & (slot[None, :] < PER)
         tl.store(out_ptr + m * N + outputs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -37,7 +37,7 @@ def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
                 "out_ptr": act}  # fmt: skip
     constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
                  "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 "GB": block_k // group}  # fmt: skip
+                 "GB": block_k // group, "LATE_SUM": gemv.LATE_SUM, "FAST_CODES": gemv.FAST_CODES}  # fmt: skip
     if packed:
         constants["PER_P2"] = triton.next_power_of_2(per)
     signature = {name: "*" + dtype for name, dtype in pointers.items()}

@@ -95,9 +95,10 @@ class Launches:
         (EXPERT_PRESETS["3"], (96, 256), 1, None),  # the padded grid
     ],
 )
-def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, spec, shape, together, launch):
+@pytest.mark.parametrize("late", [False, True], ids=["sum per step", "late sum"])
+def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, spec, shape, together, launch, late):
     """Shapes with N % PER == 0 take _gemv_packed_kernel (each packed row read once makes PER outputs);
-    others _gemv_kernel. Both against dequantize-then-multiply, at two tokens."""
+    others _gemv_kernel. Both, in every variant, against dequantize-then-multiply, at two tokens."""
     generator = torch.Generator().manual_seed(sum(shape))
     q = random_quantized(shape, spec, generator)
     x = torch.randn(2, shape[1], generator=generator)
@@ -106,11 +107,13 @@ def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, 
     monkeypatch.setattr(gemv, "_gemv_packed_kernel", packed)
     monkeypatch.setattr(gemv, "_gemv_kernel", fallback)
     block_n, block_k = launch or (None, None)
-    got = gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k)
-    assert_close(got, reference(x, q))
+    got = [gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k, late_sum=late, fast_codes=fast)
+           for fast in (False, True)]  # fmt: skip
+    assert torch.equal(got[0], got[1])  # codes to float by I2F or by the magic number: both exact
+    assert_close(got[1], reference(x, q))
     default_n = gemv.PACKED_LAUNCH[spec.bits][0] if together > 1 else gemv.BLOCK_N
     programs = math.ceil(shape[0] // together / (block_n or default_n))  # a program per block_n (packed) rows
-    assert (packed if together > 1 else fallback).grids == [(programs, 2)]
+    assert (packed if together > 1 else fallback).grids == [(programs, 2)] * 2
     assert (fallback if together > 1 else packed).grids == []
 
 
