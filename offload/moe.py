@@ -215,8 +215,7 @@ class MoEBlock:
         if staged is None:
             pin = self.cache.device.type == "cuda"
             staged = self._host_weights[layer] = torch.empty(self.top_k, dtype=torch.float32, pin_memory=pin)
-        for i, weight in enumerate(weights):
-            staged[i] = weight
+        staged.numpy()[:] = weights  # one host write, no tensor per element
         return staged
 
     def _replayed(self, layer: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
