@@ -6,8 +6,6 @@ python benchmarks/bench_simulate.py [--trace PATH] [--out benchmarks/results/sim
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from cache.policies import POLICIES  # noqa: E402
 from cache.simulate import simulate  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
-from offload.bench import environment  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 SLOTS = range(1, 9)
@@ -60,10 +58,7 @@ def main() -> None:
         "results": [r.to_dict() for r in results],
         "seconds": round(seconds, 3),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(temp, args.out)
+    write_json(args.out, record)
     console.print(f"wrote {args.out}")
 
 

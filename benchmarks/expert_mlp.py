@@ -8,7 +8,6 @@ Prints the time per call and page faults per call, and writes benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from offload.bench import environment  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
@@ -61,7 +60,7 @@ def main() -> None:
         "expert": f"{args.bits}-bit, hidden {args.hidden}, intermediate {args.intermediate}, one token",
         "results": rows,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -78,12 +78,15 @@ for step in "$@"; do
             --json "$results/bench_${gpu}_mixtral-8x7b_gate.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
         ;;
-    bench-more)  # the same work without the fused kernel, and without CUDA graphs
+    bench-more)  # the same work without the fused kernel, without CUDA graphs, and with the oracle two layers
+        # ahead: a perfect-recall `--prefetch-ahead 2`
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-cuda-graphs \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_eager.json"
-        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager}.json
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 2 \
+            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth2.json"
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager,depth2}.json
         ;;
     profile)  # where a decode step's time goes (after synth), CUDA graphs on and off
         python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB \

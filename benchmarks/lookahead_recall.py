@@ -15,7 +15,6 @@ Prints a table and writes benchmarks/results/lookahead_recall_tiny.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.prefetch_points import SOURCES, windows  # noqa: E402
-from offload.bench import environment  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
 from offload.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -83,7 +82,7 @@ def main() -> None:
         "chance": chance,
         "results": rows,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

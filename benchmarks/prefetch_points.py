@@ -2,7 +2,10 @@
 
 Teacher-forced decode (one token at a time, as generation runs) over windows of real Python source,
 through K CPU slots per layer that count exactly as GPU slots would, for each guess point:
-none, early (after layer l's attention), late (at layer l's output), both (early, corrected late).
+none, early (after layer l's attention), late (at layer l's output), both (early, corrected late),
+and the output guess reaching 2 and 3 layers ahead (late+2, late+3: offload/prefetch.py).
+On the CPU every load lands at once, so a guess made earlier shows only its cost here (wasted
+loads, bytes), not the copy time it hides: that needs a GPU.
 
     python benchmarks/prefetch_points.py [--model ../shared/models/tiny-mixtral-code] [--windows 4]
 
@@ -12,7 +15,6 @@ Prints a table and writes benchmarks/results/prefetch_points_tiny.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
-from offload.bench import environment  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
 
 SOURCES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py")  # modules of the standard library
 
@@ -39,8 +41,11 @@ def windows(tokenizer, count: int, length: int) -> list[list[int]]:
     return out
 
 
-def run(model_dir: str, slots: int, prefetch: str, texts: list[list[int]]) -> dict:
-    model = offload.load(model_dir, device="cpu", slots=slots, prefetch=prefetch)
+POINTS = (("none", 1), ("early", 1), ("late", 1), ("both", 1), ("late", 2), ("late", 3))  # (prefetch, ahead)
+
+
+def run(model_dir: str, slots: int, prefetch: str, ahead: int, texts: list[list[int]]) -> dict:
+    model = offload.load(model_dir, device="cpu", slots=slots, prefetch=prefetch, prefetch_ahead=ahead)
     start = time.perf_counter()
     for ids in texts:
         model.reset()
@@ -51,6 +56,7 @@ def run(model_dir: str, slots: int, prefetch: str, texts: list[list[int]]) -> di
     return {
         "slots": slots,
         "prefetch": prefetch,
+        "ahead": ahead,
         "hit_rate": round(total.hit_rate, 4),
         "recall": None if total.recall is None else round(total.recall, 4),
         "prefetches_issued": total.prefetches_issued,
@@ -75,15 +81,16 @@ def main() -> None:
     tokenizer = offload.load(args.model, device="cpu").tokenizer
     texts = windows(tokenizer, args.windows, args.length)
     rows = [
-        run(args.model, int(slots), prefetch, texts)
+        run(args.model, int(slots), prefetch, ahead, texts)
         for slots in args.slots.split(",")
-        for prefetch in ("none", "early", "late", "both")
+        for prefetch, ahead in POINTS
     ]
     header = ("slots", "prefetch", "hit rate", "recall", "issued", "used", "wasted", "MiB in")
     print(" ".join(f"{h:>8}" for h in header))
     for r in rows:
         recall = "-" if r["recall"] is None else f"{r['recall']:.3f}"
-        cells = (r["slots"], r["prefetch"], f"{r['hit_rate']:.3f}", recall, r["prefetches_issued"],
+        point = r["prefetch"] if r["ahead"] == 1 else f"{r['prefetch']}+{r['ahead']}"
+        cells = (r["slots"], point, f"{r['hit_rate']:.3f}", recall, r["prefetches_issued"],
                  r["prefetches_used"], r["prefetches_wasted"], f"{r['h2d_bytes'] / 2**20:.1f}")  # fmt: skip
         print(" ".join(f"{c:>8}" for c in cells))
     report = {
@@ -93,7 +100,7 @@ def main() -> None:
         "text": f"{len(texts)} windows of {args.length} tokens of: {', '.join(SOURCES[: len(texts)])}",
         "results": rows,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

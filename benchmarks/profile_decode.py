@@ -11,7 +11,6 @@ them as JSON with the run's device, commit and command. "Profile first, then fix
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
 from offload.api import kernel_name  # noqa: E402
-from offload.bench import OraclePrefetcher, ReplayedRouting, environment, synchronize  # noqa: E402
+from offload.bench import OraclePrefetcher, ReplayedRouting, environment, synchronize, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -99,7 +98,7 @@ def main() -> None:
         "top": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     if args.chrome:
         prof.export_chrome_trace(args.chrome)
     print(f"wrote {args.out}")

@@ -11,7 +11,6 @@ Prints a table and writes benchmarks/results/quality_tiny.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
 from benchmarks.prefetch_points import SOURCES  # noqa: E402
-from offload.bench import environment  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
 
 
 def mean_loss(logits_of, windows: list[torch.Tensor]) -> float:
@@ -63,7 +62,7 @@ def main() -> None:
         "text": f"{len(windows)} windows of {args.length} tokens of: {', '.join(SOURCES)}",
         "results": rows,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

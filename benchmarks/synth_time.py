@@ -8,7 +8,6 @@ Writes benchmarks/results/synth_time.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -21,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from offload.bench import environment  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
 from offload.synth import synthesize  # noqa: E402
 
 
@@ -47,7 +46,7 @@ def main() -> None:
         print(f"{preset}: {size / 1e9:.2f} GB in {seconds:.1f} s")
     note = "writing, fsync and sha256 included; peak RSS is the process's, cumulative over presets"
     report = {**environment(torch.device("cpu"), program=f"python {sys.argv[0]}"), "results": rows, "note": note}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

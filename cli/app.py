@@ -63,6 +63,13 @@ Prefetch = Annotated[
         "both (early guess, corrected at the output)."
     ),
 ]
+PrefetchAhead = Annotated[
+    int,
+    typer.Option(
+        help="Layers ahead the guess at each layer's output reaches (with --prefetch late or both): 2 starts "
+        "each load a layer earlier, from a first guess right less often that the next layer corrects."
+    ),
+]
 NoPrefetch = Annotated[bool, typer.Option("--no-prefetch", help="Same as --prefetch none.")]
 Policy = Annotated[str, typer.Option(help="Eviction policy of the expert cache (see `simulate`).")]
 CacheMode = Annotated[
@@ -108,6 +115,7 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
     "attn_bits": (AttnBits, LoadOptions.attn_bits),
     "attn_quant": (AttnQuant, LoadOptions.attn_quant),
     "prefetch": (Prefetch, LoadOptions.prefetch),
+    "prefetch_ahead": (PrefetchAhead, LoadOptions.prefetch_ahead),
     "no_prefetch": (NoPrefetch, False),
     "policy": (Policy, LoadOptions.policy),
     "cache_mode": (CacheMode, LoadOptions.cache_mode),
@@ -314,8 +322,8 @@ def chat(
 
 @app.command()
 @loads_model(
-    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "max_seq_len",
-    "fused_gemv", "cuda_graphs",
+    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "prefetch",
+    "prefetch_ahead", "policy", "max_seq_len", "fused_gemv", "cuda_graphs",
 )  # fmt: skip
 def info(
     model: Model,
@@ -456,7 +464,7 @@ def bench(
                              oracle_depth=oracle_depth, compare=compare, accelerate=accelerate)  # fmt: skip
     _print_bench(result)
     if json_out is not None:
-        _write_json(json_out, result)
+        benchmark.write_json(json_out, result)
         err.print(f"wrote {json_out}")
 
 
@@ -482,14 +490,6 @@ def _print_bench(result: dict) -> None:
     out.print(table)
     for note in notes:
         out.print(note)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Written to a temporary name and renamed: never half a file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2) + "\n")
-    temp.replace(path)
 
 
 @app.command()

@@ -51,6 +51,9 @@ class LoadOptions:
     # none | early | late | both (early guess, corrected at the output). late: the best hit rate for the fewest
     # bytes on the trained tiny model (benchmarks/prefetch_points.py); both moves 26% more for +0.006
     prefetch: str = "late"
+    # layers ahead the output guess reaches (offload/prefetch.py): 2 starts each load a layer earlier, for a first
+    # guess right less often that the next layer's output corrects
+    prefetch_ahead: int = 1
     policy: str = "lru"  # eviction policy (cache/policies.py)
     cache_mode: str = "auto"  # auto | inclusive | exclusive (see offload/planner.py)
     max_seq_len: int | None = None  # context size; None: the model's, at most 4096
@@ -163,6 +166,15 @@ class Prepared:
         return self.source.config
 
 
+def check_prefetch(when: str, ahead: int, num_layers: int) -> None:
+    """The prefetch options' errors, in the CLI's words."""
+    if ahead > 1 and when == "early":
+        raise MoEOffloadError(f"--prefetch-ahead {ahead} guesses at each layer's output: use --prefetch late or both")
+    most = max(1, num_layers - 1)
+    if not 1 <= ahead <= most:
+        raise MoEOffloadError(f"--prefetch-ahead must be between 1 and {most} (the layers but one), got {ahead}")
+
+
 def prepare(model: str, **options) -> Prepared:
     """Open `model`, read its resident weights and plan the memory; no expert is read yet."""
     opts = LoadOptions(**options)
@@ -175,6 +187,7 @@ def prepare(model: str, **options) -> Prepared:
         model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, attn_quant=opts.attn_quant, verify=opts.verify
     )
     config: ModelConfig = source.config
+    check_prefetch(opts.prefetch, opts.prefetch_ahead, config.num_layers)
     max_seq_len = opts.max_seq_len or min(config.max_position, 4096)
     if max_seq_len < 2:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
@@ -254,7 +267,7 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
     )  # fmt: skip
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
     model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
-    model.set_prefetch(prepared.options.prefetch)
+    model.set_prefetch(prepared.options.prefetch, prepared.options.prefetch_ahead)
     return model
 
 
@@ -274,10 +287,11 @@ class OffloadedModel:
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
         self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
 
-    def set_prefetch(self, when: str) -> None:
-        """Where the prefetcher guesses: none, early, late or both (offload/prefetch.py)."""
+    def set_prefetch(self, when: str, ahead: int = 1) -> None:
+        """Where the prefetcher guesses (none, early, late or both), and how many layers ahead at the output."""
         if when not in PREFETCH:
             raise MoEOffloadError(f"unknown prefetch {when!r}; choose one of {', '.join(PREFETCH)}")
+        check_prefetch(when, ahead, self.config.num_layers)
         if when == "none" or self.cache.mode == "direct":  # no slots: nothing to prefetch into
             self.moe.prefetcher = None
             return
@@ -290,6 +304,7 @@ class OffloadedModel:
             top_k=c.top_k,
             cache=self.cache,
             when=when,
+            ahead=ahead,
         )
 
     # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------
@@ -433,6 +448,13 @@ class OffloadedModel:
         return describe(self.prepared)
 
 
+def describe_prefetch(options: LoadOptions) -> str:
+    """The prefetch setting in words: `late`, or `late, 2 layers ahead`."""
+    if options.prefetch == "none" or options.prefetch_ahead == 1:
+        return options.prefetch
+    return f"{options.prefetch}, {options.prefetch_ahead} layers ahead"
+
+
 def describe(prepared: Prepared) -> dict[str, object]:
     """What `moe-offload info` prints: the model, its formats and the memory plan."""
     c, fmt = prepared.config, prepared.expert_format
@@ -450,6 +472,6 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "decode graphs": "CUDA graphs" if prepared.cuda_graphs else "off",
         "context": prepared.max_seq_len,
         **dict(prepared.plan.describe()),
-        "prefetch": prepared.options.prefetch if prepared.plan.mode != "direct" else "none (no slots)",
+        "prefetch": describe_prefetch(prepared.options) if prepared.plan.mode != "direct" else "none (no slots)",
         "policy": prepared.options.policy,
     }

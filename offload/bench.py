@@ -14,6 +14,7 @@ the model's own gate-based guess means nothing either, and the prefetch bounds a
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -62,6 +63,15 @@ def commit() -> str | None:
 def environment(device: torch.device, program: str = "moe-offload") -> dict:
     """device, commit and command: what every benchmark result records."""
     return {"device": device_name(device), "commit": commit(), "command": " ".join([program, *sys.argv[1:]])}
+
+
+def write_json(path: Path | str, record: dict) -> None:
+    """Written to a temporary name and renamed: never half a file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(record, indent=2) + "\n")
+    temp.replace(path)
 
 
 def synchronize(device: torch.device) -> None:

@@ -186,14 +186,17 @@ class MoEBlock:
         return ("expert", packed.data_ptr(), place), work
 
     def guess_into(self, layer: int, h: torch.Tensor) -> None:
-        """Device half of the late guess, graph-safe: the next layer's router on layer `layer`'s output."""
+        """Device half of the late guess, graph-safe: the coming layers' routers on layer `layer`'s output
+        (the next layer's, or as many as the prefetcher looks ahead)."""
         if self._guesses("late", layer):
-            self._routed(h.device, "late").copy_(self.prefetcher.device_guess(layer + 1, h)[0])
+            guesses = self.prefetcher.device_guesses(layer, h)  # [targets * k]
+            self._routed(h.device, "late")[: guesses.numel()].copy_(guesses)
 
     def after_residual(self, layer: int, h: torch.Tensor) -> None:
         """Host half of the late guess: start loading it (one more device-to-host copy)."""
         if self._guesses("late", layer):
-            self.cache.prefetch(layer + 1, [int(v) for v in self._routed(h.device, "late").tolist()])
+            p = self.prefetcher
+            p.start(layer, self._routed(h.device, "late")[: len(p.targets(layer)) * self.top_k].tolist())
 
     def _guesses(self, when: str, layer: int) -> bool:
         """Whether the prefetcher guesses layer+1 on the device at this point (`early` or `late`)."""
@@ -201,7 +204,7 @@ class MoEBlock:
         return hasattr(p, "device_guess") and getattr(p, when) and layer + 1 < len(self.routers)
 
     def _routed(self, device: torch.device, tag: str = "routed") -> torch.Tensor:
-        size = self.top_k if tag == "late" else 3 * self.top_k
+        size = self.top_k * self.prefetcher.ahead if tag == "late" else 3 * self.top_k
         return self.workspace.buffer("moe." + tag, (size,), torch.float32, device)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:

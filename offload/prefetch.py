@@ -1,9 +1,16 @@
-"""The speculative prefetcher: layer l+1's router applied to layer l's hidden state.
+"""The speculative prefetcher: a coming layer's router applied to the current hidden state.
 
 Where the guess is made is a trade (DESIGN.md): after layer l's attention it leaves the whole of
 layer l's experts to hide the copy, but is right less often (recall 0.63 on the trained tiny model);
 at layer l's output it is right more often (0.83) but leaves only layer l+1's attention. `both`
 guesses early and corrects at the output: the corrected guess loads what the early one missed.
+
+`ahead` reaches further at the output: layer l's output guesses layers l+1 .. l+ahead, each
+corrected at every later output until its own layer runs. A load of a 2-bit Mixtral expert takes
+about 1.7 layers of H100 compute (66.7 MB at 53 GB/s against 0.75 ms a layer), so a guess one layer
+ahead cannot hide it. Two layers ahead the first guess is right less often (recall 0.71 against 0.82
+one layer ahead, on the same text: benchmarks/lookahead_recall.py), and the correction one layer
+ahead loads what it missed.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ WHEN = ("early", "late", "both")
 
 
 class Prefetcher:
-    """Guesses each next layer's experts during decode and starts loading them."""
+    """Guesses the coming layers' experts during decode and starts loading them."""
 
     def __init__(
         self,
@@ -33,18 +40,30 @@ class Prefetcher:
         top_k: int,
         cache: ExpertCache,
         when: str,
+        ahead: int = 1,
     ) -> None:
         if when not in WHEN:
             raise ValueError(f"when must be one of {WHEN}, got {when!r}")
+        if ahead < 1 or (ahead > 1 and when == "early"):
+            raise ValueError(f"ahead must be 1, or more with a guess at the output (late or both), got {ahead}")
         self.routers, self.post_norms, self.eps = routers, post_norms, eps
         self.route, self.top_k, self.cache = route, top_k, cache
         self.early = when in ("early", "both")
         self.late = when in ("late", "both")
+        self.ahead = ahead
+
+    def targets(self, layer: int) -> range:
+        """The layers guessed at layer `layer`'s output, nearest first: the copy stream serves them in order."""
+        return range(layer + 1, min(layer + 1 + self.ahead, len(self.routers)))
 
     def device_guess(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s router on its own input norm of `h`: the ids [1, k] it would choose. Graph-safe."""
         x = rms_norm(h[-1:], self.post_norms[layer], self.eps)  # [1, D]
         return self.route(F.linear(x, self.routers[layer]), self.top_k)[0]
+
+    def device_guesses(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The guesses of every target of layer `layer`'s output, flat [targets * k]. Graph-safe."""
+        return torch.cat([self.device_guess(target, h)[0] for target in self.targets(layer)])
 
     def guess(self, layer: int, h: torch.Tensor) -> list[int]:
         return self.device_guess(layer, h)[0].tolist()  # may synchronize the device: the cache decides on the host
@@ -55,4 +74,11 @@ class Prefetcher:
 
     def after_layer(self, layer: int, h_out: torch.Tensor) -> None:
         if self.late and h_out.shape[0] == 1 and layer + 1 < len(self.routers):
-            self.cache.prefetch(layer + 1, self.guess(layer + 1, h_out))
+            # one device-to-host copy for every target: each would otherwise wait for the device on its own
+            self.start(layer, self.device_guesses(layer, h_out).tolist())
+
+    def start(self, layer: int, guesses: Sequence[float]) -> None:
+        """Start the loads of layer `layer`'s output guesses, read back flat as device_guesses wrote them."""
+        k = self.top_k
+        for i, target in enumerate(self.targets(layer)):
+            self.cache.prefetch(target, [int(e) for e in guesses[i * k : (i + 1) * k]])

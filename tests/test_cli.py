@@ -104,6 +104,16 @@ def test_slots_and_memory_that_cannot_fit(capsys, quantized):
     assert err.startswith("error: the model needs ") and "of RAM and 0.1 MiB is available" in err
 
 
+def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):
+    model = trained_model_dir
+    code, _, err = run(capsys, "generate", model, "--prompt", "hi", "--slots", "2", "--prefetch-ahead", "6")
+    assert_one_line_error(code, err, "--prefetch-ahead must be between 1 and 5 (the layers but one), got 6")
+    code, _, err = run(capsys, "info", model, "--prefetch", "early", "--prefetch-ahead", "2")
+    assert_one_line_error(code, err, "--prefetch-ahead 2 guesses at each layer's output: use --prefetch late or both")
+    code, out, _ = run(capsys, "info", model, "--json", "--slots", "2", "--prefetch-ahead", "2")
+    assert code == 0 and json.loads(out)["prefetch"] == "late, 2 layers ahead"
+
+
 def test_fused_gemv_where_it_cannot_run(capsys, quantized):
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--fused-gemv")
     assert_one_line_error(

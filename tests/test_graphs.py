@@ -68,9 +68,26 @@ def test_key_ranges_double_from_256_up_to_the_context():
 @pytest.mark.parametrize("slots", [1, 3])
 def test_static_path_equals_the_eager_one_and_transformers(case, prefetch, slots):
     path, shape, tokens, expected = case
-    eager, eager_trace = load(path, None, slots=slots, prefetch=prefetch, expert_bits="2")
+    assert_static_equals_eager(path, tokens, slots=slots, prefetch=prefetch)
+    if slots == 1 and prefetch == "none":  # unquantized: the oracle too
+        full, _ = load(path, CountedGraphs(), slots=slots, prefetch=prefetch)
+        assert (teacher_forced(full, tokens) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(("prefetch", "ahead"), [("late", 2), ("both", 3)])
+def test_static_path_guessing_layers_ahead_equals_the_eager_one(tmp_path, prefetch, ahead):
+    """Every guess of a layer's output (up to `ahead` layers) in its residual graph, read back with one copy."""
+    path = make_tiny_mixtral(tmp_path / "m", layers=4, seed=4)
+    tokens = torch.randint(3, 128, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(4))
+    static = assert_static_equals_eager(path, tokens, slots=2, prefetch=prefetch, prefetch_ahead=ahead)
+    assert static.stats.total.prefetches_issued > 0
+
+
+def assert_static_equals_eager(path, tokens, **options):
+    """Teacher-force `tokens` through the eager and the static path; they must agree in everything."""
+    eager, eager_trace = load(path, None, expert_bits="2", **options)
     graphs = CountedGraphs()
-    static, static_trace = load(path, graphs, slots=slots, prefetch=prefetch, expert_bits="2")
+    static, static_trace = load(path, graphs, expert_bits="2", **options)
     want, got = teacher_forced(eager, tokens), teacher_forced(static, tokens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32 rounding, nothing more
     assert static.stats.cache.to_dict() == eager.stats.cache.to_dict()  # every hit, miss, load and guess
@@ -87,9 +104,7 @@ def test_static_path_equals_the_eager_one_and_transformers(case, prefetch, slots
     assert len(graphs.first) - len(expert_keys) == 2 * layers + 1
     rows = {row.data_ptr() for row in static.cache.slot_rows}
     assert {key[1] for key in expert_keys} <= rows and {key[2] for key in expert_keys} == set(range(k))
-    if slots == 1 and prefetch == "none":  # unquantized: the oracle too
-        full, _ = load(path, CountedGraphs(), slots=slots, prefetch=prefetch)
-        assert (teacher_forced(full, tokens) - expected).abs().max().item() < 1e-4
+    return static
 
 
 def test_a_new_prefetcher_drops_the_graphs(case):
