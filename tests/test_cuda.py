@@ -59,11 +59,14 @@ def test_every_served_buffer_is_the_right_expert_after_many_async_loads(mode):
         assert total.d2h_bytes == total.h2d_bytes
 
 
-@pytest.mark.parametrize("prefetch", ["none", "both"])
-def test_decode_allocates_nothing_on_the_gpu(tiny, prefetch):
+@pytest.mark.parametrize(("prefetch", "ahead"), [("none", 1), ("both", 1), ("late", 3)])
+def test_decode_allocates_nothing_on_the_gpu(tiny, tmp_path, prefetch, ahead):
     """Issue 5's goal: after warm-up, a decode step on CUDA graphs asks the allocator for nothing, with
-    the experts loading on misses and both guesses in the graphs."""
-    model = offload.load(str(tiny), device="cuda", slots=3, expert_bits="4", attn_bits="4", prefetch=prefetch)
+    the experts loading on misses and both guesses in the graphs (or the output's, three layers ahead)."""
+    if ahead > 1:
+        tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=4, experts=6, seed=11)
+    model = offload.load(str(tiny), device="cuda", slots=3, expert_bits="4", attn_bits="4", prefetch=prefetch,
+                         prefetch_ahead=ahead)  # fmt: skip
     assert model.prepared.cuda_graphs
     model.reset()
     model.forward(torch.tensor([5, 6, 7], device="cuda"), 0)
