@@ -192,62 +192,85 @@ class Belady(Policy):
 class RoutingMemory:
     """What the policies of one model's layers saw this sequence, shared between them.
 
-    Row `t` is request `t` at every layer (a token, or a prefill chunk), so a layer's policy can
+    Token `t` is request `t` at every layer (a token, or a prefill chunk), so a layer's policy can
     compare the current token's routing path (its experts at the layers below, and at this layer
     so far) with every earlier token's. `similarity[u]` counts the experts token `u` shares with
     the current token over the layers the current token has reached.
+
+    `record` runs on every access, so it costs one numpy call: `routes` keeps the token axis last,
+    which makes one (layer, expert)'s row over the earlier tokens contiguous, and that row is added
+    to `similarity` in place. Counts are integers, so a policy can look weights up by them.
     """
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int = 512) -> None:
         self.num_layers = num_layers
         self.num_experts = num_experts
-        self.routes = np.zeros((capacity, num_layers, num_experts), dtype=np.float32)  # [t, layer, e]
-        self.similarity = np.zeros(capacity, dtype=np.float32)  # [u]: shared experts with token t
-        self.previous_similarity = np.zeros(capacity, dtype=np.float32)  # [u]: the same for token t-1
+        self.routes = np.zeros((num_layers, num_experts, capacity), dtype=np.intp)  # [layer, e, t]: 1 = routed
+        self.similarity = np.zeros(capacity, dtype=np.intp)  # [u]: shared experts with token t
+        self.previous_similarity = np.zeros(capacity, dtype=np.intp)  # [u]: the same for token t-1
+        self.earlier = self.similarity[:0]  # [u < t]: the view of `similarity` that `record` adds to
         self.previous_shared = 0
         self.shared = 0  # experts the current token has been routed to so far (the most `u` can share)
-        self.row_of: list[int] = [-1] * num_layers  # which t each layer's current row belongs to
+        self.end = 0  # one past the last token recorded since the last reset: what reset() clears
         self.t = -1
 
+    @property
+    def capacity(self) -> int:
+        return self.routes.shape[2]
+
     def reset(self) -> None:
-        """A new sequence: forget which rows are current (called by every layer; idempotent)."""
-        self.row_of = [-1] * self.num_layers
+        """A new sequence: clear the routes written (called by every layer; idempotent)."""
+        self.routes[:, :, : self.end] = 0
+        self.end = 0
         self.t = -1
 
     def record(self, layer: int, t: int, expert: int) -> None:
-        if t >= len(self.routes):
-            self._grow(2 * t)
+        if t != self.t:
+            self._start(t)
         if expert >= self.num_experts:
             self._widen(expert + 1)
-        if t != self.t:  # the first access of a new token: start its similarity over
-            if t == self.t + 1:  # the token before is complete: keep its similarity as context
-                self.previous_similarity, self.similarity = self.similarity, self.previous_similarity
-                self.previous_shared = self.shared
-            else:
-                self.previous_shared = 0
-            self.t = t
-            self.similarity[: t + 1] = 0.0
-            self.shared = 0
-        if self.row_of[layer] != t:
-            self.routes[t, layer] = 0.0
-            self.row_of[layer] = t
-        self.routes[t, layer, expert] = 1.0
-        self.similarity[:t] += self.routes[:t, layer, expert]
+        self.routes[layer, expert, t] = 1
+        np.add(self.earlier, self.routes[layer, expert, :t], out=self.earlier)
         self.shared += 1
 
+    def _start(self, t: int) -> None:
+        """The first access of token t: start its similarity over."""
+        if t >= self.capacity:
+            self._grow(2 * t)
+        if t == self.t + 1:  # the token before is complete: keep its similarity as context
+            self.previous_similarity, self.similarity = self.similarity, self.previous_similarity
+            self.previous_shared = self.shared
+        else:
+            self.previous_shared = 0
+        self.t = t
+        self.end = max(self.end, t + 1)
+        self.similarity[: t + 1] = 0
+        self.earlier = self.similarity[:t]
+        self.shared = 0
+
     def _grow(self, capacity: int) -> None:
-        routes = np.zeros((capacity, self.num_layers, self.num_experts), dtype=np.float32)
-        routes[: len(self.routes)] = self.routes
-        similarity = np.zeros(capacity, dtype=np.float32)
+        routes = np.zeros((self.num_layers, self.num_experts, capacity), dtype=np.intp)
+        routes[:, :, : self.capacity] = self.routes
+        similarity = np.zeros(capacity, dtype=np.intp)
         similarity[: len(self.similarity)] = self.similarity
-        previous = np.zeros(capacity, dtype=np.float32)
+        previous = np.zeros(capacity, dtype=np.intp)
         previous[: len(self.previous_similarity)] = self.previous_similarity
         self.routes, self.similarity, self.previous_similarity = routes, similarity, previous
 
     def _widen(self, num_experts: int) -> None:
-        routes = np.zeros((len(self.routes), self.num_layers, num_experts), dtype=np.float32)
-        routes[:, :, : self.num_experts] = self.routes
+        routes = np.zeros((self.num_layers, num_experts, self.capacity), dtype=np.intp)
+        routes[:, : self.num_experts] = self.routes
         self.routes, self.num_experts = routes, num_experts
+
+
+def descending_powers(base: float, length: int) -> np.ndarray:
+    """[base^(length-1), ..., base^1, base^0].
+
+    Its last k entries are `base ** np.arange(k - 1, -1, -1)` bit for bit (numpy's power of one
+    element does not depend on where it sits in the array; tests/test_policies.py checks it), so
+    a slice of one table stands in for a fresh arange and power on every call.
+    """
+    return base ** np.arange(length - 1, -1, -1)
 
 
 class PathMatch(Policy):
@@ -263,9 +286,19 @@ class PathMatch(Policy):
     The lowest score is evicted; ties go to the least recently used. The defaults are PATH_GRID's
     best point on the whole shared trace; README gives the held-out figures (tuned on one problem,
     scored on the other).
+
+    On a GPU this bookkeeping runs on the host between a decode step's kernel launches, so it is
+    written for few numpy calls per event (a call's ~0.5 µs of overhead is most of the cost at these
+    sizes): powers come from tables, and exp(sharpness x share) from a table indexed by the shared
+    count. Each score is still computed with the dtypes and order of operations of the formula
+    above, so the victims are those of the plain formula bit for bit: tests/test_policies.py pins
+    them, and benchmarks/policy_cost.py compares every victim on the shared trace.
     """
 
     name = "path"
+    # the largest `shared` whose weight table ((shared+1)^2 floats) is kept; past it (long prefill
+    # chunks) the weights are computed from the similarity vector on every call
+    table_limit = 128
 
     def __init__(
         self,
@@ -284,6 +317,7 @@ class PathMatch(Policy):
         self.decay = decay
         self.layer = 0
         self.memory = RoutingMemory(1, 8)  # replaced by bind(); alone, a layer sees only itself
+        self.weight_tables: dict[int, np.ndarray] = {}  # shared -> [most, k]; depend on nothing reset() clears
         self.reset()
 
     def bind(self, layer: int, memory: RoutingMemory) -> None:
@@ -295,10 +329,15 @@ class PathMatch(Policy):
         num_experts = self.memory.num_experts
         self.frequency = np.zeros(num_experts)
         self.soon = np.zeros((256, num_experts))  # [u, e]: gamma^(d-1), e next used d requests after u
-        self.used_at = np.zeros(num_experts, dtype=np.int64)  # the last request that used e (0 before)
+        self.used_at = [0] * num_experts  # the last request that used e (0 before); read on every access
+        self._power_tables(len(self.soon))
         self.last_use: dict[int, int] = {}
         self.clock = 0
         self.t = -1
+
+    def _power_tables(self, rows: int) -> None:
+        self.gamma_powers = descending_powers(self.gamma, rows)  # [d]: gamma^(rows-1-d)
+        self.recency_powers = descending_powers(self.recency, rows)  # [d]: recency^(rows-1-d)
 
     def on_access(self, expert: int, t: int, weight: float) -> None:
         if t != self.t:
@@ -307,8 +346,12 @@ class PathMatch(Policy):
         if t >= len(self.soon) or expert >= self.soon.shape[1]:
             self._grow(max(t + 1, 2 * len(self.soon)), max(expert + 1, self.soon.shape[1]))
         self.frequency[expert] += 1.0
+        # every u in since..t-1 next needed `expert` at t: gamma^(t-1-u), the table's last t - since
         since = self.used_at[expert]
-        self.soon[since:t, expert] = self.gamma ** np.arange(t - since - 1, -1, -1)
+        if since == t - 1:  # also used by the token before (4 accesses in 10 on the shared trace)
+            self.soon[since, expert] = self.gamma_powers[-1]  # one element: cheaper than a slice
+        else:
+            self.soon[since:t, expert] = self.gamma_powers[len(self.gamma_powers) - (t - since) :]
         self.used_at[expert] = t
         self.memory.record(self.layer, t, expert)
         self._touch(expert)
@@ -325,32 +368,68 @@ class PathMatch(Policy):
         soon[: len(self.soon), : self.soon.shape[1]] = self.soon
         self.soon = soon
         self.frequency = np.pad(self.frequency, (0, num_experts - len(self.frequency)))
-        self.used_at = np.pad(self.used_at, (0, num_experts - len(self.used_at)))
+        self.used_at += [0] * (num_experts - len(self.used_at))
+        self._power_tables(rows)
 
     def victim(self, candidates: Sequence[int], t: int) -> int:
-        score = self._scores(t)
-        return min(candidates, key=lambda e: (score[e] if e < len(score) else 0.0, self.last_use[e]))
+        if len(candidates) == 1:  # nothing to compare
+            return candidates[0]
+        scores = self._scores(t, candidates)
+        # the lowest score, then the least recently used (clock values are distinct: no tie is left)
+        return min(zip(scores, map(self.last_use.__getitem__, candidates), candidates))[2]
 
-    def _scores(self, t: int) -> np.ndarray:
+    def _scores(self, t: int, experts: Sequence[int]) -> list[float]:
+        """The score of each of `experts` (one this layer never saw scores 0)."""
         # U = earlier tokens u whose next token is complete (u + 1 < t), E = experts
         memory = self.memory
-        total = self.frequency.sum()
-        frequency = self.frequency / total if total else self.frequency  # E
+        num_experts = len(self.frequency)
+        # Python floats from here on: the same doubles, with cheaper arithmetic than numpy scalars
+        # ndarray.sum() without its Python wrapper; a zero total leaves the counts unscaled (x / 1.0 is x)
+        total = float(np.add.reduce(self.frequency)) or 1.0
+        frequency = self.frequency.tolist()  # E
         num_earlier = min(t - 1, len(self.soon))
         if num_earlier < 1:
-            return frequency
+            return [frequency[e] / total if e < num_experts else 0.0 for e in experts]
         if memory.t == t and memory.shared:
-            share = memory.similarity[:num_earlier] / memory.shared  # U
-            if self.context and memory.previous_shared:
-                # token u-1 against token t-1, over every layer: a two-token routing context
-                share[1:] += self.context * memory.previous_similarity[: num_earlier - 1] / memory.previous_shared
-            weight = np.exp(self.sharpness * (share - share.max()))
+            weight = self._path_weight(num_earlier)  # U
         else:  # this token has no routing yet: every earlier token counts alike
             weight = np.ones(num_earlier)
         if self.recency != 1.0:
-            weight = weight * self.recency ** np.arange(num_earlier - 1, -1, -1)
-        vote = weight @ self.soon[:num_earlier] / weight.sum()  # E
-        return self.mix * vote + (1.0 - self.mix) * frequency
+            weight = weight * self.recency_powers[len(self.recency_powers) - num_earlier :]  # U, float64
+        # np.dot makes the same BLAS call as `@` here (gemv), with less Python around it. With
+        # recency 1 the weights stay float32 and so does their sum, as in the plain formula.
+        vote = (np.dot(weight, self.soon[:num_earlier]) / np.add.reduce(weight)).tolist()  # E
+        mix, keep = self.mix, 1.0 - self.mix
+        return [mix * vote[e] + keep * (frequency[e] / total) if e < num_experts else 0.0 for e in experts]
+
+    def _path_weight(self, num_earlier: int) -> np.ndarray:
+        """[u]: exp(sharpness x (share_u - max share)), share_u = similarity[u] / shared (+ context)."""
+        memory = self.memory
+        similarity = memory.similarity[:num_earlier]  # U
+        with_context = self.context and memory.previous_shared
+        if not with_context and memory.shared <= self.table_limit:
+            # the weight depends on the count similarity[u] alone: look it up
+            table = self.weight_tables.get(memory.shared)
+            if table is None:
+                table = self.weight_tables[memory.shared] = self._weight_table(memory.shared)
+            most = similarity[similarity.argmax()]  # argmax: cheaper than max()
+            return table[most].take(similarity)
+        share = similarity.astype(np.float32) / memory.shared  # U
+        if with_context:  # token u-1 against token t-1, over every layer: a two-token routing context
+            previous = memory.previous_similarity[: num_earlier - 1].astype(np.float32)
+            share[1:] += self.context * previous / memory.previous_shared
+        return np.exp(self.sharpness * (share - share.max()))
+
+    def _weight_table(self, shared: int) -> np.ndarray:
+        """[most, k]: the weight of an earlier token sharing k experts when the best shares `most`.
+
+        The float32 operations `_path_weight` applies to a whole similarity vector, applied to each
+        possible count, so a lookup gives the same floats (tests/test_policies.py checks it).
+        """
+        share = np.arange(shared + 1, dtype=np.float32) / shared  # [k]
+        table = np.exp(self.sharpness * (share - share[:, None]))  # [most, k], float32
+        # _scores multiplies the weights by recency in float64: convert once here (exactly), not per call
+        return table.astype(np.float64) if self.recency != 1.0 else table
 
 
 POLICIES: dict[str, type[Policy]] = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "path": PathMatch, "belady": Belady}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from cache.policies import POLICIES, Belady, make_policies, make_policy
+from cache.policies import POLICIES, Belady, PathMatch, descending_powers, make_policies, make_policy
 from cache.simulate import simulate
 from cache.stats import LayerStats
 from cache.table import SlotTable
@@ -123,3 +124,99 @@ def test_reset_forgets_everything():
         whole = simulate(trace, name, 4).stats.total().hits
         apart = sum(simulate(trace.select([p]), name, 4).stats.total().hits for p in (0, 1))
         assert whole == apart, name
+
+
+# Three token kinds, each with its own expert pair at layers 0 and 1; some tokens leave their
+# kind's path at one layer, so similarity is graded, not all-or-nothing.
+PATH_KINDS = [((0, 1), (2, 3)), ((4, 5), (6, 7)), ((0, 6), (3, 5))]
+
+
+def path_stream(num_tokens: int = 48) -> list[list[tuple[int, int]]]:
+    """[token][layer] -> the experts of that request, in router order."""
+    tokens = []
+    for t in range(num_tokens):
+        path = list(PATH_KINDS[(t * t + t // 3) % 3])
+        if t % 5 == 4:
+            path[1] = ((3 * t) % 8, (3 * t + 1 + t % 3) % 8)
+        if t % 7 == 6:
+            path[0] = (t % 8, (t + 2) % 8)
+        tokens.append(path)
+    return tokens
+
+
+def replay_layers(name: str, tokens, slots: int = 3, **params):
+    """Serve `tokens` on two layers sharing one RoutingMemory; returns (tables, each layer's victims)."""
+    policies = make_policies(name, num_layers=2, num_experts=8, **params)
+    tables = [SlotTable(slots, policy) for policy in policies]
+    for table in tables:
+        table.reset()
+    victims = ["", ""]
+    for token in tokens:
+        for layer, table in enumerate(tables):
+            victims[layer] += "".join(str(s.evicted) for s in table.request(token[layer]) if s.evicted is not None)
+    return tables, victims
+
+
+@pytest.mark.parametrize("table_limit", [PathMatch.table_limit, 0])  # 0: every weight by the plain formula
+@pytest.mark.parametrize(
+    "params, victims",
+    [
+        ({}, ["01456107456104516345621564361", "2347562347621576501262657023756242"]),
+        (
+            {"context": 0.5, "recency": 1.0, "gamma": 0.7, "mix": 0.7},
+            ["0145610746104516345621564361", "23475623476215756012626530727523462"],
+        ),
+        (
+            {"sharpness": 8.0, "context": 0.5, "decay": 0.8},
+            ["0145610746105416345621564361", "2347562476512765012626530727523462"],
+        ),
+    ],
+)
+def test_path_victims_are_pinned(params, victims, table_limit, monkeypatch):
+    """PathMatch's exact victims on a two-layer stream, pinned from the code before its host-time
+    work (commit ea387f9), which computed every score with whole-vector numpy.
+
+    Each of these changes flips some victim here: sharpness ignored or doubled, the `soon` discount
+    off by one token or written from the wrong end, similarity taken from the wrong layer, recency
+    reversed, no frequency decay, context ignored, mix swapped, ties broken the other way.
+    """
+    monkeypatch.setattr(PathMatch, "table_limit", table_limit)
+    _, got = replay_layers("path", path_stream(), **params)
+    assert got == victims
+    _, lru = replay_layers("lru", path_stream())
+    assert lru != victims  # the stream is one where path's memory matters
+
+
+def test_path_scores_are_pinned():
+    """Layer 1's scores while token 48 is halfway served (layer 0 done), pinned from the same code:
+    sharpness, context and the `soon` discount move them even where no victim changes."""
+    tables, _ = replay_layers("path", path_stream(), sharpness=8.0, context=0.5, decay=0.8)
+    tables[0].request((4, 5))
+    scores = tables[1].policy._scores(tables[1].t, range(8))
+    expected = [0.01702203, 0.00745527, 0.13780809, 0.44005096, 0.09860452, 0.43123347, 0.42647449, 0.31728372]
+    assert scores == pytest.approx(expected, abs=1e-8)
+
+
+# PathMatch looks up what the plain formula computes. The lookups equal it bit for bit only because
+# numpy's elementwise power and exp do not depend on an element's place in the array: check that here.
+
+
+@pytest.mark.parametrize("base", [0.5, 0.7, 0.95, 0.98])
+def test_descending_powers_equal_a_fresh_power(base):
+    table = descending_powers(base, 600)
+    for k in range(601):
+        assert np.array_equal(table[600 - k :], base ** np.arange(k - 1, -1, -1)), k
+
+
+@pytest.mark.parametrize("sharpness", [16.0, 8.0, 3.7])
+def test_weight_table_equals_the_plain_formula(sharpness):
+    rng = np.random.default_rng(0)
+    for shared in range(1, 70):
+        table = PathMatch(sharpness=sharpness, recency=1.0)._weight_table(shared)  # float32: no conversion
+        assert np.array_equal(PathMatch(sharpness=sharpness)._weight_table(shared), table.astype(np.float64))
+        for num_earlier in (1, 7, 100, 333):
+            similarity = rng.integers(0, shared + 1, num_earlier)
+            share = similarity.astype(np.float32) / shared
+            plain = np.exp(sharpness * (share - share.max()))
+            looked_up = table[similarity.max()].take(similarity)
+            assert looked_up.dtype == plain.dtype and np.array_equal(looked_up, plain), (shared, num_earlier)
