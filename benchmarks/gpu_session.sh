@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests kernel kernel-sweep synth bench bench-more colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests kernel kernel-sweep synth bench bench-more bench-path colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -88,6 +88,11 @@ for step in "$@"; do
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth2.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager,depth2}.json
         ;;
+    bench-path)  # the 4x goal's other route: the path policy keeps more than LRU (4.2x the no-cache bytes in simulate)
+        moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --policy path --compare \
+            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
+        stamp "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
+        ;;
     profile)  # where a decode step's time goes (after synth), CUDA graphs on and off
         python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB \
             --out "$results/profile_decode_${gpu}_graphs.json"
@@ -104,7 +109,7 @@ for step in "$@"; do
         stamp "$results"/bench_"${gpu}"_colab_*.json
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests kernel kernel-sweep synth bench bench-more colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests kernel kernel-sweep synth bench bench-more bench-path colab profile" >&2
         exit 2
         ;;
     esac
