@@ -108,6 +108,10 @@ class ReplayedRouting:
 
     `position` is the token being run; a prefill of T tokens takes positions position..position+T-1.
     The trace's longest sequence is used, cycled if the benchmark runs longer.
+
+    The whole sequence lives on the device too, so replaying copies nothing host-to-device: on a GPU
+    every such copy shares the one copy engine that carries the experts, and a few bytes of gate weights
+    would wait there behind a 67 MB expert load. Setting `position` writes its row with a fill kernel.
     """
 
     def __init__(self, trace_path: str | Path, num_layers: int, num_experts: int, top_k: int, device) -> None:
@@ -125,8 +129,25 @@ class ReplayedRouting:
         self.tokens: list[Token] = max(sequences, key=len)
         if not self.tokens:
             raise MoEOffloadError(f"trace {trace_path} has no decode tokens to replay")
+        if any(len(request.experts) < top_k for token in self.tokens for request in token.layers):
+            raise MoEOffloadError(f"trace {trace_path} has a decode row with fewer than {top_k} experts")
         self.path, self.top_k, self.device = str(trace_path), top_k, device
+        # N = tokens replayed, L = layers, k = experts per token
+        ids = torch.tensor([[r.experts[:top_k] for r in t.layers] for t in self.tokens])  # [N, L, k]
+        weights = torch.tensor([[r.weights[:top_k] for r in t.layers] for t in self.tokens], dtype=torch.float32)
+        self.ids = ids.transpose(0, 1).contiguous().to(device)  # [L, N, k]
+        self.weights = (weights / weights.sum(-1, keepdim=True)).transpose(0, 1).contiguous().to(device)
+        self.row = torch.zeros(1, dtype=torch.long, device=device)  # [1]: position's row, on the device
         self.position = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @position.setter
+    def position(self, position: int) -> None:
+        self._position = position
+        self.row.fill_(position % len(self.tokens))  # a kernel, no copy
 
     def experts(self, position: int, layer: int) -> tuple[int, ...]:
         return self.tokens[position % len(self.tokens)].layers[layer].experts[: self.top_k]
@@ -138,11 +159,13 @@ class ReplayedRouting:
         total = sum(weights)
         return list(row.experts[: self.top_k]), [w / total for w in weights]
 
+    def device_weights(self, layer: int) -> torch.Tensor:
+        """The gate weights `decode` gives, on the device and graph-safe: [k], read at `row`."""
+        return self.weights[layer].index_select(0, self.row)[0]
+
     def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.tokens[(self.position + i) % len(self.tokens)].layers[layer] for i in range(x.shape[0])]
-        ids = torch.tensor([r.experts[: self.top_k] for r in rows], device=self.device)
-        weights = torch.tensor([r.weights[: self.top_k] for r in rows], device=self.device)
-        return ids, weights / weights.sum(-1, keepdim=True)
+        rows = torch.arange(x.shape[0], device=self.row.device).add_(self.row).remainder_(len(self.tokens))  # [T]
+        return self.ids[layer].index_select(0, rows), self.weights[layer].index_select(0, rows)  # [T, k] each
 
 
 class OraclePrefetcher:
@@ -256,9 +279,13 @@ class PinnedRouting:
 
     def __init__(self, top_k: int, device: torch.device) -> None:
         self.top_k, self.device = top_k, device
+        self.equal = torch.full((top_k,), 1.0 / top_k, device=device)  # [k]
 
     def decode(self, layer: int) -> tuple[list[int], list[float]]:
         return list(range(self.top_k)), [1.0 / self.top_k] * self.top_k
+
+    def device_weights(self, layer: int) -> torch.Tensor:
+        return self.equal
 
     def __call__(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, tokens = self.top_k, x.shape[0]

@@ -77,15 +77,12 @@ class MoEBlock:
         self.version = 0  # counts prefetcher changes: the decoder's graphs captured the old one's guesses
         self.prefetcher = prefetcher
         self.recorder = recorder  # called once per cache request, for routing traces
-        # (layer, x) -> (ids, weights) in place of the router: `bench --route-trace` replays real routing
-        # through a synthetic model, whose own routers would choose at random
-        self.routing: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.routing = None  # in place of the router (see the property)
         # the experts' dequantization and decode buffers, made on first use; it also picks the kernel
         self.workspace = workspace or Workspace()
         # unpacked views by buffer address: slot and arena rows live as long as the model, and unpacking a
         # 2-bit expert costs ~70 us of Python, ~4.6 ms a token for Mixtral if redone at every use
         self._views: dict[int, dict] = {}
-        self._host_weights: dict[int, torch.Tensor] = {}  # layer -> replayed weights on their way (_staged)
 
     def __call__(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor | None = None) -> torch.Tensor:
         # T = tokens, D = hidden, E = experts, A = active experts per token
@@ -121,6 +118,20 @@ class MoEBlock:
         self._prefetcher = prefetcher
         self.version += 1
 
+    @property
+    def routing(self):
+        """Routing in place of the router: `bench --route-trace` replays real routing through a synthetic
+        model, whose own routers would choose at random. A callable (layer, x) -> (ids, weights) [T, k]
+        serves the eager path; the static path also needs `decode(layer)`, the token's experts and
+        weights as host lists, and `device_weights(layer)`, the same weights [k] on the device, graph-safe
+        (offload/bench.py's ReplayedRouting)."""
+        return self._routing
+
+    @routing.setter
+    def routing(self, routing) -> None:
+        self._routing = routing
+        self.version += 1  # the graphs read the old routing's weights
+
     def _experts(self, layer: int, x: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
         """One token's experts through the cache, summed by gate weight into a workspace buffer [1, D]."""
         weight_of = dict(zip(experts, weights))
@@ -135,12 +146,13 @@ class MoEBlock:
     def route_into(self, layer: int, x: torch.Tensor, h_mid: torch.Tensor) -> None:
         """Device half of one token's routing, graph-safe: the router's top-k ids and weights, and the
         prefetcher's early guess for the next layer, into one float32 buffer that one copy brings over.
-        It also clears the output the experts add into."""
+        Replayed routing overwrites the weights with its own, which the expert pieces read; the router
+        still runs, as it would. It also clears the output the experts add into."""
         k = self.top_k
         routed = self._routed(x.device)  # [3k]: ids, weights, early guess
         ids, weights = self.route(F.linear(x, self.routers[layer]), k)  # [1, k] each
         routed[:k].copy_(ids[0])
-        routed[k : 2 * k].copy_(weights[0])
+        routed[k : 2 * k].copy_(weights[0] if self.routing is None else self.routing.device_weights(layer))
         if self._guesses("early", layer):
             routed[2 * k :].copy_(self.prefetcher.device_guess(layer + 1, h_mid)[0])
         self._out(x).zero_()
@@ -156,8 +168,7 @@ class MoEBlock:
         values = routed.tolist()  # may synchronize: the cache decides on the host
         experts, weights = [int(v) for v in values[:k]], values[k : 2 * k]
         if self.routing is not None:  # replayed routing stands in for the router's; the copy above still ran
-            experts, weights = self._replayed(layer, x)
-            routed[k : 2 * k].copy_(self._staged(layer, weights), non_blocking=True)  # what the graphs read
+            experts, weights = self.routing.decode(layer)  # the weights route_into wrote, as host lists
         if self._guesses("early", layer):
             self.cache.prefetch(layer + 1, [int(v) for v in values[2 * k :]])
         elif self.prefetcher is not None and not hasattr(self.prefetcher, "device_guess"):
@@ -209,23 +220,6 @@ class MoEBlock:
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return self.workspace.buffer("moe.out", tuple(x.shape), x.dtype, x.device)  # [1, D]
-
-    def _staged(self, layer: int, weights: Sequence[float]) -> torch.Tensor:
-        """Replayed gate weights in host memory for a copy to the device: pinned on CUDA, so the copy is
-        asynchronous; one buffer per layer, so a copy still queued is never overwritten (the host waits
-        for each layer's routing before it reaches the next)."""
-        staged = self._host_weights.get(layer)
-        if staged is None:
-            pin = self.cache.device.type == "cuda"
-            staged = self._host_weights[layer] = torch.empty(self.top_k, dtype=torch.float32, pin_memory=pin)
-        staged.numpy()[:] = weights  # one host write, no tensor per element
-        return staged
-
-    def _replayed(self, layer: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
-        decode = getattr(self.routing, "decode", None)
-        if decode is not None:  # the host's lists, with no device round trip
-            return decode(layer)
-        return request_order(*self.routing(layer, x))
 
     def _unpack(self, packed: torch.Tensor) -> dict:
         """The expert's weights as views into `packed`: they read whatever expert the row holds now."""

@@ -88,6 +88,40 @@ def test_decode_allocates_nothing_on_the_gpu(tiny, tmp_path, prefetch, ahead):
     assert len(model.decoder.graphs.graphs) == 2 * c.num_layers + 1 + expert_graphs
 
 
+def test_a_replayed_decode_step_copies_nothing_host_to_device(tiny, tmp_path):
+    """Every host-to-device copy shares the copy engine that carries the experts: a replayed step that
+    copied its gate weights over would wait behind whatever expert load is in flight. With every
+    expert in a slot, a decode step must copy nothing host-to-device at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from offload.bench import ReplayedRouting
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(
+        f'{{"problem_id": 0, "token_idx": {t}, "layer": {layer}, "experts": [{t % 6}, {(t + 3) % 6}], '
+        f'"gating_probs": [0.6, 0.4]}}\n'
+        for t in range(4) for layer in range(2)
+    ))  # fmt: skip
+    model = offload.load(str(tiny), device="cuda", slots=6, expert_bits="2", attn_bits="4", prefetch="none")
+    model.moe.routing = routing = ReplayedRouting(trace, 2, 6, 2, "cuda")
+    model.reset()
+    model.forward(torch.tensor([5, 6, 7], device="cuda"), 0)
+    token = torch.tensor([8], device="cuda")
+    for pos in range(3, 9):  # every expert loaded once, every graph captured
+        routing.position = pos
+        model.forward(token, pos, copy=False)
+    torch.cuda.synchronize()
+    misses = model.stats.total.misses
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for pos in range(9, 13):
+            routing.position = pos
+            model.forward(token, pos, copy=False)
+        torch.cuda.synchronize()
+    assert model.stats.total.misses == misses
+    copies = [e.name for e in prof.events() if "HtoD" in e.name]
+    assert copies == []
+
+
 def test_cuda_graphs_replay_the_eager_decode(tiny):
     """Replayed graphs against the same steps launched from Python, in float32: logits and every cache
     counter (in bfloat16 a near tie in the router may go the other way)."""

@@ -122,6 +122,20 @@ def test_a_new_prefetcher_drops_the_graphs(case):
     assert "marker" not in graphs.graphs
 
 
+def test_new_routing_drops_the_graphs(case):
+    """The graphs read the replayed routing's weights on the device: another routing needs new ones."""
+    path, *_ = case
+    graphs = CountedGraphs()
+    model, _ = load(path, graphs, slots=2, prefetch="none")
+    model.reset()
+    model.forward(torch.tensor([5, 6, 7]), 0)
+    model.forward(torch.tensor([8]), 3)
+    graphs.graphs["marker"] = None  # what a capture would have left
+    model.moe.routing = FixedRouting()
+    model.forward(torch.tensor([9]), 4)
+    assert "marker" not in graphs.graphs
+
+
 @pytest.mark.parametrize("routing", ["router", "replayed"])
 def test_outside_the_graphs_a_decode_step_makes_no_tensor(tmp_path, routing):
     """With prefetch `both` (both guesses in the graphs), loading on misses: the host's part of a step, the
@@ -151,10 +165,14 @@ class FixedRouting:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.weights = torch.tensor([0.5, 0.5])
 
     def decode(self, layer: int) -> tuple[list[int], list[float]]:
         self.calls += 1
-        return ([0, 1], [0.6, 0.4]) if self.calls % 4 < 2 else ([2, 3], [0.7, 0.3])
+        return ([0, 1], [0.5, 0.5]) if self.calls % 4 < 2 else ([2, 3], [0.5, 0.5])
+
+    def device_weights(self, layer: int) -> torch.Tensor:
+        return self.weights
 
     def __call__(self, layer, x):
         ids = torch.tensor([[0, 1]]).expand(x.shape[0], 2)
@@ -196,3 +214,25 @@ def test_replayed_routing_serves_the_host_the_traces_weights_normalised(tmp_path
     assert experts == [3, 1] and weights == pytest.approx([0.75, 0.25])
     ids, tensor_weights = routing(0, torch.zeros(1, 8))
     assert ids.tolist() == [experts] and tensor_weights[0].tolist() == pytest.approx(weights)
+    assert routing.device_weights(0).tolist() == pytest.approx(weights)
+
+
+def test_replayed_routing_cycles_through_its_tokens_on_the_device(tmp_path):
+    """A prefill of T tokens at `position` reads rows position.. of the sequence, wrapping around, and
+    the device rows follow `position` as the host's lists do."""
+    trace = tmp_path / "t.jsonl"
+    chosen = [([3, 1], [0.3, 0.1]), ([0, 2], [0.5, 0.5]), ([2, 3], [0.2, 0.6])]
+    trace.write_text("".join(
+        f'{{"problem_id": 0, "token_idx": {t}, "layer": 0, "experts": {e}, "gating_probs": {w}}}\n'
+        for t, (e, w) in enumerate(chosen)
+    ))  # fmt: skip
+    routing = ReplayedRouting(trace, num_layers=1, num_experts=4, top_k=2, device="cpu")
+    routing.position = 2
+    ids, weights = routing(0, torch.zeros(3, 8))
+    assert ids.tolist() == [[2, 3], [3, 1], [0, 2]]
+    torch.testing.assert_close(weights, torch.tensor([[0.25, 0.75], [0.75, 0.25], [0.5, 0.5]]))
+    for position in range(7):
+        routing.position = position
+        experts, host = routing.decode(0)
+        assert experts == list(chosen[position % 3][0])
+        assert routing.device_weights(0).tolist() == pytest.approx(host)
