@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests kernel kernel-sweep synth bench bench-more bench-path colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -53,6 +53,10 @@ for step in "$@"; do
         # a failure is reported, not fatal: the steps after it still run
         python3 -m pytest -q -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
+        ;;
+    copy-engine)  # whether a decode step's few-byte copies wait behind an expert load (seconds)
+        python3 benchmarks/copy_engine.py --out "$results/copy_engine_$gpu.json"
+        stamp "$results/copy_engine_$gpu.json"
         ;;
     kernel)  # device time per call, every (late_sum, fast_codes) variant at the default launch
         python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
@@ -109,7 +113,7 @@ for step in "$@"; do
         stamp "$results"/bench_"${gpu}"_colab_*.json
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests kernel kernel-sweep synth bench bench-more bench-path colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path colab profile" >&2
         exit 2
         ;;
     esac
