@@ -6,6 +6,11 @@
 Loads MODEL as `bench` does (replayed routing, oracle prefetch), warms up, then profiles --steps
 decode steps. Prints the top operators by self device time (CUDA) or self CPU time (CPU), and writes
 them as JSON with the run's device, commit and command. "Profile first, then fix what it shows."
+
+On CUDA it also lays the device's work on one time line (`overlap`): per step, how long the link
+(host-to-device copies) and the compute (kernels) were busy, both at once, one alone, and the device
+idle (waiting for the host: each layer's routing read stops it until the host has decided and
+launched), with the count of idle gaps. The bound assumes the link and the compute fully overlapped.
 """
 
 from __future__ import annotations
@@ -24,6 +29,76 @@ sys.path.insert(0, str(REPO))
 import offload  # noqa: E402
 from offload.api import kernel_name  # noqa: E402
 from offload.bench import OraclePrefetcher, ReplayedRouting, environment, synchronize, write_json  # noqa: E402
+
+# -- the device's time line -----------------------------------------------------------------------------
+
+
+def union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, sorted intervals covering `spans` (start, end)."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def length(spans: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in spans)
+
+
+def intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """The length of two disjoint, sorted interval lists' overlap."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+GAP_US = 10.0  # device idle shorter than this is a launch's shadow, not a wait
+
+
+def overlap(spans: list[tuple[str, float, float]], steps: int) -> dict:
+    """Per step, in ms: the device window, link (kind "h2d") and compute ("compute") busy, both at once,
+    each alone, and neither (idle); idle gaps of at least GAP_US per step and their mean in us. Kind "d2h"
+    (the routing reads) counts as device work but neither link nor compute."""
+    link = union([(s, e) for kind, s, e in spans if kind == "h2d"])
+    compute = union([(s, e) for kind, s, e in spans if kind == "compute"])
+    work = union([(s, e) for _, s, e in spans])
+    wall = work[-1][1] - work[0][0]
+    both = intersection(link, compute)
+    gaps = [b[0] - a[1] for a, b in zip(work, work[1:]) if b[0] - a[1] >= GAP_US]
+    per_step = {
+        "wall": wall,
+        "link_busy": length(link),
+        "compute_busy": length(compute),
+        "both": both,
+        "link_only": length(link) - both,
+        "compute_only": length(compute) - both,
+        "idle": wall - length(work),
+    }
+    result = {f"{name}_ms": round(us / steps / 1000, 3) for name, us in per_step.items()}
+    result["idle_gaps"] = round(len(gaps) / steps, 2)
+    result["idle_gap_mean_us"] = round(sum(gaps) / len(gaps), 1) if gaps else None
+    return result
+
+
+def device_spans(prof) -> list[tuple[str, float, float]]:
+    """The profiler's device activities as (kind, start us, end us): "h2d" and "d2h" copies, the rest
+    (kernels, device copies, memsets) "compute"."""
+    spans = []
+    for event in prof.profiler.kineto_results.events():
+        if event.device_type() != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name()
+        kind = "h2d" if name.startswith("Memcpy HtoD") else "d2h" if name.startswith("Memcpy DtoH") else "compute"
+        spans.append((kind, event.start_ns() / 1000, event.end_ns() / 1000))
+    return spans
 
 
 def main() -> None:
@@ -97,6 +172,11 @@ def main() -> None:
         "wall_ms_per_step": round(wall_ms, 3),
         "top": rows,
     }
+    if on_device:
+        line = report["overlap"] = overlap(device_spans(prof), args.steps)
+        times = [f"{k.removesuffix('_ms')} {v}" for k, v in line.items() if k.endswith("_ms")]
+        print("per step (ms): " + ", ".join(times))
+        print(f"idle gaps per step: {line['idle_gaps']}, mean {line['idle_gap_mean_us']} us")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
     if args.chrome:

@@ -124,3 +124,22 @@ def test_bench_errors(capsys, trained_model_dir):
     code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: bench measures the expert cache: give --slots (on the CPU) or run on CUDA"
+
+
+def test_overlap_lays_the_device_work_on_one_time_line():
+    """profile_decode's time line: link and compute busy, both, each alone, idle and its gaps, per step."""
+    from benchmarks.profile_decode import overlap
+
+    us = 1000  # spans in microseconds, figures in milliseconds
+    spans = [
+        ("compute", 0, 100 * us), ("compute", 150 * us, 250 * us), ("compute", 240 * us, 300 * us),
+        ("h2d", 50 * us, 200 * us),
+        ("d2h", 320 * us, 325 * us),  # a routing read after an idle gap of 20 ms
+        ("compute", 325 * us + 5, 326 * us),  # 5 us after it: a launch's shadow, not a gap
+    ]  # fmt: skip
+    assert overlap(spans, steps=1) == {
+        "wall_ms": 326.0, "link_busy_ms": 150.0, "compute_busy_ms": 250.995, "both_ms": 100.0,
+        "link_only_ms": 50.0, "compute_only_ms": 150.995, "idle_ms": 20.005, "idle_gaps": 1.0,
+        "idle_gap_mean_us": 20000.0,
+    }  # fmt: skip
+    assert overlap(spans, steps=2)["link_busy_ms"] == 75.0
