@@ -88,12 +88,15 @@ def overlap(spans: list[tuple[str, float, float]], steps: int) -> dict:
     return result
 
 
+DEVICE_WORK = {"kernel", "gpu_memcpy", "gpu_memset"}  # kineto's activity types
+
+
 def device_spans(prof) -> list[tuple[str, float, float]]:
     """The profiler's device activities as (kind, start us, end us): "h2d" and "d2h" copies, the rest
     (kernels, device copies, memsets) "compute"."""
     spans = []
     for event in prof.profiler.kineto_results.events():
-        if event.device_type() != torch.autograd.DeviceType.CUDA:
+        if event.activity_type() not in DEVICE_WORK:  # host events, and the device's sync records
             continue
         name = event.name()
         kind = "h2d" if name.startswith("Memcpy HtoD") else "d2h" if name.startswith("Memcpy DtoH") else "compute"
