@@ -11,7 +11,8 @@ Three ways to hold the experts (DESIGN.md, "Where things live"):
 - exclusive: slots and arena together hold each expert once. A miss swaps the loaded expert with the
   evicted one: the newcomer goes host to device into a spare slot buffer while the victim goes device
   to host into a spare arena row, then the spares trade places with the rows they replaced. On CUDA
-  the two copies run on two streams and overlap (PCIe is full duplex).
+  the two copies run on two streams and overlap (PCIe is full duplex): each waits only for the
+  previous swap's copy of the other direction, which read the spare it writes.
 
 On CUDA the arena is pinned (pageable, with a warning, when pinning fails), loads run on copy streams,
 and each slot carries two events: `ready` (its load finished) and `free` (the compute that read it
@@ -94,8 +95,8 @@ class ExpertCache:
             # where each expert not in a slot lives in the arena; filled by write()
             self.home: list[dict[int, int]] = [{} for _ in range(num_layers)]
             self._next_home = 0
-            self.last_h2d: torch.cuda.Event | None = None  # the copy that last read an arena row
-            self.last_d2h: torch.cuda.Event | None = None  # the copy that last read a slot row
+            self.last_h2d: torch.cuda.Event | None = None  # the copy that last read an arena row (the spare)
+            self.last_d2h: torch.cuda.Event | None = None  # the copy that last read a slot row (the spare)
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -198,38 +199,37 @@ class ExpertCache:
         if self.mode == "inclusive":
             row = self.slot_row[slot]
             source = self.arena[layer * self.num_experts + step.expert]
-            self.slot_ready[slot] = self._copy(self.slot_rows[row], source, self.row_free[row])
+            self.slot_ready[slot] = self._copy(self.slot_rows[row], source, after=(self.row_free[row],))
             return
-        # exclusive: newcomer arena row -> spare slot row, victim's slot row -> spare arena row, then trade
+        # exclusive: newcomer arena row -> spare slot row, victim's slot row -> spare arena row, then trade.
+        # Each spare was last read by the previous swap's copy of the other direction: wait for that one
+        # only, so this swap's two copies overlap. (The victim's row needs no wait: the copies that wrote
+        # it came before on the host-to-device stream, and the compute that reads it only reads.)
         assert step.evicted is not None, "exclusive mode keeps every slot full"
         stats.d2h_bytes += self.expert_bytes
         home = self.home[layer].pop(step.expert)
         victim_row = self.slot_row[slot]
-        if self.on_cuda:
-            self._wait_free(self.d2h_stream, self.last_h2d)  # the spare arena row was last read by an h2d
-            self._wait_free(self.d2h_stream, self.row_free[victim_row])
-            with torch.cuda.stream(self.d2h_stream):
-                self.arena[self.cpu_spare].copy_(self.slot_rows[victim_row], non_blocking=True)
-                self.last_d2h = self.d2h_stream.record_event()
-            self.h2d_stream.wait_event(self.last_d2h)  # the spare slot row was last read by a d2h
-        else:
-            self.arena[self.cpu_spare].copy_(self.slot_rows[victim_row])
-        ready = self._copy(self.slot_rows[self.gpu_spare], self.arena[home], self.row_free[self.gpu_spare])
-        if self.on_cuda:
-            self.last_h2d = ready
+        back = self._copy(self.arena[self.cpu_spare], self.slot_rows[victim_row], after=(self.last_h2d,), d2h=True)
+        ready = self._copy(self.slot_rows[self.gpu_spare], self.arena[home],
+                           after=(self.last_d2h, self.row_free[self.gpu_spare]))  # fmt: skip
+        self.last_h2d, self.last_d2h = ready, back
         self.home[layer][step.evicted] = self.cpu_spare
         self.cpu_spare = home
         self.slot_row[slot], self.gpu_spare = self.gpu_spare, victim_row
         self.slot_ready[slot] = ready
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, dst_free: torch.cuda.Event | None):
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, after: Sequence, d2h: bool = False):
+        """Copy `src` into `dst`; on CUDA on the copy stream of its direction, once the events in `after`
+        (None: nothing to wait for) have happened. Returns the copy's event (None on the CPU)."""
         if not self.on_cuda:
             dst.copy_(src)
             return None
-        self._wait_free(self.h2d_stream, dst_free)
-        with torch.cuda.stream(self.h2d_stream):
+        stream = self.d2h_stream if d2h else self.h2d_stream
+        for event in after:
+            self._wait_free(stream, event)
+        with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=self.pinned)
-            return self.h2d_stream.record_event()
+            return stream.record_event()
 
     @staticmethod
     def _wait_free(stream: torch.cuda.Stream, event: torch.cuda.Event | None) -> None:

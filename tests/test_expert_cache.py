@@ -93,6 +93,38 @@ def test_exclusive_swaps_keep_every_expert_intact_and_count_like_inclusive(slots
     assert exclusive.arena.shape[0] == LAYERS * (EXPERTS - slots) + 1  # each expert held once, plus a spare
 
 
+class LoggedCopies(ExpertCache):
+    """Names each copy ("h2d 0", "d2h 0", ...) as its event, and logs what it was told to wait for."""
+
+    def _copy(self, dst, src, after, d2h=False):
+        super()._copy(dst, src, after, d2h)
+        direction = "d2h" if d2h else "h2d"
+        name = f"{direction} {sum(1 for logged in self.log if logged[0].startswith(direction))}"
+        self.log.append((name, [event for event in after if event is not None]))
+        return name
+
+    def _wait_ready(self, layer, slot):
+        self.slot_ready[slot] = None  # the copies ran already, on the CPU
+
+
+def test_exclusive_swaps_wait_only_for_the_previous_swaps_other_copy():
+    """A swap's two copies overlap: each waits for the copy of the other direction that last read the spare
+    it writes, the previous swap's, never for its partner (which would make every swap two copies long)."""
+    cache = LoggedCopies(num_layers=1, num_experts=4, expert_bytes=NBYTES, slots_per_layer=[2], mode="exclusive")
+    cache.log = []
+    for expert in range(4):
+        cache.write(0, expert, expert_bytes(0, expert))
+    for experts in ([2], [3], [0], [2]):  # each misses: one swap each
+        for expert, buffer in cache.fetch(0, experts):
+            assert torch.equal(buffer, expert_bytes(0, expert))
+    assert cache.log == [
+        ("d2h 0", []), ("h2d 0", []),
+        ("d2h 1", ["h2d 0"]), ("h2d 1", ["d2h 0"]),
+        ("d2h 2", ["h2d 1"]), ("h2d 2", ["d2h 1"]),
+        ("d2h 3", ["h2d 2"]), ("h2d 3", ["d2h 2"]),
+    ]  # fmt: skip
+
+
 def test_direct_mode_serves_from_the_arena_without_copies():
     cache = make_cache(slots=None)
     assert cache.mode == "direct"
