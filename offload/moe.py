@@ -74,7 +74,7 @@ class MoEBlock:
         self.top_k = top_k
         self.cache = cache
         self.expert_format = expert_format
-        self.version = 0  # counts prefetcher changes: the decoder's graphs captured the old one's guesses
+        self.version = 0  # counts prefetcher and routing changes: the decoder's graphs captured the old ones
         self.prefetcher = prefetcher
         self.recorder = recorder  # called once per cache request, for routing traces
         self.routing = None  # in place of the router (see the property)

@@ -107,7 +107,14 @@ def assert_static_equals_eager(path, tokens, **options):
     return static
 
 
-def test_a_new_prefetcher_drops_the_graphs(case):
+CHANGES = {
+    "prefetcher": lambda model: model.set_prefetch("early"),  # the late guess's graphs would go on guessing late
+    "routing": lambda model: setattr(model.moe, "routing", FixedRouting()),  # graphs read the old one's weights
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_new_prefetcher_or_routing_drops_the_graphs(case, change):
     path, *_ = case
     graphs = CountedGraphs()
     model, _ = load(path, graphs, slots=2, prefetch="late")
@@ -117,22 +124,8 @@ def test_a_new_prefetcher_drops_the_graphs(case):
     graphs.graphs["marker"] = None  # what a capture would have left
     model.forward(torch.tensor([9]), 4)
     assert "marker" in graphs.graphs
-    model.set_prefetch("early")  # the late guess's graphs would go on guessing late
+    CHANGES[change](model)
     model.forward(torch.tensor([10]), 5)
-    assert "marker" not in graphs.graphs
-
-
-def test_new_routing_drops_the_graphs(case):
-    """The graphs read the replayed routing's weights on the device: another routing needs new ones."""
-    path, *_ = case
-    graphs = CountedGraphs()
-    model, _ = load(path, graphs, slots=2, prefetch="none")
-    model.reset()
-    model.forward(torch.tensor([5, 6, 7]), 0)
-    model.forward(torch.tensor([8]), 3)
-    graphs.graphs["marker"] = None  # what a capture would have left
-    model.moe.routing = FixedRouting()
-    model.forward(torch.tensor([9]), 4)
     assert "marker" not in graphs.graphs
 
 
