@@ -3,8 +3,9 @@
     bound time per token = max(compute per token, missed expert bytes per token / pinned H2D bandwidth)
 
 Compute per token is measured here too: a decode whose every expert is already in its slot (routing
-pinned to experts 0..k-1), so it copies nothing. The bandwidth is measured by copying an expert-sized
-pinned buffer to the device (on the CPU: a host memcpy, which is what a CPU slot load is).
+pinned to experts 0..k-1), so it copies nothing; before the decode and after it, the faster one counts.
+The bandwidth is measured by copying an expert-sized pinned buffer to the device (on the CPU: a host
+memcpy, which is what a CPU slot load is).
 
 A synthetic model's routers choose at random, so speed on one means something only with real routing:
 `--route-trace` replays the routing of a recorded trace (shared/traces) in place of the routers. Then
@@ -395,10 +396,12 @@ def bench(
         model.moe.routing = routing
     _set_prefetch(model, prefetch, routing, oracle_depth)  # its errors before any timing
     bandwidth = h2d_bandwidth(model.cache.expert_bytes, model.device)
-    compute_s = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
-    model.moe.routing = routing
-
+    before = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
     run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
+    # measured again after the decode: the bound takes the faster, so a slow first measurement never
+    # lowers the bar the decode is held to (on the H100 one commit's runs measured 23.9 to 32.4 ms)
+    after = compute_per_token(model)
+    compute_s = min(before, after)
     result = {
         **environment(model.device),
         "model": model_name(model),
@@ -412,6 +415,7 @@ def bench(
         "prompt_tokens": prompt_tokens,
         "h2d_bandwidth_gbps": round(bandwidth / 1e9, 3),
         "compute_s_per_token": round(compute_s, 6),
+        "compute_s_per_token_measured": [round(before, 6), round(after, 6)],  # before and after the decode
         **_summary(run, model, prefetch, bandwidth, compute_s),
     }
     if not compare:

@@ -39,6 +39,10 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert result["gpu_peak_bytes"] is None and result["gpu_allocs_in_decode"] is None  # no GPU here
     assert result["fraction_of_bound"] == pytest.approx(result["decode_tokens_per_s"] / result["bound_tokens_per_s"],
                                                         rel=1e-2)  # fmt: skip
+    # the bound's compute is the faster of the two measurements, before and after the decode
+    assert result["compute_s_per_token"] == min(result["compute_s_per_token_measured"])
+    copies_s = result["h2d_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
+    assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3)
 
 
 class Loads:
