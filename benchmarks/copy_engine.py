@@ -33,18 +33,9 @@ from offload.bench import environment, write_json  # noqa: E402
 from quant.errors import MoEOffloadError  # noqa: E402
 
 
-def small_h2d(source: torch.Tensor, target: torch.Tensor) -> None:
-    target.copy_(source, non_blocking=True)
-    torch.cuda.current_stream().synchronize()  # syncs the stream: the copy's result is what we wait for
-
-
-def small_d2h(source: torch.Tensor, target: torch.Tensor) -> None:
-    source.tolist()  # may synchronize: that is the cost measured
-
-
-def latency_us(small, source, target, big=None, repeats: int = 20) -> float:
-    """Host microseconds from the small copy's call to its result, with `big` (a callable that starts an
-    expert copy on another stream) started just before each, the median of `repeats`."""
+def latency_us(small, big=None, repeats: int = 20) -> float:
+    """Host microseconds from the small copy's call (`small`) to its result, with `big` (a callable that
+    starts an expert copy on another stream) started just before each, the median of `repeats`."""
     times = []
     for _ in range(repeats + 2):
         torch.cuda.synchronize()  # syncs the device: each repeat starts from idle engines
@@ -52,7 +43,7 @@ def latency_us(small, source, target, big=None, repeats: int = 20) -> float:
             big()
             time.sleep(50e-6)  # the big copy is on the engine before the small one arrives
         begin = time.perf_counter()
-        small(source, target)
+        small()
         times.append((time.perf_counter() - begin) * 1e6)
     torch.cuda.synchronize()
     return statistics.median(times[2:])
@@ -87,17 +78,24 @@ def main() -> None:
     end.synchronize()
     expert_ms = start.elapsed_time(end)
 
-    h2d = (torch.ones(2, dtype=torch.float32).pin_memory(), torch.empty(2, device=device))
-    d2h = (torch.ones(6, device=device), None)
+    weights_host, weights = torch.ones(2, dtype=torch.float32).pin_memory(), torch.empty(2, device=device)
+    routing = torch.ones(6, device=device)
+
+    def small_h2d() -> None:  # 8 bytes of gate weights
+        weights.copy_(weights_host, non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # syncs the stream: the copy's result is what we wait for
+
+    def small_d2h() -> None:  # the routing read
+        routing.tolist()  # may synchronize: that is the cost measured
+
     cases = {
-        "h2d_small": {"alone": None, "behind_expert_h2d": expert_h2d, "behind_expert_d2h": expert_d2h},
-        "d2h_small": {"alone": None, "behind_expert_d2h": expert_d2h, "behind_expert_h2d": expert_h2d},
+        "h2d_small": (small_h2d, {"alone": None, "behind_expert_h2d": expert_h2d, "behind_expert_d2h": expert_d2h}),
+        "d2h_small": (small_d2h, {"alone": None, "behind_expert_d2h": expert_d2h, "behind_expert_h2d": expert_h2d}),
     }
-    results = {}
-    for name, backgrounds in cases.items():
-        small, (source, target) = (small_h2d, h2d) if name == "h2d_small" else (small_d2h, d2h)
-        results[name] = {case: round(latency_us(small, source, target, big, args.repeats), 1)
-                         for case, big in backgrounds.items()}  # fmt: skip
+    results = {
+        name: {case: round(latency_us(small, big, args.repeats), 1) for case, big in backgrounds.items()}
+        for name, (small, backgrounds) in cases.items()
+    }
 
     print(f"expert copy: {args.expert_mib:g} MiB host-to-device in {expert_ms * 1000:.0f} us")
     print(f"{'small copy':<12} {'alone':>10} {'same dir.':>12} {'other dir.':>12}   (us, median of {args.repeats})")

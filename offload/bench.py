@@ -132,7 +132,7 @@ class ReplayedRouting:
             raise MoEOffloadError(f"trace {trace_path} has no decode tokens to replay")
         if any(len(request.experts) < top_k for token in self.tokens for request in token.layers):
             raise MoEOffloadError(f"trace {trace_path} has a decode row with fewer than {top_k} experts")
-        self.path, self.top_k, self.device = str(trace_path), top_k, device
+        self.path, self.top_k = str(trace_path), top_k
         # N = tokens replayed, L = layers, k = experts per token
         ids = torch.tensor([[r.experts[:top_k] for r in t.layers] for t in self.tokens])  # [N, L, k]
         weights = torch.tensor([[r.weights[:top_k] for r in t.layers] for t in self.tokens], dtype=torch.float32)
