@@ -97,9 +97,11 @@ for step in "$@"; do
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
         stamp "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
         ;;
-    profile)  # where a decode step's time goes (after synth), CUDA graphs on and off
+    profile)  # where a decode step's time goes (after synth): CUDA graphs on and off, and the real path's guess
         python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB \
             --out "$results/profile_decode_${gpu}_graphs.json"
+        python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB --prefetch gate \
+            --out "$results/profile_decode_${gpu}_gate.json"
         python3 benchmarks/profile_decode.py "$model" --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
             --out "$results/profile_decode_${gpu}_eager.json"
         stamp "$results"/profile_decode_"${gpu}"_*.json

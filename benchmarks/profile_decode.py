@@ -1,9 +1,10 @@
 """Where a decode step's time goes: torch.profiler over a few decode steps, top operators by device time.
 
     python benchmarks/profile_decode.py MODEL --route-trace TRACE [--gpu-memory 12GiB] [--steps 8]
-        [--no-fused-gemv] [--out benchmarks/results/profile_decode.json] [--chrome trace.json]
+        [--prefetch oracle|gate|none] [--no-fused-gemv] [--out benchmarks/results/profile_decode.json]
+        [--chrome trace.json]
 
-Loads MODEL as `bench` does (replayed routing, oracle prefetch), warms up, then profiles --steps
+Loads MODEL as `bench` does (replayed routing, oracle prefetch by default), warms up, then profiles --steps
 decode steps. Prints the top operators by self device time (CUDA) or self CPU time (CPU), and writes
 them as JSON with the run's device, commit and command. "Profile first, then fix what it shows."
 
@@ -11,6 +12,8 @@ On CUDA it also lays the device's work on one time line (`overlap`): per step, h
 (host-to-device copies) and the compute (kernels) were busy, both at once, one alone, and the device
 idle (waiting for the host: each layer's routing read stops it until the host has decided and
 launched), with the count of idle gaps. The bound assumes the link and the compute fully overlapped.
+`--prefetch gate` profiles the runtime's own guess, whose read at each layer's output (a second
+device-to-host copy a layer) the oracle does not make: the real path's idle time.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
 from offload.api import kernel_name  # noqa: E402
-from offload.bench import OraclePrefetcher, ReplayedRouting, environment, synchronize, write_json  # noqa: E402
+from offload.bench import PREFETCH, ReplayedRouting, environment, set_prefetch, synchronize, write_json  # noqa: E402
 
 # -- the device's time line -----------------------------------------------------------------------------
 
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-fused-gemv", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--prefetch", choices=PREFETCH, default="oracle",
+                        help="the trace's coming layers (oracle), the runtime's own guess (gate), or none")
     parser.add_argument("--oracle-depth", type=int, default=None,
                         help="layers the oracle loads ahead (default: all but one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_decode.json"))
@@ -127,7 +132,7 @@ def main() -> None:
     c, device = model.config, model.device
     routing = ReplayedRouting(args.route_trace, c.num_layers, c.num_experts, c.top_k, device)
     model.moe.routing = routing
-    model.moe.prefetcher = OraclePrefetcher(routing, model.cache, c.num_layers, args.oracle_depth)
+    set_prefetch(model, args.prefetch, routing, args.oracle_depth)
     token = torch.ones(1, dtype=torch.long, device=device)
     model.reset()
     model.forward(torch.ones(4, dtype=torch.long, device=device), 0)
@@ -170,7 +175,8 @@ def main() -> None:
         "routing": f"replayed: {args.route_trace}",
         "kernel": kernel_name(model.prepared.fused_gemv),
         "cuda_graphs": model.prepared.cuda_graphs,
-        "oracle_depth": model.moe.prefetcher.depth,
+        "prefetch": args.prefetch,
+        "oracle_depth": model.moe.prefetcher.depth if args.prefetch == "oracle" else None,
         "steps": args.steps,
         "wall_ms_per_step": round(wall_ms, 3),
         "top": rows,

@@ -329,7 +329,8 @@ def _use_policy(model: OffloadedModel, name: str) -> None:
         table.reset()
 
 
-def _set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None, depth: int | None) -> None:
+def set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None, depth: int | None) -> None:
+    """`mode` gate, oracle or none: the runtime's own guess, the trace's next layers, or no prefetch."""
     if mode == "oracle":
         if routing is None:
             raise MoEOffloadError("--prefetch oracle needs --route-trace: the oracle reads the next layer from it")
@@ -394,7 +395,7 @@ def bench(
     if route_trace is not None:
         routing = ReplayedRouting(route_trace, c.num_layers, c.num_experts, c.top_k, model.device)
         model.moe.routing = routing
-    _set_prefetch(model, prefetch, routing, oracle_depth)  # its errors before any timing
+    set_prefetch(model, prefetch, routing, oracle_depth)  # its errors before any timing
     bandwidth = h2d_bandwidth(model.cache.expert_bytes, model.device)
     before = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
     run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
@@ -425,7 +426,7 @@ def bench(
     _use_policy(model, "lru")
     for name, mode, forget in (("no_cache", "none", True), ("lru_no_prefetch", "none", False),
                                ("lru_prefetch", prefetch, False)):  # fmt: skip
-        _set_prefetch(model, mode, routing, oracle_depth)
+        set_prefetch(model, mode, routing, oracle_depth)
         baseline = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
                               forget_every_token=forget)  # fmt: skip
         baselines[name] = _summary(baseline, model, mode, bandwidth, compute_s)
@@ -435,7 +436,7 @@ def bench(
         "(pass one as MODEL), and cannot replay a routing trace",
     }  # fmt: skip
     _use_policy(model, model.options.policy)
-    _set_prefetch(model, prefetch, routing, oracle_depth)
+    set_prefetch(model, prefetch, routing, oracle_depth)
     result["baselines"] = baselines
     return result
 
