@@ -2,10 +2,14 @@
 
     bound time per token = max(compute per token, missed expert bytes per token / pinned H2D bandwidth)
 
-Compute per token is measured here too: a decode whose every expert is already in its slot (routing
-pinned to experts 0..k-1), so it copies nothing; before the decode and after it, the faster one counts.
-The bandwidth is measured by copying an expert-sized pinned buffer to the device (on the CPU: a host
-memcpy, which is what a CPU slot load is).
+Missed bytes are the experts the decode used that were not in a slot when it asked or guessed: loads
+on demand and prefetches a request used. A wrong guess's load is traffic, reported, but not work the
+bound grants. Compute per token is measured here too: a decode whose every expert is already in its slot
+(routing pinned to experts 0..k-1, no prefetcher), so it copies nothing; before the decode and after
+it, the faster one counts. The bandwidth is measured by copying an expert-sized pinned buffer to the
+device (on the CPU: a host memcpy, which is what a CPU slot load is). In exclusive mode each load
+sends its victim back over the other direction at the same time, so the slower direction sets the
+copies' time, and device-to-host is measured too.
 
 A synthetic model's routers choose at random, so speed on one means something only with real routing:
 `--route-trace` replays the routing of a recorded trace (shared/traces) in place of the routers. Then
@@ -30,10 +34,15 @@ from cache.policies import make_policies
 from cache.stats import LayerStats
 from cache.trace import Token, read_trace
 from offload.api import OffloadedModel, kernel_name
+from offload.graphs import key_range
 from offload.synth import synthetic_name
 from quant.errors import MoEOffloadError
 
 PREFETCH = ("gate", "oracle", "none")
+NO_CACHE_IN_EXCLUSIVE_MODE = (
+    "not run: in exclusive mode each expert lives in one place, a slot or the arena, so the slots cannot be "
+    "emptied between tokens; no cache needs RAM for every expert (--cache-mode inclusive)"
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,11 +89,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # syncs the device: the clock must see the queued work
 
 
-def h2d_bandwidth(nbytes: int, device: torch.device, repeats: int = 20) -> float:
-    """Bytes per second of one expert-sized copy from pinned host memory to the device."""
+def copy_bandwidth(nbytes: int, device: torch.device, to_device: bool = True, repeats: int = 20) -> float:
+    """Bytes per second of one expert-sized copy between pinned host memory and the device, host to
+    device or (`to_device=False`) back."""
     if device.type == "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        src, dst = (host, gpu) if to_device else (gpu, host)
         dst.copy_(src, non_blocking=True)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -99,6 +110,24 @@ def h2d_bandwidth(nbytes: int, device: torch.device, repeats: int = 20) -> float
     for _ in range(repeats):
         dst.copy_(src)
     return nbytes * repeats / (time.perf_counter() - begin)
+
+
+@dataclass(frozen=True)
+class Link:
+    """Measured copy speeds in bytes per second: host to device, and back (exclusive mode only)."""
+
+    h2d: float
+    d2h: float | None = None
+
+    @classmethod
+    def measure(cls, model: OffloadedModel) -> Link:
+        nbytes, device = model.cache.expert_bytes, model.device
+        back = copy_bandwidth(nbytes, device, to_device=False) if model.cache.mode == "exclusive" else None
+        return cls(copy_bandwidth(nbytes, device), back)
+
+    def seconds(self, loaded_bytes: float) -> float:
+        """The copies' time for `loaded_bytes` of loads; with swaps, the slower direction's."""
+        return loaded_bytes / (self.h2d if self.d2h is None else min(self.h2d, self.d2h))
 
 
 # -- replayed routing --------------------------------------------------------------------------------------
@@ -236,7 +265,19 @@ def decode_run(
     device = model.device
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
-    token = torch.empty(1, dtype=torch.long, device=device)
+    token = torch.zeros(1, dtype=torch.long, device=device)
+
+    def step(position: int) -> None:
+        if routing is not None:
+            routing.position = position
+        if forget_every_token:
+            model.cache.reset()  # no cache: every expert is loaded again at every use
+        logits = model.forward(token, position, copy=False)
+        torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)  # stays on the device, and allocates nothing
+
+    timed = range(prompt_tokens + DECODE_WARMUP, prompt_tokens + DECODE_WARMUP + tokens)
+    for position in _new_key_ranges(model, prompt_tokens, timed):
+        step(position)  # captures that key range's graphs now, not inside the clock; the reset below forgets it
     model.reset()
     model.reset_stats()
     if device.type == "cuda":
@@ -250,21 +291,13 @@ def decode_run(
     synchronize(device)
     prefill_s = time.perf_counter() - begin
 
-    def step(position: int) -> None:
-        if routing is not None:
-            routing.position = position
-        if forget_every_token:
-            model.cache.reset()  # no cache: every expert is loaded again at every use
-        logits = model.forward(token, position, copy=False)
-        torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)  # stays on the device, and allocates nothing
-
     # untimed warm-up steps: the first captures the CUDA graphs (seconds), both fill the allocator's pools
     for position in range(prompt_tokens, prompt_tokens + DECODE_WARMUP):
         step(position)
     synchronize(device)
     before, allocations = model.stats.total, _allocations(device)  # from here, nothing may be allocated
     begin = time.perf_counter()
-    for position in range(prompt_tokens + DECODE_WARMUP, prompt_tokens + DECODE_WARMUP + tokens):
+    for position in timed:
         step(position)
     synchronize(device)
     decode_s = time.perf_counter() - begin
@@ -273,6 +306,22 @@ def decode_run(
     allocs = None if allocations is None else _allocations(device) - allocations
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak)
+
+
+def _new_key_ranges(model: OffloadedModel, prompt_tokens: int, timed: range) -> list[int]:
+    """The first timed position of each key range the warm-up steps do not reach. Each range has its own
+    attention graphs (offload/graphs.py), whose capture synchronizes the device: a run that crosses 256,
+    512, ... keys would otherwise capture inside the clock."""
+    if model.decoder.graphs is None:
+        return []
+    ranges = {key_range(p + 1, model.max_seq_len) for p in range(prompt_tokens, timed.start)}
+    first = []
+    for position in timed:
+        keys = key_range(position + 1, model.max_seq_len)
+        if keys not in ranges:
+            ranges.add(keys)
+            first.append(position)
+    return first
 
 
 class PinnedRouting:
@@ -326,7 +375,7 @@ def _use_policy(model: OffloadedModel, name: str) -> None:
     policies = make_policies(name, model.config.num_layers, model.config.num_experts)
     for table, policy in zip(model.cache.tables, policies, strict=True):
         table.policy = policy
-        table.reset()
+    model.cache.reset()  # the new policies start empty; exclusive mode's slots keep their experts
 
 
 def set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None, depth: int | None) -> None:
@@ -339,11 +388,11 @@ def set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | No
         model.set_prefetch("none" if mode == "none" else "late")
 
 
-def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, bandwidth: float, compute_s: float) -> dict:
+def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, link: Link, compute_s: float) -> dict:
     d = run.decode
     oracle = model.moe.prefetcher if prefetch == "oracle" else None
-    h2d_per_token = d.h2d_bytes / run.tokens
-    bound_s = max(compute_s, h2d_per_token / bandwidth)
+    missed_per_token = (d.misses + d.prefetches_used) * model.cache.expert_bytes / run.tokens
+    bound_s = max(compute_s, link.seconds(missed_per_token))
     return {
         "prefill_tokens_per_s": round(run.prefill_tokens_per_s, 3),
         "decode_tokens_per_s": round(run.decode_tokens_per_s, 4),
@@ -357,12 +406,20 @@ def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, bandwidth: fl
             "depth": None if oracle is None else oracle.depth,  # layers the oracle loads ahead
         },
         "stall_s": round(d.stall_s, 4),
-        "h2d_bytes_per_token": round(h2d_per_token),
+        "missed_bytes_per_token": round(missed_per_token),  # what the bound counts
+        "h2d_bytes_per_token": round(d.h2d_bytes / run.tokens),  # what was moved, wrong guesses included
+        "d2h_bytes_per_token": round(d.d2h_bytes / run.tokens),  # exclusive mode's victims going back
         "bound_tokens_per_s": round(1.0 / bound_s, 4),
         "fraction_of_bound": round(run.decode_tokens_per_s * bound_s, 4),
         "gpu_peak_bytes": run.gpu_peak_bytes,
         "gpu_allocs_in_decode": run.gpu_allocs_in_decode,
     }
+
+
+def graphs_ran(model: OffloadedModel) -> bool:
+    """Whether decode replayed CUDA graphs: asked for, and no capture failed (it then runs eagerly)."""
+    graphs = model.decoder.graphs
+    return graphs is not None and graphs.capture and graphs.failed is None
 
 
 def model_name(model: OffloadedModel) -> str:
@@ -391,12 +448,15 @@ def bench(
     if model.cache.mode == "direct":
         raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
     c = model.config
+    if min(model.plan.slots_per_layer) < c.top_k:
+        raise MoEOffloadError(f"bench needs at least {c.top_k} slots per layer (the experts a token uses) to "
+                              f"measure compute with nothing copied; give --slots {c.top_k} or more")  # fmt: skip
     routing = None
     if route_trace is not None:
         routing = ReplayedRouting(route_trace, c.num_layers, c.num_experts, c.top_k, model.device)
         model.moe.routing = routing
     set_prefetch(model, prefetch, routing, oracle_depth)  # its errors before any timing
-    bandwidth = h2d_bandwidth(model.cache.expert_bytes, model.device)
+    link = Link.measure(model)
     before = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
     run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
     # measured again after the decode: the bound takes the faster, so a slow first measurement never
@@ -411,13 +471,16 @@ def bench(
         "slots_per_layer": list(model.plan.slots_per_layer),
         "policy": model.options.policy,
         "kernel": kernel_name(model.prepared.fused_gemv),
-        "cuda_graphs": model.prepared.cuda_graphs,
+        "cuda_graphs": graphs_ran(model),
+        "cuda_graphs_failed": None if model.decoder.graphs is None else model.decoder.graphs.failed,  # why not
+        "arena_pinned": model.cache.pinned,
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
-        "h2d_bandwidth_gbps": round(bandwidth / 1e9, 3),
+        "h2d_bandwidth_gbps": round(link.h2d / 1e9, 3),
+        "d2h_bandwidth_gbps": None if link.d2h is None else round(link.d2h / 1e9, 3),  # exclusive mode only
         "compute_s_per_token": round(compute_s, 6),
         "compute_s_per_token_measured": [round(before, 6), round(after, 6)],  # before and after the decode
-        **_summary(run, model, prefetch, bandwidth, compute_s),
+        **_summary(run, model, prefetch, link, compute_s),
     }
     if not compare:
         return result
@@ -426,10 +489,13 @@ def bench(
     _use_policy(model, "lru")
     for name, mode, forget in (("no_cache", "none", True), ("lru_no_prefetch", "none", False),
                                ("lru_prefetch", prefetch, False)):  # fmt: skip
+        if forget and model.cache.mode == "exclusive":
+            baselines[name] = {"decode_tokens_per_s": None, "note": NO_CACHE_IN_EXCLUSIVE_MODE}
+            continue
         set_prefetch(model, mode, routing, oracle_depth)
         baseline = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
                               forget_every_token=forget)  # fmt: skip
-        baselines[name] = _summary(baseline, model, mode, bandwidth, compute_s)
+        baselines[name] = _summary(baseline, model, mode, link, compute_s)
     baselines["accelerate"] = accelerate() if accelerate is not None else {
         "decode_tokens_per_s": None,
         "note": "not run: transformers/accelerate device_map offloading reads Hugging Face folders only "

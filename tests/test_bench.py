@@ -8,7 +8,15 @@ import torch
 
 import offload
 from cli.app import main
-from offload.bench import DECODE_WARMUP, OraclePrefetcher, ReplayedRouting, bench
+from offload.bench import (
+    DECODE_WARMUP,
+    NO_CACHE_IN_EXCLUSIVE_MODE,
+    OraclePrefetcher,
+    ReplayedRouting,
+    bench,
+    decode_run,
+)
+from offload.graphs import DecodeGraphs
 from quant.errors import MoEOffloadError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +49,22 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
                                                         rel=1e-2)  # fmt: skip
     # the bound's compute is the faster of the two measurements, before and after the decode
     assert result["compute_s_per_token"] == min(result["compute_s_per_token_measured"])
-    copies_s = result["h2d_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
+    copies_s = result["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
+    assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3)
+    assert result["d2h_bytes_per_token"] == 0 and result["d2h_bandwidth_gbps"] is None  # inclusive: nothing back
+    assert result["cuda_graphs"] is False and result["arena_pinned"] is False
+
+
+def test_the_bound_counts_missed_bytes_not_wrong_guesses(model):
+    """A wrong guess's load is traffic (h2d_bytes_per_token) but not work the bound grants."""
+    result = bench(model, tokens=12, prompt_tokens=4, route_trace=str(TINY_TRACE), prefetch="gate")
+    p = result["prefetch"]
+    assert p["wasted"] > 0  # the gate guesses against replayed routing: often wrong
+    requests = 12 * 6 * 2  # tokens x layers x top-k
+    misses = round(requests * (1 - result["hit_rate"]))
+    assert result["missed_bytes_per_token"] == round((misses + p["used"]) * model.cache.expert_bytes / 12)
+    assert result["missed_bytes_per_token"] < result["h2d_bytes_per_token"]
+    copies_s = result["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
     assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3)
 
 
@@ -102,6 +125,51 @@ def test_compare_runs_the_baselines(model):
         "accelerate"]["note"]  # fmt: skip
 
 
+class KeyLog(DecodeGraphs):
+    """Eager, like DecodeGraphs(capture=False), logging each decode step's piece keys."""
+
+    def __init__(self) -> None:
+        super().__init__(capture=False)
+        self.steps: list[list] = [[]]
+
+    def run(self, key, fn) -> None:
+        fn()
+        self.steps[-1].append(key)
+        if key == ("head",):  # a step's last piece
+            self.steps.append([])
+
+
+def test_no_key_range_is_first_reached_inside_the_clock(trained_model_dir):
+    """Each key range has its own graphs, and a capture synchronizes the device: decode_run meets every
+    range its timed steps reach before the clock starts."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3, max_seq_len=300)
+    model.decoder.graphs = log = KeyLog()
+    decode_run(model, prompt_tokens=250, tokens=10, routing=None)  # timed positions 252..261: keys 256, then 300
+    steps = log.steps[:-1]
+    before = steps[:-10]
+    keys_of = [{key[2] for key in step if key[0] == "attention"} for step in steps]
+    assert keys_of[-10:] == [{256}] * 4 + [{300}] * 6
+    assert set().union(*keys_of[:-10]) == {256, 300}
+    assert len(before) == 1 + DECODE_WARMUP  # one step at 300 keys before the run, then the warm-up
+
+
+def test_compare_in_exclusive_mode_keeps_every_slot_full(trained_model_dir):
+    """--compare swaps the policy between runs: exclusive mode's slots must keep their experts (each lives
+    in one place), and no cache cannot run there."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3, max_seq_len=64, cache_mode="exclusive")
+    result = bench(model, tokens=6, prompt_tokens=3, route_trace=str(TINY_TRACE), prefetch="oracle", compare=True)
+    baselines = result["baselines"]
+    assert baselines["no_cache"] == {"decode_tokens_per_s": None, "note": NO_CACHE_IN_EXCLUSIVE_MODE}
+    for name in ("lru_no_prefetch", "lru_prefetch"):
+        assert baselines[name]["d2h_bytes_per_token"] == baselines[name]["h2d_bytes_per_token"] > 0  # one swap a load
+    assert baselines["lru_prefetch"]["prefetch"]["recall"] == 1.0
+    assert all(len(table.slot_of) == 3 for table in model.cache.tables)
+    # each load sends its victim back at the same time: the slower direction sets the copies' time
+    slower = min(result["h2d_bandwidth_gbps"], result["d2h_bandwidth_gbps"]) * 1e9
+    copies_s = result["missed_bytes_per_token"] / slower
+    assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3)
+
+
 def test_cli_writes_the_json(capsys, tmp_path, trained_model_dir):
     out = tmp_path / "results" / "bench.json"
     code = main(["bench", str(trained_model_dir), "--slots", "2", "--device", "cpu", "--tokens", "5",
@@ -128,6 +196,12 @@ def test_bench_errors(capsys, trained_model_dir):
     code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: bench measures the expert cache: give --slots (on the CPU) or run on CUDA"
+    code = main(["bench", str(trained_model_dir), "--slots", "1", "--device", "cpu", "--tokens", "4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        "error: bench needs at least 2 slots per layer (the experts a token uses) to measure compute with "
+        "nothing copied; give --slots 2 or more"
+    )  # fmt: skip
 
 
 def test_overlap_lays_the_device_work_on_one_time_line():
