@@ -144,20 +144,31 @@ class ExpertCache:
     def fetch(
         self, layer: int, experts: Sequence[int], weights: Sequence[float] | None = None
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Serve one request. Yields (expert, packed bytes) in compute order; compute each before the next.
+        """Serve one request: decide it now and start its loads, then yield (expert, packed bytes) in
+        compute order; compute each before asking for the next.
 
-        The caller must finish using a buffer before asking for the next one: when a request has more
-        experts than its layer has slots, a later load reuses the slot of an earlier expert.
+        The loads start before this returns, so a prefetch for a later layer issued next queues behind
+        them on the copy stream, not ahead. A load that takes the slot of an expert of this same request
+        (more experts than slots) starts only once that expert's compute is enqueued.
         """
         if self.mode == "direct":
             stats = self.stats.per_layer[layer]
             stats.requests += len(experts)
             stats.hits += len(experts)
-            for expert in experts:
-                yield expert, self.arena[layer * self.num_experts + expert]
-            return
-        for step in self.tables[layer].request(experts, weights):
+            return ((expert, self.arena[layer * self.num_experts + expert]) for expert in experts)
+        steps = self.tables[layer].request(experts, weights)
+        waiting = []  # loads into the slot of an expert served before them
+        for step in steps:
             if not step.hit:
+                if step.evicted in experts:
+                    waiting.append(step)
+                else:
+                    self._load(layer, step)
+        return self._serve(layer, steps, waiting)
+
+    def _serve(self, layer: int, steps: list[Step], waiting: list[Step]) -> Iterator[tuple[int, torch.Tensor]]:
+        for step in steps:
+            if step in waiting:
                 self._load(layer, step)
             slot = self.slot_base[layer] + step.slot
             self._wait_ready(layer, slot)

@@ -93,17 +93,18 @@ class MoEBlock:
         else:
             ids, weights = self.routing(layer, x)
         assert ids.shape == (tokens, self.top_k), ids.shape
-        if self.prefetcher is not None and h_mid is not None:
-            self.prefetcher.after_attention(layer, h_mid)
         experts, expert_weights = request_order(ids, weights)
         if self.recorder is not None:
             self.recorder(layer, experts, expert_weights, self.cache.guess(layer), tokens > 1)
+        served = self.cache.fetch(layer, experts, expert_weights)  # this layer's loads start first
+        if self.prefetcher is not None and h_mid is not None:
+            self.prefetcher.after_attention(layer, h_mid)  # the coming layers' guesses queue behind them
 
         if tokens == 1:  # decode: the token's gate weights are on the host already; no index work per expert
-            return self._experts(layer, x, experts, expert_weights)
+            return self._experts(x, served, experts, expert_weights)
         out = torch.zeros_like(x)  # [T, D]
         weights = weights.to(x.dtype)
-        for expert, packed in self.cache.fetch(layer, experts, expert_weights):
+        for expert, packed in served:
             rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert
             y = expert_mlp(x[rows], self._unpack(packed), self.workspace)  # [rows, D]
             out.index_add_(0, rows, y * weights[rows, rank, None])
@@ -132,11 +133,11 @@ class MoEBlock:
         self._routing = routing
         self.version += 1  # the graphs read the old routing's weights
 
-    def _experts(self, layer: int, x: torch.Tensor, experts: list[int], weights: list[float]) -> torch.Tensor:
-        """One token's experts through the cache, summed by gate weight into a workspace buffer [1, D]."""
+    def _experts(self, x: torch.Tensor, served, experts: list[int], weights: list[float]) -> torch.Tensor:
+        """One token's experts as the cache serves them, summed by gate weight into a workspace buffer [1, D]."""
         weight_of = dict(zip(experts, weights))
         out = self._out(x).zero_()  # [1, D]
-        for expert, packed in self.cache.fetch(layer, experts, weights):
+        for expert, packed in served:
             y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
             out.add_(y, alpha=weight_of[expert])
         return out  # the decoder adds it to the residual before the next layer
@@ -159,7 +160,8 @@ class MoEBlock:
 
     def decode_experts(self, layer: int, x: torch.Tensor, run: Callable[[Hashable, Callable[[], None]], None]):
         """Host half: read what route_into wrote (one device-to-host copy, which waits for the graph),
-        start the early prefetch, then serve the experts. Each runs through `run` (DecodeGraphs.run),
+        start this layer's loads, then the early prefetch behind them, then serve the experts. Each runs
+        through `run` (DecodeGraphs.run),
         keyed by its slot row and its place in the request: captured once, an expert graph replays on
         whatever expert the row holds, with the gate weight read from the routing buffer. Returns the
         block's output [1, D], a buffer at a fixed address."""
@@ -169,13 +171,14 @@ class MoEBlock:
         experts, weights = [int(v) for v in values[:k]], values[k : 2 * k]
         if self.routing is not None:  # replayed routing stands in for the router's; the copy above still ran
             experts, weights = self.routing.decode(layer)  # the weights route_into wrote, as host lists
-        if self._guesses("early", layer):
+        if self.recorder is not None:
+            self.recorder(layer, experts, weights, self.cache.guess(layer), False)
+        served = self.cache.fetch(layer, experts, weights)  # this layer's loads start first
+        if self._guesses("early", layer):  # the next layer's guess queues behind them on the copy stream
             self.cache.prefetch(layer + 1, [int(v) for v in values[2 * k :]])
         elif self.prefetcher is not None and not hasattr(self.prefetcher, "device_guess"):
             self.prefetcher.after_attention(layer, x)  # a prefetcher that guesses on the host (bench's oracle)
-        if self.recorder is not None:
-            self.recorder(layer, experts, weights, self.cache.guess(layer), False)
-        for expert, packed in self.cache.fetch(layer, experts, weights):
+        for expert, packed in served:
             run(*self._expert_piece(x, packed, experts.index(expert)))
         return self._out(x)
 

@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
+import offload
 from cache.expert_cache import ExpertCache
+from offload.graphs import DecodeGraphs
 from quant.errors import MoEOffloadError
 
 LAYERS, EXPERTS, NBYTES = 2, 6, 40
@@ -148,3 +150,39 @@ def test_a_hit_is_served_before_a_miss_of_its_request_takes_its_slot():
     assert serve(cache, 0, [3, 5]) == [5, 3]  # 5 is computed first, then 3 is loaded over it
     layer = cache.stats.per_layer[0]
     assert (layer.hits, layer.misses, layer.h2d_bytes) == (1, 2, 2 * NBYTES)
+
+
+def _logged(fn, event, events):
+    def wrapper(*args, **kwargs):
+        events.append(event)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_layers_own_loads_start_before_the_next_layers_guess(trained_model_dir, static):
+    """One copy stream serves loads in the order they are issued: a guess for layer l+1 issued first
+    would make layer l's misses, needed now, wait behind it."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=2, prefetch="early")
+    if static:
+        model.decoder.graphs = DecodeGraphs(capture=False)  # the path CUDA graphs capture, run eagerly
+    cache, events = model.cache, []
+    load = cache._load
+    cache._load = lambda layer, step: (events.append(("load", layer)), load(layer, step))
+    for layer, table in enumerate(cache.tables):
+        table.request = _logged(table.request, ("request", layer), events)
+    tokens = torch.tensor([1, 330, 1070, 28747, 307, 28705, 13, 1270])
+    model.forward(tokens[:3], 0)
+    events.clear()
+    for position in range(3, len(tokens)):
+        model.forward(tokens[position : position + 1], position)
+    starts = [i for i, (kind, _) in enumerate(events) if kind == "request"] + [len(events)]
+    demand = guesses = 0
+    for begin, end in zip(starts, starts[1:]):  # from one request to the next
+        layer = events[begin][1]
+        loads = [loaded for _, loaded in events[begin + 1 : end]]
+        assert loads == sorted(loads) and set(loads) <= {layer, layer + 1}, (layer, loads)
+        demand += loads.count(layer)
+        guesses += loads.count(layer + 1)
+    assert demand > 0 and guesses > 0  # both kinds happened
