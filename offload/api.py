@@ -182,6 +182,9 @@ def prepare(model: str, **options) -> Prepared:
         raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
     make_policy(opts.policy)  # an unknown name fails here, before the long part
     device = resolve_device(opts.device)
+    if device.type == "cuda" and device.index is not None:
+        # graph capture, Triton's launches and a bare "cuda" all mean the current device: make it this one
+        torch.cuda.set_device(device)
     dtype = resolve_dtype(opts.dtype, device)
     source = open_source(
         model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, attn_quant=opts.attn_quant, verify=opts.verify

@@ -66,11 +66,16 @@ class DecodeGraphs:
 
     def _capture(self, key: Hashable, fn: Callable[[], None]) -> None:
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 fn()
         except RuntimeError as error:  # an operator that cannot be captured: carry on eagerly, and say so
-            self.capture, self.failed = False, f"{key}: {error}".splitlines()[0]
+            # the failed capture's exit raises before it restores the stream: the work after it, and every
+            # event the cache records, belongs on the stream decode ran on. The cause is the first error
+            torch.cuda.set_stream(stream)
+            cause = error.__context__ if isinstance(error.__context__, RuntimeError) else error
+            self.capture, self.failed = False, f"{key}: {cause}".splitlines()[0]
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {self.failed}", stacklevel=3)
             return
         self.pool = graph.pool()

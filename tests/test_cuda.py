@@ -171,3 +171,19 @@ def test_fused_gemv_decode_matches_dequantize_then_matmul_on_cuda(tiny, dtype, t
         logits[fused] = torch.cat(got).float().cpu()
     error = (logits[None] - logits[False]).abs().max().item()
     assert error < tolerance, f"{dtype}: fused against dequantize+matmul, max |logit diff| {error:.3g}"
+
+
+def test_a_failed_capture_decodes_on_and_says_why():
+    """An operator that cannot be captured (a host sync): the graphs stop, the stream decode ran on is
+    the current one again, and `failed` names the first error, not the capture's own after it."""
+    from offload.graphs import DecodeGraphs
+
+    graphs, x = DecodeGraphs(), torch.ones(4, device="cuda")
+    stream = torch.cuda.current_stream()
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        graphs.run("syncs", lambda: x.add_(1).sum().item())  # eagerly, then the capture fails
+    assert torch.cuda.current_stream() == stream
+    assert graphs.capture is False and graphs.failed.startswith("syncs: ")
+    assert "invalidated" not in graphs.failed, graphs.failed
+    graphs.run("syncs", lambda: x.add_(1))  # on eagerly
+    assert x.tolist() == [3.0] * 4 and not graphs.graphs
