@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,6 +34,24 @@ from cache.table import SlotTable, Step
 from quant.errors import MoEOffloadError
 
 MODES = ("direct", "inclusive", "exclusive")
+
+
+def pinned_empty(rows: int, row_bytes: int) -> torch.Tensor:
+    """[rows, row_bytes] uint8 in page-locked host memory, exactly that size.
+
+    Not `pin_memory=True`: torch's caching host allocator rounds each block up to a power of two, so a
+    17.1 GB Mixtral arena would lock 32 GiB, or fail and fall back to pageable memory. Pageable memory
+    registered with CUDA is locked page for page, and unregistered when the tensor is freed."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device to pin host memory for")
+    tensor = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    pointer, size = tensor.data_ptr(), tensor.numel()
+    code = int(cudart.cudaHostRegister(pointer, size, 0))  # 0: cudaHostRegisterDefault
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {code}")
+    weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
+    return tensor
 
 
 class ExpertCache:
@@ -112,12 +131,12 @@ class ExpertCache:
         if pin:
             try:
                 self.pinned = True
-                return torch.empty(rows, self.expert_bytes, dtype=torch.uint8, pin_memory=True)
+                return pinned_empty(rows, self.expert_bytes)
             except RuntimeError as error:
                 self.pinned = False
                 warnings.warn(
-                    f"could not pin {rows * self.expert_bytes} bytes ({error}); using pageable memory, "
-                    "host-to-device copies will be slower",
+                    f"could not pin {rows * self.expert_bytes} bytes ({error}); using pageable memory: each "
+                    "load is then a synchronous copy, slower, and prefetching overlaps nothing",
                     stacklevel=3,
                 )
         return torch.empty(rows, self.expert_bytes, dtype=torch.uint8)

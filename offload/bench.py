@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from cache.expert_cache import pinned_empty
 from cache.policies import make_policies
 from cache.stats import LayerStats
 from cache.trace import Token, read_trace
@@ -93,7 +94,7 @@ def copy_bandwidth(nbytes: int, device: torch.device, to_device: bool = True, re
     """Bytes per second of one expert-sized copy between pinned host memory and the device, host to
     device or (`to_device=False`) back."""
     if device.type == "cuda":
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        host = pinned_empty(1, nbytes)[0]  # as the arena is pinned
         gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
         src, dst = (host, gpu) if to_device else (gpu, host)
         dst.copy_(src, non_blocking=True)

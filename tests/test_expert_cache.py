@@ -186,3 +186,37 @@ def test_a_layers_own_loads_start_before_the_next_layers_guess(trained_model_dir
         demand += loads.count(layer)
         guesses += loads.count(layer + 1)
     assert demand > 0 and guesses > 0  # both kinds happened
+
+
+class FakeCudart:
+    """Records cudaHostRegister / cudaHostUnregister calls; `fail` makes registering return error 2."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.registered, self.unregistered = fail, [], []
+
+    def cudaHostRegister(self, pointer, size, flags):  # noqa: N802 (CUDA's name)
+        self.registered.append((pointer, size, flags))
+        return 2 if self.fail else 0
+
+    def cudaHostUnregister(self, pointer):  # noqa: N802
+        self.unregistered.append(pointer)
+        return 0
+
+
+def test_the_arena_is_pinned_at_its_exact_size(monkeypatch):
+    """torch's pin_memory=True rounds up to a power of two (17.1 GB -> 32 GiB); the arena registers exactly
+    its rows, and unregisters them when it is freed. A failed pin falls back to pageable memory and says so."""
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    cache = ExpertCache(num_layers=3, num_experts=5, expert_bytes=1000, pin_memory=True)
+    pointer = cache.arena.data_ptr()
+    assert cache.pinned and cudart.registered == [(pointer, 3 * 5 * 1000, 0)]
+    del cache
+    assert cudart.unregistered == [pointer]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
+    with pytest.warns(UserWarning, match=r"^could not pin 15000 bytes \(cudaHostRegister of 15000 bytes failed "
+                                         r"with CUDA error 2\); using pageable memory: each load is then a "
+                                         r"synchronous copy"):  # fmt: skip
+        cache = ExpertCache(num_layers=3, num_experts=5, expert_bytes=1000, pin_memory=True)
+    assert not cache.pinned and cache.arena.shape == (15, 1000)
