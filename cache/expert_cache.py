@@ -176,16 +176,16 @@ class ExpertCache:
             stats.hits += len(experts)
             return ((expert, self.arena[layer * self.num_experts + expert]) for expert in experts)
         steps = self.tables[layer].request(experts, weights)
-        waiting = []  # loads into the slot of an expert served before them
+        waiting: set[Step] = set()  # loads into the slot of an expert served before them
         for step in steps:
             if not step.hit:
                 if step.evicted in experts:
-                    waiting.append(step)
+                    waiting.add(step)
                 else:
                     self._load(layer, step)
         return self._serve(layer, steps, waiting)
 
-    def _serve(self, layer: int, steps: list[Step], waiting: list[Step]) -> Iterator[tuple[int, torch.Tensor]]:
+    def _serve(self, layer: int, steps: list[Step], waiting: set[Step]) -> Iterator[tuple[int, torch.Tensor]]:
         for step in steps:
             if step in waiting:
                 self._load(layer, step)

@@ -161,10 +161,9 @@ class MoEBlock:
     def decode_experts(self, layer: int, x: torch.Tensor, run: Callable[[Hashable, Callable[[], None]], None]):
         """Host half: read what route_into wrote (one device-to-host copy, which waits for the graph),
         start this layer's loads, then the early prefetch behind them, then serve the experts. Each runs
-        through `run` (DecodeGraphs.run),
-        keyed by its slot row and its place in the request: captured once, an expert graph replays on
-        whatever expert the row holds, with the gate weight read from the routing buffer. Returns the
-        block's output [1, D], a buffer at a fixed address."""
+        through `run` (DecodeGraphs.run), keyed by its slot row and its place in the request: captured
+        once, an expert graph replays on whatever expert the row holds, with the gate weight read from
+        the routing buffer. Returns the block's output [1, D], a buffer at a fixed address."""
         k = self.top_k
         routed = self._routed(x.device)
         values = routed.tolist()  # may synchronize: the cache decides on the host
