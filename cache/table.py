@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from cache.policies import Policy
 from cache.stats import LayerStats
 
@@ -144,3 +146,21 @@ class SlotTable:
     def _insert(self, expert: int, slot: int, prefetch: bool) -> None:
         self.slot_of[expert] = slot
         self.policy.on_insert(expert, self.t, prefetch)
+
+
+def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The experts a layer asks the cache for, highest weight first.
+
+    One token (decode): its top-k in router order. Many tokens (prefill): every expert any token
+    chose, ordered by the gate weight it carries in total, served as one request.
+    """
+    # A = active experts per token, E' = distinct experts asked for
+    if ids.shape[0] == 1:
+        # may synchronize the device: the cache decides on the host which experts to load
+        return ids[0].tolist(), weights[0].tolist()
+    experts, inverse = torch.unique(ids, return_inverse=True)  # [E'], [T, A]
+    totals = torch.zeros(experts.shape[0], dtype=torch.float32, device=ids.device)
+    totals.index_add_(0, inverse.flatten(), weights.flatten().float())
+    order = torch.argsort(totals, descending=True, stable=True)
+    # may synchronize the device, as above
+    return experts[order].tolist(), totals[order].tolist()

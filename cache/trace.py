@@ -69,6 +69,13 @@ class Trace:
             runs[-1].append(token)
         return runs
 
+    def longest_decode(self) -> list[Token]:
+        """The decode tokens of the sequence with the most: what bench replays, and cache/timeline.py."""
+        tokens = max(([t for t in run if t.phase == "decode"] for run in self.sequences()), key=len)
+        if not tokens:
+            raise MoEOffloadError(f"trace {self.path} has no decode tokens to replay")
+        return tokens
+
     def select(self, sequences: Sequence[int]) -> Trace:
         """The same trace restricted to the given sequence ids (for held-out tuning)."""
         keep = set(sequences)

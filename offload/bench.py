@@ -156,10 +156,7 @@ class ReplayedRouting:
             raise MoEOffloadError(
                 f"trace {trace_path} names expert {trace.num_experts - 1}; the model has {num_experts}"
             )
-        sequences = [[t for t in run if t.phase == "decode"] for run in trace.sequences()]
-        self.tokens: list[Token] = max(sequences, key=len)
-        if not self.tokens:
-            raise MoEOffloadError(f"trace {trace_path} has no decode tokens to replay")
+        self.tokens: list[Token] = trace.longest_decode()
         if any(len(request.experts) < top_k for token in self.tokens for request in token.layers):
             raise MoEOffloadError(f"trace {trace_path} has a decode row with fewer than {top_k} experts")
         self.path, self.top_k = str(trace_path), top_k

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
+from cache.table import request_order
 from quant.hqq import Workspace
 from quant.linear import linear
 from quant.packing import ExpertFormat
@@ -34,24 +35,6 @@ def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = Non
     gate = F.silu(linear(x, weights["w1"], workspace, buffer("gate", intermediate)), inplace=True)  # [T, I]
     gate.mul_(linear(x, weights["w3"], workspace, buffer("up", intermediate)))
     return linear(gate, weights["w2"], workspace, buffer("down", hidden))  # [T, D]
-
-
-def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
-    """The experts a layer asks the cache for, highest weight first.
-
-    One token (decode): its top-k in router order. Many tokens (prefill): every expert any token
-    chose, ordered by the gate weight it carries in total, served as one request.
-    """
-    # A = active experts per token, E' = distinct experts asked for
-    if ids.shape[0] == 1:
-        # may synchronize the device: the cache decides on the host which experts to load
-        return ids[0].tolist(), weights[0].tolist()
-    experts, inverse = torch.unique(ids, return_inverse=True)  # [E'], [T, A]
-    totals = torch.zeros(experts.shape[0], dtype=torch.float32, device=ids.device)
-    totals.index_add_(0, inverse.flatten(), weights.flatten().float())
-    order = torch.argsort(totals, descending=True, stable=True)
-    # may synchronize the device, as above
-    return experts[order].tolist(), totals[order].tolist()
 
 
 class MoEBlock:

@@ -1,0 +1,136 @@
+"""The time-line model: bench's exact cache counters, and schedules worked out by hand."""
+
+from pathlib import Path
+
+import pytest
+
+import offload
+from cache.stats import LayerStats
+from cache.timeline import Costs, timeline
+from cache.trace import Request, Token, Trace, read_trace
+from offload.bench import ReplayedRouting, decode_run, set_prefetch
+from quant.errors import MoEOffloadError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRACE = REPO / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"  # 6 layers, 8 experts, top-2
+COUNTERS = ("requests", "hits", "misses", "prefetches_issued", "prefetches_used", "prefetches_wasted",
+            "guess_right", "guess_total")  # fmt: skip
+# a layer: 1 s resident, 1 s per expert; a load: 3 s. Two layers of top-2: compute 6 s a token.
+COSTS = Costs(compute_s=6.0, expert_s=1.0, copy_s=3.0, wake_s=0.5)
+TINY_COSTS = Costs(compute_s=6 * 3.0, expert_s=1.0, copy_s=3.0, wake_s=0.5)  # the trained model: 6 layers
+
+
+def trace_of(*positions: tuple[tuple[int, ...], ...]) -> Trace:
+    """One sequence of decode tokens; each position names every layer's two experts."""
+    tokens = [Token(0, i, "decode", tuple(Request(experts, (0.6, 0.4)) for experts in layers))
+              for i, layers in enumerate(positions)]  # fmt: skip
+    return Trace(Path("hand.jsonl"), tokens, num_layers=2, num_experts=4)
+
+
+def one_step(trace: Trace, **kwargs):
+    """Position 0 as the prefill, then position 1 timed."""
+    return timeline(trace, COSTS, slots=2, prompt_tokens=1, warmup=0, tokens=1, **kwargs)
+
+
+def test_a_miss_stalls_the_host_until_its_load_lands_and_loads_queue_on_one_stream():
+    run = one_step(trace_of(((0, 1), (0, 1)), ((2, 3), (0, 1))), prefetch="none")
+    # layer 0: resident 0-1; loads of 2 and 3 at 1-4 and 4-7; expert 2 waits to 4 (+0.5 wake): 4.5-5.5,
+    # expert 3 waits to 7: 7.5-8.5. Layer 1: resident 8.5-9.5, two hits 9.5-11.5.
+    assert run.decode_s == pytest.approx(11.5)
+    assert run.stall_s == pytest.approx(3 + 2.5)
+    assert run.h2d_busy_s == pytest.approx(6)
+    assert (run.stats.hits, run.stats.misses) == (2, 2)
+    assert run.bound_s == pytest.approx(6)  # compute 6 s; copies 2 x 3 s
+    assert run.fraction_of_bound == pytest.approx(6 / 11.5)
+
+
+def test_the_oracle_loads_the_next_layer_behind_this_ones_compute():
+    run = one_step(trace_of(((0, 1), (0, 1)), ((0, 1), (2, 3))), prefetch="oracle", depth=1)
+    # layer 0: resident 0-1, hits 1-3; at 1 the oracle starts layer 1's loads: 1-4 and 4-7.
+    # layer 1: resident 3-4; expert 2 landed at 4, runs 4-5; expert 3 waits to 7: 7.5-8.5.
+    assert run.decode_s == pytest.approx(8.5)
+    assert run.stall_s == pytest.approx(3)
+    s = run.stats
+    assert (s.hits, s.misses, s.prefetches_issued, s.prefetches_used) == (4, 0, 2, 2)
+    assert run.bound_s == pytest.approx(6)  # a used prefetch counts as missed bytes, as in bench
+
+
+def test_an_exclusive_swap_overlaps_its_two_directions():
+    same = one_step(trace_of(((0, 1), (0, 1)), ((2, 3), (0, 1))), prefetch="none", mode="exclusive")
+    assert same.decode_s == pytest.approx(11.5)  # back 1-4 and 4-7 beside 1-4 and 4-7 in: as inclusive
+    slow_back = Costs(compute_s=6.0, expert_s=1.0, copy_s=3.0, back_s=5.0, wake_s=0.5)
+    run = timeline(trace_of(((0, 1), (0, 1)), ((2, 3), (0, 1))), slow_back, slots=2, prompt_tokens=1, warmup=0,
+                   tokens=1, prefetch="none", mode="exclusive")  # fmt: skip
+    # swap 1: back 1-6, in 1-4; swap 2: back waits swap 1's in (4) and its stream (6): 6-11; in waits swap
+    # 1's back (6): 6-9. Experts 4.5-5.5 and 9.5-10.5; layer 1 10.5-13.5; the last copy back ends at 11.
+    assert run.decode_s == pytest.approx(13.5)
+    assert run.bound_s == pytest.approx(10)  # the slower direction: 2 x 5 s
+
+
+def test_a_layers_own_loads_queue_before_the_oracles():
+    run = one_step(trace_of(((0, 1), (0, 1)), ((0, 2), (2, 3)), ((0, 2), (2, 3))), prefetch="oracle", depth=1)
+    # layer 0: resident 0-1; its miss (2) loads 1-4, then the oracle's two for layer 1: 4-7 and 7-10.
+    # expert 0 hits (1-2), expert 2 waits to 4: 4.5-5.5. Layer 1: resident 5.5-6.5, expert 2 waits to 7:
+    # 7.5-8.5, expert 3 waits from 7.5 to 10: 10.5-11.5. (The guess first would put layer 0's load at 7-10.) The
+    # oracle's load for the next token, at layer 1, finds layer 0's experts in place: none to wait for.
+    assert run.decode_s == pytest.approx(11.5)
+    assert run.stall_s == pytest.approx(3 + 0.5 + 2.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_trace() -> Trace:
+    return read_trace(TINY_TRACE)
+
+
+@pytest.mark.parametrize(
+    "slots, mode, prefetch, depth, no_cache",
+    [(3, "inclusive", "oracle", None, False), (3, "inclusive", "oracle", 1, False),
+     (6, "inclusive", "none", None, False), (3, "inclusive", "none", None, True),
+     (3, "exclusive", "oracle", 2, False), (6, "exclusive", "none", None, False)],
+)  # fmt: skip
+def test_counts_what_bench_counts(trained_model_dir, tiny_trace, slots, mode, prefetch, depth, no_cache):
+    """The same replay as bench's decode_run on the trained model: every cache counter equal."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=slots, cache_mode=mode, max_seq_len=64)
+    c = model.config
+    routing = ReplayedRouting(TINY_TRACE, c.num_layers, c.num_experts, c.top_k, model.device)
+    model.moe.routing = routing
+    set_prefetch(model, prefetch, routing, depth)
+    run = decode_run(model, prompt_tokens=5, tokens=20, routing=routing, forget_every_token=no_cache)
+    timed = timeline(tiny_trace, TINY_COSTS, slots=slots, mode=mode, prefetch=prefetch, depth=depth, no_cache=no_cache,
+                     tokens=20, prompt_tokens=5, num_experts=c.num_experts)  # fmt: skip
+    assert {k: getattr(timed.stats, k) for k in COUNTERS} == {k: getattr(run.decode, k) for k in COUNTERS}
+    assert timed.stats.requests == 20 * c.num_layers * c.top_k
+
+
+def test_a_deeper_oracle_keeps_the_link_busy(tiny_trace):
+    """Loads as long as the compute: one layer ahead the link idles through layers that miss nothing."""
+    costs = Costs(compute_s=6 * 3.0, expert_s=1.0, copy_s=3.5)  # about 5 loads a token: 17.5 s against 18
+    shallow = timeline(tiny_trace, costs, slots=3, prefetch="oracle", depth=1, tokens=64)
+    deep = timeline(tiny_trace, costs, slots=3, prefetch="oracle", tokens=64)
+    assert deep.stats.hits == shallow.stats.hits
+    assert deep.fraction_of_bound > shallow.fraction_of_bound
+    assert deep.stall_s < shallow.stall_s / 4  # the same loads, started earlier
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(prefetch="gate"), "unknown prefetch 'gate'; choose none or oracle"),
+     (dict(policy="belady"), "unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
+     (dict(slots=1), "slots must be between 2 (top-k) and 4 (the experts), got 1"),
+     (dict(depth=2), "depth must be between 1 and 1 (the layers but one), got 2"),
+     (dict(mode="exclusive", no_cache=True),
+      "no cache empties the slots, which exclusive mode cannot: use inclusive mode"),
+     (dict(costs=Costs(compute_s=6.0, expert_s=2.0, copy_s=3.0)),
+      "2 layers x 2 experts x 2000 ms per expert is more than the 6000 ms of compute per token; give a smaller "
+      "expert time")],
+)  # fmt: skip
+def test_errors(kwargs, message):
+    costs = kwargs.pop("costs", COSTS)
+    with pytest.raises(MoEOffloadError) as error:
+        timeline(trace_of(((0, 1), (0, 1)), ((2, 3), (0, 1))), costs, **{"slots": 2, **kwargs})
+    assert str(error.value) == message
+
+
+def test_counters_are_the_timed_steps_alone(tiny_trace):
+    run = timeline(tiny_trace, TINY_COSTS, slots=3, prefetch="none", tokens=7)
+    assert isinstance(run.stats, LayerStats) and run.stats.requests == 7 * 6 * 2
