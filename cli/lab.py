@@ -1,7 +1,8 @@
-"""The cache lab's command: `moe-offload simulate TRACE` replays a routing trace through the policies.
+"""The cache lab's commands: `moe-offload simulate TRACE` replays a routing trace through the policies;
+`moe-offload timeline TRACE` times a decode of it from measured costs.
 
-Thin over cache/: reading is cache.trace, replaying is cache.simulate. The lead's cli/app.py calls
-`register(app)`.
+Thin over cache/: reading is cache.trace, replaying is cache.simulate and cache.timeline. The lead's
+cli/app.py calls `register(app)`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from rich.table import Table
 from cache.policies import ONLINE_POLICIES, POLICIES
 from cache.predictors import PREFETCH_CHOICES
 from cache.simulate import SimResult, simulate
+from cache.timeline import Costs, TimedRun, timeline
 from cache.trace import read_trace
 from quant.errors import MoEOffloadError
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `simulate` command to `app`."""
+    """Add the `simulate` and `timeline` commands to `app`."""
     app.command("simulate", help=SIMULATE_HELP)(simulate_command)
+    app.command("timeline", help=TIMELINE_HELP)(timeline_command)
 
 
 SIMULATE_HELP = (
@@ -83,6 +86,94 @@ def simulate_command(
         console.print(_prefetch_table(results))
     if plot is not None:
         console.print(f"wrote {plot}", markup=False)
+
+
+TIMELINE_HELP = (
+    "Predict decode speed from measured costs: replay TRACE as `bench --route-trace` does, through the "
+    "runtime's slot tables, and time each load on one copy stream and each layer and expert on one compute "
+    "stream, in the runtime's order. Prints tokens/s, the bound bench holds a decode to, the share of it "
+    "reached, and the speed-up over no cache (every expert loaded at every use, at the same costs), per policy "
+    "and slot count. "
+    "The default costs are the H100 run in benchmarks/results (synthetic Mixtral-8x7B, 2-bit experts); give "
+    "your own from `moe-offload bench` (compute_s_per_token, h2d_bandwidth_gbps). No GPU needed."
+)
+
+
+def timeline_command(
+    trace: Path = typer.Argument(..., metavar="TRACE", help="A routing trace (.jsonl), as for simulate."),
+    policy: str = typer.Option("lru", "--policy", help="Comma-separated online eviction policies."),
+    slots: str = typer.Option("5", "--slots", help="Slots per layer: a number, a range (4-6), or a list (4,6)."),
+    prefetch: str = typer.Option(
+        "oracle", "--prefetch", help="oracle (the trace's coming layers, as bench's oracle) or none."
+    ),
+    depth: int = typer.Option(None, "--depth", help="Layers the oracle loads ahead. Default: every layer but one."),
+    mode: str = typer.Option("inclusive", "--cache-mode", help="inclusive, or exclusive (each load a swap)."),
+    compute_ms: float = typer.Option(23.928, "--compute-ms", help="Compute per token, nothing copied (bench's)."),
+    expert_ms: float = typer.Option(0.216, "--expert-ms", help="One expert's MLP for one token."),
+    bandwidth: float = typer.Option(53.43, "--bandwidth", help="Pinned host-to-device GB/s (bench's)."),
+    back_bandwidth: float = typer.Option(
+        None, "--back-bandwidth", help="Device-to-host GB/s, for exclusive mode. Default: as --bandwidth."
+    ),
+    expert_bytes: int = typer.Option(66_748_416, "--expert-bytes", help="One packed expert (`moe-offload info`)."),
+    wake_us: float = typer.Option(
+        20.0, "--wake-us", help="From a load the host waited for to its expert running (an expert graph's launch)."
+    ),
+    tokens: int = typer.Option(128, "--tokens", help="Decode tokens timed, after bench's prompt and warm-up."),
+    as_json: bool = typer.Option(False, "--json", help='Print only {"costs": {...}, "results": [...]} on stdout.'),
+) -> None:
+    """`moe-offload timeline`: see TIMELINE_HELP."""
+    try:
+        policies = [name.strip() for name in policy.split(",") if name.strip()]
+        slot_counts = _parse_slots(slots)
+        for name, value in (("--compute-ms", compute_ms), ("--expert-ms", expert_ms), ("--bandwidth", bandwidth),
+                            ("--back-bandwidth", back_bandwidth), ("--expert-bytes", expert_bytes)):  # fmt: skip
+            if value is not None and value <= 0:
+                raise MoEOffloadError(f"{name} must be positive, got {value:g}")
+        if wake_us < 0:
+            raise MoEOffloadError(f"--wake-us must not be negative, got {wake_us:g}")
+        costs = Costs(
+            compute_s=compute_ms / 1e3,
+            expert_s=expert_ms / 1e3,
+            copy_s=expert_bytes / (bandwidth * 1e9),
+            back_s=None if back_bandwidth is None else expert_bytes / (back_bandwidth * 1e9),
+            wake_s=wake_us / 1e6,
+        )
+        routing = read_trace(trace)
+        runs = [timeline(routing, costs, policy=name, slots=count, mode=mode, prefetch=prefetch, depth=depth,
+                         tokens=tokens) for name in policies for count in slot_counts]  # fmt: skip
+        no_cache = timeline(routing, costs, slots=max(slot_counts), prefetch="none", tokens=tokens, no_cache=True)
+    except MoEOffloadError as error:
+        Console(stderr=True).print(f"error: {error}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+    if as_json:
+        cost_fields = {"compute_s": costs.compute_s, "expert_s": costs.expert_s, "copy_s": costs.copy_s,
+                       "back_s": costs.back_s, "wake_s": costs.wake_s}  # fmt: skip
+        results = [run.to_dict() for run in runs]
+        typer.echo(json.dumps({"costs": cost_fields, "no_cache": no_cache.to_dict(), "results": results}))
+        return
+    console = Console()
+    console.print(
+        f"{trace}: {tokens} decode tokens of its longest sequence; an expert copies in "
+        f"{costs.copy_s * 1e3:.3f} ms, computes in {expert_ms:g} ms; {compute_ms:g} ms of compute per token",
+        markup=False,
+    )
+    console.print(_timeline_table(runs, no_cache))
+
+
+def _timeline_table(runs: list[TimedRun], no_cache: TimedRun) -> Table:
+    first = runs[0]
+    prefetch = first.prefetch if first.depth is None else f"{first.prefetch}, depth {first.depth}"
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"predicted decode ({first.mode}, prefetch {prefetch})")
+    for column in ("policy", "slots", "tok/s", "bound", "of bound", "× no cache", "hit rate", "stall s", "link busy"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for run in runs:
+        table.add_row(run.policy, str(run.slots), f"{run.tokens_per_s:.2f}", f"{1 / run.bound_s:.2f}",
+                      f"{run.fraction_of_bound:.3f}", f"{run.tokens_per_s / no_cache.tokens_per_s:.2f}",
+                      f"{run.stats.hit_rate:.4f}", f"{run.stall_s:.2f}",
+                      f"{run.h2d_busy_s / run.decode_s:.2f}")  # fmt: skip
+    table.caption = f"no cache: {no_cache.tokens_per_s:.2f} tok/s (bound {1 / no_cache.bound_s:.2f})"
+    return table
 
 
 def _parse_policies(text: str | None) -> list[str]:

@@ -1,5 +1,6 @@
 """The time-line model: bench's exact cache counters, and schedules worked out by hand."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,13 @@ import offload
 from cache.stats import LayerStats
 from cache.timeline import Costs, timeline
 from cache.trace import Request, Token, Trace, read_trace
+from cli.app import main
 from offload.bench import ReplayedRouting, decode_run, set_prefetch
 from quant.errors import MoEOffloadError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRACE = REPO / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"  # 6 layers, 8 experts, top-2
+SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"  # 32 layers
 COUNTERS = ("requests", "hits", "misses", "prefetches_issued", "prefetches_used", "prefetches_wasted",
             "guess_right", "guess_total")  # fmt: skip
 # a layer: 1 s resident, 1 s per expert; a load: 3 s. Two layers of top-2: compute 6 s a token.
@@ -134,3 +137,41 @@ def test_errors(kwargs, message):
 def test_counters_are_the_timed_steps_alone(tiny_trace):
     run = timeline(tiny_trace, TINY_COSTS, slots=3, prefetch="none", tokens=7)
     assert isinstance(run.stats, LayerStats) and run.stats.requests == 7 * 6 * 2
+
+
+def test_cli_times_what_the_python_api_times(capsys):
+    code = main(["timeline", str(TINY_TRACE), "--policy", "lru,path", "--slots", "3-4", "--depth", "2",
+                 "--compute-ms", "6", "--expert-ms", "0.2", "--bandwidth", "2", "--expert-bytes", "1000000",
+                 "--wake-us", "50", "--tokens", "16", "--json"])  # fmt: skip
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    costs = Costs(compute_s=0.006, expert_s=0.0002, copy_s=0.0005, wake_s=5e-5)
+    assert printed["costs"] == {"compute_s": 0.006, "expert_s": 0.0002, "copy_s": 0.0005, "back_s": None,
+                                "wake_s": 5e-5}  # fmt: skip
+    trace = read_trace(TINY_TRACE)
+    expected = [timeline(trace, costs, policy=p, slots=k, depth=2, tokens=16).to_dict()
+                for p in ("lru", "path") for k in (3, 4)]  # fmt: skip
+    assert printed["results"] == expected
+    no_cache = timeline(trace, costs, slots=4, prefetch="none", no_cache=True, tokens=16)
+    assert printed["no_cache"] == no_cache.to_dict()
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["timeline", str(SHARED_TRACE), "--slots", "5", "--tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted decode (inclusive, prefetch oracle, depth 31)" in out
+    run = timeline(read_trace(SHARED_TRACE), Costs(compute_s=0.023928, expert_s=0.000216,
+                   copy_s=66_748_416 / 53.43e9, wake_s=2e-5), tokens=32)  # fmt: skip
+    assert f"{run.tokens_per_s:.2f}" in out and f"{run.fraction_of_bound:.3f}" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--bandwidth", "0"], "error: --bandwidth must be positive, got 0"),
+     (["--wake-us", "-1"], "error: --wake-us must not be negative, got -1"),
+     (["--slots", "9"], "error: slots must be between 2 (top-k) and 8 (the experts), got 9"),
+     (["--policy", "belady"], "error: unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path")],
+)  # fmt: skip
+def test_cli_errors(capsys, args, message):
+    assert main(["timeline", str(TINY_TRACE), *args]) == 2
+    assert capsys.readouterr().err.strip() == message
