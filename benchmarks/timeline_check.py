@@ -1,6 +1,7 @@
 """The time-line model (cache/timeline.py) against the H100 runs, then its predictions for today's schedule.
 
 python benchmarks/timeline_check.py [--trace PATH] [--out benchmarks/results/timeline_h100.json]
+                                    [--measured BENCH.json ...]
 
 Every H100 decode figure in benchmarks/results/ was measured at commit 9d0bc23, whose schedule differs
 from today's in three ways, so the model replays that commit's order for them (`Order9d0bc23`):
@@ -16,6 +17,8 @@ fitted on the two runs without prefetch, and the model must then predict the pre
 
 Then it predicts today's schedule (deeper oracle, loads before guesses, expert graphs) with wake_s taken
 as a single graph launch's time, for the runs `benchmarks/gpu_session.sh bench` will measure.
+`--measured` holds bench JSONs written since (today's order) against the model at their own costs: the
+run and each of its baselines, at both wakes.
 """
 
 from __future__ import annotations
@@ -72,20 +75,41 @@ def measured(name: str) -> dict:
 
 
 def costs_of(run: dict, expert_s: float, wake_s: float) -> Costs:
-    back = run.get("d2h_bandwidth_gbps")
+    back, nbytes = run.get("d2h_bandwidth_gbps"), run.get("expert_bytes", EXPERT_BYTES)  # 9d0bc23 wrote neither
     return Costs(
         compute_s=run["compute_s_per_token"],
         expert_s=expert_s,
-        copy_s=EXPERT_BYTES / (run["h2d_bandwidth_gbps"] * 1e9),
-        back_s=None if back is None else EXPERT_BYTES / (back * 1e9),
+        copy_s=nbytes / (run["h2d_bandwidth_gbps"] * 1e9),
+        back_s=None if back is None else nbytes / (back * 1e9),
         wake_s=wake_s,
     )
+
+
+def measured_runs(path: Path) -> list[tuple[str, dict, dict]]:
+    """A bench JSON's run and baselines: (label, figures, timeline arguments)."""
+    run = json.loads(path.read_text())
+    common = dict(slots=min(run["slots_per_layer"]), mode=run["mode"], tokens=run["tokens"],
+                  prompt_tokens=run["prompt_tokens"])  # fmt: skip
+    depth = run["prefetch"].get("depth")
+    prefetch = {"oracle": dict(prefetch="oracle", depth=depth), "none": dict(prefetch="none")}
+    rows = []
+    if run["prefetch"]["mode"] in prefetch:
+        rows.append((f"{path.name}: {run['policy']}", run, {**common, "policy": run["policy"],
+                                                           **prefetch[run["prefetch"]["mode"]]}))  # fmt: skip
+    for name, baseline in run.get("baselines", {}).items():
+        mode = (baseline.get("prefetch") or {}).get("mode")
+        if baseline.get("decode_tokens_per_s") is None or mode not in prefetch:
+            continue
+        rows.append((f"{path.name}: {name}", baseline, {**common, "policy": "lru", **prefetch[mode],
+                                                         "no_cache": name == "no_cache"}))  # fmt: skip
+    return [(label, figures, args | {"costs_from": run}) for label, figures, args in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", type=Path, default=SHARED_TRACE)
     parser.add_argument("--out", type=Path, default=RESULTS / "timeline_h100.json")
+    parser.add_argument("--measured", type=Path, nargs="*", default=[], help="bench JSONs of today's schedule")
     args = parser.parse_args()
     trace = read_trace(args.trace)
 
@@ -164,6 +188,25 @@ def main() -> None:
                     f"{fitted.tokens_per_s:.2f}", f"{fitted.tokens_per_s / no_cache['fitted']:.2f}")  # fmt: skip
     console.print(now)
 
+    held = []
+    if args.measured:
+        against = Table(box=box.SIMPLE_HEAD, pad_edge=False,
+                        title="bench runs of today's schedule against the model at their own costs")  # fmt: skip
+        for column in ("run", "measured tok/s", "model (graph wake)", "model (fitted wake)", "hit rate"):
+            against.add_column(column, justify="left" if column == "run" else "right")
+        for path in args.measured:
+            for label, got, run in measured_runs(path):
+                costs_from = run.pop("costs_from")
+                done = {name: timeline(trace, costs_of(costs_from, expert_s, wake), **run)
+                        for name, wake in wakes.items()}  # fmt: skip
+                held.append({"run": label, "args": run, "measured_tokens_per_s": got["decode_tokens_per_s"],
+                             "measured_hit_rate": got["hit_rate"],
+                             **{f"wake_{name}": d.to_dict() for name, d in done.items()}})  # fmt: skip
+                against.add_row(label, f"{got['decode_tokens_per_s']:.2f}", f"{done['graph'].tokens_per_s:.2f}",
+                                f"{done['fitted'].tokens_per_s:.2f}",
+                                f"{got['hit_rate']:.4f} / {done['graph'].stats.hit_rate:.4f}")  # fmt: skip
+        console.print(against)
+
     write_json(args.out, {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "trace": str(args.trace),
@@ -173,6 +216,7 @@ def main() -> None:
         "measured_commit": main_run["commit"],
         "checks": checks,
         "predictions_today": predictions,
+        "measured_today": held,
     })  # fmt: skip
     console.print(f"wrote {args.out}")
 

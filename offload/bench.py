@@ -474,6 +474,7 @@ def bench(
         "arena_pinned": model.cache.pinned,
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
+        "expert_bytes": model.cache.expert_bytes,  # one load
         "h2d_bandwidth_gbps": round(link.h2d / 1e9, 3),
         "d2h_bandwidth_gbps": None if link.d2h is None else round(link.d2h / 1e9, 3),  # exclusive mode only
         "compute_s_per_token": round(compute_s, 6),

@@ -62,7 +62,8 @@ def test_the_bound_counts_missed_bytes_not_wrong_guesses(model):
     assert p["wasted"] > 0  # the gate guesses against replayed routing: often wrong
     requests = 12 * 6 * 2  # tokens x layers x top-k
     misses = round(requests * (1 - result["hit_rate"]))
-    assert result["missed_bytes_per_token"] == round((misses + p["used"]) * model.cache.expert_bytes / 12)
+    assert result["expert_bytes"] == model.cache.expert_bytes
+    assert result["missed_bytes_per_token"] == round((misses + p["used"]) * result["expert_bytes"] / 12)
     assert result["missed_bytes_per_token"] < result["h2d_bytes_per_token"]
     copies_s = result["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
     assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3)
