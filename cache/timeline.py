@@ -17,8 +17,9 @@ runtime's own SlotTable and policies, and times every step in the order the runt
   (`back_s`), and each direction waits for the previous swap's copy of the other, as
   `ExpertCache._load` orders them.
 
-Not modelled: copies and kernels slowing each other down, and the host falling behind the device
-anywhere but at a routing read or a stalled load.
+Not modelled: copies and kernels slowing each other down; the host falling behind the device anywhere
+but at a routing read or a stalled load; and in exclusive mode, the routing read's few bytes queueing
+behind a victim's copy back (device to host, the same direction).
 """
 
 from __future__ import annotations
@@ -241,12 +242,16 @@ def timeline(
     if no_cache and mode == "exclusive":
         raise MoEOffloadError("no cache empties the slots, which exclusive mode cannot: use inclusive mode")
     depth = layers - 1 if depth is None else depth
+    if prefetch == "oracle" and layers < 2:
+        raise MoEOffloadError(f"trace {trace.path} has one layer: the oracle loads later layers; use prefetch none")
     if prefetch == "oracle" and not 1 <= depth < layers:
         raise MoEOffloadError(f"depth must be between 1 and {layers - 1} (the layers but one), got {depth}")
     if tokens < 1 or prompt_tokens < 1:
         raise MoEOffloadError(f"tokens and prompt tokens must be positive, got {tokens} and {prompt_tokens}")
 
     sequence = trace.longest_decode()
+    if any(len(request.experts) < top_k for token in sequence for request in token.layers):
+        raise MoEOffloadError(f"trace {trace.path} has a decode row with fewer than {top_k} experts")
     stats = CacheStats.for_layers(layers)
     tables = [SlotTable(slots, p, s) for p, s in zip(make_policies(policy, layers, num_experts), stats.per_layer)]
     if mode == "exclusive":

@@ -69,7 +69,7 @@ def simulate_command(
         if plot is not None:
             write_plot(results, plot, title=f"{trace.name} (prefetch: {prefetch})")
     except MoEOffloadError as error:
-        Console(stderr=True).print(f"error: {error}", markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"error: {error}", markup=False, highlight=False)
         raise typer.Exit(2) from None
 
     if as_json:
@@ -119,11 +119,15 @@ def timeline_command(
         20.0, "--wake-us", help="From a load the host waited for to its expert running (an expert graph's launch)."
     ),
     tokens: int = typer.Option(128, "--tokens", help="Decode tokens timed, after bench's prompt and warm-up."),
-    as_json: bool = typer.Option(False, "--json", help='Print only {"costs": {...}, "results": [...]} on stdout.'),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print only {"costs": {...}, "no_cache": {...}, "results": [...]} on stdout.'
+    ),
 ) -> None:
     """`moe-offload timeline`: see TIMELINE_HELP."""
     try:
         policies = [name.strip() for name in policy.split(",") if name.strip()]
+        if not policies:
+            raise MoEOffloadError(f"--policy {policy!r} names no policy: give e.g. lru or lru,path")
         slot_counts = _parse_slots(slots)
         for name, value in (("--compute-ms", compute_ms), ("--expert-ms", expert_ms), ("--bandwidth", bandwidth),
                             ("--back-bandwidth", back_bandwidth), ("--expert-bytes", expert_bytes)):  # fmt: skip
@@ -143,7 +147,7 @@ def timeline_command(
                          tokens=tokens) for name in policies for count in slot_counts]  # fmt: skip
         no_cache = timeline(routing, costs, slots=max(slot_counts), prefetch="none", tokens=tokens, no_cache=True)
     except MoEOffloadError as error:
-        Console(stderr=True).print(f"error: {error}", markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"error: {error}", markup=False, highlight=False)
         raise typer.Exit(2) from None
 
     if as_json:

@@ -38,8 +38,9 @@ MAX_ROWS = 8  # tokens per call the kernel serves; a prefill's matrix product is
 BLOCK_N = 16  # _gemv_kernel's outputs per program: small, so a 4096-output matrix spreads over 256 programs
 BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size up to 256
 # _gemv_packed_kernel's (block_n packed rows, block_k inputs, warps) by bits. 2-bit: the H100 sweep's best
-# for Mixtral's w1 (benchmarks/results/gemv_kernel_h100.json: 69.6 us against 94.2 at (4, 1024, 4); w2's
-# best was (1, 2048, 2) at 86.7 us). 3- and 4-bit: about BLOCK_N outputs and 4 KB of codes a step, untuned
+# for Mixtral's w1 (benchmarks/results/h100_9d0bc23/gemv_kernel_h100.json: 69.6 us against 94.2 at
+# (4, 1024, 4); w2's best was (1, 2048, 2) at 86.7 us). 3- and 4-bit: about BLOCK_N outputs and 4 KB of
+# codes a step, untuned
 PACKED_LAUNCH = {2: (2, 512, 2), 3: (2, 512, 4), 4: (8, 512, 4)}
 # Both kernels' compile-time variants, against instruction-bound loops (2-bit w1 read ~300 GB/s of codes on
 # the H100 before them). LATE_SUM: the K loop keeps a sum per group and reduces over the groups, across

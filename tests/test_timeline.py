@@ -70,6 +70,14 @@ def test_an_exclusive_swap_overlaps_its_two_directions():
     assert run.bound_s == pytest.approx(10)  # the slower direction: 2 x 5 s
 
 
+@pytest.mark.parametrize("prefetch, misses, used", [("none", 4, 0), ("oracle", 2, 2)])
+def test_the_bound_counts_misses_and_used_prefetches(prefetch, misses, used):
+    """bench's bound: max(compute, (misses + prefetches used) x copy time) per token; here the copies win."""
+    run = one_step(trace_of(((0, 1), (0, 1)), ((2, 3), (2, 3)), ((2, 3), (2, 3))), prefetch=prefetch, depth=1)
+    assert (run.stats.misses, run.stats.prefetches_used) == (misses, used)
+    assert run.bound_s == pytest.approx(4 * 3.0)  # against 6 s of compute: either count alone would give 6
+
+
 def test_a_layers_own_loads_queue_before_the_oracles():
     run = one_step(trace_of(((0, 1), (0, 1)), ((0, 2), (2, 3)), ((0, 2), (2, 3))), prefetch="oracle", depth=1)
     # layer 0: resident 0-1; its miss (2) loads 1-4, then the oracle's two for layer 1: 4-7 and 7-10.
@@ -134,6 +142,19 @@ def test_errors(kwargs, message):
     assert str(error.value) == message
 
 
+def test_trace_errors():
+    short = Trace(Path("short.jsonl"), [Token(0, 0, "decode", (Request((1,), (1.0,)), Request((0, 1), (0.5, 0.5))))],
+                  num_layers=2, num_experts=4)  # fmt: skip
+    with pytest.raises(MoEOffloadError) as error:
+        timeline(short, COSTS, slots=2)
+    assert str(error.value) == "trace short.jsonl has a decode row with fewer than 2 experts"
+    one_layer = Trace(Path("one.jsonl"), [Token(0, 0, "decode", (Request((0, 1), (0.5, 0.5)),))], 1, 4)
+    with pytest.raises(MoEOffloadError) as error:
+        timeline(one_layer, Costs(compute_s=3.0, expert_s=1.0, copy_s=3.0), slots=2)
+    assert str(error.value) == "trace one.jsonl has one layer: the oracle loads later layers; use prefetch none"
+    assert timeline(one_layer, Costs(compute_s=3.0, expert_s=1.0, copy_s=3.0), slots=2, prefetch="none").tokens == 128
+
+
 def test_counters_are_the_timed_steps_alone(tiny_trace):
     run = timeline(tiny_trace, TINY_COSTS, slots=3, prefetch="none", tokens=7)
     assert isinstance(run.stats, LayerStats) and run.stats.requests == 7 * 6 * 2
@@ -170,7 +191,10 @@ def test_cli_prints_the_table(capsys):
     [(["--bandwidth", "0"], "error: --bandwidth must be positive, got 0"),
      (["--wake-us", "-1"], "error: --wake-us must not be negative, got -1"),
      (["--slots", "9"], "error: slots must be between 2 (top-k) and 8 (the experts), got 9"),
-     (["--policy", "belady"], "error: unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path")],
+     (["--policy", "belady"], "error: unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
+     (["--policy", ","], "error: --policy ',' names no policy: give e.g. lru or lru,path"),
+     (["--compute-ms", "0.1"], "error: 6 layers x 2 experts x 0.216 ms per expert is more than the 0.1 ms of "
+                               "compute per token; give a smaller expert time")],
 )  # fmt: skip
 def test_cli_errors(capsys, args, message):
     assert main(["timeline", str(TINY_TRACE), *args]) == 2
