@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -94,8 +95,9 @@ TIMELINE_HELP = (
     "stream, in the runtime's order. Prints tokens/s, the bound bench holds a decode to, the share of it "
     "reached, and the speed-up over no cache (every expert loaded at every use, at the same costs), per policy "
     "and slot count. "
-    "The default costs are the H100 run in benchmarks/results (synthetic Mixtral-8x7B, 2-bit experts); give "
-    "your own from `moe-offload bench` (compute_s_per_token, h2d_bandwidth_gbps). No GPU needed."
+    "The default costs are the H100 12 GiB run (benchmarks/results/h100_9d0bc23: synthetic Mixtral-8x7B, 2-bit "
+    "experts); give your own from `moe-offload bench --json` (compute_s_per_token, h2d_bandwidth_gbps, "
+    "expert_bytes). No GPU needed."
 )
 
 
@@ -114,7 +116,7 @@ def timeline_command(
     back_bandwidth: float = typer.Option(
         None, "--back-bandwidth", help="Device-to-host GB/s, for exclusive mode. Default: as --bandwidth."
     ),
-    expert_bytes: int = typer.Option(66_748_416, "--expert-bytes", help="One packed expert (`moe-offload info`)."),
+    expert_bytes: int = typer.Option(66_748_416, "--expert-bytes", help="One packed expert (bench's expert_bytes)."),
     wake_us: float = typer.Option(
         20.0, "--wake-us", help="From a load the host waited for to its expert running (an expert graph's launch)."
     ),
@@ -151,10 +153,8 @@ def timeline_command(
         raise typer.Exit(2) from None
 
     if as_json:
-        cost_fields = {"compute_s": costs.compute_s, "expert_s": costs.expert_s, "copy_s": costs.copy_s,
-                       "back_s": costs.back_s, "wake_s": costs.wake_s}  # fmt: skip
         results = [run.to_dict() for run in runs]
-        typer.echo(json.dumps({"costs": cost_fields, "no_cache": no_cache.to_dict(), "results": results}))
+        typer.echo(json.dumps({"costs": asdict(costs), "no_cache": no_cache.to_dict(), "results": results}))
         return
     console = Console()
     console.print(
