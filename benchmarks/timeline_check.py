@@ -95,8 +95,11 @@ def costs_of(run: dict, expert_s: float, wake_s: float) -> Costs:
     )
 
 
-def measured_runs(path: Path) -> list[tuple[str, dict, dict]]:
-    """A bench JSON's run and baselines: (label, figures, timeline arguments)."""
+def measured_runs(path: Path) -> tuple[dict, list[tuple[str, dict, dict]]]:
+    """A bench JSON's run (whose costs its baselines share), and the run and its baselines as (label,
+    figures, timeline arguments)."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such bench JSON")
     run = json.loads(path.read_text())
     if (run.get("commit") or "").startswith(MEASURED_AT) or not run.get("arena_pinned", False):
         raise SystemExit(f"{path}: not a run of today's order with a pinned arena (commit {run.get('commit')}, "
@@ -115,7 +118,7 @@ def measured_runs(path: Path) -> list[tuple[str, dict, dict]]:
             continue
         rows.append((f"{path.name}: {name}", baseline, {**common, "policy": "lru", **prefetch[mode],
                                                          "no_cache": name == "no_cache"}))  # fmt: skip
-    return [(label, figures, args | {"costs_from": run}) for label, figures, args in rows]
+    return run, rows
 
 
 def main() -> None:
@@ -149,8 +152,8 @@ def main() -> None:
         return sum(abs(predict(run, costs_of(costs, expert_s, wake_s)) - got["decode_tokens_per_s"])
                    / got["decode_tokens_per_s"] for _, got, costs, run in fit_on)  # fmt: skip
 
-    def predict(run: dict, costs: Costs, clock=Order9d0bc23) -> float:
-        return timeline(trace, costs, clock_class=clock, tokens=main_run["tokens"], **run).tokens_per_s
+    def predict(run: dict, costs: Costs) -> float:
+        return timeline(trace, costs, clock_class=Order9d0bc23, tokens=main_run["tokens"], **run).tokens_per_s
 
     wake_s = min((w * 1e-6 for w in range(0, 1001, 5)), key=error)
 
@@ -211,8 +214,8 @@ def main() -> None:
         for column in ("run", "measured tok/s", "model (graph wake)", "model (fitted wake)", "hit rate"):
             against.add_column(column, justify="left" if column == "run" else "right")
         for path in args.measured:
-            for label, got, run in measured_runs(path):
-                costs_from = run.pop("costs_from")
+            costs_from, rows = measured_runs(path)
+            for label, got, run in rows:
                 done = {name: timeline(trace, costs_of(costs_from, expert_s, wake), **run)
                         for name, wake in wakes.items()}  # fmt: skip
                 held.append({"run": label, "args": run, "measured_tokens_per_s": got["decode_tokens_per_s"],

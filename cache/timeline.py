@@ -249,9 +249,7 @@ def timeline(
     if tokens < 1 or prompt_tokens < 1:
         raise MoEOffloadError(f"tokens and prompt tokens must be positive, got {tokens} and {prompt_tokens}")
 
-    sequence = trace.longest_decode()
-    if any(len(request.experts) < top_k for token in sequence for request in token.layers):
-        raise MoEOffloadError(f"trace {trace.path} has a decode row with fewer than {top_k} experts")
+    sequence = trace.longest_decode(top_k)
     stats = CacheStats.for_layers(layers)
     tables = [SlotTable(slots, p, s) for p, s in zip(make_policies(policy, layers, num_experts), stats.per_layer)]
     if mode == "exclusive":

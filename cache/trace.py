@@ -69,11 +69,14 @@ class Trace:
             runs[-1].append(token)
         return runs
 
-    def longest_decode(self) -> list[Token]:
-        """The decode tokens of the sequence with the most: what bench replays, and cache/timeline.py."""
+    def longest_decode(self, top_k: int) -> list[Token]:
+        """The decode tokens of the sequence with the most, every row naming at least `top_k` experts: what
+        bench replays, and cache/timeline.py."""
         tokens = max(([t for t in run if t.phase == "decode"] for run in self.sequences()), key=len)
         if not tokens:
             raise MoEOffloadError(f"trace {self.path} has no decode tokens to replay")
+        if any(len(request.experts) < top_k for token in tokens for request in token.layers):
+            raise MoEOffloadError(f"trace {self.path} has a decode row with fewer than {top_k} experts")
         return tokens
 
     def select(self, sequences: Sequence[int]) -> Trace:

@@ -156,9 +156,7 @@ class ReplayedRouting:
             raise MoEOffloadError(
                 f"trace {trace_path} names expert {trace.num_experts - 1}; the model has {num_experts}"
             )
-        self.tokens: list[Token] = trace.longest_decode()
-        if any(len(request.experts) < top_k for token in self.tokens for request in token.layers):
-            raise MoEOffloadError(f"trace {trace_path} has a decode row with fewer than {top_k} experts")
+        self.tokens: list[Token] = trace.longest_decode(top_k)
         self.path, self.top_k = str(trace_path), top_k
         # N = tokens replayed, L = layers, k = experts per token
         ids = torch.tensor([[r.experts[:top_k] for r in t.layers] for t in self.tokens])  # [N, L, k]
