@@ -41,6 +41,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.planned_slots import BENCH_CONTEXT, mixtral_plan  # noqa: E402
 from cache.table import Step  # noqa: E402
 from cache.timeline import Clock, Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
@@ -104,7 +105,7 @@ def measured_runs(path: Path) -> tuple[dict, list[tuple[str, dict, dict]]]:
     if (run.get("commit") or "").startswith(MEASURED_AT) or not run.get("arena_pinned", False):
         raise SystemExit(f"{path}: not a run of today's order with a pinned arena (commit {run.get('commit')}, "
                          f"arena_pinned {run.get('arena_pinned')})")  # fmt: skip
-    common = dict(slots=min(run["slots_per_layer"]), mode=run["mode"], tokens=run["tokens"],
+    common = dict(slots=tuple(run["slots_per_layer"]), mode=run["mode"], tokens=run["tokens"],
                   prompt_tokens=run["prompt_tokens"])  # fmt: skip
     depth = run["prefetch"].get("depth")
     prefetch = {"oracle": dict(prefetch="oracle", depth=depth), "none": dict(prefetch="none")}
@@ -182,6 +183,7 @@ def main() -> None:
                       f"(one expert graph's launch), or {wake_s * 1e6:.0f} µs as fitted above")  # fmt: skip
     for column in ("run", "bound", "tok/s", "of bound", "× no cache", "link busy", "tok/s ", "× no cache "):
         now.add_column(column, justify="left" if column == "run" else "right")
+    planned = mixtral_plan(12, BENCH_CONTEXT)  # what bench --gpu-memory 12GiB now gets: the first layers one more
     plans = [
         ("no cache", dict(prefetch="none", no_cache=True)),
         ("LRU, no prefetch", dict(prefetch="none")),
@@ -189,6 +191,9 @@ def main() -> None:
         ("LRU, oracle depth 2", dict(prefetch="oracle", depth=2)),
         ("LRU, oracle depth 31", dict(prefetch="oracle")),
         ("path, oracle depth 31", dict(prefetch="oracle", policy="path")),
+        (f"LRU, oracle depth 31, {sum(planned)} slots as planned", dict(prefetch="oracle", slots=planned)),
+        (f"path, oracle depth 31, {sum(planned)} slots as planned",
+         dict(prefetch="oracle", policy="path", slots=planned)),
         ("LRU, oracle depth 31, 6 slots", dict(prefetch="oracle", slots=6)),
         ("LRU, oracle depth 31, 6 slots, exclusive", dict(prefetch="oracle", slots=6, mode="exclusive")),
     ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cache.policies import POLICIES, make_policies
 from cache.predictors import make_predictor
 from cache.stats import CacheStats, LayerStats
-from cache.table import SlotTable
+from cache.table import SlotTable, layer_slots
 from cache.trace import Trace
 from quant.errors import MoEOffloadError
 
@@ -26,7 +26,7 @@ class SimResult:
     """One replay: the policy, slot count and predictor, and the counters of every layer."""
 
     policy: str
-    slots: int
+    slots: int | tuple[int, ...]  # one count for every layer, or one a layer
     prefetch: str
     stats: CacheStats
     tokens: int
@@ -60,7 +60,7 @@ class SimResult:
         total = self.stats.total()
         row = {
             "policy": self.policy,
-            "slots": self.slots,
+            "slots": self.slots if isinstance(self.slots, int) else list(self.slots),
             "prefetch": self.prefetch,
             "hit_rate": round(total.hit_rate, 6),
             "hits": total.hits,
@@ -86,12 +86,13 @@ _LAYER_KEYS = ("hit_rate", "hits", "requests", "misses", "prefetches_issued", "p
 def simulate(
     trace: Trace,
     policy: str,
-    slots: int,
+    slots: int | Sequence[int],
     prefetch: str = "none",
     per_layer: bool = False,
     **params: float,
 ) -> SimResult:
-    """Replay `trace` with `slots` experts per layer under `policy` (a POLICIES name).
+    """Replay `trace` with `slots` experts per layer (one count, or one a layer) under `policy` (a
+    POLICIES name).
 
     `params` go to the policy's constructor. `per_layer` is accepted for symmetry with the CLI:
     the per-layer counters are always kept, and `SimResult.to_dict(per_layer=True)` prints them.
@@ -103,7 +104,8 @@ def simulate(
     if policy in POLICIES and POLICIES[policy].offline:  # an offline policy is also given the future
         futures = [[[t.layers[layer].experts for t in run] for run in sequences] for layer in range(trace.num_layers)]
     policies = make_policies(policy, trace.num_layers, trace.num_experts, futures=futures, **params)
-    tables = [SlotTable(slots, p, stats.per_layer[layer]) for layer, p in enumerate(policies)]
+    capacities = layer_slots(slots, trace.num_layers)
+    tables = [SlotTable(k, p, layer_stats) for k, p, layer_stats in zip(capacities, policies, stats.per_layer)]
     predictor = make_predictor(prefetch, trace)
     for sequence in sequences:
         for table in tables:
@@ -127,7 +129,7 @@ def simulate(
     for table, layer_stats in zip(tables, stats.per_layer):
         # the run is over: prefetched experts no request used count as wasted, as at a reset
         layer_stats.prefetches_wasted += len(table.unused_prefetches)
-    return SimResult(policy, slots, prefetch, stats, len(trace.tokens))
+    return SimResult(policy, slots if isinstance(slots, int) else capacities, prefetch, stats, len(trace.tokens))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 
 from cache.policies import Policy
 from cache.stats import LayerStats
+from quant.errors import MoEOffloadError
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,15 @@ class SlotTable:
     def _insert(self, expert: int, slot: int, prefetch: bool) -> None:
         self.slot_of[expert] = slot
         self.policy.on_insert(expert, self.t, prefetch)
+
+
+def layer_slots(slots: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Slots per layer from one count for every layer or one count a layer (as the planner gives them)."""
+    if isinstance(slots, int):
+        return (slots,) * num_layers
+    if len(slots) != num_layers:
+        raise MoEOffloadError(f"slots per layer names {len(slots)} layers, the trace has {num_layers}")
+    return tuple(slots)
 
 
 def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:

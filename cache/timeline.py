@@ -31,7 +31,7 @@ import torch
 
 from cache.policies import POLICIES, make_policies
 from cache.stats import CacheStats, LayerStats
-from cache.table import SlotTable, Step, request_order
+from cache.table import SlotTable, Step, layer_slots, request_order
 from cache.trace import Token, Trace
 from quant.errors import MoEOffloadError
 
@@ -73,7 +73,7 @@ class TimedRun:
     """One replay's timed decode steps: how long they took, and the cache counters they made."""
 
     policy: str
-    slots: int
+    slots: int | tuple[int, ...]  # one count for every layer, or one a layer
     mode: str
     prefetch: str
     depth: int | None
@@ -96,7 +96,7 @@ class TimedRun:
         s = self.stats
         return {
             "policy": self.policy,
-            "slots": self.slots,
+            "slots": self.slots if isinstance(self.slots, int) else list(self.slots),
             "mode": self.mode,
             "prefetch": self.prefetch,
             "depth": self.depth,
@@ -209,7 +209,7 @@ def timeline(
     costs: Costs,
     *,
     policy: str = "lru",
-    slots: int = 5,
+    slots: int | Sequence[int] = 5,
     mode: str = "inclusive",
     prefetch: str = "oracle",
     depth: int | None = None,
@@ -223,6 +223,7 @@ def timeline(
 ) -> TimedRun:
     """Replay `trace` as `bench --route-trace` would decode it, and time it with `costs`.
 
+    `slots` is one count for every layer or one a layer (as bench's plan may give them).
     `prefetch` oracle loads the next `depth` layers' experts at each layer (None: every layer but one),
     as bench's OraclePrefetcher; none loads on demand only. `no_cache` empties the slots before every
     step (bench's no_cache baseline). Exclusive mode starts with experts 0..slots-1 in every layer's
@@ -237,8 +238,10 @@ def timeline(
         raise MoEOffloadError(f"unknown or offline policy {policy!r}; choose one of {online}")
     if mode not in ("inclusive", "exclusive"):
         raise MoEOffloadError(f"unknown cache mode {mode!r}; choose inclusive or exclusive")
-    if not top_k <= slots <= num_experts:
-        raise MoEOffloadError(f"slots must be between {top_k} (top-k) and {num_experts} (the experts), got {slots}")
+    capacities = layer_slots(slots, layers)
+    if not top_k <= min(capacities) <= max(capacities) <= num_experts:
+        got = slots if isinstance(slots, int) else f"{min(capacities)} to {max(capacities)}"
+        raise MoEOffloadError(f"slots must be between {top_k} (top-k) and {num_experts} (the experts), got {got}")
     if no_cache and mode == "exclusive":
         raise MoEOffloadError("no cache empties the slots, which exclusive mode cannot: use inclusive mode")
     depth = layers - 1 if depth is None else depth
@@ -251,10 +254,11 @@ def timeline(
 
     sequence = trace.longest_decode(top_k)
     stats = CacheStats.for_layers(layers)
-    tables = [SlotTable(slots, p, s) for p, s in zip(make_policies(policy, layers, num_experts), stats.per_layer)]
+    policies = make_policies(policy, layers, num_experts)
+    tables = [SlotTable(k, p, s) for k, p, s in zip(capacities, policies, stats.per_layer)]
     if mode == "exclusive":
         for table in tables:
-            for expert in range(slots):
+            for expert in range(table.capacity):
                 table.place(expert)
     clock = clock_class(tables, sequence, costs, mode=mode, prefetch=prefetch, depth=depth, top_k=top_k)
 
@@ -278,5 +282,6 @@ def timeline(
     decode = LayerStats(**{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(LayerStats)})
     missed = (decode.misses + decode.prefetches_used) / tokens
     bound_s = max(costs.compute_s, costs.copies_s(missed, mode))
+    slots = slots if isinstance(slots, int) else capacities
     return TimedRun(policy, slots, mode, prefetch, depth if prefetch == "oracle" else None, tokens, decode_s,
                     clock.stall_s - stall_before, clock.h2d_busy_s - busy_before, bound_s, decode)  # fmt: skip

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from offload.api import LoadOptions
 from offload.generate import SamplingConfig
+from offload.planner import slots_text
 from quant.errors import MoEOffloadError
 
 app = typer.Typer(
@@ -368,10 +369,10 @@ def trace(
         texts = [prompt]
     loaded = _load(model, load)
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    total = loaded.stats.total
+    total, slots = loaded.stats.total, loaded.plan.slots_per_layer
+    where = "no slots (experts computed in place)" if slots is None else f"{slots_text(slots)} slots per layer"
     err.print(f"wrote {path}: {len(texts)} sequences, {loaded.stats.decode_tokens} decode tokens, "
-              f"hit rate {total.hit_rate:.3f} at {loaded.plan.slots_per_layer and loaded.plan.slots_per_layer[0]} "
-              "slots per layer")  # fmt: skip
+              f"hit rate {total.hit_rate:.3f} at {where}")  # fmt: skip
 
 
 @app.command()
@@ -483,7 +484,8 @@ def _print_bench(result: dict) -> None:
             f"{r['h2d_bytes_per_token'] / 2**20:.1f}", f"{r['stall_s']:.3f}",
         )  # fmt: skip
     out.print(f"{result['model']} on {result['device']}")
-    out.print(f"routing: {result['routing']} · {result['mode']} mode, {result['slots_per_layer'][0]} slots per layer "
+    slots = slots_text(result["slots_per_layer"])
+    out.print(f"routing: {result['routing']} · {result['mode']} mode, {slots} slots per layer "
               f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
               f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}"
               + (" · CUDA graphs" if result["cuda_graphs"] else ""))  # fmt: skip

@@ -30,3 +30,20 @@ def trained_model_dir() -> Path:
     if not (TRAINED_MODEL / "config.json").is_file():
         pytest.skip(f"the trained tiny model is not at {TRAINED_MODEL} (it lives in ../shared beside the repo)")
     return TRAINED_MODEL
+
+
+@pytest.fixture
+def planned_slots(monkeypatch):
+    """`planned_slots((4, 3, ...))`: the next `offload.load` gets these slots per layer, as the planner
+    gives them on CUDA when an even split leaves some over (on the CPU it gives every layer --slots)."""
+    import dataclasses
+
+    import offload.api
+
+    planned = offload.api.plan_memory
+
+    def force(slots: tuple[int, ...]) -> None:
+        monkeypatch.setattr(offload.api, "plan_memory",
+                            lambda **kw: dataclasses.replace(planned(**kw), slots_per_layer=slots))  # fmt: skip
+
+    return force

@@ -19,11 +19,12 @@ def expert_bytes(layer: int, expert: int) -> torch.Tensor:
 
 
 def make_cache(slots, mode="inclusive") -> ExpertCache:
+    """`slots`: None (direct), one count for every layer, or one count a layer."""
     cache = ExpertCache(
         num_layers=LAYERS,
         num_experts=EXPERTS,
         expert_bytes=NBYTES,
-        slots_per_layer=None if slots is None else [slots] * LAYERS,
+        slots_per_layer=None if slots is None else [slots] * LAYERS if isinstance(slots, int) else list(slots),
         mode=mode,
     )
     for layer in range(LAYERS):
@@ -78,21 +79,22 @@ def test_prefetch_used_and_wasted_and_recall():
     assert cache.stats.per_layer[0].prefetches_wasted == 2
 
 
-@pytest.mark.parametrize("slots", [1, 2, 3, 5, 6])
+@pytest.mark.parametrize("slots", [1, 2, 3, 5, 6, (4, 1), (2, 5)])
 def test_exclusive_swaps_keep_every_expert_intact_and_count_like_inclusive(slots):
-    rng = random.Random(slots)
+    per_layer = [slots] * LAYERS if isinstance(slots, int) else list(slots)
+    rng = random.Random(str(slots))
     requests = [(rng.randrange(LAYERS), rng.sample(range(EXPERTS), 2)) for _ in range(300)]
     inclusive, exclusive = make_cache(slots), make_cache(slots, mode="exclusive")
     # exclusive starts with experts 0..K-1 in the slots; warm the inclusive cache the same way
     for layer in range(LAYERS):
-        serve(inclusive, layer, list(range(slots)))
+        serve(inclusive, layer, list(range(per_layer[layer])))
     inclusive.stats.reset()
     for layer, experts in requests:
         assert serve(inclusive, layer, experts) == serve(exclusive, layer, experts)
     a, b = inclusive.stats.total(), exclusive.stats.total()
     assert (a.hits, a.misses, a.h2d_bytes) == (b.hits, b.misses, b.h2d_bytes)
     assert b.d2h_bytes == b.h2d_bytes  # every load in exclusive mode sends its victim back
-    assert exclusive.arena.shape[0] == LAYERS * (EXPERTS - slots) + 1  # each expert held once, plus a spare
+    assert exclusive.arena.shape[0] == LAYERS * EXPERTS - sum(per_layer) + 1  # each expert held once, plus a spare
 
 
 class LoggedCopies(ExpertCache):

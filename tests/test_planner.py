@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from offload.planner import GiB, parse_bytes, plan_memory
+from offload.planner import GiB, parse_bytes, plan_memory, spread
 from quant.errors import MoEOffloadError
 
 CUDA = torch.device("cuda")
@@ -30,8 +30,31 @@ def test_free_colab_fits_2bit_mixtral_in_exclusive_mode():
         host_budget=12 * GiB,
     )
     assert plan.mode == "exclusive"
-    assert plan.slots_per_layer == (6,) * 32  # 192 experts on the GPU
-    assert plan.host_bytes == (256 - 192 + 1) * 68_000_000  # each expert once, plus the spare row
+    # (0.95 x 15 GiB - 2.1 GB - the spare row) / 68 MB = 193 experts on the GPU: 6 a layer, and the one
+    # left over in layer 0
+    assert plan.slots_per_layer == (7,) + (6,) * 31
+    assert plan.host_bytes == (256 - 193 + 1) * 68_000_000  # each expert once, plus the spare row
+    assert plan.device_bytes == 2_100_000_000 + (193 + 1) * 68_000_000
+    assert dict(plan.describe())["slots per layer"] == "7 in layer 0, 6 in layers 1-31 (193 in all)"
+
+
+def test_the_slots_an_even_split_leaves_go_to_the_first_layers():
+    # 12 GiB at a 4096-token context (KV 0.54 GB) and resident 1.28 GB, as synthetic Mixtral-8x7B:
+    # 155 slots fit; an even split alone would use 128 of them
+    plan = plan_memory(
+        device=CUDA,
+        **MIXTRAL_2BIT | dict(expert_bytes=66_748_416),
+        resident_bytes=1_281_892_352,
+        kv_bytes=536_870_912,
+        device_budget=12 * GiB,
+        host_budget=32 * GiB,
+    )
+    assert plan.slots_per_layer == (5,) * 27 + (4,) * 5
+    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-26, 4 in layers 27-31 (155 in all)"
+    # room for one more slot in every layer gives 5 everywhere; never more than the experts
+    assert spread(160, 32, 8) == (5,) * 32
+    assert spread(300, 32, 8) == (8,) * 32
+    assert spread(3, 2, 8) == (2, 1)
 
 
 def test_inclusive_when_ram_holds_every_expert():
@@ -45,6 +68,8 @@ def test_inclusive_when_ram_holds_every_expert():
         slots=4,
     )
     assert (plan.mode, plan.slots_per_layer, plan.host_bytes) == ("inclusive", (4,) * 32, 256 * 68_000_000)
+    # asked for: 4 in every layer, though 148 in all would fit
+    assert plan.device_bytes == 2_100_000_000 + 128 * 68_000_000
 
 
 def test_too_many_slots_say_what_to_change():

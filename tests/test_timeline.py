@@ -97,11 +97,19 @@ def tiny_trace() -> Trace:
     "slots, mode, prefetch, depth, no_cache",
     [(3, "inclusive", "oracle", None, False), (3, "inclusive", "oracle", 1, False),
      (6, "inclusive", "none", None, False), (3, "inclusive", "none", None, True),
-     (3, "exclusive", "oracle", 2, False), (6, "exclusive", "none", None, False)],
+     (3, "exclusive", "oracle", 2, False), (6, "exclusive", "none", None, False),
+     ((4, 3, 3, 2, 2, 2), "inclusive", "oracle", None, False), ((2, 2, 3, 3, 4, 5), "exclusive", "none", None, False)],
 )  # fmt: skip
-def test_counts_what_bench_counts(trained_model_dir, tiny_trace, slots, mode, prefetch, depth, no_cache):
-    """The same replay as bench's decode_run on the trained model: every cache counter equal."""
-    model = offload.load(str(trained_model_dir), device="cpu", slots=slots, cache_mode=mode, max_seq_len=64)
+def test_counts_what_bench_counts(trained_model_dir, tiny_trace, planned_slots, slots, mode, prefetch, depth,
+                                  no_cache):  # fmt: skip
+    """The same replay as bench's decode_run on the trained model: every cache counter equal. A tuple
+    of slots is one count a layer, as the planner may give them."""
+    uneven = isinstance(slots, tuple)
+    if uneven:
+        planned_slots(slots)
+    model = offload.load(str(trained_model_dir), device="cpu", slots=2 if uneven else slots, cache_mode=mode,
+                         max_seq_len=64)  # fmt: skip
+    assert model.cache.slots_per_layer == (list(slots) if uneven else [slots] * 6)
     c = model.config
     routing = ReplayedRouting(TINY_TRACE, c.num_layers, c.num_experts, c.top_k, model.device)
     model.moe.routing = routing
@@ -128,6 +136,8 @@ def test_a_deeper_oracle_keeps_the_link_busy(tiny_trace):
     [(dict(prefetch="gate"), "unknown prefetch 'gate'; choose none or oracle"),
      (dict(policy="belady"), "unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
      (dict(slots=1), "slots must be between 2 (top-k) and 4 (the experts), got 1"),
+     (dict(slots=(2, 5)), "slots must be between 2 (top-k) and 4 (the experts), got 2 to 5"),
+     (dict(slots=(2, 2, 2)), "slots per layer names 3 layers, the trace has 2"),
      (dict(depth=2), "depth must be between 1 and 1 (the layers but one), got 2"),
      (dict(mode="exclusive", no_cache=True),
       "no cache empties the slots, which exclusive mode cannot: use inclusive mode"),

@@ -42,3 +42,28 @@ def test_replayed_trace_counts_what_the_runtime_counted(capsys, tmp_path, traine
         assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields], f"layer {layer}"
     if prefetch != "none":
         assert model.stats.total.prefetches_issued > 0
+
+
+def test_slots_that_differ_by_layer_replay_to_the_same_counts(planned_slots, tmp_path, trained_model_dir):
+    """The planner gives the first layers one slot more when an even split leaves some over (only on
+    CUDA); here the CPU runtime is handed such a plan, and its trace replays to its own counts. Inclusive
+    mode only: exclusive slots keep their experts from one sequence to the next, and a replay starts
+    each sequence empty (the exclusive uneven case is tests/test_expert_cache.py's)."""
+    import offload
+
+    uneven = (4, 3, 3, 2, 2, 2)
+    planned_slots(uneven)
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3, policy="path", prefetch="late")
+    assert model.cache.slots_per_layer == list(uneven)
+    out = model.trace([p.replace("\n", " ") for p in PROMPTS], tmp_path / "uneven.jsonl", max_new_tokens=24)
+
+    replayed = simulate(read_trace(out), "path", uneven, prefetch="recorded")
+    assert replayed.to_dict()["slots"] == list(uneven)
+    fields = ("requests", "hits", "misses", "prefetches_used", "prefetches_wasted")
+    for layer, (ours, theirs) in enumerate(zip(model.stats.cache.per_layer, replayed.stats.per_layer, strict=True)):
+        assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields], f"layer {layer}"
+    # layers keep apart: each counts what it counts when every layer has its number of slots
+    for k in set(uneven):
+        even = simulate(read_trace(out), "path", k, prefetch="recorded").stats.per_layer
+        for layer in (layer for layer, count in enumerate(uneven) if count == k):
+            assert replayed.stats.per_layer[layer] == even[layer], f"layer {layer}"
