@@ -1,0 +1,151 @@
+"""What the planner's leftover slots are worth: an even split against the planner's, on the Mixtral trace.
+
+python benchmarks/planned_slots.py [--trace PATH] [--out benchmarks/results/planned_slots.json]
+
+For synthetic Mixtral-8x7B with 2-bit experts (66.7 MB an expert; the resident weights measured from
+synth's own tensors), each GPU budget and context gives a number of slots for all layers together.
+An even split uses `layers x (total // layers)` of them; the planner (offload/planner.py) hands the rest
+to the first layers, one each. For both it prints the slots used, the hit rate LRU and path reach on
+the shared trace (simulate, no prefetch), and the decode the time-line model predicts with LRU and the
+oracle at the H100 costs of `moe-offload timeline`'s defaults. A model on one trace, not a GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cache.simulate import simulate  # noqa: E402
+from cache.timeline import Costs, timeline  # noqa: E402
+from cache.trace import read_trace  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
+from offload.planner import GiB, plan_memory  # noqa: E402
+from offload.synth import _generator, _resident, preset_config, spec_preset, synthetic_format  # noqa: E402
+from quant.hqq import ATTN_PRESETS  # noqa: E402
+
+SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
+BUDGETS_GIB = (8, 10, 12, 15)
+BENCH_CONTEXT = 16 + 2 + 128 + 1  # bench's: the prompt, two warm-up steps, 128 decoded, one over
+CONTEXTS = (4096, BENCH_CONTEXT)  # the default context, and bench's
+# `moe-offload timeline`'s defaults: the 9d0bc23 H100 bench run's compute and bandwidth, a 20 us wake
+COSTS = Costs(compute_s=23.928e-3, expert_s=0.216e-3, copy_s=66_748_416 / 53.43e9, wake_s=20e-6)
+
+
+@functools.cache
+def resident_bytes(preset: str = "mixtral-8x7b", attn_bits: str = "4") -> int:
+    """The synthetic model's resident weights (embeddings, norms, routers, 4-bit attention, lm_head),
+    from synth's own tensors for one and two layers, the layers' share scaled to the preset's depth."""
+    attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+
+    def nbytes(layers: int) -> int:
+        tensors = _resident(preset_config(preset, layers), attn, _generator(0, 0))
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    one, two = nbytes(1), nbytes(2)
+    return one + (two - one) * (preset_config(preset).num_layers - 1)
+
+
+def mixtral_plan(gpu_gib: float, context: int) -> tuple[int, ...]:
+    """The planner's slots per layer for synthetic 2-bit Mixtral-8x7B (bfloat16 KV cache)."""
+    config = preset_config("mixtral-8x7b")
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * 2
+    plan = plan_memory(device=torch.device("cuda"), num_layers=config.num_layers, num_experts=config.num_experts,
+                       expert_bytes=synthetic_format(config, "2").nbytes, resident_bytes=resident_bytes(),
+                       kv_bytes=kv_bytes, device_budget=int(gpu_gib * GiB), host_budget=64 * GiB)  # fmt: skip
+    return plan.slots_per_layer
+
+
+def best_split(trace, policy: str, total: int) -> tuple[tuple[int, ...], float]:
+    """The split of `total` slots over the layers that hits most on `trace`, chosen with the trace in
+    hand (an upper bound for any split fixed in advance): each layer's hits at 1..E slots, as layers
+    count apart, then a knapsack over the layers. Returns the split and its hit rate."""
+    by_slots = {k: simulate(trace, policy, k) for k in range(1, trace.num_experts + 1)}
+    best = {0: (0, ())}  # slots given so far -> (most hits, the split that gets them)
+    for layer in range(trace.num_layers):
+        after: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for used, (hits, split) in best.items():
+            for k, run in by_slots.items():
+                candidate = (hits + run.per_layer[layer].hits, split + (k,))
+                if used + k <= total and candidate[0] > after.get(used + k, (-1,))[0]:
+                    after[used + k] = candidate
+        best = after
+    hits, split = best[total]
+    return split, hits / by_slots[1].requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", type=Path, default=SHARED_TRACE)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "planned_slots.json")
+    args = parser.parse_args()
+
+    config = preset_config("mixtral-8x7b")
+    trace = read_trace(args.trace)
+    rows = []
+    for context in CONTEXTS:
+        for gib in BUDGETS_GIB:
+            planned = mixtral_plan(gib, context)
+            even = (min(planned),) * config.num_layers
+            row = {"gpu_gib": gib, "context": context}
+            for name, slots in (("even", even), ("planned", planned)):
+                row[name] = {
+                    "slots": sum(slots),
+                    "lru_hit_rate": round(simulate(trace, "lru", slots).hit_rate, 4),
+                    "path_hit_rate": round(simulate(trace, "path", slots).hit_rate, 4),
+                    "lru_oracle_tokens_per_s": round(timeline(trace, COSTS, slots=slots).tokens_per_s, 2)
+                    if min(slots) >= config.top_k else None,
+                }
+            rows.append(row)
+
+    five, six = (simulate(trace, "lru", k).per_layer for k in (5, 6))
+    gains = [b.hits - a.hits for a, b in zip(five, six)]  # what a sixth slot gains, layer by layer
+    split, rate = best_split(trace, "lru", 5 * config.num_layers)
+    even_rate = simulate(trace, "lru", 5).hit_rate
+    best = {"policy": "lru", "slots": 5 * config.num_layers, "split": list(split), "hit_rate": round(rate, 4),
+            "even_hit_rate": round(even_rate, 4)}  # fmt: skip
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False,
+                  title=f"even split -> planned slots, synthetic Mixtral-8x7B 2-bit, {args.trace.name}")  # fmt: skip
+    for column in ("GPU", "context", "slots", "LRU hit rate", "path hit rate", "tok/s (model: LRU, oracle)"):
+        table.add_column(column, justify="right", no_wrap=True)
+
+    def change(key: str, form: str) -> str:
+        before, after = row["even"][key], row["planned"][key]
+        return "-" if before is None else f"{before:{form}} -> {after:{form}}"
+
+    for row in rows:
+        table.add_row(f"{row['gpu_gib']} GiB", str(row["context"]), change("slots", "d"),
+                      change("lru_hit_rate", ".3f"), change("path_hit_rate", ".3f"),
+                      change("lru_oracle_tokens_per_s", ".2f"))  # fmt: skip
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"a sixth slot gains {min(gains)} to {max(gains)} hits a layer (LRU; layer 0: {gains[0]})")
+    console.print(f"the best split of {best['slots']} slots chosen with the trace in hand (LRU): hit rate "
+                  f"{rate:.4f} against {even_rate:.4f} for 5 in every layer")  # fmt: skip
+    record = {
+        **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
+        "trace": str(args.trace),
+        "expert_bytes": synthetic_format(config, "2").nbytes,
+        "resident_bytes": resident_bytes(),
+        "costs": dataclasses.asdict(COSTS),
+        "results": rows,
+        "best_static_split": best,
+        "lru_sixth_slot_gain_by_layer": gains,
+    }
+    write_json(args.out, record)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
