@@ -36,6 +36,10 @@ def test_free_colab_fits_2bit_mixtral_in_exclusive_mode():
     assert plan.host_bytes == (256 - 193 + 1) * 68_000_000  # each expert once, plus the spare row
     assert plan.device_bytes == 2_100_000_000 + (193 + 1) * 68_000_000
     assert dict(plan.describe())["slots per layer"] == "7 in layer 0, 6 in layers 1-31 (193 in all)"
+    # inclusive at the same GPU budget (RAM uncapped) gets the same slots: the swap is all that differs
+    inclusive = plan_memory(device=CUDA, **MIXTRAL_2BIT, resident_bytes=1_600_000_000, kv_bytes=500_000_000,
+                            device_budget=15 * GiB, host_budget=32 * GiB, mode="inclusive")  # fmt: skip
+    assert (inclusive.mode, inclusive.slots_per_layer) == ("inclusive", plan.slots_per_layer)
 
 
 def test_the_slots_an_even_split_leaves_go_to_the_first_layers():
