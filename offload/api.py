@@ -320,13 +320,15 @@ class OffloadedModel:
         self.decode_step = 0
         self.context_ids = []
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int, *, copy: bool = True) -> torch.Tensor:
-        """input_ids [T] at positions start_pos.. -> float32 logits [T, V].
+    def forward(
+        self, input_ids: torch.Tensor, start_pos: int, *, last_only: bool = False, copy: bool = True
+    ) -> torch.Tensor:
+        """input_ids [T] at positions start_pos.. -> float32 logits [T, V] ([1, V] with `last_only`).
 
         copy=False: a decode step on CUDA graphs returns the graphs' logits buffer itself, valid until the
         next forward; `bench` uses it so that a step allocates nothing.
         """
-        logits = self.decoder.forward(input_ids.to(self.device), start_pos)
+        logits = self.decoder.forward(input_ids.to(self.device), start_pos, last_only=last_only)
         if input_ids.shape[0] == 1:
             self.decode_step += 1
             if copy and self.decoder.graphs is not None:

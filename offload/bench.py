@@ -282,7 +282,7 @@ def decode_run(
         routing.position = 0
     synchronize(device)
     begin = time.perf_counter()
-    logits = model.forward(prompt, 0)
+    logits = model.forward(prompt, 0, last_only=True)  # as generate's prefill
     torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)
     synchronize(device)
     prefill_s = time.perf_counter() - begin

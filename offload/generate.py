@@ -36,8 +36,9 @@ class LanguageModel(Protocol):
     def reset(self) -> None:
         """Empty the KV cache."""
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """input_ids LongTensor [T] at positions start_pos..start_pos+T-1 -> float32 logits [T, V]."""
+    def forward(self, input_ids: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
+        """input_ids LongTensor [T] at positions start_pos..start_pos+T-1 -> float32 logits [T, V], or
+        the last position's alone [1, V] with `last_only` (a prefill samples from no other)."""
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,12 @@ def prefill(
     generator: torch.Generator | None,
     start_pos: int = 0,
 ) -> int:
-    """Run the prompt [T] from start_pos and sample the first new token."""
-    logits = model.forward(prompt, start_pos)  # [T, V]
-    assert logits.shape[0] == prompt.shape[0], f"forward gave {logits.shape[0]} rows for {prompt.shape[0]} ids"
+    """Run the prompt [T] from start_pos and sample the first new token.
+
+    Only the last position's logits are made: all T of Mixtral's would be T x 32000 floats, 0.5 GB for a
+    4096-token prompt, beside the bfloat16 product they are cast from."""
+    logits = model.forward(prompt, start_pos, last_only=True)  # [1, V]
+    assert logits.shape[0] == 1, f"forward gave {logits.shape[0]} rows of logits for the last position"
     return sample(logits[-1], config, generator)
 
 

@@ -33,6 +33,7 @@ class TransformersAdapter:
         self.max_seq_len = max_seq_len
         self.device = model.device
         self.calls: list[tuple[int, int]] = []  # (tokens fed, start_pos) per forward
+        self.last_only: list[bool] = []  # per forward: asked for the last position's logits alone
         self.reset()
 
     def reset(self) -> None:
@@ -40,7 +41,7 @@ class TransformersAdapter:
         self.seen = 0
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         # T = tokens fed, V = vocabulary
         assert input_ids.dim() == 1 and input_ids.dtype == torch.long
         assert input_ids.device == self.device, "generate must feed ids on the model's device"
@@ -51,7 +52,9 @@ class TransformersAdapter:
         out = self.model(input_ids[None], past_key_values=self.cache, use_cache=True, position_ids=positions)
         self.seen += tokens
         self.calls.append((tokens, start_pos))
-        return out.logits[0].float()  # [T, V]
+        self.last_only.append(last_only)
+        logits = out.logits[0].float()  # [T, V]
+        return logits[-1:] if last_only else logits
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,7 @@ def test_greedy_equals_transformers_generate(hf_model):
     # One prefill of the whole prompt, then one token per step at consecutive positions;
     # the 20th token is sampled but never fed.
     assert adapter.calls == [(7, 0)] + [(1, 7 + i) for i in range(19)]
+    assert adapter.last_only == [True] + [False] * 19  # the prefill asks for its last position's logits alone
 
 
 def test_eos_stops_where_transformers_stops(hf_model):
