@@ -29,41 +29,36 @@ sys.path.insert(0, str(REPO))
 from cache.simulate import simulate  # noqa: E402
 from cache.timeline import Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
-from offload.bench import environment, write_json  # noqa: E402
+from offload.bench import bench_context, environment, write_json  # noqa: E402
 from offload.planner import GiB, plan_memory  # noqa: E402
-from offload.synth import _generator, _resident, preset_config, spec_preset, synthetic_format  # noqa: E402
-from quant.hqq import ATTN_PRESETS  # noqa: E402
+from offload.synth import preset_config, resident_bytes, synthetic_format  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 BUDGETS_GIB = (8, 10, 12, 15)
-BENCH_CONTEXT = 16 + 2 + 128 + 1  # bench's: the prompt, two warm-up steps, 128 decoded, one over
+BENCH_CONTEXT = bench_context(prompt_tokens=16, tokens=128)  # bench's defaults: 147
 CONTEXTS = (4096, BENCH_CONTEXT)  # the default context, and bench's
 # `moe-offload timeline`'s defaults: the 9d0bc23 H100 bench run's compute and bandwidth, a 20 us wake
 COSTS = Costs(compute_s=23.928e-3, expert_s=0.216e-3, copy_s=66_748_416 / 53.43e9, wake_s=20e-6)
 
 
 @functools.cache
-def resident_bytes(preset: str = "mixtral-8x7b", attn_bits: str = "4") -> int:
-    """The synthetic model's resident weights (embeddings, norms, routers, 4-bit attention, lm_head),
-    from synth's own tensors for one and two layers, the layers' share scaled to the preset's depth."""
-    attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")
-
-    def nbytes(layers: int) -> int:
-        tensors = _resident(preset_config(preset, layers), attn, _generator(0, 0))
-        return sum(t.numel() * t.element_size() for t in tensors.values())
-
-    one, two = nbytes(1), nbytes(2)
-    return one + (two - one) * (preset_config(preset).num_layers - 1)
+def _resident_bytes() -> int:
+    return resident_bytes("mixtral-8x7b")
 
 
 def mixtral_plan(gpu_gib: float, context: int) -> tuple[int, ...]:
     """The planner's slots per layer for synthetic 2-bit Mixtral-8x7B (bfloat16 KV cache)."""
     config = preset_config("mixtral-8x7b")
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * 2
     plan = plan_memory(device=torch.device("cuda"), num_layers=config.num_layers, num_experts=config.num_experts,
-                       expert_bytes=synthetic_format(config, "2").nbytes, resident_bytes=resident_bytes(),
-                       kv_bytes=kv_bytes, device_budget=int(gpu_gib * GiB), host_budget=64 * GiB)  # fmt: skip
+                       expert_bytes=synthetic_format(config, "2").nbytes, resident_bytes=_resident_bytes(),
+                       kv_bytes=config.kv_cache_bytes(context, torch.bfloat16), device_budget=int(gpu_gib * GiB),
+                       host_budget=64 * GiB)  # fmt: skip
     return plan.slots_per_layer
+
+
+def timed(trace, slots: tuple[int, ...], top_k: int) -> float | None:
+    """The time line's decode, LRU with the oracle; None where a layer has fewer slots than top-k."""
+    return round(timeline(trace, COSTS, slots=slots).tokens_per_s, 2) if min(slots) >= top_k else None
 
 
 def best_split(trace, policy: str, total: int) -> tuple[tuple[int, ...], float]:
@@ -103,9 +98,10 @@ def main() -> None:
                     "slots": sum(slots),
                     "lru_hit_rate": round(simulate(trace, "lru", slots).hit_rate, 4),
                     "path_hit_rate": round(simulate(trace, "path", slots).hit_rate, 4),
-                    "lru_oracle_tokens_per_s": round(timeline(trace, COSTS, slots=slots).tokens_per_s, 2)
-                    if min(slots) >= config.top_k else None,
+                    "lru_oracle_tokens_per_s": timed(trace, slots, config.top_k),
                 }
+            # the remainder in the last layers instead: how much the choice of layers matters
+            row["planned"]["lru_hit_rate_remainder_last"] = round(simulate(trace, "lru", planned[::-1]).hit_rate, 4)
             rows.append(row)
 
     five, six = (simulate(trace, "lru", k).per_layer for k in (5, 6))
@@ -130,6 +126,8 @@ def main() -> None:
                       change("lru_oracle_tokens_per_s", ".2f"))  # fmt: skip
     console = Console(width=120)
     console.print(table)
+    moved = max(abs(r["planned"]["lru_hit_rate_remainder_last"] - r["planned"]["lru_hit_rate"]) for r in rows)
+    console.print(f"the remainder in the last layers instead of the first: LRU hit rate changes by {moved:.4f} at most")
     console.print(f"a sixth slot gains {min(gains)} to {max(gains)} hits a layer (LRU; layer 0: {gains[0]})")
     console.print(f"the best split of {best['slots']} slots chosen with the trace in hand (LRU): hit rate "
                   f"{rate:.4f} against {even_rate:.4f} for 5 in every layer")  # fmt: skip
@@ -137,7 +135,7 @@ def main() -> None:
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "trace": str(args.trace),
         "expert_bytes": synthetic_format(config, "2").nbytes,
-        "resident_bytes": resident_bytes(),
+        "resident_bytes": _resident_bytes(),
         "costs": dataclasses.asdict(COSTS),
         "results": rows,
         "best_static_split": best,

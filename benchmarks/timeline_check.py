@@ -192,8 +192,7 @@ def main() -> None:
         ("LRU, oracle depth 31", dict(prefetch="oracle")),
         ("path, oracle depth 31", dict(prefetch="oracle", policy="path")),
         (f"LRU, oracle depth 31, {sum(planned)} slots as planned", dict(prefetch="oracle", slots=planned)),
-        (f"path, oracle depth 31, {sum(planned)} slots as planned",
-         dict(prefetch="oracle", policy="path", slots=planned)),
+        (f"path, oracle depth 31, {sum(planned)} as planned", dict(prefetch="oracle", policy="path", slots=planned)),
         ("LRU, oracle depth 31, 6 slots", dict(prefetch="oracle", slots=6)),
         ("LRU, oracle depth 31, 6 slots, exclusive", dict(prefetch="oracle", slots=6, mode="exclusive")),
     ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cache.policies import POLICIES, make_policies
 from cache.predictors import make_predictor
 from cache.stats import CacheStats, LayerStats
-from cache.table import SlotTable, layer_slots
+from cache.table import SlotTable, layer_slots, slots_label
 from cache.trace import Trace
 from quant.errors import MoEOffloadError
 
@@ -60,7 +60,7 @@ class SimResult:
         total = self.stats.total()
         row = {
             "policy": self.policy,
-            "slots": self.slots if isinstance(self.slots, int) else list(self.slots),
+            "slots": self.slots,
             "prefetch": self.prefetch,
             "hit_rate": round(total.hit_rate, 6),
             "hits": total.hits,
@@ -129,7 +129,7 @@ def simulate(
     for table, layer_stats in zip(tables, stats.per_layer):
         # the run is over: prefetched experts no request used count as wasted, as at a reset
         layer_stats.prefetches_wasted += len(table.unused_prefetches)
-    return SimResult(policy, slots if isinstance(slots, int) else capacities, prefetch, stats, len(trace.tokens))
+    return SimResult(policy, slots_label(capacities), prefetch, stats, len(trace.tokens))
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,11 @@ def layer_slots(slots: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
     return tuple(slots)
 
 
+def slots_label(capacities: Sequence[int]) -> int | tuple[int, ...]:
+    """How a run names its slots: the count when every layer has it, else one count a layer."""
+    return capacities[0] if len(set(capacities)) == 1 else tuple(capacities)
+
+
 def request_order(ids: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[float]]:
     """The experts a layer asks the cache for, highest weight first.
 

@@ -31,7 +31,7 @@ import torch
 
 from cache.policies import POLICIES, make_policies
 from cache.stats import CacheStats, LayerStats
-from cache.table import SlotTable, Step, layer_slots, request_order
+from cache.table import SlotTable, Step, layer_slots, request_order, slots_label
 from cache.trace import Token, Trace
 from quant.errors import MoEOffloadError
 
@@ -96,7 +96,7 @@ class TimedRun:
         s = self.stats
         return {
             "policy": self.policy,
-            "slots": self.slots if isinstance(self.slots, int) else list(self.slots),
+            "slots": self.slots,
             "mode": self.mode,
             "prefetch": self.prefetch,
             "depth": self.depth,
@@ -282,6 +282,6 @@ def timeline(
     decode = LayerStats(**{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(LayerStats)})
     missed = (decode.misses + decode.prefetches_used) / tokens
     bound_s = max(costs.compute_s, costs.copies_s(missed, mode))
-    slots = slots if isinstance(slots, int) else capacities
-    return TimedRun(policy, slots, mode, prefetch, depth if prefetch == "oracle" else None, tokens, decode_s,
+    depth = depth if prefetch == "oracle" else None
+    return TimedRun(policy, slots_label(capacities), mode, prefetch, depth, tokens, decode_s,
                     clock.stall_s - stall_before, clock.h2d_busy_s - busy_before, bound_s, decode)  # fmt: skip

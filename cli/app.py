@@ -344,6 +344,12 @@ def info(
     out.print(table)
 
 
+def _slots_phrase(slots) -> str:
+    """'5 slots per layer', or 'slots: 6 in layers 0-1, 5 in layers 2-31 (162 in all)'."""
+    text = slots_text(slots)
+    return f"{text} slots per layer" if len(set(slots)) == 1 else f"slots: {text}"
+
+
 @app.command()
 @loads_model()
 def trace(
@@ -370,9 +376,9 @@ def trace(
     loaded = _load(model, load)
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer
-    where = "no slots (experts computed in place)" if slots is None else f"{slots_text(slots)} slots per layer"
+    where = "no slots (experts computed in place)" if slots is None else _slots_phrase(slots)
     err.print(f"wrote {path}: {len(texts)} sequences, {loaded.stats.decode_tokens} decode tokens, "
-              f"hit rate {total.hit_rate:.3f} at {where}")  # fmt: skip
+              f"hit rate {total.hit_rate:.3f} with {where}")  # fmt: skip
 
 
 @app.command()
@@ -446,9 +452,9 @@ def bench(
 
     if tokens < 1:
         raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
-    # bench sets the prefetch itself; the compute pass needs 17 positions, a run two warm-up steps more
-    positions = max(prompt_tokens + benchmark.DECODE_WARMUP + tokens, 20) + 1
-    load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or positions}
+    # bench sets the prefetch itself
+    context = benchmark.bench_context(prompt_tokens, tokens)
+    load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or context}
     loaded = _load(model, load)
     accelerate = None
     if compare and route_trace is None and not loaded.source.folder.joinpath("manifest.json").exists():
@@ -484,8 +490,8 @@ def _print_bench(result: dict) -> None:
             f"{r['h2d_bytes_per_token'] / 2**20:.1f}", f"{r['stall_s']:.3f}",
         )  # fmt: skip
     out.print(f"{result['model']} on {result['device']}")
-    slots = slots_text(result["slots_per_layer"])
-    out.print(f"routing: {result['routing']} · {result['mode']} mode, {slots} slots per layer "
+    slots = _slots_phrase(result["slots_per_layer"])
+    out.print(f"routing: {result['routing']} · {result['mode']} mode, {slots} "
               f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
               f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}"
               + (" · CUDA graphs" if result["cuda_graphs"] else ""))  # fmt: skip

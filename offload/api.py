@@ -196,7 +196,7 @@ def prepare(model: str, **options) -> Prepared:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     expert_format = source.expert_format(dtype)
     resident = source.resident()
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * max_seq_len * config.head_dim * dtype.itemsize
+    kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)
     plan = plan_memory(
         device=device,
         num_layers=config.num_layers,

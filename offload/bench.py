@@ -248,6 +248,12 @@ def _allocations(device: torch.device) -> int | None:
 DECODE_WARMUP = 2  # decode steps before the timed ones
 
 
+def bench_context(prompt_tokens: int, tokens: int) -> int:
+    """The context bench loads a model with: the prompt, the warm-up and timed steps and one over, and
+    never under 21 (the compute pass feeds 17 positions)."""
+    return max(prompt_tokens + DECODE_WARMUP + tokens, 20) + 1
+
+
 def decode_run(
     model: OffloadedModel,
     *,

@@ -57,6 +57,10 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def kv_cache_bytes(self, max_seq_len: int, dtype: torch.dtype) -> int:
+        """The static KV cache Decoder allocates: keys and values of every layer, [K, max_seq_len, S] each."""
+        return 2 * self.num_layers * self.num_kv_heads * max_seq_len * self.head_dim * dtype.itemsize
+
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}

@@ -158,6 +158,19 @@ def _resident(config: ModelConfig, attn: QuantSpec | None, generator: torch.Gene
     return tensors
 
 
+def resident_bytes(preset: str, attn_bits: str = "4") -> int:
+    """The bytes of a synthetic model's resident weights, as synthesize writes them: drawn for one and two
+    layers, the layers' share scaled to the preset's depth (drawing every layer takes a minute)."""
+    attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+
+    def nbytes(layers: int) -> int:
+        tensors = _resident(preset_config(preset, layers), attn, _generator(0, _RESIDENT_STREAM))
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    one, two = nbytes(1), nbytes(2)
+    return one + (two - one) * (preset_config(preset).num_layers - 1)
+
+
 def synthesize(
     out: str | Path,
     preset: str,

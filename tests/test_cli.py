@@ -203,3 +203,10 @@ def test_demo_runs_the_whole_path_exactly(capsys):
     exact = next(line for line in out.splitlines() if "unquantized: max |logit diff|" in line)
     assert float(exact.rsplit(" ", 1)[1]) < 1e-4
     assert "hit rate" in out and "generated ids: [" in out
+
+
+def test_bench_and_trace_name_uneven_slots_whole():
+    from cli.app import _slots_phrase
+
+    assert _slots_phrase([5] * 32) == "5 slots per layer"
+    assert _slots_phrase([6, 6] + [5] * 30) == "slots: 6 in layers 0-1, 5 in layers 2-31 (162 in all)"

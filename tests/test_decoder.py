@@ -126,6 +126,8 @@ def test_prefill_in_chunks_equals_prefill_at_once(tiny_model_dir, tmp_path, wind
     torch.testing.assert_close(torch.cat(chunks), at_once, rtol=0, atol=2e-5)
     last = make_decoder(path).forward(prompt, 0, last_only=True)
     torch.testing.assert_close(last, at_once[-1:], rtol=0, atol=1e-5)
+    # what the planner counts for the KV cache is what the decoder allocates
+    assert decoder.k_cache.nbytes + decoder.v_cache.nbytes == decoder.config.kv_cache_bytes(64, torch.float32)
 
 
 def test_moe_gets_h_mid_and_layer_done_gets_each_layer_output(tiny_model_dir):

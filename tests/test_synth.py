@@ -13,7 +13,7 @@ import torch
 import offload
 from offload.decoder import ModelConfig
 from offload.families.mixtral import model_config
-from offload.synth import PRESETS, preset_config, synthesize, synthetic_format, synthetic_name
+from offload.synth import PRESETS, preset_config, resident_bytes, synthesize, synthetic_format, synthetic_name
 from quant.checkpoint import JOURNAL, MANIFEST, RESIDENT, expert_file
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, dequantize, random_quantized, tensor_shapes, to_tensors
@@ -78,6 +78,14 @@ def test_manifest_says_synthetic_and_the_formats_asked_for(tmp_path, expert_bits
     model = offload.load(str(folder))
     assert "synthetic:tiny" in model.info()["model"]
     assert torch.isfinite(model.logits([1, 2, 3])).all()
+
+
+def test_resident_bytes_are_what_synthesize_writes(tiny_synth):
+    from safetensors import safe_open
+
+    with safe_open(tiny_synth / RESIDENT, "pt") as f:
+        written = sum(f.get_tensor(name).nbytes for name in f.keys())
+    assert resident_bytes("tiny") == written
 
 
 def test_mixtral_8x7b_preset_is_mixtral_and_its_bytes_per_expert_match_the_readme():
