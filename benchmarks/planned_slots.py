@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cache.simulate import simulate  # noqa: E402
-from cache.timeline import Costs, timeline  # noqa: E402
+from cache.timeline import H100, Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
 from offload.bench import bench_context, environment, write_json  # noqa: E402
 from offload.planner import GiB, plan_memory  # noqa: E402
@@ -37,8 +37,7 @@ SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humane
 BUDGETS_GIB = (8, 10, 12, 15)
 BENCH_CONTEXT = bench_context(prompt_tokens=16, tokens=128)  # bench's defaults: 147
 CONTEXTS = (4096, BENCH_CONTEXT)  # the default context, and bench's
-# `moe-offload timeline`'s defaults: the 9d0bc23 H100 bench run's compute and bandwidth, a 20 us wake
-COSTS = Costs(compute_s=23.928e-3, expert_s=0.216e-3, copy_s=66_748_416 / 53.43e9, wake_s=20e-6)
+COSTS = Costs.from_rates(**H100)  # `moe-offload timeline`'s defaults
 
 
 @functools.cache

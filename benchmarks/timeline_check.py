@@ -43,15 +43,15 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.planned_slots import BENCH_CONTEXT, mixtral_plan  # noqa: E402
 from cache.table import Step  # noqa: E402
-from cache.timeline import Clock, Costs, timeline  # noqa: E402
+from cache.timeline import H100, Clock, Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 RESULTS = REPO / "benchmarks" / "results"
 MEASURED_AT = "9d0bc23"  # the commit whose H100 runs the model is checked against
-EXPERT_BYTES = 66_748_416  # a 2-bit Mixtral-8x7B expert (README, the synth presets)
-GRAPH_LAUNCH_S = 20e-6  # the host wakes from an event and replays one expert graph: an assumption, not measured
+EXPERT_BYTES = H100["expert_bytes"]  # a 2-bit Mixtral-8x7B expert (README, the synth presets)
+GRAPH_LAUNCH_S = H100["wake_us"] / 1e6  # the host wakes from an event and replays one expert graph: assumed
 
 
 class Order9d0bc23(Clock):

@@ -36,6 +36,10 @@ from cache.trace import Token, Trace
 from quant.errors import MoEOffloadError
 
 PREFETCH = ("none", "oracle")
+# `moe-offload timeline`'s defaults: the 9d0bc23 H100 bench run's compute per token and pinned bandwidth, a
+# 2-bit Mixtral-8x7B expert's bytes and MLP time (benchmarks/timeline_check.py), and one expert graph's
+# launch as the wake (assumed, not measured)
+H100 = dict(compute_ms=23.928, expert_ms=0.216, bandwidth_gbps=53.43, expert_bytes=66_748_416, wake_us=20.0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,14 @@ class Costs:
     copy_s: float  # one expert, host to device
     back_s: float | None = None  # one expert, device to host (exclusive mode); None: as copy_s
     wake_s: float = 0.0  # from a load the host waited for to its expert starting
+
+    @classmethod
+    def from_rates(cls, *, compute_ms: float, expert_ms: float, bandwidth_gbps: float, expert_bytes: int,
+                   wake_us: float, back_bandwidth_gbps: float | None = None) -> Costs:  # fmt: skip
+        """Costs from the units bench reports: milliseconds, GB/s and bytes."""
+        back_s = None if back_bandwidth_gbps is None else expert_bytes / (back_bandwidth_gbps * 1e9)
+        return cls(compute_s=compute_ms / 1e3, expert_s=expert_ms / 1e3, copy_s=expert_bytes / (bandwidth_gbps * 1e9),
+                   back_s=back_s, wake_s=wake_us / 1e6)  # fmt: skip
 
     @property
     def copy_back_s(self) -> float:

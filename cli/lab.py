@@ -20,7 +20,7 @@ from rich.table import Table
 from cache.policies import ONLINE_POLICIES, POLICIES
 from cache.predictors import PREFETCH_CHOICES
 from cache.simulate import SimResult, simulate
-from cache.timeline import Costs, TimedRun, timeline
+from cache.timeline import H100, Costs, TimedRun, timeline
 from cache.trace import read_trace
 from quant.errors import MoEOffloadError
 
@@ -110,15 +110,23 @@ def timeline_command(
     ),
     depth: int = typer.Option(None, "--depth", help="Layers the oracle loads ahead. Default: every layer but one."),
     mode: str = typer.Option("inclusive", "--cache-mode", help="inclusive, or exclusive (each load a swap)."),
-    compute_ms: float = typer.Option(23.928, "--compute-ms", help="Compute per token, nothing copied (bench's)."),
-    expert_ms: float = typer.Option(0.216, "--expert-ms", help="One expert's MLP for one token."),
-    bandwidth: float = typer.Option(53.43, "--bandwidth", help="Pinned host-to-device GB/s (bench's)."),
+    compute_ms: float = typer.Option(
+        H100["compute_ms"], "--compute-ms", help="Compute per token, nothing copied (bench's)."
+    ),
+    expert_ms: float = typer.Option(H100["expert_ms"], "--expert-ms", help="One expert's MLP for one token."),
+    bandwidth: float = typer.Option(
+        H100["bandwidth_gbps"], "--bandwidth", help="Pinned host-to-device GB/s (bench's)."
+    ),
     back_bandwidth: float = typer.Option(
         None, "--back-bandwidth", help="Device-to-host GB/s, for exclusive mode. Default: as --bandwidth."
     ),
-    expert_bytes: int = typer.Option(66_748_416, "--expert-bytes", help="One packed expert (bench's expert_bytes)."),
+    expert_bytes: int = typer.Option(
+        H100["expert_bytes"], "--expert-bytes", help="One packed expert (bench's expert_bytes)."
+    ),
     wake_us: float = typer.Option(
-        20.0, "--wake-us", help="From a load the host waited for to its expert running (an expert graph's launch)."
+        H100["wake_us"],
+        "--wake-us",
+        help="From a load the host waited for to its expert running (an expert graph's launch).",
     ),
     tokens: int = typer.Option(128, "--tokens", help="Decode tokens timed, after bench's prompt and warm-up."),
     as_json: bool = typer.Option(
@@ -137,13 +145,9 @@ def timeline_command(
                 raise MoEOffloadError(f"{name} must be positive, got {value:g}")
         if wake_us < 0:
             raise MoEOffloadError(f"--wake-us must not be negative, got {wake_us:g}")
-        costs = Costs(
-            compute_s=compute_ms / 1e3,
-            expert_s=expert_ms / 1e3,
-            copy_s=expert_bytes / (bandwidth * 1e9),
-            back_s=None if back_bandwidth is None else expert_bytes / (back_bandwidth * 1e9),
-            wake_s=wake_us / 1e6,
-        )
+        costs = Costs.from_rates(compute_ms=compute_ms, expert_ms=expert_ms, bandwidth_gbps=bandwidth,
+                                 expert_bytes=expert_bytes, wake_us=wake_us,
+                                 back_bandwidth_gbps=back_bandwidth)  # fmt: skip
         routing = read_trace(trace)
         runs = [timeline(routing, costs, policy=name, slots=count, mode=mode, prefetch=prefetch, depth=depth,
                          tokens=tokens) for name in policies for count in slot_counts]  # fmt: skip
