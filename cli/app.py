@@ -99,6 +99,13 @@ CudaGraphs = Annotated[
         show_default=False,
     ),
 ]
+PrefillChunk = Annotated[
+    int,
+    typer.Option(
+        help="Prompt tokens each layer's attention, and each expert, takes at once: a long prompt's activations "
+        "grow with this, not with the prompt, and the memory plan keeps them free. Lower it for more slots.",
+    ),
+]
 MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate at most.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this mass.")]
@@ -123,6 +130,7 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
     "max_seq_len": (MaxSeqLen, LoadOptions.max_seq_len),
     "fused_gemv": (FusedGemv, LoadOptions.fused_gemv),
     "cuda_graphs": (CudaGraphs, LoadOptions.cuda_graphs),
+    "prefill_chunk": (PrefillChunk, LoadOptions.prefill_chunk),
 }
 
 
@@ -324,7 +332,7 @@ def chat(
 @app.command()
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "prefetch",
-    "prefetch_ahead", "policy", "max_seq_len", "fused_gemv", "cuda_graphs",
+    "prefetch_ahead", "policy", "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk",
 )  # fmt: skip
 def info(
     model: Model,
@@ -409,7 +417,7 @@ def synth(
 @app.command()
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "policy", "cache_mode",
-    "max_seq_len", "fused_gemv", "cuda_graphs",
+    "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk",
 )  # fmt: skip
 def bench(
     model: Model,

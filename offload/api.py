@@ -8,6 +8,7 @@ print(result.text, model.stats.hit_rate)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from cache.expert_cache import ExpertCache
 from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
-from offload.decoder import Decoder, ModelConfig
+from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig
 from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
@@ -28,7 +29,7 @@ from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_c
 from quant import gemv
 from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
-from quant.hqq import Quantized, Workspace
+from quant.hqq import Quantized, Workspace, workspace_bytes
 from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,6 +65,9 @@ class LoadOptions:
     # decode's resident part (attention, norms, router, guesses, head) replayed as CUDA graphs (offload/graphs.py);
     # None: on CUDA. False: every kernel launched from Python
     cuda_graphs: bool | None = None
+    # a prefill's tokens that each layer's attention and each expert take at once (offload/decoder.py): a long
+    # prompt's activations grow with this, not with the prompt, and the planner keeps them back
+    prefill_chunk: int = PREFILL_CHUNK
 
 
 @dataclass
@@ -194,9 +198,12 @@ def prepare(model: str, **options) -> Prepared:
     max_seq_len = opts.max_seq_len or min(config.max_position, 4096)
     if max_seq_len < 2:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    if opts.prefill_chunk < 1:
+        raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {opts.prefill_chunk}")
     expert_format = source.expert_format(dtype)
     resident = source.resident()
     kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)
+    reserve = prefill_reserve(config, resident, expert_format, max_seq_len, opts.prefill_chunk, dtype, device)
     plan = plan_memory(
         device=device,
         num_layers=config.num_layers,
@@ -204,6 +211,7 @@ def prepare(model: str, **options) -> Prepared:
         expert_bytes=expert_format.nbytes,
         resident_bytes=sum(_nbytes(w) for w in resident.values()),
         kv_bytes=kv_bytes,
+        reserve_bytes=reserve,
         slots=opts.slots,
         device_budget=None if opts.gpu_memory is None else parse_bytes(opts.gpu_memory),
         host_budget=None if opts.cpu_memory is None else parse_bytes(opts.cpu_memory),
@@ -212,6 +220,23 @@ def prepare(model: str, **options) -> Prepared:
     fused = resolve_fused_gemv(opts.fused_gemv, device)
     graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
     return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs)
+
+
+def prefill_reserve(
+    config: ModelConfig, resident: dict, expert_format: ExpertFormat, max_seq_len: int, chunk: int,
+    dtype: torch.dtype, device: torch.device,
+) -> int:  # fmt: skip
+    """What the GPU keeps free for a prefill of the whole context: its activations (ModelConfig.prefill_bytes)
+    and the dequantization workspaces it fills, the attention's and the experts' (quant.hqq.workspace_bytes),
+    or the largest NF4 weight, which bitsandbytes dequantizes into a new tensor at each use."""
+    experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
+    nf4 = [math.prod(w.shape) * dtype.itemsize for w in resident.values() if isinstance(w, NF4Quantized)]
+    return (
+        config.prefill_bytes(max_seq_len, chunk, dtype, repeat_kv=device.type == "cuda")
+        + workspace_bytes([w for w in resident.values() if isinstance(w, Quantized)], dtype)
+        + workspace_bytes([w for w in experts if isinstance(w, Quantized)], dtype)
+        + max(nf4, default=0)
+    )
 
 
 def kernel_name(fused_gemv: bool) -> str:
@@ -260,13 +285,14 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
     fused = prepared.fused_gemv
     moe = MoEBlock(
         routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
-        workspace=Workspace(fused),
+        workspace=Workspace(fused), prefill_chunk=prepared.options.prefill_chunk,
     )  # fmt: skip
     weights = {name: _to_device(w, prepared.device, prepared.dtype) for name, w in prepared.resident.items()}
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
         config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len,
         workspace=Workspace(fused), graphs=DecodeGraphs() if prepared.cuda_graphs else None,
+        prefill_chunk=prepared.options.prefill_chunk,
     )  # fmt: skip
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
     model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
@@ -476,6 +502,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "decode kernel": kernel_name(prepared.fused_gemv),
         "decode graphs": "CUDA graphs" if prepared.cuda_graphs else "off",
         "context": prepared.max_seq_len,
+        "prefill chunk": f"{prepared.options.prefill_chunk} tokens",
         **dict(prepared.plan.describe()),
         "prefetch": describe_prefetch(prepared.options) if prepared.plan.mode != "direct" else "none (no slots)",
         "policy": prepared.options.policy,

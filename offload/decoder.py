@@ -31,6 +31,11 @@ from quant.errors import MoEOffloadError
 from quant.hqq import Workspace
 from quant.linear import linear
 
+# A prefill's attention takes this many queries at a time, and each expert this many of its tokens (the MoE
+# block), so a long prompt's activations grow with the chunk, not the prompt, and the plan keeps them free
+# (offload.api.prefill_reserve). A layer still loads each expert once: the chunks run one layer at a time.
+PREFILL_CHUNK = 1024
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -60,6 +65,26 @@ class ModelConfig:
     def kv_cache_bytes(self, max_seq_len: int, dtype: torch.dtype) -> int:
         """The static KV cache Decoder allocates: keys and values of every layer, [K, max_seq_len, S] each."""
         return 2 * self.num_layers * self.num_kv_heads * max_seq_len * self.head_dim * dtype.itemsize
+
+    def prefill_bytes(self, tokens: int, chunk: int, dtype: torch.dtype, repeat_kv: bool = False) -> int:
+        """A bound on the activations of a prefill of `tokens` tokens at its peak, beyond the weights, the KV
+        cache and the dequantization workspace (quant.hqq.workspace_bytes): what Decoder.forward and the
+        MoE block hold at once, `chunk` tokens at a time (PREFILL_CHUNK). `repeat_kv`: a masked span
+        repeats the key heads (Decoder._attention, on CUDA). benchmarks/prefill_memory.py measures it."""
+        # T = tokens, c = chunk, b = bytes per element; the float32 of RMSNorm and of routing is 4
+        T, c, b = tokens, min(chunk, tokens), dtype.itemsize
+        D, I, E, k = self.hidden_size, self.intermediate_size, self.num_experts, self.top_k
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # the residual stream, the MoE block's input and its output; the router's logits, choices and weights
+        stream = T * (3 * D * b + E * (b + 4) + k * 32)
+        # a span's norm in float32 (two copies), its queries with their rotation, keys, values, and output
+        attention = c * (2 * D * 4 + (2 * q_width + 3 * kv_width + D) * b)
+        if repeat_kv and self.num_heads != self.num_kv_heads:
+            attention += 2 * T * q_width * b + c * T * (1 + b)  # the repeated keys and values; the mask, as bias
+        # an expert's chunk of tokens, its two [c, I] products and its output; and a float32 [c, D] more, which
+        # the measurement finds beside them
+        expert = c * ((2 * I + 2 * D) * b + D * 4)
+        return stream + max(attention, expert)
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -104,8 +129,12 @@ class Decoder:
         max_seq_len: int | None = None,
         workspace: Workspace | None = None,
         graphs: DecodeGraphs | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
+        if prefill_chunk < 1:
+            raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
         self.config = config
+        self.prefill_chunk = prefill_chunk
         self.moe = moe
         # quantized weights dequantize into these buffers, made on first use: no weight-sized allocation per step
         self.workspace = workspace or Workspace()
@@ -143,6 +172,8 @@ class Decoder:
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
         self.cos, self.sin = rope_tables(config, self.max_seq_len, self.device, dtype)
         self.positions = torch.arange(self.max_seq_len, device=self.device)  # for prefill masks
+        # see _attention; the CPU's SDPA takes grouped heads under a mask in a kernel of its own
+        self.repeat_kv_under_mask = self.device.type == "cuda"
         # the static decode path (module docstring): on when graphs are given and the MoE block has its halves
         self.graphs = graphs if graphs is not None and hasattr(moe, "route_into") else None
         self._static: StaticStep | None = None
@@ -171,7 +202,12 @@ class Decoder:
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, start_pos: int, *, last_only: bool = False) -> Tensor:
-        """Logits [T, V] (or [1, V] with last_only) in float32 for tokens at start_pos .. start_pos+T-1."""
+        """Logits [T, V] (or [1, V] with last_only) in float32 for tokens at start_pos .. start_pos+T-1.
+
+        A layer's attention runs over spans of `prefill_chunk` queries, each added into the residual stream
+        in place: a span's keys and values are in the cache before a later span reads them, and a span
+        reads only its own rows of the stream, so the result is that of all queries at once.
+        """
         # T = tokens, D = hidden, V = vocab
         tokens = input_ids.shape[0]
         end = start_pos + tokens
@@ -183,13 +219,17 @@ class Decoder:
         if tokens == 1 and self.graphs is not None:
             return self._decode_static(input_ids, start_pos)
         w = self.weights
-        h = F.embedding(input_ids, w["embed"])  # [T, D]
-        mask = self._mask(start_pos, tokens)  # None: decode, or a fresh full-causal prefill
+        h = F.embedding(input_ids, w["embed"])  # [T, D], the residual stream, added to in place
+        x = torch.empty_like(h)  # each layer's MoE input
+        spans = [(s, min(s + self.prefill_chunk, tokens)) for s in range(0, tokens, self.prefill_chunk)]
         for layer in range(self.config.num_layers):
             prefix = f"layers.{layer}."
-            h = h + self._attention(layer, rms_norm(h, w[prefix + "input_norm"], self.eps), start_pos, mask)
-            x = rms_norm(h, w[prefix + "post_norm"], self.eps)
-            h = h + self.moe(layer, x, h)
+            for s, e in spans:
+                part = h[s:e]  # a view: the add writes h
+                mask = self._mask(start_pos + s, e - s)  # None: decode, or a fresh full-causal span
+                part += self._attention(layer, rms_norm(part, w[prefix + "input_norm"], self.eps), start_pos + s, mask)
+                x[s:e] = rms_norm(part, w[prefix + "post_norm"], self.eps)
+            h += self.moe(layer, x, h)
             if self.layer_done is not None:
                 self.layer_done(layer, h)
         if last_only:
@@ -231,13 +271,16 @@ class Decoder:
             mask = mask[:, first:]
         keys = self.k_cache[layer, :, first:end]  # [K, N, S], a view: no copy
         values = self.v_cache[layer, :, first:end]
+        grouped = c.num_heads != c.num_kv_heads
+        if grouped and mask is not None and self.repeat_kv_under_mask:
+            # CUDA's SDPA runs grouped heads in its flash and math kernels only, and flash takes no mask: a
+            # masked span (a later prefill chunk, a chat turn) would get the math kernel's float32 scores
+            # [H, T, N]. Repeated key heads let the memory-efficient kernel take the mask, as transformers does.
+            keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)  # [H, N, S]
+            values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)
+            grouped = False
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=mask is None and tokens > 1,
-            enable_gqa=c.num_heads != c.num_kv_heads,
+            q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=mask is None and tokens > 1, enable_gqa=grouped
         )  # [H, T, S]
         return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
 from cache.table import request_order
+from offload.decoder import PREFILL_CHUNK
 from quant.hqq import Workspace
 from quant.linear import linear
 from quant.packing import ExpertFormat
@@ -22,9 +23,9 @@ def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = Non
     `reuse` (a decode step, whose shapes never change) writes the three products into `workspace`
     buffers too, so the expert allocates nothing; the result is valid until the next reusing call.
     """
-    if not reuse:
-        gate = F.silu(linear(x, weights["w1"], workspace))
-        return linear(gate * linear(x, weights["w3"], workspace), weights["w2"], workspace)
+    if not reuse:  # in place where it can: two [T, I] products live at once, not four
+        gate = F.silu(linear(x, weights["w1"], workspace), inplace=True)
+        return linear(gate.mul_(linear(x, weights["w3"], workspace)), weights["w2"], workspace)
     # T = tokens, I = intermediate, D = hidden
     tokens = x.shape[0]
     intermediate, hidden = weights["w1"].shape[0], weights["w2"].shape[0]
@@ -51,8 +52,10 @@ class MoEBlock:
         prefetcher=None,
         recorder=None,
         workspace: Workspace | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.routers = routers
+        self.prefill_chunk = prefill_chunk  # a prefill's tokens an expert takes at once (offload/decoder.py)
         self.route = route
         self.top_k = top_k
         self.cache = cache
@@ -89,8 +92,10 @@ class MoEBlock:
         weights = weights.to(x.dtype)
         for expert, packed in served:
             rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert
-            y = expert_mlp(x[rows], self._unpack(packed), self.workspace)  # [rows, D]
-            out.index_add_(0, rows, y * weights[rows, rank, None])
+            mlp = self._unpack(packed)
+            for rows_part, rank_part in zip(rows.split(self.prefill_chunk), rank.split(self.prefill_chunk)):
+                y = expert_mlp(x[rows_part], mlp, self.workspace)  # [rows, D]
+                out.index_add_(0, rows_part, y.mul_(weights[rows_part, rank_part, None]))
         return out
 
     @property

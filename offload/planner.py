@@ -29,7 +29,9 @@ _UNITS = {
     "tib": 1 << 40,
 }
 HOST_HEADROOM = 1 * GiB  # left for Python, torch and the tokenizer when the RAM budget is read off the machine
-GPU_HEADROOM = 0.05  # share of the GPU budget kept for activations, the allocator and CUDA's own use
+# share of the GPU budget kept back beside the activations the plan reserves by name (`reserve_bytes`): the
+# allocator's rounding and fragmentation, cuBLAS's workspace, the CUDA graphs' pools
+GPU_HEADROOM = 0.03
 
 
 def parse_bytes(text: str) -> int:
@@ -53,6 +55,7 @@ class MemoryPlan:
     device_bytes: int  # resident weights + KV cache + slots
     device_budget: int
     host_budget: int
+    reserve_bytes: int = 0  # kept free on the GPU for a prefill of the whole context: activations and workspace
 
     def describe(self) -> list[tuple[str, str]]:
         slots = "none (computed in place)" if self.slots_per_layer is None else slots_text(self.slots_per_layer)
@@ -62,7 +65,7 @@ class MemoryPlan:
             ("bytes per expert", format_bytes(self.expert_bytes)),
             ("arena (host)", f"{format_bytes(self.host_bytes)} of {format_bytes(self.host_budget)}"),
             ("device", f"{format_bytes(self.device_bytes)} of {format_bytes(self.device_budget)}"),
-        ]
+        ] + ([("kept for a prefill", format_bytes(self.reserve_bytes))] if self.reserve_bytes else [])
 
 
 def slots_text(slots: Sequence[int]) -> str:
@@ -104,6 +107,7 @@ def plan_memory(
     expert_bytes: int,
     resident_bytes: int,
     kv_bytes: int,
+    reserve_bytes: int = 0,
     slots: int | None = None,
     device_budget: int | None = None,
     host_budget: int | None = None,
@@ -113,6 +117,8 @@ def plan_memory(
 
     `mode` "auto" takes inclusive when RAM holds every expert, else exclusive; "inclusive" or
     "exclusive" forces one (on the CPU too, with slots, to measure a swap on any machine).
+    `reserve_bytes` is kept free on the GPU beside GPU_HEADROOM: what a prefill of the whole context
+    needs at its peak (offload.api.prefill_reserve). The CPU's plan has no use for it.
     """
     if mode not in ("auto", "inclusive", "exclusive"):
         raise MoEOffloadError(f"unknown cache mode {mode!r}; choose auto, inclusive or exclusive")
@@ -141,16 +147,18 @@ def plan_memory(
     if slots is not None and slots > num_experts:
         raise MoEOffloadError(f"--slots {slots} is more than the {num_experts} experts per layer")
     fixed = resident_bytes + kv_bytes
-    room = int(device_budget * (1 - GPU_HEADROOM)) - fixed - expert_bytes  # less the spare row of a swap
+    # less the spare row of a swap
+    room = int(device_budget * (1 - GPU_HEADROOM)) - fixed - reserve_bytes - expert_bytes
     total = room // expert_bytes if room > 0 else 0  # slots the GPU can hold, all layers together
     fit = total // num_layers  # slots per layer, the same in every layer
     if slots is None:
         slots = min(fit, num_experts)
     if slots < 1 or slots > fit:
-        need = fixed + (num_layers * max(slots, 1) + 1) * expert_bytes
+        need = fixed + reserve_bytes + (num_layers * max(slots, 1) + 1) * expert_bytes
         raise MoEOffloadError(
             f"{max(slots, 1)} expert slots per layer need {format_bytes(need / (1 - GPU_HEADROOM))} of GPU memory "
-            f"(resident weights and KV cache {format_bytes(fixed)}), and the budget is {format_bytes(device_budget)}; "
+            f"(resident weights and KV cache {format_bytes(fixed)}, kept for a prefill {format_bytes(reserve_bytes)}), "
+            f"and the budget is {format_bytes(device_budget)}; "
             "lower --slots or --max-seq-len, quantize to fewer bits, or raise --gpu-memory"
         )
     per_layer = (slots,) * num_layers if forced else spread(total, num_layers, num_experts)
@@ -167,7 +175,9 @@ def plan_memory(
             f"and {format_bytes(host_budget)} is available; quantize to fewer bits or raise --cpu-memory"
         )
     device_bytes = fixed + in_slots + (expert_bytes if mode == "exclusive" else 0)
-    return MemoryPlan(mode, per_layer, expert_bytes, host_bytes, device_bytes, device_budget, host_budget)
+    return MemoryPlan(
+        mode, per_layer, expert_bytes, host_bytes, device_bytes, device_budget, host_budget, reserve_bytes
+    )
 
 
 def spread(total: int, num_layers: int, num_experts: int) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ per weight, more than the codes; float16 halves that and is what hqq itself keep
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +239,25 @@ class Workspace:
         if key not in self._buffers:
             self._buffers[key] = _shifts(bits, dtype, device)
         return self._buffers[key]
+
+
+def workspace_bytes(weights: Iterable[Quantized], dtype: torch.dtype) -> int:
+    """The bytes one Workspace holds once it has dequantized each of `weights` to `dtype`: its buffers,
+    one set per shape, counted by dequantizing copies on the meta device (no memory, no arithmetic)."""
+    workspace = Workspace()
+    seen = set()
+    for q in weights:
+        if (q.shape, q.spec) not in seen:
+            seen.add((q.shape, q.spec))
+            dequantize(_on_meta(q), dtype, workspace)
+    return sum(buffer.nbytes for buffer in workspace._buffers.values())
+
+
+def _on_meta(q: Quantized) -> Quantized:
+    def meta(t: Tensor | Quantized) -> Tensor | Quantized:
+        return _on_meta(t) if isinstance(t, Quantized) else torch.empty_like(t, device="meta")
+
+    return Quantized(meta(q.codes), meta(q.scale), meta(q.zero), q.shape, q.spec)
 
 
 def _shifts(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:

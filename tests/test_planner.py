@@ -20,41 +20,47 @@ def test_parse_bytes():
 
 
 def test_free_colab_fits_2bit_mixtral_in_exclusive_mode():
-    # T4: 15 GiB VRAM, 12.7 GB RAM; resident (4-bit attention, embeddings, lm_head) ~1.6 GB, KV 0.5 GB
+    # T4: 15 GiB VRAM, 12.7 GB RAM; resident (4-bit attention, embeddings, lm_head) ~1.6 GB, KV 0.5 GB, and
+    # 0.5 GB kept for a 4096-token prefill (offload.api.prefill_reserve)
     plan = plan_memory(
         device=CUDA,
         **MIXTRAL_2BIT,
         resident_bytes=1_600_000_000,
         kv_bytes=500_000_000,
+        reserve_bytes=500_000_000,
         device_budget=15 * GiB,
         host_budget=12 * GiB,
     )
     assert plan.mode == "exclusive"
-    # (0.95 x 15 GiB - 2.1 GB - the spare row) / 68 MB = 193 experts on the GPU: 6 a layer, and the one
-    # left over in layer 0
-    assert plan.slots_per_layer == (7,) + (6,) * 31
-    assert plan.host_bytes == (256 - 193 + 1) * 68_000_000  # each expert once, plus the spare row
-    assert plan.device_bytes == 2_100_000_000 + (193 + 1) * 68_000_000
-    assert dict(plan.describe())["slots per layer"] == "7 in layer 0, 6 in layers 1-31 (193 in all)"
+    # (0.97 x 15 GiB - 2.1 GB - 0.5 GB - the spare row) / 68 MB = 190 experts on the GPU: 5 a layer, and
+    # the 30 left over one each in layers 0-29
+    assert plan.slots_per_layer == (6,) * 30 + (5,) * 2
+    assert plan.host_bytes == (256 - 190 + 1) * 68_000_000  # each expert once, plus the spare row
+    assert plan.device_bytes == 2_100_000_000 + (190 + 1) * 68_000_000  # the reserve is kept free, not used
+    described = dict(plan.describe())
+    assert described["slots per layer"] == "6 in layers 0-29, 5 in layers 30-31 (190 in all)"
+    assert described["kept for a prefill"] == "0.47 GiB"
     # inclusive at the same GPU budget (RAM uncapped) gets the same slots: the swap is all that differs
     inclusive = plan_memory(device=CUDA, **MIXTRAL_2BIT, resident_bytes=1_600_000_000, kv_bytes=500_000_000,
-                            device_budget=15 * GiB, host_budget=32 * GiB, mode="inclusive")  # fmt: skip
+                            reserve_bytes=500_000_000, device_budget=15 * GiB, host_budget=32 * GiB,
+                            mode="inclusive")  # fmt: skip
     assert (inclusive.mode, inclusive.slots_per_layer) == ("inclusive", plan.slots_per_layer)
 
 
 def test_the_slots_an_even_split_leaves_go_to_the_first_layers():
-    # 12 GiB at a 4096-token context (KV 0.54 GB) and resident 1.28 GB, as synthetic Mixtral-8x7B:
-    # 155 slots fit; an even split alone would use 128 of them
+    # 12 GiB at a 4096-token context (KV 0.54 GB), resident 1.28 GB, and kept for a prefill of the whole
+    # context 0.50 GB, as synthetic Mixtral-8x7B: 151 slots fit; an even split alone would use 128 of them
     plan = plan_memory(
         device=CUDA,
         **MIXTRAL_2BIT | dict(expert_bytes=66_748_416),
         resident_bytes=1_281_892_352,
         kv_bytes=536_870_912,
+        reserve_bytes=501_121_030,
         device_budget=12 * GiB,
         host_budget=32 * GiB,
     )
-    assert plan.slots_per_layer == (5,) * 27 + (4,) * 5
-    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-26, 4 in layers 27-31 (155 in all)"
+    assert plan.slots_per_layer == (5,) * 23 + (4,) * 9
+    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-22, 4 in layers 23-31 (151 in all)"
     # room for one more slot in every layer gives 5 everywhere; never more than the experts
     assert spread(160, 32, 8) == (5,) * 32
     assert spread(300, 32, 8) == (8,) * 32
@@ -78,13 +84,16 @@ def test_inclusive_when_ram_holds_every_expert():
 
 def test_too_many_slots_say_what_to_change():
     with pytest.raises(
-        MoEOffloadError, match=r"6 expert slots per layer need 14.9. GiB of GPU memory .*lower --slots"
+        MoEOffloadError,
+        match=r"6 expert slots per layer need 15.10 GiB of GPU memory \(resident weights and KV cache 1.96 GiB, "
+        r"kept for a prefill 0.47 GiB\), and the budget is 12.00 GiB; lower --slots",
     ):
         plan_memory(
             device=CUDA,
             **MIXTRAL_2BIT,
             resident_bytes=1_600_000_000,
             kv_bytes=500_000_000,
+            reserve_bytes=500_000_000,
             device_budget=12 * GiB,
             host_budget=32 * GiB,
             slots=6,
@@ -108,6 +117,7 @@ def test_nothing_fits():
             **MIXTRAL_2BIT,
             resident_bytes=1_600_000_000,
             kv_bytes=500_000_000,
+            reserve_bytes=500_000_000,
             device_budget=15 * GiB,
             host_budget=4 * GiB,
         )

@@ -1,0 +1,124 @@
+"""How much memory a prefill's activations take, measured on the CPU with full Mixtral-8x7B shapes.
+
+python benchmarks/prefill_memory.py [--model DIR] [--tokens 512 1024 2048 4096] [--chunks 1024 256] [--out PATH]
+
+The planner gives every byte of a GPU budget it can to expert slots, so a long prompt's activations
+must fit in what it keeps back (offload.api.prefill_reserve). This measures them: a synthetic
+Mixtral-8x7B of one layer (full width, 2-bit experts; the transients of a layer are freed before the
+next, so one layer shows the peak), in bfloat16 on the CPU, with torch's profiler counting every
+allocation. For each prefill chunk and prompt length it prints the peak of live bytes during the
+prefill above what was live before it, with the dequantization workspace already made (a short
+prompt first), against ModelConfig.prefill_bytes, the bound the planner keeps; and a chat turn that
+continues a history (masked spans). It also checks the workspace against quant.hqq.workspace_bytes.
+The CPU's attention kernels are not CUDA's (CUDA repeats the key heads under a mask, which the bound
+adds there), so bench's gpu_peak_bytes is the figure on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from offload.api import load  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
+from offload.decoder import PREFILL_CHUNK  # noqa: E402
+from offload.planner import format_bytes  # noqa: E402
+from offload.synth import synthesize  # noqa: E402
+from quant.hqq import Quantized, workspace_bytes  # noqa: E402
+
+
+def live_peak(fn) -> int:
+    """The most bytes `fn` held allocated at once (CPU allocations, from the profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = []
+    for event in prof.events():
+        # an op's own allocations count at its start; frees the profiler cannot pin on an op come as [memory]
+        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if delta:
+            changes.append((event.time_range.start, delta))
+    live = peak = 0
+    for _, delta in sorted(changes):
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def measure(model, tokens: int, history: int = 0) -> dict:
+    """One prefill of `tokens` new tokens after `history` already in the KV cache."""
+    ids = torch.randint(0, model.config.vocab_size, (history + tokens,))
+    model.reset()
+    if history:
+        model.forward(ids[:history], 0, last_only=True)
+    start = time.perf_counter()
+    peak = live_peak(lambda: model.forward(ids[history:], history, last_only=True))
+    return {"tokens": tokens, "history": history, "peak_bytes": peak, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def workspace_check(model) -> dict:
+    """The dequantization workspace a prefill made, against what the planner counts for it."""
+    attention = [w for w in model.decoder.weights.values() if isinstance(w, Quantized)]
+    fmt = model.prepared.expert_format
+    experts = [w for w in fmt.unpack(torch.empty(fmt.nbytes, dtype=torch.uint8, device="meta")).values()
+               if isinstance(w, Quantized)]  # fmt: skip
+    made = sum(b.nbytes for ws in (model.decoder.workspace, model.moe.workspace) for b in ws._buffers.values())
+    counted = workspace_bytes(attention, model.dtype) + workspace_bytes(experts, model.dtype)
+    return {"made_bytes": made, "counted_bytes": counted}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a quantized folder (default: synthesize a 1-layer Mixtral-8x7B)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[PREFILL_CHUNK, 256])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prefill_memory_cpu.json"))
+    args = parser.parse_args()
+
+    runs, longest = [], max(args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model
+        if folder is None:
+            folder = str(Path(tmp) / "mixtral-1l")
+            synthesize(folder, "mixtral-8x7b", layers=1, expert_bits="2")
+        for chunk in args.chunks:
+            model = load(folder, device="cpu", dtype="bfloat16", max_seq_len=longest, prefill_chunk=chunk)
+            model.forward(torch.arange(8), 0, last_only=True)  # makes the dequantization workspace
+            workspace = workspace_check(model)
+            for tokens, history in [(t, 0) for t in args.tokens] + [(longest // 2, longest // 2)]:
+                run = measure(model, tokens, history)
+                for device, repeat_kv in (("cpu", False), ("cuda", True)):
+                    bound = model.config.prefill_bytes(history + tokens, chunk, model.dtype, repeat_kv=repeat_kv)
+                    run[f"bound_{device}_bytes"] = bound
+                runs.append({"chunk": chunk, **run})
+
+    table = Table(box=box.SIMPLE_HEAD, title="prefill activations (synthetic Mixtral-8x7B, 1 layer, bfloat16, CPU)")
+    for column in ("chunk", "prompt", "history", "measured peak", "bound (CPU)", "bound (CUDA)", "seconds"):
+        table.add_column(column, justify="right")
+    for run in runs:
+        table.add_row(str(run["chunk"]), str(run["tokens"]), str(run["history"]), format_bytes(run["peak_bytes"]),
+                      format_bytes(run["bound_cpu_bytes"]), format_bytes(run["bound_cuda_bytes"]),
+                      f"{run['seconds']:.1f}")  # fmt: skip
+    Console().print(table)
+    made, counted = (format_bytes(workspace[key]) for key in ("made_bytes", "counted_bytes"))
+    print(f"dequantization workspace: made {made}, counted by the planner {counted}")
+    model_name = "synthetic mixtral-8x7b, 1 layer, 2-bit experts, 4-bit attention" if args.model is None else args.model
+    record = {**environment(torch.device("cpu"), "python benchmarks/prefill_memory.py"), "model": model_name,
+              "workspace": workspace, "runs": runs}  # fmt: skip
+    write_json(args.out, record)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

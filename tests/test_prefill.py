@@ -1,0 +1,82 @@
+"""What a prefill holds in memory: the workspace it fills, its activations, and what the planner keeps for them.
+
+The chunked prefill's logits against transformers are in test_offload_oracle.py.
+"""
+
+import pytest
+import torch
+
+import offload
+from benchmarks.prefill_memory import live_peak
+from offload import api
+from offload.synth import synthesize
+from quant.hqq import workspace_bytes
+
+
+@pytest.fixture(scope="module")
+def small_one_layer(tmp_path_factory):
+    """mixtral-small's width (hidden 1024, intermediate 3584) in one layer, 2-bit experts, 4-bit attention."""
+    return synthesize(tmp_path_factory.mktemp("prefill") / "small", "mixtral-small", layers=1)
+
+
+def buffer_bytes(workspace) -> int:
+    return sum(buffer.nbytes for buffer in workspace._buffers.values())
+
+
+def test_workspace_bytes_counts_what_a_prefill_dequantizes(small_one_layer):
+    model = offload.load(str(small_one_layer), device="cpu", dtype="bfloat16")
+    model.reset()
+    model.forward(torch.arange(64), 0, last_only=True)
+    attention = [w for w in model.decoder.weights.values() if isinstance(w, api.Quantized)]
+    expert_format = model.prepared.expert_format
+    experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
+    assert buffer_bytes(model.decoder.workspace) == workspace_bytes(attention, torch.bfloat16) > 0
+    assert buffer_bytes(model.moe.workspace) == workspace_bytes(experts, torch.bfloat16) > 0
+
+
+def test_prefill_activations_stay_under_their_bound_and_shrink_with_the_chunk(small_one_layer):
+    tokens, peaks = 512, {}
+    for chunk in (64, 512):
+        model = offload.load(str(small_one_layer), device="cpu", dtype="bfloat16", prefill_chunk=chunk)
+        model.forward(torch.arange(16), 0, last_only=True)  # the workspace, which prefill_bytes leaves out
+        ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+        model.reset()
+        peaks[chunk] = live_peak(lambda model=model, ids=ids: model.forward(ids, 0, last_only=True))
+        assert peaks[chunk] <= model.config.prefill_bytes(tokens, chunk, torch.bfloat16), chunk
+    # the bound is near: with 8 experts and 2 a token, each expert gets ~128 of the 512 tokens, so every
+    # chunk of 64 is full, as the bound has them (the bound must hold if one expert gets them all)
+    assert model.config.prefill_bytes(tokens, 64, torch.bfloat16) < 1.5 * peaks[64]
+    # 4.2 MiB in chunks of 64 (the stream of 512 tokens is 3 MiB of it) against 8 MiB with the experts'
+    # tokens all at once
+    assert peaks[64] < 0.75 * peaks[512]
+
+
+def test_the_plan_keeps_the_prefill_of_the_whole_context(small_one_layer, monkeypatch):
+    asked = {}
+    real_plan_memory = api.plan_memory
+
+    def plan_memory(**kwargs):
+        asked.update(kwargs)
+        return real_plan_memory(**kwargs)
+
+    monkeypatch.setattr(api, "plan_memory", plan_memory)
+    prepared = api.prepare(str(small_one_layer), device="cpu", dtype="bfloat16", max_seq_len=2048, prefill_chunk=256)
+    config, expert_format = prepared.config, prepared.expert_format
+    experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
+    attention = [w for w in prepared.resident.values() if isinstance(w, api.Quantized)]
+    expected = (
+        config.prefill_bytes(2048, 256, torch.bfloat16)
+        + workspace_bytes(attention, torch.bfloat16)
+        + workspace_bytes([w for w in experts if isinstance(w, api.Quantized)], torch.bfloat16)
+    )
+    assert asked["reserve_bytes"] == expected
+    # on CUDA a masked span also repeats the key heads [H, T, S] twice and makes its mask a bias [c, T]
+    on_cuda = api.prefill_reserve(config, prepared.resident, expert_format, 2048, 256, torch.bfloat16,
+                                  torch.device("cuda"))  # fmt: skip
+    repeated = config.prefill_bytes(2048, 256, torch.bfloat16, repeat_kv=True)
+    assert on_cuda - expected == repeated - config.prefill_bytes(2048, 256, torch.bfloat16) > 0
+
+
+def test_a_chunk_below_one_is_refused(small_one_layer):
+    with pytest.raises(offload.MoEOffloadError, match=r"^--prefill-chunk must be at least 1, got 0$"):
+        offload.load(str(small_one_layer), device="cpu", prefill_chunk=0)
