@@ -34,9 +34,10 @@ sys.path.insert(0, str(REPO))
 from offload.api import load  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.decoder import PREFILL_CHUNK  # noqa: E402
-from offload.planner import format_bytes  # noqa: E402
 from offload.synth import synthesize  # noqa: E402
 from quant.hqq import Quantized, workspace_bytes  # noqa: E402
+
+MiB = 1 << 20
 
 
 def live_peak(fn) -> int:
@@ -107,11 +108,10 @@ def main() -> None:
     for column in ("chunk", "prompt", "history", "measured peak", "bound (CPU)", "bound (CUDA)", "seconds"):
         table.add_column(column, justify="right")
     for run in runs:
-        table.add_row(str(run["chunk"]), str(run["tokens"]), str(run["history"]), format_bytes(run["peak_bytes"]),
-                      format_bytes(run["bound_cpu_bytes"]), format_bytes(run["bound_cuda_bytes"]),
-                      f"{run['seconds']:.1f}")  # fmt: skip
+        sizes = (f"{run[key] / MiB:.1f} MiB" for key in ("peak_bytes", "bound_cpu_bytes", "bound_cuda_bytes"))
+        table.add_row(str(run["chunk"]), str(run["tokens"]), str(run["history"]), *sizes, f"{run['seconds']:.1f}")
     Console().print(table)
-    made, counted = (format_bytes(workspace[key]) for key in ("made_bytes", "counted_bytes"))
+    made, counted = (f"{workspace[key] / MiB:.1f} MiB" for key in ("made_bytes", "counted_bytes"))
     print(f"dequantization workspace: made {made}, counted by the planner {counted}")
     model_name = "synthetic mixtral-8x7b, 1 layer, 2-bit experts, 4-bit attention" if args.model is None else args.model
     record = {**environment(torch.device("cpu"), "python benchmarks/prefill_memory.py"), "model": model_name,
