@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path prefill colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -106,6 +106,16 @@ for step in "$@"; do
             --out "$results/profile_decode_${gpu}_eager.json"
         stamp "$results"/profile_decode_"${gpu}"_*.json
         ;;
+    prefill)  # a prompt of the whole default context at 12 and 8 GiB: the prefill's peak against the budget,
+        # of which the plan keeps prefill_reserve_bytes free (offload.api.prefill_reserve)
+        for gib in 12 8; do
+            moe bench "$model" --gpu-memory ${gib}GiB --max-seq-len 4096 --prompt-tokens 4064 --tokens 16 \
+                --json "$results/bench_${gpu}_prefill_4096_${gib}gib.json"
+        done
+        stamp "$results"/bench_"${gpu}"_prefill_4096_*.json
+        python3 -c "import json, sys; [print(p, d['gpu_peak_bytes'], 'of', d['gpu_budget_bytes'], 'kept', \
+d['prefill_reserve_bytes']) for p in sys.argv[1:] for d in [json.load(open(p))]]" "$results"/bench_"${gpu}"_prefill_4096_*.json
+        ;;
     colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
         moe bench "$model" --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \
             --json "$results/bench_${gpu}_colab_exclusive.json"
@@ -119,7 +129,7 @@ sys.exit(None if a == b else f'WARNING: inclusive slots {b} differ from exclusiv
             "$results/bench_${gpu}_colab_exclusive.json" "$results/bench_${gpu}_colab_inclusive.json" || true
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path prefill colab profile" >&2
         exit 2
         ;;
     esac

@@ -3,7 +3,8 @@
 python benchmarks/planned_slots.py [--trace PATH] [--out benchmarks/results/planned_slots.json]
 
 For synthetic Mixtral-8x7B with 2-bit experts (66.7 MB an expert; the resident weights measured from
-synth's own tensors), each GPU budget and context gives a number of slots for all layers together.
+synth's own tensors; what a prefill of the whole context needs kept free, as the runtime plans it), each
+GPU budget and context gives a number of slots for all layers together.
 An even split uses `layers x (total // layers)` of them; the planner (offload/planner.py) hands the rest
 to the first layers, one each. For both it prints the slots used, the hit rate LRU and path reach on
 the shared trace (simulate, no prefetch), and the decode the time-line model predicts with LRU and the
@@ -31,7 +32,7 @@ from cache.timeline import H100, Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
 from offload.bench import bench_context, environment, write_json  # noqa: E402
 from offload.planner import GiB, plan_memory  # noqa: E402
-from offload.synth import preset_config, resident_bytes, synthetic_format  # noqa: E402
+from offload.synth import prefill_reserve, preset_config, resident_bytes, synthetic_format  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 BUDGETS_GIB = (8, 10, 12, 15)
@@ -45,13 +46,18 @@ def _resident_bytes() -> int:
     return resident_bytes("mixtral-8x7b")
 
 
+@functools.cache
+def _reserve(context: int) -> int:
+    return prefill_reserve("mixtral-8x7b", context)
+
+
 def mixtral_plan(gpu_gib: float, context: int) -> tuple[int, ...]:
     """The planner's slots per layer for synthetic 2-bit Mixtral-8x7B (bfloat16 KV cache)."""
     config = preset_config("mixtral-8x7b")
     plan = plan_memory(device=torch.device("cuda"), num_layers=config.num_layers, num_experts=config.num_experts,
                        expert_bytes=synthetic_format(config, "2").nbytes, resident_bytes=_resident_bytes(),
-                       kv_bytes=config.kv_cache_bytes(context, torch.bfloat16), device_budget=int(gpu_gib * GiB),
-                       host_budget=64 * GiB)  # fmt: skip
+                       kv_bytes=config.kv_cache_bytes(context, torch.bfloat16), reserve_bytes=_reserve(context),
+                       device_budget=int(gpu_gib * GiB), host_budget=64 * GiB)  # fmt: skip
     return plan.slots_per_layer
 
 
@@ -135,6 +141,7 @@ def main() -> None:
         "trace": str(args.trace),
         "expert_bytes": synthetic_format(config, "2").nbytes,
         "resident_bytes": _resident_bytes(),
+        "reserve_bytes": {str(context): _reserve(context) for context in CONTEXTS},  # kept for a prefill
         "costs": dataclasses.asdict(COSTS),
         "results": rows,
         "best_static_split": best,

@@ -471,6 +471,8 @@ def bench(
         "routing": "model" if routing is None else f"replayed: {routing.path}",
         "mode": model.plan.mode,
         "slots_per_layer": list(model.plan.slots_per_layer),
+        "gpu_budget_bytes": model.plan.device_budget if model.device.type == "cuda" else None,
+        "prefill_reserve_bytes": model.plan.reserve_bytes,  # kept free for a prefill of the whole context
         "policy": model.options.policy,
         "kernel": kernel_name(model.prepared.fused_gemv),
         "cuda_graphs": graphs_ran(model),

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from offload import api
 from offload.convert import Progress, build_manifest
-from offload.decoder import ModelConfig
+from offload.decoder import PREFILL_CHUNK, ModelConfig
 from quant.checkpoint import FORMAT_VERSION, RESIDENT, CheckpointWriter, expert_file
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, QuantSpec, random_quantized, to_tensors
@@ -137,7 +138,6 @@ def _resident(config: ModelConfig, attn: QuantSpec | None, generator: torch.Gene
     on a normed input, so each token picks different experts and routing spreads over all of them.
     """
     D, V, E = config.hidden_size, config.vocab_size, config.num_experts
-    H, K, S = config.num_heads, config.num_kv_heads, config.head_dim
 
     def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
         return (torch.randn(shape, generator=generator) * std + mean).to(STORAGE_DTYPE)
@@ -148,14 +148,35 @@ def _resident(config: ModelConfig, attn: QuantSpec | None, generator: torch.Gene
         tensors[prefix + "input_norm"] = normal((D,), 0.02, 1.0)
         tensors[prefix + "post_norm"] = normal((D,), 0.02, 1.0)
         tensors[prefix + "router"] = normal((E, D), 1.5 / D**0.5)
-        projections = {"q_proj": (H * S, D), "k_proj": (K * S, D), "v_proj": (K * S, D), "o_proj": (D, H * S)}
-        for name, shape in projections.items():
+        for name, shape in _projections(config).items():
             if attn is None:
                 tensors[prefix + name] = normal(shape, 0.01)
             else:
                 tensors.update(to_tensors(random_quantized(shape, attn, generator), prefix + name))
     tensors["lm_head"] = normal((V, D), 1.0 / D**0.5)
     return tensors
+
+
+def _projections(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """A layer's attention weights and their shapes [out, in]."""
+    D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    return {"q_proj": (H * S, D), "k_proj": (K * S, D), "v_proj": (K * S, D), "o_proj": (D, H * S)}
+
+
+def prefill_reserve(
+    preset: str, context: int, *, chunk: int = PREFILL_CHUNK, expert_bits: str = "2", attn_bits: str = "4"
+) -> int:
+    """What the plan keeps free on CUDA for a synthetic model (offload.api.prefill_reserve), in bfloat16
+    as bench runs it, computed without writing: one layer's attention is drawn, since every layer's has
+    the same shapes and so dequantizes into the same workspace buffers."""
+    config = preset_config(preset)
+    attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+    generator = _generator(0, _RESIDENT_STREAM)
+    attention = {} if attn is None else {
+        name: random_quantized(shape, attn, generator) for name, shape in _projections(config).items()
+    }  # fmt: skip
+    expert_format = synthetic_format(config, expert_bits)
+    return api.prefill_reserve(config, attention, expert_format, context, chunk, STORAGE_DTYPE, torch.device("cuda"))
 
 
 def resident_bytes(preset: str, attn_bits: str = "4") -> int:

@@ -45,6 +45,7 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     # layer 0 is loaded from the token before: the first decode step has none
     assert per_layer[0].guess_right == per_layer[0].guess_total == decode_requests - 2
     assert result["gpu_peak_bytes"] is None and result["gpu_allocs_in_decode"] is None  # no GPU here
+    assert result["gpu_budget_bytes"] is None and result["prefill_reserve_bytes"] == 0  # the CPU's plan keeps none
     assert result["fraction_of_bound"] == pytest.approx(result["decode_tokens_per_s"] / result["bound_tokens_per_s"],
                                                         rel=1e-2)  # fmt: skip
     # the bound's compute is the faster of the two measurements, before and after the decode

@@ -8,7 +8,7 @@ import torch
 
 import offload
 from benchmarks.prefill_memory import live_peak
-from offload import api
+from offload import api, synth
 from offload.synth import synthesize
 from quant.hqq import workspace_bytes
 
@@ -80,3 +80,12 @@ def test_the_plan_keeps_the_prefill_of_the_whole_context(small_one_layer, monkey
 def test_a_chunk_below_one_is_refused(small_one_layer):
     with pytest.raises(offload.MoEOffloadError, match=r"^--prefill-chunk must be at least 1, got 0$"):
         offload.load(str(small_one_layer), device="cpu", prefill_chunk=0)
+
+
+def test_synth_counts_the_reserve_the_runtime_keeps(small_one_layer):
+    # planned_slots.py plans synthetic Mixtral-8x7B without writing it: the same reserve as the runtime's
+    # for the written model (one layer or eight: the workspace is per shape, the activations per layer)
+    prepared = api.prepare(str(small_one_layer), device="cpu", dtype="bfloat16")
+    on_cuda = api.prefill_reserve(prepared.config, prepared.resident, prepared.expert_format, 4096, 1024,
+                                  torch.bfloat16, torch.device("cuda"))  # fmt: skip
+    assert synth.prefill_reserve("mixtral-small", 4096) == on_cuda
