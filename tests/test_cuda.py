@@ -187,3 +187,40 @@ def test_a_failed_capture_decodes_on_and_says_why():
     assert "invalidated" not in graphs.failed, graphs.failed
     graphs.run("syncs", lambda: x.add_(1))  # on eagerly
     assert x.tolist() == [3.0] * 4 and not graphs.graphs
+
+
+def test_a_chunked_prefill_matches_transformers_on_cuda(tiny):
+    """Spans after the first are masked, and on CUDA they repeat the key heads for the memory-efficient
+    kernel (Decoder._attention): a prompt in chunks of 3, then a second prefill after it, as a chat turn."""
+    tokens = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(tiny)(tokens[None]).logits[0]
+    model = offload.load(str(tiny), device="cuda", dtype="float32", slots=3, prefill_chunk=3)
+    assert model.decoder.repeat_kv_under_mask
+    model.reset()
+    got = torch.cat([model.forward(tokens[:8], 0), model.forward(tokens[8:], 8)])
+    assert (got.cpu() - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("history", [0, 1024])
+def test_a_long_prefill_peaks_under_what_the_plan_keeps_for_it(tmp_path, history):
+    """The plan keeps ModelConfig.prefill_bytes free beside the workspace (offload.api.prefill_reserve):
+    a 2048-token context through mixtral-small's width, in chunks of 256, must not exceed it on CUDA."""
+    from offload.synth import synthesize
+
+    folder = synthesize(tmp_path / "small", "mixtral-small", layers=1)
+    model = offload.load(str(folder), device="cuda", max_seq_len=2048, prefill_chunk=256, prefetch="none")
+    ids = torch.randint(0, model.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(0))
+    model.reset()
+    model.forward(ids[:512], 0, last_only=True)  # every expert gets more rows than the kernel takes: the workspace
+    model.reset()
+    if history:
+        model.forward(ids[:history], 0, last_only=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model.forward(ids[history:], history, last_only=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    bound = model.config.prefill_bytes(2048, 256, model.dtype, repeat_kv=True)
+    assert peak <= bound, f"peak {peak} over the bound {bound}"
