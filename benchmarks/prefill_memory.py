@@ -26,6 +26,7 @@ import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,15 +42,19 @@ MiB = 1 << 20
 
 
 def live_peak(fn) -> int:
-    """The most bytes `fn` held allocated at once (CPU allocations, from the profiler's memory events)."""
+    """The most bytes `fn` held allocated at once: every CPU allocation and free the profiler records, in
+    time order, those of an operator's own inner calls included."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    changes = []
-    for event in prof.events():
-        # an op's own allocations count at its start; frees the profiler cannot pin on an op come as [memory]
-        delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        if delta:
-            changes.append((event.time_range.start, delta))
+    changes = []  # (time, bytes): a free records a negative size
+
+    def walk(events) -> None:
+        for event in events:
+            if event.tag == _EventType.Allocation:
+                changes.append((event.start_time_ns, event.extra_fields.alloc_size))
+            walk(event.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
     live = peak = 0
     for _, delta in sorted(changes):
         live += delta

@@ -279,9 +279,12 @@ class Decoder:
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)  # [H, N, S]
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)
             grouped = False
+        # 4-D, batch 1: SDPA's fused kernels (flash, memory-efficient, the CPU's) take nothing else, and its
+        # math kernel would make the float32 scores [H, T, N], 2 GiB for 4096 Mixtral queries at once
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=mask is None and tokens > 1, enable_gqa=grouped
-        )  # [H, T, S]
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+            is_causal=mask is None and tokens > 1, enable_gqa=grouped,
+        )[0]  # [H, T, S]  # fmt: skip
         return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
 
     # -- the static decode path ------------------------------------------------------------------------
