@@ -8,7 +8,6 @@ print(result.text, model.stats.hit_rate)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
 from quant import gemv
-from quant.bnb import NF4Quantized
+from quant.bnb import NF4Quantized, dequantize_bytes
 from quant.errors import MoEOffloadError
 from quant.hqq import Quantized, Workspace, workspace_bytes
 from quant.packing import ExpertFormat
@@ -228,9 +227,9 @@ def prefill_reserve(
 ) -> int:  # fmt: skip
     """What the GPU keeps free for a prefill of the whole context: its activations (ModelConfig.prefill_bytes)
     and the dequantization workspaces it fills, the attention's and the experts' (quant.hqq.workspace_bytes),
-    or the largest NF4 weight, which bitsandbytes dequantizes into a new tensor at each use."""
+    or, for NF4 attention, which dequantizes into new tensors at each use, the largest weight's transients."""
     experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
-    nf4 = [math.prod(w.shape) * dtype.itemsize for w in resident.values() if isinstance(w, NF4Quantized)]
+    nf4 = [dequantize_bytes(w.shape, dtype) for w in resident.values() if isinstance(w, NF4Quantized)]
     return (
         config.prefill_bytes(max_seq_len, chunk, dtype, repeat_kv=device.type == "cuda")
         + workspace_bytes([w for w in resident.values() if isinstance(w, Quantized)], dtype)

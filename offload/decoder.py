@@ -3,6 +3,7 @@
 The MoE block is injected: `moe(layer, x, h_mid) -> Tensor[T, D]` with x the post-attention normed
 hidden state and h_mid the residual after attention (the early point for a prefetch guess), and
 optionally `moe.layer_done(layer, h)` once layer `layer`'s output is known (the late point). The
+residual stream is updated in place, so a block or hook that keeps h_mid or h past its call must copy it. The
 decoder knows nothing of caches, quantization formats or families; it matches transformers'
 MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q - window`).
 
@@ -77,10 +78,11 @@ class ModelConfig:
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # the residual stream, the MoE block's input and its output; the router's logits, choices and weights
         stream = T * (3 * D * b + E * (b + 4) + k * 32)
-        # a span's norm in float32 (two copies), its queries with their rotation, keys, values, and output
-        attention = c * (2 * D * 4 + (2 * q_width + 3 * kv_width + D) * b)
+        # a span's norm in float32 (two copies), its queries with their rotation, keys, values, and output;
+        # a masked span's boolean mask [c, T]
+        attention = c * (2 * D * 4 + (2 * q_width + 3 * kv_width + D) * b) + c * T
         if repeat_kv and self.num_heads != self.num_kv_heads:
-            attention += 2 * T * q_width * b + c * T * (1 + b)  # the repeated keys and values; the mask, as bias
+            attention += 2 * T * q_width * b + c * T * b  # the repeated keys and values; the mask as a bias
         # an expert's chunk of tokens, its two [c, I] products and its output; and a float32 [c, D] more, which
         # the measurement finds beside them
         expert = c * ((2 * I + 2 * D) * b + D * 4)

@@ -63,11 +63,20 @@ def quantize_nf4(weight: Tensor, spec: NF4Spec = NF4Spec()) -> NF4Quantized:
 
 
 def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
-    """levels[code] * absmax in float32, cast to `dtype` (the order bnb uses), reshaped to q.shape."""
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.codes.device)
-    index = torch.stack((q.codes >> 4, q.codes & 0x0F), dim=1).reshape(-1).long()  # [numel]
-    values = levels[index].view(-1, q.spec.blocksize) * q.absmax.view(-1, 1)  # [blocks, blocksize]
-    return values.to(dtype).view(q.shape)
+    """levels[code] * absmax in float32, cast to `dtype` (the order bnb uses), reshaped to q.shape.
+
+    Each byte's two levels come from one lookup in a [256, 2] table, by an int32 index a byte long, so
+    the transients stay within dequantize_bytes: a 64-bit index a weight would be twice the result."""
+    pairs = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.codes.device)
+    pairs = torch.stack((pairs.repeat_interleave(16), pairs.repeat(16)), dim=1)  # [256, 2]: high nibble, low
+    values = pairs.index_select(0, q.codes.int()).view(-1, q.spec.blocksize)  # [blocks, blocksize]
+    return values.mul_(q.absmax.view(-1, 1)).to(dtype).view(q.shape)
+
+
+def dequantize_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The most dequantize_nf4 holds at once for a weight of `shape`: the int32 index (two bytes a weight),
+    then the float32 values beside the result in `dtype`; and the lookup tables, 4 KiB at most."""
+    return math.prod(shape) * (4 + max(2, dtype.itemsize)) + 4096
 
 
 def to_tensors(q: NF4Quantized, prefix: str) -> dict[str, Tensor]:

@@ -238,3 +238,14 @@ def test_dequantize_through_a_workspace_is_bit_identical_and_reuses_its_buffers(
         assert torch.equal(again, dequantize(q, dtype))
         assert again.data_ptr() == first.data_ptr()
     assert len(workspace._buffers) == buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nf4_dequantize_holds_no_more_than_the_plan_keeps(dtype):
+    from benchmarks.prefill_memory import live_peak
+    from quant.bnb import dequantize_bytes
+
+    q = quantize_nf4(torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    peak = live_peak(lambda: dequantize_nf4(q, dtype))
+    # more than the result itself (2 or 4 bytes a weight), and no more than the plan keeps for it
+    assert 512 * 1024 * dtype.itemsize < peak <= dequantize_bytes(q.shape, dtype)
