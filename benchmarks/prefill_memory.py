@@ -76,9 +76,7 @@ def measure(model, tokens: int, history: int = 0) -> dict:
 def workspace_check(model) -> dict:
     """The dequantization workspace a prefill made, against what the planner counts for it."""
     attention = [w for w in model.decoder.weights.values() if isinstance(w, Quantized)]
-    fmt = model.prepared.expert_format
-    experts = [w for w in fmt.unpack(torch.empty(fmt.nbytes, dtype=torch.uint8, device="meta")).values()
-               if isinstance(w, Quantized)]  # fmt: skip
+    experts = [w for w in model.prepared.expert_format.meta_weights().values() if isinstance(w, Quantized)]
     made = sum(b.nbytes for ws in (model.decoder.workspace, model.moe.workspace) for b in ws._buffers.values())
     counted = workspace_bytes(attention, model.dtype) + workspace_bytes(experts, model.dtype)
     return {"made_bytes": made, "counted_bytes": counted}

@@ -228,7 +228,7 @@ def prefill_reserve(
     """What the GPU keeps free for a prefill of the whole context: its activations (ModelConfig.prefill_bytes)
     and the dequantization workspaces it fills, the attention's and the experts' (quant.hqq.workspace_bytes),
     or, for NF4 attention, which dequantizes into new tensors at each use, the largest weight's transients."""
-    experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
+    experts = expert_format.meta_weights().values()
     nf4 = [dequantize_bytes(w.shape, dtype) for w in resident.values() if isinstance(w, NF4Quantized)]
     return (
         config.prefill_bytes(max_seq_len, chunk, dtype, repeat_kv=device.type == "cuda")

@@ -201,6 +201,10 @@ class ExpertFormat:
         target = scale if parts[1] == "scale" else zero  # dequantized meta spans [0, 2 * target]
         return 2 * target / meta_levels if parts[2] == "scale" else 0.0
 
+    def meta_weights(self) -> dict[str, Tensor | Quantized]:
+        """The weights of an expert in this format as shapes only, on the meta device: to count, not compute."""
+        return self.unpack(torch.empty(self.nbytes, dtype=torch.uint8, device="meta"))
+
     def unpack(self, buffer: Tensor) -> dict[str, Tensor | Quantized]:
         """{"w1", "w2", "w3"}: tensors or Quantized whose tensors are views into `buffer`."""
         views = self.layout.views(buffer)

@@ -28,8 +28,7 @@ def test_workspace_bytes_counts_what_a_prefill_dequantizes(small_one_layer):
     model.reset()
     model.forward(torch.arange(64), 0, last_only=True)
     attention = [w for w in model.decoder.weights.values() if isinstance(w, api.Quantized)]
-    expert_format = model.prepared.expert_format
-    experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
+    experts = model.prepared.expert_format.meta_weights().values()
     assert buffer_bytes(model.decoder.workspace) == workspace_bytes(attention, torch.bfloat16) > 0
     assert buffer_bytes(model.moe.workspace) == workspace_bytes(experts, torch.bfloat16) > 0
 
@@ -62,7 +61,7 @@ def test_the_plan_keeps_the_prefill_of_the_whole_context(small_one_layer, monkey
     monkeypatch.setattr(api, "plan_memory", plan_memory)
     prepared = api.prepare(str(small_one_layer), device="cpu", dtype="bfloat16", max_seq_len=2048, prefill_chunk=256)
     config, expert_format = prepared.config, prepared.expert_format
-    experts = expert_format.unpack(torch.empty(expert_format.nbytes, dtype=torch.uint8, device="meta")).values()
+    experts = expert_format.meta_weights().values()
     attention = [w for w in prepared.resident.values() if isinstance(w, api.Quantized)]
     expected = (
         config.prefill_bytes(2048, 256, torch.bfloat16)
