@@ -3,8 +3,8 @@
 The MoE block is injected: `moe(layer, x, h_mid) -> Tensor[T, D]` with x the post-attention normed
 hidden state and h_mid the residual after attention (the early point for a prefetch guess), and
 optionally `moe.layer_done(layer, h)` once layer `layer`'s output is known (the late point). The
-residual stream is updated in place, so a block or hook that keeps h_mid or h past its call must copy it. The
-decoder knows nothing of caches, quantization formats or families; it matches transformers'
+residual stream is updated in place, so a block or hook that keeps h_mid or h past its call must copy
+it. The decoder knows nothing of caches, quantization formats or families; it matches transformers'
 MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q - window`).
 
 Nothing here synchronizes the device: positions are Python ints, and a decode step needs no mask

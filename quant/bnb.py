@@ -65,8 +65,9 @@ def quantize_nf4(weight: Tensor, spec: NF4Spec = NF4Spec()) -> NF4Quantized:
 def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
     """levels[code] * absmax in float32, cast to `dtype` (the order bnb uses), reshaped to q.shape.
 
-    Each byte's two levels come from one lookup in a [256, 2] table, by an int32 index a byte long, so
-    the transients stay within dequantize_bytes: a 64-bit index a weight would be twice the result."""
+    Each byte's two levels come from one lookup in a [256, 2] table, by an int32 index a byte, so the
+    transients stay within dequantize_bytes (6 bytes a weight in bfloat16); a 64-bit index a weight would
+    take 8 alone."""
     pairs = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.codes.device)
     pairs = torch.stack((pairs.repeat_interleave(16), pairs.repeat(16)), dim=1)  # [256, 2]: high nibble, low
     values = pairs.index_select(0, q.codes.int()).view(-1, q.spec.blocksize)  # [blocks, blocksize]
