@@ -222,15 +222,19 @@ class Decoder:
             return self._decode_static(input_ids, start_pos)
         w = self.weights
         h = F.embedding(input_ids, w["embed"])  # [T, D], the residual stream, added to in place
-        x = torch.empty_like(h)  # each layer's MoE input
         spans = [(s, min(s + self.prefill_chunk, tokens)) for s in range(0, tokens, self.prefill_chunk)]
+        x = torch.empty_like(h) if len(spans) > 1 else None  # each layer's MoE input, a span at a time
         for layer in range(self.config.num_layers):
             prefix = f"layers.{layer}."
+            post_norm = w[prefix + "post_norm"]
             for s, e in spans:
                 part = h[s:e]  # a view: the add writes h
                 mask = self._mask(start_pos + s, e - s)  # None: decode, or a fresh full-causal span
                 part += self._attention(layer, rms_norm(part, w[prefix + "input_norm"], self.eps), start_pos + s, mask)
-                x[s:e] = rms_norm(part, w[prefix + "post_norm"], self.eps)
+                if len(spans) == 1:
+                    x = rms_norm(part, post_norm, self.eps)  # one span (every decode step): no copy
+                else:
+                    x[s:e] = rms_norm(part, post_norm, self.eps)
             h += self.moe(layer, x, h)
             if self.layer_done is not None:
                 self.layer_done(layer, h)
