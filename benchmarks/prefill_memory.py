@@ -64,7 +64,7 @@ def live_peak(fn) -> int:
 
 def measure(model, tokens: int, history: int = 0) -> dict:
     """One prefill of `tokens` new tokens after `history` already in the KV cache."""
-    ids = torch.randint(0, model.config.vocab_size, (history + tokens,))
+    ids = torch.randint(0, model.config.vocab_size, (history + tokens,), generator=torch.Generator().manual_seed(0))
     model.reset()
     if history:
         model.forward(ids[:history], 0, last_only=True)
