@@ -50,13 +50,13 @@ def live_peak(fn) -> int:
 
     def walk(events) -> None:
         for event in events:
-            if event.tag == _EventType.Allocation:
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
                 changes.append((event.start_time_ns, event.extra_fields.alloc_size))
             walk(event.children)
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
     live = peak = 0
-    for _, delta in sorted(changes):
+    for _, delta in sorted(changes, key=lambda change: (change[0], change[1] < 0)):  # at a tie, allocations first
         live += delta
         peak = max(peak, live)
     return peak

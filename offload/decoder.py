@@ -79,10 +79,10 @@ class ModelConfig:
         # the residual stream, the MoE block's input and its output; the router's logits, choices and weights
         stream = T * (3 * D * b + E * (b + 4) + k * 32)
         # a span's norm in float32 (two copies), its queries with their rotation, keys, values, and output;
-        # a masked span's boolean mask [c, T]
-        attention = c * (2 * D * 4 + (2 * q_width + 3 * kv_width + D) * b) + c * T
+        # a masked span's boolean mask [c, T] and the bias SDPA makes of it
+        attention = c * (2 * D * 4 + (2 * q_width + 3 * kv_width + D) * b) + c * T * (1 + b)
         if repeat_kv and self.num_heads != self.num_kv_heads:
-            attention += 2 * T * q_width * b + c * T * b  # the repeated keys and values; the mask as a bias
+            attention += 2 * T * q_width * b  # the repeated keys and values
         # an expert's chunk of tokens, its two [c, I] products and its output; and a float32 [c, D] more, which
         # the measurement finds beside them
         expert = c * ((2 * I + 2 * D) * b + D * 4)
@@ -213,6 +213,8 @@ class Decoder:
         # T = tokens, D = hidden, V = vocab
         tokens = input_ids.shape[0]
         end = start_pos + tokens
+        if tokens == 0:
+            raise MoEOffloadError("no tokens to run; give at least one")
         if end > self.max_seq_len:
             raise MoEOffloadError(
                 f"{tokens} tokens at position {start_pos} need a context of {end}, but it holds "
@@ -225,12 +227,11 @@ class Decoder:
         spans = [(s, min(s + self.prefill_chunk, tokens)) for s in range(0, tokens, self.prefill_chunk)]
         x = torch.empty_like(h) if len(spans) > 1 else None  # each layer's MoE input, a span at a time
         for layer in range(self.config.num_layers):
-            prefix = f"layers.{layer}."
-            post_norm = w[prefix + "post_norm"]
+            input_norm, post_norm = w[f"layers.{layer}.input_norm"], w[f"layers.{layer}.post_norm"]
             for s, e in spans:
                 part = h[s:e]  # a view: the add writes h
                 mask = self._mask(start_pos + s, e - s)  # None: decode, or a fresh full-causal span
-                part += self._attention(layer, rms_norm(part, w[prefix + "input_norm"], self.eps), start_pos + s, mask)
+                part += self._attention(layer, rms_norm(part, input_norm, self.eps), start_pos + s, mask)
                 if len(spans) == 1:
                     x = rms_norm(part, post_norm, self.eps)  # one span (every decode step): no copy
                 else:
@@ -286,11 +287,12 @@ class Decoder:
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)
             grouped = False
         # 4-D, batch 1: SDPA's fused kernels (flash, memory-efficient, the CPU's) take nothing else, and its
-        # math kernel would make the float32 scores [H, T, N], 2 GiB for 4096 Mixtral queries at once
+        # math kernel would make the float32 scores [H, T, N], 2 GiB for 4096 Mixtral queries at once.
+        # out: [H, T, S]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
             is_causal=mask is None and tokens > 1, enable_gqa=grouped,
-        )[0]  # [H, T, S]  # fmt: skip
+        )[0]  # fmt: skip
         return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
 
     # -- the static decode path ------------------------------------------------------------------------

@@ -68,8 +68,8 @@ def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype = torch.float32) -> Tenso
     Each byte's two levels come from one lookup in a [256, 2] table, by an int32 index a byte, so the
     transients stay within dequantize_bytes (6 bytes a weight in bfloat16); a 64-bit index a weight would
     take 8 alone."""
-    pairs = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=q.codes.device)
-    pairs = torch.stack((pairs.repeat_interleave(16), pairs.repeat(16)), dim=1)  # [256, 2]: high nibble, low
+    pairs = torch.tensor([(high, low) for high in NF4_LEVELS for low in NF4_LEVELS], dtype=torch.float32,
+                         device=q.codes.device)  # fmt: skip
     values = pairs.index_select(0, q.codes.int()).view(-1, q.spec.blocksize)  # [blocks, blocksize]
     return values.mul_(q.absmax.view(-1, 1)).to(dtype).view(q.shape)
 

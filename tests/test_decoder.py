@@ -164,6 +164,8 @@ def test_context_overflow_is_a_user_error(tiny_model_dir):
     assert str(error.value) == (
         "7 tokens at position 10 need a context of 17, but it holds 16; shorten the prompt or raise max_seq_len"
     )
+    with pytest.raises(MoEOffloadError, match=r"^no tokens to run; give at least one$"):
+        decoder.forward(torch.arange(0), 10)
 
 
 def test_missing_or_misshapen_tensor_is_a_user_error(tiny_model_dir):
