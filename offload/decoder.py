@@ -117,6 +117,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def repeat_kv_policy(device: torch.device) -> str | None:
+    """Which prefill spans with grouped key heads repeat them for SDPA: "masked", "always" or none.
+
+    CUDA's SDPA runs grouped heads in its flash and math kernels only. Flash takes no mask (a later prefill
+    chunk, a chat turn), and GPUs before Ampere, a Colab T4 among them, have no flash kernel at all; the
+    math kernel makes float32 scores [H, T, N]. Repeated key heads let the memory-efficient kernel run
+    instead, as transformers does. The CPU's fused kernel takes grouped heads under a mask as they are. A
+    decode step's single query never repeats: its math-kernel scores are one row."""
+    if device.type != "cuda":
+        return None
+    return "masked" if torch.cuda.get_device_capability(device) >= (8, 0) else "always"
+
+
 class Decoder:
     """Resident weights, the static KV cache and the layer walk, for one sequence (batch 1)."""
 
@@ -174,8 +187,7 @@ class Decoder:
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
         self.cos, self.sin = rope_tables(config, self.max_seq_len, self.device, dtype)
         self.positions = torch.arange(self.max_seq_len, device=self.device)  # for prefill masks
-        # see _attention; the CPU's SDPA takes grouped heads under a mask in a kernel of its own
-        self.repeat_kv_under_mask = self.device.type == "cuda"
+        self.repeat_kv = repeat_kv_policy(self.device)  # which prefill spans repeat the key heads (_attention)
         # the static decode path (module docstring): on when graphs are given and the MoE block has its halves
         self.graphs = graphs if graphs is not None and hasattr(moe, "route_into") else None
         self._static: StaticStep | None = None
@@ -279,10 +291,8 @@ class Decoder:
         keys = self.k_cache[layer, :, first:end]  # [K, N, S], a view: no copy
         values = self.v_cache[layer, :, first:end]
         grouped = c.num_heads != c.num_kv_heads
-        if grouped and mask is not None and self.repeat_kv_under_mask:
-            # CUDA's SDPA runs grouped heads in its flash and math kernels only, and flash takes no mask: a
-            # masked span (a later prefill chunk, a chat turn) would get the math kernel's float32 scores
-            # [H, T, N]. Repeated key heads let the memory-efficient kernel take the mask, as transformers does.
+        repeat = self.repeat_kv == "always" or (self.repeat_kv == "masked" and mask is not None)
+        if grouped and tokens > 1 and repeat:  # see repeat_kv_policy
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)  # [H, N, S]
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)
             grouped = False

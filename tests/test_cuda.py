@@ -191,12 +191,13 @@ def test_a_failed_capture_decodes_on_and_says_why():
 
 def test_a_chunked_prefill_matches_transformers_on_cuda(tiny):
     """Spans after the first are masked, and on CUDA they repeat the key heads for the memory-efficient
-    kernel (Decoder._attention): a prompt in chunks of 3, then a second prefill after it, as a chat turn."""
+    kernel (offload.decoder.repeat_kv_policy): a prompt in chunks of 3, then a second prefill after it,
+    as a chat turn."""
     tokens = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf_model(tiny)(tokens[None]).logits[0]
     model = offload.load(str(tiny), device="cuda", dtype="float32", slots=3, prefill_chunk=3)
-    assert model.decoder.repeat_kv_under_mask
+    assert model.decoder.repeat_kv in ("masked", "always")
     model.reset()
     got = torch.cat([model.forward(tokens[:8], 0), model.forward(tokens[8:], 8)])
     assert (got.cpu() - expected).abs().max().item() < 1e-3

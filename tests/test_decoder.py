@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.checkpoint import open_hf
-from offload.decoder import Decoder
+from offload.decoder import Decoder, repeat_kv_policy
 from offload.families.mixtral import route
 from quant.errors import MoEOffloadError
 from tests.tiny import hf_model, make_tiny_mixtral
@@ -189,3 +189,12 @@ def test_router_and_post_norm_accessors(tiny_model_dir):
     assert torch.equal(decoder.router(1), checkpoint.get_ours("layers.1.router"))
     assert torch.equal(decoder.post_norm(0), checkpoint.get_ours("layers.0.post_norm"))
     assert decoder.eps == 1e-5 and decoder.k_cache.shape == (2, 2, 64, 16)
+
+
+def test_which_spans_repeat_the_key_heads(monkeypatch):
+    # CUDA's SDPA takes grouped heads in flash (no mask, Ampere on) and math only; the CPU's fused kernel in all cases
+    assert repeat_kv_policy(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
+    assert repeat_kv_policy(torch.device("cuda")) == "masked"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: no flash kernel
+    assert repeat_kv_policy(torch.device("cuda")) == "always"

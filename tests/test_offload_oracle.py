@@ -106,16 +106,17 @@ def test_greedy_generation_matches_transformers_generate(case):
         assert result.token_ids == reference, f"slots={slots}"
 
 
-@pytest.mark.parametrize("repeat_kv", [False, True])
+@pytest.mark.parametrize("repeat_kv", [None, "masked", "always"])
 def test_a_prefill_in_chunks_matches_transformers(case, repeat_kv):
     # spans of 2 queries (the last of the prompt's 7 alone), experts 2 tokens at a time, and a second
     # prefill of the 16 other tokens after the first 7, as a chat turn: every span after the first is
-    # masked, and the window case's mask drops keys. repeat_kv: the key heads repeated under a mask, as CUDA does
+    # masked, and the window case's mask drops keys. repeat_kv: the key heads repeated as CUDA does
+    # (offload.decoder.repeat_kv_policy)
     path, shape, tokens, expected = case
     for slots in (None, 2):
         model = offload.load(str(path), device="cpu", slots=slots, prefetch="none", prefill_chunk=2)
         assert (model.decoder.prefill_chunk, model.moe.prefill_chunk) == (2, 2)
-        model.decoder.repeat_kv_under_mask = repeat_kv
+        model.decoder.repeat_kv = repeat_kv
         recorder = Recorder()
         model.record_trace(recorder)
         model.reset()
