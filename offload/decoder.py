@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
 from offload.graphs import DecodeGraphs, key_range
 from quant.errors import MoEOffloadError
@@ -117,17 +118,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def repeat_kv_policy(device: torch.device) -> str | None:
+def repeat_kv_policy(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
     """Which prefill spans with grouped key heads repeat them for SDPA: "masked", "always" or none.
 
     CUDA's SDPA runs grouped heads in its flash and math kernels only. Flash takes no mask (a later prefill
-    chunk, a chat turn), and GPUs before Ampere, a Colab T4 among them, have no flash kernel at all; the
-    math kernel makes float32 scores [H, T, N]. Repeated key heads let the memory-efficient kernel run
-    instead, as transformers does. The CPU's fused kernel takes grouped heads under a mask as they are. A
-    decode step's single query never repeats: its math-kernel scores are one row."""
-    if device.type != "cuda":
+    chunk, a chat turn), and serves no GPU before Ampere (a Colab T4) and no float32; the math kernel makes
+    float32 scores [H, T, N]. Repeated key heads let the memory-efficient kernel run instead, as
+    transformers does. Whether flash serves an unmasked span is asked of torch itself, with this model's
+    heads. The CPU's fused kernel takes grouped heads under a mask as they are. A decode step's single
+    query never repeats: its math-kernel scores are one row."""
+    if device.type != "cuda" or config.num_heads == config.num_kv_heads:
         return None
-    return "masked" if torch.cuda.get_device_capability(device) >= (8, 0) else "always"
+    return "masked" if _flash_serves(config, device, dtype) else "always"
+
+
+def _flash_serves(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA's flash kernel takes an unmasked causal span of this model's grouped heads here."""
+    q = torch.empty(1, config.num_heads, 2, config.head_dim, device=device, dtype=dtype)
+    kv = torch.empty(1, config.num_kv_heads, 2, config.head_dim, device=device, dtype=dtype)
+    return can_use_flash_attention(SDPAParams(q, kv, kv, None, 0.0, True, True), False)  # causal, grouped
 
 
 class Decoder:
@@ -187,7 +196,7 @@ class Decoder:
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
         self.cos, self.sin = rope_tables(config, self.max_seq_len, self.device, dtype)
         self.positions = torch.arange(self.max_seq_len, device=self.device)  # for prefill masks
-        self.repeat_kv = repeat_kv_policy(self.device)  # which prefill spans repeat the key heads (_attention)
+        self.repeat_kv = repeat_kv_policy(config, self.device, dtype)  # which prefill spans repeat the key heads
         # the static decode path (module docstring): on when graphs are given and the MoE block has its halves
         self.graphs = graphs if graphs is not None and hasattr(moe, "route_into") else None
         self._static: StaticStep | None = None

@@ -225,3 +225,15 @@ def test_a_long_prefill_peaks_under_what_the_plan_keeps_for_it(tmp_path, history
     peak = torch.cuda.max_memory_allocated() - before
     bound = model.config.prefill_bytes(2048, 256, model.dtype, repeat_kv=True)
     assert peak <= bound, f"peak {peak} over the bound {bound}"
+
+
+def test_torch_says_where_flash_serves_grouped_heads(tiny):
+    """offload.decoder.repeat_kv_policy asks torch whether flash takes an unmasked span: on Ampere and later
+    in bfloat16 it does, so only masked spans repeat the key heads; in float32 it never does."""
+    from offload.checkpoint import open_hf
+    from offload.decoder import repeat_kv_policy
+
+    config = open_hf(tiny).model_config
+    ampere = torch.cuda.get_device_capability() >= (8, 0)
+    assert repeat_kv_policy(config, torch.device("cuda"), torch.bfloat16) == ("masked" if ampere else "always")
+    assert repeat_kv_policy(config, torch.device("cuda"), torch.float32) == "always"

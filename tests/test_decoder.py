@@ -6,10 +6,13 @@ expert in memory), so these tests check the decoder and the adapter alone, not t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from offload import decoder as decoder_module
 from offload.checkpoint import open_hf
 from offload.decoder import Decoder, repeat_kv_policy
 from offload.families.mixtral import route
@@ -191,10 +194,13 @@ def test_router_and_post_norm_accessors(tiny_model_dir):
     assert decoder.eps == 1e-5 and decoder.k_cache.shape == (2, 2, 64, 16)
 
 
-def test_which_spans_repeat_the_key_heads(monkeypatch):
-    # CUDA's SDPA takes grouped heads in flash (no mask, Ampere on) and math only; the CPU's fused kernel in all cases
-    assert repeat_kv_policy(torch.device("cpu")) is None
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
-    assert repeat_kv_policy(torch.device("cuda")) == "masked"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: no flash kernel
-    assert repeat_kv_policy(torch.device("cuda")) == "always"
+def test_which_spans_repeat_the_key_heads(tiny_model_dir, monkeypatch):
+    # CUDA's SDPA takes grouped heads in flash (no mask) and math only; the CPU's fused kernel in every case
+    config = open_hf(tiny_model_dir).model_config
+    assert config.num_heads != config.num_kv_heads
+    assert repeat_kv_policy(config, torch.device("cpu"), torch.float32) is None
+    for flash, policy in ((True, "masked"), (False, "always")):  # an H100 in bfloat16; a T4, or float32
+        monkeypatch.setattr(decoder_module, "_flash_serves", lambda config, device, dtype, flash=flash: flash)
+        assert repeat_kv_policy(config, torch.device("cuda"), torch.bfloat16) == policy
+    ungrouped = dataclasses.replace(config, num_kv_heads=config.num_heads)
+    assert repeat_kv_policy(ungrouped, torch.device("cuda"), torch.bfloat16) is None
