@@ -103,7 +103,8 @@ PrefillChunk = Annotated[
     int,
     typer.Option(
         help="Prompt tokens each layer's attention, and each expert, takes at once: a long prompt's activations "
-        "grow with this, not with the prompt, and the memory plan keeps them free. Lower it for more slots.",
+        "grow with this, not with the prompt, and the memory plan keeps them free. A smaller chunk keeps less "
+        "back but dequantizes an expert once per chunk of its tokens.",
     ),
 ]
 MaxNewTokens = Annotated[int, typer.Option(help="Tokens to generate at most.")]
