@@ -18,7 +18,7 @@ from cache.expert_cache import ExpertCache
 from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
-from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig
+from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk
 from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
@@ -197,8 +197,7 @@ def prepare(model: str, **options) -> Prepared:
     max_seq_len = opts.max_seq_len or min(config.max_position, 4096)
     if max_seq_len < 2:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
-    if opts.prefill_chunk < 1:
-        raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {opts.prefill_chunk}")
+    check_prefill_chunk(opts.prefill_chunk)  # before the long part
     expert_format = source.expert_format(dtype)
     resident = source.resident()
     kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)

@@ -39,6 +39,11 @@ from quant.linear import linear
 PREFILL_CHUNK = 1024
 
 
+def check_prefill_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {chunk}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What the shared decoder, the MoE block and the planner need, whatever the family."""
@@ -155,8 +160,7 @@ class Decoder:
         graphs: DecodeGraphs | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
-        if prefill_chunk < 1:
-            raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
+        check_prefill_chunk(prefill_chunk)
         self.config = config
         self.prefill_chunk = prefill_chunk
         self.moe = moe

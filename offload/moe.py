@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
 from cache.table import request_order
-from offload.decoder import PREFILL_CHUNK
-from quant.errors import MoEOffloadError
+from offload.decoder import PREFILL_CHUNK, check_prefill_chunk
 from quant.hqq import Workspace
 from quant.linear import linear
 from quant.packing import ExpertFormat
@@ -55,8 +54,7 @@ class MoEBlock:
         workspace: Workspace | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
-        if prefill_chunk < 1:
-            raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {prefill_chunk}")
+        check_prefill_chunk(prefill_chunk)
         self.routers = routers
         self.prefill_chunk = prefill_chunk  # a prefill's tokens an expert takes at once (offload/decoder.py)
         self.route = route
