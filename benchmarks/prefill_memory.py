@@ -78,7 +78,7 @@ def workspace_check(model) -> dict:
     attention = [w for w in model.decoder.weights.values() if isinstance(w, Quantized)]
     experts = [w for w in model.prepared.expert_format.meta_weights().values() if isinstance(w, Quantized)]
     made = sum(b.nbytes for ws in (model.decoder.workspace, model.moe.workspace) for b in ws._buffers.values())
-    counted = workspace_bytes(attention, model.dtype) + workspace_bytes(experts, model.dtype)
+    counted = workspace_bytes(attention, model.dtype, "cpu") + workspace_bytes(experts, model.dtype, "cpu")
     return {"made_bytes": made, "counted_bytes": counted}
 
 

@@ -231,8 +231,8 @@ def prefill_reserve(
     nf4 = [dequantize_bytes(w.shape, dtype) for w in resident.values() if isinstance(w, NF4Quantized)]
     return (
         config.prefill_bytes(max_seq_len, chunk, dtype, repeat_kv=device.type == "cuda")
-        + workspace_bytes([w for w in resident.values() if isinstance(w, Quantized)], dtype)
-        + workspace_bytes([w for w in experts if isinstance(w, Quantized)], dtype)
+        + workspace_bytes([w for w in resident.values() if isinstance(w, Quantized)], dtype, device)
+        + workspace_bytes([w for w in experts if isinstance(w, Quantized)], dtype, device)
         + max(nf4, default=0)
     )
 

@@ -17,7 +17,7 @@ per weight, more than the codes; float16 halves that and is what hqq itself keep
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -241,15 +241,17 @@ class Workspace:
         return self._buffers[key]
 
 
-def workspace_bytes(weights: Iterable[Quantized], dtype: torch.dtype) -> int:
-    """The bytes one Workspace holds once it has dequantized each of `weights` to `dtype`: its buffers,
-    one set per shape, counted by dequantizing copies on the meta device (no memory, no arithmetic)."""
+def workspace_bytes(weights: Iterable[Quantized], dtype: torch.dtype, device: torch.device) -> int:
+    """The bytes one Workspace holds once it has dequantized each of `weights` to `dtype` in tiles for
+    `device`, as quant/linear.py does: its buffers, one set per shape, counted by dequantizing copies on
+    the meta device (no memory, no arithmetic)."""
     workspace = Workspace()
     seen = set()
     for q in weights:
         if (q.shape, q.spec) not in seen:
             seen.add((q.shape, q.spec))
-            dequantize(_on_meta(q), dtype, workspace)
+            for _ in dequantize_tiles(_on_meta(q), dtype, workspace, tile_weights(device)):
+                pass
     return sum(buffer.nbytes for buffer in workspace._buffers.values())
 
 
@@ -306,6 +308,55 @@ def dequantize(
     zero = _meta(q.zero, dtype, workspace, tag + "zero.")
     grid = _unpack(q.codes, q.spec.bits, groups, dtype, workspace, tag)  # [R, g], a workspace buffer
     return grid.sub_(zero).mul_(scale).view(q.shape)
+
+
+# Weights dequantized at once when a weight is multiplied without the fused kernel (quant/linear.py): on the
+# CPU, a tile that stays in cache (8 MB in float32; a 2-bit Mixtral-8x7B expert matrix times one token took
+# 14 ms against 42 ms dequantized whole, 2 threads); on CUDA, one bit slot of a Mixtral expert matrix (14.7M
+# weights, 4 tiles a matrix), few launches
+TILE_WEIGHTS = {"cpu": 1 << 21, "cuda": 1 << 24}
+
+
+def tile_weights(device: torch.device | str) -> int:
+    return TILE_WEIGHTS.get(torch.device(device).type, TILE_WEIGHTS["cuda"])
+
+
+def dequantize_tiles(
+    q: Quantized, dtype: torch.dtype, workspace: Workspace, max_weights: int
+) -> Iterator[tuple[int, Tensor]]:
+    """dequantize(q) a block of whole output rows at a time: yields (first row n0, weight rows [m, K]),
+    each tile at most `max_weights` weights (or one output row), a view of one workspace buffer that the
+    next tile overwrites. The same values as dequantize, bit for bit.
+
+    Tiles follow the packed layout (module doc): packed rows [p0, p1) at bit slot s hold grid rows
+    s*step + [p0, p1), which are outputs s*N/PER + [p0, p1) / (K/g) when N % PER == 0 (every 2-, 4- and
+    8-bit Mixtral shape). A weight whose slots split an output row (3-bit's padded grid) comes whole."""
+    (n, k), bits, g = q.shape, q.spec.bits, q.spec.group_size
+    per = _ROWS_PER_ELEMENT[bits]
+    if n % per:
+        yield 0, dequantize(q, dtype, workspace)
+        return
+    groups_per_row, rows_per_slot, step = k // g, n // per, q.codes.shape[0]
+    # the meta first, whole: it is a sixteenth of the grid at most, and tiles read it by grid row
+    scale = _meta(q.scale, dtype, workspace, "scale.")
+    zero = _meta(q.zero, dtype, workspace, "zero.")
+    capacity = min(max_weights, rows_per_slot * k) // g  # grid rows a tile holds; one buffer per capacity
+    tile = max(1, capacity // groups_per_row)  # whole output rows a tile
+    capacity = max(capacity, groups_per_row)
+    grid = workspace.buffer("tile.grid", (capacity, g), dtype, q.codes.device)
+    if bits != 8:
+        codes = workspace.buffer("tile.codes", (capacity, g), q.codes.dtype, q.codes.device)
+    mask = (1 << bits) - 1
+    for slot in range(per):
+        shift = (per - 1 - slot) * bits  # highest bits first
+        for first in range(0, rows_per_slot, tile):
+            p0, p1 = first * groups_per_row, min(first + tile, rows_per_slot) * groups_per_row
+            r0, r1 = slot * step + p0, slot * step + p1
+            part = q.codes[p0:p1]
+            if bits != 8:
+                part = torch.bitwise_right_shift(part, shift, out=codes[: p1 - p0]).bitwise_and_(mask)
+            weight = grid[: p1 - p0].copy_(part).sub_(zero[r0:r1]).mul_(scale[r0:r1])
+            yield slot * rows_per_slot + first, weight.view(-1, k)
 
 
 def _meta(meta: Tensor | Quantized, dtype: torch.dtype, workspace: Workspace, tag: str) -> Tensor:

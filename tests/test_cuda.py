@@ -237,3 +237,24 @@ def test_torch_says_where_flash_serves_grouped_heads(tiny):
     ampere = torch.cuda.get_device_capability() >= (8, 0)
     assert repeat_kv_policy(config, torch.device("cuda"), torch.bfloat16) == ("masked" if ampere else "always")
     assert repeat_kv_policy(config, torch.device("cuda"), torch.float32) == "always"
+
+
+@pytest.mark.parametrize("bits", ["2", "4"])
+def test_tiles_on_cuda_equal_dequantize_then_matmul(bits):
+    """A prefill's unfused product on Mixtral-8x7B's w1 shape: one bit slot a tile, each multiplied by cuBLAS
+    straight into its columns of the output (a strided view)."""
+    from quant.hqq import EXPERT_PRESETS, Workspace, dequantize, random_quantized
+    from quant.linear import linear
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    q = random_quantized((14336, 4096), EXPERT_PRESETS[bits], generator)
+    x = torch.randn(37, 4096, generator=generator, device="cuda", dtype=torch.bfloat16)
+    workspace = Workspace()
+    got = linear(x, q, workspace)
+    exact = x.double() @ dequantize(q, torch.float64).T
+    torch.testing.assert_close(got.double(), exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+    # the same products as the whole weight's, up to the sum order; a tile is a 2-bit slot (a quarter of
+    # the weight), or 4096 rows of a 4-bit one (a half, 29.4M weights, is more than 2**24)
+    torch.testing.assert_close(got, x @ dequantize(q, torch.bfloat16).T)
+    tile = {"2": 14336 // 4, "4": 4096}[bits] * 4096
+    assert [b.numel() for key, b in workspace._buffers.items() if key[0] == "tile.grid"] == [tile]

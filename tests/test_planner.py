@@ -49,18 +49,18 @@ def test_free_colab_fits_2bit_mixtral_in_exclusive_mode():
 
 def test_the_slots_an_even_split_leaves_go_to_the_first_layers():
     # 12 GiB at a 4096-token context (KV 0.54 GB), resident 1.28 GB, and kept for a prefill of the whole
-    # context 0.50 GB, as synthetic Mixtral-8x7B: 151 slots fit; an even split alone would use 128 of them
+    # context 0.34 GB, as synthetic Mixtral-8x7B: 153 slots fit; an even split alone would use 128 of them
     plan = plan_memory(
         device=CUDA,
         **MIXTRAL_2BIT | dict(expert_bytes=66_748_416),
         resident_bytes=1_281_892_352,
         kv_bytes=536_870_912,
-        reserve_bytes=501_121_030,
+        reserve_bytes=337_543_168,
         device_budget=12 * GiB,
         host_budget=32 * GiB,
     )
-    assert plan.slots_per_layer == (5,) * 23 + (4,) * 9
-    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-22, 4 in layers 23-31 (151 in all)"
+    assert plan.slots_per_layer == (5,) * 25 + (4,) * 7
+    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-24, 4 in layers 25-31 (153 in all)"
     # room for one more slot in every layer gives 5 everywhere; never more than the experts
     assert spread(160, 32, 8) == (5,) * 32
     assert spread(300, 32, 8) == (8,) * 32

@@ -29,8 +29,21 @@ def test_workspace_bytes_counts_what_a_prefill_dequantizes(small_one_layer):
     model.forward(torch.arange(64), 0, last_only=True)
     attention = [w for w in model.decoder.weights.values() if isinstance(w, api.Quantized)]
     experts = model.prepared.expert_format.meta_weights().values()
-    assert buffer_bytes(model.decoder.workspace) == workspace_bytes(attention, torch.bfloat16) > 0
-    assert buffer_bytes(model.moe.workspace) == workspace_bytes(experts, torch.bfloat16) > 0
+    assert buffer_bytes(model.decoder.workspace) == workspace_bytes(attention, torch.bfloat16, "cpu") > 0
+    assert buffer_bytes(model.moe.workspace) == workspace_bytes(experts, torch.bfloat16, "cpu") > 0
+
+
+def test_the_experts_workspace_holds_a_tile_not_a_weight():
+    """2-bit Mixtral-8x7B (w1, w3 [14336, 4096], w2 [4096, 14336], g16, 8-bit meta in groups of 128): a
+    tile's dequantized weights and its codes, one buffer for all three, and the meta of one weight whole."""
+    experts = synth.synthetic_format(synth.preset_config("mixtral-8x7b"), "2").meta_weights().values()
+    groups = 14336 * 4096 // 16
+    # per scale and per zero: its values, and its own meta's scale and zero, in the compute dtype
+    meta = 2 * (groups + 2 * groups // 128)
+    # CUDA, bfloat16: a tile is one bit slot, w1's 3584 rows or w2's 1024 (14.7M weights); was 191 MB
+    assert workspace_bytes(experts, torch.bfloat16, "cuda") == 3584 * 4096 * (2 + 1) + meta * 2 == 58_949_632
+    # CPU, float32: 2M weights a tile, which stays in cache
+    assert workspace_bytes(experts, torch.float32, "cpu") == 2**21 * (4 + 1) + meta * 4 == 40_304_640
 
 
 def test_prefill_activations_stay_under_their_bound_and_shrink_with_the_chunk(small_one_layer):
@@ -65,8 +78,8 @@ def test_the_plan_keeps_the_prefill_of_the_whole_context(small_one_layer, monkey
     attention = [w for w in prepared.resident.values() if isinstance(w, api.Quantized)]
     expected = (
         config.prefill_bytes(2048, 256, torch.bfloat16)
-        + workspace_bytes(attention, torch.bfloat16)
-        + workspace_bytes([w for w in experts if isinstance(w, api.Quantized)], torch.bfloat16)
+        + workspace_bytes(attention, torch.bfloat16, "cpu")
+        + workspace_bytes([w for w in experts if isinstance(w, api.Quantized)], torch.bfloat16, "cpu")
     )
     assert asked["reserve_bytes"] == expected
     # on CUDA a masked span also repeats the key heads [H, T, S] twice and makes its mask a bias [c, T]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hqq.core.quantize import HQQLinear, Quantizer
 
+from quant import hqq
 from quant.bnb import NF4_LEVELS, NF4Spec, dequantize_nf4, quantize_nf4
 from quant.bnb import from_tensors as nf4_from_tensors
 from quant.bnb import to_tensors as nf4_to_tensors
@@ -17,7 +18,9 @@ from quant.hqq import (
     EXPERT_PRESETS,
     Quantized,
     QuantSpec,
+    Workspace,
     dequantize,
+    dequantize_tiles,
     from_tensors,
     preset,
     quantize,
@@ -26,6 +29,7 @@ from quant.hqq import (
     to_tensors,
 )
 from quant.linear import linear
+from quant.packing import ExpertFormat
 
 # out=96, in=80: odd shapes. 480 groups of 16; meta groups of 32 (15), 48 (10) or 24 (20).
 SPECS = [
@@ -238,6 +242,46 @@ def test_dequantize_through_a_workspace_is_bit_identical_and_reuses_its_buffers(
         assert torch.equal(again, dequantize(q, dtype))
         assert again.data_ptr() == first.data_ptr()
     assert len(workspace._buffers) == buffers
+
+
+# 96 x 80 weights: below one output row a tile, 5 rows, 25 rows, one bit slot and more (every layout)
+@pytest.mark.parametrize("max_weights", [1, 400, 2000, 1 << 20])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_tiles_put_together_are_dequantize_bit_for_bit(spec, max_weights):
+    q = quantize(_weight(seed=3), spec)
+    per = {2: 4, 3: 10, 4: 2, 8: 1}[spec.bits]
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = dequantize(q, dtype)
+        rebuilt, rows = torch.full_like(whole, float("nan")), 0
+        for first, tile in dequantize_tiles(q, dtype, Workspace(), max_weights):
+            rebuilt[first : first + tile.shape[0]] = tile
+            rows += tile.shape[0]
+            if 96 % per == 0:  # else (3-bit, whose bit slots split an output row) the weight comes whole
+                assert tile.numel() <= max(max_weights, 80)
+        assert rows == 96 and torch.equal(rebuilt, whole)  # each row once, and no NaN left
+
+
+@pytest.mark.parametrize("bits", ["2", "3", "4"])
+def test_linear_through_a_workspace_multiplies_tile_by_tile_into_out(bits):
+    """Real hqq codes read through views into one packed buffer at an offset, as the MoE block reads a slot."""
+    generator = torch.Generator().manual_seed(int(bits))
+    fmt = ExpertFormat.build(128, 256, EXPERT_PRESETS[bits], torch.float32)
+    raw = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in fmt._weight_shapes(128, 256).items()}
+    buffer = torch.zeros(2 * fmt.nbytes, dtype=torch.uint8)[fmt.nbytes :]  # like an arena row
+    buffer.copy_(fmt.pack(**raw))
+    for q in fmt.unpack(buffer).values():
+        for tokens in (1, 7):
+            x = torch.randn(tokens, q.shape[1], generator=generator)
+            out = torch.empty(tokens, q.shape[0])
+            workspace = Workspace()
+            with pytest.MonkeyPatch.context() as patch:  # tiles of 8 output rows here (0.5% of a real tile)
+                patch.setitem(hqq.TILE_WEIGHTS, "cpu", 8 * q.shape[1])
+                assert linear(x, q, workspace, out) is out
+            exact = (x.double() @ dequantize(q, torch.float64).T).float()  # float32 sums in any order: ~1e-7
+            torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-6)
+            grids = {key[0]: b.numel() for key, b in workspace._buffers.items() if key[0] in ("grid", "tile.grid")}
+            # 3-bit's grid pads 10 rows to a byte, so its bit slots split output rows: dequantized whole
+            assert grids == ({"grid": math.prod(q.shape)} if bits == "3" else {"tile.grid": 8 * q.shape[1]})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
