@@ -36,7 +36,8 @@ from offload.api import load  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.decoder import PREFILL_CHUNK  # noqa: E402
 from offload.synth import synthesize  # noqa: E402
-from quant.hqq import Quantized, workspace_bytes  # noqa: E402
+from quant.hqq import Quantized  # noqa: E402
+from quant.linear import workspace_bytes  # noqa: E402
 
 MiB = 1 << 20
 

@@ -26,9 +26,10 @@ from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
 from quant import gemv
-from quant.bnb import NF4Quantized, dequantize_bytes
+from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
-from quant.hqq import Quantized, Workspace, workspace_bytes
+from quant.hqq import Quantized, Workspace
+from quant.linear import workspace_bytes
 from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -225,15 +226,14 @@ def prefill_reserve(
     dtype: torch.dtype, device: torch.device,
 ) -> int:  # fmt: skip
     """What the GPU keeps free for a prefill of the whole context: its activations (ModelConfig.prefill_bytes)
-    and the dequantization workspaces it fills, the attention's and the experts' (quant.hqq.workspace_bytes),
-    or, for NF4 attention, which dequantizes into new tensors at each use, the largest weight's transients."""
+    and the dequantization workspaces it fills in tiles, the attention's (HQQ or NF4) and the experts'
+    (quant.linear.workspace_bytes)."""
+    quantized = (Quantized, NF4Quantized)
     experts = expert_format.meta_weights().values()
-    nf4 = [dequantize_bytes(w.shape, dtype) for w in resident.values() if isinstance(w, NF4Quantized)]
     return (
         config.prefill_bytes(max_seq_len, chunk, dtype, repeat_kv=device.type == "cuda")
-        + workspace_bytes([w for w in resident.values() if isinstance(w, Quantized)], dtype, device)
-        + workspace_bytes([w for w in experts if isinstance(w, Quantized)], dtype, device)
-        + max(nf4, default=0)
+        + workspace_bytes([w for w in resident.values() if isinstance(w, quantized)], dtype, device)
+        + workspace_bytes([w for w in experts if isinstance(w, quantized)], dtype, device)
     )
 
 

@@ -9,13 +9,14 @@ bnb is imported only when quantizing: its import logs a warning on machines with
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from quant.errors import MoEOffloadError
+from quant.hqq import Workspace
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023), float32 exactly as bnb's get_4bit_type("nf4").
 NF4_LEVELS = (
@@ -65,19 +66,39 @@ def quantize_nf4(weight: Tensor, spec: NF4Spec = NF4Spec()) -> NF4Quantized:
 def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
     """levels[code] * absmax in float32, cast to `dtype` (the order bnb uses), reshaped to q.shape.
 
-    Each byte's two levels come from one lookup in a [256, 2] table, by an int32 index a byte, so the
-    transients stay within dequantize_bytes (6 bytes a weight in bfloat16); a 64-bit index a weight would
-    take 8 alone."""
-    pairs = torch.tensor([(high, low) for high in NF4_LEVELS for low in NF4_LEVELS], dtype=torch.float32,
-                         device=q.codes.device)  # fmt: skip
-    values = pairs.index_select(0, q.codes.int()).view(-1, q.spec.blocksize)  # [blocks, blocksize]
+    Each byte's two levels come from one lookup in a [256, 2] table, by an int32 index a byte: 6 bytes a
+    weight in bfloat16 at most, where a 64-bit index a weight would take 8 alone."""
+    values = _pairs(q.codes.device).index_select(0, q.codes.int()).view(-1, q.spec.blocksize)  # [blocks, blocksize]
     return values.mul_(q.absmax.view(-1, 1)).to(dtype).view(q.shape)
 
 
-def dequantize_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """The most dequantize_nf4 holds at once for a weight of `shape`: the int32 index (two bytes a weight),
-    then the float32 values beside the result in `dtype`; and the lookup tables, 4 KiB at most."""
-    return math.prod(shape) * (4 + max(2, dtype.itemsize)) + 4096
+def _pairs(device: torch.device) -> Tensor:
+    """[256, 2] float32: the two levels of each code byte, high nibble first."""
+    return torch.tensor([(high, low) for high in NF4_LEVELS for low in NF4_LEVELS], dtype=torch.float32, device=device)
+
+
+def dequantize_tiles(
+    q: NF4Quantized, dtype: torch.dtype, workspace: Workspace, max_weights: int
+) -> Iterator[tuple[int, Tensor]]:
+    """dequantize_nf4(q) a block of whole output rows at a time, as quant.hqq.dequantize_tiles: yields (first
+    row, rows [m, K]) of at most `max_weights` weights (or one row), in workspace buffers that the next tile
+    overwrites; the same values, bit for bit. A weight whose rows split an absmax block comes whole."""
+    n, k = q.shape
+    rows = n if k % q.spec.blocksize else max(1, min(n, max_weights // k))
+    device = q.codes.device
+    pairs = workspace.constant("nf4.pairs", device, _pairs)
+    index = workspace.buffer("nf4.index", (rows * k // 2,), torch.int32, device)
+    values = workspace.buffer("nf4.values", (rows * k // 2, 2), torch.float32, device)
+    if dtype != torch.float32:  # bnb's order: the product in float32, then the cast
+        result = workspace.buffer("nf4.result", (rows * k,), dtype, device)
+    for first in range(0, n, rows):
+        begin, end = first * k, min(first + rows, n) * k  # weights, over the flattened weight
+        part = index[: (end - begin) // 2].copy_(q.codes[begin // 2 : end // 2])
+        tile = torch.index_select(pairs, 0, part, out=values[: (end - begin) // 2]).view(-1, q.spec.blocksize)
+        tile.mul_(q.absmax[begin // q.spec.blocksize : end // q.spec.blocksize].view(-1, 1))
+        if dtype != torch.float32:
+            tile = result[: end - begin].copy_(tile.view(-1))
+        yield first, tile.view(-1, k)
 
 
 def to_tensors(q: NF4Quantized, prefix: str) -> dict[str, Tensor]:

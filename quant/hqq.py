@@ -16,8 +16,9 @@ per weight, more than the codes; float16 halves that and is what hqq itself keep
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -226,40 +227,28 @@ class Workspace:
         self._buffers: dict[tuple, Tensor] = {}
 
     def buffer(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find the same buffer
-            device = torch.device("cuda", torch.cuda.current_device())
-        key = (tag, tuple(shape), dtype, device)
+        key = (tag, tuple(shape), dtype, _device(device))
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=key[-1])
+        return self._buffers[key]
+
+    def constant(self, tag: str, device: torch.device, make: Callable[[torch.device], Tensor]) -> Tensor:
+        """A tensor made once by `make(device)` and kept under `tag`: a lookup table, say."""
+        key = (tag, _device(device))
+        if key not in self._buffers:
+            self._buffers[key] = make(key[-1])
         return self._buffers[key]
 
     def shifts(self, bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        key = ("shifts", bits, dtype, device)
-        if key not in self._buffers:
-            self._buffers[key] = _shifts(bits, dtype, device)
-        return self._buffers[key]
+        return self.constant(f"shifts.{bits}.{dtype}", device, functools.partial(_shifts, bits, dtype))
 
 
-def workspace_bytes(weights: Iterable[Quantized], dtype: torch.dtype, device: torch.device) -> int:
-    """The bytes one Workspace holds once it has dequantized each of `weights` to `dtype` in tiles for
-    `device`, as quant/linear.py does: its buffers, one set per shape, counted by dequantizing copies on
-    the meta device (no memory, no arithmetic)."""
-    workspace = Workspace()
-    seen = set()
-    for q in weights:
-        if (q.shape, q.spec) not in seen:
-            seen.add((q.shape, q.spec))
-            for _ in dequantize_tiles(_on_meta(q), dtype, workspace, tile_weights(device)):
-                pass
-    return sum(buffer.nbytes for buffer in workspace._buffers.values())
-
-
-def _on_meta(q: Quantized) -> Quantized:
-    def meta(t: Tensor | Quantized) -> Tensor | Quantized:
-        return _on_meta(t) if isinstance(t, Quantized) else torch.empty_like(t, device="meta")
-
-    return Quantized(meta(q.codes), meta(q.scale), meta(q.zero), q.shape, q.spec)
+def _device(device: torch.device | str) -> torch.device:
+    """"cuda" and "cuda:0" must find the same buffer."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _shifts(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:

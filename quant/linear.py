@@ -1,21 +1,23 @@
 """The quantized linear forward.
 
 A few tokens against an HQQ weight (a decode step) run the fused dequantize+GEMV kernel
-(quant/gemv.py) when the workspace asks for it. Otherwise an HQQ weight with a workspace is dequantized
-a tile of output rows at a time (quant.hqq.dequantize_tiles), each multiplied into its columns of the
-output: the workspace holds one tile, not the whole weight. Without a workspace, and for NF4, the weight
-is dequantized whole into new tensors, then multiplied.
+(quant/gemv.py) when the workspace asks for it. Otherwise a quantized weight (HQQ or NF4) with a
+workspace is dequantized a tile of output rows at a time (quant.hqq.dequantize_tiles,
+quant.bnb.dequantize_tiles), each tile multiplied into its columns of the output: the workspace holds one
+tile, not the whole weight. Without a workspace the weight is dequantized whole into new tensors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quant import gemv
+from quant import bnb, gemv, hqq
 from quant.bnb import NF4Quantized, dequantize_nf4
-from quant.hqq import Quantized, Workspace, dequantize, dequantize_tiles, tile_weights
+from quant.hqq import Quantized, Workspace, dequantize, tile_weights
 
 
 def linear(
@@ -24,29 +26,62 @@ def linear(
     """x [..., in] @ weight[out, in].T -> [..., out], in x.dtype; written into `out` when given.
 
     An HQQ weight goes through the fused kernel when `workspace.fused` is set and the kernel serves
-    the call; otherwise it is dequantized in tiles into `workspace`'s buffers when one is given, else
-    whole into new tensors.
+    the call; otherwise a quantized weight is dequantized in tiles into `workspace`'s buffers when one is
+    given, else whole into new tensors.
     """
-    if isinstance(weight, Quantized):
-        if workspace is not None and workspace.fused and gemv.supports(x, weight):
-            return gemv.gemv(x, weight, out)
+    if isinstance(weight, Quantized) and workspace is not None and workspace.fused and gemv.supports(x, weight):
+        return gemv.gemv(x, weight, out)
+    if isinstance(weight, Quantized | NF4Quantized):
         if workspace is not None:
             return _tiled(x, weight, workspace, out)
-        weight = dequantize(weight, x.dtype)
-    elif isinstance(weight, NF4Quantized):
-        weight = dequantize_nf4(weight, x.dtype)
+        weight = dequantize(weight, x.dtype) if isinstance(weight, Quantized) else dequantize_nf4(weight, x.dtype)
     if out is None:
         return F.linear(x, weight)
     return torch.matmul(x, weight.T, out=out)
 
 
-def _tiled(x: Tensor, q: Quantized, workspace: Workspace, out: Tensor | None) -> Tensor:
-    """x @ dequantize(q).T a tile at a time: each tile's product goes straight into its columns of `out`
-    (a strided view of a row-major matrix, which BLAS and cuBLAS write in place)."""
-    n, k = q.shape
+def tiles(
+    weight: Quantized | NF4Quantized, dtype: torch.dtype, workspace: Workspace, device: torch.device
+) -> Iterator[tuple[int, Tensor]]:
+    """The weight dequantized a block of output rows at a time, in tiles sized for `device`."""
+    if isinstance(weight, Quantized):
+        return hqq.dequantize_tiles(weight, dtype, workspace, tile_weights(device))
+    # NF4 holds 8 bytes a tile weight (the int32 index, the float32 values, the result) to HQQ's 3 or 5:
+    # a quarter of the weights. On CUDA, Mixtral's q_proj comes in 4 tiles of 1024 rows, and k_proj whole
+    # shares their buffers: 34 MB, where dequantizing q_proj whole held 101 MB
+    return bnb.dequantize_tiles(weight, dtype, workspace, tile_weights(device) // 4)
+
+
+def _tiled(x: Tensor, weight: Quantized | NF4Quantized, workspace: Workspace, out: Tensor | None) -> Tensor:
+    """x @ dequantized(weight).T a tile at a time: each tile's product goes straight into its columns of
+    `out` (a strided view of a row-major matrix, which BLAS and cuBLAS write in place)."""
+    n, k = weight.shape
     if out is None:
         out = x.new_empty((*x.shape[:-1], n))
     x2, out2 = x.reshape(-1, k), out.view(-1, n)
-    for first, weight in dequantize_tiles(q, x.dtype, workspace, tile_weights(x.device)):
-        torch.mm(x2, weight.T, out=out2[:, first : first + weight.shape[0]])
+    for first, rows in tiles(weight, x.dtype, workspace, x.device):
+        torch.mm(x2, rows.T, out=out2[:, first : first + rows.shape[0]])
     return out
+
+
+def workspace_bytes(weights: Iterable[Quantized | NF4Quantized], dtype: torch.dtype, device: torch.device) -> int:
+    """The bytes one Workspace holds once `linear` has multiplied by each of `weights` in `dtype` on
+    `device` without the fused kernel: its buffers, one set per shape, counted by dequantizing copies on
+    the meta device (no memory, no arithmetic)."""
+    workspace = Workspace()
+    seen = set()
+    for weight in weights:
+        if (weight.shape, weight.spec) not in seen:
+            seen.add((weight.shape, weight.spec))
+            for _ in tiles(_on_meta(weight), dtype, workspace, device):
+                pass
+    return sum(buffer.nbytes for buffer in workspace._buffers.values())
+
+
+def _on_meta(weight):
+    """A copy of a quantized weight (or a plain tensor in one) on the meta device: shapes only."""
+    if isinstance(weight, Tensor):
+        return torch.empty_like(weight, device="meta")
+    if isinstance(weight, NF4Quantized):
+        return NF4Quantized(_on_meta(weight.codes), _on_meta(weight.absmax), weight.shape, weight.spec)
+    return Quantized(_on_meta(weight.codes), _on_meta(weight.scale), _on_meta(weight.zero), weight.shape, weight.spec)

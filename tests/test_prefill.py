@@ -10,7 +10,7 @@ import offload
 from benchmarks.prefill_memory import live_peak
 from offload import api, synth
 from offload.synth import synthesize
-from quant.hqq import workspace_bytes
+from quant.linear import workspace_bytes
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from hqq.core.quantize import HQQLinear, Quantizer
 
 from quant import hqq
 from quant.bnb import NF4_LEVELS, NF4Spec, dequantize_nf4, quantize_nf4
+from quant.bnb import dequantize_tiles as bnb_dequantize_tiles
 from quant.bnb import from_tensors as nf4_from_tensors
 from quant.bnb import to_tensors as nf4_to_tensors
 from quant.errors import MoEOffloadError
@@ -28,7 +29,7 @@ from quant.hqq import (
     tensor_shapes,
     to_tensors,
 )
-from quant.linear import linear
+from quant.linear import linear, workspace_bytes
 from quant.packing import ExpertFormat
 
 # out=96, in=80: odd shapes. 480 groups of 16; meta groups of 32 (15), 48 (10) or 24 (20).
@@ -284,12 +285,35 @@ def test_linear_through_a_workspace_multiplies_tile_by_tile_into_out(bits):
             assert grids == ({"grid": math.prod(q.shape)} if bits == "3" else {"tile.grid": 8 * q.shape[1]})
 
 
+@pytest.mark.parametrize("max_weights", [1, 300, 1 << 20])  # below one row, two rows of 128, all
+@pytest.mark.parametrize("shape", [(64, 128), (96, 80)])  # 80 inputs split the blocks of 64: whole
+def test_nf4_tiles_put_together_are_dequantize_bit_for_bit(shape, max_weights):
+    q = quantize_nf4(_weight(shape, seed=5).to(torch.bfloat16))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        whole = dequantize_nf4(q, dtype)
+        rebuilt, rows = torch.full_like(whole, float("nan")), 0
+        for first, tile in bnb_dequantize_tiles(q, dtype, Workspace(), max_weights):
+            rebuilt[first : first + tile.shape[0]] = tile
+            rows += tile.shape[0]
+            assert tile.numel() <= (max(max_weights, 128) if shape == (64, 128) else 96 * 80)
+        assert rows == shape[0] and torch.equal(rebuilt, whole)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_nf4_dequantize_holds_no_more_than_the_plan_keeps(dtype):
+def test_nf4_through_a_workspace_allocates_only_its_output(dtype):
     from benchmarks.prefill_memory import live_peak
-    from quant.bnb import dequantize_bytes
 
     q = quantize_nf4(torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
-    peak = live_peak(lambda: dequantize_nf4(q, dtype))
-    # more than the result itself (2 or 4 bytes a weight), and no more than the plan keeps for it
-    assert 512 * 1024 * dtype.itemsize < peak <= dequantize_bytes(q.shape, dtype)
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(1)).to(dtype)
+    workspace = Workspace()
+    with pytest.MonkeyPatch.context() as patch:  # 64 rows a tile for HQQ, 16 for NF4 (a quarter)
+        patch.setitem(hqq.TILE_WEIGHTS, "cpu", 64 * 1024)
+        first = linear(x, q, workspace)
+        peak = live_peak(lambda: linear(x, q, workspace))
+        counted = workspace_bytes([q], dtype, "cpu")
+    torch.testing.assert_close(first, F.linear(x, dequantize_nf4(q, dtype)))
+    if dtype == torch.float32:  # (in bfloat16 the CPU's matmul allocates a scratch of its own, ~130 KB)
+        assert peak == 16 * 512 * 4  # the output alone: the tiles reuse the workspace
+    # a tile's int32 index (2 bytes a weight), float32 values, and the result in bfloat16; the table
+    assert counted == 16 * 1024 * (2 + 4 + (2 if dtype == torch.bfloat16 else 0)) + 2048
+    assert counted == sum(buffer.nbytes for buffer in workspace._buffers.values())

@@ -126,6 +126,12 @@ def test_bnb_nf4_attention_matches_transformers_with_our_dequantized_weights(tin
         expected = reference(tokens[None]).logits[0]
     assert (model.logits(tokens) - expected).abs().max().item() < 1e-4
     assert model.info()["attention"] == "bitsandbytes NF4, block 64"
+    # the attention dequantized in tiles through the decoder's workspace, all of which the plan counts
+    from quant.linear import workspace_bytes
+
+    attention = [w for w in model.decoder.weights.values() if isinstance(w, NF4Quantized)]
+    made = sum(buffer.nbytes for buffer in model.decoder.workspace._buffers.values())
+    assert made == workspace_bytes(attention, torch.float32, "cpu") > 0
 
 
 def test_bnb_is_four_bit_only(tiny):
