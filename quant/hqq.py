@@ -326,7 +326,7 @@ def dequantize_tiles(
         yield 0, dequantize(q, dtype, workspace)
         return
     groups_per_row, rows_per_slot, step = k // g, n // per, q.codes.shape[0]
-    # the meta first, whole: it is a sixteenth of the grid at most, and tiles read it by grid row
+    # the meta first, whole (2/g of the grid's size), as tiles read it by grid row
     scale = _meta(q.scale, dtype, workspace, "scale.")
     zero = _meta(q.zero, dtype, workspace, "zero.")
     capacity = min(max_weights, rows_per_slot * k) // g  # grid rows a tile holds; one buffer per capacity

@@ -56,6 +56,9 @@ def _tiled(x: Tensor, weight: Quantized | NF4Quantized, workspace: Workspace, ou
     """x @ dequantized(weight).T a tile at a time: each tile's product goes straight into its columns of
     `out` (a strided view of a row-major matrix, which BLAS and cuBLAS write in place)."""
     n, k = weight.shape
+    if x.shape[-1] != k or (out is not None and out.shape != (*x.shape[:-1], n)):  # mm(out=) would resize a view
+        got = "" if out is None else f" into {tuple(out.shape)}"
+        raise ValueError(f"linear: x {tuple(x.shape)} times a weight {tuple(weight.shape)}{got}: shapes do not match")
     if out is None:
         out = x.new_empty((*x.shape[:-1], n))
     x2, out2 = x.reshape(-1, k), out.view(-1, n)

@@ -245,21 +245,22 @@ def test_dequantize_through_a_workspace_is_bit_identical_and_reuses_its_buffers(
     assert len(workspace._buffers) == buffers
 
 
-# 96 x 80 weights: below one output row a tile, 5 rows, 25 rows, one bit slot and more (every layout)
+# 480 groups either way: below one output row a tile, a few rows, a third of a bit slot, and all of it
 @pytest.mark.parametrize("max_weights", [1, 400, 2000, 1 << 20])
+@pytest.mark.parametrize("shape", [(96, 80), (80, 96)])  # 3-bit: 96 outputs split its slots of 10 rows, 80 do not
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-def test_tiles_put_together_are_dequantize_bit_for_bit(spec, max_weights):
-    q = quantize(_weight(seed=3), spec)
-    per = {2: 4, 3: 10, 4: 2, 8: 1}[spec.bits]
-    for dtype in (torch.float32, torch.bfloat16):
+def test_tiles_put_together_are_dequantize_bit_for_bit(spec, shape, max_weights):
+    q = quantize(_weight(shape, seed=3), spec)
+    (n, k), per = shape, {2: 4, 3: 10, 4: 2, 8: 1}[spec.bits]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         whole = dequantize(q, dtype)
-        rebuilt, rows = torch.full_like(whole, float("nan")), 0
+        rebuilt, rows, tiles = torch.full_like(whole, float("nan")), 0, 0
         for first, tile in dequantize_tiles(q, dtype, Workspace(), max_weights):
             rebuilt[first : first + tile.shape[0]] = tile
-            rows += tile.shape[0]
-            if 96 % per == 0:  # else (3-bit, whose bit slots split an output row) the weight comes whole
-                assert tile.numel() <= max(max_weights, 80)
-        assert rows == 96 and torch.equal(rebuilt, whole)  # each row once, and no NaN left
+            rows, tiles = rows + tile.shape[0], tiles + 1
+            assert tile.numel() <= (max(max_weights, k) if n % per == 0 else n * k)  # else whole
+        assert rows == n and torch.equal(rebuilt, whole)  # each row once, and no NaN left
+        assert tiles >= (per if n % per == 0 else 1)  # one bit slot a tile at least
 
 
 @pytest.mark.parametrize("bits", ["2", "3", "4"])
@@ -283,6 +284,15 @@ def test_linear_through_a_workspace_multiplies_tile_by_tile_into_out(bits):
             grids = {key[0]: b.numel() for key, b in workspace._buffers.items() if key[0] in ("grid", "tile.grid")}
             # 3-bit's grid pads 10 rows to a byte, so its bit slots split output rows: dequantized whole
             assert grids == ({"grid": math.prod(q.shape)} if bits == "3" else {"tile.grid": 8 * q.shape[1]})
+
+
+def test_tiles_refuse_shapes_that_do_not_match():
+    """torch.mm(out=view) would resize a view of the wrong shape and write garbage; linear says so instead."""
+    q = quantize(_weight((64, 256), seed=1), QuantSpec(4, 32))
+    with pytest.raises(ValueError, match=r"^linear: x \(2, 128\) times a weight \(64, 256\): shapes do not match$"):
+        linear(torch.zeros(2, 128), q, Workspace())
+    with pytest.raises(ValueError, match=r"^linear: x \(2, 256\) times a weight \(64, 256\) into \(3, 64\): "):
+        linear(torch.zeros(2, 256), q, Workspace(), torch.empty(3, 64))
 
 
 @pytest.mark.parametrize("max_weights", [1, 300, 1 << 20])  # below one row, two rows of 128, all
