@@ -9,7 +9,7 @@ next, so one layer shows the peak), in bfloat16 on the CPU, with torch's profile
 allocation. For each prefill chunk and prompt length it prints the peak of live bytes during the
 prefill above what was live before it, with the dequantization workspace already made (a short
 prompt first), against ModelConfig.prefill_bytes, the bound the planner keeps; and a chat turn that
-continues a history (masked spans). It also checks the workspace against quant.hqq.workspace_bytes.
+continues a history (masked spans). It also checks the workspace against quant.linear.workspace_bytes.
 The CPU's attention kernels are not CUDA's (CUDA repeats the key heads under a mask, which the bound
 adds there), so bench's gpu_peak_bytes is the figure on a GPU.
 """
@@ -36,6 +36,7 @@ from offload.api import load  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.decoder import PREFILL_CHUNK  # noqa: E402
 from offload.synth import synthesize  # noqa: E402
+from quant.bnb import NF4Quantized  # noqa: E402
 from quant.hqq import Quantized  # noqa: E402
 from quant.linear import workspace_bytes  # noqa: E402
 
@@ -76,7 +77,7 @@ def measure(model, tokens: int, history: int = 0) -> dict:
 
 def workspace_check(model) -> dict:
     """The dequantization workspace a prefill made, against what the planner counts for it."""
-    attention = [w for w in model.decoder.weights.values() if isinstance(w, Quantized)]
+    attention = [w for w in model.decoder.weights.values() if isinstance(w, Quantized | NF4Quantized)]
     experts = [w for w in model.prepared.expert_format.meta_weights().values() if isinstance(w, Quantized)]
     made = sum(b.nbytes for ws in (model.decoder.workspace, model.moe.workspace) for b in ws._buffers.values())
     counted = workspace_bytes(attention, model.dtype, "cpu") + workspace_bytes(experts, model.dtype, "cpu")

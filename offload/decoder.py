@@ -75,7 +75,7 @@ class ModelConfig:
 
     def prefill_bytes(self, tokens: int, chunk: int, dtype: torch.dtype, repeat_kv: bool = False) -> int:
         """A bound on the activations of a prefill of `tokens` tokens at its peak, beyond the weights, the KV
-        cache and the dequantization workspace (quant.hqq.workspace_bytes): what Decoder.forward and the
+        cache and the dequantization workspace (quant.linear.workspace_bytes): what Decoder.forward and the
         MoE block hold at once, `chunk` tokens at a time (PREFILL_CHUNK). `repeat_kv`: a masked span
         repeats the key heads (Decoder._attention, on CUDA). benchmarks/prefill_memory.py measures it."""
         # T = tokens, c = chunk, b = bytes per element; the float32 of RMSNorm and of routing is 4

@@ -81,7 +81,7 @@ def workspace_bytes(weights: Iterable[Quantized | NF4Quantized], dtype: torch.dt
     return sum(buffer.nbytes for buffer in workspace._buffers.values())
 
 
-def _on_meta(weight):
+def _on_meta(weight: Tensor | Quantized | NF4Quantized) -> Tensor | Quantized | NF4Quantized:
     """A copy of a quantized weight (or a plain tensor in one) on the meta device: shapes only."""
     if isinstance(weight, Tensor):
         return torch.empty_like(weight, device="meta")

@@ -74,6 +74,15 @@ def test_static_path_equals_the_eager_one_and_transformers(case, prefetch, slots
         assert (teacher_forced(full, tokens) - expected).abs().max().item() < 1e-4
 
 
+def test_static_path_with_nf4_attention_equals_the_eager_one(case):
+    """NF4 attention dequantizes in tiles into the workspace, its lookup table and buffers made in a piece's
+    first (eager) run: on CUDA the capture after it then needs no host-to-device copy."""
+    path, _, tokens, _ = case
+    static = assert_static_equals_eager(path, tokens, attn_bits="4", attn_quant="bnb", slots=1, prefetch="late")
+    assert static.info()["attention"] == "bitsandbytes NF4, block 64"
+    assert any(key[0] == "nf4.pairs" for key in static.decoder.workspace._buffers)
+
+
 @pytest.mark.parametrize(("prefetch", "ahead"), [("late", 2), ("both", 3)])
 def test_static_path_guessing_layers_ahead_equals_the_eager_one(tmp_path, prefetch, ahead):
     """Every guess of a layer's output (up to `ahead` layers) in its residual graph, read back with one copy."""
