@@ -144,6 +144,29 @@ def test_cuda_graphs_replay_the_eager_decode(tiny):
     assert len(runs[True][2].graphs) == 2 * layers + layers + 1 + 3 * layers * k
 
 
+def test_nf4_attention_decodes_in_graphs_on_cuda(tiny, tmp_path):
+    """NF4 attention in tiles: its table and buffers are made in a piece's first run, so the capture after
+    it succeeds (dequantizing whole made a host-to-device table copy at every call), and the replay
+    matches transformers carrying the same dequantized weights."""
+    from offload.convert import quantize_model
+    from quant.bnb import dequantize_nf4
+    from tests.test_quantized_model import carry_our_weights
+
+    folder = quantize_model(str(tiny), tmp_path / "nf4", expert_bits="4", attn_bits="4", attn_quant="bnb")
+    model = offload.load(str(folder), device="cuda", dtype="float32", slots=2)
+    tokens = torch.randint(3, 128, (24,), generator=torch.Generator().manual_seed(4))
+    model.reset()
+    got = [model.forward(tokens[:8], 0)]
+    for pos in range(8, 24):
+        got.append(model.forward(tokens[pos : pos + 1], pos))
+    assert model.decoder.graphs.failed is None and model.decoder.graphs.graphs
+    reference = hf_model(tiny)
+    with torch.no_grad():
+        carry_our_weights(reference, offload.load(str(folder), device="cpu"), dequantize_attention=dequantize_nf4)
+        expected = reference(tokens[None]).logits[0]
+    assert (torch.cat(got).float().cpu() - expected).abs().max().item() < 1e-3
+
+
 def test_quantize_on_the_gpu_gives_a_folder_close_to_the_cpus(tiny, tmp_path):
     from offload.convert import quantize_model
 
