@@ -300,9 +300,9 @@ def dequantize(
 
 
 # Weights dequantized at once when a weight is multiplied without the fused kernel (quant/linear.py): on the
-# CPU, a tile that stays in cache (8 MB in float32; a 2-bit Mixtral-8x7B expert matrix times one token took
-# 14 ms against 42 ms dequantized whole, 2 threads); on CUDA, one bit slot of a Mixtral expert matrix (14.7M
-# weights, 4 tiles a matrix), few launches
+# CPU, a tile that stays in cache (8 MB in float32: a 2-bit Mixtral-8x7B expert MLP times one token takes
+# 44 ms against 130 ms dequantized whole on 2 threads, benchmarks/results/expert_mlp_cpu.json); on CUDA, one
+# bit slot of a 2-bit Mixtral expert matrix (14.7M weights, 4 tiles a matrix), few launches
 TILE_WEIGHTS = {"cpu": 1 << 21, "cuda": 1 << 24}
 
 
@@ -319,7 +319,8 @@ def dequantize_tiles(
 
     Tiles follow the packed layout (module doc): packed rows [p0, p1) at bit slot s hold grid rows
     s*step + [p0, p1), which are outputs s*N/PER + [p0, p1) / (K/g) when N % PER == 0 (every 2-, 4- and
-    8-bit Mixtral shape). A weight whose slots split an output row (3-bit's padded grid) comes whole."""
+    8-bit Mixtral shape). A weight whose slots split an output row (N % PER, as 3-bit's on Mixtral's shapes)
+    comes whole."""
     (n, k), bits, g = q.shape, q.spec.bits, q.spec.group_size
     per = _ROWS_PER_ELEMENT[bits]
     if n % per:
