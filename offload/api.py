@@ -238,7 +238,7 @@ def prefill_reserve(
 
 
 def kernel_name(fused_gemv: bool) -> str:
-    return "fused dequantize+GEMV (Triton)" if fused_gemv else "dequantize, then matmul"
+    return "fused dequantize+GEMV (Triton)" if fused_gemv else "dequantize in tiles, then matmul"
 
 
 def resolve_fused_gemv(option: bool | None, device: torch.device) -> bool:

@@ -120,7 +120,7 @@ def test_fused_gemv_where_it_cannot_run(capsys, quantized):
         code, err, "--fused-gemv runs on CUDA only; on the CPU experts are dequantized, then multiplied"
     )
     code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
-    assert code == 0 and json.loads(out)["decode kernel"] == "dequantize, then matmul"
+    assert code == 0 and json.loads(out)["decode kernel"] == "dequantize in tiles, then matmul"
 
 
 def test_cuda_graphs_where_they_cannot_run(capsys, quantized):

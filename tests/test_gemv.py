@@ -173,7 +173,7 @@ def test_gemv_supports_only_what_it_reads():
     generator = torch.Generator().manual_seed(7)
     q = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)
     assert gemv.supports(torch.zeros(gemv.MAX_ROWS, 256), q)
-    assert not gemv.supports(torch.zeros(gemv.MAX_ROWS + 1, 256), q)  # a prefill: dequantize, then matmul
+    assert not gemv.supports(torch.zeros(gemv.MAX_ROWS + 1, 256), q)  # a prefill: dequantize in tiles, then matmul
     assert not gemv.supports(torch.zeros(1, 128), q)  # wrong input size
     assert not gemv.supports(torch.zeros(1, 240), random_quantized((64, 240), QuantSpec(4, 48), generator))
     assert not gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
