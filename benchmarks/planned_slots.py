@@ -43,7 +43,13 @@ COSTS = Costs.from_rates(**H100)  # `moe-offload timeline`'s defaults
 
 @functools.cache
 def _resident_bytes() -> int:
-    return resident_bytes("mixtral-8x7b")
+    """On the GPU: what synth writes but the embedding table, which a CUDA run keeps in RAM (offload/embedding.py)."""
+    return resident_bytes("mixtral-8x7b") - _host_resident_bytes()
+
+
+def _host_resident_bytes() -> int:
+    config = preset_config("mixtral-8x7b")
+    return config.vocab_size * config.hidden_size * torch.bfloat16.itemsize  # the embedding table
 
 
 @functools.cache
@@ -56,6 +62,7 @@ def mixtral_plan(gpu_gib: float, context: int) -> tuple[int, ...]:
     config = preset_config("mixtral-8x7b")
     plan = plan_memory(device=torch.device("cuda"), num_layers=config.num_layers, num_experts=config.num_experts,
                        expert_bytes=synthetic_format(config, "2").nbytes, resident_bytes=_resident_bytes(),
+                       host_resident_bytes=_host_resident_bytes(),
                        kv_bytes=config.kv_cache_bytes(context, torch.bfloat16), reserve_bytes=_reserve(context),
                        device_budget=int(gpu_gib * GiB), host_budget=64 * GiB)  # fmt: skip
     return plan.slots_per_layer
@@ -140,7 +147,8 @@ def main() -> None:
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "trace": str(args.trace),
         "expert_bytes": synthetic_format(config, "2").nbytes,
-        "resident_bytes": _resident_bytes(),
+        "resident_bytes": _resident_bytes(),  # on the GPU
+        "host_resident_bytes": _host_resident_bytes(),  # in RAM: the embedding table
         "reserve_bytes": {str(context): _reserve(context) for context in CONTEXTS},  # kept for a prefill
         "costs": dataclasses.asdict(COSTS),
         "results": rows,

@@ -40,14 +40,22 @@ def pinned_empty(rows: int, row_bytes: int) -> torch.Tensor:
     """[rows, row_bytes] uint8 in page-locked host memory, exactly that size.
 
     Not `pin_memory=True`: torch's caching host allocator rounds each block up to a power of two, so a
-    17.1 GB Mixtral arena would lock 32 GiB, or fail and fall back to pageable memory. Pageable memory
-    registered with CUDA is locked page for page, and unregistered when the tensor is freed."""
+    17.1 GB Mixtral arena would lock 32 GiB, or fail and fall back to pageable memory."""
+    return pin_in_place(torch.empty(rows, row_bytes, dtype=torch.uint8))
+
+
+def pin_in_place(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (contiguous, in host memory), its pages locked and registered with CUDA; returns it.
+
+    Registered page for page, and unregistered when the tensor is freed: keep this object, not only a
+    view of it. With unified addressing (every 64-bit system) the memory is also mapped, so a kernel
+    can read it in place (offload/embedding.py)."""
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device to pin host memory for")
-    tensor = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    assert tensor.device.type == "cpu" and tensor.is_contiguous(), (tensor.device, tensor.stride())
     cudart = torch.cuda.cudart()
-    pointer, size = tensor.data_ptr(), tensor.numel()
-    code = int(cudart.cudaHostRegister(pointer, size, 0))  # 0: cudaHostRegisterDefault
+    pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    code = int(cudart.cudaHostRegister(pointer, size, 0))  # 0: cudaHostRegisterDefault (mapped, with UVA)
     if code != 0:
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {code}")
     weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)

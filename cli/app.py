@@ -49,7 +49,12 @@ Slots = Annotated[
     ),
 ]
 GpuMemory = Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 12GiB. Default: what is free.")]
-CpuMemory = Annotated[str | None, typer.Option(help="RAM budget for the expert arena, e.g. 12GiB. Default: available.")]
+CpuMemory = Annotated[
+    str | None,
+    typer.Option(
+        help="RAM budget for the expert arena (and, on CUDA, the embedding table), e.g. 12GiB. Default: available."
+    ),
+]
 Device = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")]
 ExpertBits = Annotated[
@@ -99,6 +104,16 @@ CudaGraphs = Annotated[
         show_default=False,
     ),
 ]
+HostEmbedding = Annotated[
+    bool | None,
+    typer.Option(
+        "--host-embedding/--no-host-embedding",
+        help="Keep the embedding table in RAM, where the GPU reads each token's row in place, and give its GPU "
+        "memory to expert slots (262 MB on Mixtral-8x7B: four 2-bit slots). Default: on CUDA, unless the "
+        "model's lm_head is the same table.",
+        show_default=False,
+    ),
+]
 PrefillChunk = Annotated[
     int,
     typer.Option(
@@ -131,6 +146,7 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
     "max_seq_len": (MaxSeqLen, LoadOptions.max_seq_len),
     "fused_gemv": (FusedGemv, LoadOptions.fused_gemv),
     "cuda_graphs": (CudaGraphs, LoadOptions.cuda_graphs),
+    "host_embedding": (HostEmbedding, LoadOptions.host_embedding),
     "prefill_chunk": (PrefillChunk, LoadOptions.prefill_chunk),
 }
 
@@ -334,6 +350,7 @@ def chat(
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "prefetch",
     "prefetch_ahead", "policy", "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk",
+    "host_embedding",
 )  # fmt: skip
 def info(
     model: Model,
@@ -419,6 +436,7 @@ def synth(
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "policy", "cache_mode",
     "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk",
+    "host_embedding",
 )  # fmt: skip
 def bench(
     model: Model,
@@ -503,7 +521,8 @@ def _print_bench(result: dict) -> None:
     out.print(f"routing: {result['routing']} · {result['mode']} mode, {slots} "
               f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
               f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}"
-              + (" · CUDA graphs" if result["cuda_graphs"] else ""))  # fmt: skip
+              + (" · CUDA graphs" if result["cuda_graphs"] else "")
+              + (" · embedding in RAM" if result.get("host_embedding") else ""))  # fmt: skip
     out.print(table)
     for note in notes:
         out.print(note)

@@ -19,6 +19,7 @@ from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
 from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk
+from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
@@ -68,6 +69,9 @@ class LoadOptions:
     # a prefill's tokens that each layer's attention and each expert take at once (offload/decoder.py): a long
     # prompt's activations grow with this, not with the prompt, and the planner keeps them back
     prefill_chunk: int = PREFILL_CHUNK
+    # the embedding table in RAM, each token's row read in place by the GPU (offload/embedding.py), which frees
+    # its GPU memory for expert slots; None: on CUDA where the GPU can, unless lm_head is the same table
+    host_embedding: bool | None = None
 
 
 @dataclass
@@ -164,6 +168,7 @@ class Prepared:
     plan: MemoryPlan
     fused_gemv: bool  # decode's HQQ products run the fused kernel (LoadOptions.fused_gemv, resolved)
     cuda_graphs: bool  # decode's resident part runs as CUDA graphs (LoadOptions.cuda_graphs, resolved)
+    host_embedding: bool  # the embedding table stays in RAM (LoadOptions.host_embedding, resolved)
 
     @property
     def config(self) -> ModelConfig:
@@ -203,12 +208,15 @@ def prepare(model: str, **options) -> Prepared:
     resident = source.resident()
     kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)
     reserve = prefill_reserve(config, resident, expert_format, max_seq_len, opts.prefill_chunk, dtype, device)
+    host_embedding = resolve_host_embedding(opts.host_embedding, config, device, dtype)
+    in_ram = {"embed"} if host_embedding else set()
     plan = plan_memory(
         device=device,
         num_layers=config.num_layers,
         num_experts=config.num_experts,
         expert_bytes=expert_format.nbytes,
-        resident_bytes=sum(_nbytes(w) for w in resident.values()),
+        resident_bytes=sum(_nbytes(w) for name, w in resident.items() if name not in in_ram),
+        host_resident_bytes=sum(_nbytes(w) for name, w in resident.items() if name in in_ram),
         kv_bytes=kv_bytes,
         reserve_bytes=reserve,
         slots=opts.slots,
@@ -218,7 +226,9 @@ def prepare(model: str, **options) -> Prepared:
     )
     fused = resolve_fused_gemv(opts.fused_gemv, device)
     graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
-    return Prepared(source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs)
+    return Prepared(
+        source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs, host_embedding
+    )
 
 
 def prefill_reserve(
@@ -235,6 +245,10 @@ def prefill_reserve(
         + workspace_bytes([w for w in resident.values() if isinstance(w, quantized)], dtype, device)
         + workspace_bytes([w for w in experts if isinstance(w, quantized)], dtype, device)
     )
+
+
+def embedding_place(host_embedding: bool) -> str:
+    return "in RAM, read in place by the GPU" if host_embedding else "with the resident weights"
 
 
 def kernel_name(fused_gemv: bool) -> str:
@@ -257,6 +271,25 @@ def resolve_cuda_graphs(option: bool | None, device: torch.device) -> bool:
     if option and device.type != "cuda":
         raise MoEOffloadError("--cuda-graphs runs on CUDA only; on the CPU every kernel is called from Python")
     return device.type == "cuda" if option is None else option
+
+
+def resolve_host_embedding(option: bool | None, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """LoadOptions.host_embedding -> whether the table stays in RAM; asking for it where it cannot is an error."""
+    if option is False or (option is None and device.type != "cuda"):
+        return False
+    if device.type != "cuda":
+        raise MoEOffloadError("--host-embedding runs on CUDA only; on the CPU the table is in RAM already")
+    if config.tie_word_embeddings:
+        if option is None:
+            return False
+        raise MoEOffloadError(
+            "--host-embedding: this model's lm_head is its embedding table, which the GPU reads whole at every "
+            "step, so the table stays on the GPU; leave the option out"
+        )
+    why_not = reads_host_memory(device, dtype)
+    if why_not is not None and option:
+        raise MoEOffloadError(f"--host-embedding: this GPU cannot read host memory in place ({why_not})")
+    return why_not is None
 
 
 def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
@@ -285,12 +318,15 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
         routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
         workspace=Workspace(fused), prefill_chunk=prepared.options.prefill_chunk,
     )  # fmt: skip
-    weights = {name: _to_device(w, prepared.device, prepared.dtype) for name, w in prepared.resident.items()}
+    weights = {  # a table kept in RAM goes to the decoder as it is, which copies it into registered memory
+        name: w if name == "embed" and prepared.host_embedding else _to_device(w, prepared.device, prepared.dtype)
+        for name, w in prepared.resident.items()
+    }
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
         config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len,
         workspace=Workspace(fused), graphs=DecodeGraphs() if prepared.cuda_graphs else None,
-        prefill_chunk=prepared.options.prefill_chunk,
+        prefill_chunk=prepared.options.prefill_chunk, host_embedding=prepared.host_embedding,
     )  # fmt: skip
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
     model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
@@ -499,6 +535,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
         "decode kernel": kernel_name(prepared.fused_gemv),
         "decode graphs": "CUDA graphs" if prepared.cuda_graphs else "off",
+        "embedding": embedding_place(prepared.host_embedding),
         "context": prepared.max_seq_len,
         "prefill chunk": f"{prepared.options.prefill_chunk} tokens",
         **dict(prepared.plan.describe()),

@@ -478,6 +478,7 @@ def bench(
         "cuda_graphs": graphs_ran(model),
         "cuda_graphs_failed": None if model.decoder.graphs is None else model.decoder.graphs.failed,  # why not
         "arena_pinned": model.cache.pinned,
+        "host_embedding": model.prepared.host_embedding,  # the table in RAM, read in place (offload/embedding.py)
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
         "expert_bytes": model.cache.expert_bytes,  # one load

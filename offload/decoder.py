@@ -9,6 +9,8 @@ MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q -
 
 Nothing here synchronizes the device: positions are Python ints, and a decode step needs no mask
 (the key range it reads is the mask). Buffers (KV cache, RoPE tables, positions) are made at init.
+With `host_embedding` the embedding table stays in host memory and the GPU reads each token's row in
+place (offload/embedding.py): the ids stay on the device all the same.
 
 With `graphs` set (offload/graphs.py), a decode step takes the static path instead: its token and
 position live in device buffers, the KV write is an index_copy_ and attention reads a fixed key range
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
+from offload.embedding import gather_rows, host_table
 from offload.graphs import DecodeGraphs, key_range
 from quant.errors import MoEOffloadError
 from quant.hqq import Workspace
@@ -159,8 +162,11 @@ class Decoder:
         workspace: Workspace | None = None,
         graphs: DecodeGraphs | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        host_embedding: bool = False,
     ) -> None:
         check_prefill_chunk(prefill_chunk)
+        if host_embedding and config.tie_word_embeddings:
+            raise ValueError("the embedding is lm_head too, which reads all of it every step: it stays on the device")
         self.config = config
         self.prefill_chunk = prefill_chunk
         self.moe = moe
@@ -171,6 +177,8 @@ class Decoder:
         self.dtype = dtype
         self.max_seq_len = max_seq_len or min(config.max_position, 4096)
         self.eps = config.rms_norm_eps
+        # the table in host memory, each token's row read in place by gather_rows (offload/embedding.py)
+        self.host_embedding = host_embedding
         assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)
 
         D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
@@ -214,6 +222,8 @@ class Decoder:
                 f"tensor {name!r} has shape {tuple(weight.shape)} but config.json implies {shape}; "
                 "the checkpoint and its config.json do not belong together"
             )
+        if name == "embed" and self.host_embedding:
+            return host_table(weight, self.dtype)
         return weight.to(self.device, self.dtype)
 
     def router(self, layer: int) -> Tensor:
@@ -248,7 +258,7 @@ class Decoder:
         if tokens == 1 and self.graphs is not None:
             return self._decode_static(input_ids, start_pos)
         w = self.weights
-        h = F.embedding(input_ids, w["embed"])  # [T, D], the residual stream, added to in place
+        h = self._embed(input_ids)  # [T, D], the residual stream, added to in place
         spans = [(s, min(s + self.prefill_chunk, tokens)) for s in range(0, tokens, self.prefill_chunk)]
         x = torch.empty_like(h) if len(spans) > 1 else None  # each layer's MoE input, a span at a time
         for layer in range(self.config.num_layers):
@@ -269,6 +279,14 @@ class Decoder:
         return linear(rms_norm(h, w["norm"], self.eps), w["lm_head"], self.workspace).float()  # [T, V]
 
     __call__ = forward
+
+    def _embed(self, ids: Tensor, out: Tensor | None = None) -> Tensor:
+        """The rows of ids [T] -> [T, D] on the device, into `out` when given."""
+        table = self.weights["embed"]
+        if self.host_embedding:
+            return gather_rows(table, ids, out)
+        rows = F.embedding(ids, table)
+        return rows if out is None else out.copy_(rows)
 
     def _mask(self, start_pos: int, tokens: int) -> Tensor | None:
         """Boolean [T, start_pos+T] (True = attend) where a key range and is_causal cannot say it."""
@@ -353,7 +371,7 @@ class Decoder:
     def _static_attention(self, layer: int, keys: int) -> None:
         s, w, prefix = self._static, self.weights, f"layers.{layer}."
         if layer == 0:
-            s.h.copy_(F.embedding(s.ids, w["embed"]))
+            self._embed(s.ids, out=s.h)
         s.h.add_(self._attention_at(layer, rms_norm(s.h, w[prefix + "input_norm"], self.eps), s.pos, keys))
         s.x.copy_(rms_norm(s.h, w[prefix + "post_norm"], self.eps))
         self.moe.route_into(layer, s.x, s.h)

@@ -56,6 +56,7 @@ class MemoryPlan:
     device_budget: int
     host_budget: int
     reserve_bytes: int = 0  # kept free on the GPU for a prefill of the whole context: activations and workspace
+    host_resident_bytes: int = 0  # resident weights kept in RAM beside the arena: the embedding table on CUDA
 
     def describe(self) -> list[tuple[str, str]]:
         slots = "none (computed in place)" if self.slots_per_layer is None else slots_text(self.slots_per_layer)
@@ -65,7 +66,9 @@ class MemoryPlan:
             ("bytes per expert", format_bytes(self.expert_bytes)),
             ("arena (host)", f"{format_bytes(self.host_bytes)} of {format_bytes(self.host_budget)}"),
             ("device", f"{format_bytes(self.device_bytes)} of {format_bytes(self.device_budget)}"),
-        ] + ([("kept for a prefill", format_bytes(self.reserve_bytes))] if self.reserve_bytes else [])
+        ] + ([("kept for a prefill", format_bytes(self.reserve_bytes))] if self.reserve_bytes else []) + (
+            [("resident in RAM", format_bytes(self.host_resident_bytes))] if self.host_resident_bytes else []
+        )
 
 
 def slots_text(slots: Sequence[int]) -> str:
@@ -108,6 +111,7 @@ def plan_memory(
     resident_bytes: int,
     kv_bytes: int,
     reserve_bytes: int = 0,
+    host_resident_bytes: int = 0,
     slots: int | None = None,
     device_budget: int | None = None,
     host_budget: int | None = None,
@@ -119,6 +123,8 @@ def plan_memory(
     "exclusive" forces one (on the CPU too, with slots, to measure a swap on any machine).
     `reserve_bytes` is kept free on the GPU beside GPU_HEADROOM: what a prefill of the whole context
     needs at its peak (offload.api.prefill_reserve). The CPU's plan has no use for it.
+    `host_resident_bytes` are resident weights that stay in RAM on a GPU plan (the embedding table): the
+    arena shares the RAM budget with them. On the CPU everything is in `resident_bytes`.
     """
     if mode not in ("auto", "inclusive", "exclusive"):
         raise MoEOffloadError(f"unknown cache mode {mode!r}; choose auto, inclusive or exclusive")
@@ -164,19 +170,22 @@ def plan_memory(
     per_layer = (slots,) * num_layers if forced else spread(total, num_layers, num_experts)
     in_slots = sum(per_layer) * expert_bytes
     exclusive_arena = all_experts - in_slots + expert_bytes  # each expert once, plus the spare row
-    if all_experts <= host_budget and mode != "exclusive":
+    arena_budget = host_budget - host_resident_bytes
+    if all_experts <= arena_budget and mode != "exclusive":
         mode, host_bytes = "inclusive", all_experts
-    elif exclusive_arena <= host_budget and mode != "inclusive":
+    elif exclusive_arena <= arena_budget and mode != "inclusive":
         mode, host_bytes = "exclusive", exclusive_arena
     else:
         need = exclusive_arena if mode != "inclusive" else all_experts
+        beside = f" and {format_bytes(host_resident_bytes)} of resident weights" if host_resident_bytes else ""
         raise MoEOffloadError(
-            f"the experts need {format_bytes(need)} of RAM beside the {format_bytes(in_slots)} in GPU slots, "
-            f"and {format_bytes(host_budget)} is available; quantize to fewer bits or raise --cpu-memory"
+            f"the experts need {format_bytes(need)} of RAM beside the {format_bytes(in_slots)} in GPU slots"
+            f"{beside}, and {format_bytes(host_budget)} is available; quantize to fewer bits or raise --cpu-memory"
         )
     device_bytes = fixed + in_slots + (expert_bytes if mode == "exclusive" else 0)
     return MemoryPlan(
-        mode, per_layer, expert_bytes, host_bytes, device_bytes, device_budget, host_budget, reserve_bytes
+        mode, per_layer, expert_bytes, host_bytes, device_bytes, device_budget, host_budget, reserve_bytes,
+        host_resident_bytes,
     )
 
 

@@ -1,9 +1,11 @@
-"""Compile quant/gemv.py's kernel ahead of time for GPU architectures, on a machine with no GPU.
+"""Compile quant/gemv.py's kernels, and offload/embedding.py's, ahead of time for GPU architectures, on a
+machine with no GPU.
 
 Run by tests/test_gemv.py in a subprocess without TRITON_INTERPRET (which makes kernels interpreted).
 Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": count, ...}}, for
-_gemv_kernel on every case and _gemv_packed_kernel on those with more than one code per element. The
-pointers and sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
+_gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, and
+_gather_rows_kernel on a bfloat16 table. The pointers and sizes are declared 16-byte aligned, as Triton
+specializes them at launch for Mixtral's shapes.
 """
 
 import collections
@@ -18,6 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from offload import embedding  # noqa: E402
 from quant import gemv  # noqa: E402
 
 CASES = {  # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, rows per element, group, meta group)
@@ -48,6 +51,15 @@ def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
 
+def compile_gather(arch: int) -> str:
+    """PTX of _gather_rows_kernel for a bfloat16 table, as gather_rows launches it."""
+    signature = {"ids_ptr": "*i64", "table_ptr": "*bf16", "out_ptr": "*bf16", "V": "i32", "D": "i32"}
+    signature["BLOCK"] = "constexpr"
+    source = ASTSource(embedding._gather_rows_kernel, signature, {"BLOCK": embedding.BLOCK},
+                       {(i,): [["tt.divisibility", 16]] for i in range(5)})  # fmt: skip
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+
 if __name__ == "__main__":
     loads = {}
     for name, case in CASES.items():
@@ -57,4 +69,7 @@ if __name__ == "__main__":
             for arch in map(int, sys.argv[1:]):
                 ptx = compile_case(case, arch, packed)
                 loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+    for arch in map(int, sys.argv[1:]):
+        ptx = compile_gather(arch)
+        loads[f"_gather_rows_kernel bf16 sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
     print(json.dumps(loads))

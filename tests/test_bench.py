@@ -55,7 +55,7 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3,
                                                              abs=1e-6)  # fmt: skip
     assert result["d2h_bytes_per_token"] == 0 and result["d2h_bandwidth_gbps"] is None  # inclusive: nothing back
-    assert result["cuda_graphs"] is False and result["arena_pinned"] is False
+    assert result["cuda_graphs"] is False and result["arena_pinned"] is False and result["host_embedding"] is False
 
 
 def test_the_bound_counts_missed_bytes_not_wrong_guesses(model):

@@ -130,6 +130,13 @@ def test_cuda_graphs_where_they_cannot_run(capsys, quantized):
     assert code == 0 and json.loads(out)["decode graphs"] == "off"
 
 
+def test_host_embedding_where_it_cannot_run(capsys, quantized):
+    code, _, err = run(capsys, "chat", quantized, "--device", "cpu", "--host-embedding")
+    assert_one_line_error(code, err, "--host-embedding runs on CUDA only; on the CPU the table is in RAM already")
+    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json", "--no-host-embedding")
+    assert code == 0 and json.loads(out)["embedding"] == "with the resident weights"
+
+
 # -- what a user runs --------------------------------------------------------------------------------------
 
 

@@ -283,3 +283,40 @@ def test_tiles_on_cuda_equal_dequantize_then_matmul(bits):
     torch.testing.assert_close(got, whole, rtol=0.02, atol=0.02 * whole.abs().max().item())
     tile = {"2": 14336 // 4, "4": 4096}[bits] * 4096
     assert [b.numel() for key, b in workspace._buffers.items() if key[0] == "tile.grid"] == [tile]
+
+
+def test_the_gpu_reads_the_embedding_table_in_host_memory_in_place():
+    """offload/embedding.py: registered host memory is mapped, so a kernel reads a row where it is, eagerly
+    and replayed in a graph with new ids; and the mapping works in the model's dtype."""
+    from offload.embedding import gather_rows, host_table, reads_host_memory
+
+    assert reads_host_memory(torch.device("cuda"), torch.bfloat16) is None
+    table = host_table(torch.randn(32000, 4096, generator=torch.Generator().manual_seed(0)), torch.bfloat16)
+    assert table.device.type == "cpu" and table.is_pinned()
+    ids = torch.tensor([31999, 0, 17, 17], device="cuda")
+    assert torch.equal(gather_rows(table, ids).cpu(), table[ids.cpu()])
+    out = torch.empty(4, 4096, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gather_rows(table, ids, out)
+    ids.copy_(torch.tensor([1, 2, 3, 31998]))
+    graph.replay()
+    assert torch.equal(out.cpu(), table[[1, 2, 3, 31998]])
+
+
+def test_a_table_in_host_memory_decodes_as_one_on_the_gpu(tiny):
+    """The default on CUDA keeps the table in RAM: the plan counts it there, and prefill and graph-replayed
+    decode give the logits of the table on the GPU, bit for bit (the rows are the same bytes)."""
+    tokens = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for host in (True, False):
+        model = offload.load(str(tiny), device="cuda", slots=3, expert_bits="2", attn_bits="4", host_embedding=host)
+        assert model.prepared.host_embedding is host and (model.plan.host_resident_bytes > 0) is host
+        model.reset()
+        got = [model.forward(tokens[:8], 0)]
+        for pos in range(8, 20):
+            got.append(model.forward(tokens[pos : pos + 1], pos))
+        runs[host] = torch.cat(got).cpu()
+        assert model.decoder.graphs.failed is None
+    assert torch.equal(runs[True], runs[False])
+    assert offload.load(str(tiny), device="cuda").prepared.host_embedding  # the default

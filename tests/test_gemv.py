@@ -213,7 +213,7 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path)
 
 
 def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
-    """The interpreter checks the arithmetic; this compiles both kernels for real GPUs (sm_75: the T4 of a
+    """The interpreter checks the arithmetic; this compiles the kernels for real GPUs (sm_75: the T4 of a
     free Colab, sm_90: H100) with Triton's own ptxas, no GPU needed, and checks the codes are read 16
     bytes at a time rather than byte by byte."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -221,7 +221,11 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     loads = json.loads(done.stdout)
-    # _gemv_kernel at 2, 3, 4 and 8 bits; _gemv_packed_kernel at 2, 3 and 4 (8-bit never takes it)
+    # _gemv_kernel at 2, 3, 4 and 8 bits; _gemv_packed_kernel at 2, 3 and 4 (8-bit never takes it); and
+    # offload/embedding.py's gather: one load of the token's id, then 16 bytes of its row a thread
+    gathers = {case: loads.pop(case) for case in list(loads) if case.startswith("_gather_rows_kernel")}
+    assert gathers == {f"_gather_rows_kernel bf16 sm_{arch}": {"ld.global.b64": 1, "ld.global.v4.b32": 1}
+                       for arch in (75, 90)}  # fmt: skip
     assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 8 + ["_gemv_packed_kernel"] * 6
     for case, counts in loads.items():
         assert counts.get("ld.global.v4.b32", 0) >= 2, (case, counts)

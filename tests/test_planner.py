@@ -61,6 +61,20 @@ def test_the_slots_an_even_split_leaves_go_to_the_first_layers():
     )
     assert plan.slots_per_layer == (5,) * 25 + (4,) * 7
     assert dict(plan.describe())["slots per layer"] == "5 in layers 0-24, 4 in layers 25-31 (153 in all)"
+    # the embedding table (32000 x 4096 in bfloat16) in RAM instead (offload/embedding.py): four slots more
+    in_ram = plan_memory(
+        device=CUDA,
+        **MIXTRAL_2BIT | dict(expert_bytes=66_748_416),
+        resident_bytes=1_281_892_352 - 262_144_000,
+        host_resident_bytes=262_144_000,
+        kv_bytes=536_870_912,
+        reserve_bytes=337_543_168,
+        device_budget=12 * GiB,
+        host_budget=32 * GiB,
+    )
+    described = dict(in_ram.describe())
+    assert described["slots per layer"] == "5 in layers 0-28, 4 in layers 29-31 (157 in all)"
+    assert described["resident in RAM"] == "0.24 GiB"
     # room for one more slot in every layer gives 5 everywhere; never more than the experts
     assert spread(160, 32, 8) == (5,) * 32
     assert spread(300, 32, 8) == (8,) * 32
@@ -80,6 +94,22 @@ def test_inclusive_when_ram_holds_every_expert():
     assert (plan.mode, plan.slots_per_layer, plan.host_bytes) == ("inclusive", (4,) * 32, 256 * 68_000_000)
     # asked for: 4 in every layer, though 148 in all would fit
     assert plan.device_bytes == 2_100_000_000 + 128 * 68_000_000
+
+
+def test_the_arena_shares_the_ram_with_weights_kept_there():
+    every_expert = 256 * 68_000_000
+    common = dict(device=CUDA, **MIXTRAL_2BIT, resident_bytes=1_600_000_000, kv_bytes=500_000_000,
+                  device_budget=12 * GiB, host_budget=every_expert)  # fmt: skip
+    assert plan_memory(**common).mode == "inclusive"
+    squeezed = plan_memory(**common, host_resident_bytes=262_144_000)  # every expert no longer fits beside it
+    in_slots = sum(squeezed.slots_per_layer) * 68_000_000
+    assert (squeezed.mode, squeezed.host_bytes) == ("exclusive", every_expert - in_slots + 68_000_000)
+    with pytest.raises(MoEOffloadError) as error:
+        plan_memory(**common, host_resident_bytes=262_144_000, mode="inclusive")
+    assert str(error.value) == (
+        "the experts need 16.21 GiB of RAM beside the 9.56 GiB in GPU slots and 0.24 GiB of resident weights, "
+        "and 16.21 GiB is available; quantize to fewer bits or raise --cpu-memory"
+    )
 
 
 def test_too_many_slots_say_what_to_change():
