@@ -4,7 +4,7 @@
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
 #       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path prefill colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
 # termcolor are carried.
@@ -92,6 +92,14 @@ for step in "$@"; do
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth2.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager,depth2}.json
         ;;
+    embedding)  # the embedding table in RAM against on the GPU, at the same 5 slots a layer: what reading each
+        # token's row over PCIe costs a decode step (the 4 slots it frees are the other half of the trade)
+        for place in host-embedding no-host-embedding; do
+            moe bench "$model" --gpu-memory 12GiB --slots 5 --route-trace "$trace" --prefetch oracle --$place \
+                --json "$results/bench_${gpu}_mixtral-8x7b_oracle_slots5_${place}.json"
+        done
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_slots5_*.json
+        ;;
     bench-path)  # the 4x goal's other route: the path policy keeps more than LRU (4.2x the no-cache bytes in simulate)
         moe bench "$model" --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --policy path --compare \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
@@ -129,7 +137,7 @@ sys.exit(None if a == b else f'WARNING: inclusive slots {b} differ from exclusiv
             "$results/bench_${gpu}_colab_exclusive.json" "$results/bench_${gpu}_colab_inclusive.json" || true
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path prefill colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path embedding prefill colab profile" >&2
         exit 2
         ;;
     esac
