@@ -327,15 +327,20 @@ def dequantize_tiles(
         yield 0, dequantize(q, dtype, workspace)
         return
     groups_per_row, rows_per_slot, step = k // g, n // per, q.codes.shape[0]
-    # the meta first, whole (2/g of the grid's size), as tiles read it by grid row
-    scale = _meta(q.scale, dtype, workspace, "scale.")
-    zero = _meta(q.zero, dtype, workspace, "zero.")
     capacity = min(max_weights, rows_per_slot * k) // g  # grid rows a tile holds; one buffer per capacity
     tile = max(1, capacity // groups_per_row)  # whole output rows a tile
     capacity = max(capacity, groups_per_row)
-    grid = workspace.buffer("tile.grid", (capacity, g), dtype, q.codes.device)
+    device = q.codes.device
+    # the meta, read by grid row: a tile's rows of it where its own groups line up with the tiles (8-bit meta
+    # in groups of 128, as 2-bit Mixtral's: a sixth of the workspace), else whole (2/g of the grid's size)
+    if all(_tiles_align(meta, tile * groups_per_row, step) for meta in (q.scale, q.zero)):
+        scale = _MetaRows(q.scale, dtype, workspace, "scale.", capacity)
+        zero = _MetaRows(q.zero, dtype, workspace, "zero.", capacity)
+    else:
+        scale, zero = _meta(q.scale, dtype, workspace, "scale."), _meta(q.zero, dtype, workspace, "zero.")
+    grid = workspace.buffer("tile.grid", (capacity, g), dtype, device)
     if bits != 8:
-        codes = workspace.buffer("tile.codes", (capacity, g), q.codes.dtype, q.codes.device)
+        codes = workspace.buffer("tile.codes", (capacity, g), q.codes.dtype, device)
     mask = (1 << bits) - 1
     for slot in range(per):
         shift = (per - 1 - slot) * bits  # highest bits first
@@ -347,6 +352,31 @@ def dequantize_tiles(
                 part = torch.bitwise_right_shift(part, shift, out=codes[: p1 - p0]).bitwise_and_(mask)
             weight = grid[: p1 - p0].copy_(part).sub_(zero[r0:r1]).mul_(scale[r0:r1])
             yield slot * rows_per_slot + first, weight.view(-1, k)
+
+
+def _tiles_align(meta: Tensor | Quantized, tile_rows: int, step: int) -> bool:
+    """Whether tiles of `tile_rows` grid rows, in bit slots `step` rows apart, start on whole groups of an 8-bit
+    meta (one code a byte), so that a tile's rows of it are rows of its codes."""
+    if not isinstance(meta, Quantized) or meta.spec.bits != 8 or isinstance(meta.scale, Quantized):
+        return False
+    return tile_rows % meta.spec.group_size == 0 and step % meta.spec.group_size == 0
+
+
+class _MetaRows:
+    """An 8-bit meta dequantized a tile's rows at a time, into one buffer of `capacity` rows: `rows[r0:r1]` is
+    dequantize(meta)[r0:r1], bit for bit (the same copy, sub_ and mul_ in `dtype`), when r0 and r1 are whole
+    groups of it (_tiles_align). Each slice overwrites the one before."""
+
+    def __init__(self, meta: Quantized, dtype: torch.dtype, workspace: Workspace, tag: str, capacity: int) -> None:
+        self.meta, self.group = meta, meta.spec.group_size
+        self.scale = _meta(meta.scale, dtype, workspace, tag + "scale.")  # [groups / 128, 1], whole: small
+        self.zero = _meta(meta.zero, dtype, workspace, tag + "zero.")
+        self.out = workspace.buffer("tile." + tag + "rows", (capacity, 1), dtype, meta.codes.device)
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        a, b = rows.start // self.group, rows.stop // self.group
+        values = self.out[: rows.stop - rows.start].view(b - a, self.group).copy_(self.meta.codes[a:b])
+        return values.sub_(self.zero[a:b]).mul_(self.scale[a:b]).view(-1, 1)
 
 
 def _meta(meta: Tensor | Quantized, dtype: torch.dtype, workspace: Workspace, tag: str) -> Tensor:

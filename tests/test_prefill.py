@@ -35,15 +35,21 @@ def test_workspace_bytes_counts_what_a_prefill_dequantizes(small_one_layer):
 
 def test_the_experts_workspace_holds_a_tile_not_a_weight():
     """2-bit Mixtral-8x7B (w1, w3 [14336, 4096], w2 [4096, 14336], g16, 8-bit meta in groups of 128): a
-    tile's dequantized weights and its codes, one buffer for all three, and the meta of one weight whole."""
+    tile's dequantized weights and its codes, one buffer for all three, and the tile's rows of the meta."""
     experts = synth.synthetic_format(synth.preset_config("mixtral-8x7b"), "2").meta_weights().values()
     groups = 14336 * 4096 // 16
-    # per scale and per zero: its values, and its own meta's scale and zero, in the compute dtype
-    meta = 2 * (groups + 2 * groups // 128)
-    # CUDA, bfloat16: a tile is one bit slot, w1's 3584 rows or w2's 1024 (14.7M weights); was 191 MB
-    assert workspace_bytes(experts, torch.bfloat16, "cuda") == 3584 * 4096 * (2 + 1) + meta * 2 == 58_949_632
-    # CPU, float32: 2M weights a tile, which stays in cache
-    assert workspace_bytes(experts, torch.float32, "cpu") == 2**21 * (4 + 1) + meta * 4 == 40_304_640
+
+    def meta(tile_rows: int) -> int:
+        """Per scale and per zero: a tile's grid rows of it, and its own meta's scale and zero, whole."""
+        return 2 * (tile_rows + 2 * groups // 128)
+
+    # CUDA, bfloat16: a tile is one bit slot, w1's 3584 rows or w2's 1024 (14.7M weights, 917,504 grid rows);
+    # was 191 MB whole, and 58,949,632 B with the meta whole
+    tile = 3584 * 4096
+    assert workspace_bytes(experts, torch.bfloat16, "cuda") == tile * (2 + 1) + meta(tile // 16) * 2 == 47_939_584
+    # CPU, float32: 2M weights a tile, which stays in cache; was 40,304,640 B with the meta whole
+    tile = 2**21
+    assert workspace_bytes(experts, torch.float32, "cpu") == tile * (4 + 1) + meta(tile // 16) * 4 == 11_993_088
 
 
 def test_prefill_activations_stay_under_their_bound_and_shrink_with_the_chunk(small_one_layer):

@@ -263,6 +263,30 @@ def test_tiles_put_together_are_dequantize_bit_for_bit(spec, shape, max_weights)
         assert tiles >= (per if n % per == 0 else 1)  # one bit slot a tile at least
 
 
+# (shape, weights a tile, whether the 8-bit meta (groups of 128) comes a tile at a time): tiles of 256 and 128
+# grid rows, whole slots of 896 rows, start on its groups; tiles of 64 and 448 rows do not
+@pytest.mark.parametrize(("shape", "max_weights", "tiled"), [
+    ((256, 256), 1 << 12, True), ((256, 256), 1 << 11, True), ((256, 256), 1 << 10, False),
+    ((256, 256), 1 << 20, True), ((64, 896), 896 * 16, True), ((64, 896), 896 * 8, False),
+])  # fmt: skip
+def test_an_aligned_8bit_meta_comes_a_tile_at_a_time_bit_for_bit(shape, max_weights, tiled):
+    q = quantize(_weight(shape, seed=4), EXPERT_PRESETS["2"])
+    assert q.spec.describe() == "2-bit g16, 8-bit meta g128"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        whole, workspace = dequantize(q, dtype), Workspace()
+        rebuilt = torch.full_like(whole, float("nan"))
+        for first, tile in dequantize_tiles(q, dtype, workspace, max_weights):
+            rebuilt[first : first + tile.shape[0]] = tile
+        assert torch.equal(rebuilt, whole)
+        # a tile's rows of the meta, in a buffer of one tile's grid rows; or each meta dequantized whole
+        made = {key[0]: key[1] for key in workspace._buffers}
+        grid_rows = made["tile.grid"][0]
+        if tiled:
+            assert made["tile.scale.rows"] == made["tile.zero.rows"] == (grid_rows, 1) and "scale.grid" not in made
+        else:
+            assert made["scale.grid"] == (math.prod(shape) // 16 // 128, 128) and "tile.scale.rows" not in made
+
+
 @pytest.mark.parametrize("bits", ["2", "3", "4"])
 def test_linear_through_a_workspace_multiplies_tile_by_tile_into_out(bits):
     """Real hqq codes read through views into one packed buffer at an offset, as the MoE block reads a slot."""
