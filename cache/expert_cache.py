@@ -21,6 +21,7 @@ finished), so a copy never overwrites a slot still being read and compute never 
 
 from __future__ import annotations
 
+import ctypes
 import time
 import warnings
 import weakref
@@ -57,9 +58,24 @@ def pin_in_place(tensor: torch.Tensor) -> torch.Tensor:
     pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
     code = int(cudart.cudaHostRegister(pointer, size, 0))  # 0: cudaHostRegisterDefault (mapped, with UVA)
     if code != 0:
+        _clear_last_cuda_error()
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {code}")
     weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
     return tensor
+
+
+def _clear_last_cuda_error() -> None:
+    """Reset the CUDA runtime's last error. torch's cudaHostRegister binding returns the error but leaves it
+    set, so the next kernel's launch check (cudaGetLastError) would raise it from an unrelated op, and the
+    callers' fallbacks would not be quiet. torch exposes no cudaGetLastError: call the loaded libcudart's
+    (Linux, where torch's wheels load it as a shared library; elsewhere this does nothing)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            libraries = {line.split()[-1] for line in maps if "libcudart" in line}
+    except OSError:
+        return
+    for library in libraries:
+        ctypes.CDLL(library).cudaGetLastError()
 
 
 class ExpertCache:

@@ -216,7 +216,7 @@ def prepare(model: str, **options) -> Prepared:
         num_experts=config.num_experts,
         expert_bytes=expert_format.nbytes,
         resident_bytes=sum(_nbytes(w) for name, w in resident.items() if name not in in_ram),
-        host_resident_bytes=sum(_nbytes(w) for name, w in resident.items() if name in in_ram),
+        host_resident_bytes=sum(w.numel() * dtype.itemsize for name, w in resident.items() if name in in_ram),
         kv_bytes=kv_bytes,
         reserve_bytes=reserve,
         slots=opts.slots,
@@ -288,7 +288,7 @@ def resolve_host_embedding(option: bool | None, config: ModelConfig, device: tor
         )
     why_not = reads_host_memory(device, dtype)
     if why_not is not None and option:
-        raise MoEOffloadError(f"--host-embedding: this GPU cannot read host memory in place ({why_not})")
+        raise MoEOffloadError(f"--host-embedding: the GPU cannot read the table in RAM here ({why_not})")
     return why_not is None
 
 

@@ -223,7 +223,12 @@ class Decoder:
                 "the checkpoint and its config.json do not belong together"
             )
         if name == "embed" and self.host_embedding:
-            return host_table(weight, self.dtype)
+            try:
+                return host_table(weight, self.dtype)
+            except RuntimeError as error:  # cudaHostRegister refused: a memlock limit, say
+                raise MoEOffloadError(
+                    f"could not keep the embedding table in RAM ({error}); run with --no-host-embedding"
+                ) from error
         return weight.to(self.device, self.dtype)
 
     def router(self, layer: int) -> Tensor:

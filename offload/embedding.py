@@ -41,11 +41,12 @@ def host_table(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def gather_rows(table: Tensor, ids: Tensor, out: Tensor | None = None) -> Tensor:
-    """table[ids] -> [T, D], into `out` when given (no allocation then). ids [T] int64 on the device; an
-    id outside the table gives a row of zeros (F.embedding would fail a device-side assert)."""
+    """table[ids] -> [T, D], into `out` when given (no allocation then). ids [T] int64 or int32 on the device;
+    an id outside the table gives a row of zeros (F.embedding would fail a device-side assert)."""
     # T = tokens, V = vocab, D = hidden
     assert triton is not None, "gather_rows needs Triton"
-    assert ids.dim() == 1 and ids.dtype == torch.long, (ids.shape, ids.dtype)
+    assert ids.dim() == 1 and ids.dtype in (torch.long, torch.int), (ids.shape, ids.dtype)
+    ids = ids.contiguous()  # the kernel reads id t at ids + t
     vocab, hidden = table.shape
     if out is None:
         out = torch.empty(ids.shape[0], hidden, dtype=table.dtype, device=ids.device)
@@ -57,16 +58,16 @@ def gather_rows(table: Tensor, ids: Tensor, out: Tensor | None = None) -> Tensor
 @functools.cache
 def reads_host_memory(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when a kernel on `device` reads registered host memory in place, as gather_rows does; else why
-    not, in words. Tried once per device and dtype, on a 4 x 8 table (the kernel it compiles is the one the
-    model then runs)."""
+    not, in words. Tried once per device and dtype, on a 16 x 64 table: sizes that are multiples of 16, as
+    a real vocabulary and hidden size are, so Triton compiles the variant the model runs (16-byte loads)."""
     if triton is None:
         return "Triton is not installed"
     try:
-        table = host_table(torch.arange(32).view(4, 8), dtype)
-        got = gather_rows(table, torch.tensor([2, 0], device=device)).cpu()
+        table = host_table(torch.arange(16 * 64).view(16, 64), dtype)
+        got = gather_rows(table, torch.tensor([9, 0, 15], device=device)).cpu()
     except Exception as error:  # noqa: BLE001 -- any failure means one thing: keep the table on the GPU
         return f"{type(error).__name__}: {error}"
-    return None if torch.equal(got, table[[2, 0]]) else "the rows read in place differ from the table"
+    return None if torch.equal(got, table[[9, 0, 15]]) else "the rows read in place differ from the table"
 
 
 if triton is not None:

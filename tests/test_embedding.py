@@ -18,6 +18,9 @@ from tests.test_offload_oracle import run_teacher_forced as teacher_forced
 from tests.tiny import make_tiny_mixtral
 
 CUDA = torch.device("cuda")
+# where the kernel runs: the GPU when there is one (host_table then registers the table), else the CPU under
+# Triton's interpreter (tests/conftest.py)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -25,14 +28,18 @@ CUDA = torch.device("cuda")
 def test_gather_rows_are_the_tables_rows(dtype, hidden):
     table = host_table(torch.randn(50, hidden, generator=torch.Generator().manual_seed(hidden)), dtype)
     ids = torch.tensor([7, 0, 49, 7, 13])  # a repeat, the first and the last row
-    assert torch.equal(gather_rows(table, ids), F.embedding(ids, table))
-    out = torch.full((5, hidden), float("nan"), dtype=dtype)
-    assert gather_rows(table, ids, out) is out and torch.equal(out, F.embedding(ids, table))
+    want = F.embedding(ids, table)
+    assert torch.equal(gather_rows(table, ids.to(DEVICE)).cpu(), want)
+    assert torch.equal(gather_rows(table, ids.int().to(DEVICE)).cpu(), want)  # int32 ids, as F.embedding takes
+    strided = torch.stack([ids, ids + 1], dim=1)[:, 0]  # every other element of its storage
+    assert torch.equal(gather_rows(table, strided.to(DEVICE)).cpu(), want)
+    out = torch.full((5, hidden), float("nan"), dtype=dtype, device=DEVICE)
+    assert gather_rows(table, ids.to(DEVICE), out) is out and torch.equal(out.cpu(), want)
 
 
 def test_an_id_outside_the_table_reads_zeros_not_memory_past_it():
     table = host_table(torch.ones(4, 8), torch.float32)
-    got = gather_rows(table, torch.tensor([4, -1, 3]))
+    got = gather_rows(table, torch.tensor([4, -1, 3], device=DEVICE)).cpu()
     assert torch.equal(got, torch.tensor([[0.0] * 8, [0.0] * 8, [1.0] * 8]))
 
 
@@ -43,6 +50,7 @@ def tiny(tmp_path_factory):
     return path, tokens
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU model; tests/test_cuda.py has its CUDA twin")
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
 def test_a_table_in_host_memory_gives_the_same_logits_bit_for_bit(tiny, monkeypatch, graphs):
     """The host table on the CPU is the same memory as the device one, so only the lookup differs: gather_rows
@@ -85,3 +93,28 @@ def test_when_the_table_stays_in_ram(tiny, tmp_path):
         "--host-embedding: this model's lm_head is its embedding table, which the GPU reads whole at every step, "
         "so the table stays on the GPU; leave the option out"
     )
+
+
+def test_where_the_gpu_cannot_read_ram_the_table_stays_on_it(tiny, monkeypatch):
+    config = offload.load(str(tiny[0]), device="cpu").config
+    monkeypatch.setattr(api, "reads_host_memory", lambda device, dtype: "Triton is not installed")
+    assert api.resolve_host_embedding(None, config, CUDA, torch.bfloat16) is False
+    with pytest.raises(MoEOffloadError) as error:
+        api.resolve_host_embedding(True, config, CUDA, torch.bfloat16)
+    assert str(error.value) == "--host-embedding: the GPU cannot read the table in RAM here (Triton is not installed)"
+
+
+def test_the_plan_counts_the_table_in_ram_not_on_the_gpu(tiny, monkeypatch):
+    """prepare() gives the planner the table's bytes apart, in the dtype the table will have."""
+    path, _ = tiny
+    asked = []
+    real_plan_memory = api.plan_memory
+    monkeypatch.setattr(api, "plan_memory", lambda **kwargs: asked.append(kwargs) or real_plan_memory(**kwargs))
+    api.prepare(str(path), device="cpu", slots=2)
+    monkeypatch.setattr(api, "resolve_host_embedding", lambda option, config, device, dtype: True)
+    prepared = api.prepare(str(path), device="cpu", slots=2, dtype="float16")
+    config = prepared.config
+    table = config.vocab_size * config.hidden_size
+    assert asked[1]["host_resident_bytes"] == table * 2  # float16, though the checkpoint holds float32
+    assert asked[0]["host_resident_bytes"] == 0
+    assert asked[0]["resident_bytes"] - asked[1]["resident_bytes"] == table * 4  # the checkpoint's float32
