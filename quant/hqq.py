@@ -301,7 +301,7 @@ def dequantize(
 
 # Weights dequantized at once when a weight is multiplied without the fused kernel (quant/linear.py): on the
 # CPU, a tile that stays in cache (8 MB in float32: a 2-bit Mixtral-8x7B expert MLP times one token takes
-# 44 ms against 130 ms dequantized whole on 2 threads, benchmarks/results/expert_mlp_cpu.json); on CUDA, one
+# 42 ms against 138 ms dequantized whole on 2 threads, benchmarks/results/expert_mlp_cpu.json); on CUDA, one
 # bit slot of a 2-bit Mixtral expert matrix (14.7M weights, 4 tiles a matrix), few launches
 TILE_WEIGHTS = {"cpu": 1 << 21, "cuda": 1 << 24}
 

@@ -49,31 +49,16 @@ def test_free_colab_fits_2bit_mixtral_in_exclusive_mode():
 
 def test_the_slots_an_even_split_leaves_go_to_the_first_layers():
     # 12 GiB at a 4096-token context (KV 0.54 GB), resident 1.28 GB, and kept for a prefill of the whole
-    # context 0.34 GB, as synthetic Mixtral-8x7B: 153 slots fit; an even split alone would use 128 of them
-    plan = plan_memory(
-        device=CUDA,
-        **MIXTRAL_2BIT | dict(expert_bytes=66_748_416),
-        resident_bytes=1_281_892_352,
-        kv_bytes=536_870_912,
-        reserve_bytes=337_543_168,
-        device_budget=12 * GiB,
-        host_budget=32 * GiB,
-    )
-    assert plan.slots_per_layer == (5,) * 25 + (4,) * 7
-    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-24, 4 in layers 25-31 (153 in all)"
+    # context 0.33 GB, as synthetic Mixtral-8x7B: 154 slots fit; an even split alone would use 128 of them
+    common = dict(device=CUDA, **MIXTRAL_2BIT | dict(expert_bytes=66_748_416), kv_bytes=536_870_912,
+                  reserve_bytes=326_533_120, device_budget=12 * GiB, host_budget=32 * GiB)  # fmt: skip
+    plan = plan_memory(**common, resident_bytes=1_281_892_352)
+    assert plan.slots_per_layer == (5,) * 26 + (4,) * 6
+    assert dict(plan.describe())["slots per layer"] == "5 in layers 0-25, 4 in layers 26-31 (154 in all)"
     # the embedding table (32000 x 4096 in bfloat16) in RAM instead (offload/embedding.py): four slots more
-    in_ram = plan_memory(
-        device=CUDA,
-        **MIXTRAL_2BIT | dict(expert_bytes=66_748_416),
-        resident_bytes=1_281_892_352 - 262_144_000,
-        host_resident_bytes=262_144_000,
-        kv_bytes=536_870_912,
-        reserve_bytes=337_543_168,
-        device_budget=12 * GiB,
-        host_budget=32 * GiB,
-    )
+    in_ram = plan_memory(**common, resident_bytes=1_281_892_352 - 262_144_000, host_resident_bytes=262_144_000)
     described = dict(in_ram.describe())
-    assert described["slots per layer"] == "5 in layers 0-28, 4 in layers 29-31 (157 in all)"
+    assert described["slots per layer"] == "5 in layers 0-29, 4 in layers 30-31 (158 in all)"
     assert described["resident in RAM"] == "0.24 GiB"
     # room for one more slot in every layer gives 5 everywhere; never more than the experts
     assert spread(160, 32, 8) == (5,) * 32
