@@ -209,7 +209,7 @@ def prepare(model: str, **options) -> Prepared:
     kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)
     reserve = prefill_reserve(config, resident, expert_format, max_seq_len, opts.prefill_chunk, dtype, device)
     host_embedding = resolve_host_embedding(opts.host_embedding, config, device, dtype)
-    in_ram = {"embed"} if host_embedding else set()
+    in_ram = weights_in_ram(host_embedding)
     plan = plan_memory(
         device=device,
         num_layers=config.num_layers,
@@ -245,6 +245,11 @@ def prefill_reserve(
         + workspace_bytes([w for w in resident.values() if isinstance(w, quantized)], dtype, device)
         + workspace_bytes([w for w in experts if isinstance(w, quantized)], dtype, device)
     )
+
+
+def weights_in_ram(host_embedding: bool) -> frozenset[str]:
+    """The resident weights that stay in host memory: the plan counts them in RAM, and load leaves them there."""
+    return frozenset({"embed"}) if host_embedding else frozenset()
 
 
 def embedding_place(host_embedding: bool) -> str:
@@ -318,8 +323,9 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
         routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
         workspace=Workspace(fused), prefill_chunk=prepared.options.prefill_chunk,
     )  # fmt: skip
+    in_ram = weights_in_ram(prepared.host_embedding)
     weights = {  # a table kept in RAM goes to the decoder as it is, which copies it into registered memory
-        name: w if name == "embed" and prepared.host_embedding else _to_device(w, prepared.device, prepared.dtype)
+        name: w if name in in_ram else _to_device(w, prepared.device, prepared.dtype)
         for name, w in prepared.resident.items()
     }
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
