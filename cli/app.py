@@ -56,7 +56,10 @@ CpuMemory = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
-Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")]
+Dtype = Annotated[
+    str,
+    typer.Option(help="auto (bfloat16 from sm_80, float16 on older GPUs, float32 on CPU), float32, float16, bfloat16."),
+]
 ExpertBits = Annotated[
     str, typer.Option(help="HF folders only: quantize experts in memory to 2, 3 or 4 bits, or none.")
 ]

@@ -43,7 +43,7 @@ class LoadOptions:
     """Everything `load()` takes besides the model. The CLI's options map onto these one to one."""
 
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 on CUDA (float16 where unsupported), float32 on the CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPUs from sm_80, float16 on older ones, float32 on the CPU
     slots: int | None = None  # expert slots per layer; None: the planner's choice (CUDA), in place (CPU)
     gpu_memory: str | None = None  # budget on the GPU, e.g. "12GiB"; None: what is free
     cpu_memory: str | None = None  # budget in RAM for the arena; None: what is available
@@ -125,7 +125,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cpu":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # a T4 (sm_75) "supports" bfloat16 by emulation, where cuBLAS and SDPA's fused kernels do not
+        # run it: float16 there, as on every GPU before sm_80
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if name not in DTYPES:
         raise MoEOffloadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[name]

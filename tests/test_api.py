@@ -1,6 +1,11 @@
-"""The Python API: a conversation going on reuses the KV cache for what the turns share."""
+"""The Python API: a conversation going on reuses the KV cache for what the turns share; the dtype chosen."""
+
+import pytest
+import torch
 
 import offload
+from offload import api
+from quant.errors import MoEOffloadError
 
 
 def test_chat_turns_prefill_only_what_is_new(trained_model_dir):
@@ -31,3 +36,22 @@ def test_a_plain_prompt_starts_a_new_sequence(trained_model_dir):
     second = model.generate("import os\n", max_new_tokens=6, temperature=0)
     assert first.token_ids == second.token_ids and second.prefill_tokens == first.prefill_tokens
     assert model.sequence == 1
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_is_bfloat16_only_where_the_gpu_runs_it_natively(monkeypatch, native, expected):
+    # a T4 (sm_75) passes torch's default check by emulating bfloat16, which cuBLAS and SDPA's fused kernels
+    # do not run there: auto asks for native support and takes float16 without it
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert api.resolve_dtype("auto", torch.device("cuda")) is expected
+    assert asked == [False]
+    assert api.resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert api.resolve_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(MoEOffloadError, match=r"^unknown dtype 'half'; choose auto, float32, float16, bfloat16$"):
+        api.resolve_dtype("half", torch.device("cpu"))
