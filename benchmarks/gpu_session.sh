@@ -2,12 +2,13 @@
 # Issue 5's GPU figures, in as few calls to a lent GPU machine as possible.
 #
 #   here (with the network):  bash benchmarks/gpu_session.sh prepare
-#       puts hqq's wheel, the Mixtral routing trace and the commit into .gpu/ (git-ignored)
+#       puts the wheels of hqq, termcolor and bitsandbytes, the Mixtral routing trace and the commit into .gpu/
+#       (git-ignored); run it again before each session, since every result is stamped with that commit
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
 #       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
 #
-# The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq and
-# termcolor are carried.
+# The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq,
+# termcolor and bitsandbytes are carried.
 # synth writes 18 GB to /tmp/m8x7b and takes minutes: run synth, bench and colab in one call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ if [[ "${1:-}" == prepare ]]; then
     mkdir -p .git/info && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude; }
     python3 -m pip wheel --no-deps -q -w .gpu hqq==0.2.8  # an sdist only on PyPI: build the (pure) wheel here
     python3 -m pip download --no-deps -q -d .gpu termcolor  # hqq imports it; the image lacks it
+    # NF4 attention (--attn-quant bnb) and its tests: the image has no bitsandbytes (43 MB; the carry's limit is 64 MiB)
+    python3 -m pip download --no-deps -q -d .gpu --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_24_x86_64 bitsandbytes=="$(python3 -c 'import importlib.metadata as m; print(m.version("bitsandbytes"))')"
     cp ../shared/traces/mixtral-8x7b-instruct_humaneval_routing.jsonl .gpu/
     git rev-parse HEAD >.gpu/COMMIT
     ls -la .gpu

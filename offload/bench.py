@@ -94,7 +94,8 @@ def copy_bandwidth(nbytes: int, device: torch.device, to_device: bool = True, re
     """Bytes per second of one expert-sized copy between pinned host memory and the device, host to
     device or (`to_device=False`) back."""
     if device.type == "cuda":
-        host = pinned_empty(1, nbytes)[0]  # as the arena is pinned
+        pinned = pinned_empty(1, nbytes)  # as the arena is pinned; held here, since its registration ends with it
+        host = pinned[0]
         gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
         src, dst = (host, gpu) if to_device else (gpu, host)
         dst.copy_(src, non_blocking=True)

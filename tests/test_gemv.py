@@ -223,9 +223,12 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     loads = json.loads(done.stdout)
     # _gemv_kernel at 2, 3, 4 and 8 bits; _gemv_packed_kernel at 2, 3 and 4 (8-bit never takes it); and
     # offload/embedding.py's gather: one load of the token's id, then 16 bytes of its row a thread
+    # (counted by kind: Triton versions spell the id's load differently, e.g. with a cache hint)
     gathers = {case: loads.pop(case) for case in list(loads) if case.startswith("_gather_rows_kernel")}
-    assert gathers == {f"_gather_rows_kernel bf16 sm_{arch}": {"ld.global.b64": 1, "ld.global.v4.b32": 1}
-                       for arch in (75, 90)}  # fmt: skip
+    assert sorted(gathers) == [f"_gather_rows_kernel bf16 sm_{arch}" for arch in (75, 90)]
+    for case, counts in gathers.items():
+        rows = sum(n for load, n in counts.items() if load.endswith(".v4.b32"))
+        assert rows >= 1 and sum(counts.values()) - rows == 1, (case, counts)
     assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 8 + ["_gemv_packed_kernel"] * 6
     for case, counts in loads.items():
         assert counts.get("ld.global.v4.b32", 0) >= 2, (case, counts)
