@@ -51,9 +51,7 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     # the bound's compute is the faster of the two measurements, before and after the decode
     assert result["compute_s_per_token"] == min(result["compute_s_per_token_measured"])
     copies_s = result["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
-    # abs: compute_s_per_token is rounded to the microsecond, and the tiny model's is well under a millisecond
-    assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3,
-                                                             abs=1e-6)  # fmt: skip
+    assert 1 / result["bound_tokens_per_s"] == bound_s(result, copies_s, result["h2d_bandwidth_gbps"])
     assert result["d2h_bytes_per_token"] == 0 and result["d2h_bandwidth_gbps"] is None  # inclusive: nothing back
     assert result["cuda_graphs"] is False and result["arena_pinned"] is False and result["host_embedding"] is False
 
@@ -69,9 +67,15 @@ def test_the_bound_counts_missed_bytes_not_wrong_guesses(model):
     assert result["missed_bytes_per_token"] == round((misses + p["used"]) * result["expert_bytes"] / 12)
     assert result["missed_bytes_per_token"] < result["h2d_bytes_per_token"]
     copies_s = result["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
-    # abs: compute_s_per_token is rounded to the microsecond, and the tiny model's is well under a millisecond
-    assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3,
-                                                             abs=1e-6)  # fmt: skip
+    assert 1 / result["bound_tokens_per_s"] == bound_s(result, copies_s, result["h2d_bandwidth_gbps"])
+
+
+def bound_s(result: dict, copies_s: float, gbps: float):
+    """max(compute, copies) per token, as the JSON's rounded figures allow: compute_s_per_token is rounded
+    to the microsecond (abs: the tiny model's is well under a millisecond), the bandwidth to the MB/s,
+    which is a part in a hundred of it where a busy 2-core machine measures the tiny model's copies at
+    tens of MB/s (one run here: 0.068 GB/s, against 80 GB/s idle)."""
+    return pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3 + 0.0005 / gbps, abs=1e-6)
 
 
 class Loads:
@@ -171,11 +175,9 @@ def test_compare_in_exclusive_mode_keeps_every_slot_full(trained_model_dir):
     assert baselines["lru_prefetch"]["prefetch"]["recall"] == 1.0
     assert all(len(table.slot_of) == 3 for table in model.cache.tables)
     # each load sends its victim back at the same time: the slower direction sets the copies' time
-    slower = min(result["h2d_bandwidth_gbps"], result["d2h_bandwidth_gbps"]) * 1e9
-    copies_s = result["missed_bytes_per_token"] / slower
-    # abs: compute_s_per_token is rounded to the microsecond, and the tiny model's is well under a millisecond
-    assert 1 / result["bound_tokens_per_s"] == pytest.approx(max(result["compute_s_per_token"], copies_s), rel=1e-3,
-                                                             abs=1e-6)  # fmt: skip
+    slower = min(result["h2d_bandwidth_gbps"], result["d2h_bandwidth_gbps"])
+    copies_s = result["missed_bytes_per_token"] / (slower * 1e9)
+    assert 1 / result["bound_tokens_per_s"] == bound_s(result, copies_s, slower)
 
 
 def test_cli_writes_the_json(capsys, tmp_path, trained_model_dir):
