@@ -244,6 +244,14 @@ class ExpertCache:
                 for expert in residents:
                     table.place(expert)  # slots refill in order, so each resident keeps its slot
 
+    def settle_prefetches(self) -> None:
+        """Every layer's prefetches so far count as loaded (SlotTable.settle_prefetches); call it once the
+        copies have landed."""
+        if self.mode == "direct":
+            return
+        for table in self.tables:
+            table.settle_prefetches()
+
     # -- copies ------------------------------------------------------------------------------------
 
     def _load(self, layer: int, step: Step) -> None:

@@ -61,6 +61,12 @@ class SlotTable:
         self.t = 0
         self.policy.reset()
 
+    def settle_prefetches(self) -> None:
+        """Count the experts prefetched so far as loaded: a request that finds one is a plain hit, not a
+        prefetch used. A measurement window starts with this once every copy has landed (bench's timed
+        steps, after the warm-up's prefetches into them), so its counters see its own prefetches only."""
+        self.unused_prefetches.clear()
+
     def place(self, expert: int) -> int:
         """Put `expert` in a free slot without a request (the exclusive cache's residents); returns the slot."""
         slot = self.free_slots.pop(0)

@@ -37,6 +37,7 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert KEYS <= set(result)
     assert result["routing"] == f"replayed: {TINY_TRACE}"
     assert result["prefetch"]["recall"] == 1.0
+    assert result["missed_bytes_per_token"] <= result["h2d_bytes_per_token"]
     per_layer = model.stats.cache.per_layer  # the whole run's: prefill, warm-up and timed decode steps
     decode_requests = (DECODE_WARMUP + 12) * 2
     assert result["prefetch"]["depth"] == 5  # every layer but one
@@ -54,6 +55,20 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert 1 / result["bound_tokens_per_s"] == bound_s(result, copies_s, result["h2d_bandwidth_gbps"])
     assert result["d2h_bytes_per_token"] == 0 and result["d2h_bandwidth_gbps"] is None  # inclusive: nothing back
     assert result["cuda_graphs"] is False and result["arena_pinned"] is False and result["host_embedding"] is False
+
+
+def test_the_timed_steps_count_their_own_prefetches(model):
+    """The last warm-up step's oracle loads reach into the first timed step, and land before the clock
+    starts: those are plain hits there. Each prefetch the window issued is used, wasted, or still
+    unused at its end; and none other is counted."""
+    routing = ReplayedRouting(TINY_TRACE, 6, 8, 2, "cpu")
+    model.moe.routing = routing
+    model.moe.prefetcher = OraclePrefetcher(routing, model.cache, 6, None)
+    run = decode_run(model, prompt_tokens=4, tokens=12, routing=routing)
+    d = run.decode
+    pending = sum(len(table.unused_prefetches) for table in model.cache.tables)
+    assert d.prefetches_issued > 0
+    assert d.prefetches_used + d.prefetches_wasted + pending == d.prefetches_issued
 
 
 def test_the_bound_counts_missed_bytes_not_wrong_guesses(model):
@@ -115,8 +130,9 @@ def test_oracle_depth_changes_no_hit(model):
             for d in (1, 5)]  # fmt: skip
     assert [r["prefetch"]["depth"] for r in runs] == [1, 5]
     assert runs[0]["hit_rate"] == runs[1]["hit_rate"]
-    # the loads issued inside the timed window shift by the depth; what the requests found does not
-    assert runs[0]["prefetch"]["used"] == runs[1]["prefetch"]["used"] > 0
+    # what the requests found does not change; the window's own loads do: the deeper oracle made more of
+    # the first timed step's loads in the warm-up, before the clock
+    assert runs[0]["prefetch"]["used"] > runs[1]["prefetch"]["used"] > 0
     message = r"^--oracle-depth must be between 1 and 5 \(the layers but one\), got 6$"
     with pytest.raises(MoEOffloadError, match=message):
         bench(model, tokens=2, route_trace=str(TINY_TRACE), prefetch="oracle", oracle_depth=6)
