@@ -75,8 +75,8 @@ Prefetch = Annotated[
 PrefetchAhead = Annotated[
     int,
     typer.Option(
-        help="Layers ahead the guess at each layer's output reaches (with --prefetch late or both): 2 starts "
-        "each load a layer earlier, from a first guess right less often that the next layer corrects."
+        help="Layers ahead the guess at each layer's output reaches (--prefetch late or both; bench: gate): 2 "
+        "starts each load a layer earlier, from a first guess right less often that the next layer corrects."
     ),
 ]
 NoPrefetch = Annotated[bool, typer.Option("--no-prefetch", help="Same as --prefetch none.")]
@@ -350,11 +350,7 @@ def chat(
 
 
 @app.command()
-@loads_model(
-    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "prefetch",
-    "prefetch_ahead", "policy", "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk",
-    "host_embedding",
-)  # fmt: skip
+@loads_model()
 def info(
     model: Model,
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
@@ -437,9 +433,8 @@ def synth(
 
 @app.command()
 @loads_model(
-    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "policy", "cache_mode",
-    "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk",
-    "host_embedding",
+    "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "policy",
+    "cache_mode", "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk", "host_embedding", "prefetch_ahead",
 )  # fmt: skip
 def bench(
     model: Model,
@@ -484,6 +479,7 @@ def bench(
         raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
+    ahead = load.pop("prefetch_ahead")
     load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or context}
     loaded = _load(model, load)
     accelerate = None
@@ -498,7 +494,8 @@ def bench(
 
     result = benchmark.bench(loaded, tokens=tokens, prompt_tokens=prompt_tokens,
                              route_trace=None if route_trace is None else str(route_trace), prefetch=prefetch,
-                             oracle_depth=oracle_depth, compare=compare, accelerate=accelerate)  # fmt: skip
+                             oracle_depth=oracle_depth, prefetch_ahead=ahead, compare=compare,
+                             accelerate=accelerate)  # fmt: skip
     _print_bench(result)
     if json_out is not None:
         benchmark.write_json(json_out, result)

@@ -384,19 +384,25 @@ def _use_policy(model: OffloadedModel, name: str) -> None:
     model.cache.reset()  # the new policies start empty; exclusive mode's slots keep their experts
 
 
-def set_prefetch(model: OffloadedModel, mode: str, routing: ReplayedRouting | None, depth: int | None) -> None:
-    """`mode` gate, oracle or none: the runtime's own guess, the trace's next layers, or no prefetch."""
+def set_prefetch(
+    model: OffloadedModel, mode: str, routing: ReplayedRouting | None, depth: int | None, ahead: int = 1
+) -> None:
+    """`mode` gate, oracle or none: the runtime's own guess, the trace's next layers, or no prefetch.
+    The oracle loads `depth` layers ahead (None: every layer but one), the gate guesses `ahead`."""
     if mode == "oracle":
         if routing is None:
             raise MoEOffloadError("--prefetch oracle needs --route-trace: the oracle reads the next layer from it")
         model.moe.prefetcher = OraclePrefetcher(routing, model.cache, model.config.num_layers, depth)
-    else:  # gate: the runtime's own guess, at the layer output (the default point)
-        model.set_prefetch("none" if mode == "none" else "late")
+    elif mode == "gate":  # the runtime's own guess, at the layer output (the default point)
+        model.set_prefetch("late", ahead)
+    else:
+        model.set_prefetch("none")
 
 
 def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, link: Link, compute_s: float) -> dict:
     d = run.decode
     oracle = model.moe.prefetcher if prefetch == "oracle" else None
+    gate = model.moe.prefetcher if prefetch == "gate" else None
     missed_per_token = (d.misses + d.prefetches_used) * model.cache.expert_bytes / run.tokens
     bound_s = max(compute_s, link.seconds(missed_per_token))
     return {
@@ -410,6 +416,7 @@ def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, link: Link, c
             "wasted": d.prefetches_wasted,
             "recall": None if d.recall is None else round(d.recall, 4),
             "depth": None if oracle is None else oracle.depth,  # layers the oracle loads ahead
+            "ahead": None if gate is None else gate.ahead,  # layers the gate guesses ahead (--prefetch-ahead)
         },
         "stall_s": round(d.stall_s, 4),
         "missed_bytes_per_token": round(missed_per_token),  # what the bound counts
@@ -443,14 +450,19 @@ def bench(
     route_trace: str | None = None,
     prefetch: str = "gate",
     oracle_depth: int | None = None,
+    prefetch_ahead: int = 1,
     compare: bool = False,
     accelerate: Callable[[], dict] | None = None,
 ) -> dict:
     """Measure `model` as loaded (its slots, mode and policy); returns the JSON `bench` writes.
 
-    `oracle_depth`: the layers ahead the oracle loads (None: every layer but one)."""
+    `oracle_depth`: the layers ahead the oracle loads (None: every layer but one); `prefetch_ahead`: the
+    layers ahead the gate guesses at each layer's output."""
     if prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown --prefetch {prefetch!r}; choose gate, oracle or none")
+    if prefetch_ahead != 1 and prefetch != "gate":
+        raise MoEOffloadError("--prefetch-ahead is how far the gate guesses: use it with --prefetch gate "
+                              "(the oracle's reach is --oracle-depth)")  # fmt: skip
     if model.cache.mode == "direct":
         raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
     c = model.config
@@ -461,7 +473,7 @@ def bench(
     if route_trace is not None:
         routing = ReplayedRouting(route_trace, c.num_layers, c.num_experts, c.top_k, model.device)
         model.moe.routing = routing
-    set_prefetch(model, prefetch, routing, oracle_depth)  # its errors before any timing
+    set_prefetch(model, prefetch, routing, oracle_depth, prefetch_ahead)  # its errors before any timing
     link = Link.measure(model)
     before = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
     run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
@@ -502,7 +514,7 @@ def bench(
         if forget and model.cache.mode == "exclusive":
             baselines[name] = {"decode_tokens_per_s": None, "note": NO_CACHE_IN_EXCLUSIVE_MODE}
             continue
-        set_prefetch(model, mode, routing, oracle_depth)
+        set_prefetch(model, mode, routing, oracle_depth, prefetch_ahead)
         baseline = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
                               forget_every_token=forget)  # fmt: skip
         baselines[name] = _summary(baseline, model, mode, link, compute_s)
@@ -512,7 +524,7 @@ def bench(
         "(pass one as MODEL), and cannot replay a routing trace",
     }  # fmt: skip
     _use_policy(model, model.options.policy)
-    set_prefetch(model, prefetch, routing, oracle_depth)
+    set_prefetch(model, prefetch, routing, oracle_depth, prefetch_ahead)
     result["baselines"] = baselines
     return result
 

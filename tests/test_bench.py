@@ -57,6 +57,21 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert result["cuda_graphs"] is False and result["arena_pinned"] is False and result["host_embedding"] is False
 
 
+def test_the_gate_guesses_prefetch_ahead_layers(model):
+    """bench --prefetch gate --prefetch-ahead 2: the runtime's guess at each output reaches two layers, in
+    the run and in its lru_prefetch baseline; the JSON says how far."""
+    result = bench(model, tokens=4, prompt_tokens=3, prefetch="gate", prefetch_ahead=2, compare=True)
+    assert model.moe.prefetcher.ahead == 2
+    assert (result["prefetch"]["ahead"], result["prefetch"]["depth"]) == (2, None)
+    assert result["baselines"]["lru_prefetch"]["prefetch"]["ahead"] == 2
+    assert result["baselines"]["lru_no_prefetch"]["prefetch"]["ahead"] is None
+    one = bench(model, tokens=4, prompt_tokens=3, prefetch="gate")
+    assert model.moe.prefetcher.ahead == 1 and one["prefetch"]["ahead"] == 1
+    message = r"^--prefetch-ahead must be between 1 and 5 \(the layers but one\), got 6$"
+    with pytest.raises(MoEOffloadError, match=message):
+        bench(model, tokens=2, prefetch="gate", prefetch_ahead=6)
+
+
 def test_the_timed_steps_count_their_own_prefetches(model):
     """The last warm-up step's oracle loads reach into the first timed step, and land before the clock
     starts: those are plain hits there. Each prefetch the window issued is used, wasted, or still
@@ -219,6 +234,13 @@ def test_bench_errors(capsys, trained_model_dir):
                  "--tokens", "4"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: --prefetch oracle needs --route-trace: the oracle reads the next layer from it"
+    code = main(["bench", str(trained_model_dir), "--slots", "2", "--device", "cpu", "--prefetch", "oracle",
+                 "--route-trace", str(TINY_TRACE), "--prefetch-ahead", "2", "--tokens", "4"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        "error: --prefetch-ahead is how far the gate guesses: use it with --prefetch gate (the oracle's reach "
+        "is --oracle-depth)"
+    )  # fmt: skip
     code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: bench measures the expert cache: give --slots (on the CPU) or run on CUDA"

@@ -174,6 +174,10 @@ def test_info_plans_without_loading(capsys, quantized):
     assert code == 0
     assert (facts["family"], facts["mode"], facts["slots per layer"]) == ("mixtral", "inclusive", "2")
     assert facts["experts"].startswith("4-bit") and facts["attention"].startswith("4-bit")
+    # the plan of another cache mode, as generate would load it
+    code, out, _ = run(capsys, "info", quantized, "--slots", "2", "--device", "cpu", "--json",
+                       "--cache-mode", "exclusive")  # fmt: skip
+    assert code == 0 and json.loads(out)["mode"] == "exclusive"
 
 
 def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
