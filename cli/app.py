@@ -480,7 +480,7 @@ def bench(
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
     ahead = load.pop("prefetch_ahead")
-    load = {**load, "prefetch": "none", "max_seq_len": load["max_seq_len"] or context}
+    load = {**load, "prefetch": "none", "max_seq_len": context if load["max_seq_len"] is None else load["max_seq_len"]}
     loaded = _load(model, load)
     accelerate = None
     if compare and route_trace is None and not loaded.source.folder.joinpath("manifest.json").exists():
@@ -536,8 +536,9 @@ def demo(
     """Offline: write a tiny random Mixtral, quantize it, run it through the expert cache, show the figures."""
     import tempfile
 
-    from offload.demo import run_demo
+    from offload.demo import check_options, run_demo
 
+    check_options(slots=slots, tokens=tokens)
     with tempfile.TemporaryDirectory(prefix="moe-offload-demo-") as workdir:
         err.print("writing a random 4-layer Mixtral (8 experts, top 2) in the hub's layout, quantizing it to 4-bit ...")
         run = run_demo(Path(workdir), slots=slots, tokens=tokens)

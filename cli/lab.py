@@ -66,6 +66,9 @@ def simulate_command(
         if prefetch not in PREFETCH_CHOICES:
             raise MoEOffloadError(f"--prefetch {prefetch!r} is unknown: choose one of {', '.join(PREFETCH_CHOICES)}")
         routing = read_trace(trace)
+        if max(slot_counts) > routing.num_experts:
+            raise MoEOffloadError(f"--slots {slots!r} goes past the trace's {routing.num_experts} experts per layer: "
+                                  f"write e.g. 1-{routing.num_experts}")  # fmt: skip
         results = [simulate(routing, name, count, prefetch=prefetch) for name in policies for count in slot_counts]
         if plot is not None:
             write_plot(results, plot, title=f"{trace.name} (prefetch: {prefetch})")
@@ -262,6 +265,7 @@ def write_plot(results: list[SimResult], path: Path, title: str) -> None:
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as bench --json and trace --out do
         figure.savefig(temp, format="png", dpi=120, bbox_inches="tight")
         os.replace(temp, path)
     except OSError as error:

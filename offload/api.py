@@ -202,7 +202,7 @@ def prepare(model: str, **options) -> Prepared:
     )
     config: ModelConfig = source.config
     check_prefetch(opts.prefetch, opts.prefetch_ahead, config.num_layers)
-    max_seq_len = opts.max_seq_len or min(config.max_position, 4096)
+    max_seq_len = min(config.max_position, 4096) if opts.max_seq_len is None else opts.max_seq_len
     if max_seq_len < 2:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     check_prefill_chunk(opts.prefill_chunk)  # before the long part

@@ -110,7 +110,7 @@ class HFCheckpoint:
                     f"{str(self.path)!r} holds only pickle weights ({', '.join(pickles)}); moe-offload reads "
                     "safetensors only, because pickles can run code. Convert once, where you trust the files: "
                     "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, "
-                    "safe_serialization=True)"
+                    "safe_serialization=True), and the same with AutoTokenizer"
                 )
             raise MoEOffloadError(f"no safetensors weights in {str(self.path)!r}; expected {SINGLE} or {INDEX}")
         weight_map = {}

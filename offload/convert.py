@@ -26,6 +26,7 @@ from quant.bnb import to_tensors as nf4_to_tensors
 from quant.checkpoint import (
     FORMAT_VERSION,
     JOURNAL,
+    MANIFEST,
     RESIDENT,
     CheckpointWriter,
     QuantizedCheckpoint,
@@ -110,6 +111,10 @@ def quantize_model(
     where = resolve_device(device)
     expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
     resident_spec = attn_spec(attn_bits, attn_quant)
+    if is_quantized_checkpoint(source) or (Path(source) / RESIDENT).is_file():
+        raise MoEOffloadError(
+            f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this one as it is)"
+        )
     checkpoint = open_hf(source)
     config = checkpoint.model_config
     storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
@@ -268,6 +273,11 @@ def open_source(
     if (Path(model) / JOURNAL).is_file() and not is_quantized_checkpoint(model):
         raise MoEOffloadError(
             f"{model} is an unfinished quantize or synth run; run the same command again to finish it"
+        )
+    if (Path(model) / RESIDENT).is_file() and not is_quantized_checkpoint(model):
+        raise MoEOffloadError(
+            f"{model} holds a quantized folder's files but no {MANIFEST}, which is written last: the folder is "
+            "incomplete or damaged; quantize or synth it again with --force"
         )
     if is_quantized_checkpoint(model):
         if (expert_bits, attn_bits) != ("none", "none"):

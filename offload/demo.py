@@ -16,6 +16,7 @@ import torch
 
 from offload.api import OffloadedModel, load
 from offload.convert import quantize_model
+from quant.errors import MoEOffloadError
 
 
 def write_random_mixtral(
@@ -88,11 +89,23 @@ class DemoRun:
     token_ids: list[int]
 
 
+DEMO_EXPERTS = 8  # per layer, top 2
+
+
+def check_options(*, slots: int, tokens: int) -> None:
+    """The demo's errors, before any of its work."""
+    if not 1 <= slots <= DEMO_EXPERTS:
+        raise MoEOffloadError(f"--slots must be between 1 and {DEMO_EXPERTS} (the experts per layer), got {slots}")
+    if tokens < 1:
+        raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
+
+
 def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress=None) -> DemoRun:
     """Write, quantize, load, check and generate; every step on the CPU, in `workdir`."""
     from transformers import MixtralForCausalLM
 
-    shape = dict(hidden=128, intermediate=256, layers=4, experts=8, vocab=512, seed=0)
+    check_options(slots=slots, tokens=tokens)
+    shape = dict(hidden=128, intermediate=256, layers=4, experts=DEMO_EXPERTS, vocab=512, seed=0)
     source = write_random_mixtral(workdir / "random-mixtral", **shape)
     quantized = quantize_model(str(source), workdir / "random-mixtral-4bit", expert_bits="4", attn_bits="4",
                                progress=progress or (lambda what, n: None))  # fmt: skip

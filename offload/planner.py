@@ -43,7 +43,10 @@ def parse_bytes(text: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
+    """Two decimals of GiB from 0.1 GiB, one of MiB from 0.1 MiB, else one of KiB (a tiny model's expert)."""
+    if n >= GiB / 10:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= (1 << 20) / 10 else f"{n / 1024:.1f} KiB"
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,37 @@ def test_corrupt_manifest(capsys, quantized, tmp_path):
     )  # fmt: skip
 
 
+def test_a_quantized_folder_without_its_manifest_or_quantized_again(capsys, quantized, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in quantized.iterdir():
+        if file.name != "manifest.json":
+            (bare / file.name).write_bytes(file.read_bytes())
+    code, _, err = run(capsys, "generate", bare, "--prompt", "hi")
+    assert_one_line_error(
+        code, err, f"{bare} holds a quantized folder's files but no manifest.json, which is written last: the "
+        "folder is incomplete or damaged; quantize or synth it again with --force"
+    )  # fmt: skip
+    for source in (quantized, bare):
+        code, _, err = run(capsys, "quantize", source, tmp_path / "again")
+        assert_one_line_error(
+            code, err, f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this "
+            "one as it is)"
+        )  # fmt: skip
+    assert not (tmp_path / "again").exists()
+
+
+def test_demo_and_context_options_are_checked_first(capsys, quantized):
+    # before minutes of writing and quantizing, with nothing printed but the error
+    slots = "--slots must be between 1 and 8 (the experts per layer), got {}"
+    for option, value, expected in (("--slots", "0", slots.format(0)), ("--slots", "99", slots.format(99)),
+                                    ("--tokens", "-1", "--tokens must be at least 1, got -1")):  # fmt: skip
+        code, _, err = run(capsys, "demo", option, value)
+        assert_one_line_error(code, err, expected)
+    code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--max-seq-len", "0")  # 0 is not "the default"
+    assert_one_line_error(code, err, "--max-seq-len must be at least 2, got 0")
+
+
 def test_prompt_longer_than_the_context(capsys, trained_model_dir):
     code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "x = 1\n" * 20, "--max-seq-len", "16")
     assert_one_line_error(
@@ -101,7 +132,7 @@ def test_slots_and_memory_that_cannot_fit(capsys, quantized):
     assert_one_line_error(code, err, "--slots must be between 1 and 4 (the experts per layer), got 9")
     code, _, err = run(capsys, "info", quantized, "--cpu-memory", "100KiB", "--device", "cpu")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("error: the model needs ") and "of RAM and 0.1 MiB is available" in err
+    assert err.startswith("error: the model needs ") and "of RAM and 100.0 KiB is available" in err
 
 
 def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):

@@ -92,7 +92,8 @@ def test_pickles_only_are_refused_with_how_to_convert(tmp_path, tiny_model_dir):
     assert error_text(tmp_path) == (
         f"'{tmp_path}' holds only pickle weights (consolidated.00.pt, pytorch_model.bin); moe-offload reads "
         "safetensors only, because pickles can run code. Convert once, where you trust the files: "
-        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)"
+        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True), and "
+        "the same with AutoTokenizer"
     )
 
 

@@ -162,15 +162,19 @@ def test_cli_per_layer_json_and_errors():
     assert bad.exit_code == 2 and "--policy 'mru': unknown ['mru']" in bad.output
     bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--slots", "0-2"])
     assert bad.exit_code == 2 and "--slots '0-2' must name slot counts of at least 1" in bad.output
+    bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--slots", "1-20"])
+    assert bad.exit_code == 2 and bad.output == (
+        "error: --slots '1-20' goes past the trace's 8 experts per layer: write e.g. 1-8\n"
+    )  # fmt: skip
 
 
 def test_cli_plot_writes_a_png(tmp_path):
-    out = tmp_path / "hit_rate.png"
+    out = tmp_path / "plots" / "hit_rate.png"  # a folder that does not exist yet, as bench --json allows
     args = ["simulate", str(SHARED_TRACE), "--policy", "lru,fifo", "--slots", "2,4", "--plot", str(out)]
     result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hit_rate.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hit_rate.png"]
 
 
 TINY_TRACE = Path(__file__).resolve().parents[1] / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"
