@@ -31,6 +31,7 @@ from quant.checkpoint import (
     CheckpointWriter,
     QuantizedCheckpoint,
     expert_file,
+    holds_quantized_files,
     is_quantized_checkpoint,
 )
 from quant.errors import MoEOffloadError
@@ -111,7 +112,7 @@ def quantize_model(
     where = resolve_device(device)
     expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
     resident_spec = attn_spec(attn_bits, attn_quant)
-    if is_quantized_checkpoint(source) or (Path(source) / RESIDENT).is_file():
+    if holds_quantized_files(source):
         raise MoEOffloadError(
             f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this one as it is)"
         )
@@ -274,7 +275,7 @@ def open_source(
         raise MoEOffloadError(
             f"{model} is an unfinished quantize or synth run; run the same command again to finish it"
         )
-    if (Path(model) / RESIDENT).is_file() and not is_quantized_checkpoint(model):
+    if holds_quantized_files(model) and not is_quantized_checkpoint(model):
         raise MoEOffloadError(
             f"{model} holds a quantized folder's files but no {MANIFEST}, which is written last: the folder is "
             "incomplete or damaged; quantize or synth it again with --force"
