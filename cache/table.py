@@ -64,7 +64,8 @@ class SlotTable:
     def settle_prefetches(self) -> None:
         """Count the experts prefetched so far as loaded: a request that finds one is a plain hit, not a
         prefetch used. A measurement window starts with this once every copy has landed (bench's timed
-        steps, after the warm-up's prefetches into them), so its counters see its own prefetches only."""
+        steps, after the warm-up's prefetches into them), so its counters see its own prefetches only; the
+        whole run's counters then count those as issued, and neither used nor wasted."""
         self.unused_prefetches.clear()
 
     def place(self, expert: int) -> int:

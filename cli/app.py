@@ -477,9 +477,10 @@ def bench(
 
     if tokens < 1:
         raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
+    ahead = load.pop("prefetch_ahead")
+    benchmark.check_prefetch_options(prefetch, ahead)  # before the load, which takes minutes on a real model
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
-    ahead = load.pop("prefetch_ahead")
     load = {**load, "prefetch": "none", "max_seq_len": context if load["max_seq_len"] is None else load["max_seq_len"]}
     loaded = _load(model, load)
     accelerate = None
@@ -502,6 +503,14 @@ def bench(
         err.print(f"wrote {json_out}")
 
 
+def _prefetch_phrase(prefetch: dict) -> str:
+    """`oracle, 31 layers ahead`, `gate, 1 layer ahead` or `none`."""
+    reach = prefetch.get("depth") if prefetch["mode"] == "oracle" else prefetch.get("ahead")
+    if reach is None:
+        return prefetch["mode"]
+    return f"{prefetch['mode']}, {reach} layer{'' if reach == 1 else 's'} ahead"
+
+
 def _print_bench(result: dict) -> None:
     table = Table("run", "tok/s", "bound", "of bound", "hit rate", "recall", "MiB/token", "stall s")
     notes = []
@@ -519,7 +528,7 @@ def _print_bench(result: dict) -> None:
     out.print(f"{result['model']} on {result['device']}")
     slots = _slots_phrase(result["slots_per_layer"])
     out.print(f"routing: {result['routing']} · {result['mode']} mode, {slots} "
-              f"· prefetch {result['prefetch']['mode']} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
+              f"· prefetch {_prefetch_phrase(result['prefetch'])} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
               f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}"
               + (" · CUDA graphs" if result["cuda_graphs"] else "")
               + (" · embedding in RAM" if result.get("host_embedding") else ""))  # fmt: skip

@@ -399,6 +399,15 @@ def set_prefetch(
         model.set_prefetch("none")
 
 
+def check_prefetch_options(prefetch: str, prefetch_ahead: int) -> None:
+    """bench's prefetch options' errors that need no model: the CLI checks them before loading one."""
+    if prefetch not in PREFETCH:
+        raise MoEOffloadError(f"unknown --prefetch {prefetch!r}; choose gate, oracle or none")
+    if prefetch_ahead != 1 and prefetch != "gate":
+        raise MoEOffloadError("--prefetch-ahead is how far the gate guesses: use it with --prefetch gate "
+                              "(the oracle's reach is --oracle-depth)")  # fmt: skip
+
+
 def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, link: Link, compute_s: float) -> dict:
     d = run.decode
     oracle = model.moe.prefetcher if prefetch == "oracle" else None
@@ -458,11 +467,7 @@ def bench(
 
     `oracle_depth`: the layers ahead the oracle loads (None: every layer but one); `prefetch_ahead`: the
     layers ahead the gate guesses at each layer's output."""
-    if prefetch not in PREFETCH:
-        raise MoEOffloadError(f"unknown --prefetch {prefetch!r}; choose gate, oracle or none")
-    if prefetch_ahead != 1 and prefetch != "gate":
-        raise MoEOffloadError("--prefetch-ahead is how far the gate guesses: use it with --prefetch gate "
-                              "(the oracle's reach is --oracle-depth)")  # fmt: skip
+    check_prefetch_options(prefetch, prefetch_ahead)
     if model.cache.mode == "direct":
         raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
     c = model.config

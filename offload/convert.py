@@ -31,7 +31,6 @@ from quant.checkpoint import (
     CheckpointWriter,
     QuantizedCheckpoint,
     expert_file,
-    holds_quantized_files,
     is_quantized_checkpoint,
 )
 from quant.errors import MoEOffloadError
@@ -112,7 +111,8 @@ def quantize_model(
     where = resolve_device(device)
     expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
     resident_spec = attn_spec(attn_bits, attn_quant)
-    if holds_quantized_files(source):
+    refuse_unfinished(source)
+    if is_quantized_checkpoint(source):
         raise MoEOffloadError(
             f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this one as it is)"
         )
@@ -267,19 +267,25 @@ class QuantizedSource:
         return self.checkpoint.expert(layer, expert)
 
 
+def refuse_unfinished(path: str) -> None:
+    """A quantized folder without its manifest (written last, after every file it lists): a killed run,
+    which its journal lets the same command finish, or else a damaged folder."""
+    if is_quantized_checkpoint(path):
+        return
+    if (Path(path) / JOURNAL).is_file():
+        raise MoEOffloadError(f"{path} is an unfinished quantize or synth run; run the same command again to finish it")
+    if (Path(path) / RESIDENT).is_file():
+        raise MoEOffloadError(
+            f"{path} holds a quantized folder's files but no {MANIFEST}, which is written last: the folder is "
+            "incomplete or damaged; delete it, then quantize or synth again"
+        )
+
+
 def open_source(
     model: str, *, expert_bits: str = "none", attn_bits: str = "none", attn_quant: str = "hqq", verify: bool = True
 ):
     """A quantized folder when `model` holds a manifest.json, else an HF folder or hub id."""
-    if (Path(model) / JOURNAL).is_file() and not is_quantized_checkpoint(model):
-        raise MoEOffloadError(
-            f"{model} is an unfinished quantize or synth run; run the same command again to finish it"
-        )
-    if holds_quantized_files(model) and not is_quantized_checkpoint(model):
-        raise MoEOffloadError(
-            f"{model} holds a quantized folder's files but no {MANIFEST}, which is written last: the folder is "
-            "incomplete or damaged; quantize or synth it again with --force"
-        )
+    refuse_unfinished(model)
     if is_quantized_checkpoint(model):
         if (expert_bits, attn_bits) != ("none", "none"):
             raise MoEOffloadError(

@@ -141,19 +141,24 @@ def plan_memory(
     all_experts = num_layers * num_experts * expert_bytes
 
     if device.type == "cpu":  # one memory: the arena is where compute happens
-        slot_bytes = 0 if slots is None else num_layers * slots * expert_bytes
-        need = resident_bytes + kv_bytes + all_experts + slot_bytes
+        if slots is not None and not 1 <= slots <= num_experts:
+            raise MoEOffloadError(f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}")
+        if slots is None and mode != "auto":
+            raise MoEOffloadError(
+                f"--cache-mode {mode} needs --slots on the CPU: without slots the experts are computed in place"
+            )
+        mode = "direct" if slots is None else "inclusive" if mode == "auto" else mode
+        in_slots = 0 if slots is None else num_layers * slots * expert_bytes
+        spare = expert_bytes if mode == "exclusive" else 0  # a swap's spare row, in the arena and in the slots
+        host_bytes = all_experts - in_slots + spare if mode == "exclusive" else all_experts
+        need = resident_bytes + kv_bytes + host_bytes + in_slots + spare
         if need > host_budget:
             raise MoEOffloadError(
                 f"the model needs {format_bytes(need)} of RAM and {format_bytes(host_budget)} is available; "
                 "quantize the experts to fewer bits (--expert-bits 2) or raise --cpu-memory"
             )
-        if slots is not None and not 1 <= slots <= num_experts:
-            raise MoEOffloadError(f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}")
-        if slots is None:
-            return MemoryPlan("direct", None, expert_bytes, all_experts, need, device_budget, host_budget)
-        mode = "inclusive" if mode == "auto" else mode
-        return MemoryPlan(mode, (slots,) * num_layers, expert_bytes, all_experts, need, device_budget, host_budget)
+        per_layer = None if slots is None else (slots,) * num_layers
+        return MemoryPlan(mode, per_layer, expert_bytes, host_bytes, need, device_budget, host_budget)
 
     forced = slots is not None
     if slots is not None and slots > num_experts:

@@ -45,11 +45,6 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def holds_quantized_files(path: str | Path) -> bool:
-    """A quantized folder, finished or not: its manifest, or its resident file (the manifest comes last)."""
-    return is_quantized_checkpoint(path) or (Path(path) / RESIDENT).is_file()
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -67,6 +67,11 @@ def test_the_gate_guesses_prefetch_ahead_layers(model):
     assert result["baselines"]["lru_no_prefetch"]["prefetch"]["ahead"] is None
     one = bench(model, tokens=4, prompt_tokens=3, prefetch="gate")
     assert model.moe.prefetcher.ahead == 1 and one["prefetch"]["ahead"] == 1
+    # the table's header says how far each prefetch reaches
+    from cli.app import _prefetch_phrase
+
+    phrases = [_prefetch_phrase(r["prefetch"]) for r in (result, one, result["baselines"]["lru_no_prefetch"])]
+    assert phrases == ["gate, 2 layers ahead", "gate, 1 layer ahead", "none"]
     message = r"^--prefetch-ahead must be between 1 and 5 \(the layers but one\), got 6$"
     with pytest.raises(MoEOffloadError, match=message):
         bench(model, tokens=2, prefetch="gate", prefetch_ahead=6)
@@ -234,7 +239,7 @@ def test_bench_errors(capsys, trained_model_dir):
                  "--tokens", "4"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: --prefetch oracle needs --route-trace: the oracle reads the next layer from it"
-    code = main(["bench", str(trained_model_dir), "--slots", "2", "--device", "cpu", "--prefetch", "oracle",
+    code = main(["bench", "no-such-folder", "--slots", "2", "--device", "cpu", "--prefetch", "oracle",
                  "--route-trace", str(TINY_TRACE), "--prefetch-ahead", "2", "--tokens", "4"])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == (

@@ -84,14 +84,15 @@ def test_a_quantized_folder_without_its_manifest_or_quantized_again(capsys, quan
     code, _, err = run(capsys, "generate", bare, "--prompt", "hi")
     assert_one_line_error(
         code, err, f"{bare} holds a quantized folder's files but no manifest.json, which is written last: the "
-        "folder is incomplete or damaged; quantize or synth it again with --force"
+        "folder is incomplete or damaged; delete it, then quantize or synth again"
     )  # fmt: skip
-    for source in (quantized, bare):
-        code, _, err = run(capsys, "quantize", source, tmp_path / "again")
-        assert_one_line_error(
-            code, err, f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this "
-            "one as it is)"
-        )  # fmt: skip
+    code, _, again = run(capsys, "quantize", bare, tmp_path / "again")
+    assert again == err
+    code, _, err = run(capsys, "quantize", quantized, tmp_path / "again")
+    assert_one_line_error(
+        code, err, f"{quantized} is already a quantized folder; quantize reads a Hugging Face folder (use this one "
+        "as it is)"
+    )  # fmt: skip
     assert not (tmp_path / "again").exists()
 
 

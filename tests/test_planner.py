@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import offload
 from offload.planner import GiB, format_bytes, parse_bytes, plan_memory, spread
 from quant.errors import MoEOffloadError
 
@@ -163,3 +164,23 @@ def test_cpu_direct_and_cpu_slots():
     assert plan_memory(device=cpu, **small).mode == "direct"
     plan = plan_memory(device=cpu, **small, slots=3)
     assert (plan.mode, plan.slots_per_layer) == ("inclusive", (3, 3))
+
+
+def test_the_cpu_plan_counts_the_arena_and_slots_the_cache_makes(trained_model_dir):
+    """On the CPU the plan's figures are what ExpertCache allocates: an exclusive arena holds each expert not in
+    a slot once, and each side a swap's spare row; the rest (resident weights, KV cache) is the same."""
+    rest = set()
+    for mode, rows in (("inclusive", 48), ("exclusive", 48 - 12 + 1)):  # 6 layers x 8 experts, 2 slots a layer
+        model = offload.load(str(trained_model_dir), device="cpu", slots=2, cache_mode=mode)
+        cache, plan = model.cache, model.plan
+        assert plan.mode == mode
+        assert plan.host_bytes == cache.arena.numel() == rows * cache.expert_bytes
+        rest.add(plan.device_bytes - cache.arena.numel() - cache.slot_rows.numel())
+    assert len(rest) == 1 and rest.pop() > 0
+
+
+def test_a_cache_mode_on_the_cpu_needs_slots():
+    message = r"^--cache-mode exclusive needs --slots on the CPU: without slots the experts are computed in place$"
+    with pytest.raises(MoEOffloadError, match=message):
+        plan_memory(device=torch.device("cpu"), num_layers=2, num_experts=8, expert_bytes=1, resident_bytes=0,
+                    kv_bytes=0, device_budget=GiB, host_budget=GiB, mode="exclusive")  # fmt: skip
