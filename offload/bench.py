@@ -240,6 +240,8 @@ class DecodeRun:
     tokens: int
     gpu_allocs_in_decode: int | None
     gpu_peak_bytes: int | None
+    expert_bytes: int  # one load
+    reach: int | None  # the prefetch's layers ahead: the oracle's depth or the gate's ahead; None: no prefetch
 
 
 def _allocations(device: torch.device) -> int | None:
@@ -311,7 +313,10 @@ def decode_run(
     decode = LayerStats(**{k: getattr(after, k) - getattr(before, k) for k in LayerStats.__dataclass_fields__})
     allocs = None if allocations is None else _allocations(device) - allocations
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak)
+    prefetcher = model.moe.prefetcher
+    reach = getattr(prefetcher, "depth", None) or getattr(prefetcher, "ahead", None)  # OraclePrefetcher, Prefetcher
+    return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak,
+                     model.cache.expert_bytes, reach)  # fmt: skip
 
 
 def _new_key_ranges(model: OffloadedModel, prompt_tokens: int, timed: range) -> list[int]:
@@ -408,11 +413,9 @@ def check_prefetch_options(prefetch: str, prefetch_ahead: int) -> None:
                               "(the oracle's reach is --oracle-depth)")  # fmt: skip
 
 
-def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, link: Link, compute_s: float) -> dict:
+def _summary(run: DecodeRun, prefetch: str, link: Link, compute_s: float) -> dict:
     d = run.decode
-    oracle = model.moe.prefetcher if prefetch == "oracle" else None
-    gate = model.moe.prefetcher if prefetch == "gate" else None
-    missed_per_token = (d.misses + d.prefetches_used) * model.cache.expert_bytes / run.tokens
+    missed_per_token = (d.misses + d.prefetches_used) * run.expert_bytes / run.tokens
     bound_s = max(compute_s, link.seconds(missed_per_token))
     return {
         "prefill_tokens_per_s": round(run.prefill_tokens_per_s, 3),
@@ -424,8 +427,8 @@ def _summary(run: DecodeRun, model: OffloadedModel, prefetch: str, link: Link, c
             "used": d.prefetches_used,
             "wasted": d.prefetches_wasted,
             "recall": None if d.recall is None else round(d.recall, 4),
-            "depth": None if oracle is None else oracle.depth,  # layers the oracle loads ahead
-            "ahead": None if gate is None else gate.ahead,  # layers the gate guesses ahead (--prefetch-ahead)
+            "depth": run.reach if prefetch == "oracle" else None,  # layers the oracle loads ahead
+            "ahead": run.reach if prefetch == "gate" else None,  # layers the gate guesses ahead (--prefetch-ahead)
         },
         "stall_s": round(d.stall_s, 4),
         "missed_bytes_per_token": round(missed_per_token),  # what the bound counts
@@ -482,10 +485,15 @@ def bench(
     link = Link.measure(model)
     before = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
     run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
-    # measured again after the decode: the bound takes the faster, so a slow first measurement never
-    # lowers the bar the decode is held to (on the H100 one commit's runs measured 23.9 to 32.4 ms)
-    after = compute_per_token(model)
-    compute_s = min(before, after)
+    # measured again after the decode (and after the baselines): the bound takes the fastest, so a slow
+    # measurement never lowers the bar a decode is held to (on the H100 one commit's runs measured 23.9 to
+    # 32.4 ms), and every run of one bench is held to the same bar
+    measured = [before, compute_per_token(model)]
+    baselines = {}
+    if compare:
+        baselines = _baselines(model, routing, prefetch, oracle_depth, prefetch_ahead, prompt_tokens, tokens)
+        measured.append(compute_per_token(model))
+    compute_s = min(measured)
     result = {
         **environment(model.device),
         "model": model_name(model),
@@ -506,12 +514,30 @@ def bench(
         "h2d_bandwidth_gbps": round(link.h2d / 1e9, 3),
         "d2h_bandwidth_gbps": None if link.d2h is None else round(link.d2h / 1e9, 3),  # exclusive mode only
         "compute_s_per_token": round(compute_s, 6),
-        "compute_s_per_token_measured": [round(before, 6), round(after, 6)],  # before and after the decode
-        **_summary(run, model, prefetch, link, compute_s),
+        # before the decode, after it, and after the baselines (with --compare)
+        "compute_s_per_token_measured": [round(m, 6) for m in measured],
+        **_summary(run, prefetch, link, compute_s),
     }
     if not compare:
         return result
+    result["baselines"] = {
+        name: _summary(*baseline, link, compute_s) if isinstance(baseline, tuple) else baseline
+        for name, baseline in baselines.items()
+    }
+    result["baselines"]["accelerate"] = accelerate() if accelerate is not None else {
+        "decode_tokens_per_s": None,
+        "note": "not run: transformers/accelerate device_map offloading reads Hugging Face folders only "
+        "(pass one as MODEL), and cannot replay a routing trace",
+    }  # fmt: skip
+    return result
 
+
+def _baselines(
+    model: OffloadedModel, routing: ReplayedRouting | None, prefetch: str, oracle_depth: int | None,
+    prefetch_ahead: int, prompt_tokens: int, tokens: int,
+) -> dict[str, tuple[DecodeRun, str] | dict]:  # fmt: skip
+    """--compare's runs on the same model: no cache, LRU without prefetch and with it. Each is its decode
+    run and prefetch mode (or, where it cannot run, why not); the model is left as it came."""
     baselines = {}
     _use_policy(model, "lru")
     for name, mode, forget in (("no_cache", "none", True), ("lru_no_prefetch", "none", False),
@@ -520,18 +546,11 @@ def bench(
             baselines[name] = {"decode_tokens_per_s": None, "note": NO_CACHE_IN_EXCLUSIVE_MODE}
             continue
         set_prefetch(model, mode, routing, oracle_depth, prefetch_ahead)
-        baseline = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
-                              forget_every_token=forget)  # fmt: skip
-        baselines[name] = _summary(baseline, model, mode, link, compute_s)
-    baselines["accelerate"] = accelerate() if accelerate is not None else {
-        "decode_tokens_per_s": None,
-        "note": "not run: transformers/accelerate device_map offloading reads Hugging Face folders only "
-        "(pass one as MODEL), and cannot replay a routing trace",
-    }  # fmt: skip
+        baselines[name] = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
+                                     forget_every_token=forget), mode  # fmt: skip
     _use_policy(model, model.options.policy)
     set_prefetch(model, prefetch, routing, oracle_depth, prefetch_ahead)
-    result["baselines"] = baselines
-    return result
+    return baselines
 
 
 def accelerate_baseline(

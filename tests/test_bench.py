@@ -169,6 +169,13 @@ def test_compare_runs_the_baselines(model):
     assert baselines["lru_no_prefetch"]["prefetch"]["issued"] == 0
     assert baselines["accelerate"]["decode_tokens_per_s"] is None and "Hugging Face folders" in baselines[
         "accelerate"]["note"]  # fmt: skip
+    # compute measured before the decode, after it and after the baselines: every run's bound takes the fastest
+    measured = result["compute_s_per_token_measured"]
+    assert len(measured) == 3 and result["compute_s_per_token"] == min(measured)
+    for r in (result, baselines["no_cache"], baselines["lru_prefetch"]):
+        copies_s = r["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
+        assert 1 / r["bound_tokens_per_s"] == bound_s(result, copies_s, result["h2d_bandwidth_gbps"])
+    assert (baselines["lru_prefetch"]["prefetch"]["depth"], baselines["lru_prefetch"]["prefetch"]["ahead"]) == (5, None)
 
 
 class KeyLog(DecodeGraphs):
