@@ -193,6 +193,9 @@ def prepare(model: str, **options) -> Prepared:
         raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
     make_policy(opts.policy)  # an unknown name fails here, before the long part
     device = resolve_device(opts.device)
+    if device.type == "cpu" and opts.gpu_memory is not None:
+        raise MoEOffloadError("--gpu-memory is a GPU's budget, and this runs on the CPU, where everything is in RAM: "
+                              "give --cpu-memory")  # fmt: skip
     if device.type == "cuda" and device.index is not None:
         # graph capture, Triton's launches and a bare "cuda" all mean the current device: make it this one
         torch.cuda.set_device(device)

@@ -158,7 +158,8 @@ def plan_memory(
                 "quantize the experts to fewer bits (--expert-bits 2) or raise --cpu-memory"
             )
         per_layer = None if slots is None else (slots,) * num_layers
-        return MemoryPlan(mode, per_layer, expert_bytes, host_bytes, need, device_budget, host_budget)
+        # the CPU is the device, and its memory is the RAM: its budget is the host's
+        return MemoryPlan(mode, per_layer, expert_bytes, host_bytes, need, host_budget, host_budget)
 
     forced = slots is not None
     if slots is not None and slots > num_experts:

@@ -105,6 +105,9 @@ def test_demo_and_context_options_are_checked_first(capsys, quantized):
         assert_one_line_error(code, err, expected)
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--max-seq-len", "0")  # 0 is not "the default"
     assert_one_line_error(code, err, "--max-seq-len must be at least 2, got 0")
+    code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--gpu-memory", "12GiB")  # not silently ignored
+    assert_one_line_error(code, err, "--gpu-memory is a GPU's budget, and this runs on the CPU, where everything is "
+                          "in RAM: give --cpu-memory")  # fmt: skip
 
 
 def test_prompt_longer_than_the_context(capsys, trained_model_dir):

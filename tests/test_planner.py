@@ -164,6 +164,10 @@ def test_cpu_direct_and_cpu_slots():
     assert plan_memory(device=cpu, **small).mode == "direct"
     plan = plan_memory(device=cpu, **small, slots=3)
     assert (plan.mode, plan.slots_per_layer) == ("inclusive", (3, 3))
+    # the CPU's one memory is the RAM: info's device row reads against the host budget
+    plan = plan_memory(device=cpu, **{**small, "device_budget": 1024}, slots=3)
+    assert plan.device_budget == plan.host_budget == GiB
+    assert dict(plan.describe())["device"] == f"{format_bytes(plan.device_bytes)} of 1.00 GiB"
 
 
 def test_the_cpu_plan_counts_the_arena_and_slots_the_cache_makes(trained_model_dir):
