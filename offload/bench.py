@@ -520,9 +520,9 @@ def bench(
     }
     if not compare:
         return result
+    cannot = {"decode_tokens_per_s": None, "note": NO_CACHE_IN_EXCLUSIVE_MODE}  # exclusive slots cannot empty
     result["baselines"] = {
-        name: _summary(*baseline, link, compute_s) if isinstance(baseline, tuple) else baseline
-        for name, baseline in baselines.items()
+        name: cannot if ran is None else _summary(*ran, link, compute_s) for name, ran in baselines.items()
     }
     result["baselines"]["accelerate"] = accelerate() if accelerate is not None else {
         "decode_tokens_per_s": None,
@@ -535,15 +535,15 @@ def bench(
 def _baselines(
     model: OffloadedModel, routing: ReplayedRouting | None, prefetch: str, oracle_depth: int | None,
     prefetch_ahead: int, prompt_tokens: int, tokens: int,
-) -> dict[str, tuple[DecodeRun, str] | dict]:  # fmt: skip
+) -> dict[str, tuple[DecodeRun, str] | None]:  # fmt: skip
     """--compare's runs on the same model: no cache, LRU without prefetch and with it. Each is its decode
-    run and prefetch mode (or, where it cannot run, why not); the model is left as it came."""
+    run and prefetch mode, or None where it cannot run; the model is left as it came."""
     baselines = {}
     _use_policy(model, "lru")
     for name, mode, forget in (("no_cache", "none", True), ("lru_no_prefetch", "none", False),
                                ("lru_prefetch", prefetch, False)):  # fmt: skip
         if forget and model.cache.mode == "exclusive":
-            baselines[name] = {"decode_tokens_per_s": None, "note": NO_CACHE_IN_EXCLUSIVE_MODE}
+            baselines[name] = None
             continue
         set_prefetch(model, mode, routing, oracle_depth, prefetch_ahead)
         baselines[name] = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing,
