@@ -4,7 +4,7 @@ machine with no GPU.
 Run by tests/test_gemv.py in a subprocess without TRITON_INTERPRET (which makes kernels interpreted).
 Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": count, ...}}, for
 _gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, and
-_gather_rows_kernel on a bfloat16 table. The pointers and sizes are declared 16-byte aligned, as Triton
+_gather_rows_kernel on a bfloat16 and a float16 table. The pointers and sizes are declared 16-byte aligned, as Triton
 specializes them at launch for Mixtral's shapes.
 """
 
@@ -51,9 +51,9 @@ def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
 
-def compile_gather(arch: int) -> str:
-    """PTX of _gather_rows_kernel for a bfloat16 table, as gather_rows launches it."""
-    signature = {"ids_ptr": "*i64", "table_ptr": "*bf16", "out_ptr": "*bf16", "V": "i32", "D": "i32"}
+def compile_gather(arch: int, dtype: str = "bf16") -> str:
+    """PTX of _gather_rows_kernel for a table of `dtype`, as gather_rows launches it."""
+    signature = {"ids_ptr": "*i64", "table_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "V": "i32", "D": "i32"}
     signature["BLOCK"] = "constexpr"
     source = ASTSource(embedding._gather_rows_kernel, signature, {"BLOCK": embedding.BLOCK},
                        {(i,): [["tt.divisibility", 16]] for i in range(5)})  # fmt: skip
@@ -70,6 +70,10 @@ if __name__ == "__main__":
                 ptx = compile_case(case, arch, packed)
                 loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
     for arch in map(int, sys.argv[1:]):
-        ptx = compile_gather(arch)
-        loads[f"_gather_rows_kernel bf16 sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+        # bfloat16 (sm_80 and later) and float16, the dtype auto picks on a T4 (sm_75)
+        for dtype in ("bf16", "fp16"):
+            ptx = compile_gather(arch, dtype)
+            loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = dict(
+                collections.Counter(re.findall(r"ld\.global[\w.]*", ptx))
+            )
     print(json.dumps(loads))

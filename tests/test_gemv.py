@@ -225,7 +225,8 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     # offload/embedding.py's gather: one load of the token's id, then 16 bytes of its row a thread
     # (counted by kind: Triton versions spell the id's load differently, e.g. with a cache hint)
     gathers = {case: loads.pop(case) for case in list(loads) if case.startswith("_gather_rows_kernel")}
-    assert sorted(gathers) == [f"_gather_rows_kernel bf16 sm_{arch}" for arch in (75, 90)]
+    kinds = [f"{dtype} sm_{arch}" for dtype in ("bf16", "fp16") for arch in (75, 90)]  # fp16: auto's dtype on a T4
+    assert sorted(gathers) == [f"_gather_rows_kernel {kind}" for kind in kinds]
     for case, counts in gathers.items():
         rows = sum(n for load, n in counts.items() if load.endswith(".v4.b32"))
         assert rows >= 1 and sum(counts.values()) - rows == 1, (case, counts)
