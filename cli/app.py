@@ -38,7 +38,10 @@ if not out.is_terminal:  # pipes and logs: rich would assume 80 columns and cut 
 
 # -- options shared by the commands that load a model (defaults live in offload.api.LoadOptions) -----
 
-Model = Annotated[str, typer.Argument(help="A quantized folder (from `quantize`), a Hugging Face folder, or a hub id.")]
+Model = Annotated[
+    str,
+    typer.Argument(metavar="MODEL", help="A quantized folder (from `quantize`), a Hugging Face folder, or a hub id."),
+]
 Slots = Annotated[
     int | None,
     typer.Option(
@@ -239,8 +242,8 @@ def _print_stats(stats, console: Console = err) -> None:
 
 @app.command()
 def quantize(
-    src: Annotated[str, typer.Argument(help="A Hugging Face folder (safetensors) or hub id.")],
-    out: Annotated[Path, typer.Argument(help="The folder to write. Re-running after a kill resumes.")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="A Hugging Face folder (safetensors) or hub id.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The folder to write. Re-running after a kill resumes.")],
     expert_bits: Annotated[str, typer.Option(help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")] = "2",
     attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
     attn_quant: AttnQuant = LoadOptions.attn_quant,
@@ -408,7 +411,9 @@ def trace(
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="The folder to write (a quantized folder with random codes).")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="The folder to write (a quantized folder with random codes).")
+    ],
     preset: Annotated[str, typer.Option(help="mixtral-8x7b (full size), mixtral-small (CPU benchmarks) or tiny.")] = (
         "mixtral-8x7b"
     ),
