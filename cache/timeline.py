@@ -13,6 +13,8 @@ runtime's own SlotTable and policies, and times every step in the order the runt
   the prefetches of the layers ahead, each on one copy stream, in the order issued (`copy_s` each);
 - an expert whose load has not landed blocks the host (the runtime waits on the load's event, and
   counts that wait as `stall_s`); the expert starts `wake_s` after the load ends;
+- the eviction policy's bookkeeping takes the host `access_s` per expert asked for and `eviction_s` per
+  victim chosen (benchmarks/policy_cost.py measures both), before the loads it decides are issued;
 - in exclusive mode each load is a swap: the victim goes back on the other direction's stream
   (`back_s`), and each direction waits for the previous swap's copy of the other, as
   `ExpertCache._load` orders them.
@@ -51,14 +53,22 @@ class Costs:
     copy_s: float  # one expert, host to device
     back_s: float | None = None  # one expert, device to host (exclusive mode); None: as copy_s
     wake_s: float = 0.0  # from a load the host waited for to its expert starting
+    access_s: float = 0.0  # the host's policy bookkeeping per expert asked for
+    eviction_s: float = 0.0  # and per victim it chooses
 
     @classmethod
     def from_rates(cls, *, compute_ms: float, expert_ms: float, bandwidth_gbps: float, expert_bytes: int,
-                   wake_us: float, back_bandwidth_gbps: float | None = None) -> Costs:  # fmt: skip
-        """Costs from the units bench reports: milliseconds, GB/s and bytes."""
+                   wake_us: float, back_bandwidth_gbps: float | None = None, access_us: float = 0.0,
+                   eviction_us: float = 0.0) -> Costs:  # fmt: skip
+        """Costs from the units bench and policy_cost.py report: milliseconds, microseconds, GB/s and bytes."""
         back_s = None if back_bandwidth_gbps is None else expert_bytes / (back_bandwidth_gbps * 1e9)
         return cls(compute_s=compute_ms / 1e3, expert_s=expert_ms / 1e3, copy_s=expert_bytes / (bandwidth_gbps * 1e9),
-                   back_s=back_s, wake_s=wake_us / 1e6)  # fmt: skip
+                   back_s=back_s, wake_s=wake_us / 1e6, access_s=access_us / 1e6,
+                   eviction_s=eviction_us / 1e6)  # fmt: skip
+
+    def policy_s(self, accesses: int, steps: Sequence[Step]) -> float:
+        """The host's policy bookkeeping for `accesses` experts asked for and the victims among `steps`."""
+        return accesses * self.access_s + sum(step.evicted is not None for step in steps) * self.eviction_s
 
     @property
     def copy_back_s(self) -> float:
@@ -173,6 +183,7 @@ class Clock:
         self.device = max(self.device, self.host) + self.resident_s
         self.host = self.device  # the routing read waits for the resident part
         steps = self.tables[layer].request(experts, weights)
+        self.host += self.costs.policy_s(len(experts), steps)
         for step in steps:
             if not step.hit:
                 self.load(layer, step)
@@ -193,7 +204,9 @@ class Clock:
         self.issued = now + self.depth
 
     def load_guess(self, layer: int, experts: Sequence[int]) -> None:
-        for step in self.tables[layer].prefetch(experts):
+        steps = self.tables[layer].prefetch(experts)
+        self.host += self.costs.policy_s(0, steps)
+        for step in steps:
             self.load(layer, step)
 
     def compute(self, layer: int, step: Step) -> None:

@@ -47,6 +47,17 @@ def test_a_miss_stalls_the_host_until_its_load_lands_and_loads_queue_on_one_stre
     assert run.fraction_of_bound == pytest.approx(6 / 11.5)
 
 
+def test_the_policys_bookkeeping_delays_the_host_before_the_loads_it_decides():
+    costs = Costs(compute_s=6.0, expert_s=1.0, copy_s=3.0, wake_s=0.5, access_s=0.25, eviction_s=0.5)
+    run = timeline(trace_of(((0, 1), (0, 1)), ((2, 3), (0, 1))), costs, slots=2, prompt_tokens=1, warmup=0,
+                   tokens=1, prefetch="none")  # fmt: skip
+    # layer 0: resident 0-1; two accesses and two victims take the host to 2.5; loads 2.5-5.5 and 5.5-8.5;
+    # expert 2 at 6-7, expert 3 at 9-10. Layer 1: resident 10-11, two accesses to 11.5, two hits 11.5-13.5.
+    assert run.decode_s == pytest.approx(13.5)
+    assert run.stall_s == pytest.approx(3 + 2.5)
+    assert run.bound_s == pytest.approx(6)  # the bound is the device's: the host's work is not in it
+
+
 def test_the_oracle_loads_the_next_layer_behind_this_ones_compute():
     run = one_step(trace_of(((0, 1), (0, 1)), ((0, 1), (2, 3))), prefetch="oracle", depth=1)
     # layer 0: resident 0-1, hits 1-3; at 1 the oracle starts layer 1's loads: 1-4 and 4-7.
@@ -178,7 +189,7 @@ def test_cli_times_what_the_python_api_times(capsys):
     printed = json.loads(capsys.readouterr().out)
     costs = Costs(compute_s=0.006, expert_s=0.0002, copy_s=0.0005, wake_s=5e-5)
     assert printed["costs"] == {"compute_s": 0.006, "expert_s": 0.0002, "copy_s": 0.0005, "back_s": None,
-                                "wake_s": 5e-5}  # fmt: skip
+                                "wake_s": 5e-5, "access_s": 0.0, "eviction_s": 0.0}  # fmt: skip
     trace = read_trace(TINY_TRACE)
     expected = [timeline(trace, costs, policy=p, slots=k, depth=2, tokens=16).to_dict()
                 for p in ("lru", "path") for k in (3, 4)]  # fmt: skip
