@@ -1,12 +1,13 @@
-"""One expert's MLP on the CPU: dequantizing into fresh tensors, whole into a workspace, or in tiles.
+"""One expert's MLP on the CPU: dequantizing into fresh tensors, whole into a workspace, in tiles, or not at all.
 
     python benchmarks/expert_mlp.py [--preset mixtral-small,mixtral-8x7b] [--bits 2] [--rounds 5]
 
 For each synthetic preset's expert shape and 1 and 2 threads it times one token through the expert
-three ways: dequantizing each weight into fresh tensors; whole into a reused workspace, then one matrix
-product (what quant/linear.py did before its tiles); and as quant/linear.py does now, a tile of output rows
-at a time (quant.hqq.dequantize_tiles). The three take turns, `--rounds` times; each figure is the
-median round. Prints the time and the page faults per call, and writes benchmarks/results/expert_mlp_cpu.json.
+four ways: dequantizing each weight into fresh tensors; whole into a reused workspace, then one matrix
+product (what quant/linear.py did before its tiles); a tile of output rows at a time
+(quant.hqq.dequantize_tiles, what decode runs without a fused kernel); and through the CPU's fused
+dequantize+GEMV (quant/cpu_gemv.py, decode's default). They take turns, `--rounds` times; each figure is
+the median round. Prints the time and the page faults per call, and writes benchmarks/results/expert_mlp_cpu.json.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from offload.synth import preset_config  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, TILE_WEIGHTS, Workspace, dequantize  # noqa: E402
-from quant.linear import linear  # noqa: E402
+from quant.linear import CPU, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
 
 
@@ -37,18 +38,19 @@ def whole_linear(x, weight, workspace=None, out=None):
     return torch.matmul(x, dequantize(weight, x.dtype, workspace).T, out=out)
 
 
-WAYS = {  # name: (the linear the expert runs, whether it gets a workspace)
-    "fresh tensors": (linear, False),
-    "workspace, whole weight": (whole_linear, True),
-    "workspace, tiles": (linear, True),
+WAYS = {  # name: (the linear the expert runs, its workspace: none, one, or one with the fused kernel)
+    "fresh tensors": (linear, None),
+    "workspace, whole weight": (whole_linear, Workspace),
+    "workspace, tiles": (linear, Workspace),
+    "fused kernel (C)": (linear, lambda: Workspace(CPU)),
 }
 
 
 def measure(x, weights, way: str, calls: int) -> tuple[float, float]:
     """Seconds and page faults per call of `calls` calls, after a warm-up call."""
-    moe.linear, use_workspace = WAYS[way]
+    moe.linear, make_workspace = WAYS[way]
     try:
-        workspace = Workspace() if use_workspace else None
+        workspace = make_workspace() if make_workspace else None
         expert_mlp(x, weights, workspace)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         begin = time.perf_counter()

@@ -173,7 +173,7 @@ def main() -> None:
         **environment(device, program=f"python {sys.argv[0]}"),
         "model": args.model,
         "routing": f"replayed: {args.route_trace}",
-        "kernel": kernel_name(model.prepared.fused_gemv),
+        "kernel": kernel_name(model.prepared.fused_gemv, model.prepared.device),
         "cuda_graphs": model.prepared.cuda_graphs,
         "prefetch": args.prefetch,
         "oracle_depth": model.moe.prefetcher.depth if args.prefetch == "oracle" else None,

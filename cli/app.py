@@ -96,8 +96,9 @@ FusedGemv = Annotated[
     bool | None,
     typer.Option(
         "--fused-gemv/--no-fused-gemv",
-        help="Decode's quantized products through the fused dequantize+GEMV Triton kernel, or dequantize "
-        "then multiply. Default: fused on CUDA when Triton is installed (CUDA builds of torch ship it).",
+        help="Decode's quantized products through a fused dequantize+GEMV kernel, or dequantize then multiply. "
+        "Default: fused where it runs: on CUDA, Triton's (CUDA builds of torch ship it); on the CPU, a C kernel "
+        "built on first use with the machine's compiler (cc, gcc or clang) and kept in ~/.cache/moe-offload.",
         show_default=False,
     ),
 ]

@@ -8,6 +8,7 @@ print(result.text, model.stats.hit_rate)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,11 @@ from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
-from quant import gemv
+from quant import cpu_gemv, gemv
 from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
 from quant.hqq import Quantized, Workspace
-from quant.linear import workspace_bytes
+from quant.linear import CPU, DEQUANTIZE, TRITON, Kernel, workspace_bytes
 from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,8 +61,8 @@ class LoadOptions:
     cache_mode: str = "auto"  # auto | inclusive | exclusive (see offload/planner.py)
     max_seq_len: int | None = None  # context size; None: the model's, at most 4096
     verify: bool = True  # check a quantized folder's sha256 sums on load
-    # decode's HQQ products through the fused dequantize+GEMV kernel (quant/gemv.py); None: on CUDA when
-    # Triton is installed (CUDA builds of torch ship it). False: dequantize, then a matrix product
+    # decode's HQQ products through a fused dequantize+GEMV kernel: Triton on CUDA (quant/gemv.py), C on the CPU
+    # (quant/cpu_gemv.py). None: where it runs (Triton installed; a C compiler). False: dequantize, then multiply
     fused_gemv: bool | None = None
     # decode's resident part (attention, norms, router, guesses, head) replayed as CUDA graphs (offload/graphs.py);
     # None: on CUDA. False: every kernel launched from Python
@@ -261,19 +262,36 @@ def embedding_place(host_embedding: bool) -> str:
     return "in RAM, read in place by the GPU" if host_embedding else "with the resident weights"
 
 
-def kernel_name(fused_gemv: bool) -> str:
-    return "fused dequantize+GEMV (Triton)" if fused_gemv else "dequantize in tiles, then matmul"
+def decode_kernel(fused_gemv: bool, device: torch.device) -> Kernel | None:
+    """The fused dequantize+GEMV that decode's HQQ products run on `device`, or None: dequantize them."""
+    if not fused_gemv:
+        return None
+    return TRITON if device.type == "cuda" else CPU
+
+
+def kernel_name(fused_gemv: bool, device: torch.device) -> str:
+    kernel = decode_kernel(fused_gemv, device)
+    return DEQUANTIZE if kernel is None else kernel.name
 
 
 def resolve_fused_gemv(option: bool | None, device: torch.device) -> bool:
-    """LoadOptions.fused_gemv -> whether to use the kernel; asking for it where it cannot run is an error."""
-    if option is None:
-        return device.type == "cuda" and gemv.triton is not None
-    if option and device.type != "cuda":
-        raise MoEOffloadError("--fused-gemv runs on CUDA only; on the CPU experts are dequantized, then multiplied")
-    if option and gemv.triton is None:
-        raise MoEOffloadError("--fused-gemv needs Triton, which CUDA builds of torch ship with; pip install triton")
-    return option
+    """LoadOptions.fused_gemv -> whether to use the kernel; asking for it where it cannot run is an error.
+    On the CPU the default builds the C kernel (quant/cpu_gemv.py) and, where it cannot, warns and dequantizes."""
+    if device.type == "cuda":
+        if option and gemv.triton is None:
+            raise MoEOffloadError("--fused-gemv needs Triton, which CUDA builds of torch ship with; pip install triton")
+        return gemv.triton is not None if option is None else option
+    if option is False:
+        return False
+    try:
+        cpu_gemv.library()
+    except cpu_gemv.KernelUnavailable as error:
+        if option:
+            raise MoEOffloadError(f"--fused-gemv on the CPU builds a C kernel, and could not: {error}") from None
+        warnings.warn(f"decode dequantizes each expert, several times slower than the CPU's fused kernel: {error}",
+                      stacklevel=3)  # fmt: skip
+        return False
+    return True
 
 
 def resolve_cuda_graphs(option: bool | None, device: torch.device) -> bool:
@@ -323,10 +341,10 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
             if progress is not None:
                 progress("experts", layer * config.num_experts + expert + 1, total)
 
-    fused = prepared.fused_gemv
+    kernel = decode_kernel(prepared.fused_gemv, prepared.device)
     moe = MoEBlock(
         routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
-        workspace=Workspace(fused), prefill_chunk=prepared.options.prefill_chunk,
+        workspace=Workspace(kernel), prefill_chunk=prepared.options.prefill_chunk,
     )  # fmt: skip
     in_ram = weights_in_ram(prepared.host_embedding)
     weights = {  # a table kept in RAM goes to the decoder as it is, which copies it into registered memory
@@ -336,7 +354,7 @@ def load(model: str, progress: Progress | None = None, **options) -> OffloadedMo
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
         config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len,
-        workspace=Workspace(fused), graphs=DecodeGraphs() if prepared.cuda_graphs else None,
+        workspace=Workspace(kernel), graphs=DecodeGraphs() if prepared.cuda_graphs else None,
         prefill_chunk=prepared.options.prefill_chunk, host_embedding=prepared.host_embedding,
     )  # fmt: skip
     moe.routers = [decoder.router(layer) for layer in range(config.num_layers)]
@@ -544,7 +562,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "experts": experts,
         "attention": describe_spec(prepared.source.attn_spec),
         "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
-        "decode kernel": kernel_name(prepared.fused_gemv),
+        "decode kernel": kernel_name(prepared.fused_gemv, prepared.device),
         "decode graphs": "CUDA graphs" if prepared.cuda_graphs else "off",
         "embedding": embedding_place(prepared.host_embedding),
         "context": prepared.max_seq_len,

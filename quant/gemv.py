@@ -54,7 +54,7 @@ FAST_CODES = True
 def supports(x: Tensor, q: Quantized) -> bool:
     """Whether `gemv` serves this call: Triton present, a small batch, and a layout the kernel reads
     (a power-of-two group size dividing BLOCK_K; float or 8-bit meta; int32 offsets). The device is
-    the caller's choice: Workspace.fused is set on CUDA, or by tests under Triton's interpreter."""
+    the caller's choice: Workspace.kernel is quant.linear.TRITON on CUDA, or in tests under Triton's interpreter."""
     if triton is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[1] != q.shape[1]:
         return False
     g = q.spec.group_size

@@ -20,11 +20,15 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from quant.errors import MoEOffloadError
+
+if TYPE_CHECKING:
+    from quant.linear import Kernel
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 META_DTYPE = torch.float16  # float scales and zeros on disk and in the packed expert (see module doc)
@@ -218,12 +222,12 @@ class Workspace:
     CUDA, no allocator traffic). One workspace serves one stream of work: a buffer is reused by the
     next call of the same shape, so use each result before the next dequantize of that shape.
 
-    `fused` asks quant/linear.py to multiply a few tokens by an HQQ weight with the fused
-    dequantize+GEMV kernel instead (quant/gemv.py), which needs no weight-sized buffer at all.
+    `kernel` (quant.linear.TRITON on CUDA, quant.linear.CPU on the CPU) multiplies a few tokens by an HQQ
+    weight without dequantizing it: a fused dequantize+GEMV, which needs no weight-sized buffer at all.
     """
 
-    def __init__(self, fused: bool = False) -> None:
-        self.fused = fused
+    def __init__(self, kernel: Kernel | None = None) -> None:
+        self.kernel = kernel
         self._buffers: dict[tuple, Tensor] = {}
 
     def buffer(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

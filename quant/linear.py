@@ -1,23 +1,40 @@
 """The quantized linear forward.
 
-A few tokens against an HQQ weight (a decode step) run the fused dequantize+GEMV kernel
-(quant/gemv.py) when the workspace asks for it. Otherwise a quantized weight (HQQ or NF4) with a
-workspace is dequantized a tile of output rows at a time (quant.hqq.dequantize_tiles,
-quant.bnb.dequantize_tiles), each tile multiplied into its columns of the output: the workspace holds one
-tile, not the whole weight. Without a workspace the weight is dequantized whole into new tensors.
+A few tokens against an HQQ weight (a decode step) run a fused dequantize+GEMV kernel when the workspace
+carries one: TRITON on CUDA (quant/gemv.py), CPU on the CPU (quant/cpu_gemv.py). Otherwise a quantized
+weight (HQQ or NF4) with a workspace is dequantized a tile of output rows at a time
+(quant.hqq.dequantize_tiles, quant.bnb.dequantize_tiles), each tile multiplied into its columns of the
+output: the workspace holds one tile, not the whole weight. Without a workspace the weight is dequantized
+whole into new tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quant import bnb, gemv, hqq
+from quant import bnb, cpu_gemv, gemv, hqq
 from quant.bnb import NF4Quantized, dequantize_nf4
 from quant.hqq import Quantized, Workspace, dequantize, tile_weights
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A fused dequantize+GEMV: which calls it serves, and the call (x, q, out, workspace) -> out."""
+
+    name: str  # as bench's JSON and `info` name it
+    supports: Callable[[Tensor, Quantized], bool]
+    multiply: Callable[[Tensor, Quantized, Tensor | None, Workspace], Tensor]
+
+
+# Looked up at call time, so that a test's patched gemv.gemv is the one called
+TRITON = Kernel("fused dequantize+GEMV (Triton)", gemv.supports, lambda x, q, out, _: gemv.gemv(x, q, out))
+CPU = Kernel("fused dequantize+GEMV (C)", cpu_gemv.supports, lambda x, q, out, ws: cpu_gemv.gemv(x, q, out, ws))
+DEQUANTIZE = "dequantize in tiles, then matmul"  # what runs without a kernel
 
 
 def linear(
@@ -25,12 +42,13 @@ def linear(
 ) -> Tensor:
     """x [..., in] @ weight[out, in].T -> [..., out], in x.dtype; written into `out` when given.
 
-    An HQQ weight goes through the fused kernel when `workspace.fused` is set and the kernel serves
-    the call; otherwise a quantized weight is dequantized in tiles into `workspace`'s buffers when one is
-    given, else whole into new tensors.
+    An HQQ weight goes through `workspace.kernel` when there is one and it serves the call; otherwise a
+    quantized weight is dequantized in tiles into `workspace`'s buffers when one is given, else whole into
+    new tensors.
     """
-    if isinstance(weight, Quantized) and workspace is not None and workspace.fused and gemv.supports(x, weight):
-        return gemv.gemv(x, weight, out)
+    kernel = workspace.kernel if workspace is not None else None
+    if kernel is not None and isinstance(weight, Quantized) and kernel.supports(x, weight):
+        return kernel.multiply(x, weight, out, workspace)
     if isinstance(weight, Quantized | NF4Quantized):
         if workspace is not None:
             return _tiled(x, weight, workspace, out)
@@ -69,7 +87,7 @@ def _tiled(x: Tensor, weight: Quantized | NF4Quantized, workspace: Workspace, ou
 
 def workspace_bytes(weights: Iterable[Quantized | NF4Quantized], dtype: torch.dtype, device: torch.device) -> int:
     """The bytes one Workspace holds once `linear` has multiplied by each of `weights` in `dtype` on
-    `device` without the fused kernel: its buffers, one set per shape, counted by dequantizing copies on
+    `device` without a fused kernel: its buffers, one set per shape, counted by dequantizing copies on
     the meta device (no memory, no arithmetic)."""
     workspace = Workspace()
     seen = set()

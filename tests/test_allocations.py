@@ -10,7 +10,9 @@ from torch.utils._pytree import tree_flatten
 
 import offload
 from offload.moe import expert_mlp
+from quant import cpu_gemv
 from quant.hqq import EXPERT_PRESETS, Workspace
+from quant.linear import CPU
 from quant.packing import ExpertFormat
 from tests.tiny import make_tiny_mixtral
 
@@ -51,6 +53,7 @@ def test_a_decode_steps_moe_block_makes_only_the_routers_tensors(tmp_path):
     with routing given (as `bench --route-trace` gives it), the block makes none."""
     tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=3)
     model = offload.load(str(tiny), device="cpu", expert_bits="2", slots=2, prefetch="none")
+    assert model.moe.workspace.kernel is (CPU if cpu_gemv.available() else None)  # the experts' fused kernel
     model.reset()
     model.forward(torch.tensor([5, 6, 7]), 0)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))

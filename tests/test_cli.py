@@ -13,6 +13,7 @@ import pytest
 
 from cli.app import main
 from offload.convert import quantize_model
+from quant import cpu_gemv
 from tests.tiny import make_tiny_mixtral
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,12 +150,23 @@ def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):
     assert code == 0 and json.loads(out)["prefetch"] == "late, 2 layers ahead"
 
 
-def test_fused_gemv_where_it_cannot_run(capsys, quantized):
+def test_the_cpus_fused_kernel_and_where_it_cannot_be_built(capsys, quantized, monkeypatch):
+    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out)["decode kernel"] == "fused dequantize+GEMV (C)"
+    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json", "--no-fused-gemv")
+    assert code == 0 and json.loads(out)["decode kernel"] == "dequantize in tiles, then matmul"
+
+    def no_compiler():
+        raise cpu_gemv.KernelUnavailable("no C compiler found (looked for cc, gcc and clang)")
+
+    monkeypatch.setattr(cpu_gemv, "library", no_compiler)
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--fused-gemv")
     assert_one_line_error(
-        code, err, "--fused-gemv runs on CUDA only; on the CPU experts are dequantized, then multiplied"
-    )
-    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
+        code, err, "--fused-gemv on the CPU builds a C kernel, and could not: no C compiler found (looked for cc, "
+        "gcc and clang)",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="several times slower than the CPU's fused kernel: no C compiler found"):
+        code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
     assert code == 0 and json.loads(out)["decode kernel"] == "dequantize in tiles, then matmul"
 
 

@@ -10,6 +10,7 @@ import torch
 
 import offload
 from cache.expert_cache import ExpertCache
+from quant.linear import TRITON
 from tests.tiny import hf_model, make_tiny_mixtral
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -189,7 +190,8 @@ def test_fused_gemv_decode_matches_dequantize_then_matmul_on_cuda(tiny, dtype, t
     for fused in (None, False):  # None: the default, which must pick the kernel on CUDA
         model = offload.load(str(tiny), device="cuda", dtype=dtype, slots=3, expert_bits="2", attn_bits="4",
                              fused_gemv=fused)  # fmt: skip
-        assert model.moe.workspace.fused is (fused is None) and model.decoder.workspace.fused is (fused is None)
+        expected = TRITON if fused is None else None
+        assert model.moe.workspace.kernel is expected and model.decoder.workspace.kernel is expected
         model.reset()
         got = [model.forward(tokens[:8], 0)[-1:]]
         for pos in range(8, 16):

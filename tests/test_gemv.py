@@ -27,7 +27,7 @@ from quant.hqq import (
     random_quantized,
     to_tensors,
 )
-from quant.linear import linear
+from quant.linear import TRITON, linear
 from quant.packing import ExpertFormat
 from tests.test_quantized_model import carry_our_weights
 from tests.tiny import hf_model, make_tiny_mixtral
@@ -163,7 +163,7 @@ def test_gemv_writes_into_out_and_linear_dispatches_on_the_workspace():
     x = torch.randn(1, 256, generator=generator).to(DEVICE)
     out = torch.full((1, 64), float("nan"), device=DEVICE)
     assert gemv.gemv(x, q, out) is out
-    assert torch.equal(linear(x, q, Workspace(fused=True)), out)
+    assert torch.equal(linear(x, q, Workspace(TRITON)), out)
     # without fused, the same call dequantizes: close, but not the same rounding
     unfused = linear(x, q, Workspace())
     assert (unfused - out).abs().max().item() < 1e-5 and not torch.equal(unfused, out)
@@ -179,7 +179,7 @@ def test_gemv_supports_only_what_it_reads():
     assert not gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
     # what it refuses still multiplies, through dequantization
     x = torch.randn(gemv.MAX_ROWS + 1, 256, generator=generator)
-    assert_close(linear(x, q, Workspace(fused=True)), reference(x, q))
+    assert_close(linear(x, q, Workspace(TRITON)), reference(x, q))
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreted on CPU tensors; tests/test_cuda.py has the CUDA twin")
@@ -188,7 +188,7 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path)
     4-bit attention fused too), against transformers carrying the same dequantized weights."""
     tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
     model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2)
-    model.moe.workspace.fused = model.decoder.workspace.fused = True  # what load() picks on CUDA
+    model.moe.workspace.kernel = model.decoder.workspace.kernel = TRITON  # what load() picks on CUDA
     calls = []
     original = gemv.gemv
     gemv.gemv = lambda x, q, out=None: calls.append(q.spec.bits) or original(x, q, out)

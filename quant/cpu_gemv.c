@@ -1,0 +1,182 @@
+/* Fused dequantize + GEMV for HQQ weights on the CPU: y = x @ W.T for a few tokens, read from the packed
+ * codes in place. quant/cpu_gemv.py builds this file with the machine's C compiler and calls it through
+ * ctypes; quant/gemv.py is its CUDA twin, whose module doc has the math and the layout:
+ *
+ *     sum_k W[n, k] x[k] = sum_r scale_r * (sum_j code_rj x_j - zero_r * sum_j x_j)
+ *
+ * over the groups r of output n (r = n * G + group, G = K / g). Grid row r lives in packed row r % step, at
+ * bit slot r / step, highest bits first. Two loops:
+ *   - outputs: when step is a multiple of G (2, 4 and 8 bits on Mixtral's shapes), an output's groups are
+ *     G consecutive packed rows, and the rows of slot s are outputs s * N / PER + [0, N / PER). A call
+ *     takes whole outputs of every slot and reads each packed element once, for all of its codes;
+ *   - packed_rows (3-bit's padded grid, whose slots split outputs): a call takes packed rows and adds what
+ *     they hold into the outputs they touch.
+ * `outputs` keeps g partial sums per slot and reduces them once an output, not once a group: at 2-bit g16
+ * a reduction per group cost more than the group's products.
+ */
+#include <stdint.h>
+#include <string.h>
+
+enum { MAX_TOKENS = 8, MAX_PER = 10, MAX_GROUP = 256 };
+
+typedef struct {          /* a weight's scales or zeros, one per group: */
+    const uint16_t *half; /* float16 [R], or NULL when they are quantized to 8 bits: */
+    const uint8_t *codes; /* [R] */
+    const uint16_t *scale, *zero; /* float16 [R / group]: value = (code - zero) * scale */
+    int64_t group;
+} Meta;
+
+typedef struct {
+    const float *x;      /* [M, K] */
+    const float *x_sums; /* [M, G]: each group's sum of x */
+    const void *codes;   /* [step, g]: uint8 (2, 4 and 8 bits) or int32 (3 bits) */
+    Meta scale, zero;
+    int64_t tokens, n, k, step; /* M, N, K, packed rows */
+    int32_t bits, group_size;
+} Problem;
+
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) /* inf, nan */
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    else if (exponent) /* normal: rebias 15 -> 127 */
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    else { /* zero, subnormal: mantissa * 2^-24 */
+        const float value = (float)mantissa * 0x1p-24f;
+        return sign ? -value : value;
+    }
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* Rows [first, first + count) of a scale or zero, as float32 into out: the same arithmetic as
+ * quant.hqq.dequantize in float32. */
+static void meta_rows(const Meta *m, int64_t first, int64_t count, float *out) {
+    if (m->half) {
+        for (int64_t j = 0; j < count; j++) out[j] = half_to_float(m->half[first + j]);
+        return;
+    }
+    for (int64_t j = 0; j < count;) { /* a run of rows in one meta group at a time */
+        const int64_t i = (first + j) / m->group, run_end = (i + 1) * m->group - first;
+        const int64_t end = run_end < count ? run_end : count;
+        const float scale = half_to_float(m->scale[i]), zero = half_to_float(m->zero[i]);
+        for (; j < end; j++) out[j] = ((float)m->codes[first + j] - zero) * scale;
+    }
+}
+
+/* Sixteen lanes, in GCC's and clang's vector extensions: the compiler lowers them to the machine's vector
+ * units (two AVX2 registers, one AVX-512, four NEON), so the loops below vectorize whatever the optimizer
+ * decides. A group is g / 16 of them: supports() in quant/cpu_gemv.py asks g % 16 == 0. */
+typedef float floats16 __attribute__((vector_size(64)));
+typedef uint32_t words16 __attribute__((vector_size(64)));
+
+/* Sixteen packed elements from `at`, widened to 32 bits (a loop: GCC 12 widens a converted byte vector
+ * one lane at a time, but this loop in one instruction). */
+static inline words16 elements16(const void *at, const int bits) {
+    words16 v;
+    if (bits == 3) {
+        memcpy(&v, at, sizeof v);
+        return v;
+    }
+    const uint8_t *bytes = at;
+    for (int j = 0; j < 16; j++) v[j] = bytes[j];
+    return v;
+}
+
+static inline floats16 floats16_at(const float *at) {
+    floats16 v;
+    memcpy(&v, at, sizeof v);
+    return v;
+}
+
+static inline float sum16(floats16 v) {
+    float sum = 0.f;
+    for (int j = 0; j < 16; j++) sum += v[j];
+    return sum;
+}
+
+/* Outputs s * rows_per_slot + [first, last) of every slot s, for token x [K] (x_sums [G]), into y [N].
+ * meta: 2 * PER * G floats. Inlined with constant bits and g, so the shifts are known at compile time. */
+static inline void outputs(const Problem *p, const float *x, const float *x_sums, int64_t first, int64_t last,
+                           float *meta, float *y, const int bits, const int g) {
+    const int per = 8 / bits, chunks = g / 16;
+    const int64_t G = p->k / g, rows_per_slot = p->step / G;
+    const uint8_t *codes = p->codes;
+    for (int64_t q = first; q < last; q++) {
+        floats16 partial[4][MAX_GROUP / 16]; /* by slot: sum over groups of scale * code * x */
+        for (int s = 0; s < per; s++) {
+            for (int c = 0; c < chunks; c++) partial[s][c] = (floats16){0};
+            meta_rows(&p->scale, s * p->step + q * G, G, meta + (2 * s) * G);
+            meta_rows(&p->zero, s * p->step + q * G, G, meta + (2 * s + 1) * G);
+        }
+        for (int64_t group = 0; group < G; group++) {
+            for (int c = 0; c < chunks; c++) {
+                const words16 element = elements16(codes + (q * G + group) * g + 16 * c, bits);
+                const floats16 xc = floats16_at(x + group * g + 16 * c);
+                for (int s = 0; s < per; s++) {
+                    const words16 code = (element >> (uint32_t)((per - 1 - s) * bits)) & ((1u << bits) - 1);
+                    partial[s][c] += meta[2 * s * G + group] * __builtin_convertvector(code, floats16) * xc;
+                }
+            }
+        }
+        for (int s = 0; s < per; s++) {
+            const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
+            float sum = 0.f;
+            for (int c = 0; c < chunks; c++) sum += sum16(partial[s][c]);
+            for (int64_t group = 0; group < G; group++) sum -= scale[group] * zero[group] * x_sums[group];
+            y[s * rows_per_slot + q] = sum;
+        }
+    }
+}
+
+/* Packed rows [first, last): what they hold, added into y [M, N], which the caller zeroed. */
+static inline void packed_rows(const Problem *p, int64_t first, int64_t last, float *y, const int bits,
+                               const int g) {
+    const int per = bits == 3 ? 10 : 8 / bits, chunks = g / 16, width = bits == 3 ? 4 : 1; /* element bytes */
+    const int64_t G = p->k / g, groups = p->n * G;
+    const char *codes = p->codes;
+    for (int64_t row = first; row < last; row++) {
+        for (int s = 0; s < per; s++) {
+            const int64_t r = s * p->step + row, n = r / G, group = r % G;
+            if (r >= groups) break; /* 3-bit pads the grid to a multiple of 10 rows */
+            const uint32_t shift = (per - 1 - s) * bits;
+            float scale, zero;
+            meta_rows(&p->scale, r, 1, &scale);
+            meta_rows(&p->zero, r, 1, &zero);
+            for (int64_t m = 0; m < p->tokens; m++) {
+                const float *xg = p->x + m * p->k + group * g;
+                floats16 dot = {0};
+                for (int c = 0; c < chunks; c++) {
+                    const words16 code = (elements16(codes + (row * g + 16 * c) * width, bits) >> shift) & ((1u << bits) - 1);
+                    dot += __builtin_convertvector(code, floats16) * floats16_at(xg + 16 * c);
+                }
+                y[m * p->n + n] += scale * (sum16(dot) - zero * p->x_sums[m * G + group]);
+            }
+        }
+    }
+}
+
+/* The entry points, one call a thread: the presets' (bits, g) get loops compiled for them. */
+void moe_offload_gemv_outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
+    const int64_t G = p->k / p->group_size;
+    for (int64_t m = 0; m < p->tokens; m++) { /* decode has one token: the meta is decoded per token */
+        const float *x = p->x + m * p->k, *x_sums = p->x_sums + m * G;
+        float *ym = y + m * p->n;
+        if (p->bits == 2 && p->group_size == 16)
+            outputs(p, x, x_sums, first, last, meta, ym, 2, 16);
+        else if (p->bits == 4 && p->group_size == 64)
+            outputs(p, x, x_sums, first, last, meta, ym, 4, 64);
+        else
+            outputs(p, x, x_sums, first, last, meta, ym, p->bits, p->group_size);
+    }
+}
+
+void moe_offload_gemv_packed_rows(const Problem *p, int64_t first, int64_t last, float *y) {
+    memset(y, 0, sizeof(float) * p->tokens * p->n);
+    if (p->bits == 3 && p->group_size == 64)
+        packed_rows(p, first, last, y, 3, 64);
+    else
+        packed_rows(p, first, last, y, p->bits, p->group_size);
+}

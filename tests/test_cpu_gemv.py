@@ -1,0 +1,146 @@
+"""The CPU's fused dequantize+GEMV (quant/cpu_gemv.py, .c) against dequantize-then-multiply in float64, its
+threads, what it serves, and its build."""
+
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+
+import offload
+from quant import cpu_gemv
+from quant.hqq import EXPERT_PRESETS, QuantSpec, Workspace, dequantize, random_quantized
+from quant.linear import CPU, linear
+from tests.tiny import make_tiny_mixtral
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build quant/cpu_gemv.c")
+
+CASES = {  # name: (spec, shape); N % PER picks the loop: whole outputs a thread, or packed rows a thread
+    "2-bit g16, 8-bit meta": (EXPERT_PRESETS["2"], (96, 256)),
+    "3-bit g64 (padded grid)": (EXPERT_PRESETS["3"], (96, 256)),
+    "4-bit g64": (EXPERT_PRESETS["4"], (96, 256)),
+    "8-bit g32": (QuantSpec(8, 32), (96, 256)),
+    "2-bit g32, float meta": (QuantSpec(2, 32), (96, 256)),
+    "2-bit g16, N % 4 = 2": (QuantSpec(2, 16), (66, 64)),
+    "4-bit g256": (QuantSpec(4, 256), (64, 512)),
+}
+
+
+def reference(x: torch.Tensor, q) -> torch.Tensor:
+    return (x.double() @ dequantize(q, torch.float64).T).float()
+
+
+def assert_close(got: torch.Tensor, x: torch.Tensor, q) -> None:
+    """Within float32 rounding of the sum's terms: |x| @ |W|.T bounds each output's error scale."""
+    scale = (x.double().abs() @ dequantize(q, torch.float64).abs().T).max().item()
+    error = (got.double() - reference(x, q).double()).abs().max().item()
+    assert error <= 1e-5 * scale, f"max error {error:.3g} against a scale of {scale:.3g}"
+
+
+@pytest.mark.parametrize("tokens", [1, 3, cpu_gemv.MAX_TOKENS])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gemv_matches_dequantize_then_multiply(case, tokens):
+    spec, shape = CASES[case]
+    generator = torch.Generator().manual_seed(len(case) + tokens)
+    q = random_quantized(shape, spec, generator)
+    x = torch.randn(tokens, shape[1], generator=generator)
+    assert cpu_gemv.supports(x, q)
+    assert_close(cpu_gemv.gemv(x, q), x, q)
+
+
+@pytest.mark.parametrize("bits", ["2", "3"])
+def test_threads_split_a_large_weight(bits):
+    """Over PARALLEL_WEIGHTS the call is split across torch's threads. Where each thread makes whole
+    outputs (2-bit) the result does not depend on their number, bit for bit; where threads add into shared
+    outputs (3-bit's padded grid) it is the same sum in another order."""
+    generator = torch.Generator().manual_seed(3)
+    q = random_quantized((1024, 1024), EXPERT_PRESETS[bits], generator)
+    assert 1024 * 1024 >= cpu_gemv.PARALLEL_WEIGHTS
+    x = torch.randn(2, 1024, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results[count] = cpu_gemv.gemv(x, q, workspace=Workspace())
+    finally:
+        torch.set_num_threads(threads)
+    for got in results.values():
+        assert_close(got, x, q)
+    if bits == "2":
+        assert torch.equal(results[1], results[3])
+
+
+def test_gemv_writes_into_out_and_linear_dispatches_on_the_workspace():
+    generator = torch.Generator().manual_seed(4)
+    q = random_quantized((96, 256), EXPERT_PRESETS["2"], generator)
+    x = torch.randn(1, 256, generator=generator)
+    out = torch.full((1, 96), float("nan"))
+    assert cpu_gemv.gemv(x, q, out) is out
+    assert torch.equal(linear(x, q, Workspace(CPU)), out)
+    wide = torch.full((1, 2, 96), float("nan"))  # a strided view: written through a buffer
+    assert cpu_gemv.gemv(x, q, wide[:, 1]) is not None and torch.equal(wide[:, 1], out)
+    assert wide[:, 0].isnan().all()
+    with pytest.raises(ValueError, match=r"gemv: x \(1, 256\) torch.float32 times a weight \(96, 256\) into \(1, 95\)"):
+        cpu_gemv.gemv(x, q, torch.empty(1, 95))
+
+
+def test_gemv_supports_only_what_it_reads():
+    generator = torch.Generator().manual_seed(5)
+    q = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)
+    x = torch.randn(cpu_gemv.MAX_TOKENS, 256, generator=generator)
+    assert cpu_gemv.supports(x, q)
+    assert not cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS + 1, 256), q)  # a prefill: BLAS is faster
+    assert not cpu_gemv.supports(x.bfloat16(), q)
+    assert not cpu_gemv.supports(torch.zeros(256, 2).T, q)  # not contiguous
+    assert not cpu_gemv.supports(torch.zeros(1, 128), q)
+    assert not cpu_gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(4, 8), generator))
+    assert not cpu_gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
+    # what it refuses still multiplies, through dequantization
+    assert_close(linear(x.bfloat16().float()[:1], q, Workspace(CPU)), x.bfloat16().float()[:1], q)
+    many = torch.randn(cpu_gemv.MAX_TOKENS + 1, 256, generator=generator)
+    assert_close(linear(many, q, Workspace(CPU)), many, q)
+
+
+def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(tmp_path):
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
+    tokens = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fused in (None, False):
+        model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2, fused_gemv=fused)
+        expected = CPU if fused is None else None
+        assert model.moe.workspace.kernel is expected and model.decoder.workspace.kernel is expected
+        model.reset()
+        got = [model.forward(tokens[:8], 0)[-1:]]
+        got += [model.forward(tokens[p : p + 1], p) for p in range(8, 12)]
+        logits[fused] = torch.cat(got)
+    assert (logits[None] - logits[False]).abs().max().item() < 1e-4
+
+
+def test_a_build_is_made_once_and_kept(tmp_path, monkeypatch):
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    path = cpu_gemv.build(compiler, tmp_path / "cache")
+    assert path.parent == tmp_path / "cache" and path.name.startswith("cpu_gemv-") and path.suffix == ".so"
+    assert os.listdir(tmp_path / "cache") == [path.name]  # no temporary left beside it
+    monkeypatch.setattr(cpu_gemv.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert cpu_gemv.build(compiler, tmp_path / "cache") == path
+    cpu_gemv.load(path)  # loads, with its entry points
+
+
+def test_a_compiler_that_refuses_march_native_builds_without_it(tmp_path):
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    fussy = tmp_path / "fussy-cc"
+    fussy.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
+    fussy.chmod(fussy.stat().st_mode | stat.S_IXUSR)
+    cpu_gemv.load(cpu_gemv.build(str(fussy), tmp_path / "cache"))
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text('#!/bin/sh\necho "cpu_gemv.c:1: error: something is wrong" >&2\nexit 1\n')
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(cpu_gemv.KernelUnavailable) as raised:
+        cpu_gemv.build(str(broken), tmp_path / "cache")
+    assert str(raised.value) == f"{broken} could not build cpu_gemv.c: cpu_gemv.c:1: error: something is wrong"
+    assert os.listdir(tmp_path / "cache") == []
