@@ -30,7 +30,7 @@ from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from quant import gemv  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, dequantize, quantized_nbytes  # noqa: E402
-from quant.linear import linear  # noqa: E402
+from quant.linear import TRITON, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
@@ -162,7 +162,7 @@ def main() -> None:
                       f"{variant['us']:7.1f} us ({variant['gb_per_s']} GB/s)"
                       + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
         for fused in (False, True):
-            workspace = Workspace(fused=fused)
+            workspace = Workspace(TRITON if fused else None)
             us = timed_us(on_copies(expert_mlp, x, experts, workspace, reuse=True))
             mlps.append({"bits": int(bits), "fused": fused, "expert_mlp_us": round(us, 1)})
             print(f"{bits}-bit expert MLP, {'fused' if fused else 'dequantize+matmul'}: {us:.1f} us")

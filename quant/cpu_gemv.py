@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -58,7 +58,10 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
+    except RuntimeError:  # no HOME, and a user without a passwd entry (a container's --user 1234)
+        return Path(tempfile.gettempdir()) / "moe-offload"
 
 
 def available() -> bool:
@@ -89,15 +92,19 @@ def build(compiler: str, folder: Path) -> Path:
         return path
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=path.name + ".", suffix=".tmp")
     except OSError as error:
-        raise KernelUnavailable(f"cannot create {folder}: {error.strerror}") from None
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=path.name + ".", suffix=".tmp")
+        raise KernelUnavailable(f"cannot write in {folder}: {error.strerror}") from None
     os.close(fd)
     try:
         for tuning in TUNINGS:
-            done = subprocess.run([compiler, *FLAGS, *tuning, str(SOURCE), "-o", temporary],
-                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+            try:
+                done = subprocess.run([compiler, *FLAGS, *tuning, str(SOURCE), "-o", temporary],
+                                      capture_output=True, text=True, timeout=120)  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {error}") from None
             if done.returncode == 0:
+                os.chmod(temporary, 0o755)  # mkstemp's 0600 would keep a shared cache's build from other users
                 os.replace(temporary, path)
                 return path
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
@@ -106,13 +113,18 @@ def build(compiler: str, folder: Path) -> Path:
         Path(temporary).unlink(missing_ok=True)
 
 
+# /proc/cpuinfo's lines that name what -march=native compiles for: x86's, then ARM's
+CPU_LINES = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+
+
 def _cpu() -> str:
     """What -march=native compiles for: a build is kept per CPU, since a home folder may be shared."""
     try:
         with open("/proc/cpuinfo") as info:
-            return "".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
+            lines = sorted({line for line in info if line.startswith(CPU_LINES)})
     except OSError:
-        return f"{platform.machine()} {platform.processor()}"
+        lines = []
+    return "".join([platform.machine(), " ", platform.processor(), "\n", *lines])
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -160,11 +172,19 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="moe-offload-gemv")
 
 
+# a forked child has none of the pool's threads, and would wait on them for ever
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def _each_thread(threads: int, total: int, call) -> None:
-    """call(i, first, last) over `threads` even shares of range(total), the first on this thread."""
+    """call(i, first, last) over `threads` even shares of range(total), the first on this thread. Returns
+    once every share is done, even when one raised: none may still be writing after the caller moves on."""
     bounds = [total * i // threads for i in range(threads + 1)]
     others = [_pool(threads).submit(call, i, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    call(0, bounds[0], bounds[1])
+    try:
+        call(0, bounds[0], bounds[1])
+    finally:
+        wait(others)
     for future in others:
         future.result()
 
@@ -172,6 +192,9 @@ def _each_thread(threads: int, total: int, call) -> None:
 def gemv(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
     """x [M, K] @ dequantize(q).T -> [M, N] float32, into `out` when given. Its buffers (the groups' sums
     of x, per-thread scratch) are `workspace`'s, so a decode step allocates nothing."""
+    if not supports(x, q):  # the C trusts its layout: a group of 512 would overrun its partial sums
+        weight = f"{q.spec.describe()} {tuple(q.shape)}"
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} times {weight}: not supported")
     lib, workspace = library(), workspace if workspace is not None else Workspace()
     # M = tokens, N = outputs, K = inputs, G = groups a row
     (n, k), g, bits, tokens = q.shape, q.spec.group_size, q.spec.bits, x.shape[0]

@@ -3,7 +3,9 @@ threads, what it serves, and its build."""
 
 import os
 import shutil
+import signal
 import stat
+import time
 
 import pytest
 import torch
@@ -97,10 +99,44 @@ def test_gemv_supports_only_what_it_reads():
     assert not cpu_gemv.supports(torch.zeros(1, 128), q)
     assert not cpu_gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(4, 8), generator))
     assert not cpu_gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
-    # what it refuses still multiplies, through dequantization
-    assert_close(linear(x.bfloat16().float()[:1], q, Workspace(CPU)), x.bfloat16().float()[:1], q)
+    # what it refuses still multiplies, through dequantization; called anyway, it says so
+    half = x[:1].bfloat16()
+    got = linear(half, q, Workspace(CPU))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - reference(half.float(), q)).abs().max().item() < 0.02 * reference(half.float(), q).abs().max()
     many = torch.randn(cpu_gemv.MAX_TOKENS + 1, 256, generator=generator)
     assert_close(linear(many, q, Workspace(CPU)), many, q)
+    strided = torch.randn(256, 2, generator=generator).T
+    assert_close(linear(strided, q, Workspace(CPU)), strided, q)
+    with pytest.raises(ValueError, match=r"gemv: x \(1, 256\) torch.bfloat16 times 2-bit g16, 8-bit meta g128"):
+        cpu_gemv.gemv(half, q)
+
+
+def test_a_forked_child_gets_threads_of_its_own():
+    """The pool's threads are not in a forked child: it must start its own, not wait on them for ever."""
+    generator = torch.Generator().manual_seed(6)
+    q = random_quantized((1024, 1024), EXPERT_PRESETS["2"], generator)
+    x = torch.randn(1, 1024, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = cpu_gemv.gemv(x, q)  # the parent's pool has its thread now
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 if it multiplies the same
+            torch.set_num_threads(2)
+            os._exit(0 if torch.equal(cpu_gemv.gemv(x, q), expected) else 1)
+    finally:
+        torch.set_num_threads(threads)
+    for _ in range(600):  # up to a minute
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in gemv")
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(tmp_path):
@@ -134,6 +170,21 @@ def test_a_compiler_that_refuses_march_native_builds_without_it(tmp_path):
     fussy.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
     fussy.chmod(fussy.stat().st_mode | stat.S_IXUSR)
     cpu_gemv.load(cpu_gemv.build(str(fussy), tmp_path / "cache"))
+
+
+def test_a_build_is_readable_by_others_and_an_unwritable_cache_is_refused(tmp_path, monkeypatch):
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    assert cpu_gemv.build(compiler, tmp_path / "cache").stat().st_mode & 0o555 == 0o555  # a cache shared by users
+    (tmp_path / "file").write_text("")
+    with pytest.raises(cpu_gemv.KernelUnavailable, match=r"^cannot write in .*/file/cache: Not a directory$"):
+        cpu_gemv.build(compiler, tmp_path / "file" / "cache")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(cpu_gemv.Path, "home", no_home)  # no HOME, no passwd entry: the temporary folder
+    assert cpu_gemv.cache_dir() == cpu_gemv.Path(cpu_gemv.tempfile.gettempdir()) / "moe-offload"
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path):
