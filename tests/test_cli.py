@@ -151,8 +151,9 @@ def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):
 
 
 def test_the_cpus_fused_kernel_and_where_it_cannot_be_built(capsys, quantized, monkeypatch):
-    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
-    assert code == 0 and json.loads(out)["decode kernel"] == "fused dequantize+GEMV (C)"
+    if cpu_gemv.available():  # a machine with a C compiler
+        code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
+        assert code == 0 and json.loads(out)["decode kernel"] == "fused dequantize+GEMV (C)"
     code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json", "--no-fused-gemv")
     assert code == 0 and json.loads(out)["decode kernel"] == "dequantize in tiles, then matmul"
 
