@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -575,15 +576,22 @@ _register_lab()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The console script: user errors become one line on stderr and exit code 2 (as usage errors do)."""
-    try:
-        app(args=argv, prog_name="moe-offload")  # click handles usage errors, --help and Ctrl-C itself
-    except MoEOffloadError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except SystemExit as done:
-        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    """The console script: user errors become one line on stderr and exit code 2 (as usage errors do), and
+    warnings (a fallback: pageable memory, no C compiler for the CPU's kernel) one line "warning: ..."."""
+    with warnings.catch_warnings():  # restores Python's own display on the way out
+        warnings.showwarning = _one_line_warning
+        try:
+            app(args=argv, prog_name="moe-offload")  # click handles usage errors, --help and Ctrl-C itself
+        except MoEOffloadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except SystemExit as done:
+            return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":
