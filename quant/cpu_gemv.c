@@ -97,36 +97,44 @@ static inline float sum16(floats16 v) {
     return sum;
 }
 
-/* Outputs s * rows_per_slot + [first, last) of every slot s, for token x [K] (x_sums [G]), into y [N].
- * meta: 2 * PER * G floats. Inlined with constant bits and g, so the shifts are known at compile time. */
-static inline void outputs(const Problem *p, const float *x, const float *x_sums, int64_t first, int64_t last,
-                           float *meta, float *y, const int bits, const int g) {
+/* Outputs s * rows_per_slot + [first, last) of every slot s, for tokens [m0, m0 + block), into y [M, N].
+ * meta: 2 * PER * G floats. Inlined with constant bits, g and block, so the shifts are known at compile time
+ * and the partial sums (block x PER x g / 16 vectors) can live in registers: each code is unpacked once for
+ * the block's tokens. */
+static inline void outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y, int64_t m0,
+                           const int bits, const int g, const int block) {
     const int per = 8 / bits, chunks = g / 16;
     const int64_t G = p->k / g, rows_per_slot = p->step / G;
     const uint8_t *codes = p->codes;
+    const float *x = p->x + m0 * p->k;
     for (int64_t q = first; q < last; q++) {
-        floats16 partial[4][MAX_GROUP / 16]; /* by slot: sum over groups of scale * code * x */
+        floats16 partial[block][per][chunks]; /* by token and slot: sum over groups of scale * code * x */
         for (int s = 0; s < per; s++) {
-            for (int c = 0; c < chunks; c++) partial[s][c] = (floats16){0};
+            for (int m = 0; m < block; m++)
+                for (int c = 0; c < chunks; c++) partial[m][s][c] = (floats16){0};
             meta_rows(&p->scale, s * p->step + q * G, G, meta + (2 * s) * G);
             meta_rows(&p->zero, s * p->step + q * G, G, meta + (2 * s + 1) * G);
         }
         for (int64_t group = 0; group < G; group++) {
             for (int c = 0; c < chunks; c++) {
                 const words16 element = elements16(codes + (q * G + group) * g + 16 * c, bits);
-                const floats16 xc = floats16_at(x + group * g + 16 * c);
                 for (int s = 0; s < per; s++) {
                     const words16 code = (element >> (uint32_t)((per - 1 - s) * bits)) & ((1u << bits) - 1);
-                    partial[s][c] += meta[2 * s * G + group] * __builtin_convertvector(code, floats16) * xc;
+                    const floats16 weight = meta[2 * s * G + group] * __builtin_convertvector(code, floats16);
+                    for (int m = 0; m < block; m++)
+                        partial[m][s][c] += weight * floats16_at(x + m * p->k + group * g + 16 * c);
                 }
             }
         }
-        for (int s = 0; s < per; s++) {
-            const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
-            float sum = 0.f;
-            for (int c = 0; c < chunks; c++) sum += sum16(partial[s][c]);
-            for (int64_t group = 0; group < G; group++) sum -= scale[group] * zero[group] * x_sums[group];
-            y[s * rows_per_slot + q] = sum;
+        for (int m = 0; m < block; m++) {
+            const float *x_sums = p->x_sums + (m0 + m) * G;
+            for (int s = 0; s < per; s++) {
+                const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
+                float sum = 0.f;
+                for (int c = 0; c < chunks; c++) sum += sum16(partial[m][s][c]);
+                for (int64_t group = 0; group < G; group++) sum -= scale[group] * zero[group] * x_sums[group];
+                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum;
+            }
         }
     }
 }
@@ -158,18 +166,28 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
     }
 }
 
-/* The entry points, one call a thread: the presets' (bits, g) get loops compiled for them. */
+/* The entry points, one call a thread. */
+/* The presets' (bits, g) get loops compiled for them, taking tokens in blocks of up to `most`. At 2-bit g16
+ * a block of 4 keeps its 16 partial sums in registers and unpacks each code once for the four (a 14336 x
+ * 4096 matrix times 4 tokens: 5.2 -> 2.6 ms on 2 threads); at 4-bit g64 blocks measured no faster. */
+#define OUTPUTS(bits, g, most)                                                                                     \
+    for (int64_t m0 = 0; m0 < p->tokens;) {                                                                        \
+        const int64_t left = p->tokens - m0;                                                                      \
+        if ((most) >= 4 && left >= 4)                                                                             \
+            outputs(p, first, last, meta, y, m0, bits, g, 4), m0 += 4;                                            \
+        else if ((most) >= 2 && left >= 2)                                                                        \
+            outputs(p, first, last, meta, y, m0, bits, g, 2), m0 += 2;                                            \
+        else                                                                                                        \
+            outputs(p, first, last, meta, y, m0, bits, g, 1), m0 += 1;                                            \
+    }
+
 void moe_offload_gemv_outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
-    const int64_t G = p->k / p->group_size;
-    for (int64_t m = 0; m < p->tokens; m++) { /* decode has one token: the meta is decoded per token */
-        const float *x = p->x + m * p->k, *x_sums = p->x_sums + m * G;
-        float *ym = y + m * p->n;
-        if (p->bits == 2 && p->group_size == 16)
-            outputs(p, x, x_sums, first, last, meta, ym, 2, 16);
-        else if (p->bits == 4 && p->group_size == 64)
-            outputs(p, x, x_sums, first, last, meta, ym, 4, 64);
-        else
-            outputs(p, x, x_sums, first, last, meta, ym, p->bits, p->group_size);
+    if (p->bits == 2 && p->group_size == 16) {
+        OUTPUTS(2, 16, 4)
+    } else if (p->bits == 4 && p->group_size == 64) {
+        OUTPUTS(4, 64, 1)
+    } else {
+        OUTPUTS(p->bits, p->group_size, 1)
     }
 }
 
