@@ -264,6 +264,35 @@ def test_bench_errors(capsys, trained_model_dir):
     )  # fmt: skip
 
 
+def test_device_work_is_told_apart_on_torch_with_and_without_activity_types():
+    """profile_decode reads kineto's activity type where torch has it (2.12 on); the GPU machine's torch 2.11
+    has none, so there the device's events count, less its sync records."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_decode import is_device_work
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(4).sum()
+    events = list(prof.profiler.kineto_results.events())
+    assert events and not any(is_device_work(e) for e in events)  # host events only
+
+    class Event:  # torch 2.11's _KinetoEvent, as far as is_device_work reads it
+        def __init__(self, device, name):
+            self.device, self.label = device, name
+
+        def device_type(self):
+            return self.device
+
+        def name(self):
+            return self.label
+
+    assert is_device_work(Event(DeviceType.CUDA, "Memcpy HtoD (Pinned -> Device)"))
+    assert is_device_work(Event(DeviceType.CUDA, "_gemv_packed_kernel"))
+    assert not is_device_work(Event(DeviceType.CUDA, "Stream Sync"))
+    assert not is_device_work(Event(DeviceType.CPU, "aten::mm"))
+
+
 def test_overlap_lays_the_device_work_on_one_time_line():
     """profile_decode's time line: link and compute busy, both, each alone, idle and its gaps, per step."""
     from benchmarks.profile_decode import overlap
