@@ -17,8 +17,6 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { MAX_TOKENS = 8, MAX_PER = 10, MAX_GROUP = 256 };
-
 typedef struct {          /* a weight's scales or zeros, one per group: */
     const uint16_t *half; /* float16 [R], or NULL when they are quantized to 8 bits: */
     const uint8_t *codes; /* [R] */

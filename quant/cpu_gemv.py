@@ -32,8 +32,8 @@ from torch import Tensor
 from quant.hqq import _ROWS_PER_ELEMENT, Quantized, Workspace
 
 SOURCE = Path(__file__).with_suffix(".c")
-MAX_TOKENS = 8  # as the C's MAX_TOKENS: more tokens (a prefill) multiply faster dequantized, through BLAS
-MAX_GROUP = 256  # as the C's MAX_GROUP: its partial sums hold one group
+MAX_TOKENS = 8  # more tokens (a prefill) multiply faster dequantized in tiles, through BLAS
+MAX_GROUP = 256  # the C keeps PER x g/16 partial-sum vectors a token on the stack: keep them few
 PARALLEL_WEIGHTS = 1 << 20  # a smaller weight runs on the calling thread: handing it out costs more than it saves
 # Reassociation lets the compiler vectorize the sums; not -ffast-math, whose start-up code (crtfastmath) would
 # flush denormals to zero in the whole process. -march=native first, then without it for compilers that refuse it
@@ -192,7 +192,7 @@ def _each_thread(threads: int, total: int, call) -> None:
 def gemv(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
     """x [M, K] @ dequantize(q).T -> [M, N] float32, into `out` when given. Its buffers (the groups' sums
     of x, per-thread scratch) are `workspace`'s, so a decode step allocates nothing."""
-    if not supports(x, q):  # the C trusts its layout: a group of 512 would overrun its partial sums
+    if not supports(x, q):  # the C trusts its layout: a group of 8 or 24 lanes would read past its own
         weight = f"{q.spec.describe()} {tuple(q.shape)}"
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} times {weight}: not supported")
     lib, workspace = library(), workspace if workspace is not None else Workspace()
