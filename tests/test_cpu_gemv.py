@@ -57,9 +57,9 @@ def test_threads_split_a_large_weight(bits):
     outputs (2-bit) the result does not depend on their number, bit for bit; where threads add into shared
     outputs (3-bit's padded grid) it is the same sum in another order."""
     generator = torch.Generator().manual_seed(3)
-    q = random_quantized((1024, 1024), EXPERT_PRESETS[bits], generator)
-    assert 1024 * 1024 >= cpu_gemv.PARALLEL_WEIGHTS
-    x = torch.randn(2, 1024, generator=generator)
+    q = random_quantized((2048, 2048), EXPERT_PRESETS[bits], generator)
+    assert 2048 * 2048 >= cpu_gemv.PARALLEL_WEIGHTS
+    x = torch.randn(2, 2048, generator=generator)
     threads = torch.get_num_threads()
     try:
         results = {}
@@ -115,8 +115,9 @@ def test_gemv_supports_only_what_it_reads():
 def test_a_forked_child_gets_threads_of_its_own():
     """The pool's threads are not in a forked child: it must start its own, not wait on them for ever."""
     generator = torch.Generator().manual_seed(6)
-    q = random_quantized((1024, 1024), EXPERT_PRESETS["2"], generator)
-    x = torch.randn(1, 1024, generator=generator)
+    q = random_quantized((2048, 2048), EXPERT_PRESETS["2"], generator)
+    assert 2048 * 2048 >= cpu_gemv.PARALLEL_WEIGHTS  # the pool takes part
+    x = torch.randn(1, 2048, generator=generator)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
