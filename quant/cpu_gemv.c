@@ -11,8 +11,8 @@
  *     takes whole outputs of every slot and reads each packed element once, for all of its codes;
  *   - packed_rows (3-bit's padded grid, whose slots split outputs): a call takes packed rows and adds what
  *     they hold into the outputs they touch.
- * `outputs` keeps g partial sums per slot and reduces them once an output, not once a group: at 2-bit g16
- * a reduction per group cost more than the group's products.
+ * `outputs` keeps g partial sums per slot and token and reduces them once an output, not once a group: at
+ * 2-bit g16 a reduction per group cost more than the group's products.
  */
 #include <stdint.h>
 #include <string.h>
@@ -155,7 +155,8 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
                 const float *xg = p->x + m * p->k + group * g;
                 floats16 dot = {0};
                 for (int c = 0; c < chunks; c++) {
-                    const words16 code = (elements16(codes + (row * g + 16 * c) * width, bits) >> shift) & ((1u << bits) - 1);
+                    const words16 element = elements16(codes + (row * g + 16 * c) * width, bits);
+                    const words16 code = (element >> shift) & ((1u << bits) - 1);
                     dot += __builtin_convertvector(code, floats16) * floats16_at(xg + 16 * c);
                 }
                 y[m * p->n + n] += scale * (sum16(dot) - zero * p->x_sums[m * G + group]);
@@ -164,10 +165,10 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
     }
 }
 
-/* The entry points, one call a thread. */
-/* The presets' (bits, g) get loops compiled for them, taking tokens in blocks of up to `most`. At 2-bit g16
- * a block of 4 keeps its 16 partial sums in registers and unpacks each code once for the four (a 14336 x
- * 4096 matrix times 4 tokens: 5.2 -> 2.6 ms on 2 threads); at 4-bit g64 blocks measured no faster. */
+/* The entry points, one call a thread. The presets' (bits, g) get loops compiled for them, taking tokens in
+ * blocks of up to `most`. At 2-bit g16
+ * a block of 4 keeps its 16 partial sums in registers and unpacks each code once for the four (a 14336 x 4096
+ * matrix times 4 tokens: 5.2 -> 2.6 ms on 2 threads); at 4-bit g64 blocks measured no faster. */
 #define OUTPUTS(bits, g, most)                                                                                     \
     for (int64_t m0 = 0; m0 < p->tokens;) {                                                                        \
         const int64_t left = p->tokens - m0;                                                                      \
