@@ -86,7 +86,10 @@ for step in "$@"; do
         [[ -f $model/manifest.json ]] || { OMP_NUM_THREADS=8 moe synth "$model" --preset mixtral-8x7b >/tmp/synth.log 2>&1 & synth_pid=$!; }
         ;;
     synth)
-        if [[ -n ${synth_pid:-} ]]; then wait "$synth_pid"; tail -3 /tmp/synth.log; fi
+        if [[ -n ${synth_pid:-} ]]; then  # its log stays in /tmp: show it here, whether it failed or not
+            wait "$synth_pid" || { tail -20 /tmp/synth.log; echo "== synth failed" >&2; exit 1; }
+            tail -3 /tmp/synth.log
+        fi
         [[ -f $model/manifest.json ]] || time moe synth "$model" --preset mixtral-8x7b
         ;;
     bench)  # the three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines

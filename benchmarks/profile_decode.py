@@ -108,8 +108,12 @@ def is_device_work(event) -> bool:
     """Whether a kineto event is device work: not a host event, nor the device's sync records."""
     if hasattr(event, "activity_type"):
         return event.activity_type() in DEVICE_WORK
-    # torch before 2.12 (the GPU machine has 2.11) names no activity type: the device's events, less its syncs
-    return event.device_type() == DeviceType.CUDA and "Sync" not in event.name()
+    # torch before 2.12 (the GPU machine has 2.11) names no activity type: the device's events, less its sync
+    # records ("Stream Sync", "Event Sync", ..., and "Stream Wait Event", one a layer) and user annotations
+    if getattr(event, "is_user_annotation", lambda: False)():
+        return False
+    name = event.name()
+    return event.device_type() == DeviceType.CUDA and "Sync" not in name and "Wait Event" not in name
 
 
 def device_spans(prof) -> list[tuple[str, float, float]]:

@@ -290,6 +290,7 @@ def test_device_work_is_told_apart_on_torch_with_and_without_activity_types():
     assert is_device_work(Event(DeviceType.CUDA, "Memcpy HtoD (Pinned -> Device)"))
     assert is_device_work(Event(DeviceType.CUDA, "_gemv_packed_kernel"))
     assert not is_device_work(Event(DeviceType.CUDA, "Stream Sync"))
+    assert not is_device_work(Event(DeviceType.CUDA, "Stream Wait Event"))  # one a layer: the cache's wait_event
     assert not is_device_work(Event(DeviceType.CPU, "aten::mm"))
 
 

@@ -12,7 +12,7 @@ import torch
 
 import offload
 from quant import cpu_gemv
-from quant.hqq import EXPERT_PRESETS, QuantSpec, Workspace, dequantize, random_quantized
+from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, Workspace, dequantize, random_quantized
 from quant.linear import CPU, linear
 from tests.tiny import make_tiny_mixtral
 
@@ -27,6 +27,24 @@ CASES = {  # name: (spec, shape); N % PER picks the loop: whole outputs a thread
     "2-bit g16, N % 4 = 2": (QuantSpec(2, 16), (66, 64)),
     "4-bit g256": (QuantSpec(4, 256), (64, 512)),
 }
+
+
+def with_random_meta(q: Quantized, generator: torch.Generator) -> Quantized:
+    """q with every float scale and zero drawn at random: random_quantized makes them constant, under which a
+    kernel reading another group's scale or zero would still be right."""
+
+    def around(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return (torch.rand(t.shape, generator=generator) * (high - low) + low).to(t.dtype)
+
+    levels = (1 << q.spec.bits) - 1
+    if isinstance(q.scale, Quantized):  # 8-bit codes already random; their own scale and zero constant
+        scale = Quantized(q.scale.codes, around(q.scale.scale, 0.5e-4, 1.5e-4), around(q.scale.zero, 0, 16),
+                          q.scale.shape, q.scale.spec)  # fmt: skip
+        zero = Quantized(q.zero.codes, around(q.zero.scale, 0.5 * levels / 255, 1.5 * levels / 255),
+                         around(q.zero.zero, 0, 16), q.zero.shape, q.zero.spec)  # fmt: skip
+    else:
+        scale, zero = around(q.scale, 0.02 / levels, 0.06 / levels), around(q.zero, 0, levels)
+    return Quantized(q.codes, scale, zero, q.shape, q.spec)
 
 
 def reference(x: torch.Tensor, q) -> torch.Tensor:
@@ -51,7 +69,7 @@ def most_tokens(spec: QuantSpec) -> int:
 def test_gemv_matches_dequantize_then_multiply(case, tokens):
     spec, shape = CASES[case]
     generator = torch.Generator().manual_seed(len(case) + tokens)
-    q = random_quantized(shape, spec, generator)
+    q = with_random_meta(random_quantized(shape, spec, generator), generator)
     x = torch.randn(tokens, shape[1], generator=generator)
     assert cpu_gemv.supports(x, q)
     assert_close(cpu_gemv.gemv(x, q), x, q)
@@ -63,7 +81,7 @@ def test_threads_split_a_large_weight(bits):
     outputs (2-bit) the result does not depend on their number, bit for bit; where threads add into shared
     outputs (3-bit's padded grid) it is the same sum in another order."""
     generator = torch.Generator().manual_seed(3)
-    q = random_quantized((2048, 2048), EXPERT_PRESETS[bits], generator)
+    q = with_random_meta(random_quantized((2048, 2048), EXPERT_PRESETS[bits], generator), generator)
     assert 2048 * 2048 >= cpu_gemv.PARALLEL_WEIGHTS
     x = torch.randn(2, 2048, generator=generator)
     threads = torch.get_num_threads()
