@@ -1,0 +1,72 @@
+"""The CPU's fused kernel against dequantizing in tiles, one Mixtral-8x7B expert matrix, by tokens.
+
+    python benchmarks/cpu_gemv_tokens.py [--bits 2,3,4] [--tokens 1,2,4,8,16,32,64] [--rounds 3]
+
+For each expert preset, a synthetic 14336 x 4096 matrix (w1's shape) times 1 to 64 float32 tokens: through
+quant/cpu_gemv.py (its limits lifted, to show where they should lie) and through quant/linear.py's tiles.
+The two take turns, `--rounds` times; each figure is the fastest round. Writes
+benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS and MAX_TOKENS_BLOCKED in quant/cpu_gemv.py rest on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from offload.bench import environment, write_json  # noqa: E402
+from quant import cpu_gemv  # noqa: E402
+from quant.hqq import EXPERT_PRESETS, Workspace, random_quantized  # noqa: E402
+from quant.linear import linear  # noqa: E402
+
+SHAPE = (14336, 4096)  # Mixtral-8x7B's w1
+
+
+def ms_per_call(call, calls: int) -> float:
+    call()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - begin) / calls * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--tokens", default="1,2,4,8,16,32,64")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_gemv_tokens.json"))
+    args = parser.parse_args()
+
+    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = max(int(t) for t in args.tokens.split(","))
+    rows = []
+    for bits in args.bits.split(","):
+        q = random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(0))
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(tokens, SHAPE[1], generator=torch.Generator().manual_seed(1))
+            fused, tiles = Workspace(), Workspace()
+            rounds = {"c_ms": [], "tiles_ms": []}
+            for _ in range(args.rounds):
+                rounds["c_ms"].append(ms_per_call(functools.partial(cpu_gemv.gemv, x, q, workspace=fused), 5))
+                rounds["tiles_ms"].append(ms_per_call(functools.partial(linear, x, q, tiles), 3))
+            row = {"bits": int(bits), "tokens": tokens, **{k: round(min(v), 2) for k, v in rounds.items()}}
+            rows.append(row)
+            print(f"{bits}-bit, {tokens:2} tokens: C {row['c_ms']:7.2f} ms, tiles {row['tiles_ms']:7.2f} ms")
+    report = {
+        **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
+        "matrix": f"{SHAPE[0]} x {SHAPE[1]}, float32 tokens",
+        "results": rows,
+    }
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
