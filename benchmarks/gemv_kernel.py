@@ -7,7 +7,7 @@ For 2-, 3- and 4-bit experts and one token: microseconds per matrix, the quantiz
 per second, and one whole expert MLP (w1, w3, w2) both ways. Times are device time per call, from CUDA
 graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the
 host), over copies of the weights that together overflow L2, so every call reads its codes from memory
-as a decode step does. --variants also times each (late_sum, fast_codes) variant of the kernel, and
+as a decode step does. --variants also times each (late_sum, fast_codes, stages) variant of the kernel, and
 --sweep every launch shape (block_n x block_k x warps, per variant with --variants), reporting the best
 per matrix, to choose quant/gemv.py's defaults.
 """
@@ -34,7 +34,7 @@ from quant.linear import TRITON, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
-VARIANTS = list(itertools.product((False, True), repeat=2))  # (late_sum, fast_codes)
+VARIANTS = list(itertools.product((False, True), (False, True), (1, 3)))  # (late_sum, fast_codes, stages)
 
 
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--sweep", action="store_true", help="also time every launch shape")
     parser.add_argument("--sweep-bits", default="2,3,4", help="the expert bits whose launch shapes --sweep times")
-    parser.add_argument("--variants", action="store_true", help="also time every (late_sum, fast_codes) variant")
+    parser.add_argument("--variants", action="store_true", help="also time each kernel variant")
     parser.add_argument("--copies", type=int, help="weight copies the calls take in turn (default: twice L2's worth)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_kernel.json"))
     args = parser.parse_args()
@@ -136,29 +136,30 @@ def main() -> None:
                    "fused_eager_us": round(fused_eager, 1), "fused_gb_per_s": round(nbytes / fused_us / 1e3, 1),
                    "relative_error": error}  # fmt: skip
             sweep = args.sweep and bits in args.sweep_bits.split(",")
-            default = (gemv.LATE_SUM, gemv.FAST_CODES)
+            default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES if together > 1 else 1)
             if args.variants:
-                row["variants"] = []  # each (late_sum, fast_codes) at the default launch, and its best with --sweep
-                for late_sum, fast_codes in VARIANTS:
-                    if (late_sum, fast_codes) == default:  # timed above, as fused_us
+                row["variants"] = []  # each variant at the default launch, and its best with --sweep
+                for late_sum, fast_codes, stages in VARIANTS:
+                    keywords = dict(late_sum=late_sum, fast_codes=fast_codes, stages=stages)
+                    if (late_sum, fast_codes, stages) == default:  # timed above, as fused_us
                         us = fused_us
                     else:
-                        us = timed_us(fused_calls(late_sum=late_sum, fast_codes=fast_codes))
-                    variant = {"late_sum": late_sum, "fast_codes": fast_codes, "us": round(us, 1),
-                               "gb_per_s": round(nbytes / us / 1e3, 1)}  # fmt: skip
+                        us = timed_us(fused_calls(**keywords))
+                    variant = {**keywords, "us": round(us, 1), "gb_per_s": round(nbytes / us / 1e3, 1)}
                     if sweep:
-                        calls_with = functools.partial(fused_calls, late_sum=late_sum, fast_codes=fast_codes)
-                        variant["best"] = best_launch(calls_with, together > 1)
+                        variant["best"] = best_launch(functools.partial(fused_calls, **keywords), together > 1)
                     row["variants"].append(variant)
             if sweep:
-                swept = [v["best"] for v in row.get("variants", ()) if (v["late_sum"], v["fast_codes"]) == default]
+                swept = [v["best"] for v in row.get("variants", ())
+                         if (v["late_sum"], v["fast_codes"], v["stages"]) == default]  # fmt: skip
                 row["best"] = swept[0] if swept else best_launch(fused_calls, together > 1)
             rows.append(row)
             print(f"{bits}-bit {name} {tuple(q.shape)}: dequantize+matmul {unfused:8.1f} us, fused {fused_us:7.1f} us "
                   f"({row['fused_gb_per_s']} GB/s of codes; {fused_eager:.1f} us eager), error {error:.1e}"
                   + (f", best {row['best']}" if "best" in row else ""))  # fmt: skip
             for variant in row.get("variants", ()):
-                print(f"    late_sum={variant['late_sum']!s:5} fast_codes={variant['fast_codes']!s:5}: "
+                print(f"    late_sum={variant['late_sum']!s:5} fast_codes={variant['fast_codes']!s:5} "
+                      f"stages={variant['stages']}: "
                       f"{variant['us']:7.1f} us ({variant['gb_per_s']} GB/s)"
                       + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
         for fused in (False, True):
@@ -177,6 +178,7 @@ def main() -> None:
             "packed_launch": gemv.PACKED_LAUNCH,  # by bits: (block_n packed rows, block_k, num_warps)
             "late_sum": gemv.LATE_SUM,
             "fast_codes": gemv.FAST_CODES,
+            "packed_stages": gemv.PACKED_STAGES,  # _gemv_kernel's: 1
         },
         "matrices": rows,
         "expert_mlp": mlps,

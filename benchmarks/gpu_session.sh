@@ -74,7 +74,7 @@ for step in "$@"; do
             echo "== copy-engine failed"
         fi
         ;;
-    kernel)  # device time per call, every (late_sum, fast_codes) variant at the default launch
+    kernel)  # device time per call, every (late_sum, fast_codes, stages) variant at the default launch
         python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;

@@ -46,9 +46,16 @@ PACKED_LAUNCH = {2: (2, 512, 2), 3: (2, 512, 4), 4: (8, 512, 4)}
 # the H100 before them). LATE_SUM: the K loop keeps a sum per group and reduces over the groups, across
 # threads, once at the end (the 2-bit packed loop's sm_90 SASS: 21 SHFL a step -> 1). FAST_CODES: codes to
 # float32 by _as_float's magic number, not I2F (that loop: 72 I2F(P) a step -> 0, for 72 FADD). Both on,
-# untimed yet: benchmarks/gemv_kernel.py --variants times all four
+# untimed yet: benchmarks/gemv_kernel.py --variants times every combination
 LATE_SUM = True
 FAST_CODES = True
+# K steps whose tiles are in flight at once (tl.range's num_stages): above 1, Triton's pipeliner copies the x and
+# code tiles of the next steps into shared memory with cp.async (sm_80 and later) while this one computes, where
+# each step otherwise waits a memory latency for its own. The 2-bit packed loop issues ~610 sm_90 instructions a
+# step, ~19 us for w1 at an H100's issue rate, against ~70 us measured: it waits more than it computes. A
+# stage of the packed kernel's tiles is ~2 KB; _gemv_kernel's 3-bit tile is 16 KB, three stages of which would
+# cost occupancy, so it keeps one. Untimed yet: benchmarks/gemv_kernel.py --variants times 1 against 3
+PACKED_STAGES = 3
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
@@ -73,6 +80,7 @@ def _rows_together(q: Quantized) -> int:
 def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, late_sum: bool | None = None, fast_codes: bool | None = None,
+    stages: int | None = None,
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
 
@@ -80,13 +88,15 @@ def gemv(
     counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs; left
     out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K. late_sum and fast_codes pick the kernel's
     variant (fast_codes changes no bit of the result, late_sum the order of its sum); left out, LATE_SUM
-    and FAST_CODES.
+    and FAST_CODES. stages is how many K steps' tiles are in flight (no bit of the result changes); left
+    out, PACKED_STAGES for the packed-row kernel, else 1.
     """
     # M = tokens (rows of x), N = outputs, K = inputs
     per = _rows_together(q)
     default_n, default_k, default_warps = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K, 4)
     block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     late_sum, fast_codes = LATE_SUM if late_sum is None else late_sum, FAST_CODES if fast_codes is None else fast_codes
+    stages = stages or (PACKED_STAGES if per > 1 else 1)
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
@@ -107,7 +117,7 @@ def gemv(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
         BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps,
-        LATE_SUM=late_sum, FAST_CODES=fast_codes,
+        LATE_SUM=late_sum, FAST_CODES=fast_codes, STAGES=stages,
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows)
@@ -154,7 +164,7 @@ if triton is not None:
         BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
-        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr,
+        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps, held as
         # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group
@@ -165,7 +175,7 @@ if triton is not None:
         groups_per_row = K // GROUP
         # LATE_SUM: a sum per group, [BN, GB], reduced over the groups (across threads) once after the loop
         acc = tl.zeros([BLOCK_N, GB] if LATE_SUM else [BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
             g_ok = g < groups_per_row
             xk = tl.load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], mask=g_ok[:, None], other=0)
@@ -198,7 +208,7 @@ if triton is not None:
         BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
-        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr,
+        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
         # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
@@ -213,7 +223,7 @@ if triton is not None:
         # column i sums output n + i * per_slot; LATE_SUM keeps a sum per group, [BN, GB, P], and reduces
         # over the groups (across threads) once after the loop rather than per step and bit slot
         acc = tl.zeros([BLOCK_N, GB, PER_P2] if LATE_SUM else [BLOCK_N, PER_P2], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
             g_ok = g < groups_per_row
             xk = tl.load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], mask=g_ok[:, None], other=0)

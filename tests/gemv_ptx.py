@@ -2,7 +2,8 @@
 machine with no GPU.
 
 Run by tests/test_gemv.py in a subprocess without TRITON_INTERPRET (which makes kernels interpreted).
-Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": count, ...}}, for
+Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": count, ...}} (cp.async, the
+pipeliner's copy to shared memory, counted as a load), for
 _gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, and
 _gather_rows_kernel on a bfloat16 and a float16 table. The pointers and sizes are declared 16-byte aligned, as Triton
 specializes them at launch for Mixtral's shapes.
@@ -31,6 +32,9 @@ CASES = {  # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, 
 }
 
 
+GLOBAL_LOAD = r"ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global"  # to registers, and cp.async to shared
+
+
 def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
     """PTX of _gemv_kernel, or with `packed` of _gemv_packed_kernel at gemv's default launch for it."""
     act, codes, meta_codes, bits, per, group, meta_group = case
@@ -40,7 +44,8 @@ def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
                 "out_ptr": act}  # fmt: skip
     constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
                  "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 "GB": block_k // group, "LATE_SUM": gemv.LATE_SUM, "FAST_CODES": gemv.FAST_CODES}  # fmt: skip
+                 "GB": block_k // group, "LATE_SUM": gemv.LATE_SUM, "FAST_CODES": gemv.FAST_CODES,
+                 "STAGES": gemv.PACKED_STAGES if packed else 1}  # fmt: skip
     if packed:
         constants["PER_P2"] = triton.next_power_of_2(per)
     signature = {name: "*" + dtype for name, dtype in pointers.items()}
@@ -68,12 +73,10 @@ if __name__ == "__main__":
                 continue
             for arch in map(int, sys.argv[1:]):
                 ptx = compile_case(case, arch, packed)
-                loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(r"ld\.global[\w.]*", ptx)))
+                loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
     for arch in map(int, sys.argv[1:]):
         # bfloat16 (sm_80 and later) and float16, the dtype auto picks on a T4 (sm_75)
         for dtype in ("bf16", "fp16"):
             ptx = compile_gather(arch, dtype)
-            loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = dict(
-                collections.Counter(re.findall(r"ld\.global[\w.]*", ptx))
-            )
+            loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
     print(json.dumps(loads))

@@ -98,7 +98,8 @@ class Launches:
 @pytest.mark.parametrize("late", [False, True], ids=["sum per step", "late sum"])
 def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, spec, shape, together, launch, late):
     """Shapes with N % PER == 0 take _gemv_packed_kernel (each packed row read once makes PER outputs);
-    others _gemv_kernel. Both, in every variant, against dequantize-then-multiply, at two tokens."""
+    others _gemv_kernel. Both, in every variant and pipelined or not (the interpreter ignores stages; on a
+    GPU they compile apart), against dequantize-then-multiply, at two tokens."""
     generator = torch.Generator().manual_seed(sum(shape))
     q = random_quantized(shape, spec, generator)
     x = torch.randn(2, shape[1], generator=generator)
@@ -107,13 +108,14 @@ def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, 
     monkeypatch.setattr(gemv, "_gemv_packed_kernel", packed)
     monkeypatch.setattr(gemv, "_gemv_kernel", fallback)
     block_n, block_k = launch or (None, None)
-    got = [gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k, late_sum=late, fast_codes=fast)
-           for fast in (False, True)]  # fmt: skip
+    got = [gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k, late_sum=late, fast_codes=fast,
+                     stages=stages)
+           for fast in (False, True) for stages in (1, 3)]  # fmt: skip
     for variant in got:  # codes to float by I2F or by the magic number: both exact, the sums may differ in order
         assert_close(variant, reference(x, q))
     default_n = gemv.PACKED_LAUNCH[spec.bits][0] if together > 1 else gemv.BLOCK_N
     programs = math.ceil(shape[0] // together / (block_n or default_n))  # a program per block_n (packed) rows
-    assert (packed if together > 1 else fallback).grids == [(programs, 2)] * 2
+    assert (packed if together > 1 else fallback).grids == [(programs, 2)] * 4
     assert (fallback if together > 1 else packed).grids == []
 
 
@@ -232,4 +234,8 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
         assert rows >= 1 and sum(counts.values()) - rows == 1, (case, counts)
     assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 8 + ["_gemv_packed_kernel"] * 6
     for case, counts in loads.items():
-        assert counts.get("ld.global.v4.b32", 0) >= 2, (case, counts)
+        # the code and x tiles: 16-byte loads, or on sm_90 the packed kernel's pipelined (PACKED_STAGES)
+        # 16-byte cp.async copies to shared memory; sm_75 has no cp.async and loads them as before
+        pipelined = case.startswith("_gemv_packed_kernel") and case.endswith("sm_90") and gemv.PACKED_STAGES > 1
+        tiles = counts.get("cp.async.cg.shared.global" if pipelined else "ld.global.v4.b32", 0)
+        assert tiles >= 2 and (not pipelined or "ld.global.v4.b32" not in counts), (case, counts)
