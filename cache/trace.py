@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from quant.errors import MoEOffloadError
+from quant.files import check_writable, temporary_name
 
 PHASES = ("prefill", "decode")  # the order a sequence's requests are replayed in
 
@@ -186,9 +187,9 @@ class TraceWriter:
     _file: IO[str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        self.path = check_writable(self.path, "the trace")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._temp = temporary_name(self.path)
         self._file = self._temp.open("w", encoding="utf-8")
 
     def record(

@@ -23,6 +23,7 @@ from offload.api import LoadOptions
 from offload.generate import SamplingConfig
 from offload.planner import slots_text
 from quant.errors import MoEOffloadError
+from quant.files import check_writable
 
 app = typer.Typer(
     name="moe-offload",
@@ -412,6 +413,7 @@ def trace(
             raise MoEOffloadError(f"{prompts} holds no prompt; write one prompt per line")
     else:
         texts = [prompt]
+    check_writable(out, "--out")
     loaded = _load(model, load)
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer
@@ -496,6 +498,8 @@ def bench(
         raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
     ahead = load.pop("prefetch_ahead")
     benchmark.check_prefetch_options(prefetch, ahead)  # before the load, which takes minutes on a real model
+    if json_out is not None:
+        check_writable(json_out, "--json")
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
     load = {**load, "prefetch": "none", "max_seq_len": context if load["max_seq_len"] is None else load["max_seq_len"]}

@@ -8,7 +8,6 @@ cli/app.py calls `register(app)`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cache.simulate import SimResult, simulate
 from cache.timeline import H100, Costs, TimedRun, timeline
 from cache.trace import read_trace
 from quant.errors import MoEOffloadError
+from quant.files import check_writable, write_atomically
 
 
 def register(app: typer.Typer) -> None:
@@ -63,6 +63,8 @@ def simulate_command(
     try:
         policies = _parse_policies(policy)
         slot_counts = _parse_slots(slots)
+        if plot is not None:
+            check_writable(plot, "--plot")
         if prefetch not in PREFETCH_CHOICES:
             raise MoEOffloadError(f"--prefetch {prefetch!r} is unknown: choose one of {', '.join(PREFETCH_CHOICES)}")
         routing = read_trace(trace)
@@ -262,14 +264,7 @@ def write_plot(results: list[SimResult], path: Path, title: str) -> None:
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend()
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # as bench --json and trace --out do
-        figure.savefig(temp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise MoEOffloadError(f"--plot {path}: cannot write it ({error.strerror}); pick a writable path") from None
+        write_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=120, bbox_inches="tight"), "--plot")
     finally:
         plt.close(figure)

@@ -21,7 +21,7 @@ from cache.stats import CacheStats, LayerStats
 from offload.convert import describe_spec, open_source
 from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk
 from offload.embedding import reads_host_memory
-from offload.generate import GenerationResult, SamplingConfig, Timing, generate, generate_text
+from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
@@ -524,15 +524,18 @@ class OffloadedModel:
         """
         from cache.trace import TraceWriter
 
-        writer = TraceWriter(Path(out), dataset="moe-offload")
-        self.record_trace(writer)
-        try:
-            for prompt in prompts:
-                self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        finally:
-            self.record_trace(None)
-        self.cache.reset()  # the last sequence ends: its unused prefetches count as wasted, as in a replay
-        return writer.close()
+        for number, prompt in enumerate(prompts, 1):  # all of them before the first is generated
+            name = f"prompt {number}" if len(prompts) > 1 else "the prompt"
+            check_prompt(len(self.encode(prompt)), self.max_seq_len, name)
+        with TraceWriter(Path(out), dataset="moe-offload") as writer:  # an error or Ctrl-C drops the temporary file
+            self.record_trace(writer)
+            try:
+                for prompt in prompts:
+                    self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            finally:
+                self.record_trace(None)
+            self.cache.reset()  # the last sequence ends: its unused prefetches count as wasted, as in a replay
+        return writer.path
 
     def reset_stats(self) -> None:
         self.cache.stats.reset()

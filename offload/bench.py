@@ -38,6 +38,7 @@ from offload.api import OffloadedModel, kernel_name
 from offload.graphs import key_range
 from offload.synth import synthetic_name
 from quant.errors import MoEOffloadError
+from quant.files import write_atomically
 
 PREFETCH = ("gate", "oracle", "none")
 NO_CACHE_IN_EXCLUSIVE_MODE = (
@@ -76,13 +77,9 @@ def environment(device: torch.device, program: str = "moe-offload") -> dict:
     return {"device": device_name(device), "commit": commit(), "command": " ".join([program, *sys.argv[1:]])}
 
 
-def write_json(path: Path | str, record: dict) -> None:
+def write_json(path: Path | str, record: dict, option: str = "--json") -> None:
     """Written to a temporary name and renamed: never half a file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(record, indent=2) + "\n")
-    temp.replace(path)
+    write_atomically(path, lambda temp: temp.write_text(json.dumps(record, indent=2) + "\n"), option)
 
 
 def synchronize(device: torch.device) -> None:

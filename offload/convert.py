@@ -27,6 +27,7 @@ from quant.checkpoint import (
     FORMAT_VERSION,
     JOURNAL,
     MANIFEST,
+    RERUN,
     RESIDENT,
     CheckpointWriter,
     QuantizedCheckpoint,
@@ -237,16 +238,36 @@ class QuantizedSource:
             self._format = ExpertFormat.from_dict(manifest["expert_format"])
             self.attn_spec = spec_from_dict(manifest["resident"]["spec"])
             self.quantized = manifest["resident"]["quantized"]
+            problem = self._disagreement()
         except (KeyError, TypeError, ValueError) as error:
-            raise MoEOffloadError(
-                f"corrupt manifest in {self.folder}: {error!r}; re-run `moe-offload quantize` with --force"
-            ) from None
+            problem = repr(error)
+        if problem:
+            raise MoEOffloadError(f"corrupt manifest in {self.folder}: {problem}; {RERUN}")
         self.family = family_for({"model_type": self.config.model_type, "num_local_experts": self.config.num_experts})
         quant = manifest.get("quantization", {})
         self.description = (
             f"{self.folder} (quantized from {manifest['source']['model']}: experts {quant.get('expert_bits')}, "
             f"attention {quant.get('attn_bits')})"
         )
+
+    def _disagreement(self) -> str | None:
+        """What in the manifest disagrees with itself or with the expert files' headers, if anything: the
+        hashes cover the files but not the manifest, and a wrong layer count or layout would otherwise
+        surface mid-load as a KeyError or a bad view."""
+        fmt, config, files = self._format, self.config, self.checkpoint.manifest["files"]
+        if (fmt.hidden_size, fmt.intermediate_size) != (config.hidden_size, config.intermediate_size):
+            return "expert_format's sizes differ from the config's"
+        if ExpertFormat.build(fmt.hidden_size, fmt.intermediate_size, fmt.spec, fmt.dtype).layout != fmt.layout:
+            return "expert_format's layout does not follow from its sizes and quantization"
+        for layer in range(config.num_layers):
+            name = expert_file(layer)
+            if name not in files:
+                return f"the config has {config.num_layers} layers, but {name} is not listed"
+            experts = self.checkpoint.read(name)
+            for expert in range(config.num_experts):
+                if str(expert) not in experts or experts.nbytes(str(expert)) != fmt.nbytes:
+                    return f"{name} holds no {fmt.nbytes}-byte expert {expert}, which the config and layout call for"
+        return None
 
     def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
         return self._format

@@ -219,6 +219,17 @@ def decode_n_tokens(
     return new_ids, None
 
 
+def check_prompt(prompt_len: int, max_seq_len: int, name: str = "the prompt") -> None:
+    """A one-line error unless a prompt of prompt_len tokens leaves the context room for a new token."""
+    if prompt_len == 0:
+        raise MoEOffloadError(f"{name} is empty; give at least one token of text")
+    if prompt_len >= max_seq_len:
+        raise MoEOffloadError(
+            f"{name} is {prompt_len} tokens but the context holds {max_seq_len}, "
+            f"which leaves no room for a new token; shorten it to at most {max_seq_len - 1} tokens"
+        )
+
+
 def generate(
     model: LanguageModel,
     prompt_ids: list[int],
@@ -236,15 +247,9 @@ def generate(
     is kept and only the rest of the prompt is prefilled.
     """
     prompt_len = len(prompt_ids)
-    if prompt_len == 0:
-        raise MoEOffloadError("the prompt is empty; give at least one token of text")
+    check_prompt(prompt_len, model.max_seq_len)
     if not 0 <= cached < prompt_len:
         raise ValueError(f"cached must leave at least one prompt token to prefill: {cached} of {prompt_len}")
-    if prompt_len >= model.max_seq_len:
-        raise MoEOffloadError(
-            f"the prompt is {prompt_len} tokens but the context holds {model.max_seq_len}, "
-            f"which leaves no room for a new token; shorten the prompt to at most {model.max_seq_len - 1} tokens"
-        )
     # Prompt plus generated ids fit the context; the last new id is sampled but never fed.
     budget = min(config.max_new_tokens, model.max_seq_len - prompt_len)
     device = getattr(model, "device", None) or torch.device("cpu")

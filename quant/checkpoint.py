@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 JOURNAL = ".quantize-journal.json"
 _TMP_MARK = ".tmp-"  # temporary files are named f".{final}{_TMP_MARK}{pid}"
-_RERUN = "re-run `moe-offload quantize` with --force"
+RERUN = "re-run `moe-offload quantize` with --force"
 _HASH_CHUNK = 16 << 20
 
 
@@ -269,6 +269,11 @@ class MappedSafetensors(Mapping):
         flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data_start + begin)
         return flat.view(info["shape"])
 
+    def nbytes(self, name: str) -> int:
+        """Tensor `name`'s size in bytes, from the header alone."""
+        begin, end = self._header[name]["data_offsets"]
+        return end - begin
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._header)
 
@@ -295,23 +300,23 @@ class QuantizedCheckpoint:
                     f"{path} is an unfinished `moe-offload quantize` run (no {MANIFEST}); "
                     "re-run the same command to resume it"
                 )
-            raise MoEOffloadError(f"{path} has no {MANIFEST}, so it is not a quantized checkpoint; {_RERUN}")
+            raise MoEOffloadError(f"{path} has no {MANIFEST}, so it is not a quantized checkpoint; {RERUN}")
         manifest = _load_manifest(manifest_path)
         version = manifest["format_version"]
         if version != FORMAT_VERSION:
             raise MoEOffloadError(
                 f"{manifest_path} has format_version {version!r}, but this moe-offload reads "
-                f"format_version {FORMAT_VERSION}; {_RERUN}"
+                f"format_version {FORMAT_VERSION}; {RERUN}"
             )
         for name, entry in manifest["files"].items():
             file_path = path / name
             if not file_path.is_file():
-                raise MoEOffloadError(f"{file_path} is missing (listed in {MANIFEST}); {_RERUN}")
+                raise MoEOffloadError(f"{file_path} is missing (listed in {MANIFEST}); {RERUN}")
             size = file_path.stat().st_size
             if size != entry["bytes"]:
                 what = "truncated" if size < entry["bytes"] else "larger than listed"
                 raise MoEOffloadError(
-                    f"{file_path} is {what}: {size} bytes, {MANIFEST} says {entry['bytes']}; {_RERUN}"
+                    f"{file_path} is {what}: {size} bytes, {MANIFEST} says {entry['bytes']}; {RERUN}"
                 )
         if verify:
             # hashlib drops the GIL on large chunks, so threads hash files in parallel (~17 GB at 2-bit).
@@ -321,7 +326,7 @@ class QuantizedCheckpoint:
             for name, digest in zip(names, digests):
                 if digest != manifest["files"][name]["sha256"]:
                     raise MoEOffloadError(
-                        f"{path / name} is altered or corrupt: its sha256 differs from {MANIFEST}; {_RERUN}"
+                        f"{path / name} is altered or corrupt: its sha256 differs from {MANIFEST}; {RERUN}"
                     )
         return cls(path, manifest)
 
@@ -344,7 +349,7 @@ class QuantizedCheckpoint:
 
 def _load_manifest(manifest_path: Path) -> dict:
     def corrupt(why: str) -> MoEOffloadError:
-        return MoEOffloadError(f"{manifest_path} is a corrupt manifest ({why}); {_RERUN}")
+        return MoEOffloadError(f"{manifest_path} is a corrupt manifest ({why}); {RERUN}")
 
     try:
         manifest = json.loads(manifest_path.read_text())

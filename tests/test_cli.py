@@ -76,6 +76,37 @@ def test_corrupt_manifest(capsys, quantized, tmp_path):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "alter, problem",
+    [
+        (lambda m: m["config"].update(num_layers=3),
+         "the config has 3 layers, but experts-002.safetensors is not listed"),
+        (lambda m: m["expert_format"]["layout"].update(nbytes=999),
+         "expert_format's layout does not follow from its sizes and quantization"),
+        (lambda m: m["config"].update(hidden_size=96), "expert_format's sizes differ from the config's"),
+        (lambda m: m["config"].update(num_experts=5),
+         "experts-000.safetensors holds no {nbytes}-byte expert 4, which the config and layout call for"),
+    ],
+    ids=["layers", "layout", "sizes", "experts"],
+)
+def test_a_manifest_that_disagrees_with_itself_or_its_files(capsys, quantized, tmp_path, alter, problem):
+    """The hashes cover the files, not the manifest: a manifest edited by hand is checked for agreement, where
+    it used to fail mid-load with a KeyError or a bad view."""
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for file in quantized.iterdir():
+        (edited / file.name).write_bytes(file.read_bytes())
+    manifest = json.loads((edited / "manifest.json").read_text())
+    alter(manifest)
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "generate", edited, "--prompt", "hi", "--device", "cpu")
+    nbytes = manifest["expert_format"]["layout"]["nbytes"]
+    assert_one_line_error(
+        code, err, f"corrupt manifest in {edited}: {problem.format(nbytes=nbytes)}; re-run `moe-offload quantize` "
+        "with --force"
+    )  # fmt: skip
+
+
 def test_an_altered_expert_file_is_refused_unless_no_verify(capsys, quantized, tmp_path):
     altered = tmp_path / "altered"
     altered.mkdir()
@@ -133,8 +164,70 @@ def test_prompt_longer_than_the_context(capsys, trained_model_dir):
     code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "x = 1\n" * 20, "--max-seq-len", "16")
     assert_one_line_error(
         code, err, "the prompt is 101 tokens but the context holds 16, which leaves no room for a new token; "
-        "shorten the prompt to at most 15 tokens"
+        "shorten it to at most 15 tokens"
     )  # fmt: skip
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file and folder under `folder`, hidden ones (a temporary file) included, relative to it."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def test_trace_checks_every_prompt_before_the_first_and_writes_nothing(capsys, trained_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f():\n" + "x = 1 " * 20 + "\n")
+    out = tmp_path / "traces" / "t.jsonl"
+    code, _, err = run(capsys, "trace", trained_model_dir, "--prompts", prompts, "--out", out, "--max-seq-len", "16")
+    assert_one_line_error(
+        code, err, "prompt 2 is 82 tokens but the context holds 16, which leaves no room for a new token; "
+        "shorten it to at most 15 tokens"
+    )  # fmt: skip
+    assert files_under(tmp_path) == ["prompts.txt"]
+
+
+def test_trace_interrupted_leaves_no_file(monkeypatch, capsys, trained_model_dir, tmp_path):
+    """Ctrl-C (or any error) while generating drops the temporary file: nothing under --out, nothing hidden."""
+    from offload.api import OffloadedModel
+
+    generate = OffloadedModel.generate
+
+    def interrupted(self, *args, **kwargs):
+        generate(self, *args, **kwargs)  # the first prompt's rows are written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OffloadedModel, "generate", interrupted)
+    code, _, err = run(capsys, "trace", trained_model_dir, "--prompt", "def f():", "--out", tmp_path / "t.jsonl",
+                       "--max-new-tokens", "2")  # fmt: skip
+    assert code == 130  # typer's exit code for Ctrl-C
+    assert files_under(tmp_path) == []
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_work(monkeypatch, capsys, quantized, tmp_path):
+    """A folder, or a path through a file, as --out, --json or --plot: one line before anything is loaded or
+    simulated, where it used to be a traceback after the work (and a temporary file left behind)."""
+    import cli.app
+    import cli.lab
+
+    def never(*args, **kwargs):
+        raise AssertionError("the output should have been checked first")
+
+    monkeypatch.setattr(cli.app, "_load", never)
+    monkeypatch.setattr(cli.lab, "simulate", never)
+    folder, file = tmp_path / "outdir", tmp_path / "afile"
+    folder.mkdir()
+    file.write_text("mine")
+    trace = REPO / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl"
+    commands = {
+        "--out": ("trace", quantized, "--prompt", "hi", "--out"),
+        "--json": ("bench", quantized, "--tokens", "2", "--json"),
+        "--plot": ("simulate", trace, "--slots", "2", "--plot"),
+    }
+    for option, command in commands.items():
+        code, _, err = run(capsys, *command, folder)
+        assert_one_line_error(code, err, f"{option} {folder} is a folder; give a file name")
+        code, _, err = run(capsys, *command, file / "x")
+        assert_one_line_error(code, err, f"{option} {file / 'x'}: {file} is a file, not a folder")
+    assert files_under(tmp_path) == ["afile", "outdir"]
 
 
 def test_out_that_already_holds_files_needs_force(capsys, quantized, tmp_path):

@@ -177,7 +177,7 @@ def test_prompt_too_long_and_empty(hf_model):
         generate(adapter, PROMPT, SamplingConfig(), set())
     assert str(err.value) == (
         "the prompt is 7 tokens but the context holds 7, which leaves no room for a new token; "
-        "shorten the prompt to at most 6 tokens"
+        "shorten it to at most 6 tokens"
     )
     assert adapter.calls == []  # refused before any forward
     # One token shorter fits exactly one new token.

@@ -1,0 +1,61 @@
+"""Writing an output file safely: checked before the long work that makes it, then written to a
+temporary name beside it and renamed, so its final name never holds half a file.
+
+Checkpoint folders have their own, hashing writer (quant/checkpoint.py); this is for single files: a
+trace, a benchmark's JSON, a plot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from quant.errors import MoEOffloadError
+
+
+def check_writable(path: Path | str, option: str) -> Path:
+    """`path` as a Path, or a one-line error naming `option` (e.g. "--json") if no file can be written there:
+    it is a folder, a parent is a file, or the nearest existing folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoEOffloadError(f"{option} {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MoEOffloadError(f"{option} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MoEOffloadError(f"{option} {path}: cannot write in {folder}")
+    return path
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def write_atomically(path: Path | str, write: Callable[[Path], None], option: str) -> Path:
+    """write(temporary) then rename it to `path`, making its folders. Any failure, Ctrl-C included, removes
+    the temporary file; an OSError becomes a one-line error naming `option`."""
+    path = check_writable(path, option)
+    temp = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temp)
+        os.replace(temp, path)
+    except OSError as error:
+        remove_quietly(temp)
+        reason = error.strerror or error
+        raise MoEOffloadError(f"{option} {path}: cannot write it ({reason}); pick a writable path") from None
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    return path
