@@ -495,15 +495,16 @@ class OffloadedModel:
 
     # -- traces and statistics ----------------------------------------------------------------------
 
-    def record_trace(self, writer) -> None:
-        """Send every cache request to `writer.record(...)` (cache/trace.py's TraceWriter); None stops."""
+    def record_trace(self, writer, first_sequence: int = 0) -> None:
+        """Send every cache request to `writer.record(...)` (cache/trace.py's TraceWriter); None stops.
+        Sequences are numbered from `first_sequence`'s 0 (by default, from this model's first)."""
         if writer is None:
             self.moe.recorder = None
             return
 
         def record(layer: int, experts: list[int], weights: list[float], guess, prefill: bool) -> None:
             writer.record(
-                sequence=self.sequence,
+                sequence=self.sequence - first_sequence,
                 token_idx=-1 if prefill else self.decode_step,
                 layer=layer,
                 experts=experts,
@@ -528,7 +529,7 @@ class OffloadedModel:
             name = f"prompt {number}" if len(prompts) > 1 else "the prompt"
             check_prompt(len(self.encode(prompt)), self.max_seq_len, name)
         with TraceWriter(Path(out), dataset="moe-offload") as writer:  # an error or Ctrl-C drops the temporary file
-            self.record_trace(writer)
+            self.record_trace(writer, first_sequence=self.sequence + 1)  # 0 is the next: as `moe-offload trace` writes
             try:
                 for prompt in prompts:
                     self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
