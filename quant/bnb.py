@@ -8,6 +8,7 @@ bnb is imported only when quantizing: its import logs a warning on machines with
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -47,9 +48,22 @@ class NF4Quantized:
     spec: NF4Spec
 
 
+def _bnb_functional():
+    """bitsandbytes.functional, imported without its CPU backend's warning that the optional `kernels`
+    package is missing (on CPUs with AVX512-BF16): that is for bnb's 4-bit GEMM, which we never call."""
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        cpu_ops.setLevel(level)
+    return functional
+
+
 def quantize_nf4(weight: Tensor, spec: NF4Spec = NF4Spec()) -> NF4Quantized:
     """NF4-quantize a float weight with bitsandbytes, on its own device. Deterministic."""
-    import bitsandbytes.functional as bnb_functional
+    bnb_functional = _bnb_functional()
 
     numel = weight.numel()
     if numel % spec.blocksize:

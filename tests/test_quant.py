@@ -351,3 +351,17 @@ def test_nf4_through_a_workspace_allocates_only_its_output(dtype):
     # a tile's int32 index (2 bytes a weight), float32 values, and the result in bfloat16; the table
     assert counted == 16 * 1024 * (2 + 4 + (2 if dtype == torch.bfloat16 else 0)) + 2048
     assert counted == sum(buffer.nbytes for buffer in workspace._buffers.values())
+
+
+def test_nf4_quantization_prints_nothing_of_bitsandbytes_own():
+    """bnb's CPU backend logs that the optional `kernels` package is missing on CPUs with AVX512-BF16 (this
+    machine's); that is for its GEMM, which we never call, so `--attn-quant bnb` keeps it off the terminal.
+    A fresh interpreter: the warning comes once, at bnb's first import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import torch; from quant.bnb import quantize_nf4; quantize_nf4(torch.randn(64, 64))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
