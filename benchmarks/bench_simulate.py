@@ -58,7 +58,7 @@ def main() -> None:
         "results": [r.to_dict() for r in results],
         "seconds": round(seconds, 3),
     }
-    write_json(args.out, record)
+    write_json(args.out, record, "--out")
     console.print(f"wrote {args.out}")
 
 

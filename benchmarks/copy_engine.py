@@ -108,7 +108,7 @@ def main() -> None:
         "expert_bytes": nbytes,
         "expert_h2d_us": round(expert_ms * 1000, 1),
         "latency_us": results,
-    })  # fmt: skip
+    }, "--out")  # fmt: skip
 
 
 if __name__ == "__main__":

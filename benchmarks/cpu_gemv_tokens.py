@@ -64,7 +64,7 @@ def main() -> None:
         "matrix": f"{SHAPE[0]} x {SHAPE[1]}, float32 tokens",
         "results": rows,
     }
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 
 

@@ -97,7 +97,7 @@ def main() -> None:
         "tile_weights": TILE_WEIGHTS["cpu"],
         "results": rows,
     }
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 
 

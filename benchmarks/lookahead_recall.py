@@ -82,7 +82,7 @@ def main() -> None:
         "chance": chance,
         "results": rows,
     }
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 
 

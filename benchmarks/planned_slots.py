@@ -155,7 +155,7 @@ def main() -> None:
         "best_static_split": best,
         "lru_sixth_slot_gain_by_layer": gains,
     }
-    write_json(args.out, record)
+    write_json(args.out, record, "--out")
     print(f"wrote {args.out}")
 
 

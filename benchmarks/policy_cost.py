@@ -218,7 +218,7 @@ def main() -> None:
             f"{record['path_victims_compared']} evictions: {record['path_same_victims']}"
         )
 
-    write_json(args.out, record)
+    write_json(args.out, record, "--out")
     console.print(f"wrote {args.out}")
 
 

@@ -100,7 +100,7 @@ def main() -> None:
         "text": f"{len(texts)} windows of {args.length} tokens of: {', '.join(SOURCES[: len(texts)])}",
         "results": rows,
     }
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 
 

@@ -121,7 +121,7 @@ def main() -> None:
     model_name = "synthetic mixtral-8x7b, 1 layer, 2-bit experts, 4-bit attention" if args.model is None else args.model
     record = {**environment(torch.device("cpu"), "python benchmarks/prefill_memory.py"), "model": model_name,
               "workspace": workspace, "runs": runs}  # fmt: skip
-    write_json(args.out, record)
+    write_json(args.out, record, "--out")
     print(f"wrote {args.out}")
 
 

@@ -222,7 +222,7 @@ def main() -> None:
             print("per step (ms): " + ", ".join(times))
             print(f"idle gaps per step: {line['idle_gaps']}, mean {line['idle_gap_mean_us']} us")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     if args.chrome:
         prof.export_chrome_trace(args.chrome)
     print(f"wrote {args.out}")

@@ -62,7 +62,7 @@ def main() -> None:
         "text": f"{len(windows)} windows of {args.length} tokens of: {', '.join(SOURCES)}",
         "results": rows,
     }
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 
 

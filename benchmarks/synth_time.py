@@ -46,7 +46,7 @@ def main() -> None:
         print(f"{preset}: {size / 1e9:.2f} GB in {seconds:.1f} s")
     note = "writing, fsync and sha256 included; peak RSS is the process's, cumulative over presets"
     report = {**environment(torch.device("cpu"), program=f"python {sys.argv[0]}"), "results": rows, "note": note}
-    write_json(args.out, report)
+    write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 
 

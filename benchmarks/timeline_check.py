@@ -280,7 +280,7 @@ def main() -> None:
         "predictions_today": predictions,
         "faster_compute": what_if,
         "measured_today": held,
-    })  # fmt: skip
+    }, "--out")  # fmt: skip
     console.print(f"wrote {args.out}")
 
 

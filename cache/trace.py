@@ -188,9 +188,12 @@ class TraceWriter:
 
     def __post_init__(self) -> None:
         self.path = check_writable(self.path, "the trace")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = temporary_name(self.path)
-        self._file = self._temp.open("w", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self._temp.open("w", encoding="utf-8")
+        except OSError as error:
+            raise MoEOffloadError(f"the trace {self.path}: cannot write it ({error.strerror or error})") from None
 
     def record(
         self,

@@ -520,7 +520,7 @@ def bench(
                              accelerate=accelerate)  # fmt: skip
     _print_bench(result)
     if json_out is not None:
-        benchmark.write_json(json_out, result)
+        benchmark.write_json(json_out, result, "--json")
         err.print(f"wrote {json_out}")
 
 

@@ -525,6 +525,7 @@ class OffloadedModel:
         """
         from cache.trace import TraceWriter
 
+        prompts = list(prompts)
         for number, prompt in enumerate(prompts, 1):  # all of them before the first is generated
             name = f"prompt {number}" if len(prompts) > 1 else "the prompt"
             check_prompt(len(self.encode(prompt)), self.max_seq_len, name)

@@ -77,8 +77,9 @@ def environment(device: torch.device, program: str = "moe-offload") -> dict:
     return {"device": device_name(device), "commit": commit(), "command": " ".join([program, *sys.argv[1:]])}
 
 
-def write_json(path: Path | str, record: dict, option: str = "--json") -> None:
-    """Written to a temporary name and renamed: never half a file under the final name."""
+def write_json(path: Path | str, record: dict, option: str) -> None:
+    """Written to a temporary name and renamed: never half a file under the final name. `option` names the
+    path in errors ("--json", a script's "--out")."""
     write_atomically(path, lambda temp: temp.write_text(json.dumps(record, indent=2) + "\n"), option)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -101,9 +102,13 @@ def _unshared(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+_EXPERT_FILE = re.compile(r"experts-\d{3,}\.safetensors")
+
+
 def _is_ours(name: str) -> bool:
-    """Could a CheckpointWriter have made this file? (Only such files are removed by --force.)"""
-    return name in (MANIFEST, JOURNAL) or name.endswith(".safetensors") or _TMP_MARK in name
+    """Is this a name a CheckpointWriter gives its files, whether or not a manifest lists it? (--force
+    removes only these and the files a manifest or journal lists: never a user's own *.safetensors.)"""
+    return name in (MANIFEST, JOURNAL, RESIDENT) or _EXPERT_FILE.fullmatch(name) is not None or _TMP_MARK in name
 
 
 class CheckpointWriter:
@@ -135,7 +140,7 @@ class CheckpointWriter:
         self._write_journal()
 
     def _clear(self, names: list[str]) -> None:
-        """--force: delete what a writer made (listed files, *.safetensors, temporaries), nothing else."""
+        """--force: delete what a writer made (listed files, its own file names, temporaries), nothing else."""
         listed = set(self._listed(self.out_dir / MANIFEST)) | set(self._listed(self.out_dir / JOURNAL))
         foreign = [n for n in names if not (_is_ours(n) or n in listed) or not (self.out_dir / n).is_file()]
         if foreign:

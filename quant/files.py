@@ -15,18 +15,24 @@ from quant.errors import MoEOffloadError
 
 
 def check_writable(path: Path | str, option: str) -> Path:
-    """`path` as a Path, or a one-line error naming `option` (e.g. "--json") if no file can be written there:
-    it is a folder, a parent is a file, or the nearest existing folder is not writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise MoEOffloadError(f"{option} {path} is a folder; give a file name")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise MoEOffloadError(f"{option} {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MoEOffloadError(f"{option} {path}: cannot write in {folder}")
+    """`path` as a Path (~ expanded), or a one-line error naming `option` (e.g. "--json") if no file can be
+    written there: it is a folder, a parent is a file or a broken link, or the nearest existing folder is
+    not writable."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            raise MoEOffloadError(f"{option} {path} is a folder; give a file name")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            if folder.is_symlink():
+                raise MoEOffloadError(f"{option} {path}: {folder} is a broken link")
+            folder = folder.parent
+        if not folder.is_dir():
+            raise MoEOffloadError(f"{option} {path}: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise MoEOffloadError(f"{option} {path}: cannot write in {folder}")
+    except OSError as error:  # e.g. a name too long
+        raise MoEOffloadError(f"{option} {path}: {error.strerror or error}") from None
     return path
 
 

@@ -259,6 +259,21 @@ def test_non_empty_out_without_force(tmp_path, finished):
     assert os.listdir(finished) == [JOURNAL]
 
 
+def test_force_never_deletes_a_users_own_safetensors(tmp_path, finished):
+    """A *.safetensors that no manifest lists and that is not named as ours (experts-NNN, resident) is the
+    user's: --force refuses the folder rather than delete it, even beside a finished checkpoint."""
+    for folder in (tmp_path / "alone", finished):
+        folder.mkdir(exist_ok=True)
+        (folder / "my-finetune.safetensors").write_bytes(b"weights")
+        with pytest.raises(MoEOffloadError) as err:
+            CheckpointWriter(folder, job=JOB, force=True)
+        assert str(err.value) == (
+            f"{folder} holds 'my-finetune.safetensors', which is not part of a quantized checkpoint; "
+            "--force only replaces quantized checkpoints, so choose another OUT"
+        )
+        assert (folder / "my-finetune.safetensors").read_bytes() == b"weights"
+
+
 def test_unfinished_run_of_another_job_is_not_resumed(tmp_path):
     out = tmp_path / "out"
     writer = CheckpointWriter(out, job=JOB)

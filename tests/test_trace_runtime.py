@@ -70,12 +70,13 @@ def test_slots_that_differ_by_layer_replay_to_the_same_counts(planned_slots, tmp
 
 
 def test_a_trace_numbers_its_sequences_from_0_after_earlier_generations(tmp_path, trained_model_dir):
-    """model.trace after other generate calls writes problem_id 0, 1, ... as `moe-offload trace` does."""
+    """model.trace after other generate calls writes problem_id 0, 1, ... as `moe-offload trace` does; its
+    prompts may be any iterable (they are read twice: checked, then generated)."""
     import offload
 
     model = offload.load(str(trained_model_dir), device="cpu", slots=3)
     model.generate("def f():", max_new_tokens=2)
     model.generate("x = 1", max_new_tokens=2)
-    out = model.trace(["def g():", "y = 2"], tmp_path / "t.jsonl", max_new_tokens=2)
+    out = model.trace(iter(["def g():", "y = 2"]), tmp_path / "t.jsonl", max_new_tokens=2)  # any iterable
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted({row["problem_id"] for row in rows}) == [0, 1]
