@@ -188,7 +188,6 @@ def main() -> None:
         "matrices": rows,
         "expert_mlp": mlps,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report, "--out")
     print(f"wrote {args.out}")
 

@@ -221,7 +221,6 @@ def main() -> None:
             times = [f"{k.removesuffix('_ms')} {v}" for k, v in line.items() if k.endswith("_ms")]
             print("per step (ms): " + ", ".join(times))
             print(f"idle gaps per step: {line['idle_gaps']}, mean {line['idle_gap_mean_us']} us")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report, "--out")
     if args.chrome:
         prof.export_chrome_trace(args.chrome)
