@@ -1,0 +1,150 @@
+"""benchmarks/gpu_session.sh runs only on a lent GPU, a few scarce minutes a session: a misspelt option
+there would cost a call. Every command it runs is parsed here, without running, by the parser the GPU
+machine will use (the CLI's click commands, each benchmark script's argparse)."""
+
+import argparse
+import importlib
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from cli.app import app
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+TEXT = SCRIPT.read_text()
+
+
+def step_bodies() -> dict[str, str]:
+    """Each `case` arm's body by step name, continuation lines joined."""
+    body = TEXT[TEXT.index("case $step in") :]
+    joined = re.sub(r"\\\n\s*", " ", body)
+    arms = re.split(r"^\s{4}([a-z-]+|\*)\)", joined, flags=re.M)[1:]
+    return dict(zip(arms[::2], arms[1::2], strict=True))
+
+
+STEPS = step_bodies()
+BENCH = re.search(r'^bench\(\) \{ moe (.+) "\$@"; \}', TEXT, flags=re.M)[1]  # the script's bench()
+
+
+def expand(line: str, values: dict[str, str]) -> list[str]:
+    for name, value in values.items():
+        line = line.replace("${" + name + "}", value).replace("$" + name, value)
+    assert "$" not in line, f"unexpanded variable in: {line}"
+    return shlex.split(line)
+
+
+def commands(body: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """('moe', argv) for each `moe`/`bench` call, (script name, argv) for each `python3 benchmarks/X.py`."""
+    found = []
+    for raw in body.splitlines():
+        line = raw.strip().split(" >", 1)[0].split(" 2>&1", 1)[0].split(" ||", 1)[0]
+        line = line.split("; ", 1)[-1] if line.startswith("for ") else line
+        line = line.removeprefix("if ").removesuffix("; then")
+        if line.startswith("bench "):
+            found.append(("moe", expand(BENCH + line[len("bench") :], values)))
+        elif moe := re.search(r"(?:^|\s)moe ([^>&;}|]+)", raw):
+            found.append(("moe", expand(moe[1], values)))
+        elif line.startswith("python3 benchmarks/"):
+            script, *args = expand(line[len("python3 ") :], values)
+            found.append((Path(script).stem, args))
+    return found
+
+
+@pytest.fixture
+def values(tmp_path):
+    (tmp_path / "model").mkdir()
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("")
+    return {"model": str(tmp_path / "model"), "trace": str(trace), "results": str(tmp_path), "gpu": "h100"}
+
+
+def parse_cli(argv: list[str]) -> None:
+    """Parses and converts every option as `moe-offload ARGV` would, and runs nothing."""
+    group = typer.main.get_command(app)
+    name, *rest = argv
+    command = group.get_command(click.Context(group, info_name="moe-offload"), name)
+    assert command is not None, f"no command {name}"
+    command.make_context(name, rest)
+
+
+class Parsed(Exception):
+    pass
+
+
+def parse_script(name: str, argv: list[str], monkeypatch) -> argparse.Namespace:
+    """Runs the script's main() until its argparse has parsed ARGV (a bad option exits 2 there)."""
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *argv])
+    with pytest.raises(Parsed) as parsed:
+        importlib.import_module(f"benchmarks.{name}").main()
+    return parsed.value.args[0]
+
+
+def test_every_step_is_listed_in_the_header_and_the_error():
+    listed = [line.split("steps:", 1)[1] for line in TEXT.splitlines() if "steps:" in line]
+    assert len(listed) == 2  # the header's and the unknown step's
+    names = set(STEPS) - {"*"}
+    for text in listed:
+        assert set(re.findall(r"[a-z][a-z-]+", text.split(";")[0].split('"')[0])) == names
+
+
+def loop_values(body: str) -> list[dict[str, str]]:
+    """A step's loop variable at each of its values (`for place in a b; do`), or no variable."""
+    loop = re.search(r"for (\w+) in ([^;]+); do", body)
+    return [{loop[1]: value} for value in loop[2].split()] if loop else [{}]
+
+
+def step_commands(step: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
+    body = STEPS[step]
+    return [found for loop in loop_values(body) for found in commands(body, {**values, **loop})]
+
+
+def step_outputs(step: str) -> set[str]:
+    """The files the step writes under $results, by name."""
+    body = STEPS[step]
+    names = set()
+    for loop in loop_values(body):
+        text = body
+        for name, value in {**loop, "gpu": "h100"}.items():
+            text = text.replace("${" + name + "}", value).replace("$" + name, value)
+        names |= set(re.findall(r'"\$results/([^"]+)"', text))
+    return names
+
+
+@pytest.mark.parametrize("step", sorted(set(STEPS) - {"*"}))
+def test_every_command_of_the_step_parses(step, values, monkeypatch):
+    found = step_commands(step, values)
+    assert found or step == "tests", f"no command found in step {step}"  # tests runs pytest
+    for kind, argv in found:
+        if kind == "moe":
+            parse_cli(argv)
+        else:
+            parse_script(kind, argv, monkeypatch)
+
+
+def test_a_misspelt_option_fails_to_parse(values, monkeypatch):
+    """The check above can fail, for the CLI and for a script."""
+    with pytest.raises(Exception, match="--gpu-memroy"):
+        parse_cli(["bench", values["model"], "--gpu-memroy", "12GiB"])
+    with pytest.raises(SystemExit):
+        parse_script("gemv_kernel", ["--varients"], monkeypatch)
+
+
+def test_each_planned_call_brings_back_at_most_8_files():
+    """A call returns at most 8 files from $OUT: each call the README plans, its log included."""
+    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    calls = re.findall(r"`(synth-start [a-z -]+)`", readme)
+    assert len(calls) >= 3, calls
+    for call in calls:
+        outputs = {"gpu_session.log"}.union(*(step_outputs(step) for step in call.split()))
+        assert len(outputs) <= 8, (call, sorted(outputs))
