@@ -82,6 +82,8 @@ class HFCheckpoint:
             self.config: dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as error:
             raise MoEOffloadError(f"{str(config_file)!r} is not valid JSON ({error}); re-download it") from None
+        if not isinstance(self.config, dict):
+            raise MoEOffloadError(f"{str(config_file)!r} is not a JSON object; re-download it")
         self.family: Family = family_for(self.config)
         self.model_config: ModelConfig = self.family.model_config(self.config)
         self._files = self._weight_map()  # checkpoint name -> file
@@ -94,7 +96,9 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as error:
+                if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                    raise TypeError("weight_map is not an object of file names")
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise MoEOffloadError(f"{str(index)!r} is not a valid index ({error!r}); re-download it") from None
             for file in sorted(set(weight_map.values())):
                 if not (self.path / file).is_file():

@@ -22,6 +22,7 @@ from offload.families import Family, family_for
 from offload.planner import resolve_device
 from quant.bnb import NF4Quantized, NF4Spec, quantize_nf4
 from quant.bnb import from_tensors as nf4_from_tensors
+from quant.bnb import shape_problem as nf4_shape_problem
 from quant.bnb import to_tensors as nf4_to_tensors
 from quant.checkpoint import (
     FORMAT_VERSION,
@@ -36,6 +37,7 @@ from quant.checkpoint import (
 )
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize, to_tensors
+from quant.hqq import shape_problem as hqq_shape_problem
 from quant.packing import ExpertFormat
 
 # Non-expert weights that are quantized: the attention projections. Embeddings, lm_head, norms and
@@ -121,8 +123,10 @@ def quantize_model(
     config = checkpoint.model_config
     storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
     expert_format = ExpertFormat.build(config.hidden_size, config.intermediate_size, expert_spec, storage_dtype)
+    check_resident(checkpoint.shapes(), resident_spec)  # before the experts, which take hours on a CPU
+    origin = checkpoint.source if checkpoint.revision else str(checkpoint.path.resolve())  # however SRC is spelt
     job = {
-        "source": checkpoint.source,
+        "source": origin,
         "revision": checkpoint.revision,
         "expert_bits": expert_bits,
         "attn_bits": attn_bits,
@@ -167,9 +171,19 @@ def quantize_model(
         if path.is_file() and not writer.done(side):
             writer.write_bytes(side, path.read_bytes())
     quantization = {"expert_bits": expert_bits, "attn_bits": attn_bits, "attn_quant": attn_quant}
-    source = {"model": checkpoint.source, "revision": checkpoint.revision}
+    source = {"model": origin, "revision": checkpoint.revision}
     writer.finish(build_manifest(source, config, expert_format, resident_spec, quantized, quantization))
     return Path(out)
+
+
+def check_resident(shapes: dict[str, tuple[int, ...]], spec: AttnSpec) -> None:
+    """Refuse an attention format that a projection's shape cannot take, naming the options that can."""
+    if spec is None:
+        return
+    problem = nf4_shape_problem if isinstance(spec, NF4Spec) else hqq_shape_problem
+    for name, shape in shapes.items():
+        if QUANTIZED_RESIDENT.search(name) and (bad := problem(shape, spec)):
+            raise MoEOffloadError(f"{name}: {bad}; pass another --attn-bits (none: unquantized) or --attn-quant")
 
 
 def _to_cpu(weight):
@@ -213,6 +227,7 @@ class HFSource:
         self.folder = checkpoint.path
         self.expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
         self.attn_spec = attn_spec(attn_bits, attn_quant)
+        check_resident(checkpoint.shapes(), self.attn_spec)
         self.description = f"{checkpoint.source} (experts {expert_bits}, attention {describe_spec(self.attn_spec)})"
 
     def expert_format(self, dtype: torch.dtype) -> ExpertFormat:

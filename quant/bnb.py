@@ -65,16 +65,21 @@ def quantize_nf4(weight: Tensor, spec: NF4Spec = NF4Spec()) -> NF4Quantized:
     """NF4-quantize a float weight with bitsandbytes, on its own device. Deterministic."""
     bnb_functional = _bnb_functional()
 
-    numel = weight.numel()
-    if numel % spec.blocksize:
-        raise MoEOffloadError(
-            f"cannot NF4-quantize a weight of shape {tuple(weight.shape)}: {numel} weights are not a multiple "
-            f"of block size {spec.blocksize}; choose another --attn-quant"
-        )
+    if bad := shape_problem(tuple(weight.shape), spec):
+        raise MoEOffloadError(f"{bad}; choose another --attn-quant")
     codes, state = bnb_functional.quantize_4bit(
         weight.contiguous(), blocksize=spec.blocksize, compress_statistics=False, quant_type="nf4"
     )
     return NF4Quantized(codes.reshape(-1), state.absmax.float(), tuple(weight.shape), spec)
+
+
+def shape_problem(shape: tuple[int, ...], spec: NF4Spec) -> str | None:
+    """Why a weight of `shape` cannot be NF4-quantized with `spec`, or None where it can."""
+    numel = math.prod(shape)
+    if numel % spec.blocksize:
+        return (f"cannot NF4-quantize a weight of shape {shape}: {numel} weights are not a multiple of block size "
+                f"{spec.blocksize}")  # fmt: skip
+    return None
 
 
 def dequantize_nf4(q: NF4Quantized, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -120,6 +120,12 @@ def _check_shape(shape: tuple[int, ...], spec: QuantSpec) -> None:
     """Raise if a weight of `shape` cannot be quantized with `spec` (a user's choice of group size)."""
     if len(shape) != 2:
         raise ValueError(f"quantize takes a 2-D weight [out, in], got shape {tuple(shape)}")
+    if bad := shape_problem(shape, spec):
+        raise MoEOffloadError(f"{bad}; choose another group size")
+
+
+def shape_problem(shape: tuple[int, int], spec: QuantSpec) -> str | None:
+    """Why a 2-D weight of `shape` cannot be quantized with `spec`, or None where it can."""
     out_features, in_features = shape
     bad = None
     if in_features % spec.group_size:
@@ -133,10 +139,7 @@ def _check_shape(shape: tuple[int, ...], spec: QuantSpec) -> None:
                 bad = f"its {groups} groups are not a multiple of meta group size {spec.meta_group_size}"
             elif spec.meta_bits != 3 and (groups // spec.meta_group_size) % _ROWS_PER_ELEMENT[spec.meta_bits]:
                 bad = f"its {groups // spec.meta_group_size} meta groups do not pack evenly"
-    if bad:
-        raise MoEOffloadError(
-            f"cannot quantize a weight of shape {tuple(shape)} at {spec.describe()}: {bad}; choose another group size"
-        )
+    return bad and f"cannot quantize a weight of shape {tuple(shape)} at {spec.describe()}: {bad}"
 
 
 def _codes_shape(groups: int, group_size: int, bits: int) -> tuple[int, int]:

@@ -342,7 +342,7 @@ def test_info_plans_without_loading(capsys, quantized):
     assert code == 0 and json.loads(out)["mode"] == "exclusive"
 
 
-def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
+def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path, monkeypatch):
     src = make_tiny_mixtral(tmp_path / "src", hidden=128, intermediate=256, layers=8, experts=8, seed=9)
     clean = tmp_path / "clean"
     assert run(capsys, "quantize", src, clean)[0] == 0
@@ -361,13 +361,27 @@ def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path):
     assert_one_line_error(code, err, f"{killed} is an unfinished quantize or synth run; run the same command again "
                           "to finish it")  # fmt: skip
 
-    code, _, err = run(capsys, "quantize", src, killed)
+    monkeypatch.chdir(tmp_path)  # the resume names SRC another way: the job is the folder, not its spelling
+    code, _, err = run(capsys, "quantize", "src/", killed)
     assert code == 0, err
     names = sorted(p.name for p in clean.iterdir())
     assert names == sorted(p.name for p in killed.iterdir())  # no journal, no temporary files left
     for name in names:
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
         assert (killed / name).stat().st_mode & 0o044 == 0o044, f"{name} is not readable by others"
+
+
+def test_quantize_refuses_an_attention_it_cannot_take_before_the_experts(capsys, tmp_path):
+    """k_proj [48, 96] takes no 4-bit g64: said before the first expert (hours on a CPU), with what works."""
+    src = make_tiny_mixtral(tmp_path / "src", hidden=96, intermediate=128, layers=2, experts=4, seed=1)
+    code, _, err = run(capsys, "quantize", src, tmp_path / "out")
+    assert_one_line_error(code, err, "layers.0.k_proj: cannot quantize a weight of shape (48, 96) at 4-bit g64: its "
+                          "input size 96 is not a multiple of group size 64; pass another --attn-bits (none: "
+                          "unquantized) or --attn-quant")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    code, _, err = run(capsys, "generate", src, "--attn-bits", "4", "--device", "cpu", "--prompt", "hi")
+    assert code == 2 and "layers.0.k_proj: cannot quantize" in err  # an in-memory load refuses it alike
+    assert run(capsys, "quantize", src, tmp_path / "out", "--attn-quant", "bnb")[0] == 0
 
 
 def test_demo_runs_the_whole_path_exactly(capsys):

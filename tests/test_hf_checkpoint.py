@@ -85,6 +85,18 @@ def test_missing_config(tmp_path):
     )
 
 
+def test_config_and_index_that_are_json_but_not_objects(tmp_path, tiny_model_dir):
+    (tmp_path / "config.json").write_text("[]")
+    assert error_text(tmp_path) == f"'{tmp_path / 'config.json'}' is not a JSON object; re-download it"
+    path = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    index = path / "model.safetensors.index.json"
+    for weight_map in ([], {"lm_head.weight": 3}):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        assert error_text(path) == (
+            f"'{index}' is not a valid index (TypeError('weight_map is not an object of file names')); re-download it"
+        )
+
+
 def test_pickles_only_are_refused_with_how_to_convert(tmp_path, tiny_model_dir):
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
