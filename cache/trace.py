@@ -92,6 +92,7 @@ class Trace:
 
 
 _REQUIRED = {"problem_id": int, "layer": int, "token_idx": int, "experts": list, "gating_probs": list}
+MAX_ID = 4096  # layers and experts a layer a trace may name: more than any model has (DeepSeek-V3: 61, 256)
 
 
 def read_trace(path: str | Path) -> Trace:
@@ -108,22 +109,27 @@ def read_trace(path: str | Path) -> Trace:
     sequence_rank: dict[int, int] = {}
     num_layers = num_experts = 0
     has_guesses = False
-    with path.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            sequence, token_idx, layer, phase, request = _parse_line(line, path, line_no)
-            sequence_rank.setdefault(sequence, len(sequence_rank))
-            layers = groups.setdefault((sequence, phase, token_idx), {})
-            if layer in layers:
-                raise MoEOffloadError(
-                    f"{path} line {line_no}: a second row for problem_id {sequence}, token_idx "
-                    f"{token_idx}, layer {layer} ({phase}); remove the duplicate line"
-                )
-            layers[layer] = request
-            num_layers = max(num_layers, layer + 1)
-            num_experts = max(num_experts, max(request.experts, default=-1) + 1)
-            has_guesses = has_guesses or request.guess is not None
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for line_no, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                sequence, token_idx, layer, phase, request = _parse_line(line, path, line_no)
+                sequence_rank.setdefault(sequence, len(sequence_rank))
+                layers = groups.setdefault((sequence, phase, token_idx), {})
+                if layer in layers:
+                    raise MoEOffloadError(
+                        f"{path} line {line_no}: a second row for problem_id {sequence}, token_idx "
+                        f"{token_idx}, layer {layer} ({phase}); remove the duplicate line"
+                    )
+                layers[layer] = request
+                num_layers = max(num_layers, layer + 1)
+                num_experts = max(num_experts, max(request.experts, default=-1) + 1)
+                has_guesses = has_guesses or request.guess is not None
+    except UnicodeDecodeError:
+        raise MoEOffloadError(f"trace {path} is not UTF-8 text: give a .jsonl routing trace") from None
+    except OSError as error:
+        raise MoEOffloadError(f"cannot read trace {path}: {error.strerror or error}") from None
     if not groups:
         raise MoEOffloadError(f"trace {path} holds no rows: record one with `moe-offload trace`")
 
@@ -136,6 +142,11 @@ def read_trace(path: str | Path) -> Trace:
             skipped += 1
             continue
         tokens.append(Token(sequence, token_idx, phase, tuple(layers[i] for i in range(num_layers))))
+    if not tokens:
+        raise MoEOffloadError(
+            f"trace {path} has no complete token (a row for each of layers 0 to {num_layers - 1}): all {skipped} "
+            "are missing a layer"
+        )
     return Trace(path, tokens, num_layers, num_experts, skipped, has_guesses)
 
 
@@ -155,22 +166,26 @@ def _parse_line(line: str, path: Path, line_no: int) -> tuple[int, int, int, str
                 "fix or remove the line"
             )
     experts, weights = row["experts"], row["gating_probs"]
-    if not experts or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in experts):
-        raise MoEOffloadError(f"{where}: 'experts' must be non-negative integers, got {experts}")
+    if not experts or not all(_is_id(e) for e in experts):
+        raise MoEOffloadError(f"{where}: 'experts' must be integers from 0 to {MAX_ID - 1}, got {experts}")
     if len(set(experts)) != len(experts):
         raise MoEOffloadError(f"{where}: 'experts' names an expert twice: {experts}")
     if len(weights) != len(experts) or not all(isinstance(w, (int, float)) for w in weights):
         raise MoEOffloadError(f"{where}: 'gating_probs' must hold one number per expert, got {weights}")
-    if row["layer"] < 0:
-        raise MoEOffloadError(f"{where}: 'layer' must be >= 0, got {row['layer']}")
+    if not _is_id(row["layer"]):
+        raise MoEOffloadError(f"{where}: 'layer' must be from 0 to {MAX_ID - 1}, got {row['layer']}")
     guess = row.get("guess")
-    if guess is not None and not (isinstance(guess, list) and all(isinstance(e, int) for e in guess)):
+    if guess is not None and not (isinstance(guess, list) and all(_is_id(e) for e in guess)):
         raise MoEOffloadError(f"{where}: 'guess' must be a list of expert ids or null, got {guess}")
     phase = row.get("phase", "decode")
     if phase not in PHASES:
         raise MoEOffloadError(f"{where}: 'phase' must be 'prefill' or 'decode', got {phase!r}")
     request = Request(tuple(experts), tuple(float(w) for w in weights), None if guess is None else tuple(guess))
     return row["problem_id"], row["token_idx"], row["layer"], phase, request
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
 
 
 @dataclass

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cache.trace import read_trace
 from offload.api import LoadOptions
 from offload.generate import SamplingConfig
 from offload.planner import slots_text
@@ -408,7 +409,12 @@ def trace(
     if prompts is not None:
         if not prompts.is_file():
             raise MoEOffloadError(f"no such prompts file: {str(prompts)!r}")
-        texts = [line for line in prompts.read_text().splitlines() if line.strip()]
+        try:
+            texts = [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise MoEOffloadError(f"{prompts} is not UTF-8 text; write one prompt per line") from None
+        except OSError as error:
+            raise MoEOffloadError(f"cannot read {prompts}: {error.strerror or error}") from None
         if not texts:
             raise MoEOffloadError(f"{prompts} holds no prompt; write one prompt per line")
     else:
@@ -494,12 +500,15 @@ def bench(
     from offload import bench as benchmark
     from offload.planner import parse_bytes
 
-    if tokens < 1:
-        raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
+    for name, value in (("--tokens", tokens), ("--prompt-tokens", prompt_tokens)):
+        if value < 1:
+            raise MoEOffloadError(f"{name} must be at least 1, got {value}")
     ahead = load.pop("prefetch_ahead")
     benchmark.check_prefetch_options(prefetch, ahead)  # before the load, which takes minutes on a real model
     if json_out is not None:
         check_writable(json_out, "--json")
+    if route_trace is not None:
+        read_trace(route_trace)  # its errors too: the replay reads it again after the load
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
     load = {**load, "prefetch": "none", "max_seq_len": context if load["max_seq_len"] is None else load["max_seq_len"]}

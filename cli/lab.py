@@ -20,7 +20,7 @@ from cache.policies import ONLINE_POLICIES, POLICIES
 from cache.predictors import PREFETCH_CHOICES
 from cache.simulate import SimResult, simulate
 from cache.timeline import H100, Costs, TimedRun, timeline
-from cache.trace import read_trace
+from cache.trace import MAX_ID, read_trace
 from quant.errors import MoEOffloadError
 from quant.files import check_writable, write_atomically
 
@@ -202,16 +202,19 @@ def _parse_policies(text: str | None) -> list[str]:
 
 
 def _parse_slots(text: str) -> list[int]:
-    counts: list[int] = []
+    bounds: list[tuple[int, int]] = []
     try:
         for part in text.split(","):
             low, _, high = part.strip().partition("-")
-            counts.extend(range(int(low), int(high or low) + 1))
+            bounds.append((int(low), int(high or low)))
     except ValueError:
         raise MoEOffloadError(f"--slots {text!r} is not a number, range or list: write e.g. 4, 1-8 or 2,4,6") from None
-    if not counts or min(counts) < 1:
-        raise MoEOffloadError(f"--slots {text!r} must name slot counts of at least 1: write e.g. 1-8")
-    return sorted(set(counts))
+    if min(low for low, _ in bounds) < 1 or max(high for _, high in bounds) > MAX_ID:
+        raise MoEOffloadError(f"--slots {text!r} must name slot counts from 1 to {MAX_ID}: write e.g. 1-8")
+    counts = sorted({count for low, high in bounds for count in range(low, high + 1)})
+    if not counts:
+        raise MoEOffloadError(f"--slots {text!r} names no slot count: write e.g. 1-8")
+    return counts
 
 
 def _hit_rate_table(results: list[SimResult], policies: list[str], slot_counts: list[int], per_layer: bool) -> Table:

@@ -244,7 +244,7 @@ def test_cli_writes_the_json(capsys, tmp_path, trained_model_dir):
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left
 
 
-def test_bench_errors(capsys, trained_model_dir):
+def test_bench_errors(capsys, trained_model_dir, tmp_path):
     code = main(["bench", str(trained_model_dir), "--slots", "2", "--device", "cpu", "--route-trace",
                  str(SHARED_TRACE), "--tokens", "4"])  # fmt: skip
     err = capsys.readouterr().err.strip()
@@ -266,6 +266,15 @@ def test_bench_errors(capsys, trained_model_dir):
     code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: bench measures the expert cache: give --slots (on the CPU) or run on CUDA"
+    for value in ("0", "-3"):  # -3 was a traceback after the load
+        code = main(["bench", "no-such-folder", "--prompt-tokens", value])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == f"error: --prompt-tokens must be at least 1, got {value}"
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe")
+    code = main(["bench", "no-such-folder", "--route-trace", str(binary)])  # before the load, not after it
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: trace {binary} is not UTF-8 text: give a .jsonl routing trace"
     code = main(["bench", str(trained_model_dir), "--slots", "1", "--device", "cpu", "--tokens", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == (

@@ -183,6 +183,9 @@ def test_trace_checks_every_prompt_before_the_first_and_writes_nothing(capsys, t
         "shorten it to at most 15 tokens"
     )  # fmt: skip
     assert files_under(tmp_path) == ["prompts.txt"]
+    prompts.write_bytes(b"\xff\xfe")
+    code, _, err = run(capsys, "trace", "no-such-model", "--prompts", prompts, "--out", out)
+    assert_one_line_error(code, err, f"{prompts} is not UTF-8 text; write one prompt per line")
 
 
 def test_trace_interrupted_leaves_no_file(monkeypatch, capsys, trained_model_dir, tmp_path):

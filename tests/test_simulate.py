@@ -161,7 +161,13 @@ def test_cli_per_layer_json_and_errors():
     bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--policy", "mru"])
     assert bad.exit_code == 2 and "--policy 'mru': unknown ['mru']" in bad.output
     bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--slots", "0-2"])
-    assert bad.exit_code == 2 and "--slots '0-2' must name slot counts of at least 1" in bad.output
+    assert bad.exit_code == 2 and bad.output == (
+        "error: --slots '0-2' must name slot counts from 1 to 4096: write e.g. 1-8\n"
+    )  # fmt: skip
+    bad = runner.invoke(_app(), ["timeline", str(SHARED_TRACE), "--slots", "1-100000000000"])  # not built first
+    assert bad.exit_code == 2 and "--slots '1-100000000000' must name slot counts from 1 to 4096" in bad.output
+    bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--slots", "3-1"])
+    assert bad.exit_code == 2 and bad.output == "error: --slots '3-1' names no slot count: write e.g. 1-8\n"
     bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--slots", "1-20"])
     assert bad.exit_code == 2 and bad.output == (
         "error: --slots '1-20' goes past the trace's 8 experts per layer: write e.g. 1-8\n"

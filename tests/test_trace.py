@@ -49,6 +49,10 @@ def test_malformed_lines_name_the_file_and_line(tmp_path):
             "line 3: 'gating_probs' must hold one number per expert, got [1.0]"
         ),
         _row(0, 1, 0, [2, 2]): "line 3: 'experts' names an expert twice: [2, 2]",
+        _row(0, 1, 0, [1, 10**8]): "line 3: 'experts' must be integers from 0 to 4095, got [1, 100000000]",
+        _row(0, 1, 0, [-1, 2]): "line 3: 'experts' must be integers from 0 to 4095, got [-1, 2]",
+        _row(0, 1, 0, [1, 2]).replace('"layer": 0', '"layer": 4096'): "line 3: 'layer' must be from 0 to 4095",
+        _row(0, 1, 0, [1, 2], guess=[9999]): "line 3: 'guess' must be a list of expert ids or null, got [9999]",
         _row(0, 0, 1, [5, 6]): "line 3: a second row for problem_id 0, token_idx 0, layer 1 (decode)",
         _row(0, 1, 0, [1, 2], phase="warmup"): "line 3: 'phase' must be 'prefill' or 'decode', got 'warmup'",
         "[1, 2]": "line 3: expected a JSON object per line",
@@ -58,6 +62,20 @@ def test_malformed_lines_name_the_file_and_line(tmp_path):
         with pytest.raises(MoEOffloadError) as error:
             read_trace(path)
         assert str(error.value).startswith(f"{path} {message}"), str(error.value)
+
+
+def test_a_trace_that_is_not_text_or_has_no_whole_token(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(MoEOffloadError) as error:
+        read_trace(path)
+    assert str(error.value) == f"trace {path} is not UTF-8 text: give a .jsonl routing trace"
+    path.write_text("\n".join([_row(0, 0, 0, [1, 2]), _row(0, 1, 1, [3, 4])]) + "\n")  # layer 1 of token 0 missing
+    with pytest.raises(MoEOffloadError) as error:
+        read_trace(path)
+    assert str(error.value) == (
+        f"trace {path} has no complete token (a row for each of layers 0 to 1): all 2 are missing a layer"
+    )
 
 
 def test_missing_trace_file(tmp_path):
