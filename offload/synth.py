@@ -63,6 +63,7 @@ PRESETS: dict[str, dict] = {
 }
 STORAGE_DTYPE = torch.bfloat16  # full-precision resident weights (and experts at --expert-bits none), as the hub's
 _RESIDENT_STREAM = 1 << 16  # generator stream of the resident weights; layers' experts use streams 0, 1, ...
+MAX_SEED = (2**63 - 1) // (_RESIDENT_STREAM + 1) - 1  # the largest whose streams' seeds fit an int64
 
 
 def preset_config(name: str, layers: int | None = None) -> ModelConfig:
@@ -208,6 +209,8 @@ def synthesize(
     Loads with `offload.load(out)` like any quantized folder; its manifest's quantization says
     "synthetic": true. Deterministic for a seed. progress("layers", 1) per layer, then ("resident", 1).
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise MoEOffloadError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     config = preset_config(preset, layers)
     expert_format = synthetic_format(config, expert_bits)
     attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")

@@ -21,9 +21,11 @@ import re
 import struct
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -72,10 +74,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """A failed write of `path` (a full disk) as one line; the files finished before it stay journaled."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise MoEOffloadError(
+            f"cannot write {path}: {reason}; make room and run the same command again, which keeps the files "
+            "already written"
+        ) from None
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with _disk_errors(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -119,10 +134,14 @@ class CheckpointWriter:
         self.job = json.loads(json.dumps(job))  # as the journal will hold it (tuples -> lists)
         self._files: dict[str, dict] = {}
         self._verified: set[str] = set()
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise MoEOffloadError(f"{self.out_dir} is a file, not a folder; choose another OUT")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        names = sorted(p.name for p in self.out_dir.iterdir())
+        try:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise MoEOffloadError(f"{self.out_dir} is a file, not a folder; choose another OUT")
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            names = sorted(p.name for p in self.out_dir.iterdir())
+        except OSError as error:  # a file on the way, a name too long, no permission
+            reason = error.strerror or error
+            raise MoEOffloadError(f"cannot make the folder {self.out_dir}: {reason}; choose another OUT") from None
         if names and not force:
             journal = self._read_journal()
             if journal is None or journal.get("job") != self.job or MANIFEST in names:
@@ -204,10 +223,11 @@ class CheckpointWriter:
         self._files.pop(file_name, None)
         self._verified.discard(file_name)
         try:
-            dump(tmp)
-            os.chmod(tmp, _FILE_MODE)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            with _disk_errors(path):
+                dump(tmp)
+                os.chmod(tmp, _FILE_MODE)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
             entry = {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
             os.replace(tmp, path)
         except BaseException:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import quant.checkpoint as checkpoint
 from quant.checkpoint import (
@@ -214,22 +215,6 @@ def test_no_manifest(tmp_path):
     assert _open_error(tmp_path) == f"{tmp_path} has no manifest.json, so it is not a quantized checkpoint; {RERUN}"
 
 
-def test_exception_mid_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    writer = CheckpointWriter(out, job=JOB)
-
-    def half_then_fail(tensors, filename):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint, "save_file", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        writer.write(expert_file(0), {"0": torch.zeros(64, dtype=torch.uint8)})
-    assert os.listdir(out) == [JOURNAL]
-    assert not writer.done(expert_file(0))
-    assert json.loads((out / JOURNAL).read_text())["files"] == {}
-
-
 def test_non_empty_out_without_force(tmp_path, finished):
     other = tmp_path / "other"
     other.mkdir()
@@ -272,6 +257,30 @@ def test_force_never_deletes_a_users_own_safetensors(tmp_path, finished):
             "--force only replaces quantized checkpoints, so choose another OUT"
         )
         assert (folder / "my-finetune.safetensors").read_bytes() == b"weights"
+
+
+def test_a_full_disk_is_one_line_leaves_nothing_under_the_final_name_and_keeps_what_was_written(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    writer = CheckpointWriter(out, job=JOB)
+    writer.write(expert_file(0), {"0": torch.zeros(64, dtype=torch.uint8)})
+
+    def full(tensors, filename):  # what safetensors raises on ENOSPC, after part of the file
+        Path(filename).write_bytes(b"part")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(MoEOffloadError) as error:
+        writer.write(expert_file(1), {"0": torch.zeros(64, dtype=torch.uint8)})
+    assert str(error.value) == (
+        f"cannot write {out / expert_file(1)}: Error while serializing: I/O error: No space left on device (os error "
+        "28); make room and run the same command again, which keeps the files already written"
+    )
+    assert sorted(os.listdir(out)) == [JOURNAL, expert_file(0)]  # no temporary left
+    assert not writer.done(expert_file(1))
+    assert list(json.loads((out / JOURNAL).read_text())["files"]) == [expert_file(0)]
+    assert CheckpointWriter(out, job=JOB).done(expert_file(0))
 
 
 def test_unfinished_run_of_another_job_is_not_resumed(tmp_path):

@@ -13,7 +13,7 @@ import torch
 import offload
 from offload.decoder import ModelConfig
 from offload.families.mixtral import model_config
-from offload.synth import PRESETS, preset_config, resident_bytes, synthesize, synthetic_format, synthetic_name
+from offload.synth import MAX_SEED, PRESETS, preset_config, resident_bytes, synthesize, synthetic_format, synthetic_name
 from quant.checkpoint import JOURNAL, MANIFEST, RESIDENT, expert_file
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, dequantize, random_quantized, tensor_shapes, to_tensors
@@ -175,4 +175,12 @@ def test_bad_preset_and_layers_are_user_errors(tmp_path):
     with pytest.raises(MoEOffloadError) as error:
         synthesize(tmp_path / "x", "tiny", expert_bits="5")
     assert str(error.value) == "unknown --expert-bits '5'; choose one of 2, 3, 4, none"
+    for seed in (-1, 10**18):  # 10**18 overflowed the resident stream's seed after the folder was started
+        with pytest.raises(MoEOffloadError) as error:
+            synthesize(tmp_path / "x", "tiny", seed=seed)
+        assert str(error.value) == f"--seed must be a whole number from 0 to 140735340904446, got {seed}"
     assert not (tmp_path / "x").exists()  # nothing is written before the arguments check out
+    (tmp_path / "file").touch()
+    with pytest.raises(MoEOffloadError) as error:  # the seed is fine; the folder cannot be made under a file
+        synthesize(tmp_path / "file" / "x", "tiny", seed=MAX_SEED)
+    assert str(error.value) == f"cannot make the folder {tmp_path / 'file' / 'x'}: Not a directory; choose another OUT"
