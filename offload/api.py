@@ -540,6 +540,9 @@ class OffloadedModel:
         return writer.path
 
     def reset_stats(self) -> None:
+        """Zero every counter. Experts prefetched before it count as loaded after it: a request that finds
+        one is a plain hit, neither a prefetch used nor, at the next reset, one wasted in the new window."""
+        self.cache.settle_prefetches()
         self.cache.stats.reset()
         self.stats = RunStats(self.cache.stats)
 

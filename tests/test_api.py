@@ -55,3 +55,21 @@ def test_auto_dtype_is_bfloat16_only_where_the_gpu_runs_it_natively(monkeypatch,
     assert api.resolve_dtype("float16", torch.device("cpu")) is torch.float16
     with pytest.raises(MoEOffloadError, match=r"^unknown dtype 'half'; choose auto, float32, float16, bfloat16$"):
         api.resolve_dtype("half", torch.device("cpu"))
+
+
+def test_reset_stats_leaves_no_earlier_prefetch_in_the_new_window(trained_model_dir):
+    """After reset_stats a new sequence counts as on a fresh model: a prefetch left from before is not
+    counted wasted (nor used) in the new window."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    for tokens in range(1, 40):  # a run that ends with a prefetch not yet used (7 tokens, here)
+        model.generate("import os\n", max_new_tokens=tokens, temperature=0)
+        if any(table.unused_prefetches for table in model.cache.tables):
+            break
+    else:
+        pytest.fail("no run left a prefetch pending")
+    model.reset_stats()
+    fresh = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    for run in (model, fresh):
+        run.generate("def f(x):\n", max_new_tokens=3, temperature=0)
+    counts = [{k: v for k, v in run.stats.total.to_dict().items() if k != "stall_s"} for run in (model, fresh)]
+    assert counts[0] == counts[1] and counts[0]["prefetches_issued"] > 0
