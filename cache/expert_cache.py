@@ -238,11 +238,7 @@ class ExpertCache:
         if self.mode == "direct":
             return
         for table in self.tables:
-            residents = sorted(table.slot_of, key=table.slot_of.__getitem__)  # in slot order
-            table.reset()
-            if self.mode == "exclusive":  # each expert lives in one place only: the slots can't be emptied
-                for expert in residents:
-                    table.place(expert)  # slots refill in order, so each resident keeps its slot
+            table.reset(keep_residents=self.mode == "exclusive")  # there, slots can't be emptied
 
     def settle_prefetches(self) -> None:
         """Every layer's prefetches so far count as loaded (SlotTable.settle_prefetches); call it once the

@@ -2,7 +2,8 @@
 
 The rules are the runtime's because the engine is the runtime's: one SlotTable per layer (one
 request served as a unit, misses in router order), one policy instance per layer made by
-`make_policies`, and every table reset (emptied) at the start of each sequence. A prefetch predictor,
+`make_policies`, and every table reset at the start of each sequence: emptied, or in exclusive mode
+full from the start (experts 0..K-1) and keeping its experts across sequences. A prefetch predictor,
 when given, guesses layer l+1's experts once layer l is known, and the guess goes through
 `SlotTable.prefetch` before layer l+1's request, exactly as the runtime would issue it.
 """
@@ -30,6 +31,7 @@ class SimResult:
     prefetch: str
     stats: CacheStats
     tokens: int
+    mode: str = "inclusive"  # the cache mode replayed
 
     @property
     def hit_rate(self) -> float:
@@ -62,6 +64,7 @@ class SimResult:
             "policy": self.policy,
             "slots": self.slots,
             "prefetch": self.prefetch,
+            "mode": self.mode,
             "hit_rate": round(total.hit_rate, 6),
             "hits": total.hits,
             "requests": total.requests,
@@ -89,15 +92,18 @@ def simulate(
     slots: int | Sequence[int],
     prefetch: str = "none",
     per_layer: bool = False,
+    mode: str = "inclusive",
     **params: float,
 ) -> SimResult:
     """Replay `trace` with `slots` experts per layer (one count, or one a layer) under `policy` (a
-    POLICIES name).
+    POLICIES name), with the cache `mode` the runtime ran (exclusive: the slots start and stay full).
 
     `params` go to the policy's constructor. `per_layer` is accepted for symmetry with the CLI:
     the per-layer counters are always kept, and `SimResult.to_dict(per_layer=True)` prints them.
     """
     del per_layer  # always counted; only printing differs
+    if mode not in ("inclusive", "exclusive"):
+        raise MoEOffloadError(f"unknown cache mode {mode!r}; choose inclusive or exclusive")
     sequences = trace.sequences()
     stats = CacheStats.for_layers(trace.num_layers)
     futures = None
@@ -107,9 +113,13 @@ def simulate(
     capacities = layer_slots(slots, trace.num_layers)
     tables = [SlotTable(k, p, layer_stats) for k, p, layer_stats in zip(capacities, policies, stats.per_layer)]
     predictor = make_predictor(prefetch, trace)
+    exclusive = mode == "exclusive"
+    if exclusive:
+        for table in tables:
+            table.fill()
     for sequence in sequences:
         for table in tables:
-            table.reset()
+            table.reset(keep_residents=exclusive)
         if predictor is None:
             for token in sequence:
                 for table, request in zip(tables, token.layers):
@@ -129,7 +139,7 @@ def simulate(
     for table, layer_stats in zip(tables, stats.per_layer):
         # the run is over: prefetched experts no request used count as wasted, as at a reset
         layer_stats.prefetches_wasted += len(table.unused_prefetches)
-    return SimResult(policy, slots_label(capacities), prefetch, stats, len(trace.tokens))
+    return SimResult(policy, slots_label(capacities), prefetch, stats, len(trace.tokens), mode)
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,11 @@ class SlotTable:
         self.guess: tuple[int, ...] | None = None  # the prefetcher's guess for the next request, in its order
         self.t = 0  # requests served since the last reset
 
-    def reset(self) -> None:
-        """A new sequence: every slot empties, and unused prefetches count as wasted."""
+    def reset(self, keep_residents: bool = False) -> None:
+        """A new sequence: unused prefetches count as wasted, and every slot empties; with `keep_residents`
+        (exclusive mode, where each expert lives in one place only) each keeps its expert, cold: placed
+        again as if before the first request."""
+        residents = sorted(self.slot_of, key=self.slot_of.__getitem__) if keep_residents else []  # slot order
         self.stats.prefetches_wasted += len(self.unused_prefetches)
         self.unused_prefetches.clear()
         self.slot_of.clear()
@@ -60,6 +63,13 @@ class SlotTable:
         self.guess = None
         self.t = 0
         self.policy.reset()
+        for expert in residents:
+            self.place(expert)  # the slots refill in order, so each resident keeps its slot
+
+    def fill(self) -> None:
+        """Exclusive mode's start: experts 0..K-1 in slots 0..K-1, as the runtime loads them."""
+        for expert in range(self.capacity):
+            self.place(expert)
 
     def settle_prefetches(self) -> None:
         """Count the experts prefetched so far as loaded: a request that finds one is a plain hit, not a

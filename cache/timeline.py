@@ -283,8 +283,7 @@ def timeline(
     tables = [SlotTable(k, p, s) for k, p, s in zip(capacities, policies, stats.per_layer)]
     if mode == "exclusive":
         for table in tables:
-            for expert in range(table.capacity):
-                table.place(expert)
+            table.fill()
     clock = clock_class(tables, sequence, costs, mode=mode, prefetch=prefetch, depth=depth, top_k=top_k)
 
     def step(position: int) -> None:

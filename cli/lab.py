@@ -33,7 +33,8 @@ def register(app: typer.Typer) -> None:
 
 SIMULATE_HELP = (
     "Replay TRACE through cache policies and print the hit rate per policy and slot count. "
-    "One cache per layer, empty at each new sequence; a request (one token's experts at one layer) is "
+    "One cache per layer, empty at each new sequence (with --cache-mode exclusive, full from the start, as the "
+    "runtime's exclusive mode keeps it); a request (one token's experts at one layer) is "
     "served as a unit, by the same SlotTable the runtime uses. Hit rate = hits / experts asked for."
 )
 
@@ -56,6 +57,12 @@ def simulate_command(
         "--prefetch",
         help="Prefetch predictor for layer l+1, guessed once layer l is known: " + "|".join(PREFETCH_CHOICES) + ".",
     ),
+    mode: str = typer.Option(
+        "inclusive",
+        "--cache-mode",
+        help="inclusive (empty at each sequence), or exclusive: the slots start with experts 0..K-1 and stay "
+        "full, as the runtime's exclusive mode (replay a trace it recorded with the mode it ran).",
+    ),
     as_json: bool = typer.Option(False, "--json", help='Print only {"results": [...]} on stdout.'),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of hit rate against slots, one line per policy."),
 ) -> None:
@@ -71,7 +78,8 @@ def simulate_command(
         if max(slot_counts) > routing.num_experts:
             raise MoEOffloadError(f"--slots {slots!r} goes past the trace's {routing.num_experts} experts per layer: "
                                   f"write e.g. 1-{routing.num_experts}")  # fmt: skip
-        results = [simulate(routing, name, count, prefetch=prefetch) for name in policies for count in slot_counts]
+        results = [simulate(routing, name, count, prefetch=prefetch, mode=mode) for name in policies
+                   for count in slot_counts]  # fmt: skip
         if plot is not None:
             write_plot(results, plot, title=f"{trace.name} (prefetch: {prefetch})")
     except MoEOffloadError as error:

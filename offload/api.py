@@ -521,7 +521,7 @@ class OffloadedModel:
         """Generate from each prompt (one sequence each) and write every cache request to `out`.
 
         The trace uses shared/traces' fields plus `guess` and `phase` (cache/trace.py); replaying it
-        through `simulate` with the same slots and policy counts the same hits as this run.
+        through `simulate` with the same slots, policy and cache mode counts the same hits as this run.
         """
         from cache.trace import TraceWriter
 

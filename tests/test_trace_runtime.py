@@ -14,15 +14,18 @@ FIELDS = ("requests", "hits", "misses", "prefetches_issued", "prefetches_used", 
           "guess_total")  # fmt: skip
 
 
-@pytest.mark.parametrize(("policy", "prefetch", "replay"), [("lru", "none", "none"), ("lru", "late", "recorded"),
-                                                            ("path", "late", "recorded")])  # fmt: skip
-def test_replayed_trace_counts_what_the_runtime_counted(capsys, tmp_path, trained_model_dir, policy, prefetch, replay):
+@pytest.mark.parametrize(("policy", "prefetch", "replay", "mode"), [
+    ("lru", "none", "none", "inclusive"), ("lru", "late", "recorded", "inclusive"),
+    ("path", "late", "recorded", "inclusive"), ("lru", "late", "recorded", "exclusive"),
+])  # fmt: skip
+def test_replayed_trace_counts_what_the_runtime_counted(capsys, tmp_path, trained_model_dir, policy, prefetch, replay,
+                                                        mode):  # fmt: skip
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(p.replace("\n", " ") for p in PROMPTS) + "\n")
     out = tmp_path / "trace.jsonl"
     code = main([
         "trace", str(trained_model_dir), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "24",
-        "--slots", "3", "--device", "cpu", "--policy", policy, "--prefetch", prefetch,
+        "--slots", "3", "--device", "cpu", "--policy", policy, "--prefetch", prefetch, "--cache-mode", mode,
     ])  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -33,11 +36,14 @@ def test_replayed_trace_counts_what_the_runtime_counted(capsys, tmp_path, traine
     # the runtime's own counts, from a second identical run through the Python API
     import offload
 
-    model = offload.load(str(trained_model_dir), device="cpu", slots=3, policy=policy, prefetch=prefetch)
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3, policy=policy, prefetch=prefetch,
+                         cache_mode=mode)  # fmt: skip
     model.trace([p.replace("\n", " ") for p in PROMPTS], tmp_path / "again.jsonl", max_new_tokens=24)
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # deterministic
 
-    replayed = simulate(read_trace(out), policy, 3, prefetch=replay)
+    replayed = simulate(read_trace(out), policy, 3, prefetch=replay, mode=mode)
+    if mode == "exclusive":  # the slots start full: replayed as inclusive, the counts differ
+        assert simulate(read_trace(out), policy, 3, prefetch=replay).hits < replayed.hits
     for layer, (ours, theirs) in enumerate(zip(model.stats.cache.per_layer, replayed.stats.per_layer, strict=True)):
         assert [getattr(ours, f) for f in FIELDS] == [getattr(theirs, f) for f in FIELDS], f"layer {layer}"
     if prefetch != "none":
