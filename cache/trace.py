@@ -11,7 +11,9 @@ and `gating_probs` their gate weights. Traces that the runtime records add two f
 - `guess`: the experts the prefetcher guessed for this request before it was made, or null when it
   made no guess (layer 0, or prefetch off);
 - `phase`: "decode" (one token) or "prefill" (a whole prompt chunk: one row per layer naming every
-  expert the chunk used, so a row may hold more than two experts).
+  expert the chunk used, so a row may hold more than two experts). A prefill's `token_idx` is that of
+  the last decode token before it in the sequence: -1 for the prompt, and in a conversation, where each
+  turn prefills only what is new, the index of the turn's last reply token.
 
 Readers treat a missing `guess` as null and a missing `phase` as "decode".
 """
@@ -28,7 +30,7 @@ from typing import IO
 from quant.errors import MoEOffloadError
 from quant.files import check_writable, temporary_name
 
-PHASES = ("prefill", "decode")  # the order a sequence's requests are replayed in
+PHASES = ("decode", "prefill")  # at one token_idx, the order a sequence's requests are replayed in
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ MAX_ID = 4096  # layers and experts a layer a trace may name: more than any mode
 def read_trace(path: str | Path) -> Trace:
     """Read a trace file. Tokens missing a layer are skipped and counted; bad lines raise.
 
-    Replay order: sequences in order of first appearance in the file; within a sequence, prefill
-    chunks before decode tokens, each by `token_idx`.
+    Replay order: sequences in order of first appearance in the file; within a sequence, by `token_idx`,
+    a decode token before the prefill that follows it (a conversation's next turn).
     """
     path = Path(path)
     if not path.is_file():
@@ -135,7 +137,7 @@ def read_trace(path: str | Path) -> Trace:
 
     tokens: list[Token] = []
     skipped = 0
-    order = sorted(groups, key=lambda k: (sequence_rank[k[0]], PHASES.index(k[1]), k[2]))
+    order = sorted(groups, key=lambda k: (sequence_rank[k[0]], k[2], PHASES.index(k[1])))
     for sequence, phase, token_idx in order:
         layers = groups[(sequence, phase, token_idx)]
         if len(layers) != num_layers:

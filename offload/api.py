@@ -505,7 +505,7 @@ class OffloadedModel:
         def record(layer: int, experts: list[int], weights: list[float], guess, prefill: bool) -> None:
             writer.record(
                 sequence=self.sequence - first_sequence,
-                token_idx=-1 if prefill else self.decode_step,
+                token_idx=self.decode_step - 1 if prefill else self.decode_step,  # prefill: after the last decode
                 layer=layer,
                 experts=experts,
                 gating_probs=weights,
