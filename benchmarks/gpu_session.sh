@@ -140,8 +140,9 @@ for step in "$@"; do
                 --json "$results/bench_${gpu}_prefill_4096_${gib}gib.json"
         done
         stamp "$results"/bench_"${gpu}"_prefill_4096_*.json
-        python3 -c "import json, sys; [print(p, d['gpu_peak_bytes'], 'of', d['gpu_budget_bytes'], 'kept', \
-d['prefill_reserve_bytes']) for p in sys.argv[1:] for d in [json.load(open(p))]]" "$results"/bench_"${gpu}"_prefill_4096_*.json
+        python3 -c "import json, sys; [print(p, d['gpu_peak_bytes'], 'reserved', d['gpu_reserved_peak_bytes'], 'of', \
+d['gpu_budget_bytes'], 'kept', d['prefill_reserve_bytes']) for p in sys.argv[1:] for d in [json.load(open(p))]]" \
+            "$results"/bench_"${gpu}"_prefill_4096_*.json
         ;;
     colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
         bench --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \

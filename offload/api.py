@@ -24,7 +24,7 @@ from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
-from offload.planner import MemoryPlan, parse_bytes, plan_memory, resolve_device
+from offload.planner import MemoryPlan, gpu_budget, parse_bytes, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
 from quant import cpu_gemv, gemv
@@ -226,7 +226,7 @@ def prepare(model: str, **options) -> Prepared:
         kv_bytes=kv_bytes,
         reserve_bytes=reserve,
         slots=opts.slots,
-        device_budget=None if opts.gpu_memory is None else parse_bytes(opts.gpu_memory),
+        device_budget=gpu_budget(opts.gpu_memory, device),
         host_budget=None if opts.cpu_memory is None else parse_bytes(opts.cpu_memory),
         mode=opts.cache_mode,
     )

@@ -245,7 +245,8 @@ class DecodeRun:
     decode: LayerStats  # the cache counters of the decode steps alone
     tokens: int
     gpu_allocs_in_decode: int | None
-    gpu_peak_bytes: int | None
+    gpu_peak_bytes: int | None  # the most the tensors held at once (max_memory_allocated)
+    gpu_reserved_peak_bytes: int | None  # the most the allocator held from CUDA: rounding and free blocks too
     expert_bytes: int  # one load
     reach: int | None  # the prefetch's layers ahead: the oracle's depth or the gate's ahead; None: no prefetch
 
@@ -318,10 +319,12 @@ def decode_run(
     after = model.stats.total
     decode = LayerStats(**{k: getattr(after, k) - getattr(before, k) for k in LayerStats.__dataclass_fields__})
     allocs = None if allocations is None else _allocations(device) - allocations
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    reserved = torch.cuda.max_memory_reserved(device) if cuda else None
     prefetcher = model.moe.prefetcher
     reach = getattr(prefetcher, "depth", None) or getattr(prefetcher, "ahead", None)  # OraclePrefetcher, Prefetcher
-    return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak,
+    return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak, reserved,
                      model.cache.expert_bytes, reach)  # fmt: skip
 
 
@@ -443,6 +446,7 @@ def _summary(run: DecodeRun, prefetch: str, link: Link, compute_s: float) -> dic
         "bound_tokens_per_s": round(1.0 / bound_s, 4),
         "fraction_of_bound": round(run.decode_tokens_per_s * bound_s, 4),
         "gpu_peak_bytes": run.gpu_peak_bytes,
+        "gpu_reserved_peak_bytes": run.gpu_reserved_peak_bytes,  # what the budget must hold (less the context)
         "gpu_allocs_in_decode": run.gpu_allocs_in_decode,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,11 +94,30 @@ def slots_text(slots: Sequence[int]) -> str:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise MoEOffloadError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    index = name.removeprefix("cuda:")
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
+        raise MoEOffloadError(f"unknown device {name!r}; choose cpu, cuda, cuda:N or auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MoEOffloadError("--device cuda was asked for, but this torch has no CUDA device; use --device cpu")
+    if name.startswith("cuda:") and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise MoEOffloadError(f"--device {name}: this machine has {count} GPU{'s' * (count != 1)}, cuda:0 to "
+                              f"cuda:{count - 1}")  # fmt: skip
     return torch.device(name)
+
+
+def gpu_budget(text: str | None, device: torch.device) -> int | None:
+    """--gpu-memory in bytes, and at most what the GPU has free now, with a warning where it asked more: a
+    Colab T4 sold as 16 GB is 14.7 GiB to CUDA, less its context."""
+    if text is None:
+        return None
+    budget = parse_bytes(text)
+    free = free_memory(device)[0]
+    if budget > free:
+        warnings.warn(f"--gpu-memory {text} is more than the {format_bytes(free)} free on {device}; planning for "
+                      f"{format_bytes(free)}", stacklevel=3)  # fmt: skip
+        return free
+    return budget
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:

@@ -188,3 +188,32 @@ def test_a_cache_mode_on_the_cpu_needs_slots():
     with pytest.raises(MoEOffloadError, match=message):
         plan_memory(device=torch.device("cpu"), num_layers=2, num_experts=8, expert_bytes=1, resident_bytes=0,
                     kv_bytes=0, device_budget=GiB, host_budget=GiB, mode="exclusive")  # fmt: skip
+
+
+def test_a_gpu_budget_over_what_is_free_plans_for_what_is_free(monkeypatch):
+    """A Colab T4's `--gpu-memory 15GiB` on the card itself (14.7 GiB to CUDA, less its context)."""
+    from offload import planner
+
+    monkeypatch.setattr(planner, "free_memory", lambda device: (14 * GiB + 600 * (1 << 20), 0))
+    assert planner.gpu_budget(None, CUDA) is None
+    assert planner.gpu_budget("12GiB", CUDA) == 12 * GiB
+    with pytest.warns(UserWarning) as caught:
+        assert planner.gpu_budget("15GiB", CUDA) == 14 * GiB + 600 * (1 << 20)
+    assert [str(w.message) for w in caught] == [
+        "--gpu-memory 15GiB is more than the 14.59 GiB free on cuda; planning for 14.59 GiB"
+    ]
+
+
+def test_a_cuda_device_that_is_not_there_is_one_line(monkeypatch):
+    from offload.planner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(MoEOffloadError) as error:
+        resolve_device("cuda:3")
+    assert str(error.value) == "--device cuda:3: this machine has 1 GPU, cuda:0 to cuda:0"
+    for name in ("cuda:x", "cuda:", "gpu"):
+        with pytest.raises(MoEOffloadError) as error:
+            resolve_device(name)
+        assert str(error.value) == f"unknown device {name!r}; choose cpu, cuda, cuda:N or auto"
