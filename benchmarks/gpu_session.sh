@@ -45,6 +45,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 moe() { python3 -m cli.app "$@"; }
 bench() { moe bench "$model" --no-verify "$@"; }  # every load after synth: see the header
+attempt() {  # a run that fails (the first on a new machine, say) is reported, and the runs after it still run
+    "$@" || echo "== failed with exit code $?: $*"
+}
 
 stamp() {  # the machine's copy has the session's first commit in .git, or none: record the commit sent
     python3 - "$@" <<'EOF'
@@ -75,11 +78,11 @@ for step in "$@"; do
         fi
         ;;
     kernel)  # device time per call, every (late_sum, fast_codes, stages) variant at the default launch
-        python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
+        attempt python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;
     kernel-sweep)  # every 2-bit launch shape of the default variant (of all 8: ~600 compiles, past a call's 10 minutes)
-        python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
+        attempt python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
         stamp "$results/gemv_kernel_sweep_$gpu.json"
         ;;
     synth-start)  # synth on 8 CPU threads in the background, while the GPU steps run
@@ -93,63 +96,63 @@ for step in "$@"; do
         [[ -f $model/manifest.json ]] || time moe synth "$model" --preset mixtral-8x7b
         ;;
     bench)  # the issue's three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --compare \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --compare \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle.json"
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 1 \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 1 \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth1.json"
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch gate \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch gate \
             --json "$results/bench_${gpu}_mixtral-8x7b_gate.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
         ;;
     bench-more)  # the same work without the fused kernel, without CUDA graphs, and with the oracle two layers
         # ahead: a perfect-recall `--prefetch-ahead 2`
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-cuda-graphs \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-cuda-graphs \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_eager.json"
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 2 \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 2 \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth2.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager,depth2}.json
         ;;
     embedding)  # the embedding table in RAM against on the GPU, at the same 5 slots a layer: what reading each
         # token's row over PCIe costs a decode step (the 4 slots it frees are the other half of the trade)
         for place in host-embedding no-host-embedding; do  # the probe may refuse the table in RAM: go on to colab
-            bench --gpu-memory 12GiB --slots 5 --route-trace "$trace" --prefetch oracle --$place \
-                --json "$results/bench_${gpu}_mixtral-8x7b_oracle_slots5_${place}.json" || echo "== embedding: $place failed"
+            attempt bench --gpu-memory 12GiB --slots 5 --route-trace "$trace" --prefetch oracle --$place \
+                --json "$results/bench_${gpu}_mixtral-8x7b_oracle_slots5_${place}.json"
         done
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_slots5_*.json
         ;;
     bench-path)  # the 4x goal's other route: the path policy keeps more than LRU (4.2x the no-cache bytes in simulate)
-        bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --policy path --compare \
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --policy path --compare \
             --json "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
         stamp "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
         ;;
     profile)  # where a decode step's time goes (after synth): CUDA graphs on and off, and the real path's guess
-        python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB \
+        attempt python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB \
             --out "$results/profile_decode_${gpu}_graphs.json"
-        python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB --prefetch gate \
+        attempt python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB --prefetch gate \
             --out "$results/profile_decode_${gpu}_gate.json"
-        python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
+        attempt python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
             --out "$results/profile_decode_${gpu}_eager.json"
         stamp "$results"/profile_decode_"${gpu}"_*.json
         ;;
     prefill)  # a prompt of the whole default context at 12 and 8 GiB: the prefill's peak against the budget,
         # of which the plan keeps prefill_reserve_bytes free (offload.api.prefill_reserve)
         for gib in 12 8; do
-            bench --gpu-memory ${gib}GiB --max-seq-len 4096 --prompt-tokens 4064 --tokens 16 \
+            attempt bench --gpu-memory ${gib}GiB --max-seq-len 4096 --prompt-tokens 4064 --tokens 16 \
                 --json "$results/bench_${gpu}_prefill_4096_${gib}gib.json"
         done
         stamp "$results"/bench_"${gpu}"_prefill_4096_*.json
-        python3 -c "import json, sys; [print(p, d['gpu_peak_bytes'], 'reserved', d['gpu_reserved_peak_bytes'], 'of', \
+        attempt python3 -c "import json, sys; [print(p, d['gpu_peak_bytes'], 'reserved', d['gpu_reserved_peak_bytes'], 'of', \
 d['gpu_budget_bytes'], 'kept', d['prefill_reserve_bytes']) for p in sys.argv[1:] for d in [json.load(open(p))]]" \
             "$results"/bench_"${gpu}"_prefill_4096_*.json
         ;;
     colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
-        bench --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \
+        attempt bench --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \
             --json "$results/bench_${gpu}_colab_exclusive.json"
         # the planner splits the same GPU budget alike in both modes (tests/test_planner.py); checked here,
         # with a warning only: the session's later steps must still run
-        bench --gpu-memory 15GiB --cache-mode inclusive --route-trace "$trace" \
+        attempt bench --gpu-memory 15GiB --cache-mode inclusive --route-trace "$trace" \
             --prefetch oracle --json "$results/bench_${gpu}_colab_inclusive.json"
         stamp "$results"/bench_"${gpu}"_colab_*.json
         python3 -c "import json, sys; a, b = (json.load(open(p))['slots_per_layer'] for p in sys.argv[1:]); \
