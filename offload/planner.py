@@ -174,8 +174,10 @@ def plan_memory(
         need = resident_bytes + kv_bytes + host_bytes + in_slots + spare
         if need > host_budget:
             raise MoEOffloadError(
-                f"the model needs {format_bytes(need)} of RAM and {format_bytes(host_budget)} is available; "
-                "quantize the experts to fewer bits (--expert-bits 2) or raise --cpu-memory"
+                f"the model needs {format_bytes(need)} of RAM (experts {format_bytes(host_bytes + in_slots + spare)}, "
+                f"KV cache {format_bytes(kv_bytes)}, other weights {format_bytes(resident_bytes)}) and "
+                f"{format_bytes(host_budget)} is available; lower --max-seq-len, quantize to fewer bits or raise "
+                "--cpu-memory"
             )
         per_layer = None if slots is None else (slots,) * num_layers
         # the CPU is the device, and its memory is the RAM: its budget is the host's
