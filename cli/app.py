@@ -61,7 +61,7 @@ CpuMemory = Annotated[
         help="RAM budget for the expert arena (and, on CUDA, the embedding table), e.g. 12GiB. Default: available."
     ),
 ]
-Device = Annotated[str, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
 Dtype = Annotated[
     str,
     typer.Option(help="auto (bfloat16 from sm_80, float16 on older GPUs, float32 on CPU), float32, float16, bfloat16."),
@@ -498,7 +498,6 @@ def bench(
 ) -> None:
     """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound."""
     from offload import bench as benchmark
-    from offload.planner import parse_bytes
 
     for name, value in (("--tokens", tokens), ("--prompt-tokens", prompt_tokens)):
         if value < 1:
@@ -519,8 +518,8 @@ def bench(
         def accelerate() -> dict:
             return benchmark.accelerate_baseline(
                 model, device=loaded.device, dtype=loaded.dtype, tokens=tokens, prompt_tokens=prompt_tokens,
-                gpu_budget=None if load["gpu_memory"] is None else parse_bytes(load["gpu_memory"]),
-                cpu_budget=None if load["cpu_memory"] is None else parse_bytes(load["cpu_memory"]),
+                gpu_budget=None if load["gpu_memory"] is None else loaded.plan.device_budget,  # as planned: at most
+                cpu_budget=None if load["cpu_memory"] is None else loaded.plan.host_budget,  # what is free
             )  # fmt: skip
 
     result = benchmark.bench(loaded, tokens=tokens, prompt_tokens=prompt_tokens,

@@ -24,7 +24,7 @@ from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
-from offload.planner import MemoryPlan, gpu_budget, parse_bytes, plan_memory, resolve_device
+from offload.planner import MemoryPlan, budgets, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
 from quant import cpu_gemv, gemv
@@ -216,6 +216,7 @@ def prepare(model: str, **options) -> Prepared:
     reserve = prefill_reserve(config, resident, expert_format, max_seq_len, opts.prefill_chunk, dtype, device)
     host_embedding = resolve_host_embedding(opts.host_embedding, config, device, dtype)
     in_ram = weights_in_ram(host_embedding)
+    device_budget, host_budget = budgets(opts.gpu_memory, opts.cpu_memory, device)
     plan = plan_memory(
         device=device,
         num_layers=config.num_layers,
@@ -226,8 +227,8 @@ def prepare(model: str, **options) -> Prepared:
         kv_bytes=kv_bytes,
         reserve_bytes=reserve,
         slots=opts.slots,
-        device_budget=gpu_budget(opts.gpu_memory, device),
-        host_budget=None if opts.cpu_memory is None else parse_bytes(opts.cpu_memory),
+        device_budget=device_budget,
+        host_budget=host_budget,
         mode=opts.cache_mode,
     )
     fused = resolve_fused_gemv(opts.fused_gemv, device)

@@ -106,18 +106,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def gpu_budget(text: str | None, device: torch.device) -> int | None:
-    """--gpu-memory in bytes, and at most what the GPU has free now, with a warning where it asked more: a
-    Colab T4 sold as 16 GB is 14.7 GiB to CUDA, less its context."""
+def budgets(gpu_memory: str | None, cpu_memory: str | None, device: torch.device) -> tuple[int | None, int | None]:
+    """--gpu-memory and --cpu-memory in bytes (None: not given), each at most what the machine has free now,
+    with a warning where one asks for more: a Colab T4 sold as 16 GB is 14.7 GiB to CUDA, less its context,
+    and a Colab's 12.7 GB of RAM is 11.8 GiB."""
+    if gpu_memory is None and cpu_memory is None:
+        return None, None
+    free_device, free_host = free_memory(device)
+    return (
+        _at_most(gpu_memory, free_device, f"--gpu-memory {gpu_memory} is more than the {{}} free on {device}"),
+        _at_most(cpu_memory, free_host, f"--cpu-memory {cpu_memory} is more than the {{}} of RAM available "
+                 f"(less {format_bytes(HOST_HEADROOM)} for Python and torch)"),
+    )  # fmt: skip
+
+
+def _at_most(text: str | None, free: int, too_much: str) -> int | None:
     if text is None:
         return None
     budget = parse_bytes(text)
-    free = free_memory(device)[0]
-    if budget > free:
-        warnings.warn(f"--gpu-memory {text} is more than the {format_bytes(free)} free on {device}; planning for "
-                      f"{format_bytes(free)}", stacklevel=3)  # fmt: skip
-        return free
-    return budget
+    if budget <= free:
+        return budget
+    warnings.warn(f"{too_much.format(format_bytes(free))}; planning for {format_bytes(free)}", stacklevel=4)
+    return free
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
@@ -199,7 +209,7 @@ def plan_memory(
             f"{max(slots, 1)} expert slots per layer need {format_bytes(need / (1 - GPU_HEADROOM))} of GPU memory "
             f"(resident weights and KV cache {format_bytes(fixed)}, kept for a prefill {format_bytes(reserve_bytes)}), "
             f"and the budget is {format_bytes(device_budget)}; "
-            "lower --slots or --max-seq-len, quantize to fewer bits, or raise --gpu-memory"
+            "lower --slots or --max-seq-len, quantize to fewer bits, or raise --gpu-memory (up to what is free)"
         )
     per_layer = (slots,) * num_layers if forced else spread(total, num_layers, num_experts)
     in_slots = sum(per_layer) * expert_bytes

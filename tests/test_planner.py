@@ -188,17 +188,20 @@ def test_a_cache_mode_on_the_cpu_needs_slots():
                     kv_bytes=0, device_budget=GiB, host_budget=GiB, mode="exclusive")  # fmt: skip
 
 
-def test_a_gpu_budget_over_what_is_free_plans_for_what_is_free(monkeypatch):
-    """A Colab T4's `--gpu-memory 15GiB` on the card itself (14.7 GiB to CUDA, less its context)."""
+def test_a_budget_over_what_is_free_plans_for_what_is_free(monkeypatch):
+    """A Colab T4's `--gpu-memory 15GiB --cpu-memory 12GiB` on the machine itself: 14.7 GiB to CUDA, less its
+    context, and 12.7 GB of RAM."""
     from offload import planner
 
-    monkeypatch.setattr(planner, "free_memory", lambda device: (14 * GiB + 600 * (1 << 20), 0))
-    assert planner.gpu_budget(None, CUDA) is None
-    assert planner.gpu_budget("12GiB", CUDA) == 12 * GiB
+    monkeypatch.setattr(planner, "free_memory", lambda device: (14 * GiB + 600 * (1 << 20), 10 * GiB))
+    assert planner.budgets(None, None, CUDA) == (None, None)
+    assert planner.budgets("12GiB", "8GiB", CUDA) == (12 * GiB, 8 * GiB)
     with pytest.warns(UserWarning) as caught:
-        assert planner.gpu_budget("15GiB", CUDA) == 14 * GiB + 600 * (1 << 20)
+        assert planner.budgets("15GiB", "12GiB", CUDA) == (14 * GiB + 600 * (1 << 20), 10 * GiB)
     assert [str(w.message) for w in caught] == [
-        "--gpu-memory 15GiB is more than the 14.59 GiB free on cuda; planning for 14.59 GiB"
+        "--gpu-memory 15GiB is more than the 14.59 GiB free on cuda; planning for 14.59 GiB",
+        "--cpu-memory 12GiB is more than the 10.00 GiB of RAM available (less 1.00 GiB for Python and torch); "
+        "planning for 10.00 GiB",
     ]
 
 
