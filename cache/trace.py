@@ -12,8 +12,8 @@ and `gating_probs` their gate weights. Traces that the runtime records add two f
   made no guess (layer 0, or prefetch off);
 - `phase`: "decode" (one token) or "prefill" (a whole prompt chunk: one row per layer naming every
   expert the chunk used, so a row may hold more than two experts). A prefill's `token_idx` is that of
-  the last decode token before it in the sequence: -1 for the prompt, and in a conversation, where each
-  turn prefills only what is new, the index of the turn's last reply token.
+  the last decode step before it in the sequence (-1: none): in a conversation, where each turn
+  prefills only what is new, the previous reply's last decode step.
 
 Readers treat a missing `guess` as null and a missing `phase` as "decode".
 """
@@ -101,13 +101,15 @@ def read_trace(path: str | Path) -> Trace:
     """Read a trace file. Tokens missing a layer are skipped and counted; bad lines raise.
 
     Replay order: sequences in order of first appearance in the file; within a sequence, by `token_idx`,
-    a decode token before the prefill that follows it (a conversation's next turn).
+    a decode token before the prefill that follows it (a conversation's next turn), and prefills of one
+    `token_idx` (turns between which no decode step ran) in the file's order.
     """
     path = Path(path)
     if not path.is_file():
         raise MoEOffloadError(f"trace {path} does not exist: give the path of a .jsonl routing trace")
-    # (sequence, phase, token_idx) -> {layer: Request}
-    groups: dict[tuple[int, str, int], dict[int, Request]] = {}
+    # (sequence, phase, token_idx, round) -> {layer: Request}; round counts prefills of one token_idx
+    groups: dict[tuple[int, str, int, int], dict[int, Request]] = {}
+    rounds: dict[tuple[int, int], int] = {}  # (sequence, token_idx) -> its latest prefill's round
     sequence_rank: dict[int, int] = {}
     num_layers = num_experts = 0
     has_guesses = False
@@ -118,7 +120,10 @@ def read_trace(path: str | Path) -> Trace:
                     continue
                 sequence, token_idx, layer, phase, request = _parse_line(line, path, line_no)
                 sequence_rank.setdefault(sequence, len(sequence_rank))
-                layers = groups.setdefault((sequence, phase, token_idx), {})
+                round_ = rounds.get((sequence, token_idx), 0) if phase == "prefill" else 0
+                if phase == "prefill" and layer in groups.get((sequence, phase, token_idx, round_), {}):
+                    round_ = rounds[(sequence, token_idx)] = round_ + 1  # the next turn's prefill
+                layers = groups.setdefault((sequence, phase, token_idx, round_), {})
                 if layer in layers:
                     raise MoEOffloadError(
                         f"{path} line {line_no}: a second row for problem_id {sequence}, token_idx "
@@ -137,9 +142,9 @@ def read_trace(path: str | Path) -> Trace:
 
     tokens: list[Token] = []
     skipped = 0
-    order = sorted(groups, key=lambda k: (sequence_rank[k[0]], k[2], PHASES.index(k[1])))
-    for sequence, phase, token_idx in order:
-        layers = groups[(sequence, phase, token_idx)]
+    order = sorted(groups, key=lambda k: (sequence_rank[k[0]], k[2], PHASES.index(k[1]), k[3]))
+    for sequence, phase, token_idx, round_ in order:
+        layers = groups[(sequence, phase, token_idx, round_)]
         if len(layers) != num_layers:
             skipped += 1
             continue

@@ -88,9 +88,11 @@ def test_a_trace_numbers_its_sequences_from_0_after_earlier_generations(tmp_path
     assert sorted({row["problem_id"] for row in rows}) == [0, 1]
 
 
-def test_a_conversation_traced_turn_by_turn_replays_to_the_runtime_counts(tmp_path, trained_model_dir):
+@pytest.mark.parametrize("reply_tokens", [6, 1])
+def test_a_conversation_traced_turn_by_turn_replays_to_the_runtime_counts(tmp_path, trained_model_dir, reply_tokens):
     """Each turn prefills only what is new, into the same sequence: its prefill rows take the index of the
-    last reply token before them, so the trace reads back and replays in the order the turns ran."""
+    last decode step before them, so the trace reads back and replays in the order the turns ran; a reply
+    of one token takes no decode step, and the next turn's prefill then shares its index."""
     import offload
     from cache.trace import TraceWriter
 
@@ -100,7 +102,7 @@ def test_a_conversation_traced_turn_by_turn_replays_to_the_runtime_counts(tmp_pa
         model.record_trace(writer, first_sequence=model.sequence + 1)
         for turn in ("def add(a, b):", "Now a docstring."):
             messages.append({"role": "user", "content": turn})
-            reply = model.generate(messages=messages, max_new_tokens=6, temperature=0)
+            reply = model.generate(messages=messages, max_new_tokens=reply_tokens, temperature=0)
             messages.append({"role": "assistant", "content": reply.text})
         model.record_trace(None)
         model.cache.reset()  # the sequence ends: its unused prefetches count as wasted, as in a replay
@@ -108,8 +110,9 @@ def test_a_conversation_traced_turn_by_turn_replays_to_the_runtime_counts(tmp_pa
     assert model.sequence == 0 and [t.sequence for t in trace.tokens] == [0] * len(trace.tokens)
     phases = [(t.phase, t.token_idx) for t in trace.tokens]
     # 6 reply tokens take 5 decode forwards (the first comes from the prefill): turn 2 follows decode 4
-    assert phases == [("prefill", -1), *(("decode", i) for i in range(5)), ("prefill", 4),
-                      *(("decode", i) for i in range(5, 10))]  # fmt: skip
-    replayed = simulate(trace, "lru", 3, prefetch="recorded")
+    steps = reply_tokens - 1
+    assert phases == [("prefill", -1), *(("decode", i) for i in range(steps)), ("prefill", steps - 1),
+                      *(("decode", i) for i in range(steps, 2 * steps))]  # fmt: skip
+    replayed = simulate(trace, "lru", 3, prefetch="recorded" if trace.has_guesses else "none")  # none: no decode
     for layer, (ours, theirs) in enumerate(zip(model.stats.cache.per_layer, replayed.stats.per_layer, strict=True)):
         assert [getattr(ours, f) for f in FIELDS] == [getattr(theirs, f) for f in FIELDS], f"layer {layer}"
