@@ -522,10 +522,15 @@ class OffloadedModel:
         """Generate from each prompt (one sequence each) and write every cache request to `out`.
 
         The trace uses shared/traces' fields plus `guess` and `phase` (cache/trace.py); replaying it
-        through `simulate` with the same slots, policy and cache mode counts the same hits as this run.
+        through `simulate` with the same slots, policy and cache mode counts the same hits as this run (in
+        exclusive mode, on a model fresh from load: its slots start with experts 0..K-1, as the replay's do).
         """
         from cache.trace import TraceWriter
 
+        if self.cache.mode == "exclusive" and self.sequence >= 0:
+            warnings.warn("this model has run before, and in exclusive mode its slots still hold what that left, "
+                          "where a replay (simulate --cache-mode exclusive) starts with experts 0..K-1: load it "
+                          "afresh for a trace whose replay counts the same", stacklevel=2)  # fmt: skip
         prompts = list(prompts)
         for number, prompt in enumerate(prompts, 1):  # all of them before the first is generated
             name = f"prompt {number}" if len(prompts) > 1 else "the prompt"

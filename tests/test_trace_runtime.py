@@ -116,3 +116,13 @@ def test_a_conversation_traced_turn_by_turn_replays_to_the_runtime_counts(tmp_pa
     replayed = simulate(trace, "lru", 3, prefetch="recorded" if trace.has_guesses else "none")  # none: no decode
     for layer, (ours, theirs) in enumerate(zip(model.stats.cache.per_layer, replayed.stats.per_layer, strict=True)):
         assert [getattr(ours, f) for f in FIELDS] == [getattr(theirs, f) for f in FIELDS], f"layer {layer}"
+
+
+def test_tracing_a_model_that_ran_before_in_exclusive_mode_warns(tmp_path, trained_model_dir):
+    """Its slots hold what the earlier run left, not the load's experts 0..K-1 that a replay starts from."""
+    import offload
+
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3, cache_mode="exclusive")
+    model.trace(["def f():"], tmp_path / "fresh.jsonl", max_new_tokens=2)  # fresh from load: no warning
+    with pytest.warns(UserWarning, match=r"^this model has run before, and in exclusive mode its slots"):
+        model.trace(["def g():"], tmp_path / "again.jsonl", max_new_tokens=2)
