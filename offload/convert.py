@@ -34,6 +34,7 @@ from quant.checkpoint import (
     QuantizedCheckpoint,
     expert_file,
     is_quantized_checkpoint,
+    read_journal,
 )
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize, to_tensors
@@ -134,6 +135,9 @@ def quantize_model(
         "device": where.type,
         "format_version": FORMAT_VERSION,
     }
+    journal = read_journal(Path(out))
+    if journal is not None and journal.get("job") == {**job, "source": checkpoint.source}:
+        job = journal["job"]  # a run started before jobs named SRC by its resolved path: resume it as it was
     writer = CheckpointWriter(Path(out), job=job, force=force)
 
     for layer in range(config.num_layers):

@@ -13,6 +13,7 @@ same job resumes: journaled files whose bytes still match are skipped. Nothing h
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -81,9 +82,10 @@ def _disk_errors(path: Path) -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        full = getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in str(error)  # safetensors' own
         raise MoEOffloadError(
-            f"cannot write {path}: {reason}; make room and run the same command again, which keeps the files "
-            "already written"
+            f"cannot write {path}: {reason}; {'make room' if full else 'fix that'} and run the same command "
+            "again, which keeps the files already written"
         ) from None
 
 
@@ -126,6 +128,16 @@ def _is_ours(name: str) -> bool:
     return name in (MANIFEST, JOURNAL, RESIDENT) or _EXPERT_FILE.fullmatch(name) is not None or _TMP_MARK in name
 
 
+def read_journal(out_dir: Path) -> dict | None:
+    """An unfinished run's journal in `out_dir`: {"job": ..., "files": ...}, or None."""
+    try:
+        journal = json.loads((Path(out_dir) / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(journal, dict) and isinstance(journal.get("files"), dict)
+    return journal if ok else None
+
+
 class CheckpointWriter:
     """Writes one quantized folder; a run killed part way resumes where it stopped."""
 
@@ -143,7 +155,7 @@ class CheckpointWriter:
             reason = error.strerror or error
             raise MoEOffloadError(f"cannot make the folder {self.out_dir}: {reason}; choose another OUT") from None
         if names and not force:
-            journal = self._read_journal()
+            journal = read_journal(self.out_dir)
             if journal is None or journal.get("job") != self.job or MANIFEST in names:
                 what = "already holds a quantized checkpoint" if MANIFEST in names else "is not empty"
                 raise MoEOffloadError(
@@ -179,13 +191,6 @@ class CheckpointWriter:
             return []
         return [name for name in files if isinstance(name, str)] if isinstance(files, dict) else []
 
-    def _read_journal(self) -> dict | None:
-        try:
-            journal = json.loads((self.out_dir / JOURNAL).read_text())
-        except (OSError, ValueError):
-            return None
-        ok = isinstance(journal, dict) and isinstance(journal.get("files"), dict)
-        return journal if ok else None
 
     def _write_journal(self) -> None:
         _atomic_write_bytes(self.out_dir / JOURNAL, _json_bytes({"job": self.job, "files": self._files}))

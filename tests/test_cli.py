@@ -374,6 +374,28 @@ def test_quantize_killed_midway_resumes_to_identical_files(capsys, tmp_path, mon
         assert (killed / name).stat().st_mode & 0o044 == 0o044, f"{name} is not readable by others"
 
 
+def test_quantize_resumes_a_run_whose_journal_names_src_as_typed(capsys, tmp_path, monkeypatch):
+    """Journals written before jobs named a local SRC by its resolved path hold the path as it was typed."""
+    src = make_tiny_mixtral(tmp_path / "src", hidden=64, intermediate=128, layers=2, experts=4, seed=3)
+    out = tmp_path / "out"
+
+    def stop_after_a_layer(what, units):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model("src", out, progress=stop_after_a_layer)
+    journal = json.loads((out / ".quantize-journal.json").read_text())
+    assert journal["job"]["source"] == str(src.resolve()) and list(journal["files"]) == ["experts-000.safetensors"]
+    journal["job"]["source"] = "src"  # as the older version wrote it
+    (out / ".quantize-journal.json").write_text(json.dumps(journal))
+    done = []
+    quantize_model("src", out, progress=lambda what, units: done.append(what))
+    assert (out / "manifest.json").is_file() and done == ["layers", "layers", "resident"]
+    code, _, err = run(capsys, "quantize", "src", tmp_path / "other")  # and a new run keys the resolved path
+    assert code == 0, err
+
+
 def test_quantize_refuses_an_attention_it_cannot_take_before_the_experts(capsys, tmp_path):
     """k_proj [48, 96] takes no 4-bit g64: said before the first expert (hours on a CPU), with what works."""
     src = make_tiny_mixtral(tmp_path / "src", hidden=96, intermediate=128, layers=2, experts=4, seed=1)

@@ -278,6 +278,17 @@ def test_a_full_disk_is_one_line_leaves_nothing_under_the_final_name_and_keeps_w
         "28); make room and run the same command again, which keeps the files already written"
     )
     assert sorted(os.listdir(out)) == [JOURNAL, expert_file(0)]  # no temporary left
+
+    def refused(tensors, filename):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "save_file", refused)
+    with pytest.raises(MoEOffloadError) as error:  # not a full disk: no advice to make room
+        writer.write(expert_file(1), {"0": torch.zeros(64, dtype=torch.uint8)})
+    assert str(error.value) == (
+        f"cannot write {out / expert_file(1)}: Permission denied; fix that and run the same command again, which "
+        "keeps the files already written"
+    )
     assert not writer.done(expert_file(1))
     assert list(json.loads((out / JOURNAL).read_text())["files"]) == [expert_file(0)]
     assert CheckpointWriter(out, job=JOB).done(expert_file(0))
