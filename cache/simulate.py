@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cache.policies import POLICIES, make_policies
 from cache.predictors import make_predictor
 from cache.stats import CacheStats, LayerStats
-from cache.table import SlotTable, layer_slots, slots_label
+from cache.table import SlotTable, check_mode, layer_slots, slots_label
 from cache.trace import Trace
 from quant.errors import MoEOffloadError
 
@@ -102,8 +102,7 @@ def simulate(
     the per-layer counters are always kept, and `SimResult.to_dict(per_layer=True)` prints them.
     """
     del per_layer  # always counted; only printing differs
-    if mode not in ("inclusive", "exclusive"):
-        raise MoEOffloadError(f"unknown cache mode {mode!r}; choose inclusive or exclusive")
+    check_mode(mode)
     sequences = trace.sequences()
     stats = CacheStats.for_layers(trace.num_layers)
     futures = None

@@ -166,6 +166,13 @@ class SlotTable:
         self.policy.on_insert(expert, self.t, prefetch)
 
 
+def check_mode(mode: str) -> None:
+    """The cache modes a replay (the simulator, the time line) follows; `fill` and `reset(keep_residents)`
+    are exclusive mode's rules."""
+    if mode not in ("inclusive", "exclusive"):
+        raise MoEOffloadError(f"unknown cache mode {mode!r}; choose inclusive or exclusive")
+
+
 def layer_slots(slots: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
     """Slots per layer from one count for every layer or one count a layer (as the planner gives them)."""
     if isinstance(slots, int):

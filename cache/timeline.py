@@ -33,7 +33,7 @@ import torch
 
 from cache.policies import POLICIES, make_policies
 from cache.stats import CacheStats, LayerStats
-from cache.table import SlotTable, Step, layer_slots, request_order, slots_label
+from cache.table import SlotTable, Step, check_mode, layer_slots, request_order, slots_label
 from cache.trace import Token, Trace
 from quant.errors import MoEOffloadError
 
@@ -261,8 +261,7 @@ def timeline(
     if policy not in POLICIES or POLICIES[policy].offline:
         online = ", ".join(name for name, p in POLICIES.items() if not p.offline)
         raise MoEOffloadError(f"unknown or offline policy {policy!r}; choose one of {online}")
-    if mode not in ("inclusive", "exclusive"):
-        raise MoEOffloadError(f"unknown cache mode {mode!r}; choose inclusive or exclusive")
+    check_mode(mode)
     capacities = layer_slots(slots, layers)
     if not top_k <= min(capacities) <= max(capacities) <= num_experts:
         got = slots if isinstance(slots, int) else f"{min(capacities)} to {max(capacities)}"
