@@ -146,12 +146,16 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+# the C computes in float32; tokens of the others are converted on the way in and out (a few thousand values)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def supports(x: Tensor, q: Quantized) -> bool:
-    """Whether `gemv` serves this call: float32 tokens on the CPU, a few of them, and a layout it reads
+    """Whether `gemv` serves this call: a few tokens on the CPU, in a dtype of DTYPES, and a layout it reads
     (float16 or 8-bit scales and zeros; groups of 16 lanes at a time, up to MAX_GROUP), every part contiguous."""
     g = q.spec.group_size
     most = MAX_TOKENS_BLOCKED if (q.spec.bits, g) == (2, 16) else MAX_TOKENS
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not 1 <= x.shape[0] <= most:
+    if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 2 or not 1 <= x.shape[0] <= most:
         return False
     if x.shape[1] != q.shape[1] or g % 16 or g > MAX_GROUP:
         return False
@@ -198,8 +202,8 @@ def _each_thread(threads: int, total: int, call) -> None:
 
 
 def gemv(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
-    """x [M, K] @ dequantize(q).T -> [M, N] float32, into `out` when given. Its buffers (the groups' sums
-    of x, per-thread scratch) are `workspace`'s, so a decode step allocates nothing."""
+    """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, computed in float32, into `out` when given. Its
+    buffers (the groups' sums of x, per-thread scratch) are `workspace`'s, so a decode step allocates nothing."""
     if not supports(x, q):  # the C trusts its layout: a group of 8 or 24 lanes would read past its own
         weight = f"{q.spec.describe()} {tuple(q.shape)}"
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} times {weight}: not supported")
@@ -209,7 +213,22 @@ def gemv(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspac
 def multiply(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:
     """gemv without its check, for a caller that asked supports(x, q) already (quant.linear.CPU): a decode
     step makes 320 of these calls on a 32-layer model."""
-    lib, workspace = library(), workspace if workspace is not None else Workspace()
+    workspace = workspace if workspace is not None else Workspace()
+    if x.dtype == torch.float32:
+        return _multiply(x, q, out, workspace)
+    # --dtype bfloat16 or float16 on the CPU: the products in float32, then rounded once
+    tokens, n = x.shape[0], q.shape[0]
+    if out is not None and (out.shape != (tokens, n) or out.dtype != x.dtype):
+        got = f"{tuple(out.shape)} {out.dtype}"
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} times a weight {tuple(q.shape)} into {got}")
+    x32 = workspace.buffer("gemv.x32", tuple(x.shape), torch.float32, x.device).copy_(x)
+    y32 = _multiply(x32, q, workspace.buffer("gemv.y32", (tokens, n), torch.float32, x.device), workspace)
+    return y32.to(x.dtype) if out is None else out.copy_(y32)
+
+
+def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace) -> Tensor:
+    """multiply, float32 tokens."""
+    lib = library()
     # M = tokens, N = outputs, K = inputs, G = groups a row
     (n, k), g, bits, tokens = q.shape, q.spec.group_size, q.spec.bits, x.shape[0]
     groups_per_row, per = k // g, _ROWS_PER_ELEMENT[bits]

@@ -121,22 +121,40 @@ def test_gemv_supports_only_what_it_reads():
     two_bit = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)  # tokens in blocks: faster up to 32
     assert cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS_BLOCKED, 256), two_bit)
     assert not cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS_BLOCKED + 1, 256), two_bit)
-    assert not cpu_gemv.supports(x.bfloat16(), q)
+    assert not cpu_gemv.supports(x.double(), q)
     assert not cpu_gemv.supports(torch.zeros(256, 2).T, q)  # not contiguous
     assert not cpu_gemv.supports(torch.zeros(1, 128), q)
     assert not cpu_gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(4, 8), generator))
     assert not cpu_gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
     # what it refuses still multiplies, through dequantization; called anyway, it says so
-    half = x[:1].bfloat16()
-    got = linear(half, q, Workspace(CPU))
-    assert got.dtype == torch.bfloat16
-    assert (got.float() - reference(half.float(), q)).abs().max().item() < 0.02 * reference(half.float(), q).abs().max()
+    wide = x[:1].double()
+    got = linear(wide, q, Workspace(CPU))
+    assert got.dtype == torch.float64 and torch.allclose(got, reference(wide, q).double())
     many = torch.randn(cpu_gemv.MAX_TOKENS + 1, 256, generator=generator)
     assert_close(linear(many, q, Workspace(CPU)), many, q)
     strided = torch.randn(256, 2, generator=generator).T
     assert_close(linear(strided, q, Workspace(CPU)), strided, q)
-    with pytest.raises(ValueError, match=r"gemv: x \(1, 256\) torch.bfloat16 times 4-bit g64 \(64, 256\)"):
-        cpu_gemv.gemv(half, q)
+    with pytest.raises(ValueError, match=r"gemv: x \(1, 256\) torch.float64 times 4-bit g64 \(64, 256\)"):
+        cpu_gemv.gemv(wide, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_tokens_multiply_in_float32_and_round_once(dtype):
+    """--dtype bfloat16 or float16 on the CPU: the same float32 products as float32 tokens, rounded once at
+    the end, through the workspace's buffers (a decode step allocates nothing)."""
+    generator = torch.Generator().manual_seed(8)
+    q = with_random_meta(random_quantized((96, 256), EXPERT_PRESETS["2"], generator), generator)
+    x = torch.randn(2, 256, generator=generator).to(dtype)
+    assert cpu_gemv.supports(x, q)
+    expected = cpu_gemv.gemv(x.float(), q).to(dtype)
+    workspace = Workspace(CPU)
+    out = torch.full((2, 96), float("nan"), dtype=dtype)
+    assert linear(x, q, workspace, out) is out and torch.equal(out, expected)
+    buffers = dict(workspace._buffers)
+    assert torch.equal(linear(x, q, workspace), expected) and workspace._buffers.keys() == buffers.keys()
+    message = rf"gemv: x \(2, 256\) {dtype} times a weight \(96, 256\) into \(2, 96\) torch.float32"
+    with pytest.raises(ValueError, match=message):
+        cpu_gemv.gemv(x, q, torch.empty(2, 96))
 
 
 def test_a_forked_child_gets_threads_of_its_own():
@@ -167,19 +185,26 @@ def test_a_forked_child_gets_threads_of_its_own():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(tmp_path):
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(tmp_path, monkeypatch, dtype, tolerance):
+    calls = []  # the kernel must run, not only be chosen: in bfloat16 it once never served a call
+    multiply = cpu_gemv.multiply
+    monkeypatch.setattr(cpu_gemv, "multiply", lambda *args: calls.append(args[0].dtype) or multiply(*args))
     tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
     tokens = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(0))
     logits = {}
     for fused in (None, False):
-        model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2, fused_gemv=fused)
+        model = offload.load(str(tiny), device="cpu", dtype=dtype, expert_bits="2", attn_bits="4", slots=2,
+                             fused_gemv=fused)  # fmt: skip
         expected = CPU if fused is None else None
         assert model.moe.workspace.kernel is expected and model.decoder.workspace.kernel is expected
         model.reset()
         got = [model.forward(tokens[:8], 0)[-1:]]
         got += [model.forward(tokens[p : p + 1], p) for p in range(8, 12)]
-        logits[fused] = torch.cat(got)
-    assert (logits[None] - logits[False]).abs().max().item() < 1e-4
+        logits[fused] = torch.cat(got).float()
+        assert set(calls) == ({getattr(torch, dtype)} if fused is None else set())
+        calls.clear()
+    assert (logits[None] - logits[False]).abs().max().item() < tolerance
 
 
 def test_a_build_is_made_once_and_kept(tmp_path, monkeypatch):
