@@ -8,8 +8,9 @@ print(result.text, model.stats.hit_rate)
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
 from offload.planner import MemoryPlan, budgets, plan_memory, resolve_device
 from offload.prefetch import WHEN, Prefetcher
-from offload.tokenizer import chat_prompt_ids, load_tokenizer, read_generation_config, stop_ids
+from offload.tokenizer import chat_prompt_ids, check_text, load_tokenizer, read_generation_config, stop_ids
 from quant import cpu_gemv, gemv
 from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
@@ -427,8 +428,24 @@ class OffloadedModel:
 
     def logits(self, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
         """Logits [T, V] of a fresh sequence (prefill only)."""
+        ids = self.token_ids(input_ids)
         self.reset()
-        return self.forward(torch.as_tensor(input_ids, dtype=torch.long), 0)
+        return self.forward(torch.tensor(ids, dtype=torch.long), 0)
+
+    def token_ids(self, ids: torch.Tensor | Sequence[int]) -> list[int]:
+        """Token ids a caller gave, checked: whole numbers the embedding has a row for (on CUDA, an index past
+        the table is a device-side assert, after which the process can use the GPU no more)."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+            ids = ids.tolist()
+        elif not isinstance(ids, list | tuple):
+            raise MoEOffloadError(f"give token ids as a list or a 1-D tensor, got {type(ids).__name__}")
+        vocab = self.config.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise MoEOffloadError(f"token ids must be whole numbers, got {i!r}")
+            if not 0 <= i < vocab:
+                raise MoEOffloadError(f"token id {i} is not in this model's vocabulary (0 to {vocab - 1})")
+        return [int(i) for i in ids]
 
     # -- text ---------------------------------------------------------------------------------------
 
@@ -445,7 +462,8 @@ class OffloadedModel:
             return set(self.config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos]) - {None}
         return stop_ids(tokenizer, generation_config) | set(self.config.eos_token_ids)
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, what: str = "the prompt") -> list[int]:
+        check_text(prompt, what)
         return self.tokenizer(prompt)["input_ids"]
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -477,12 +495,15 @@ class OffloadedModel:
         elif isinstance(prompt, str):
             prompt_ids = self.encode(prompt)
         else:
-            prompt_ids = list(prompt)
+            prompt_ids = self.token_ids(prompt)
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
         stops = self.stop_ids(tokenizer)
         # a conversation going on: the KV cache already holds the turns so far, so prefill only what is new
         cached = 0 if messages is None else min(_common_prefix(self.context_ids, prompt_ids), len(prompt_ids) - 1)
+        # all the KV cache is sure to hold until this call returns: an exception (Ctrl-C) may stop its prefill
+        # half-way, and the next turn must not take the old conversation's ids past this for what is cached
+        self.context_ids = prompt_ids[:cached]
         if tokenizer is None:
             result = generate(self, prompt_ids, config, stops, synchronize=synchronize)
         else:  # a plain prompt is continued exactly (its last space kept); a chat reply stands alone
@@ -531,10 +552,14 @@ class OffloadedModel:
             warnings.warn("this model has run before, and in exclusive mode its slots still hold what that left, "
                           "where a replay (simulate --cache-mode exclusive) starts with experts 0..K-1: load it "
                           "afresh for a trace whose replay counts the same", stacklevel=2)  # fmt: skip
+        if isinstance(prompts, str):  # list("abc") would trace a sequence per character
+            raise MoEOffloadError("trace takes a list of prompts, got one string: pass [prompt]")
         prompts = list(prompts)
+        if not prompts:
+            raise MoEOffloadError("trace needs at least one prompt")
         for number, prompt in enumerate(prompts, 1):  # all of them before the first is generated
             name = f"prompt {number}" if len(prompts) > 1 else "the prompt"
-            check_prompt(len(self.encode(prompt)), self.max_seq_len, name)
+            check_prompt(len(self.encode(prompt, name)), self.max_seq_len, name)
         with TraceWriter(Path(out), dataset="moe-offload") as writer:  # an error or Ctrl-C drops the temporary file
             self.record_trace(writer, first_sequence=self.sequence + 1)  # 0 is the next: as `moe-offload trace` writes
             try:

@@ -78,7 +78,9 @@ def sampling_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor
     """
     assert logits.dim() == 1, f"expected logits [V], got {tuple(logits.shape)}"
     assert not config.greedy, "greedy sampling has no distribution"
-    scores = logits.float() / config.temperature  # [V]
+    # shifted so the likeliest scores 0: a temperature of 1e-40 would make the others -inf, not all of them inf
+    # and the softmax NaN; a temperature under float32's smallest normal number would round to 0 in the division
+    scores = (logits.float() - logits.max().float()) / max(config.temperature, torch.finfo(torch.float32).tiny)  # [V]
     if config.top_p < 1.0:
         sorted_scores, sorted_ids = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)

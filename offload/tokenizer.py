@@ -141,6 +141,17 @@ def mistral_v1_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot encode: bytes that were not UTF-8 (a terminal in another encoding, a
+    binary file) reach Python as lone surrogates, which the tokenizer refuses with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = ord(text[error.start])
+        found = f"the byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise MoEOffloadError(f"{what} is not valid UTF-8 text: {found} at character {error.start}") from None
+
+
 def _check_messages(messages: list[dict]) -> None:
     if not messages:
         raise MoEOffloadError("the conversation is empty; give at least one user message")
@@ -151,5 +162,6 @@ def _check_messages(messages: list[dict]) -> None:
             )
         if not isinstance(message.get("content"), str):
             raise MoEOffloadError(f"chat message {index} ({message['role']}) must have string content")
+        check_text(message["content"], f"chat message {index} ({message['role']})")
     if messages[-1]["role"] != "user":
         raise MoEOffloadError(f"the last chat message must come from the user, got {messages[-1]['role']!r}")

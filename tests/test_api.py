@@ -73,3 +73,43 @@ def test_reset_stats_leaves_no_earlier_prefetch_in_the_new_window(trained_model_
         run.generate("def f(x):\n", max_new_tokens=3, temperature=0)
     counts = [{k: v for k, v in run.stats.total.to_dict().items() if k != "stall_s"} for run in (model, fresh)]
     assert counts[0] == counts[1] and counts[0]["prefetches_issued"] > 0
+
+
+def test_an_interrupted_turn_leaves_the_next_one_right(trained_model_dir):
+    """Ctrl-C in a reply (here: on_text raising) stops a generation after its prefill wrote the KV cache: the
+    next turn must not take the old conversation for what the cache holds."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    fresh = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    first = [{"role": "user", "content": "def add(a, b):"}]
+    reply = model.generate(messages=first, max_new_tokens=6, temperature=0)
+
+    def interrupt(piece: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(messages=[{"role": "user", "content": "Sort a list."}], temperature=0, on_text=interrupt)
+    more = [*first, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "Now a docstring."}]
+    ours = model.generate(messages=more, max_new_tokens=8, temperature=0)
+    assert ours.token_ids == fresh.generate(messages=more, max_new_tokens=8, temperature=0).token_ids
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: m.generate([1, 32000]), r"token id 32000 is not in this model's vocabulary \(0 to 31999\)"),
+        (lambda m: m.logits([1, -5]), r"token id -5 is not in this model's vocabulary \(0 to 31999\)"),
+        (lambda m: m.logits([1.0, 2.5]), r"token ids must be whole numbers, got 1.0"),
+        (lambda m: m.generate(b"abc"), r"give token ids as a list or a 1-D tensor, got bytes"),
+        (lambda m: m.logits(torch.tensor([[1, 2]])), r"give token ids as a list or a 1-D tensor, got Tensor"),
+        (lambda m: m.generate("caf\udce9"), r"the prompt is not valid UTF-8 text: the byte 0xe9 at character 3"),
+        (lambda m: m.trace(["ok", "caf\udce9"], "t.jsonl"), r"prompt 2 is not valid UTF-8 text: the byte 0xe9 "),
+        (lambda m: m.trace("hello", "t.jsonl"), r"trace takes a list of prompts, got one string: pass \[prompt\]"),
+        (lambda m: m.trace([], "t.jsonl"), r"trace needs at least one prompt"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(trained_model_dir, tmp_path, monkeypatch, call, message):
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MoEOffloadError, match=f"^{message}"):
+        call(model)
+    assert model.sequence == -1 and list(tmp_path.iterdir()) == []  # nothing ran, nothing was written

@@ -152,6 +152,14 @@ def test_other_vocabulary_without_template_is_refused(tmp_path):
             "{'role': 'tool', 'content': 'a'}",
         ),
         ([{"role": "user", "content": None}], "chat message 0 (user) must have string content"),
+        (  # bytes that were not UTF-8 reach Python as lone surrogates: the tokenizer raised a TypeError
+            [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "caf\udce9"}],
+            "chat message 1 (assistant) is not valid UTF-8 text: the byte 0xe9 at character 3",
+        ),
+        (
+            [{"role": "user", "content": "a\ud800"}],
+            "chat message 0 (user) is not valid UTF-8 text: U+D800 at character 1",
+        ),
         (
             [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
             "the first non-system chat message must come from the user",

@@ -226,6 +226,15 @@ def test_top_p_keeps_exactly_the_nucleus():
     assert 0.5 < draws.count(1) / 400 < 0.75  # 0.625 expected
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_a_vanishing_temperature_samples_the_likeliest_token(temperature):
+    """logits / 1e-40 overflows float32 (every score inf, the softmax NaN), and 5e-324 rounds to 0 in it."""
+    logits = torch.tensor([0.5, 3.0, -2.0, 2.999])
+    probs = sampling_probs(logits, SamplingConfig(temperature=temperature, top_p=1.0))
+    assert torch.equal(probs, torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert sample(logits, SamplingConfig(temperature=temperature, top_p=0.9), torch.Generator().manual_seed(0)) == 1
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens():
     logits = torch.zeros(1000)  # flat: every draw is uniform over 1000 ids
     config = SamplingConfig(temperature=1.0, top_p=1.0)
