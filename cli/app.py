@@ -34,7 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True)
+# one line per message at any width; no markup, so that a path or message with [brackets] prints as it is
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 if not out.is_terminal:  # pipes and logs: rich would assume 80 columns and cut the tables
     out.width = 120
@@ -200,7 +201,8 @@ def loads_model(*names: str):
     return decorate
 
 
-def _load(model: str, options: dict):
+def _load(model: str, options: dict, text: str | None = None):
+    """The model, with a progress bar over its experts; `text` as offload.api.prepare takes it."""
     from offload.api import load
 
     with _progress() as progress:
@@ -209,7 +211,7 @@ def _load(model: str, options: dict):
         def report(what: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        return load(model, progress=report, **options)
+        return load(model, progress=report, text=text, **options)
 
 
 def _progress() -> Progress:
@@ -301,12 +303,19 @@ def generate(
     ] = False,
     load: dict | None = None,
 ) -> None:
-    """Continue a prompt, streaming the text as it is generated."""
-    loaded = _load(model, load)
+    """Continue a prompt, streaming the text as it is generated. Ctrl-C stops it (with --stats, after the figures)."""
+    loaded = _load(model, load, text="plain")
     stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
-    result = loaded.generate(
-        prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
-    )
+    try:
+        result = loaded.generate(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
+        )
+    except KeyboardInterrupt:
+        out.print()
+        err.print("(stopped)")
+        if stats:
+            _print_stats(loaded.stats)
+        raise typer.Exit(130) from None  # as a shell reports SIGINT
     if as_json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": loaded.stats.to_dict()}))
         return
@@ -327,15 +336,18 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Print the figures after every answer.")] = False,
     load: dict | None = None,
 ) -> None:
-    """Chat in the terminal through the model's chat template. Type /stats, /reset or /exit."""
-    loaded = _load(model, load)
+    """Chat in the terminal through the model's chat template. Type /stats, /reset or /exit; Ctrl-C stops a reply."""
+    loaded = _load(model, load, text="chat")
     messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
-    err.print("chat: /stats shows the figures, /reset starts over, /exit leaves")
+    err.print("chat: /stats shows the figures, /reset starts over, /exit leaves; Ctrl-C stops a reply")
     while True:
         try:
             line = input("> ")
         except EOFError:
             break
+        except UnicodeDecodeError:  # a terminal in another encoding, or binary piped in
+            err.print("error: that line is not UTF-8 text")
+            continue
         command = line.strip()
         if command in ("/exit", "/quit"):
             break
@@ -358,6 +370,11 @@ def chat(
         except MoEOffloadError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             messages.pop()
             err.print(f"error: {error}")
+            continue
+        except KeyboardInterrupt:  # the reply stops; the conversation goes on without this turn
+            messages.pop()
+            out.print()
+            err.print("(stopped)")
             continue
         out.print()
         messages.append({"role": "assistant", "content": result.text})
@@ -420,7 +437,7 @@ def trace(
     else:
         texts = [prompt]
     check_writable(out, "--out")
-    loaded = _load(model, load)
+    loaded = _load(model, load, text="plain")
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer
     where = "no slots (experts computed in place)" if slots is None else _slots_phrase(slots)

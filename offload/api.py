@@ -188,8 +188,15 @@ def check_prefetch(when: str, ahead: int, num_layers: int) -> None:
         raise MoEOffloadError(f"--prefetch-ahead must be between 1 and {most} (the layers but one), got {ahead}")
 
 
-def prepare(model: str, **options) -> Prepared:
-    """Open `model`, read its resident weights and plan the memory; no expert is read yet."""
+TEXT = (None, "plain", "chat")  # what `load(text=...)` checks the tokenizer can do before anything long
+
+
+def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
+    """Open `model`, read its resident weights and plan the memory; no expert is read yet. `text`: "plain"
+    refuses first a folder whose tokenizer cannot be loaded, "chat" also one that cannot format a conversation
+    (no chat template): an error that would otherwise come after every expert was read (minutes, for Mixtral)."""
+    if text not in TEXT:
+        raise ValueError(f"text must be one of {TEXT}, got {text!r}")
     opts = LoadOptions(**options)
     if opts.prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
@@ -234,6 +241,10 @@ def prepare(model: str, **options) -> Prepared:
     )
     fused = resolve_fused_gemv(opts.fused_gemv, device)
     graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
+    if text is not None:  # the options' own errors first
+        tokenizer = load_tokenizer(source.folder)
+        if text == "chat":
+            chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])
     return Prepared(
         source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs, host_embedding
     )
@@ -322,9 +333,10 @@ def resolve_host_embedding(option: bool | None, config: ModelConfig, device: tor
     return why_not is None
 
 
-def load(model: str, progress: Progress | None = None, **options) -> OffloadedModel:
-    """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords."""
-    prepared = prepare(model, **options)
+def load(model: str, progress: Progress | None = None, *, text: str | None = None, **options) -> OffloadedModel:
+    """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords; `text`, as
+    `prepare` takes it, checks first that its tokenizer can serve plain text or a chat."""
+    prepared = prepare(model, text=text, **options)
     config, plan, expert_format = prepared.config, prepared.plan, prepared.expert_format
     family = prepared.source.family
     cache = ExpertCache(
@@ -492,6 +504,11 @@ class OffloadedModel:
         tokenizer = self.tokenizer if isinstance(prompt, str) or messages or on_text else None
         if messages is not None:
             prompt_ids = self.encode_chat(messages)
+            if len(prompt_ids) >= self.max_seq_len:
+                raise MoEOffloadError(
+                    f"the conversation is {len(prompt_ids)} tokens but the context holds {self.max_seq_len}, which "
+                    "leaves no room for a reply; start a new one (chat: /reset), or load with a larger --max-seq-len"
+                )
         elif isinstance(prompt, str):
             prompt_ids = self.encode(prompt)
         else:

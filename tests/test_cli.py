@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,6 +332,85 @@ def test_chat_session_streams_and_answers_commands(capsys, monkeypatch, trained_
     assert out.strip()  # the streamed answer
     assert "hit rate" in err and "prefetch recall" in err  # /stats
     assert "(conversation and figures reset)" in err
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate", "--prompt", "hi"], ["trace", "--prompt", "hi"]])
+def test_text_commands_refuse_a_folder_without_a_tokenizer_before_loading_experts(
+    capsys, monkeypatch, quantized, tmp_path, command
+):
+    monkeypatch.setattr("offload.api.ExpertCache", lambda **_: pytest.fail("experts loaded before the check"))
+    extra = ["--out", tmp_path / "t.jsonl"] if command[0] == "trace" else []
+    code, _, err = run(capsys, *command[:1], quantized, *command[1:], *extra, "--device", "cpu")
+    assert_one_line_error(code, err, f"{quantized} has no tokenizer files (none of tokenizer.json, tokenizer.model, "
+                          "vocab.json, spiece.model); copy them from the original model folder")  # fmt: skip
+
+
+def test_chat_refuses_a_tokenizer_without_a_chat_template_before_loading_experts(
+    capsys, monkeypatch, quantized, tmp_path
+):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "base"
+    shutil.copytree(quantized, folder)
+    backend = Tokenizer(WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}, unk_token="<unk>"))
+    base = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    base.save_pretrained(folder)
+    monkeypatch.setattr("offload.api.ExpertCache", lambda **_: pytest.fail("experts loaded before the check"))
+    code, _, err = run(capsys, "chat", folder, "--device", "cpu")
+    assert_one_line_error(code, err, "this model's tokenizer has no chat template (it is likely a base model); "
+                          "use `moe-offload generate --prompt TEXT` to continue plain text")  # fmt: skip
+
+
+class Keyboard:
+    """stdin for chat: lines, of which a bytes item is one that is not UTF-8 (input() raises on it)."""
+
+    def __init__(self, *lines: str | bytes) -> None:
+        self.lines = list(lines)
+
+    def readline(self) -> str:
+        if not self.lines:
+            return ""
+        line = self.lines.pop(0)
+        if isinstance(line, bytes):
+            raise UnicodeDecodeError("utf-8", line, 0, 1, "invalid start byte")
+        return line + "\n"
+
+
+def test_chat_goes_on_after_ctrl_c_a_full_context_and_a_line_that_is_not_utf8(capsys, monkeypatch, trained_model_dir):
+    from offload.api import OffloadedModel
+
+    asked, real = [], OffloadedModel.generate
+
+    def generate(self, *args, messages, on_text, **kwargs):
+        asked.append([m["content"] for m in messages])
+        if len(asked) == 1:  # Ctrl-C as the first reply streams
+            on_text = lambda piece: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
+        return real(self, *args, messages=messages, on_text=on_text, **kwargs)
+
+    monkeypatch.setattr(OffloadedModel, "generate", generate)
+    monkeypatch.setattr("sys.stdin", Keyboard("def add(a, b):", b"\xff", "def sub(a, b):", "Now mul.", "/exit"))
+    code, out, err = run(capsys, "chat", trained_model_dir, "--max-new-tokens", "20", "--temperature", "0",
+                         "--max-seq-len", "40", "--device", "cpu")  # fmt: skip
+    assert code == 0
+    # the stopped turn is not in the conversation; the full one is refused and dropped, and chat goes on
+    assert asked == [["def add(a, b):"], ["def sub(a, b):"], ["def sub(a, b):", asked[2][1], "Now mul."]]
+    lines = err.splitlines()
+    assert "(stopped)" in lines and "error: that line is not UTF-8 text" in lines
+    full = [line for line in lines if line.startswith("error: the conversation is ")]
+    assert len(full) == 1 and full[0].endswith("but the context holds 40, which leaves no room for a reply; start "
+                                               "a new one (chat: /reset), or load with a larger --max-seq-len")
+
+
+def test_generate_stopped_by_ctrl_c_prints_the_figures_and_exits_130(capsys, monkeypatch, trained_model_dir):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("offload.api.OffloadedModel.generate", interrupted)
+    code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "x", "--stats", "--device", "cpu")
+    assert code == 130 and "Traceback" not in err
+    assert err.splitlines()[0] == "(stopped)" and "hit rate" in err
 
 
 def test_info_plans_without_loading(capsys, quantized):
