@@ -413,13 +413,16 @@ def set_prefetch(
         model.set_prefetch("none")
 
 
-def check_prefetch_options(prefetch: str, prefetch_ahead: int) -> None:
+def check_prefetch_options(prefetch: str, prefetch_ahead: int, oracle_depth: int | None = None) -> None:
     """bench's prefetch options' errors that need no model: the CLI checks them before loading one."""
     if prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown --prefetch {prefetch!r}; choose gate, oracle or none")
     if prefetch_ahead != 1 and prefetch != "gate":
         raise MoEOffloadError("--prefetch-ahead is how far the gate guesses: use it with --prefetch gate "
                               "(the oracle's reach is --oracle-depth)")  # fmt: skip
+    if oracle_depth is not None and prefetch != "oracle":
+        raise MoEOffloadError("--oracle-depth is how far the oracle loads: use it with --prefetch oracle "
+                              "(the gate's reach is --prefetch-ahead)")  # fmt: skip
 
 
 def _summary(run: DecodeRun, prefetch: str, link: Link, compute_s: float) -> dict:
@@ -480,7 +483,7 @@ def bench(
 
     `oracle_depth`: the layers ahead the oracle loads (None: every layer but one); `prefetch_ahead`: the
     layers ahead the gate guesses at each layer's output."""
-    check_prefetch_options(prefetch, prefetch_ahead)
+    check_prefetch_options(prefetch, prefetch_ahead, oracle_depth)
     if model.cache.mode == "direct":
         raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
     c = model.config

@@ -44,10 +44,13 @@ def parse_bytes(text: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """Two decimals of GiB from 0.1 GiB, one of MiB from 0.1 MiB, else one of KiB (a tiny model's expert)."""
+    """Two decimals of GiB from 0.1 GiB, one of MiB from 0.1 MiB, one of KiB from 0.1 KiB (a tiny model's
+    expert), else bytes (a budget of `--cpu-memory 1`)."""
     if n >= GiB / 10:
         return f"{n / GiB:.2f} GiB"
-    return f"{n / (1 << 20):.1f} MiB" if n >= (1 << 20) / 10 else f"{n / 1024:.1f} KiB"
+    if n >= (1 << 20) / 10:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.1f} KiB" if n >= 1024 / 10 else f"{n:.0f} B"
 
 
 @dataclass(frozen=True)

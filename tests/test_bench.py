@@ -263,6 +263,12 @@ def test_bench_errors(capsys, trained_model_dir, tmp_path):
         "error: --prefetch-ahead is how far the gate guesses: use it with --prefetch gate (the oracle's reach "
         "is --oracle-depth)"
     )  # fmt: skip
+    code = main(["bench", "no-such-folder", "--prefetch", "gate", "--oracle-depth", "3"])  # was ignored
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        "error: --oracle-depth is how far the oracle loads: use it with --prefetch oracle (the gate's reach "
+        "is --prefetch-ahead)"
+    )  # fmt: skip
     code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "error: bench measures the expert cache: give --slots (on the CPU) or run on CUDA"

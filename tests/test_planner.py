@@ -16,8 +16,8 @@ def test_parse_bytes():
     assert parse_bytes("12GiB") == 12 * GiB
     assert parse_bytes("15GB") == 15_000_000_000
     assert parse_bytes("800MiB") == 800 << 20
-    sizes = (12 << 30, 800 << 20, 80 << 20, 37_632, 512)
-    assert [format_bytes(n) for n in sizes] == ["12.00 GiB", "0.78 GiB", "80.0 MiB", "36.8 KiB", "0.5 KiB"]
+    sizes = (12 << 30, 800 << 20, 80 << 20, 37_632, 512, 1)  # 1: `--cpu-memory 1`, which read "0.0 KiB"
+    assert [format_bytes(n) for n in sizes] == ["12.00 GiB", "0.78 GiB", "80.0 MiB", "36.8 KiB", "0.5 KiB", "1 B"]
     with pytest.raises(MoEOffloadError, match=r"cannot read memory size '12 parsecs'; write it like 12GiB"):
         parse_bytes("12 parsecs")
 
