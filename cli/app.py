@@ -520,7 +520,7 @@ def bench(
         if value < 1:
             raise MoEOffloadError(f"{name} must be at least 1, got {value}")
     ahead = load.pop("prefetch_ahead")
-    benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load, which takes minutes on a real model
+    benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load: minutes on a real model
     if json_out is not None:
         check_writable(json_out, "--json")
     if route_trace is not None:
