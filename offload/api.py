@@ -8,7 +8,9 @@ print(result.text, model.stats.hit_rate)
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +76,24 @@ class LoadOptions:
     # the embedding table in RAM, each token's row read in place by the GPU (offload/embedding.py), which frees
     # its GPU memory for expert slots; None: on CUDA where the GPU can, unless lm_head is the same table
     host_embedding: bool | None = None
+
+    def __post_init__(self) -> None:
+        """A value of the wrong type from Python (the CLI's are parsed already) is one line naming the option,
+        not a TypeError deep in the load. A torch.device is taken for its name."""
+        if isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", str(self.device))
+        for option in dataclasses.fields(self):
+            value, annotation = getattr(self, option.name), str(option.type)
+            optional = annotation.endswith(" | None")
+            kind, words = OPTION_TYPES[annotation.removesuffix(" | None")]
+            if value is None and optional:
+                continue
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int
+                raise MoEOffloadError(f"{option.name} must be {words}{' or None' if optional else ''}, got {value!r}")
+
+
+# LoadOptions' field types, as its annotations spell them: the type each takes, in words
+OPTION_TYPES = {"str": (str, "a string"), "int": (int, "a whole number"), "bool": (bool, "True or False")}
 
 
 @dataclass
@@ -197,6 +217,9 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     (no chat template): an error that would otherwise come after every expert was read (minutes, for Mixtral)."""
     if text not in TEXT:
         raise ValueError(f"text must be one of {TEXT}, got {text!r}")
+    if not isinstance(model, str | os.PathLike) or not str(model).strip():  # "" would read the current folder
+        raise MoEOffloadError(f"give a model: a quantized folder, a Hugging Face folder or a hub id, got {model!r}")
+    model = os.fspath(model)
     opts = LoadOptions(**options)
     if opts.prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")

@@ -1,5 +1,7 @@
 """The Python API: a conversation going on reuses the KV cache for what the turns share; the dtype chosen."""
 
+import re
+
 import pytest
 import torch
 
@@ -113,3 +115,27 @@ def test_bad_arguments_are_refused_before_any_work(trained_model_dir, tmp_path, 
     with pytest.raises(MoEOffloadError, match=f"^{message}"):
         call(model)
     assert model.sequence == -1 and list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"slots": "2"}, "slots must be a whole number or None, got '2'"),
+        ({"slots": True}, "slots must be a whole number or None, got True"),
+        ({"max_seq_len": 64.0}, "max_seq_len must be a whole number or None, got 64.0"),
+        ({"cpu_memory": 12}, "cpu_memory must be a string or None, got 12"),
+        ({"verify": 1}, "verify must be True or False, got 1"),
+        ({"policy": None}, "policy must be a string, got None"),
+    ],
+)
+def test_load_options_of_the_wrong_type_are_one_line(options, message):
+    with pytest.raises(MoEOffloadError, match=f"^{re.escape(message)}$"):
+        api.LoadOptions(**options)
+
+
+def test_load_takes_a_path_and_a_torch_device_and_refuses_no_model(trained_model_dir):
+    model = offload.load(trained_model_dir, device=torch.device("cpu"), slots=3)  # a Path, not only a str
+    assert model.options.device == "cpu" and model.device == torch.device("cpu")
+    for nothing in (None, "", " "):  # "" read the current folder
+        with pytest.raises(MoEOffloadError, match="^give a model: a quantized folder, a Hugging Face folder or"):
+            offload.load(nothing)
