@@ -99,7 +99,9 @@ def main() -> None:
             folder = str(Path(tmp) / "mixtral-1l")
             synthesize(folder, "mixtral-8x7b", layers=1, expert_bits="2")
         for chunk in args.chunks:
-            model = load(folder, device="cpu", dtype="bfloat16", max_seq_len=longest, prefill_chunk=chunk)
+            # the dequantizing path, as CUDA runs a prefill: the CPU's own kernel keeps float32 buffers of its own
+            model = load(folder, device="cpu", dtype="bfloat16", max_seq_len=longest, prefill_chunk=chunk,
+                         fused_gemv=False)  # fmt: skip
             model.forward(torch.arange(8), 0, last_only=True)  # makes the dequantization workspace
             workspace = workspace_check(model)
             for tokens, history in [(t, 0) for t in args.tokens] + [(longest // 2, longest // 2)]:
