@@ -85,7 +85,10 @@ class HFCheckpoint:
         if not isinstance(self.config, dict):
             raise MoEOffloadError(f"{str(config_file)!r} is not a JSON object; re-download it")
         self.family: Family = family_for(self.config)
-        self.model_config: ModelConfig = self.family.model_config(self.config)
+        try:
+            self.model_config: ModelConfig = self.family.model_config(self.config)
+        except MoEOffloadError as error:  # a bad or unsupported value: name the file it is in
+            raise MoEOffloadError(f"{str(config_file)!r}: {error}") from None
         self._files = self._weight_map()  # checkpoint name -> file
         self._handles: dict[str, object] = {}
         self._last: tuple[str, Tensor] | None = None  # the last source tensor get_ours read (fused experts)

@@ -258,6 +258,8 @@ class QuantizedSource:
             self.attn_spec = spec_from_dict(manifest["resident"]["spec"])
             self.quantized = manifest["resident"]["quantized"]
             problem = self._disagreement()
+        except MoEOffloadError as error:  # a config value the decoder cannot run (offload.decoder.check_config)
+            problem = str(error)
         except (KeyError, TypeError, ValueError) as error:
             problem = repr(error)
         if problem:

@@ -21,9 +21,10 @@ and CUDA graphs replay it. The experts run eagerly between the graphs (see `_dec
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,59 @@ from quant.linear import linear
 # block), so a long prompt's activations grow with the chunk, not the prompt, and the plan keeps them free
 # (offload.api.prefill_reserve). A layer still loads each expert once: the chunks run one layer at a time.
 PREFILL_CHUNK = 1024
+# Beyond any context this runs: a chunk longer than the prompt takes it whole. torch's split overflows past int64.
+MAX_PREFILL_CHUNK = 2**20
 
 
 def check_prefill_chunk(chunk: int) -> None:
     if chunk < 1:
         raise MoEOffloadError(f"--prefill-chunk must be at least 1, got {chunk}")
+    if chunk > MAX_PREFILL_CHUNK:
+        raise MoEOffloadError(
+            f"--prefill-chunk must be at most {MAX_PREFILL_CHUNK} (a chunk longer than the prompt takes it whole), "
+            f"got {chunk}"
+        )
+
+
+def positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0  # JSON's true is no count, nor 2.0 or "2"
+
+
+# ModelConfig's sizes and counts
+_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "num_experts", "vocab_size", "max_position")  # fmt: skip
+
+
+def check_config(values: Mapping[str, Any], names: Mapping[str, str]) -> None:
+    """Refuse values the decoder cannot run, which would otherwise fail mid-load or run silently wrong.
+    `values` are keyed by ModelConfig's fields; `names` spells a field as the user's file does, where it differs."""
+
+    def name(field: str) -> str:
+        return names.get(field, field)
+
+    def refuse(field: str, rule: str) -> NoReturn:
+        raise MoEOffloadError(f"{name(field)} {values.get(field)!r} {rule}")
+
+    for field in _POSITIVE_INTS:
+        if not positive_int(values.get(field)):
+            refuse(field, "must be a positive integer")
+    experts, kv_heads = values["num_experts"], values["num_kv_heads"]
+    if not (positive_int(values.get("top_k")) and values["top_k"] <= experts):
+        refuse("top_k", f"must be between 1 and {name('num_experts')} ({experts})")
+    if values["num_heads"] % kv_heads:  # each key head serves a whole group of query heads (GQA)
+        refuse("num_heads", f"must be a multiple of {name('num_kv_heads')} ({kv_heads})")
+    for field in ("rms_norm_eps", "rope_theta"):
+        if not (type(values.get(field)) in (int, float) and 0 < values[field] < math.inf):
+            refuse(field, "must be a positive finite number")
+    if values.get("sliding_window") is not None and not positive_int(values["sliding_window"]):
+        refuse("sliding_window", "must be a positive integer or null")
+    if type(values.get("tie_word_embeddings")) is not bool:
+        refuse("tie_word_embeddings", "must be true or false")
+    if values.get("bos_token_id") is not None and type(values["bos_token_id"]) is not int:
+        refuse("bos_token_id", "must be an integer or null")
+    eos = values.get("eos_token_ids", ())
+    if not (type(eos) is int or (isinstance(eos, (list, tuple)) and all(type(i) is int for i in eos))):
+        refuse("eos_token_ids", "must be an integer or a list of integers")
 
 
 @dataclass(frozen=True)
@@ -98,10 +147,16 @@ class ModelConfig:
         return stream + max(attention, expert)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
+    def from_dict(cls, data: Mapping[str, Any], names: Mapping[str, str] = {}) -> ModelConfig:
+        """Our field names (a manifest's config), checked (check_config); `names`: how the user's file spells them."""
+        if not isinstance(data, Mapping):
+            raise MoEOffloadError(f"config {data!r} must be an object")
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        return cls(**{**data, "eos_token_ids": tuple(data.get("eos_token_ids", ()))})
+        check_config(data, names)
+        eos = data.get("eos_token_ids", ())
+        eos = (eos,) if type(eos) is int else tuple(eos)  # a tuple, so that the frozen config hashes
+        return cls(**{**data, "rope_theta": float(data["rope_theta"]), "eos_token_ids": eos})
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -34,6 +34,7 @@ MESSAGE_JOIN = "\n\n"  # mistral-common joins system prompts, and consecutive sa
 
 def load_tokenizer(path: str | Path):
     """The transformers tokenizer of a local model folder (never downloads, never runs remote code)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     folder = Path(path)
@@ -46,8 +47,9 @@ def load_tokenizer(path: str | Path):
         )
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        # transformers checks config.json too; its validation errors name the field on one line, the fault on the next
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise MoEOffloadError(f"cannot load the tokenizer in {folder}: {detail}") from exc
 
 

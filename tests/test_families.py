@@ -55,14 +55,14 @@ def test_family_for_mixtral_is_the_mixtral_adapter():
         (LLAMA_CONFIG, "model_type 'llama' is not a Mixture-of-Experts model; moe-offload runs: mixtral"),
         (
             {"model_type": "qwen2_moe", "num_experts": 60},
-            "model_type 'qwen2_moe' is a Mixture-of-Experts model that moe-offload does not support yet; "
-            "supported: mixtral",
+            "model_type 'qwen2_moe' is not supported; moe-offload runs: mixtral",
         ),
         (
             {"model_type": "deepseek_v2", "n_routed_experts": 64},
-            "model_type 'deepseek_v2' is a Mixture-of-Experts model that moe-offload does not support yet; "
-            "supported: mixtral",
+            "model_type 'deepseek_v2' is not supported; moe-offload runs: mixtral",
         ),
+        # a Mixtral relabelled: its expert keys do not make llama a Mixture-of-Experts model
+        ({**HUB_CONFIG, "model_type": "llama"}, "model_type 'llama' is not supported; moe-offload runs: mixtral"),
         ({"hidden_size": 64}, "config.json has no model_type; moe-offload runs: mixtral"),
     ],
 )

@@ -42,8 +42,6 @@ def family_for(config: dict) -> Family:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if any(config.get(key) for key in _EXPERT_KEYS):
-        raise MoEOffloadError(
-            f"model_type {model_type!r} is a Mixture-of-Experts model that moe-offload does not support yet; "
-            f"supported: {supported}"
-        )
+        # the keys say Mixture-of-Experts, but not that model_type is one (a Mixtral relabelled 'llama')
+        raise MoEOffloadError(f"model_type {model_type!r} is not supported; moe-offload runs: {supported}")
     raise MoEOffloadError(f"model_type {model_type!r} is not a Mixture-of-Experts model; moe-offload runs: {supported}")

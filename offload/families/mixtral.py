@@ -15,10 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offload.decoder import ModelConfig
+from offload.decoder import ModelConfig, positive_int
 from quant.errors import MoEOffloadError
 
 model_type = "mixtral"
+# config.json's keys for ModelConfig's fields, where they differ: error messages name what the user's file says
+CONFIG_JSON_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                     "num_kv_heads": "num_key_value_heads", "num_experts": "num_local_experts",
+                     "top_k": "num_experts_per_tok", "max_position": "max_position_embeddings",
+                     "eos_token_ids": "eos_token_id"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,27 +67,30 @@ class MixtralConfig:
         return cls(**kwargs)
 
     def model_config(self) -> ModelConfig:
-        eos = self.eos_token_id
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        return ModelConfig(
+        heads = self.num_attention_heads
+        head_dim = self.head_dim  # transformers' default below; a bad size or head count is refused before head_dim
+        if head_dim is None and positive_int(self.hidden_size) and positive_int(heads):
+            head_dim = self.hidden_size // heads
+        values = dict(
             model_type=model_type,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads,
-            num_kv_heads=self.num_key_value_heads or self.num_attention_heads,
-            head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+            num_heads=heads,
+            num_kv_heads=heads if self.num_key_value_heads is None else self.num_key_value_heads,
+            head_dim=head_dim,
             num_experts=self.num_local_experts,
             top_k=self.num_experts_per_tok,
             vocab_size=self.vocab_size,
             rms_norm_eps=self.rms_norm_eps,
-            rope_theta=float(self.rope_theta),
+            rope_theta=self.rope_theta,
             sliding_window=self.sliding_window,
             max_position=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
             bos_token_id=self.bos_token_id,
-            eos_token_ids=eos_ids,
+            eos_token_ids=() if self.eos_token_id is None else self.eos_token_id,
         )
+        return ModelConfig.from_dict(values, names=CONFIG_JSON_NAMES)
 
 
 def model_config(config: dict) -> ModelConfig:
