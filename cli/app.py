@@ -6,11 +6,14 @@ Progress bars and tables go to stderr, so `--json` leaves stdout to the JSON alo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import signal
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -305,12 +308,13 @@ def generate(
 ) -> None:
     """Continue a prompt, streaming the text as it is generated. Ctrl-C stops it (with --stats, after the figures)."""
     loaded = _load(model, load, text="plain")
-    stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
     try:
-        result = loaded.generate(
-            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
-        )
-    except KeyboardInterrupt:
+        with stop_on_ctrl_c() as check:
+            stream = (lambda text: check()) if as_json else printing(check)
+            result = loaded.generate(
+                prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
+            )
+    except Stopped:
         out.print()
         err.print("(stopped)")
         if stats:
@@ -322,6 +326,43 @@ def generate(
     out.print()
     if stats:
         _print_stats(loaded.stats)
+
+
+class Stopped(Exception):
+    """Ctrl-C, raised at a token: see stop_on_ctrl_c."""
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c() -> Iterator[Callable[[], None]]:
+    """Within, Ctrl-C stops a generation at its next token: `check()`, called there, raises Stopped. There the
+    model's state is whole; a KeyboardInterrupt mid-step could leave an expert slot named but never filled, or
+    a swap half made. A second Ctrl-C interrupts at once (and the command ends)."""
+    pressed = []
+
+    def on_sigint(signum, frame) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    def check() -> None:
+        if pressed:
+            raise Stopped
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def printing(check: Callable[[], None]) -> Callable[[str], None]:
+    """Streams text to stdout as generated, after `check()` (stop_on_ctrl_c's) at each piece."""
+
+    def stream(text: str) -> None:
+        check()
+        out.print(text, end="", markup=False)
+
+    return stream
 
 
 @app.command()
@@ -363,15 +404,16 @@ def chat(
             continue
         messages.append({"role": "user", "content": line})
         try:
-            result = loaded.generate(
-                messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                on_text=lambda text: out.print(text, end="", markup=False),
-            )  # fmt: skip
+            with stop_on_ctrl_c() as check:
+                result = loaded.generate(
+                    messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    seed=seed, on_text=printing(check),
+                )  # fmt: skip
         except MoEOffloadError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             messages.pop()
             err.print(f"error: {error}")
             continue
-        except KeyboardInterrupt:  # the reply stops; the conversation goes on without this turn
+        except Stopped:  # the reply stops; the conversation goes on without this turn
             messages.pop()
             out.print()
             err.print("(stopped)")

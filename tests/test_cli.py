@@ -386,7 +386,7 @@ def test_chat_goes_on_after_ctrl_c_a_full_context_and_a_line_that_is_not_utf8(ca
     def generate(self, *args, messages, on_text, **kwargs):
         asked.append([m["content"] for m in messages])
         if len(asked) == 1:  # Ctrl-C as the first reply streams
-            on_text = lambda piece: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
+            on_text = ctrl_c_at_the_first_piece(on_text)
         return real(self, *args, messages=messages, on_text=on_text, **kwargs)
 
     monkeypatch.setattr(OffloadedModel, "generate", generate)
@@ -403,14 +403,52 @@ def test_chat_goes_on_after_ctrl_c_a_full_context_and_a_line_that_is_not_utf8(ca
                                                "a new one (chat: /reset), or load with a larger --max-seq-len")
 
 
-def test_generate_stopped_by_ctrl_c_prints_the_figures_and_exits_130(capsys, monkeypatch, trained_model_dir):
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt
+def ctrl_c_at_the_first_piece(on_text, presses: int = 1):
+    """on_text, with SIGINT sent to this process `presses` times as the first piece of text streams."""
+    pieces = []
 
-    monkeypatch.setattr("offload.api.OffloadedModel.generate", interrupted)
-    code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "x", "--stats", "--device", "cpu")
+    def stream(piece: str) -> None:
+        if not pieces:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        pieces.append(piece)
+        on_text(piece)
+
+    return stream
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_generate_stopped_by_ctrl_c_prints_the_figures_and_exits_130(capsys, monkeypatch, trained_model_dir, as_json):
+    """Ctrl-C in the middle of a decode step stops the generation after that step, where the cache's state is
+    whole, not inside it."""
+    from offload.api import OffloadedModel
+
+    real, started, finished = OffloadedModel.forward, [], []
+
+    def forward(self, *args, **kwargs):
+        started.append(self.decode_step)
+        if len(started) == 3:  # the second decode step
+            os.kill(os.getpid(), signal.SIGINT)
+        logits = real(self, *args, **kwargs)
+        finished.append(self.decode_step)
+        return logits
+
+    monkeypatch.setattr(OffloadedModel, "forward", forward)
+    code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "def f(x):", "--stats", "--device", "cpu",
+                       "--max-new-tokens", "64", *(["--json"] if as_json else []))  # fmt: skip
     assert code == 130 and "Traceback" not in err
     assert err.splitlines()[0] == "(stopped)" and "hit rate" in err
+    assert len(finished) == len(started) < 6  # the step that got the signal ran to its end, and one more at most
+
+
+def test_a_second_ctrl_c_interrupts_at_once(capsys, monkeypatch, trained_model_dir):
+    from offload.api import OffloadedModel
+
+    real = OffloadedModel.generate
+    monkeypatch.setattr(OffloadedModel, "generate", lambda self, *args, on_text, **kwargs: real(
+        self, *args, on_text=ctrl_c_at_the_first_piece(on_text, presses=2), **kwargs))  # fmt: skip
+    code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "def f(x):", "--device", "cpu")
+    assert code == 130 and "(stopped)" not in err and "Traceback" not in err  # click's own Ctrl-C: the command ends
 
 
 def test_info_plans_without_loading(capsys, quantized):
