@@ -308,61 +308,41 @@ def generate(
 ) -> None:
     """Continue a prompt, streaming the text as it is generated. Ctrl-C stops it (with --stats, after the figures)."""
     loaded = _load(model, load, text="plain")
-    try:
-        with stop_on_ctrl_c() as check:
-            stream = (lambda text: check()) if as_json else printing(check)
-            result = loaded.generate(
-                prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream
-            )
-    except Stopped:
-        out.print()
-        err.print("(stopped)")
-        if stats:
-            _print_stats(loaded.stats)
-        raise typer.Exit(130) from None  # as a shell reports SIGINT
+    stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
+    with stop_on_ctrl_c() as pressed:
+        result = loaded.generate(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream,
+            stop=pressed,
+        )  # fmt: skip
     if as_json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": loaded.stats.to_dict()}))
-        return
-    out.print()
-    if stats:
+    else:
+        out.print()
+    if result.stop_reason == "stopped":
+        err.print("(stopped)")
+    if stats and not as_json:
         _print_stats(loaded.stats)
-
-
-class Stopped(Exception):
-    """Ctrl-C, raised at a token: see stop_on_ctrl_c."""
+    if result.stop_reason == "stopped":
+        raise typer.Exit(130)  # as a shell reports SIGINT
 
 
 @contextlib.contextmanager
-def stop_on_ctrl_c() -> Iterator[Callable[[], None]]:
-    """Within, Ctrl-C stops a generation at its next token: `check()`, called there, raises Stopped. There the
-    model's state is whole; a KeyboardInterrupt mid-step could leave an expert slot named but never filled, or
-    a swap half made. A second Ctrl-C interrupts at once (and the command ends)."""
-    pressed = []
+def stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Within, Ctrl-C asks a generation to stop: the function yielded, a generation's `stop`, says whether it
+    was pressed, so the generation ends between decode steps, where the model's state is whole (a
+    KeyboardInterrupt inside a step costs the expert cache). A second Ctrl-C interrupts at once."""
+    presses = []
 
     def on_sigint(signum, frame) -> None:
-        if pressed:
+        if presses:
             raise KeyboardInterrupt
-        pressed.append(signum)
-
-    def check() -> None:
-        if pressed:
-            raise Stopped
+        presses.append(signum)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield check
+        yield lambda: bool(presses)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def printing(check: Callable[[], None]) -> Callable[[str], None]:
-    """Streams text to stdout as generated, after `check()` (stop_on_ctrl_c's) at each piece."""
-
-    def stream(text: str) -> None:
-        check()
-        out.print(text, end="", markup=False)
-
-    return stream
 
 
 @app.command()
@@ -404,21 +384,20 @@ def chat(
             continue
         messages.append({"role": "user", "content": line})
         try:
-            with stop_on_ctrl_c() as check:
+            with stop_on_ctrl_c() as pressed:
                 result = loaded.generate(
                     messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    seed=seed, on_text=printing(check),
+                    seed=seed, on_text=lambda text: out.print(text, end="", markup=False), stop=pressed,
                 )  # fmt: skip
         except MoEOffloadError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             messages.pop()
             err.print(f"error: {error}")
             continue
-        except Stopped:  # the reply stops; the conversation goes on without this turn
+        out.print()
+        if result.stop_reason == "stopped":  # the conversation goes on without this turn
             messages.pop()
-            out.print()
             err.print("(stopped)")
             continue
-        out.print()
         messages.append({"role": "assistant", "content": result.text})
         if stats:
             _print_stats(loaded.stats)

@@ -418,6 +418,7 @@ class OffloadedModel:
         self.sequence = -1  # sequences started; traces number them
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
         self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
+        self.broken: str | None = None  # why this model can run no more (an exclusive-mode step cut short)
 
     def set_prefetch(self, when: str, ahead: int = 1) -> None:
         """Where the prefetcher guesses (none, early, late or both), and how many layers ahead at the output."""
@@ -457,12 +458,33 @@ class OffloadedModel:
         copy=False: a decode step on CUDA graphs returns the graphs' logits buffer itself, valid until the
         next forward; `bench` uses it so that a step allocates nothing.
         """
-        logits = self.decoder.forward(input_ids.to(self.device), start_pos, last_only=last_only)
+        if self.broken is not None:
+            raise MoEOffloadError(self.broken)
+        try:
+            logits = self.decoder.forward(input_ids.to(self.device), start_pos, last_only=last_only)
+        except MoEOffloadError:  # a check before any work: nothing was cut
+            raise
+        except BaseException:  # Ctrl-C or an error part-way through the step
+            self._step_cut()
+            raise
         if input_ids.shape[0] == 1:
             self.decode_step += 1
             if copy and self.decoder.graphs is not None:
                 logits = logits.clone()
         return logits
+
+    def _step_cut(self) -> None:
+        """A step stopped part-way: a slot table may name an expert whose copy never ran. Inclusive mode forgets
+        every slot (each loads again from the arena when asked for); in exclusive mode a slot may hold an
+        expert's only copy, half swapped, so the model refuses to go on. The KV cache starts over."""
+        self.context_ids = []
+        if self.cache.mode == "exclusive":
+            self.broken = (
+                "a step of this model was interrupted in exclusive mode, where an expert's only copy may have been "
+                "half swapped: load the model again (stop a generation with stop= instead)"
+            )
+        else:
+            self.cache.reset()
 
     def logits(self, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
         """Logits [T, V] of a fresh sequence (prefill only)."""
@@ -518,11 +540,15 @@ class OffloadedModel:
         top_p: float = SamplingConfig.top_p,
         seed: int | None = SamplingConfig.seed,
         on_text: Callable[[str], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Continue `prompt` (text or ids), or answer `messages` through the chat template.
 
-        `on_text` streams the text as it is generated. The result carries the ids, the text and timings;
-        `model.stats` accumulates every generation's cache counters and tokens per second.
+        `on_text` streams the text as it is generated. `stop()`, asked before each decode step, ends the
+        generation there when it returns True (stop_reason "stopped"): the way to interrupt it, since an
+        exception inside a step leaves the expert cache to be rebuilt (see `forward`). The result carries the
+        ids, the text and timings; `model.stats` accumulates every generation's cache counters and tokens per
+        second.
         """
         if (prompt is None) == (messages is None):
             raise MoEOffloadError("give either a prompt or chat messages")
@@ -548,11 +574,11 @@ class OffloadedModel:
         # half-way, and the next turn must not take the old conversation's ids past this for what is cached
         self.context_ids = prompt_ids[:cached]
         if tokenizer is None:
-            result = generate(self, prompt_ids, config, stops, synchronize=synchronize)
+            result = generate(self, prompt_ids, config, stops, synchronize=synchronize, should_stop=stop)
         else:  # a plain prompt is continued exactly (its last space kept); a chat reply stands alone
             result = generate_text(
                 self, tokenizer, prompt_ids, config, stops, on_text,
-                continue_prompt=messages is None, synchronize=synchronize, cached=cached,
+                continue_prompt=messages is None, synchronize=synchronize, cached=cached, should_stop=stop,
             )  # fmt: skip
         self.context_ids = prompt_ids + result.token_ids[: result.decode_tokens]  # every id fed to the model
         self.stats.timing.add(result)

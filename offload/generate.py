@@ -137,6 +137,9 @@ class Timing:
         }
 
 
+StopReason = Literal["eos", "length", "stopped"]
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # generated ids only: no prompt, no stop id
@@ -145,7 +148,7 @@ class GenerationResult:
     decode_tokens: int  # single-token decode forwards (the first new token comes from the prefill)
     prefill_s: float  # prompt forward + first sample: the time to the first token
     decode_s: float  # every decode step after it, on_token callbacks included
-    stop_reason: Literal["eos", "length"]  # a stop id, or max_new_tokens / the context end
+    stop_reason: StopReason  # a stop id, max_new_tokens or the context end, or the caller's should_stop
     stop_token_id: int | None = None  # the stop id that ended generation (not in token_ids)
 
     @property
@@ -203,22 +206,26 @@ def decode_n_tokens(
     generator: torch.Generator | None,
     stop_ids: set[int],
     on_token: Callable[[int], None] | None,
-) -> tuple[list[int], int | None]:
-    """Feed `current` at start_pos and go on for at most num_steps forwards.
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[int], int | None, StopReason]:
+    """Feed `current` at start_pos and go on for at most num_steps forwards, or until `should_stop()`, asked
+    before each one, says so.
 
-    Returns the new ids (stop id excluded) and the stop id that ended it, or None at the budget.
+    Returns the new ids (stop id excluded), the stop id that ended it (or None), and why it ended.
     `token_buffer` is a preallocated LongTensor [1] on the model's device, refilled in place.
     """
     new_ids: list[int] = []
     for step in range(num_steps):
+        if should_stop is not None and should_stop():
+            return new_ids, None, "stopped"
         token_buffer.fill_(current)
         current = decode_one_token(model, token_buffer, start_pos + step, config, generator)
         if current in stop_ids:
-            return new_ids, current
+            return new_ids, current, "eos"
         new_ids.append(current)
         if on_token is not None:
             on_token(current)
-    return new_ids, None
+    return new_ids, None, "length"
 
 
 def check_prompt(prompt_len: int, max_seq_len: int, name: str = "the prompt") -> None:
@@ -240,9 +247,12 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     synchronize: Callable[[], None] | None = None,
     cached: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Empty the KV cache, prefill the prompt, then decode until a stop id, max_new_tokens or the context end.
 
+    `should_stop()` is asked before each decode step: True ends it there, between steps, where the model's
+    state is whole (Ctrl-C in the CLI), with stop_reason "stopped".
     `on_token` sees each generated id as it is sampled (never the stop id). `synchronize` (e.g.
     torch.cuda.synchronize) is called before each clock reading so queued device work is counted.
     `cached` > 0 says the KV cache already holds prompt_ids[:cached] (a conversation going on): the cache
@@ -277,12 +287,13 @@ def generate(
 
     token_ids: list[int] = []
     stop_token_id: int | None = first if first in stop_ids else None
+    reason: StopReason = "eos"
     if stop_token_id is None:
         token_ids.append(first)
         if on_token is not None:
             on_token(first)
-        more, stop_token_id = decode_n_tokens(
-            model, token_buffer, first, prompt_len, budget - 1, config, generator, stop_ids, on_token
+        more, stop_token_id, reason = decode_n_tokens(
+            model, token_buffer, first, prompt_len, budget - 1, config, generator, stop_ids, on_token, should_stop
         )
         token_ids.extend(more)
     if synchronize is not None:
@@ -297,7 +308,7 @@ def generate(
         decode_tokens=sampled - 1,  # every sampled id after the first cost one decode forward
         prefill_s=prefill_end - start,
         decode_s=decode_end - prefill_end,
-        stop_reason="eos" if stop_token_id is not None else "length",
+        stop_reason=reason,
         stop_token_id=stop_token_id,
     )
 
@@ -367,6 +378,7 @@ def generate_text(
     continue_prompt: bool = True,
     synchronize: Callable[[], None] | None = None,
     cached: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """`generate` with text: streams pieces to `on_text` and fills `result.text`.
 
@@ -381,7 +393,9 @@ def generate_text(
         if piece:
             on_text(piece)
 
-    result = generate(model, prompt_ids, config, stop_ids, on_token if on_text else None, synchronize, cached)
+    result = generate(
+        model, prompt_ids, config, stop_ids, on_token if on_text else None, synchronize, cached, should_stop
+    )
     if on_text is not None:
         rest = streamer.flush()
         if rest:

@@ -91,6 +91,11 @@ def test_an_interrupted_turn_leaves_the_next_one_right(trained_model_dir):
     with pytest.raises(KeyboardInterrupt):
         model.generate(messages=[{"role": "user", "content": "Sort a list."}], temperature=0, on_text=interrupt)
     more = [*first, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "Now a docstring."}]
+    cache = model.cache
+    for layer, table in enumerate(cache.tables):  # each slot a table names holds its expert's bytes
+        for expert, slot in table.slot_of.items():
+            held = cache.slot_rows[cache.slot_row[cache.slot_base[layer] + slot]]
+            assert torch.equal(held, cache.arena[layer * cache.num_experts + expert]), (layer, expert)
     ours = model.generate(messages=more, max_new_tokens=8, temperature=0)
     assert ours.token_ids == fresh.generate(messages=more, max_new_tokens=8, temperature=0).token_ids
 
@@ -139,3 +144,51 @@ def test_load_takes_a_path_and_a_torch_device_and_refuses_no_model(trained_model
     for nothing in (None, "", " "):  # "" read the current folder
         with pytest.raises(MoEOffloadError, match="^give a model: a quantized folder, a Hugging Face folder or"):
             offload.load(nothing)
+
+
+@pytest.mark.parametrize("mode", ["inclusive", "exclusive"])
+def test_a_step_cut_short_costs_the_cache_not_the_answers(trained_model_dir, monkeypatch, mode):
+    """Ctrl-C inside a step (here: at a miss's copy in a chat turn's prefill) leaves a slot table naming an
+    expert whose copy never ran. Inclusive mode forgets its slots and answers right; exclusive mode, whose
+    slots may hold an expert's only copy, refuses to go on."""
+    model = offload.load(str(trained_model_dir), device="cpu", slots=2, cache_mode=mode)
+    fresh = offload.load(str(trained_model_dir), device="cpu", slots=2, cache_mode=mode)
+    first = [{"role": "user", "content": "def add(a, b):"}]
+    reply = model.generate(messages=first, max_new_tokens=6, temperature=0).text
+    assert reply == fresh.generate(messages=first, max_new_tokens=6, temperature=0).text
+    more = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Now a docstring."}]
+    loads, real = [], model.cache._load
+
+    def load(layer, step):
+        loads.append(layer)
+        if len(loads) == 3:
+            raise KeyboardInterrupt
+        real(layer, step)
+
+    monkeypatch.setattr(model.cache, "_load", load)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(messages=more, max_new_tokens=8, temperature=0)
+    if mode == "exclusive":
+        with pytest.raises(MoEOffloadError, match="^a step of this model was interrupted in exclusive mode"):
+            model.generate(messages=more, max_new_tokens=8, temperature=0)
+        return
+    cache = model.cache
+    for layer, table in enumerate(cache.tables):  # each slot a table names holds its expert's bytes
+        for expert, slot in table.slot_of.items():
+            held = cache.slot_rows[cache.slot_row[cache.slot_base[layer] + slot]]
+            assert torch.equal(held, cache.arena[layer * cache.num_experts + expert]), (layer, expert)
+    ours = model.generate(messages=more, max_new_tokens=8, temperature=0)
+    assert ours.token_ids == fresh.generate(messages=more, max_new_tokens=8, temperature=0).token_ids
+
+
+def test_stop_ends_a_generation_between_steps(trained_model_dir):
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    asked = []
+
+    def stop() -> bool:  # asked before each decode step: the fourth time, stop
+        asked.append(model.decode_step)
+        return len(asked) > 3
+
+    result = model.generate("def f(x):", max_new_tokens=32, temperature=0, stop=stop)
+    assert (result.stop_reason, len(result.token_ids), result.decode_tokens) == ("stopped", 4, 3)
+    assert model.stats.timing.decode_tokens == 3  # a stopped generation counts
