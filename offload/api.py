@@ -12,7 +12,7 @@ import dataclasses
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,12 +88,14 @@ class LoadOptions:
             kind, words = OPTION_TYPES[annotation.removesuffix(" | None")]
             if value is None and optional:
                 continue
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int
+            if kind is numbers.Integral and isinstance(value, kind) and not isinstance(value, bool):
+                object.__setattr__(self, option.name, int(value))  # numpy's too; True is no count
+            elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise MoEOffloadError(f"{option.name} must be {words}{' or None' if optional else ''}, got {value!r}")
 
 
 # LoadOptions' field types, as its annotations spell them: the type each takes, in words
-OPTION_TYPES = {"str": (str, "a string"), "int": (int, "a whole number"), "bool": (bool, "True or False")}
+OPTION_TYPES = {"str": (str, "a string"), "int": (numbers.Integral, "a whole number"), "bool": (bool, "True or False")}
 
 
 @dataclass
@@ -495,10 +497,12 @@ class OffloadedModel:
     def token_ids(self, ids: torch.Tensor | Sequence[int]) -> list[int]:
         """Token ids a caller gave, checked: whole numbers the embedding has a row for (on CUDA, an index past
         the table is a device-side assert, after which the process can use the GPU no more)."""
-        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
-            ids = ids.tolist()
-        elif not isinstance(ids, list | tuple):
+        shape = getattr(ids, "shape", None)  # a tensor or an array
+        if shape is not None and len(shape) != 1:
+            raise MoEOffloadError(f"give token ids as a list or a 1-D tensor, got one of shape {tuple(shape)}")
+        if isinstance(ids, str | bytes | bytearray) or not isinstance(ids, Iterable):
             raise MoEOffloadError(f"give token ids as a list or a 1-D tensor, got {type(ids).__name__}")
+        ids = ids.tolist() if shape is not None else list(ids)  # numpy's ints become Python's
         vocab = self.config.vocab_size
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, numbers.Integral):

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,7 +108,8 @@ def test_an_interrupted_turn_leaves_the_next_one_right(trained_model_dir):
         (lambda m: m.logits([1, -5]), r"token id -5 is not in this model's vocabulary \(0 to 31999\)"),
         (lambda m: m.logits([1.0, 2.5]), r"token ids must be whole numbers, got 1.0"),
         (lambda m: m.generate(b"abc"), r"give token ids as a list or a 1-D tensor, got bytes"),
-        (lambda m: m.logits(torch.tensor([[1, 2]])), r"give token ids as a list or a 1-D tensor, got Tensor"),
+        (lambda m: m.logits(torch.tensor([[1, 2]])), r"give token ids as a list or a 1-D tensor, got one of shape "),
+        (lambda m: m.logits(5), r"give token ids as a list or a 1-D tensor, got int"),
         (lambda m: m.generate("caf\udce9"), r"the prompt is not valid UTF-8 text: the byte 0xe9 at character 3"),
         (lambda m: m.trace(["ok", "caf\udce9"], "t.jsonl"), r"prompt 2 is not valid UTF-8 text: the byte 0xe9 "),
         (lambda m: m.trace("hello", "t.jsonl"), r"trace takes a list of prompts, got one string: pass \[prompt\]"),
@@ -139,8 +141,15 @@ def test_load_options_of_the_wrong_type_are_one_line(options, message):
 
 
 def test_load_takes_a_path_and_a_torch_device_and_refuses_no_model(trained_model_dir):
-    model = offload.load(trained_model_dir, device=torch.device("cpu"), slots=3)  # a Path, not only a str
+    model = offload.load(trained_model_dir, device=torch.device("cpu"), slots=np.int64(3))  # a Path, numpy's int
     assert model.options.device == "cpu" and model.device == torch.device("cpu")
+    assert type(model.options.slots) is int and model.plan.slots_per_layer[0] == 3
+    ids = [1, 822, 28722]  # token ids as any 1-D sequence: a range, a numpy array, a tensor
+    expected = model.logits(ids)
+    for given in (np.array(ids), torch.tensor(ids), tuple(ids)):
+        assert torch.equal(model.logits(given), expected)
+    assert model.generate(range(1, 4), max_new_tokens=2, temperature=0).token_ids == model.generate(
+        [1, 2, 3], max_new_tokens=2, temperature=0).token_ids  # fmt: skip
     for nothing in (None, "", " "):  # "" read the current folder
         with pytest.raises(MoEOffloadError, match="^give a model: a quantized folder, a Hugging Face folder or"):
             offload.load(nothing)
