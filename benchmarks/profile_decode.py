@@ -36,12 +36,14 @@ from offload.bench import (  # noqa: E402
     PREFETCH,
     ReplayedRouting,
     bench_context,
+    check_prefetch_options,
     environment,
     graphs_ran,
     set_prefetch,
     synchronize,
     write_json,
 )
+from quant.errors import MoEOffloadError  # noqa: E402
 
 # -- the device's time line -----------------------------------------------------------------------------
 
@@ -150,6 +152,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_decode.json"))
     parser.add_argument("--chrome", default=None, help="also write a Chrome trace (chrome://tracing) here")
     args = parser.parse_args()
+    try:
+        check_prefetch_options(args.prefetch, 1, args.oracle_depth)  # before the load: minutes on a real model
+    except MoEOffloadError as error:
+        parser.error(str(error))
 
     model = offload.load(args.model, device=args.device, gpu_memory=args.gpu_memory, slots=args.slots,
                          max_seq_len=args.max_seq_len, prefetch="none", verify=not args.no_verify,

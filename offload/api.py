@@ -243,8 +243,9 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     if max_seq_len < 2:
         raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     if max_seq_len > config.max_position:  # allowed: a user may know better (rope scaling in another runtime)
-        warnings.warn(f"--max-seq-len {max_seq_len} is beyond the {config.max_position} positions this model was "
-                      "trained for; what it writes past them is likely nonsense", stacklevel=2)  # fmt: skip
+        warnings.warn(f"a context of {max_seq_len} tokens (--max-seq-len) is beyond the {config.max_position} "
+                      "positions this model was trained for; what it writes past them is likely nonsense",
+                      stacklevel=2)  # fmt: skip
     check_prefill_chunk(opts.prefill_chunk)  # before the long part
     expert_format = source.expert_format(dtype)
     resident = source.resident()

@@ -154,8 +154,9 @@ def test_demo_and_context_options_are_checked_first(capsys, quantized):
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--max-seq-len", "0")  # 0 is not "the default"
     assert_one_line_error(code, err, "--max-seq-len must be at least 2, got 0")
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--max-seq-len", "100000")  # allowed, but said
-    assert code == 0 and err.splitlines() == ["warning: --max-seq-len 100000 is beyond the 256 positions this model "
-                                              "was trained for; what it writes past them is likely nonsense"]
+    assert code == 0 and err.splitlines() == ["warning: a context of 100000 tokens (--max-seq-len) is beyond the 256 "
+                                              "positions this model was trained for; what it writes past them is "
+                                              "likely nonsense"]
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--gpu-memory", "12GiB")  # not silently ignored
     assert_one_line_error(code, err, "--gpu-memory is a GPU's budget, and this runs on the CPU, where everything is "
                           "in RAM: give --cpu-memory")  # fmt: skip
