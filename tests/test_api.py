@@ -78,6 +78,14 @@ def test_reset_stats_leaves_no_earlier_prefetch_in_the_new_window(trained_model_
     assert counts[0] == counts[1] and counts[0]["prefetches_issued"] > 0
 
 
+def assert_slots_hold_their_experts(cache) -> None:
+    """Inclusive mode: each slot a layer's table names holds its expert's bytes, as the arena has them."""
+    for layer, table in enumerate(cache.tables):
+        for expert, slot in table.slot_of.items():
+            held = cache.slot_rows[cache.slot_row[cache.slot_base[layer] + slot]]
+            assert torch.equal(held, cache.arena[layer * cache.num_experts + expert]), (layer, expert)
+
+
 def test_an_interrupted_turn_leaves_the_next_one_right(trained_model_dir):
     """Ctrl-C in a reply (here: on_text raising) stops a generation after its prefill wrote the KV cache: the
     next turn must not take the old conversation for what the cache holds."""
@@ -92,11 +100,7 @@ def test_an_interrupted_turn_leaves_the_next_one_right(trained_model_dir):
     with pytest.raises(KeyboardInterrupt):
         model.generate(messages=[{"role": "user", "content": "Sort a list."}], temperature=0, on_text=interrupt)
     more = [*first, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "Now a docstring."}]
-    cache = model.cache
-    for layer, table in enumerate(cache.tables):  # each slot a table names holds its expert's bytes
-        for expert, slot in table.slot_of.items():
-            held = cache.slot_rows[cache.slot_row[cache.slot_base[layer] + slot]]
-            assert torch.equal(held, cache.arena[layer * cache.num_experts + expert]), (layer, expert)
+    assert_slots_hold_their_experts(model.cache)
     ours = model.generate(messages=more, max_new_tokens=8, temperature=0)
     assert ours.token_ids == fresh.generate(messages=more, max_new_tokens=8, temperature=0).token_ids
 
@@ -181,11 +185,7 @@ def test_a_step_cut_short_costs_the_cache_not_the_answers(trained_model_dir, mon
         with pytest.raises(MoEOffloadError, match="^a step of this model was interrupted in exclusive mode"):
             model.generate(messages=more, max_new_tokens=8, temperature=0)
         return
-    cache = model.cache
-    for layer, table in enumerate(cache.tables):  # each slot a table names holds its expert's bytes
-        for expert, slot in table.slot_of.items():
-            held = cache.slot_rows[cache.slot_row[cache.slot_base[layer] + slot]]
-            assert torch.equal(held, cache.arena[layer * cache.num_experts + expert]), (layer, expert)
+    assert_slots_hold_their_experts(model.cache)
     ours = model.generate(messages=more, max_new_tokens=8, temperature=0)
     assert ours.token_ids == fresh.generate(messages=more, max_new_tokens=8, temperature=0).token_ids
 
