@@ -195,6 +195,7 @@ class Prepared:
     fused_gemv: bool  # decode's HQQ products run the fused kernel (LoadOptions.fused_gemv, resolved)
     cuda_graphs: bool  # decode's resident part runs as CUDA graphs (LoadOptions.cuda_graphs, resolved)
     host_embedding: bool  # the embedding table stays in RAM (LoadOptions.host_embedding, resolved)
+    tokenizer: object | None = None  # loaded by prepare(text=...) to check it, and kept for the model
 
     @property
     def config(self) -> ModelConfig:
@@ -270,13 +271,15 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     )
     fused = resolve_fused_gemv(opts.fused_gemv, device)
     graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
+    tokenizer = None
     if text is not None:  # the options' own errors first
         tokenizer = load_tokenizer(source.folder)
         if text == "chat":
             chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])
     return Prepared(
-        source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs, host_embedding
-    )
+        source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs, host_embedding,
+        tokenizer,
+    )  # fmt: skip
 
 
 def prefill_reserve(
@@ -417,7 +420,7 @@ class OffloadedModel:
         self.device, self.dtype = decoder.device, decoder.dtype
         self.max_seq_len = decoder.max_seq_len
         self.stats = RunStats(cache.stats)
-        self._tokenizer = None
+        self._tokenizer = prepared.tokenizer  # None: loaded when first needed
         self.sequence = -1  # sequences started; traces number them
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
         self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
