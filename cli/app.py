@@ -26,6 +26,7 @@ from cache.trace import read_trace
 from offload.api import LoadOptions
 from offload.generate import SamplingConfig
 from offload.planner import slots_text
+from offload.tokenizer import check_text
 from quant.errors import MoEOffloadError
 from quant.files import check_writable
 
@@ -307,6 +308,7 @@ def generate(
     load: dict | None = None,
 ) -> None:
     """Continue a prompt, streaming the text as it is generated. Ctrl-C stops it (with --stats, after the figures)."""
+    check_text(prompt, "the prompt")  # before the load: minutes on a real model
     loaded = _load(model, load, text="plain")
     stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
     with stop_on_ctrl_c() as pressed:
@@ -457,6 +459,8 @@ def trace(
             raise MoEOffloadError(f"{prompts} holds no prompt; write one prompt per line")
     else:
         texts = [prompt]
+    for number, text in enumerate(texts, 1):  # before the load: minutes on a real model
+        check_text(text, f"prompt {number}" if len(texts) > 1 else "the prompt")
     check_writable(out, "--out")
     loaded = _load(model, load, text="plain")
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)

@@ -364,6 +364,13 @@ def test_chat_refuses_a_tokenizer_without_a_chat_template_before_loading_experts
                           "use `moe-offload generate --prompt TEXT` to continue plain text")  # fmt: skip
 
 
+@pytest.mark.parametrize("command", [["generate"], ["trace", "--out", "t.jsonl"]])
+def test_a_prompt_that_is_not_utf8_is_refused_before_the_load(capsys, monkeypatch, tmp_path, command):
+    monkeypatch.chdir(tmp_path)  # a shell passes bytes that are not UTF-8 as lone surrogates
+    code, _, err = run(capsys, command[0], "/no/such/model", "--prompt", "caf\udce9", *command[1:])
+    assert_one_line_error(code, err, "the prompt is not valid UTF-8 text: the byte 0xe9 at character 3")
+
+
 class Keyboard:
     """stdin for chat: lines, of which a bytes item is one that is not UTF-8 (input() raises on it)."""
 
