@@ -214,20 +214,20 @@ def multiply(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Work
     """gemv without its check, for a caller that asked supports(x, q) already (quant.linear.CPU): a decode
     step makes 320 of these calls on a 32-layer model."""
     workspace = workspace if workspace is not None else Workspace()
-    if x.dtype == torch.float32:
-        return _multiply(x, q, out, workspace)
-    # --dtype bfloat16 or float16 on the CPU: the products in float32, then rounded once
     tokens, n = x.shape[0], q.shape[0]
     if out is not None and (out.shape != (tokens, n) or out.dtype != x.dtype):
         got = f"{tuple(out.shape)} {out.dtype}"
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} times a weight {tuple(q.shape)} into {got}")
+    if x.dtype == torch.float32:
+        return _multiply(x, q, out, workspace)
+    # --dtype bfloat16 or float16 on the CPU: the products in float32, then rounded once
     x32 = workspace.buffer("gemv.x32", tuple(x.shape), torch.float32, x.device).copy_(x)
     y32 = _multiply(x32, q, workspace.buffer("gemv.y32", (tokens, n), torch.float32, x.device), workspace)
     return y32.to(x.dtype) if out is None else out.copy_(y32)
 
 
 def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace) -> Tensor:
-    """multiply, float32 tokens."""
+    """multiply, float32 tokens, `out` checked."""
     lib = library()
     # M = tokens, N = outputs, K = inputs, G = groups a row
     (n, k), g, bits, tokens = q.shape, q.spec.group_size, q.spec.bits, x.shape[0]
@@ -236,9 +236,6 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
     torch.sum(x.view(tokens, groups_per_row, g), dim=-1, out=x_sums)
     if out is None:
         out = x.new_empty((tokens, n))
-    elif out.shape != (tokens, n) or out.dtype != x.dtype:
-        got = f"{tuple(out.shape)} {out.dtype}"
-        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} times a weight {tuple(q.shape)} into {got}")
     y = out if out.is_contiguous() else workspace.buffer("gemv.y", (tokens, n), x.dtype, x.device)
     problem = _Problem(x.data_ptr(), x_sums.data_ptr(), q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
                        tokens, n, k, q.codes.shape[0], bits, g)  # fmt: skip
