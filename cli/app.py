@@ -552,6 +552,8 @@ def bench(
         read_trace(route_trace)  # its errors too: the replay reads it again after the load
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
+    if load["max_seq_len"] is not None:
+        benchmark.check_context(load["max_seq_len"], prompt_tokens, tokens)
     load = {**load, "prefetch": "none", "max_seq_len": context if load["max_seq_len"] is None else load["max_seq_len"]}
     loaded = _load(model, load)
     accelerate = None

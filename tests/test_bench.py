@@ -244,7 +244,7 @@ def test_cli_writes_the_json(capsys, tmp_path, trained_model_dir):
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left
 
 
-def test_bench_errors(capsys, trained_model_dir, tmp_path):
+def test_bench_errors(capsys, trained_model_dir, tmp_path, model):
     code = main(["bench", str(trained_model_dir), "--slots", "2", "--device", "cpu", "--route-trace",
                  str(SHARED_TRACE), "--tokens", "4"])  # fmt: skip
     err = capsys.readouterr().err.strip()
@@ -287,6 +287,15 @@ def test_bench_errors(capsys, trained_model_dir, tmp_path):
         "error: bench needs at least 2 slots per layer (the experts a token uses) to measure compute with "
         "nothing copied; give --slots 2 or more"
     )  # fmt: skip
+    code = main(["bench", "no-such-folder", "--tokens", "100", "--max-seq-len", "64"])  # was an error after the load
+    err = capsys.readouterr().err.strip()
+    too_short = ("bench of 16 prompt and 100 timed tokens needs a context of 119 (with 2 warm-up steps), and "
+                 "--max-seq-len is 64: raise --max-seq-len, lower --tokens or --prompt-tokens, or leave --max-seq-len "
+                 "out")  # fmt: skip
+    assert code == 2 and err == f"error: {too_short}"
+    with pytest.raises(MoEOffloadError) as error:  # from Python too, before anything is timed
+        offload.bench.bench(model, tokens=100)
+    assert str(error.value) == too_short
 
 
 def test_device_work_is_told_apart_on_torch_with_and_without_activity_types():
