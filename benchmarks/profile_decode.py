@@ -137,18 +137,27 @@ def main() -> None:
     parser.add_argument("--route-trace", required=True)
     parser.add_argument("--gpu-memory", default=None)
     parser.add_argument("--slots", type=int, default=None)
-    parser.add_argument("--max-seq-len", type=int, default=bench_context(16, 128),
-                        help="context (default: bench's at its defaults, so the plan gives bench's slots)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=bench_context(16, 128),
+        help="context (default: bench's at its defaults, so the plan gives bench's slots)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the folder's sha256 check")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-fused-gemv", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--prefetch", choices=PREFETCH, default="oracle",
-                        help="the trace's coming layers (oracle), the runtime's own guess (gate), or none")
-    parser.add_argument("--oracle-depth", type=int, default=None,
-                        help="layers the oracle loads ahead (default: all but one)")
+    parser.add_argument(
+        "--prefetch",
+        choices=PREFETCH,
+        default="oracle",
+        help="the trace's coming layers (oracle), the runtime's own guess (gate), or none",
+    )
+    parser.add_argument(
+        "--oracle-depth", type=int, default=None, help="layers the oracle loads ahead (default: all but one)"
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_decode.json"))
     parser.add_argument("--chrome", default=None, help="also write a Chrome trace (chrome://tracing) here")
     args = parser.parse_args()

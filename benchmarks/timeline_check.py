@@ -204,10 +204,16 @@ def main() -> None:
         (f"path, oracle depth 31, {sum(planned)} as planned", dict(prefetch="oracle", policy="path", slots=planned)),
         # the same two with each policy's host bookkeeping, as policy_cost.py measured it here (the GPU machine's
         # host may be faster)
-        (f"LRU, oracle depth 31, {sum(planned)} as planned, its bookkeeping", dict(prefetch="oracle", slots=planned),
-         "lru"),
-        (f"path, oracle depth 31, {sum(planned)} as planned, its bookkeeping",
-         dict(prefetch="oracle", policy="path", slots=planned), "path"),
+        (
+            f"LRU, oracle depth 31, {sum(planned)} as planned, its bookkeeping",
+            dict(prefetch="oracle", slots=planned),
+            "lru",
+        ),
+        (
+            f"path, oracle depth 31, {sum(planned)} as planned, its bookkeeping",
+            dict(prefetch="oracle", policy="path", slots=planned),
+            "path",
+        ),
         ("LRU, oracle depth 31, 6 slots", dict(prefetch="oracle", slots=6)),
         ("LRU, oracle depth 31, 6 slots, exclusive", dict(prefetch="oracle", slots=6, mode="exclusive")),
     ]

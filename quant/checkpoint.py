@@ -191,7 +191,6 @@ class CheckpointWriter:
             return []
         return [name for name in files if isinstance(name, str)] if isinstance(files, dict) else []
 
-
     def _write_journal(self) -> None:
         _atomic_write_bytes(self.out_dir / JOURNAL, _json_bytes({"job": self.job, "files": self._files}))
 
@@ -345,9 +344,7 @@ class QuantizedCheckpoint:
             size = file_path.stat().st_size
             if size != entry["bytes"]:
                 what = "truncated" if size < entry["bytes"] else "larger than listed"
-                raise MoEOffloadError(
-                    f"{file_path} is {what}: {size} bytes, {MANIFEST} says {entry['bytes']}; {RERUN}"
-                )
+                raise MoEOffloadError(f"{file_path} is {what}: {size} bytes, {MANIFEST} says {entry['bytes']}; {RERUN}")
         if verify:
             # hashlib drops the GIL on large chunks, so threads hash files in parallel (~17 GB at 2-bit).
             names = list(manifest["files"])

@@ -251,7 +251,7 @@ class Workspace:
 
 
 def _device(device: torch.device | str) -> torch.device:
-    """"cuda" and "cuda:0" must find the same buffer."""
+    """A bare "cuda" and "cuda:0" must find the same buffer."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())

@@ -77,13 +77,19 @@ def test_corrupt_manifest(capsys, quantized, tmp_path):
 @pytest.mark.parametrize(
     "alter, problem",
     [
-        (lambda m: m["config"].update(num_layers=3),
-         "the config has 3 layers, but experts-002.safetensors is not listed"),
-        (lambda m: m["expert_format"]["layout"].update(nbytes=999),
-         "expert_format's layout does not follow from its sizes and quantization"),
+        (
+            lambda m: m["config"].update(num_layers=3),
+            "the config has 3 layers, but experts-002.safetensors is not listed",
+        ),
+        (
+            lambda m: m["expert_format"]["layout"].update(nbytes=999),
+            "expert_format's layout does not follow from its sizes and quantization",
+        ),
         (lambda m: m["config"].update(hidden_size=96), "expert_format's sizes differ from the config's"),
-        (lambda m: m["config"].update(num_experts=5),
-         "experts-000.safetensors holds no {nbytes}-byte expert 4, which the config and layout call for"),
+        (
+            lambda m: m["config"].update(num_experts=5),
+            "experts-000.safetensors holds no {nbytes}-byte expert 4, which the config and layout call for",
+        ),
     ],
     ids=["layers", "layout", "sizes", "experts"],
 )
@@ -154,9 +160,11 @@ def test_demo_and_context_options_are_checked_first(capsys, quantized):
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--max-seq-len", "0")  # 0 is not "the default"
     assert_one_line_error(code, err, "--max-seq-len must be at least 2, got 0")
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--max-seq-len", "100000")  # allowed, but said
-    assert code == 0 and err.splitlines() == ["warning: a context of 100000 tokens (--max-seq-len) is beyond the 256 "
-                                              "positions this model was trained for; what it writes past them is "
-                                              "likely nonsense"]
+    assert code == 0 and err.splitlines() == [
+        "warning: a context of 100000 tokens (--max-seq-len) is beyond the 256 "
+        "positions this model was trained for; what it writes past them is "
+        "likely nonsense"
+    ]
     code, _, err = run(capsys, "info", quantized, "--device", "cpu", "--gpu-memory", "12GiB")  # not silently ignored
     assert_one_line_error(code, err, "--gpu-memory is a GPU's budget, and this runs on the CPU, where everything is "
                           "in RAM: give --cpu-memory")  # fmt: skip
@@ -412,8 +420,10 @@ def test_chat_goes_on_after_ctrl_c_a_full_context_and_a_line_that_is_not_utf8(ca
     lines = err.splitlines()
     assert "(stopped)" in lines and "error: that line is not UTF-8 text" in lines
     full = [line for line in lines if line.startswith("error: the conversation is ")]
-    assert len(full) == 1 and full[0].endswith("but the context holds 40, which leaves no room for a reply; start "
-                                               "a new one (chat: /reset), or load with a larger --max-seq-len")
+    assert len(full) == 1 and full[0].endswith(
+        "but the context holds 40, which leaves no room for a reply; start "
+        "a new one (chat: /reset), or load with a larger --max-seq-len"
+    )
 
 
 def ctrl_c_at_the_first_piece(on_text, presses: int = 1):

@@ -37,9 +37,7 @@ def serve(cache, layer, experts):
     """Fetch a request and check every buffer holds the expert it claims to be."""
     served = []
     for expert, buffer in cache.fetch(layer, experts):
-        assert torch.equal(buffer, expert_bytes(layer, expert)), (
-            f"layer {layer} expert {expert} served wrong bytes"
-        )
+        assert torch.equal(buffer, expert_bytes(layer, expert)), f"layer {layer} expert {expert} served wrong bytes"
         served.append(expert)
     return served
 

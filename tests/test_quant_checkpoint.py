@@ -259,9 +259,7 @@ def test_force_never_deletes_a_users_own_safetensors(tmp_path, finished):
         assert (folder / "my-finetune.safetensors").read_bytes() == b"weights"
 
 
-def test_a_full_disk_is_one_line_leaves_nothing_under_the_final_name_and_keeps_what_was_written(
-    tmp_path, monkeypatch
-):
+def test_a_full_disk_is_one_line_leaves_nothing_under_the_final_name_and_keeps_what_was_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     writer = CheckpointWriter(out, job=JOB)
     writer.write(expert_file(0), {"0": torch.zeros(64, dtype=torch.uint8)})
