@@ -280,6 +280,14 @@ class QuantizedSource:
             return "expert_format's sizes differ from the config's"
         if ExpertFormat.build(fmt.hidden_size, fmt.intermediate_size, fmt.spec, fmt.dtype).layout != fmt.layout:
             return "expert_format's layout does not follow from its sizes and quantization"
+        if RESIDENT not in files:
+            return f"{RESIDENT} is not listed"
+        shapes = config.resident_shapes()
+        for name, meta in self.quantized.items():
+            if name not in shapes:
+                return f"it lists a quantized weight {name}, which the config has no place for"
+            if tuple(meta["shape"]) != shapes[name]:
+                return f"it lists {name} with shape {tuple(meta['shape'])}, but the config gives it {shapes[name]}"
         for layer in range(config.num_layers):
             name = expert_file(layer)
             if name not in files:

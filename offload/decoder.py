@@ -121,6 +121,22 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def attention_shapes(self) -> dict[str, tuple[int, int]]:
+        """A layer's attention projections and their shapes [out, in]."""
+        D, H, K, S = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        return {"q_proj": (H * S, D), "k_proj": (K * S, D), "v_proj": (K * S, D), "o_proj": (D, H * S)}
+
+    def resident_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight that stays on the device (all but the experts), by our name, with its shape."""
+        D, V = self.hidden_size, self.vocab_size
+        shapes = {"embed": (V, D), "norm": (D,), "lm_head": (V, D)}
+        for layer in range(self.num_layers):
+            prefix = f"layers.{layer}."
+            shapes[prefix + "input_norm"] = (D,)
+            shapes |= {prefix + name: shape for name, shape in self.attention_shapes().items()}
+            shapes |= {prefix + "post_norm": (D,), prefix + "router": (self.num_experts, D)}
+        return shapes
+
     def kv_cache_bytes(self, max_seq_len: int, dtype: torch.dtype) -> int:
         """The static KV cache Decoder allocates: keys and values of every layer, [K, max_seq_len, S] each."""
         return 2 * self.num_layers * self.num_kv_heads * max_seq_len * self.head_dim * dtype.itemsize
@@ -236,20 +252,8 @@ class Decoder:
         self.host_embedding = host_embedding
         assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)
 
-        D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        shapes = {"embed": (config.vocab_size, D), "norm": (D,), "lm_head": (config.vocab_size, D)}
-        for layer in range(config.num_layers):
-            shapes |= {
-                f"layers.{layer}.input_norm": (D,),
-                f"layers.{layer}.q_proj": (H * S, D),
-                f"layers.{layer}.k_proj": (K * S, D),
-                f"layers.{layer}.v_proj": (K * S, D),
-                f"layers.{layer}.o_proj": (D, H * S),
-                f"layers.{layer}.post_norm": (D,),
-                f"layers.{layer}.router": (config.num_experts, D),
-            }
         self.weights: dict[str, Any] = {}
-        for name, shape in shapes.items():
+        for name, shape in config.resident_shapes().items():
             if name == "lm_head" and config.tie_word_embeddings and name not in weights:
                 self.weights[name] = self.weights["embed"]
                 continue
@@ -258,7 +262,7 @@ class Decoder:
             self.weights[name] = self._resident(name, weights[name], shape)
 
         # static KV cache, allocated once: [layers, K, max_seq_len, S] each, so a layer's keys are a view
-        cache_shape = (config.num_layers, K, self.max_seq_len, S)
+        cache_shape = (config.num_layers, config.num_kv_heads, self.max_seq_len, config.head_dim)
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
         self.cos, self.sin = rope_tables(config, self.max_seq_len, self.device, dtype)
@@ -269,14 +273,14 @@ class Decoder:
         self._static: StaticStep | None = None
 
     def _resident(self, name: str, weight: Any, shape: tuple[int, ...]) -> Any:
-        """A plain tensor goes to the device and dtype (its shape checked); a quantized one stays as given."""
-        if not isinstance(weight, Tensor):
-            return weight
+        """A plain tensor goes to the device and dtype; a quantized one stays as given. Both shapes checked."""
         if tuple(weight.shape) != shape:
             raise MoEOffloadError(
                 f"tensor {name!r} has shape {tuple(weight.shape)} but config.json implies {shape}; "
                 "the checkpoint and its config.json do not belong together"
             )
+        if not isinstance(weight, Tensor):
+            return weight
         if name == "embed" and self.host_embedding:
             try:
                 return host_table(weight, self.dtype)

@@ -149,19 +149,13 @@ def _resident(config: ModelConfig, attn: QuantSpec | None, generator: torch.Gene
         tensors[prefix + "input_norm"] = normal((D,), 0.02, 1.0)
         tensors[prefix + "post_norm"] = normal((D,), 0.02, 1.0)
         tensors[prefix + "router"] = normal((E, D), 1.5 / D**0.5)
-        for name, shape in _projections(config).items():
+        for name, shape in config.attention_shapes().items():
             if attn is None:
                 tensors[prefix + name] = normal(shape, 0.01)
             else:
                 tensors.update(to_tensors(random_quantized(shape, attn, generator), prefix + name))
     tensors["lm_head"] = normal((V, D), 1.0 / D**0.5)
     return tensors
-
-
-def _projections(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """A layer's attention weights and their shapes [out, in]."""
-    D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    return {"q_proj": (H * S, D), "k_proj": (K * S, D), "v_proj": (K * S, D), "o_proj": (D, H * S)}
 
 
 def prefill_reserve(
@@ -174,7 +168,7 @@ def prefill_reserve(
     attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")
     generator = _generator(0, _RESIDENT_STREAM)
     attention = {} if attn is None else {
-        name: random_quantized(shape, attn, generator) for name, shape in _projections(config).items()
+        name: random_quantized(shape, attn, generator) for name, shape in config.attention_shapes().items()
     }  # fmt: skip
     expert_format = synthetic_format(config, expert_bits)
     return api.prefill_reserve(config, attention, expert_format, context, chunk, STORAGE_DTYPE, torch.device("cuda"))
@@ -244,14 +238,12 @@ def synthesize(
         if not writer.done(side):
             writer.write_bytes(side, (json.dumps(content, indent=2) + "\n").encode())
 
-    D, H, K, S = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    shapes = {"q_proj": [H * S, D], "k_proj": [K * S, D], "v_proj": [K * S, D], "o_proj": [D, H * S]}
     quantized = {}
     if attn is not None:
         quantized = {
-            f"layers.{layer}.{name}": {"shape": shape}
+            f"layers.{layer}.{name}": {"shape": list(shape)}
             for layer in range(config.num_layers)
-            for name, shape in shapes.items()
+            for name, shape in config.attention_shapes().items()
         }
     quantization = {
         "expert_bits": expert_bits,

@@ -90,8 +90,17 @@ def test_corrupt_manifest(capsys, quantized, tmp_path):
             lambda m: m["config"].update(num_experts=5),
             "experts-000.safetensors holds no {nbytes}-byte expert 4, which the config and layout call for",
         ),
+        (lambda m: m["files"].pop("resident.safetensors"), "resident.safetensors is not listed"),  # was a KeyError
+        (  # was a RuntimeError in the plan's dequantization, or with another shape one in the first forward
+            lambda m: m["resident"]["quantized"]["layers.0.q_proj"].update(shape=[128, 64]),
+            "it lists layers.0.q_proj with shape (128, 64), but the config gives it (64, 64)",
+        ),
+        (
+            lambda m: m["resident"]["quantized"].update({"layers.9.q_proj": {"shape": [64, 64]}}),
+            "it lists a quantized weight layers.9.q_proj, which the config has no place for",
+        ),
     ],
-    ids=["layers", "layout", "sizes", "experts"],
+    ids=["layers", "layout", "sizes", "experts", "resident", "shape", "unknown"],
 )
 def test_a_manifest_that_disagrees_with_itself_or_its_files(capsys, quantized, tmp_path, alter, problem):
     """The hashes cover the files, not the manifest: a manifest edited by hand is checked for agreement, where
