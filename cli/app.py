@@ -541,9 +541,7 @@ def bench(
     """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound."""
     from offload import bench as benchmark
 
-    for name, value in (("--tokens", tokens), ("--prompt-tokens", prompt_tokens)):
-        if value < 1:
-            raise MoEOffloadError(f"{name} must be at least 1, got {value}")
+    benchmark.check_run(prompt_tokens, tokens, load["max_seq_len"])  # before the load: minutes on a real model
     ahead = load.pop("prefetch_ahead")
     benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load: minutes on a real model
     if json_out is not None:
@@ -552,8 +550,6 @@ def bench(
         read_trace(route_trace)  # its errors too: the replay reads it again after the load
     # bench sets the prefetch itself
     context = benchmark.bench_context(prompt_tokens, tokens)
-    if load["max_seq_len"] is not None:
-        benchmark.check_context(load["max_seq_len"], prompt_tokens, tokens)
     load = {**load, "prefetch": "none", "max_seq_len": context if load["max_seq_len"] is None else load["max_seq_len"]}
     loaded = _load(model, load)
     accelerate = None

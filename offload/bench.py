@@ -264,10 +264,14 @@ def bench_context(prompt_tokens: int, tokens: int) -> int:
     return max(prompt_tokens + DECODE_WARMUP + tokens, 20) + 1
 
 
-def check_context(max_seq_len: int, prompt_tokens: int, tokens: int) -> None:
-    """A context too short for the run is refused before anything is timed (and, from the CLI, before the load)."""
+def check_run(prompt_tokens: int, tokens: int, max_seq_len: int | None) -> None:
+    """A run bench cannot time, or a context too short for it, is refused before anything is timed (and, from
+    the CLI, before the load). `max_seq_len` None: bench's own context (bench_context)."""
+    for name, value in (("--tokens", tokens), ("--prompt-tokens", prompt_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MoEOffloadError(f"{name} must be at least 1, got {value!r}")
     context = bench_context(prompt_tokens, tokens)
-    if max_seq_len < context:
+    if max_seq_len is not None and max_seq_len < context:
         raise MoEOffloadError(
             f"bench of {prompt_tokens} prompt and {tokens} timed tokens needs a context of {context} (with "
             f"{DECODE_WARMUP} warm-up steps), and --max-seq-len is {max_seq_len}: raise --max-seq-len, lower --tokens "
@@ -497,7 +501,7 @@ def bench(
     check_prefetch_options(prefetch, prefetch_ahead, oracle_depth)
     if model.cache.mode == "direct":
         raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
-    check_context(model.max_seq_len, prompt_tokens, tokens)
+    check_run(prompt_tokens, tokens, model.max_seq_len)
     c = model.config
     if min(model.plan.slots_per_layer) < c.top_k:
         raise MoEOffloadError(f"bench needs at least {c.top_k} slots per layer (the experts a token uses) to "

@@ -296,6 +296,9 @@ def test_bench_errors(capsys, trained_model_dir, tmp_path, model):
     with pytest.raises(MoEOffloadError) as error:  # from Python too, before anything is timed
         offload.bench.bench(model, tokens=100)
     assert str(error.value) == too_short
+    with pytest.raises(MoEOffloadError) as error:  # was a ZeroDivisionError after the run
+        offload.bench.bench(model, tokens=0)
+    assert str(error.value) == "--tokens must be at least 1, got 0"
 
 
 def test_device_work_is_told_apart_on_torch_with_and_without_activity_types():
