@@ -238,7 +238,7 @@ def timeline(
     mode: str = "inclusive",
     prefetch: str = "oracle",
     depth: int | None = None,
-    top_k: int = 2,
+    top_k: int | None = None,
     num_experts: int | None = None,
     tokens: int = 128,
     prompt_tokens: int = 16,
@@ -250,12 +250,16 @@ def timeline(
 
     `slots` is one count for every layer or one a layer (as bench's plan may give them).
     `prefetch` oracle loads the next `depth` layers' experts at each layer (None: every layer but one),
-    as bench's OraclePrefetcher; none loads on demand only. `no_cache` empties the slots before every
-    step (bench's no_cache baseline). Exclusive mode starts with experts 0..slots-1 in every layer's
-    slots, as a freshly loaded model does. `clock_class` times the steps (a subclass may order them
-    otherwise: benchmarks/timeline_check.py replays an earlier commit's order)."""
+    as bench's OraclePrefetcher; none loads on demand only. `top_k`: the experts a token uses (None: the
+    most a replayed row names, the model's top-k in a trace the model wrote; a row with fewer is refused).
+    `no_cache` empties the slots before every step (bench's no_cache baseline). Exclusive mode starts
+    with experts 0..slots-1 in every layer's slots, as a freshly loaded model does. `clock_class` times the
+    steps (a subclass may order them otherwise: benchmarks/timeline_check.py replays an earlier commit's
+    order)."""
     layers = trace.num_layers
     num_experts = num_experts or trace.num_experts
+    if top_k is None:
+        top_k = max(len(request.experts) for token in trace.longest_decode(1) for request in token.layers)
     if prefetch not in PREFETCH:
         raise MoEOffloadError(f"unknown prefetch {prefetch!r}; choose {' or '.join(PREFETCH)}")
     if policy not in POLICIES or POLICIES[policy].offline:

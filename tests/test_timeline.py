@@ -176,6 +176,17 @@ def test_trace_errors():
     assert timeline(one_layer, Costs(compute_s=3.0, expert_s=1.0, copy_s=3.0), slots=2, prefetch="none").tokens == 128
 
 
+def test_top_k_is_the_traces_own():
+    """A trace of a top-4 model is replayed at top-4 (it was cut to Mixtral's 2, silently, from the CLI too)."""
+    row = Request((0, 1, 2, 3), (0.25,) * 4)
+    four = Trace(Path("four.jsonl"), [Token(0, i, "decode", (row, row)) for i in range(3)], num_layers=2, num_experts=8)
+    run = timeline(four, Costs(compute_s=10.0, expert_s=1.0, copy_s=3.0), slots=4, prompt_tokens=1, tokens=2)
+    assert run.stats.requests == 2 * 2 * 4
+    with pytest.raises(MoEOffloadError) as error:
+        timeline(four, COSTS, slots=4, top_k=5)
+    assert str(error.value) == "slots must be between 5 (top-k) and 8 (the experts), got 4"
+
+
 def test_counters_are_the_timed_steps_alone(tiny_trace):
     run = timeline(tiny_trace, TINY_COSTS, slots=3, prefetch="none", tokens=7)
     assert isinstance(run.stats, LayerStats) and run.stats.requests == 7 * 6 * 2
