@@ -524,11 +524,8 @@ class OffloadedModel:
         return self._tokenizer
 
     def stop_ids(self, tokenizer=None) -> set[int]:
-        generation_config = read_generation_config(self.source.folder)
-        if tokenizer is None:  # token ids in, token ids out: the config's stop ids are enough
-            eos = (generation_config or {}).get("eos_token_id")
-            return set(self.config.eos_token_ids) | set(eos if isinstance(eos, list) else [eos]) - {None}
-        return stop_ids(tokenizer, generation_config) | set(self.config.eos_token_ids)
+        """The ids that end a generation; with no tokenizer (token ids in, token ids out) the configs' alone."""
+        return stop_ids(tokenizer, read_generation_config(self.source.folder)) | set(self.config.eos_token_ids)
 
     def encode(self, prompt: str, what: str = "the prompt") -> list[int]:
         check_text(prompt, what)

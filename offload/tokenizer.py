@@ -66,7 +66,8 @@ def read_generation_config(folder: str | Path) -> dict | None:
 
 def stop_ids(tokenizer, generation_config: dict | None) -> set[int]:
     """Every id that ends generation: generation_config.json's eos_token_id (an int or a list of ints)
-    and the tokenizer's eos token. Chat models often list their end-of-turn token only in the former."""
+    and the tokenizer's eos token (None: no tokenizer, for token ids in and out). Chat models often list
+    their end-of-turn token only in the former."""
     ids: set[int] = set()
     eos = (generation_config or {}).get("eos_token_id")
     for token_id in eos if isinstance(eos, list) else [eos]:
@@ -77,7 +78,7 @@ def stop_ids(tokenizer, generation_config: dict | None) -> set[int]:
                 f"generation_config.json has eos_token_id {eos!r}; it must be an integer or a list of integers"
             )
         ids.add(token_id)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
 

@@ -1,6 +1,8 @@
 """The Python API: a conversation going on reuses the KV cache for what the turns share; the dtype chosen."""
 
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -126,6 +128,18 @@ def test_bad_arguments_are_refused_before_any_work(trained_model_dir, tmp_path, 
     with pytest.raises(MoEOffloadError, match=f"^{message}"):
         call(model)
     assert model.sequence == -1 and list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
+
+
+def test_token_ids_in_and_out_check_the_generation_config_as_text_does(trained_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_model_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
+    model = offload.load(str(folder), device="cpu", slots=3)
+    with pytest.raises(MoEOffloadError) as error:  # the id "2" was a stop id beside 2, and never met
+        model.generate([1, 2, 3], max_new_tokens=2)
+    assert (
+        str(error.value) == "generation_config.json has eos_token_id '2'; it must be an integer or a list of integers"
+    )
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,7 @@ def test_stop_ids(trained_model_dir, trained_tokenizer, tmp_path):
     assert stop_ids(trained_tokenizer, None) == {2}
     assert stop_ids(trained_tokenizer, {"eos_token_id": [32000, 7]}) == {2, 7, 32000}
     assert stop_ids(trained_tokenizer, {"eos_token_id": None}) == {2}
+    assert stop_ids(None, {"eos_token_id": [32000, 7]}) == {7, 32000}  # token ids in and out: no tokenizer
     with pytest.raises(MoEOffloadError) as err:
         stop_ids(trained_tokenizer, {"eos_token_id": "</s>"})
     assert str(err.value) == (
