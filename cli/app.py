@@ -263,6 +263,10 @@ def _print_stats(stats, console: Console = err) -> None:
 def quantize(
     src: Annotated[str, typer.Argument(metavar="SRC", help="A Hugging Face folder (safetensors) or hub id.")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="The folder to write. Re-running after a kill resumes.")],
+    revision: Annotated[
+        str | None,
+        typer.Option(help="A hub id's branch, tag or commit (default: main); the manifest keeps the commit."),
+    ] = None,
     expert_bits: Annotated[str, typer.Option(help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")] = "2",
     attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
     attn_quant: AttnQuant = LoadOptions.attn_quant,
@@ -276,12 +280,13 @@ def quantize(
     from offload.checkpoint import open_hf
     from offload.convert import quantize_model
 
-    layers = open_hf(src).model_config.num_layers
+    layers = open_hf(src, revision).model_config.num_layers
     with _progress() as progress:
         task = progress.add_task("quantizing layers", total=layers + 1)
         folder = quantize_model(
             src,
             out,
+            revision=revision,
             expert_bits=expert_bits,
             attn_bits=attn_bits,
             attn_quant=attn_quant,

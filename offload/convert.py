@@ -99,6 +99,7 @@ def quantize_model(
     source: str,
     out: str | Path,
     *,
+    revision: str | None = None,
     expert_bits: str = "2",
     attn_bits: str = "4",
     attn_quant: str = "hqq",
@@ -106,7 +107,8 @@ def quantize_model(
     force: bool = False,
     progress: Progress = _no_progress,
 ) -> Path:
-    """Write `source` (an HF folder or hub id) as a quantized folder at `out`; returns `out`.
+    """Write `source` (an HF folder, or a hub id at `revision`: a branch, tag or commit) as a quantized
+    folder at `out`; returns `out`.
 
     hqq runs on `device` ("auto": CUDA when there is one): on a GPU a Mixtral expert matrix takes well
     under a second, on a CPU about 17 s. The bytes differ between the two (hqq optimizes in the
@@ -120,7 +122,7 @@ def quantize_model(
         raise MoEOffloadError(
             f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this one as it is)"
         )
-    checkpoint = open_hf(source)
+    checkpoint = open_hf(source, revision)
     config = checkpoint.model_config
     storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
     expert_format = ExpertFormat.build(config.hidden_size, config.intermediate_size, expert_spec, storage_dtype)

@@ -265,6 +265,23 @@ def test_out_that_already_holds_files_needs_force(capsys, quantized, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # nothing was touched
 
 
+def test_quantize_takes_a_hub_ids_revision_and_refuses_one_for_a_folder(capsys, monkeypatch, quantized, tmp_path):
+    import huggingface_hub
+
+    src = next(p for p in quantized.parents[1].iterdir() if p.name.startswith("src"))
+    snapshot = tmp_path / "snapshots" / "0123abcd"  # the hub cache names a snapshot by its commit
+    shutil.copytree(src, snapshot)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: asked.append(kw) or str(snapshot))
+    code, _, _ = run(capsys, "quantize", "owner/tiny-moe", tmp_path / "q", "--revision", "v1", "--device", "cpu")
+    assert code == 0 and {kw["revision"] for kw in asked} == {"v1"}
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["source"] == {"model": "owner/tiny-moe", "revision": "0123abcd"}
+    code, _, err = run(capsys, "quantize", src, tmp_path / "q2", "--revision", "v1")
+    assert_one_line_error(code, err, f"--revision 'v1' applies to hub ids, but '{src}' is a folder")
+    assert not (tmp_path / "q2").exists()
+
+
 def test_slots_and_memory_that_cannot_fit(capsys, quantized):
     code, _, err = run(capsys, "generate", quantized, "--prompt", "hi", "--slots", "9", "--device", "cpu")
     assert_one_line_error(code, err, "--slots must be between 1 and 4 (the experts per layer), got 9")
