@@ -20,15 +20,23 @@ if [[ "${1:-}" == prepare ]]; then
     python=.venv/bin/python  # the project's venv (README's install), which has the bitsandbytes the tests ran
     [[ -x $python ]] || { echo "prepare: no $python; install the project first (README)" >&2; exit 2; }
     bnb=$($python -c 'import importlib.metadata as m; print(m.version("bitsandbytes"))')
-    rm -rf .gpu && mkdir -p .gpu  # afresh: two wheels of one package would break the install on the GPU
-    mkdir -p .git/info && { grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude; }
-    $python -m pip wheel --no-deps -q -w .gpu hqq==0.2.8  # an sdist only on PyPI: build the (pure) wheel here
-    $python -m pip download --no-deps -q -d .gpu termcolor  # hqq imports it; the image lacks it
+    # afresh (two wheels of one package would break the install on the GPU), into .gpu.new, which replaces .gpu
+    # only once every file is there: a failed download leaves the last good .gpu, not an empty one
+    rm -rf .gpu.new && mkdir -p .gpu.new
+    mkdir -p .git/info && for ignored in /.gpu/ /.gpu.new/; do
+        grep -qx "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >>.git/info/exclude
+    done
+    $python -m pip wheel --no-deps -q -w .gpu.new hqq==0.2.8  # an sdist only on PyPI: build the (pure) wheel here
+    $python -m pip download --no-deps -q -d .gpu.new termcolor  # hqq imports it; the image lacks it
     # NF4 attention (--attn-quant bnb) and its tests: the image has no bitsandbytes (43 MB; the carry's limit is 64 MiB)
-    $python -m pip download --no-deps -q -d .gpu --only-binary=:all: --python-version 3.12 --implementation cp \
+    $python -m pip download --no-deps -q -d .gpu.new --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_24_x86_64 bitsandbytes=="$bnb"
-    cp ../shared/traces/mixtral-8x7b-instruct_humaneval_routing.jsonl .gpu/
-    git rev-parse HEAD >.gpu/COMMIT
+    cp ../shared/traces/mixtral-8x7b-instruct_humaneval_routing.jsonl .gpu.new/
+    git rev-parse HEAD >.gpu.new/COMMIT
+    if [[ -n $(git status --porcelain --untracked-files=no) ]]; then
+        echo "prepare: warning: uncommitted changes; the results will name $(cat .gpu.new/COMMIT)" >&2
+    fi
+    rm -rf .gpu && mv .gpu.new .gpu
     ls -la .gpu
     exit 0
 fi

@@ -60,8 +60,18 @@ def pin_in_place(tensor: torch.Tensor) -> torch.Tensor:
     if code != 0:
         _clear_last_cuda_error()
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {code}")
-    weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
+    weakref.finalize(tensor, _unregister, cudart, pointer)
     return tensor
+
+
+def _unregister(cudart, pointer: int) -> None:
+    """Unpin memory whose tensor was freed, after any copy still reading it (a wrong guess's load, say,
+    which nothing waits for)."""
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:  # at exit, with the context torn down: nothing is in flight
+        pass
+    cudart.cudaHostUnregister(pointer)
 
 
 def _clear_last_cuda_error() -> None:
@@ -130,6 +140,9 @@ class ExpertCache:
         if self.on_cuda:
             self.h2d_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device) if self.mode == "exclusive" else None
+            for stream in filter(None, (self.h2d_stream, self.d2h_stream)):
+                # the copy streams write the rows: freed, the allocator hands them out only after their copies
+                self.slot_rows.record_stream(stream)
         if self.mode == "exclusive":
             self.gpu_spare = total_slots
             experts_in_arena = num_layers * num_experts - total_slots

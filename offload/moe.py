@@ -92,7 +92,8 @@ class MoEBlock:
         out = torch.zeros_like(x)  # [T, D]
         weights = weights.to(x.dtype)
         for expert, packed in served:
-            rows, rank = (ids == expert).nonzero(as_tuple=True)  # the tokens routed to this expert
+            # the tokens routed to this expert; nonzero synchronizes (its size is data), in prefill only
+            rows, rank = (ids == expert).nonzero(as_tuple=True)
             mlp = self._unpack(packed)
             for rows_part, rank_part in zip(rows.split(self.prefill_chunk), rank.split(self.prefill_chunk)):
                 y = expert_mlp(x[rows_part], mlp, self.workspace)  # [rows, D]
@@ -198,6 +199,8 @@ class MoEBlock:
         """Host half of the late guess: start loading it (one more device-to-host copy)."""
         if self._guesses("late", layer):
             p = self.prefetcher
+            # synchronizes: the guess is read on the host, after this layer's kernels (the copies it starts
+            # must be queued by the host)
             p.start(layer, self._routed(h.device, "late")[: len(p.targets(layer)) * self.top_k].tolist())
 
     def _guesses(self, when: str, layer: int) -> bool:
