@@ -8,6 +8,7 @@ trace, a benchmark's JSON, a plot.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +30,12 @@ def check_writable(path: Path | str, option: str) -> Path:
             folder = folder.parent
         if not folder.is_dir():
             raise MoEOffloadError(f"{option} {path}: {folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise MoEOffloadError(f"{option} {path}: cannot write in {folder}")
+        try:  # a file really made there: os.access says yes to root, even where nobody can write (/proc, /sys)
+            probe, name = tempfile.mkstemp(dir=folder, prefix=".moe-offload-probe.")
+        except OSError as error:
+            raise MoEOffloadError(f"{option} {path}: cannot write in {folder} ({error.strerror or error})") from None
+        os.close(probe)
+        os.unlink(name)
     except OSError as error:  # e.g. a name too long
         raise MoEOffloadError(f"{option} {path}: {error.strerror or error}") from None
     return path

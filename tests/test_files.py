@@ -18,6 +18,13 @@ def test_a_name_too_long_is_one_line(tmp_path):
     assert str(err.value) == f"--plot {path}: File name too long"
 
 
+def test_a_folder_nobody_can_write_in_is_refused_even_for_root():
+    """os.access says yes to root everywhere; /proc takes no file whoever asks."""
+    with pytest.raises(MoEOffloadError) as err:
+        check_writable("/proc/moe-offload.json", "--json")
+    assert str(err.value).startswith("--json /proc/moe-offload.json: cannot write in /proc (")
+
+
 def test_a_broken_link_on_the_way_is_one_line(tmp_path):
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     path = tmp_path / "gone" / "t.jsonl"
