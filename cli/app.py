@@ -450,10 +450,15 @@ def trace(
 ) -> None:
     """Record the routing of real prompts: per sequence, token and layer, the experts, gate weights and guesses."""
     if (prompt is None) == (prompts is None):
-        raise MoEOffloadError("give --prompt TEXT or --prompts FILE (one prompt per line)")
+        both = ", not both" if prompt is not None else ""
+        raise MoEOffloadError(f"give --prompt TEXT or --prompts FILE (one prompt per line){both}")
     if prompts is not None:
-        if not prompts.is_file():
+        if prompts.is_dir():
+            raise MoEOffloadError(f"--prompts {prompts} is a folder; give a text file with one prompt per line")
+        if not prompts.exists():
             raise MoEOffloadError(f"no such prompts file: {str(prompts)!r}")
+        if out.exists() and out.samefile(prompts):
+            raise MoEOffloadError(f"--out {out} is the prompts file; give the trace another name")
         try:
             texts = [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError:
@@ -471,7 +476,8 @@ def trace(
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer
     where = "no slots (experts computed in place)" if slots is None else _slots_phrase(slots)
-    err.print(f"wrote {path}: {len(texts)} sequences, {loaded.stats.decode_tokens} decode tokens, "
+    sequences = f"{len(texts)} sequence{'s' if len(texts) > 1 else ''}"
+    err.print(f"wrote {path}: {sequences}, {loaded.stats.decode_tokens} decode tokens, "
               f"hit rate {total.hit_rate:.3f} with {where}")  # fmt: skip
 
 

@@ -207,6 +207,24 @@ def test_trace_checks_every_prompt_before_the_first_and_writes_nothing(capsys, t
     assert_one_line_error(code, err, f"{prompts} is not UTF-8 text; write one prompt per line")
 
 
+def test_trace_prompt_options(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f():\n")
+    cases = {  # all before the load: the model does not exist
+        ("--prompt", "hi", "--prompts", prompts, "--out", tmp_path / "t.jsonl"):
+            "give --prompt TEXT or --prompts FILE (one prompt per line), not both",
+        ("--out", tmp_path / "t.jsonl"): "give --prompt TEXT or --prompts FILE (one prompt per line)",
+        ("--prompts", tmp_path, "--out", tmp_path / "t.jsonl"):
+            f"--prompts {tmp_path} is a folder; give a text file with one prompt per line",
+        ("--prompts", prompts, "--out", tmp_path / "." / "prompts.txt"):  # it was overwritten by the trace
+            f"--out {tmp_path / '.' / 'prompts.txt'} is the prompts file; give the trace another name",
+    }  # fmt: skip
+    for args, message in cases.items():
+        code, _, err = run(capsys, "trace", "no-such-model", *args)
+        assert_one_line_error(code, err, message)
+    assert files_under(tmp_path) == ["prompts.txt"] and prompts.read_text() == "def f():\n"
+
+
 def test_trace_interrupted_leaves_no_file(monkeypatch, capsys, trained_model_dir, tmp_path):
     """Ctrl-C (or any error) while generating drops the temporary file: nothing under --out, nothing hidden."""
     from offload.api import OffloadedModel
