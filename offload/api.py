@@ -449,7 +449,8 @@ class OffloadedModel:
     # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------
 
     def reset(self) -> None:
-        """A new sequence: empty KV cache, and expert caches empty as the trace rules say."""
+        """A new sequence: empty KV cache, and expert caches empty as the trace rules say (exclusive mode: the
+        slots keep what they hold, since a slot may hold an expert's only copy)."""
         self.decoder.reset()
         self.cache.reset()
         self.sequence += 1

@@ -8,7 +8,8 @@ it. The decoder knows nothing of caches, quantization formats or families; it ma
 MixtralModel (RMSNorm in float32, rotate_half RoPE, sliding-window mask `k > q - window`).
 
 Nothing here synchronizes the device: positions are Python ints, and a decode step needs no mask
-(the key range it reads is the mask). Buffers (KV cache, RoPE tables, positions) are made at init.
+(the key range it reads is the mask). Buffers (KV cache, RoPE tables, positions) are made at init;
+the static path's (below) at the first decode step.
 With `host_embedding` the embedding table stays in host memory and the GPU reads each token's row in
 place (offload/embedding.py): the ids stay on the device all the same.
 

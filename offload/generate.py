@@ -163,10 +163,6 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         return self.timing.decode_tokens_per_s
 
-    def timing_dict(self) -> dict:
-        """The token counts, times and rates, for `--json` stats and `/stats`."""
-        return {**self.timing.to_dict(), "stop_reason": self.stop_reason}
-
 
 def prefill(
     model: LanguageModel,

@@ -57,7 +57,8 @@ class Prefetcher:
         return range(layer + 1, min(layer + 1 + self.ahead, len(self.routers)))
 
     def device_guess(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s router on its own input norm of `h`: the ids [1, k] it would choose. Graph-safe."""
+        """Layer `layer`'s router on `h` normed as its MoE input is (its post-attention norm): the ids [1, k] it
+        would choose. Graph-safe."""
         x = rms_norm(h[-1:], self.post_norms[layer], self.eps)  # [1, D]
         return self.route(F.linear(x, self.routers[layer]), self.top_k)[0]
 
