@@ -34,7 +34,7 @@ from quant import cpu_gemv, gemv
 from quant.bnb import NF4Quantized
 from quant.errors import MoEOffloadError
 from quant.hqq import Quantized, Workspace
-from quant.linear import CPU, DEQUANTIZE, TRITON, Kernel, workspace_bytes
+from quant.linear import CPU, DEQUANTIZE, TRITON, Kernel, Weight, map_tensors, weight_nbytes, workspace_bytes
 from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -157,27 +157,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _nbytes(weight: torch.Tensor | Quantized | NF4Quantized) -> int:
-    if isinstance(weight, torch.Tensor):
-        return weight.numel() * weight.element_size()
-    if isinstance(weight, NF4Quantized):
-        return _nbytes(weight.codes) + _nbytes(weight.absmax)
-    return _nbytes(weight.codes) + _nbytes(weight.scale) + _nbytes(weight.zero)
-
-
-def _to_device(weight, device: torch.device, dtype: torch.dtype):
+def _to_device(weight: Weight, device: torch.device, dtype: torch.dtype) -> Weight:
     """Resident weights on the compute device: float tensors in `dtype`, quantized ones as stored."""
-    if isinstance(weight, NF4Quantized):
-        return NF4Quantized(weight.codes.to(device), weight.absmax.to(device), weight.shape, weight.spec)
-    if isinstance(weight, Quantized):
-        return Quantized(
-            weight.codes.to(device),
-            _to_device(weight.scale, device, None),
-            _to_device(weight.zero, device, None),
-            weight.shape,
-            weight.spec,
-        )
-    return weight.to(device) if dtype is None else weight.to(device, dtype)
+    if isinstance(weight, torch.Tensor):
+        return weight.to(device, dtype)
+    return map_tensors(weight, lambda tensor: tensor.to(device))
 
 
 @dataclass
@@ -260,7 +244,7 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
         num_layers=config.num_layers,
         num_experts=config.num_experts,
         expert_bytes=expert_format.nbytes,
-        resident_bytes=sum(_nbytes(w) for name, w in resident.items() if name not in in_ram),
+        resident_bytes=sum(weight_nbytes(w) for name, w in resident.items() if name not in in_ram),
         host_resident_bytes=sum(w.numel() * dtype.itemsize for name, w in resident.items() if name in in_ram),
         kv_bytes=kv_bytes,
         reserve_bytes=reserve,

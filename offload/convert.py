@@ -39,6 +39,7 @@ from quant.checkpoint import (
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize, to_tensors
 from quant.hqq import shape_problem as hqq_shape_problem
+from quant.linear import map_tensors
 from quant.packing import ExpertFormat
 
 # Non-expert weights that are quantized: the attention projections. Embeddings, lm_head, norms and
@@ -158,7 +159,7 @@ def quantize_model(
         tensors: dict[str, torch.Tensor] = {}
         on_device = {name: w.to(where) if QUANTIZED_RESIDENT.search(name) else w for name, w in resident.items()}
         for name, weight in quantize_resident(on_device, resident_spec).items():
-            weight = _to_cpu(weight)
+            weight = map_tensors(weight, torch.Tensor.cpu)
             if isinstance(weight, Quantized):
                 tensors.update(to_tensors(weight, name))
             elif isinstance(weight, NF4Quantized):
@@ -190,15 +191,6 @@ def check_resident(shapes: dict[str, tuple[int, ...]], spec: AttnSpec) -> None:
     for name, shape in shapes.items():
         if QUANTIZED_RESIDENT.search(name) and (bad := problem(shape, spec)):
             raise MoEOffloadError(f"{name}: {bad}; pass another --attn-bits (none: unquantized) or --attn-quant")
-
-
-def _to_cpu(weight):
-    """A weight (plain, HQQ or NF4) with every tensor on the CPU, for writing."""
-    if isinstance(weight, torch.Tensor):
-        return weight.cpu()
-    if isinstance(weight, NF4Quantized):
-        return NF4Quantized(weight.codes.cpu(), weight.absmax.cpu(), weight.shape, weight.spec)
-    return Quantized(weight.codes.cpu(), _to_cpu(weight.scale), _to_cpu(weight.zero), weight.shape, weight.spec)
 
 
 def build_manifest(

@@ -21,6 +21,26 @@ from quant import bnb, cpu_gemv, gemv, hqq
 from quant.bnb import NF4Quantized, dequantize_nf4
 from quant.hqq import Quantized, Workspace, dequantize, tile_weights
 
+Weight = Tensor | Quantized | NF4Quantized
+
+
+def map_tensors(weight: Weight, fn: Callable[[Tensor], Tensor]) -> Weight:
+    """`weight` with `fn` applied to every tensor in it: a plain one, or an HQQ or NF4 weight's codes and
+    meta (an HQQ weight's meta may be quantized in turn)."""
+    if isinstance(weight, Tensor):
+        return fn(weight)
+    if isinstance(weight, NF4Quantized):
+        return NF4Quantized(fn(weight.codes), fn(weight.absmax), weight.shape, weight.spec)
+    scale, zero = map_tensors(weight.scale, fn), map_tensors(weight.zero, fn)
+    return Quantized(fn(weight.codes), scale, zero, weight.shape, weight.spec)
+
+
+def weight_nbytes(weight: Weight) -> int:
+    """The bytes of every tensor in `weight` (map_tensors)."""
+    sizes: list[int] = []
+    map_tensors(weight, lambda tensor: sizes.append(tensor.nbytes) or tensor)
+    return sum(sizes)
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -94,15 +114,7 @@ def workspace_bytes(weights: Iterable[Quantized | NF4Quantized], dtype: torch.dt
     for weight in weights:
         if (weight.shape, weight.spec) not in seen:
             seen.add((weight.shape, weight.spec))
-            for _ in tiles(_on_meta(weight), dtype, workspace, device):
+            on_meta = map_tensors(weight, lambda tensor: torch.empty_like(tensor, device="meta"))  # shapes only
+            for _ in tiles(on_meta, dtype, workspace, device):
                 pass
     return sum(buffer.nbytes for buffer in workspace._buffers.values())
-
-
-def _on_meta(weight: Tensor | Quantized | NF4Quantized) -> Tensor | Quantized | NF4Quantized:
-    """A copy of a quantized weight (or a plain tensor in one) on the meta device: shapes only."""
-    if isinstance(weight, Tensor):
-        return torch.empty_like(weight, device="meta")
-    if isinstance(weight, NF4Quantized):
-        return NF4Quantized(_on_meta(weight.codes), _on_meta(weight.absmax), weight.shape, weight.spec)
-    return Quantized(_on_meta(weight.codes), _on_meta(weight.scale), _on_meta(weight.zero), weight.shape, weight.spec)

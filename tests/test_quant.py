@@ -26,10 +26,11 @@ from quant.hqq import (
     preset,
     quantize,
     quantized_nbytes,
+    random_quantized,
     tensor_shapes,
     to_tensors,
 )
-from quant.linear import linear, workspace_bytes
+from quant.linear import linear, map_tensors, weight_nbytes, workspace_bytes
 from quant.packing import ExpertFormat
 
 # out=96, in=80: odd shapes. 480 groups of 16; meta groups of 32 (15), 48 (10) or 24 (20).
@@ -365,3 +366,18 @@ def test_nf4_quantization_prints_nothing_of_bitsandbytes_own():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_map_tensors_reaches_every_tensor_of_a_weight():
+    """HQQ with quantized meta (2-bit Mixtral's experts), NF4 and plain: the bytes are those written to disk."""
+    weights = [
+        random_quantized((64, 256), EXPERT_PRESETS["2"], torch.Generator().manual_seed(0)),
+        quantize_nf4(torch.randn(64, 128), NF4Spec()),
+        torch.zeros(3, 5, dtype=torch.bfloat16),
+    ]
+    on_disk = [hqq.to_tensors(weights[0], "w"), nf4_to_tensors(weights[1], "w"), {"w": weights[2]}]
+    assert isinstance(weights[0].scale, Quantized)  # the case a recursion must reach
+    for weight, tensors in zip(weights, on_disk):
+        assert weight_nbytes(weight) == sum(t.nbytes for t in tensors.values())
+        on_meta = map_tensors(weight, lambda t: torch.empty_like(t, device="meta"))
+        assert type(on_meta) is type(weight) and weight_nbytes(on_meta) == weight_nbytes(weight)
