@@ -212,6 +212,8 @@ class OraclePrefetcher:
     token t is about to read there.
     """
 
+    guesses_on_device = False  # it reads the trace on the host, at each layer's attention (after_attention)
+
     def __init__(self, routing: ReplayedRouting, cache, num_layers: int, depth: int | None = None) -> None:
         depth = num_layers - 1 if depth is None else depth
         if not 1 <= depth < num_layers:
@@ -219,6 +221,11 @@ class OraclePrefetcher:
                                   f"got {depth}")  # fmt: skip
         self.routing, self.cache, self.num_layers, self.depth = routing, cache, num_layers, depth
         self.issued = -1  # the last (position, layer) loaded, flattened: position * num_layers + layer
+
+    @property
+    def reach(self) -> int:
+        """How many layers ahead it loads (bench's `prefetch.depth`)."""
+        return self.depth
 
     def after_attention(self, layer: int, h_mid: torch.Tensor) -> None:
         if h_mid.shape[0] != 1:  # a prefill: the oracle guesses for decode steps only
@@ -338,7 +345,7 @@ def decode_run(
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     reserved = torch.cuda.max_memory_reserved(device) if cuda else None
     prefetcher = model.moe.prefetcher
-    reach = getattr(prefetcher, "depth", None) or getattr(prefetcher, "ahead", None)  # OraclePrefetcher, Prefetcher
+    reach = None if prefetcher is None else prefetcher.reach
     return DecodeRun(prompt_tokens / prefill_s, tokens / decode_s, decode, tokens, allocs, peak, reserved,
                      model.cache.expert_bytes, reach)  # fmt: skip
 

@@ -165,7 +165,7 @@ class MoEBlock:
         served = self.cache.fetch(layer, experts, weights)  # this layer's loads start first
         if self._guesses("early", layer):  # the next layer's guess queues behind them on the copy stream
             self.cache.prefetch(layer + 1, [int(v) for v in values[2 * k :]])
-        elif self.prefetcher is not None and not hasattr(self.prefetcher, "device_guess"):
+        elif self.prefetcher is not None and not self.prefetcher.guesses_on_device:
             self.prefetcher.after_attention(layer, x)  # a prefetcher that guesses on the host (bench's oracle)
         for expert, packed in served:
             run(*self._expert_piece(x, packed, experts.index(expert)))
@@ -206,7 +206,7 @@ class MoEBlock:
     def _guesses(self, when: str, layer: int) -> bool:
         """Whether the prefetcher guesses layer+1 on the device at this point (`early` or `late`)."""
         p = self.prefetcher
-        return hasattr(p, "device_guess") and getattr(p, when) and layer + 1 < len(self.routers)
+        return p is not None and p.guesses_on_device and getattr(p, when) and layer + 1 < len(self.routers)
 
     def _routed(self, device: torch.device, tag: str = "routed") -> torch.Tensor:
         size = self.top_k * self.prefetcher.ahead if tag == "late" else 3 * self.top_k

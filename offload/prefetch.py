@@ -30,6 +30,8 @@ WHEN = ("early", "late", "both")
 class Prefetcher:
     """Guesses the coming layers' experts during decode and starts loading them."""
 
+    guesses_on_device = True  # the MoE block runs device_guess in its (graph-captured) kernels, not the host
+
     def __init__(
         self,
         *,
@@ -51,6 +53,11 @@ class Prefetcher:
         self.early = when in ("early", "both")
         self.late = when in ("late", "both")
         self.ahead = ahead
+
+    @property
+    def reach(self) -> int:
+        """How many layers ahead it loads (bench's `prefetch.ahead`)."""
+        return self.ahead
 
     def targets(self, layer: int) -> range:
         """The layers guessed at layer `layer`'s output, nearest first: the copy stream serves them in order."""
