@@ -125,6 +125,12 @@ def make_predictor(name: str, trace: Trace) -> Predictor | None:
     cls = PREDICTORS.get(name)
     if cls is None:
         raise MoEOffloadError(f"unknown prefetch predictor {name!r}: choose one of {', '.join(PREFETCH_CHOICES)}")
+    if cls is Recorded and not trace.has_guesses and trace.guess_field:
+        raise MoEOffloadError(
+            f"trace {trace.path}'s guesses are all null: it was recorded without prefetching; record it again with "
+            "prefetching on (`moe-offload trace --prefetch late`, the default, or early or both; on the CPU add "
+            "--slots), or pick --prefetch prev-token or cooccur"
+        )
     if cls is Recorded and not trace.has_guesses:
         raise MoEOffloadError(
             f"trace {trace.path} has no recorded guesses (no 'guess' field): record it with "

@@ -83,7 +83,8 @@ class SimResult:
         return row
 
 
-_LAYER_KEYS = ("hit_rate", "hits", "requests", "misses", "prefetches_issued", "prefetches_used", "recall")
+_LAYER_KEYS = ("hit_rate", "hits", "requests", "misses", "prefetches_issued", "prefetches_used", "prefetches_wasted",
+               "recall")  # fmt: skip
 
 
 def simulate(

@@ -59,9 +59,10 @@ class Trace:
     path: Path
     tokens: list[Token]
     num_layers: int
-    num_experts: int  # highest expert id seen + 1
+    num_experts: int  # highest expert id seen (routed or guessed) + 1
     skipped_tokens: int = 0
     has_guesses: bool = False  # some row carries a non-null `guess`
+    guess_field: bool = False  # some row has a `guess` field, null or not: the runtime recorded the trace
 
     def sequences(self) -> list[list[Token]]:
         """Tokens split by sequence, in replay order; caches empty at the start of each."""
@@ -86,7 +87,7 @@ class Trace:
         """The same trace restricted to the given sequence ids (for held-out tuning)."""
         keep = set(sequences)
         tokens = [t for t in self.tokens if t.sequence in keep]
-        return Trace(self.path, tokens, self.num_layers, self.num_experts, 0, self.has_guesses)
+        return Trace(self.path, tokens, self.num_layers, self.num_experts, 0, self.has_guesses, self.guess_field)
 
     @property
     def sequence_ids(self) -> list[int]:
@@ -98,27 +99,30 @@ MAX_ID = 4096  # layers and experts a layer a trace may name: more than any mode
 
 
 def read_trace(path: str | Path) -> Trace:
-    """Read a trace file. Tokens missing a layer are skipped and counted; bad lines raise.
+    """Read a trace file. Tokens missing a layer are skipped and counted; bad lines raise, and so does a
+    sequence with no token of every layer (another model's routing).
 
     Replay order: sequences in order of first appearance in the file; within a sequence, by `token_idx`,
     a decode token before the prefill that follows it (a conversation's next turn), and prefills of one
     `token_idx` (turns between which no decode step ran) in the file's order.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise MoEOffloadError(f"trace {path} is a folder: give the path of a .jsonl routing trace")
+    if not path.exists():  # a pipe will do (`simulate <(zcat t.jsonl.gz)`): it is read once, in order
         raise MoEOffloadError(f"trace {path} does not exist: give the path of a .jsonl routing trace")
     # (sequence, phase, token_idx, round) -> {layer: Request}; round counts prefills of one token_idx
     groups: dict[tuple[int, str, int, int], dict[int, Request]] = {}
     rounds: dict[tuple[int, int], int] = {}  # (sequence, token_idx) -> its latest prefill's round
     sequence_rank: dict[int, int] = {}
     num_layers = num_experts = 0
-    has_guesses = False
+    has_guesses = guess_field = False
     try:
         with path.open(encoding="utf-8") as lines:
             for line_no, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                sequence, token_idx, layer, phase, request = _parse_line(line, path, line_no)
+                sequence, token_idx, layer, phase, request, has_field = _parse_line(line, path, line_no)
                 sequence_rank.setdefault(sequence, len(sequence_rank))
                 round_ = rounds.get((sequence, token_idx), 0) if phase == "prefill" else 0
                 if phase == "prefill" and layer in groups.get((sequence, phase, token_idx, round_), {}):
@@ -131,8 +135,10 @@ def read_trace(path: str | Path) -> Trace:
                     )
                 layers[layer] = request
                 num_layers = max(num_layers, layer + 1)
-                num_experts = max(num_experts, max(request.experts, default=-1) + 1)
+                # a guessed expert is one the model has, if never routed in a short trace
+                num_experts = max(num_experts, max(request.experts + (request.guess or ()), default=-1) + 1)
                 has_guesses = has_guesses or request.guess is not None
+                guess_field = guess_field or has_field
     except UnicodeDecodeError:
         raise MoEOffloadError(f"trace {path} is not UTF-8 text: give a .jsonl routing trace") from None
     except OSError as error:
@@ -142,9 +148,11 @@ def read_trace(path: str | Path) -> Trace:
 
     tokens: list[Token] = []
     skipped = 0
+    most_layers: dict[int, int] = {}  # sequence -> the most layers one of its tokens has
     order = sorted(groups, key=lambda k: (sequence_rank[k[0]], k[2], PHASES.index(k[1]), k[3]))
     for sequence, phase, token_idx, round_ in order:
         layers = groups[(sequence, phase, token_idx, round_)]
+        most_layers[sequence] = max(most_layers.get(sequence, 0), len(layers))
         if len(layers) != num_layers:
             skipped += 1
             continue
@@ -154,10 +162,16 @@ def read_trace(path: str | Path) -> Trace:
             f"trace {path} has no complete token (a row for each of layers 0 to {num_layers - 1}): all {skipped} "
             "are missing a layer"
         )
-    return Trace(path, tokens, num_layers, num_experts, skipped, has_guesses)
+    for sequence, most in most_layers.items():  # a whole sequence short of layers is another model's, not a gap
+        if most != num_layers:
+            raise MoEOffloadError(
+                f"trace {path}: problem_id {sequence}'s tokens have at most {most} layers, the trace's {num_layers}; "
+                "a trace holds one model's routing: give each model's its own file"
+            )
+    return Trace(path, tokens, num_layers, num_experts, skipped, has_guesses, guess_field)
 
 
-def _parse_line(line: str, path: Path, line_no: int) -> tuple[int, int, int, str, Request]:
+def _parse_line(line: str, path: Path, line_no: int) -> tuple[int, int, int, str, Request, bool]:
     where = f"{path} line {line_no}"
     try:
         row = json.loads(line)
@@ -188,7 +202,7 @@ def _parse_line(line: str, path: Path, line_no: int) -> tuple[int, int, int, str
     if phase not in PHASES:
         raise MoEOffloadError(f"{where}: 'phase' must be 'prefill' or 'decode', got {phase!r}")
     request = Request(tuple(experts), tuple(float(w) for w in weights), None if guess is None else tuple(guess))
-    return row["problem_id"], row["token_idx"], row["layer"], phase, request
+    return row["problem_id"], row["token_idx"], row["layer"], phase, request, "guess" in row
 
 
 def _is_id(value) -> bool:

@@ -8,6 +8,8 @@ cli/app.py calls `register(app)`.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,17 +65,26 @@ def simulate_command(
         help="inclusive (empty at each sequence), or exclusive: the slots start with experts 0..K-1 and stay "
         "full, as the runtime's exclusive mode (replay a trace it recorded with the mode it ran).",
     ),
-    as_json: bool = typer.Option(False, "--json", help='Print only {"results": [...]} on stdout.'),
-    plot: Path = typer.Option(None, "--plot", help="Write a PNG of hit rate against slots, one line per policy."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help='Print only {"num_layers": ..., "sequences": ..., "skipped_tokens": ..., "results": [...]} on stdout.',
+    ),
+    plot: Path = typer.Option(
+        None, "--plot", help="Write a plot of hit rate against slots, one line per policy: .png, .pdf, .svg, ..."
+    ),
 ) -> None:
     """`moe-offload simulate`: see SIMULATE_HELP."""
     try:
         policies = _parse_policies(policy)
         slot_counts = _parse_slots(slots)
         if plot is not None:
+            _check_not_input(plot, trace, "--plot")
+            plot_format = _plot_format(plot)
             check_writable(plot, "--plot")
         if prefetch not in PREFETCH_CHOICES:
             raise MoEOffloadError(f"--prefetch {prefetch!r} is unknown: choose one of {', '.join(PREFETCH_CHOICES)}")
+        _check_mode(mode)
         routing = read_trace(trace)
         if max(slot_counts) > routing.num_experts:
             raise MoEOffloadError(f"--slots {slots!r} goes past the trace's {routing.num_experts} experts per layer: "
@@ -81,18 +92,21 @@ def simulate_command(
         results = [simulate(routing, name, count, prefetch=prefetch, mode=mode) for name in policies
                    for count in slot_counts]  # fmt: skip
         if plot is not None:
-            write_plot(results, plot, title=f"{trace.name} (prefetch: {prefetch})")
+            write_plot(results, plot, title=f"{trace.name} (prefetch: {prefetch})", plot_format=plot_format)
     except MoEOffloadError as error:
         Console(stderr=True, soft_wrap=True).print(f"error: {error}", markup=False, highlight=False)
         raise typer.Exit(2) from None
 
     if as_json:
-        typer.echo(json.dumps({"results": [r.to_dict(per_layer=per_layer) for r in results]}))
+        results_json = [r.to_dict(per_layer=per_layer) for r in results]
+        typer.echo(json.dumps({"num_layers": routing.num_layers, "sequences": len(routing.sequence_ids),
+                               "skipped_tokens": routing.skipped_tokens, "results": results_json}))  # fmt: skip
         return
     console = Console()
     console.print(
-        f"{trace}: {len(routing.tokens)} tokens x {routing.num_layers} layers, "
-        f"{len(routing.sequence_ids)} sequences, {routing.skipped_tokens} incomplete tokens skipped",
+        f"{trace}: {_count(len(routing.tokens), 'token')} x {_count(routing.num_layers, 'layer')}, "
+        f"{_count(len(routing.sequence_ids), 'sequence')}, "
+        f"{_count(routing.skipped_tokens, 'incomplete token')} skipped",
         markup=False,
     )
     console.print(_hit_rate_table(results, policies, slot_counts, per_layer))
@@ -148,16 +162,17 @@ def timeline_command(
 ) -> None:
     """`moe-offload timeline`: see TIMELINE_HELP."""
     try:
-        policies = [name.strip() for name in policy.split(",") if name.strip()]
+        policies = list(dict.fromkeys(name.strip() for name in policy.split(",") if name.strip()))
         if not policies:
             raise MoEOffloadError(f"--policy {policy!r} names no policy: give e.g. lru or lru,path")
         slot_counts = _parse_slots(slots)
         for name, value in (("--compute-ms", compute_ms), ("--expert-ms", expert_ms), ("--bandwidth", bandwidth),
                             ("--back-bandwidth", back_bandwidth), ("--expert-bytes", expert_bytes)):  # fmt: skip
-            if value is not None and value <= 0:
-                raise MoEOffloadError(f"{name} must be positive, got {value:g}")
-        if wake_us < 0:
-            raise MoEOffloadError(f"--wake-us must not be negative, got {wake_us:g}")
+            if value is not None and not (math.isfinite(value) and value > 0):  # nan > 0 is False too
+                raise MoEOffloadError(f"{name} must be a positive finite number, got {value:g}")
+        if not (math.isfinite(wake_us) and wake_us >= 0):
+            raise MoEOffloadError(f"--wake-us must be a finite number, not negative, got {wake_us:g}")
+        _check_mode(mode)
         costs = Costs.from_rates(compute_ms=compute_ms, expert_ms=expert_ms, bandwidth_gbps=bandwidth,
                                  expert_bytes=expert_bytes, wake_us=wake_us,
                                  back_bandwidth_gbps=back_bandwidth)  # fmt: skip
@@ -200,7 +215,7 @@ def _timeline_table(runs: list[TimedRun], no_cache: TimedRun) -> Table:
 def _parse_policies(text: str | None) -> list[str]:
     if text is None:
         return [*ONLINE_POLICIES, *(n for n, cls in POLICIES.items() if cls.offline)]
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # repeats dropped
     unknown = [name for name in names if name not in POLICIES]
     if unknown or not names:
         raise MoEOffloadError(
@@ -213,7 +228,9 @@ def _parse_slots(text: str) -> list[int]:
     bounds: list[tuple[int, int]] = []
     try:
         for part in text.split(","):
-            low, _, high = part.strip().partition("-")
+            low, dash, high = part.strip().partition("-")
+            if dash and not high.strip():
+                raise MoEOffloadError(f"--slots {text!r} has a range with no end: a range needs both ends, e.g. 1-8")
             bounds.append((int(low), int(high or low)))
     except ValueError:
         raise MoEOffloadError(f"--slots {text!r} is not a number, range or list: write e.g. 4, 1-8 or 2,4,6") from None
@@ -223,6 +240,42 @@ def _parse_slots(text: str) -> list[int]:
     if not counts:
         raise MoEOffloadError(f"--slots {text!r} names no slot count: write e.g. 1-8")
     return counts
+
+
+def _check_mode(mode: str) -> None:
+    """--cache-mode before the trace is read (the runtime's `auto` is no mode a replay can follow)."""
+    if mode not in ("inclusive", "exclusive"):
+        raise MoEOffloadError(f"--cache-mode {mode!r} is unknown here: choose inclusive or exclusive (the mode the "
+                              "traced run used)")  # fmt: skip
+
+
+def _check_not_input(output: Path, trace: Path, option: str) -> None:
+    """An output that is the trace being read would overwrite it."""
+    try:
+        same = os.path.samefile(output.expanduser(), trace)
+    except OSError:  # one of them does not exist (yet): not the same file
+        same = False
+    if same:
+        raise MoEOffloadError(
+            f"{option} {output} is the trace being read, which it would overwrite; give another file name"
+        )
+
+
+def _plot_format(path: Path) -> str:
+    """The format matplotlib writes `path` in, from its suffix (none: png)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    # pgf is left out: matplotlib writes it only where LaTeX is installed, and fails after the replay elsewhere
+    formats = sorted(name for name in FigureCanvasBase.get_supported_filetypes() if name != "pgf")
+    suffix = path.suffix.lower().removeprefix(".") or "png"
+    if suffix not in formats:
+        raise MoEOffloadError(f"--plot {path}: matplotlib cannot write .{suffix} files; give a name ending in "
+                              f"{', '.join('.' + name for name in formats)}")  # fmt: skip
+    return suffix
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _hit_rate_table(results: list[SimResult], policies: list[str], slot_counts: list[int], per_layer: bool) -> Table:
@@ -259,8 +312,9 @@ def _prefetch_table(results: list[SimResult]) -> Table:
     return table
 
 
-def write_plot(results: list[SimResult], path: Path, title: str) -> None:
-    """Hit rate against slots, one line per policy; written to a temporary name, then renamed."""
+def write_plot(results: list[SimResult], path: Path, title: str, plot_format: str = "png") -> None:
+    """Hit rate against slots, one line per policy, in `plot_format` (a matplotlib format name); written to a
+    temporary name, then renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,6 +330,7 @@ def write_plot(results: list[SimResult], path: Path, title: str) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend()
     try:
-        write_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=120, bbox_inches="tight"), "--plot")
+        write_atomically(path, lambda temp: figure.savefig(temp, format=plot_format, dpi=120, bbox_inches="tight"),
+                         "--plot")  # fmt: skip
     finally:
         plt.close(figure)

@@ -120,11 +120,20 @@ def test_predictor_recall_and_effect(tmp_path):
     assert (without.hits, without.misses) == (1, 5)
 
 
-def test_recorded_needs_guesses(shared_trace):
+def test_recorded_needs_guesses(shared_trace, tmp_path):
     from quant.errors import MoEOffloadError
 
     with pytest.raises(MoEOffloadError, match="has no recorded guesses .*pick --prefetch prev-token or cooccur"):
         simulate(shared_trace, "lru", 4, prefetch="recorded")
+    # recorded by the runtime with prefetch off: a 'guess' field in every row, null in each
+    path = _write(tmp_path / "nulls.jsonl", [("decode", [[0, 1], [2, 3]], [None, None])])
+    with pytest.raises(MoEOffloadError) as error:
+        simulate(read_trace(path), "lru", 4, prefetch="recorded")
+    assert str(error.value) == (
+        f"trace {path}'s guesses are all null: it was recorded without prefetching; record it again with prefetching "
+        "on (`moe-offload trace --prefetch late`, the default, or early or both; on the CPU add --slots), or pick "
+        "--prefetch prev-token or cooccur"
+    )
 
 
 def _app() -> typer.Typer:
@@ -144,7 +153,8 @@ def test_cli_json_shape():
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
-    assert list(payload) == ["results"]
+    assert list(payload) == ["num_layers", "sequences", "skipped_tokens", "results"]
+    assert (payload["num_layers"], payload["sequences"], payload["skipped_tokens"]) == (32, 2, 5)
     rows = payload["results"]
     assert [(r["policy"], r["slots"]) for r in rows] == [("lru", 3), ("lru", 4), ("belady", 3), ("belady", 4)]
     assert rows[1]["hit_rate"] == 0.620167 and rows[1]["hits"] == 13217 and rows[1]["requests"] == 21312
@@ -195,3 +205,73 @@ def test_tiny_model_trace_figures():
     # the guesses recorded from layer l-1's output: the tiny model's README measured recall 0.83
     recorded = simulate(trace, "lru", 4, prefetch="recorded").stats.total()
     assert round(recorded.recall, 4) == 0.8197 and round(recorded.hit_rate, 4) == 0.8942
+
+
+def test_cli_refuses_a_plot_over_the_trace(tmp_path):
+    """`--plot TRACE` wrote a PNG over the trace it had read, and exited 0."""
+    trace = _write(tmp_path / "t.jsonl", [("decode", [[0, 1], [2, 3]], [None, None])])
+    before = trace.read_bytes()
+    (tmp_path / "link.png").symlink_to(trace)
+    for plot in (trace, tmp_path / "link.png"):
+        result = CliRunner().invoke(_app(), ["simulate", str(trace), "--slots", "2", "--plot", str(plot)])
+        assert result.exit_code == 2 and result.output == (
+            f"error: --plot {plot} is the trace being read, which it would overwrite; give another file name\n"
+        )
+    assert trace.read_bytes() == before
+
+
+def test_cli_checks_options_before_reading_the_trace(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")  # never read: each option's error comes first
+    result = CliRunner().invoke(_app(), ["simulate", missing, "--cache-mode", "auto"])
+    assert result.exit_code == 2 and result.output == (
+        "error: --cache-mode 'auto' is unknown here: choose inclusive or exclusive (the mode the traced run used)\n"
+    )
+    result = CliRunner().invoke(_app(), ["simulate", missing, "--slots", "4-"])
+    assert result.exit_code == 2 and result.output == (
+        "error: --slots '4-' has a range with no end: a range needs both ends, e.g. 1-8\n"
+    )
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = ", ".join(f".{name}" for name in sorted(FigureCanvasBase.get_supported_filetypes()) if name != "pgf")
+    assert ".pdf, " in formats and ".svg, " in formats
+    for name in ("x.foo", "x.pgf"):  # pgf: matplotlib writes it only where LaTeX is installed
+        plot = tmp_path / name
+        result = CliRunner().invoke(_app(), ["simulate", missing, "--plot", str(plot)])
+        assert result.exit_code == 2 and result.output == (
+            f"error: --plot {plot}: matplotlib cannot write {plot.suffix} files; give a name ending in {formats}\n"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_plot_format_follows_the_suffix_and_repeats_are_dropped(tmp_path):
+    out = tmp_path / "hit_rate.pdf"
+    args = ["simulate", str(SHARED_TRACE), "--policy", "lru,fifo,lru", "--slots", "2,4", "--plot", str(out), "--json"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:5] == b"%PDF-"
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["policy"], r["slots"]) for r in rows] == [("lru", 2), ("lru", 4), ("fifo", 2), ("fifo", 4)]
+
+
+def test_cli_summary_line_and_per_layer_wasted(tmp_path, monkeypatch):
+    tokens = [  # as test_predictor_recall_and_effect, and a last token missing layer 1
+        ("decode", [[0, 1], [2, 3]], [None, [2, 3]]),
+        ("decode", [[0, 1], [2, 4]], [None, [2, 5]]),
+        ("decode", [[6, 7], [5, 6]], [None, [5, 6]]),
+        ("decode", [[6, 7]], [None]),
+    ]
+    _write(tmp_path / "t.jsonl", tokens)
+    monkeypatch.chdir(tmp_path)  # a short path: the line is not wrapped
+    result = CliRunner().invoke(_app(), ["simulate", "t.jsonl", "--policy", "lru", "--slots", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "t.jsonl: 3 tokens x 2 layers, 1 sequence, 1 incomplete token skipped"
+
+    args = ["simulate", "t.jsonl", "--policy", "lru", "--slots", "2", "--prefetch", "recorded", "--per-layer", "--json"]
+    payload = json.loads(CliRunner().invoke(_app(), args).stdout)
+    assert (payload["num_layers"], payload["sequences"], payload["skipped_tokens"]) == (2, 1, 1)
+    row = payload["results"][0]
+    layer1 = row["per_layer"][1]
+    assert list(layer1) == ["layer", "hit_rate", "hits", "requests", "misses", "prefetches_issued", "prefetches_used",
+                            "prefetches_wasted", "recall"]  # fmt: skip
+    assert (layer1["prefetches_issued"], layer1["prefetches_used"], layer1["prefetches_wasted"]) == (5, 4, 1)
+    assert sum(layer["prefetches_wasted"] for layer in row["per_layer"]) == row["prefetches_wasted"] == 1

@@ -220,8 +220,16 @@ def test_cli_prints_the_table(capsys):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--bandwidth", "0"], "error: --bandwidth must be positive, got 0"),
-     (["--wake-us", "-1"], "error: --wake-us must not be negative, got -1"),
+    [(["--bandwidth", "0"], "error: --bandwidth must be a positive finite number, got 0"),
+     (["--wake-us", "-1"], "error: --wake-us must be a finite number, not negative, got -1"),
+     (["--compute-ms", "nan"], "error: --compute-ms must be a positive finite number, got nan"),  # printed NaN
+     (["--expert-ms", "nan"], "error: --expert-ms must be a positive finite number, got nan"),
+     (["--bandwidth", "inf"], "error: --bandwidth must be a positive finite number, got inf"),
+     (["--back-bandwidth", "nan"], "error: --back-bandwidth must be a positive finite number, got nan"),
+     (["--wake-us", "nan"], "error: --wake-us must be a finite number, not negative, got nan"),
+     (["--wake-us", "inf"], "error: --wake-us must be a finite number, not negative, got inf"),
+     (["--cache-mode", "auto"],
+      "error: --cache-mode 'auto' is unknown here: choose inclusive or exclusive (the mode the traced run used)"),
      (["--slots", "9"], "error: slots must be between 2 (top-k) and 8 (the experts), got 9"),
      (["--policy", "belady"], "error: unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
      (["--policy", ","], "error: --policy ',' names no policy: give e.g. lru or lru,path"),
@@ -231,3 +239,8 @@ def test_cli_prints_the_table(capsys):
 def test_cli_errors(capsys, args, message):
     assert main(["timeline", str(TINY_TRACE), *args]) == 2
     assert capsys.readouterr().err.strip() == message
+
+
+def test_cli_runs_a_repeated_policy_once(capsys):
+    assert main(["timeline", str(TINY_TRACE), "--policy", "lru,lru", "--slots", "3", "--tokens", "4", "--json"]) == 0
+    assert [(r["policy"], r["slots"]) for r in json.loads(capsys.readouterr().out)["results"]] == [("lru", 3)]

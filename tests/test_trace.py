@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from cache.simulate import simulate
 from cache.trace import TraceWriter, read_trace
 from quant.errors import MoEOffloadError
 
@@ -119,3 +123,57 @@ def test_writer_leaves_nothing_after_an_error(tmp_path):
         writer.record(0, 0, 0, [1, 2], [0.5, 0.5], None)
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sequence_of_another_models_routing_is_refused(tmp_path):
+    """A 6-layer model's sequence appended to the 32-layer trace was dropped, token by token, as incomplete."""
+    path = tmp_path / "mixed.jsonl"
+    other = [_row(7, token, layer, [1, 2]) for token in range(3) for layer in range(6)]
+    path.write_text(SHARED_TRACE.read_text() + "\n".join(other) + "\n")
+    with pytest.raises(MoEOffloadError) as error:
+        read_trace(path)
+    assert str(error.value) == (
+        f"trace {path}: problem_id 7's tokens have at most 6 layers, the trace's 32; a trace holds one model's "
+        "routing: give each model's its own file"
+    )
+
+
+def test_a_guessed_expert_counts_among_the_models_experts(tmp_path):
+    """A short trace may guess an expert it never routes to: the model has it, so --slots may reach it."""
+    path = tmp_path / "guess.jsonl"
+    rows = [_row(0, 0, 0, [0, 1, 2, 3]), _row(0, 0, 1, [4, 5, 6, 7], guess=[4, 5]), _row(0, 1, 0, [0, 1])]
+    path.write_text("\n".join([*rows, _row(0, 1, 1, [2, 3], guess=[9, 1])]) + "\n")
+    trace = read_trace(path)
+    assert trace.num_experts == 10
+    assert simulate(trace, "lru", 10, prefetch="recorded").stats.total().prefetches_issued > 0
+
+
+def test_a_folder_is_named_a_folder(tmp_path):
+    with pytest.raises(MoEOffloadError) as error:
+        read_trace(tmp_path)
+    assert str(error.value) == f"trace {tmp_path} is a folder: give the path of a .jsonl routing trace"
+
+
+def test_a_pipe_is_read(tmp_path):
+    """`simulate <(zcat t.jsonl.gz)`: a pipe is no regular file, and was refused as one that does not exist."""
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    text = "\n".join([_row(0, 0, 0, [1, 2]), _row(0, 0, 1, [3, 4]), _row(0, 1, 0, [1, 3])]) + "\n"
+
+    def write() -> None:  # opens only once a reader has: a refused pipe leaves nothing blocked
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.01)
+                continue
+            os.write(descriptor, text.encode())
+            os.close(descriptor)
+            return
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    trace = read_trace(fifo)
+    writer.join()
+    assert (len(trace.tokens), trace.skipped_tokens, trace.num_layers) == (1, 1, 2)
