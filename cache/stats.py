@@ -34,6 +34,10 @@ class LayerStats:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    def __sub__(self, before: LayerStats) -> LayerStats:
+        """What was counted since `before` (a copy taken then): a timed window's own counts."""
+        return LayerStats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
     def to_dict(self) -> dict:
         return {**asdict(self), "hit_rate": round(self.hit_rate, 6), "recall": _round(self.recall)}
 

@@ -27,7 +27,7 @@ behind a victim's copy back (device to host, the same direction).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -308,7 +308,7 @@ def timeline(
         step(position)
     decode_s = clock.sync() - start
     after = stats.total()
-    decode = LayerStats(**{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(LayerStats)})
+    decode = after - before
     missed = (decode.misses + decode.prefetches_used) / tokens
     bound_s = max(costs.compute_s, costs.copies_s(missed, mode))
     depth = depth if prefetch == "oracle" else None

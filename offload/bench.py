@@ -339,7 +339,7 @@ def decode_run(
     synchronize(device)
     decode_s = time.perf_counter() - begin
     after = model.stats.total
-    decode = LayerStats(**{k: getattr(after, k) - getattr(before, k) for k in LayerStats.__dataclass_fields__})
+    decode = after - before
     allocs = None if allocations is None else _allocations(device) - allocations
     cuda = device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
