@@ -293,7 +293,12 @@ class QuantizedSource:
         return None
 
     def expert_format(self, dtype: torch.dtype) -> ExpertFormat:
-        return self._format
+        """The stored format; unquantized experts (--expert-bits none) in `dtype`, since they are computed in it
+        (bfloat16 stored, float32 on the CPU or float16 on a T4, say)."""
+        fmt = self._format
+        if fmt.spec is None and fmt.dtype != dtype:
+            return ExpertFormat.build(fmt.hidden_size, fmt.intermediate_size, None, dtype)
+        return fmt
 
     def resident(self) -> dict[str, torch.Tensor | Quantized]:
         tensors = self.checkpoint.read(RESIDENT)
@@ -308,7 +313,10 @@ class QuantizedSource:
         return weights
 
     def packed_expert(self, layer: int, expert: int, expert_format: ExpertFormat) -> torch.Tensor:
-        return self.checkpoint.expert(layer, expert)
+        stored = self.checkpoint.expert(layer, expert)
+        if expert_format is self._format:
+            return stored
+        return expert_format.pack(**self._format.unpack(stored))  # in the compute dtype (expert_format)
 
 
 def refuse_unfinished(path: str) -> None:

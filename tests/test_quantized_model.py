@@ -61,6 +61,19 @@ def test_quantized_folder_equals_in_memory_quantization(tiny, tmp_path):
     assert torch.equal(from_folder, in_memory)
 
 
+def test_unquantized_experts_stored_in_one_dtype_run_in_another(tiny, tmp_path):
+    """--expert-bits none keeps the experts as stored; loaded in another dtype (float32 on the CPU, float16 on
+    a T4) they are converted as they go in the arena, as an HF folder's are: the matrix products failed on the
+    dtypes' mismatch before."""
+    folder = quantize_model(str(tiny), tmp_path / "none", expert_bits="none", attn_bits="none")  # float32 experts
+    tokens = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(2))
+    for slots in (None, 2):
+        from_folder = offload.load(str(folder), device="cpu", dtype="bfloat16", slots=slots)
+        assert from_folder.cache.expert_bytes == 3 * 64 * 128 * 2  # three bfloat16 matrices
+        in_memory = offload.load(str(tiny), device="cpu", dtype="bfloat16", slots=slots)
+        assert torch.equal(from_folder.logits(tokens), in_memory.logits(tokens))
+
+
 # -- the trained tiny model: quantization loss means something there ----------------------------------
 
 
