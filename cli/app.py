@@ -28,7 +28,7 @@ from offload.generate import SamplingConfig
 from offload.planner import slots_text
 from offload.tokenizer import check_text
 from quant.errors import MoEOffloadError
-from quant.files import check_writable
+from quant.files import check_writable, refuse_overwriting
 
 app = typer.Typer(
     name="moe-offload",
@@ -457,8 +457,7 @@ def trace(
             raise MoEOffloadError(f"--prompts {prompts} is a folder; give a text file with one prompt per line")
         if not prompts.exists():
             raise MoEOffloadError(f"no such prompts file: {str(prompts)!r}")
-        if out.exists() and out.samefile(prompts):
-            raise MoEOffloadError(f"--out {out} is the prompts file; give the trace another name")
+        refuse_overwriting(out, "--out", prompts, "the prompts file")
         try:
             texts = [line for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError:
@@ -557,6 +556,9 @@ def bench(
     benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load: minutes on a real model
     if json_out is not None:
         check_writable(json_out, "--json")
+        refuse_overwriting(json_out, "--json", model, "the model")  # its manifest.json, say
+        if route_trace is not None:
+            refuse_overwriting(json_out, "--json", route_trace, "the trace being replayed")
     if route_trace is not None:
         read_trace(route_trace)  # its errors too: the replay reads it again after the load
     # bench sets the prefetch itself

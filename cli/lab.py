@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from cache.simulate import SimResult, simulate
 from cache.timeline import H100, Costs, TimedRun, timeline
 from cache.trace import MAX_ID, read_trace
 from quant.errors import MoEOffloadError
-from quant.files import check_writable, write_atomically
+from quant.files import check_writable, refuse_overwriting, write_atomically
 
 
 def register(app: typer.Typer) -> None:
@@ -79,7 +78,7 @@ def simulate_command(
         policies = _parse_policies(policy)
         slot_counts = _parse_slots(slots)
         if plot is not None:
-            _check_not_input(plot, trace, "--plot")
+            refuse_overwriting(plot, "--plot", trace, "the trace being read")
             plot_format = _plot_format(plot)
             check_writable(plot, "--plot")
         if prefetch not in PREFETCH_CHOICES:
@@ -247,18 +246,6 @@ def _check_mode(mode: str) -> None:
     if mode not in ("inclusive", "exclusive"):
         raise MoEOffloadError(f"--cache-mode {mode!r} is unknown here: choose inclusive or exclusive (the mode the "
                               "traced run used)")  # fmt: skip
-
-
-def _check_not_input(output: Path, trace: Path, option: str) -> None:
-    """An output that is the trace being read would overwrite it."""
-    try:
-        same = os.path.samefile(output.expanduser(), trace)
-    except OSError:  # one of them does not exist (yet): not the same file
-        same = False
-    if same:
-        raise MoEOffloadError(
-            f"{option} {output} is the trace being read, which it would overwrite; give another file name"
-        )
 
 
 def _plot_format(path: Path) -> str:

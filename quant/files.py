@@ -41,6 +41,23 @@ def check_writable(path: Path | str, option: str) -> Path:
     return path
 
 
+def refuse_overwriting(path: Path | str, option: str, source: Path | str, what: str) -> None:
+    """A one-line error naming `option` if writing `path` would replace what the run reads: the file `source`,
+    or a file in the folder `source` (`what` names it: "the trace being read", "the model")."""
+    path, source = Path(path).expanduser(), Path(source).expanduser()
+    try:
+        if not path.is_file() or not source.exists():
+            return  # a new file replaces nothing
+        if source.is_dir():
+            if path.resolve().is_relative_to(source.resolve()):
+                raise MoEOffloadError(f"{option} {path} is a file of {what} ({source}), which it would overwrite; "
+                                      "give another file name")  # fmt: skip
+        elif path.samefile(source):
+            raise MoEOffloadError(f"{option} {path} is {what}, which it would overwrite; give another file name")
+    except OSError:  # unreadable, a name too long: check_writable says what
+        return
+
+
 def temporary_name(path: Path) -> Path:
     """A hidden name beside `path`, unique to this process."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -217,7 +217,7 @@ def test_trace_prompt_options(capsys, tmp_path):
         ("--prompts", tmp_path, "--out", tmp_path / "t.jsonl"):
             f"--prompts {tmp_path} is a folder; give a text file with one prompt per line",
         ("--prompts", prompts, "--out", tmp_path / "." / "prompts.txt"):  # it was overwritten by the trace
-            f"--out {tmp_path / '.' / 'prompts.txt'} is the prompts file; give the trace another name",
+            f"--out {tmp_path / 'prompts.txt'} is the prompts file, which it would overwrite; give another file name",
     }  # fmt: skip
     for args, message in cases.items():
         code, _, err = run(capsys, "trace", "no-such-model", *args)
@@ -298,6 +298,22 @@ def test_quantize_takes_a_hub_ids_revision_and_refuses_one_for_a_folder(capsys, 
     code, _, err = run(capsys, "quantize", src, tmp_path / "q2", "--revision", "v1")
     assert_one_line_error(code, err, f"--revision 'v1' applies to hub ids, but '{src}' is a folder")
     assert not (tmp_path / "q2").exists()
+
+
+def test_bench_json_refuses_to_overwrite_the_model_or_the_trace(capsys, quantized, tmp_path):
+    """Both were overwritten, and the model's manifest with them: the folder no longer loaded."""
+    model = tmp_path / "model"
+    shutil.copytree(quantized, model)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("{}\n")
+    manifest = (model / "manifest.json").read_bytes()
+    code, _, err = run(capsys, "bench", model, "--json", model / "manifest.json")
+    assert_one_line_error(code, err, f"--json {model / 'manifest.json'} is a file of the model ({model}), which it "
+                          "would overwrite; give another file name")  # fmt: skip
+    code, _, err = run(capsys, "bench", model, "--route-trace", trace, "--json", trace)
+    assert_one_line_error(code, err, f"--json {trace} is the trace being replayed, which it would overwrite; give "
+                          "another file name")  # fmt: skip
+    assert (model / "manifest.json").read_bytes() == manifest and trace.read_text() == "{}\n"
 
 
 def test_slots_and_memory_that_cannot_fit(capsys, quantized):
