@@ -2,6 +2,9 @@
 session's scarce minutes (tests/test_bench.py and others run the CPU ones' functions)."""
 
 import importlib
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,3 +16,23 @@ SCRIPTS = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob
 def test_script_imports_and_has_a_main(name):
     module = importlib.import_module(f"benchmarks.{name}")
     assert callable(getattr(module, "main", None)), f"benchmarks/{name}.py has no main()"
+
+
+def test_every_result_names_its_device_commit_and_command():
+    """The project's rule for a figure; and a commit git knows, where the history is here (one result named a
+    39-digit hash, a digit lost when it was written by hand)."""
+    repo = Path(__file__).parents[1]
+    results = sorted((repo / "benchmarks" / "results").rglob("*.json"))
+    assert results
+    commits = set()
+    for path in results:
+        data = json.loads(path.read_text())
+        assert {"device", "commit", "command"} <= set(data), path
+        assert re.fullmatch(r"[0-9a-f]{7,40}", data["commit"]), (path, data["commit"])
+        commits.add(data["commit"])
+    git = ["git", "-C", str(repo)]
+    shallow = subprocess.run([*git, "rev-parse", "--is-shallow-repository"], capture_output=True, text=True).stdout
+    if shallow.strip() == "false":  # the whole history is here (not a tarball, not a shallow clone)
+        known = subprocess.run([*git, "cat-file", "--batch-check"], input="\n".join(commits),
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "missing" not in known, known
