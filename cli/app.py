@@ -7,11 +7,13 @@ Progress bars and tables go to stderr, so `--json` leaves stdout to the JSON alo
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
 import signal
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -175,20 +177,22 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
 }
 
 
-def loads_model(*names: str):
+def loads_model(*names: str, helps: dict[str, str] | None = None):
     """Give a command the load options `names` (all of them when none are named), after its own.
 
     The command takes a `load` parameter instead: a dict of LoadOptions keywords, with --no-prefetch
-    folded into prefetch. One declaration per option, here, for every command.
+    folded into prefetch. One declaration per option, here, for every command; `helps` replaces an
+    option's help where this command gives it another meaning or default.
     """
     names = names or tuple(LOAD_OPTIONS)
+    helps = helps or {}
 
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)  # typer reads real annotations, not strings
         own = [p for p in signature.parameters.values() if p.name != "load"]
         added = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=LOAD_OPTIONS[name][0],
-                              default=LOAD_OPTIONS[name][1])
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_with_help(LOAD_OPTIONS[name][0],
+                              helps.get(name)), default=LOAD_OPTIONS[name][1])
             for name in names
         ]  # fmt: skip
 
@@ -203,6 +207,16 @@ def loads_model(*names: str):
         return run
 
     return decorate
+
+
+def _with_help(annotation, help_text: str | None):
+    """`Annotated[type, typer.Option(...)]` with another help, or as it is."""
+    if help_text is None:
+        return annotation
+    kind, option = typing.get_args(annotation)
+    option = copy.copy(option)
+    option.help = help_text
+    return Annotated[kind, option]
 
 
 def _load(model: str, options: dict, text: str | None = None):
@@ -512,6 +526,13 @@ def synth(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "policy",
     "cache_mode", "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk", "host_embedding", "prefetch_ahead",
     "verify",
+    helps={
+        "slots": "Expert slots per layer (top-k to the experts per layer). On CUDA the default fills the GPU "
+        "budget; on the CPU give it: bench measures the expert cache, which K CPU slots count exactly as GPU "
+        "slots would.",
+        "max_seq_len": "Context size. Default: what the run needs (the prompt, 2 warm-up steps, --tokens and one "
+        "more).",
+    },
 )  # fmt: skip
 def bench(
     model: Model,
