@@ -642,3 +642,19 @@ def test_bench_says_its_own_defaults_in_help(capsys, monkeypatch):
     assert "on the CPU give it: bench measures the expert cache" in help_of["bench"]
     assert "Default: the model's, at most 4096" in help_of["generate"]
     assert "on the CPU the default computes experts in place" in help_of["generate"]
+
+
+def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback(monkeypatch):
+    """The console script imports the app (and torch, seconds) inside main, where a KeyboardInterrupt is caught."""
+    import importlib.abc
+
+    import cli
+
+    class CtrlC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "cli.app":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "cli.app")
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    assert cli.main(["--help"]) == 130
