@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+from benchmarks import run_script  # noqa: E402
 from cache.policies import POLICIES  # noqa: E402
 from cache.simulate import simulate  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 SLOTS = range(1, 9)
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=SHARED_TRACE)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "simulate_shared_trace.json")
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     start = time.perf_counter()
     trace = read_trace(args.trace)
@@ -63,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

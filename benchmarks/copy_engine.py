@@ -29,8 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from quant.errors import MoEOffloadError  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 
 def latency_us(small, big=None, repeats: int = 20) -> float:
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "copy_engine.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
     if not torch.cuda.is_available():
         raise MoEOffloadError("copy_engine.py times CUDA copy engines; this machine has no CUDA device")
     device = torch.device("cuda")
@@ -112,8 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MoEOffloadError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

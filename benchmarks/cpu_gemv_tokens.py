@@ -21,8 +21,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from quant import cpu_gemv  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, random_quantized  # noqa: E402
 from quant.linear import linear  # noqa: E402
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_gemv_tokens.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = max(int(t) for t in args.tokens.split(","))
     rows = []
@@ -69,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

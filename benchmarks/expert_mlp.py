@@ -24,10 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from offload import moe  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from offload.synth import preset_config  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, TILE_WEIGHTS, Workspace, dequantize  # noqa: E402
 from quant.linear import CPU, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "expert_mlp_cpu.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     rows = []
     for preset in args.preset.split(","):
@@ -102,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,9 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from quant import gemv  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, dequantize, quantized_nbytes  # noqa: E402
 from quant.linear import TRITON, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, help="weight copies the calls take in turn (default: twice L2's worth)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_kernel.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
     if not torch.cuda.is_available() or gemv.triton is None:
         sys.exit("error: this benchmark needs a CUDA device and Triton")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
@@ -193,4 +196,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,9 +23,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from benchmarks.prefetch_points import SOURCES, windows  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.tokenizer import load_tokenizer  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 
 def recall_by_lead(model, texts: list[list[int]]) -> dict[int, tuple[float, int]]:
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lookahead_recall_tiny.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     from transformers import AutoModelForCausalLM
 
@@ -87,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

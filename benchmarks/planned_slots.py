@@ -27,12 +27,14 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from cache.simulate import simulate  # noqa: E402
 from cache.timeline import H100, Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
 from offload.bench import bench_context, environment, write_json  # noqa: E402
 from offload.planner import GiB, plan_memory  # noqa: E402
 from offload.synth import prefill_reserve, preset_config, resident_bytes, synthetic_format  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 BUDGETS_GIB = (8, 10, 12, 15)
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=SHARED_TRACE)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "planned_slots.json")
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     config = preset_config("mixtral-8x7b")
     trace = read_trace(args.trace)
@@ -160,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

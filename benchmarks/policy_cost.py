@@ -35,11 +35,13 @@ sys.path.insert(0, str(REPO))
 
 
 import cache.policies  # noqa: E402
+from benchmarks import run_script  # noqa: E402
 from cache.policies import Policy  # noqa: E402
 from cache.simulate import simulate  # noqa: E402
 from cache.table import SlotTable  # noqa: E402
 from cache.trace import Trace, read_trace  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 POLICY_NAMES = ("path", "lru")
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="also time cache/policies.py at this git revision")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "policy_cost_cpu.json")
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     trace = read_trace(args.trace)
     tokens = len(trace.tokens)
@@ -223,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

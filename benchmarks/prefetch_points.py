@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
+from benchmarks import run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 SOURCES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py")  # modules of the standard library
 
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--slots", default="2,3,4")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prefetch_points_tiny.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     torch.set_num_threads(1)
     tokenizer = offload.load(args.model, device="cpu").tokenizer
@@ -105,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -32,11 +32,13 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from offload.api import load  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.decoder import PREFILL_CHUNK  # noqa: E402
 from offload.synth import synthesize  # noqa: E402
 from quant.bnb import NF4Quantized  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 from quant.hqq import Quantized  # noqa: E402
 from quant.linear import workspace_bytes  # noqa: E402
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[PREFILL_CHUNK, 256])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prefill_memory_cpu.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     runs, longest = [], max(args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
+from benchmarks import run_script  # noqa: E402
 from offload.api import kernel_name  # noqa: E402
 from offload.bench import (  # noqa: E402
     PREFETCH,
@@ -44,6 +45,7 @@ from offload.bench import (  # noqa: E402
     write_json,
 )
 from quant.errors import MoEOffloadError  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 # -- the device's time line -----------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_decode.json"))
     parser.add_argument("--chrome", default=None, help="also write a Chrome trace (chrome://tracing) here")
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
     try:
         check_prefetch_options(args.prefetch, 1, args.oracle_depth)  # before the load: minutes on a real model
     except MoEOffloadError as error:
@@ -243,4 +246,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,8 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import offload  # noqa: E402
+from benchmarks import run_script  # noqa: E402
 from benchmarks.prefetch_points import SOURCES  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 
 def mean_loss(logits_of, windows: list[torch.Tensor]) -> float:
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_tiny.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
 
     from transformers import MixtralForCausalLM
 
@@ -67,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -21,7 +21,9 @@ from transformers import AutoTokenizer, MixtralForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from cache.trace import TraceWriter  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 MODEL = REPO.parent / "shared" / "models" / "tiny-mixtral-code"
 STDLIB = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -86,9 +88,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=7, help=f"how many files (windows), at most {len(FILES)}")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "traces" / "tiny-mixtral-code_stdlib.jsonl")
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
     rows = record(args.out, args.windows)
     print(f"wrote {rows} rows to {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

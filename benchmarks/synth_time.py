@@ -20,8 +20,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from offload.synth import synthesize  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp", help="where the folders are written (and deleted)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "synth_time.json"))
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
     rows = []
     for preset in args.presets.split(","):
         workdir = Path(tempfile.mkdtemp(prefix="synth-", dir=args.dir))
@@ -51,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -42,11 +42,13 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import run_script  # noqa: E402
 from benchmarks.planned_slots import BENCH_CONTEXT, mixtral_plan  # noqa: E402
 from cache.table import Step  # noqa: E402
 from cache.timeline import H100, Clock, Costs, timeline  # noqa: E402
 from cache.trace import read_trace  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
+from quant.files import check_writable  # noqa: E402
 
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
 RESULTS = REPO / "benchmarks" / "results"
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "timeline_h100.json")
     parser.add_argument("--measured", type=Path, nargs="*", default=[], help="bench JSONs of today's schedule")
     args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
     trace = read_trace(args.trace)
 
     kernel = measured("gemv_kernel_h100.json")
@@ -303,4 +306,4 @@ def expert_mlp_s(kernel: dict, profile: dict) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

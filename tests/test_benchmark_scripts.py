@@ -5,6 +5,7 @@ import importlib
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,17 @@ def test_every_result_names_its_device_commit_and_command():
         known = subprocess.run([*git, "cat-file", "--batch-check"], input="\n".join(commits),
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
         assert "missing" not in known, known
+
+
+def test_a_scripts_user_error_is_one_line_before_the_work(tmp_path):
+    """As the CLI's: exit code 2 and one line, where a missing trace was a traceback and an unwritable --out
+    was found after the whole run."""
+    repo = Path(__file__).parents[1]
+    script = [sys.executable, str(repo / "benchmarks" / "bench_simulate.py")]
+    for args, message in [
+        (["--trace", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r.json")],
+         f"error: trace {tmp_path / 'none.jsonl'} does not exist: give the path of a .jsonl routing trace"),
+        (["--out", str(tmp_path)], f"error: --out {tmp_path} is a folder; give a file name"),
+    ]:  # fmt: skip
+        done = subprocess.run([*script, *args], capture_output=True, text=True)
+        assert (done.returncode, done.stderr.strip(), done.stdout) == (2, message, "")
