@@ -426,6 +426,25 @@ def from_tensors(tensors: Mapping[str, Tensor], prefix: str, spec: QuantSpec, sh
     return Quantized(tensors[f"{prefix}.codes"], parts["scale"], parts["zero"], shape, spec)
 
 
+def synthetic_meta(name: str, spec: QuantSpec) -> float:
+    """The value of a synthetic weight's scale or zero tensor `name` ("w.scale", or "w.scale.zero" when the
+    meta is quantized): (code - zero) * scale spans about +-0.02, and quantized meta dequantizes to [0, 2x]
+    the float value."""
+    levels = (1 << spec.bits) - 1
+    target = {"scale": 0.04 / levels, "zero": levels / 2}
+    parts = name.split(".")
+    if len(parts) == 2:
+        return target[parts[1]]
+    meta_levels = (1 << spec.meta_bits) - 1
+    return 2 * target[parts[1]] / meta_levels if parts[2] == "scale" else 0.0
+
+
+def code_high(dtype: torch.dtype) -> int:
+    """One past the largest synthetic code: any bit pattern is a valid code, but 3-bit's int32 keeps to its
+    30 bits."""
+    return 1 << 30 if dtype == torch.int32 else 256
+
+
 def random_quantized(shape: tuple[int, ...], spec: QuantSpec, generator: torch.Generator | None = None) -> Quantized:
     """A synthetic quantized weight for speed tests: random codes, sane scales and zeros, no hqq run.
 
@@ -435,18 +454,11 @@ def random_quantized(shape: tuple[int, ...], spec: QuantSpec, generator: torch.G
     `ExpertFormat.random`. Deterministic for a seeded `generator`, on whose device the tensors are made.
     """
     device = generator.device if generator is not None else torch.device("cpu")
-    levels = (1 << spec.bits) - 1
-    target = {"scale": 0.04 / levels, "zero": levels / 2}
     tensors: dict[str, Tensor] = {}
     for name, (part_shape, dtype) in tensor_shapes(shape, spec, "w").items():
-        parts = name.split(".")  # "w.codes", "w.scale", or "w.scale.codes", "w.scale.scale" with meta_bits
-        if parts[-1] == "codes":  # any bit pattern is a valid code, but keep 3-bit int32 to its 30 bits
-            high = 1 << 30 if dtype == torch.int32 else 256
-            tensors[name] = torch.randint(0, high, part_shape, generator=generator, device=device, dtype=dtype)
-        elif len(parts) == 2:
-            tensors[name] = torch.full(part_shape, target[parts[1]], dtype=dtype, device=device)
-        else:  # meta of a quantized scale or zero: dequantized values span [0, 2 * target]
-            meta_levels = (1 << spec.meta_bits) - 1
-            value = 2 * target[parts[1]] / meta_levels if parts[2] == "scale" else 0.0
-            tensors[name] = torch.full(part_shape, value, dtype=dtype, device=device)
+        if name.endswith(".codes"):  # "w.codes", or "w.scale.codes" with meta_bits
+            tensors[name] = torch.randint(0, code_high(dtype), part_shape, generator=generator, device=device,
+                                          dtype=dtype)  # fmt: skip
+        else:
+            tensors[name] = torch.full(part_shape, synthetic_meta(name, spec), dtype=dtype, device=device)
     return from_tensors(tensors, "w", spec, shape)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant.hqq import Quantized, QuantSpec, from_tensors, quantize, tensor_shapes, to_tensors
+from quant.hqq import Quantized, QuantSpec, code_high, from_tensors, quantize, synthetic_meta, tensor_shapes, to_tensors
 
 _DTYPES = {name: getattr(torch, name) for name in ("uint8", "int8", "int32", "int64", "float16", "bfloat16", "float32")}
 
@@ -182,24 +182,11 @@ class ExpertFormat:
             if self.spec is None:
                 view.copy_(torch.randn(view.shape, generator=generator, device=view.device) * 0.01)
                 continue
-            part = name.rsplit(".", 1)[-1]
-            if part == "codes":  # any bit pattern is a valid code, but keep 3-bit int32 to its 30 bits
-                high = 1 << 30 if view.dtype == torch.int32 else 256
-                view.copy_(torch.randint(0, high, view.shape, generator=generator, device=view.device))
-            else:
-                view.fill_(self._synthetic_meta(name))
+            if name.endswith(".codes"):
+                view.copy_(torch.randint(0, code_high(view.dtype), view.shape, generator=generator, device=view.device))
+            else:  # "w1.scale", or "w1.scale.scale" when scale and zero are quantized
+                view.fill_(synthetic_meta(name, self.spec))
         return out
-
-    def _synthetic_meta(self, name: str) -> float:
-        """The float16 value of scale/zero entry `name`: (code - zero) * scale spans about +-0.02."""
-        levels = (1 << self.spec.bits) - 1
-        scale, zero = 0.04 / levels, levels / 2
-        parts = name.split(".")  # "w1.scale", or "w1.scale.scale" when scale and zero are quantized
-        if len(parts) == 2:
-            return scale if parts[1] == "scale" else zero
-        meta_levels = (1 << self.spec.meta_bits) - 1
-        target = scale if parts[1] == "scale" else zero  # dequantized meta spans [0, 2 * target]
-        return 2 * target / meta_levels if parts[2] == "scale" else 0.0
 
     def meta_weights(self) -> dict[str, Tensor | Quantized]:
         """The weights of an expert in this format as shapes only, on the meta device: to count, not compute."""
