@@ -92,17 +92,15 @@ def simulate(
     policy: str,
     slots: int | Sequence[int],
     prefetch: str = "none",
-    per_layer: bool = False,
     mode: str = "inclusive",
     **params: float,
 ) -> SimResult:
     """Replay `trace` with `slots` experts per layer (one count, or one a layer) under `policy` (a
     POLICIES name), with the cache `mode` the runtime ran (exclusive: the slots start and stay full).
 
-    `params` go to the policy's constructor. `per_layer` is accepted for symmetry with the CLI:
-    the per-layer counters are always kept, and `SimResult.to_dict(per_layer=True)` prints them.
+    `params` go to the policy's constructor. The per-layer counters are always kept:
+    `SimResult.to_dict(per_layer=True)` prints them.
     """
-    del per_layer  # always counted; only printing differs
     check_mode(mode)
     sequences = trace.sequences()
     stats = CacheStats.for_layers(trace.num_layers)
