@@ -12,7 +12,7 @@ import dataclasses
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +79,11 @@ class LoadOptions:
 
     def __post_init__(self) -> None:
         """A value of the wrong type from Python (the CLI's are parsed already) is one line naming the option,
-        not a TypeError deep in the load. A torch.device is taken for its name."""
+        not a TypeError deep in the load. A torch.device or torch.dtype is taken for its name."""
         if isinstance(self.device, torch.device):
             object.__setattr__(self, "device", str(self.device))
+        if isinstance(self.dtype, torch.dtype):  # an unknown one (torch.int8) is refused by name at the load
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         for option in dataclasses.fields(self):
             value, annotation = getattr(self, option.name), str(option.type)
             optional = annotation.endswith(" | None")
@@ -188,6 +190,8 @@ class Prepared:
 
 def check_prefetch(when: str, ahead: int, num_layers: int) -> None:
     """The prefetch options' errors, in the CLI's words."""
+    if isinstance(ahead, bool) or not isinstance(ahead, numbers.Integral):
+        raise MoEOffloadError(f"--prefetch-ahead must be a whole number, got {ahead!r}")
     if ahead > 1 and when == "early":
         raise MoEOffloadError(f"--prefetch-ahead {ahead} guesses at each layer's output: use --prefetch late or both")
     most = max(1, num_layers - 1)
@@ -203,7 +207,11 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     refuses first a folder whose tokenizer cannot be loaded, "chat" also one that cannot format a conversation
     (no chat template): an error that would otherwise come after every expert was read (minutes, for Mixtral)."""
     if text not in TEXT:
-        raise ValueError(f"text must be one of {TEXT}, got {text!r}")
+        raise MoEOffloadError(f"text must be one of {', '.join(map(repr, TEXT))}, got {text!r}")
+    unknown = sorted(set(options) - {option.name for option in dataclasses.fields(LoadOptions)})
+    if unknown:
+        known = ", ".join(option.name for option in dataclasses.fields(LoadOptions))
+        raise MoEOffloadError(f"unknown load option {unknown[0]!r}; the options are {known}")
     if not isinstance(model, str | os.PathLike) or not str(model).strip():  # "" would read the current folder
         raise MoEOffloadError(f"give a model: a quantized folder, a Hugging Face folder or a hub id, got {model!r}")
     model = os.fspath(model)
@@ -352,6 +360,8 @@ def resolve_host_embedding(option: bool | None, config: ModelConfig, device: tor
 def load(model: str, progress: Progress | None = None, *, text: str | None = None, **options) -> OffloadedModel:
     """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords; `text`, as
     `prepare` takes it, checks first that its tokenizer can serve plain text or a chat."""
+    if progress is not None and not callable(progress):  # before the experts, not at the first of them
+        raise MoEOffloadError(f"progress must be a function (what, done, total) or None, got {progress!r}")
     prepared = prepare(model, text=text, **options)
     config, plan, expert_format = prepared.config, prepared.plan, prepared.expert_format
     family = prepared.source.family
@@ -415,6 +425,9 @@ class OffloadedModel:
         if when not in PREFETCH:
             raise MoEOffloadError(f"unknown prefetch {when!r}; choose one of {', '.join(PREFETCH)}")
         check_prefetch(when, ahead, self.config.num_layers)
+        ahead = int(ahead)  # a numpy integer, say
+        # what info() says
+        self.prepared.options = dataclasses.replace(self.prepared.options, prefetch=when, prefetch_ahead=ahead)
         if when == "none" or self.cache.mode == "direct":  # no slots: nothing to prefetch into
             self.moe.prefetcher = None
             return
@@ -542,6 +555,12 @@ class OffloadedModel:
         """
         if (prompt is None) == (messages is None):
             raise MoEOffloadError("give either a prompt or chat messages")
+        for name, callback in (("on_text", on_text), ("stop", stop)):  # before the prefill, not at the first token
+            if callback is not None and not callable(callback):
+                raise MoEOffloadError(f"{name} must be a function or None, got {callback!r}")
+        if messages is not None and (isinstance(messages, str | Mapping) or not isinstance(messages, Sequence)):
+            raise MoEOffloadError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                                  f"{type(messages).__name__}")  # fmt: skip
         # ids in and no streaming: a folder without tokenizer files can still generate ids
         tokenizer = self.tokenizer if isinstance(prompt, str) or messages or on_text else None
         if messages is not None:
@@ -616,8 +635,12 @@ class OffloadedModel:
         prompts = list(prompts)
         if not prompts:
             raise MoEOffloadError("trace needs at least one prompt")
+        if not isinstance(out, str | os.PathLike):
+            raise MoEOffloadError(f"trace writes to a file: give its path, got {out!r}")
         for number, prompt in enumerate(prompts, 1):  # all of them before the first is generated
             name = f"prompt {number}" if len(prompts) > 1 else "the prompt"
+            if not isinstance(prompt, str):
+                raise MoEOffloadError(f"trace takes text prompts, and {name} is a {type(prompt).__name__}")
             check_prompt(len(self.encode(prompt, name)), self.max_seq_len, name)
         with TraceWriter(Path(out), dataset="moe-offload") as writer:  # an error or Ctrl-C drops the temporary file
             self.record_trace(writer, first_sequence=self.sequence + 1)  # 0 is the next: as `moe-offload trace` writes
@@ -634,7 +657,7 @@ class OffloadedModel:
         one is a plain hit, neither a prefetch used nor, at the next reset, one wasted in the new window."""
         self.cache.settle_prefetches()
         self.cache.stats.reset()
-        self.stats = RunStats(self.cache.stats)
+        self.stats.timing = Timing()  # the same RunStats: a reference kept to `model.stats` reads the new window
 
     def info(self) -> dict[str, object]:
         return describe(self.prepared)

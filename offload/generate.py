@@ -15,6 +15,7 @@ as in transformers, so N new tokens cost one prefill and N - 1 decode forwards.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ class SamplingConfig:
     seed: int | None = None  # None draws a fresh seed; an int makes sampling repeatable
 
     def __post_init__(self) -> None:
+        # numpy's numbers are taken as Python's (a count or a seed must be whole; True is no number here)
+        for name, kind, cast in (("max_new_tokens", numbers.Integral, int), ("seed", numbers.Integral, int),
+                                 ("temperature", numbers.Real, float), ("top_p", numbers.Real, float)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, kind) and not isinstance(value, bool | int | float):
+                object.__setattr__(self, name, cast(value))
+        if isinstance(self.temperature, bool) or isinstance(self.top_p, bool):
+            raise MoEOffloadError(f"temperature and top_p must be numbers, got {self.temperature!r} and {self.top_p!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:

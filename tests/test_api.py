@@ -120,6 +120,18 @@ def test_an_interrupted_turn_leaves_the_next_one_right(trained_model_dir):
         (lambda m: m.trace(["ok", "caf\udce9"], "t.jsonl"), r"prompt 2 is not valid UTF-8 text: the byte 0xe9 "),
         (lambda m: m.trace("hello", "t.jsonl"), r"trace takes a list of prompts, got one string: pass \[prompt\]"),
         (lambda m: m.trace([], "t.jsonl"), r"trace needs at least one prompt"),
+        (lambda m: m.trace([None], "t.jsonl"), r"trace takes text prompts, and the prompt is a NoneType"),
+        (lambda m: m.trace(["a"], None), r"trace writes to a file: give its path, got None"),
+        # each was a TypeError after the prefill, at the first token
+        (lambda m: m.generate("a", on_text="x"), r"on_text must be a function or None, got 'x'"),
+        (lambda m: m.generate("a", stop=True), r"stop must be a function or None, got True"),
+        (
+            lambda m: m.generate(messages="hi"),
+            r"messages must be a list of \{'role': ..., 'content': ...\} dicts, "
+            r"got str",
+        ),  # fmt: skip
+        # a float was installed, and every generation after it failed (in exclusive mode, for good)
+        (lambda m: m.set_prefetch("late", 2.0), r"--prefetch-ahead must be a whole number, got 2.0"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(trained_model_dir, tmp_path, monkeypatch, call, message):
@@ -156,6 +168,30 @@ def test_token_ids_in_and_out_check_the_generation_config_as_text_does(trained_m
 def test_load_options_of_the_wrong_type_are_one_line(options, message):
     with pytest.raises(MoEOffloadError, match=f"^{re.escape(message)}$"):
         api.LoadOptions(**options)
+
+
+def test_load_names_a_wrong_keyword_and_takes_a_torch_dtype(trained_model_dir):
+    with pytest.raises(
+        MoEOffloadError, match=r"^unknown load option 'gpu_mem'; the options are device, dtype, slots, gpu_memory, "
+    ):
+        offload.load(trained_model_dir, gpu_mem="12GiB")  # was a TypeError naming LoadOptions.__init__
+    with pytest.raises(MoEOffloadError, match=r"^text must be one of None, 'plain', 'chat', got 'code'$"):
+        offload.load(trained_model_dir, text="code")
+    with pytest.raises(MoEOffloadError, match=r"^progress must be a function \(what, done, total\) or None, got 'y"):
+        offload.load(trained_model_dir, "yes", device="cpu")  # was a TypeError at the first expert
+    assert api.LoadOptions(dtype=torch.bfloat16).dtype == "bfloat16"
+
+
+def test_stats_kept_and_info_follow_reset_stats_and_set_prefetch(trained_model_dir):
+    model = offload.load(str(trained_model_dir), device="cpu", slots=3)
+    kept = model.stats
+    model.generate("def f(x):", max_new_tokens=6, temperature=0)
+    model.reset_stats()
+    model.generate("def f(x):", max_new_tokens=3, temperature=0)
+    assert kept is model.stats and kept.decode_tokens == 2  # one window, where the old reference mixed two
+    assert model.info()["prefetch"] == "late"
+    model.set_prefetch("both", np.int64(2))
+    assert model.info()["prefetch"] == "both, 2 layers ahead"  # it kept saying the load's
 
 
 def test_load_takes_a_path_and_a_torch_device_and_refuses_no_model(trained_model_dir):

@@ -258,12 +258,24 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
         ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1, got 0"),
         ({"seed": -1}, "seed must be a whole number >= 0 and < 2**63, got -1"),
         ({"seed": 1.5}, "seed must be a whole number >= 0, got 1.5"),
+        ({"temperature": True}, "temperature and top_p must be numbers, got True and 0.9"),  # was taken as 1.0
     ],
 )
 def test_bad_sampling_options(kwargs, message):
     with pytest.raises(MoEOffloadError) as err:
         SamplingConfig(**kwargs)
     assert str(err.value) == message
+
+
+def test_numpy_numbers_are_taken():
+    """As load's options take them: they were refused as not whole numbers."""
+    import numpy as np
+
+    config = SamplingConfig(
+        max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float64(1), seed=np.int64(7)
+    )
+    assert config == SamplingConfig(max_new_tokens=3, temperature=0.5, top_p=1.0, seed=7)
+    assert type(config.max_new_tokens) is int and type(config.temperature) is float
 
 
 def test_result_rates():
