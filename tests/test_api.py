@@ -251,3 +251,9 @@ def test_stop_ends_a_generation_between_steps(trained_model_dir):
     result = model.generate("def f(x):", max_new_tokens=32, temperature=0, stop=stop)
     assert (result.stop_reason, len(result.token_ids), result.decode_tokens) == ("stopped", 4, 3)
     assert model.stats.timing.decode_tokens == 3  # a stopped generation counts
+
+
+def test_prepare_plans_what_load_runs_without_reading_an_expert(trained_model_dir, monkeypatch):
+    monkeypatch.setattr("offload.api.ExpertCache", lambda **_: pytest.fail("an expert was read"))
+    prepared = offload.prepare(trained_model_dir, device="cpu", slots=3)
+    assert prepared.plan.slots_per_layer == (3,) * 6 and prepared.plan.mode == "inclusive"
