@@ -32,7 +32,7 @@ from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, check_text, load_tokenizer, read_generation_config, stop_ids
 from quant import cpu_gemv, gemv
 from quant.bnb import NF4Quantized
-from quant.errors import MoEOffloadError
+from quant.errors import MoEOffloadError, whole_number
 from quant.hqq import Quantized, Workspace
 from quant.linear import CPU, DEQUANTIZE, TRITON, Kernel, Weight, map_tensors, weight_nbytes, workspace_bytes
 from quant.packing import ExpertFormat
@@ -90,8 +90,8 @@ class LoadOptions:
             kind, words = OPTION_TYPES[annotation.removesuffix(" | None")]
             if value is None and optional:
                 continue
-            if kind is numbers.Integral and isinstance(value, kind) and not isinstance(value, bool):
-                object.__setattr__(self, option.name, int(value))  # numpy's too; True is no count
+            if kind is numbers.Integral and whole_number(value) is not None:
+                object.__setattr__(self, option.name, whole_number(value))  # numpy's too; True is no count
             elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise MoEOffloadError(f"{option.name} must be {words}{' or None' if optional else ''}, got {value!r}")
 
@@ -190,7 +190,7 @@ class Prepared:
 
 def check_prefetch(when: str, ahead: int, num_layers: int) -> None:
     """The prefetch options' errors, in the CLI's words."""
-    if isinstance(ahead, bool) or not isinstance(ahead, numbers.Integral):
+    if whole_number(ahead) is None:
         raise MoEOffloadError(f"--prefetch-ahead must be a whole number, got {ahead!r}")
     if ahead > 1 and when == "early":
         raise MoEOffloadError(f"--prefetch-ahead {ahead} guesses at each layer's output: use --prefetch late or both")
@@ -507,7 +507,7 @@ class OffloadedModel:
         ids = ids.tolist() if shape is not None else list(ids)  # numpy's ints become Python's
         vocab = self.config.vocab_size
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            if whole_number(i) is None:
                 raise MoEOffloadError(f"token ids must be whole numbers, got {i!r}")
             if not 0 <= i < vocab:
                 raise MoEOffloadError(f"token id {i} is not in this model's vocabulary (0 to {vocab - 1})")

@@ -37,7 +37,7 @@ from cache.trace import Token, read_trace
 from offload.api import OffloadedModel, kernel_name
 from offload.graphs import key_range
 from offload.synth import synthetic_name
-from quant.errors import MoEOffloadError
+from quant.errors import MoEOffloadError, whole_number
 from quant.files import write_atomically
 
 PREFETCH = ("gate", "oracle", "none")
@@ -271,12 +271,19 @@ def bench_context(prompt_tokens: int, tokens: int) -> int:
     return max(prompt_tokens + DECODE_WARMUP + tokens, 20) + 1
 
 
-def check_run(prompt_tokens: int, tokens: int, max_seq_len: int | None) -> None:
+def check_run(prompt_tokens: int, tokens: int, max_seq_len: int | None) -> tuple[int, int]:
     """A run bench cannot time, or a context too short for it, is refused before anything is timed (and, from
-    the CLI, before the load). `max_seq_len` None: bench's own context (bench_context)."""
-    for name, value in (("--tokens", tokens), ("--prompt-tokens", prompt_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MoEOffloadError(f"{name} must be at least 1, got {value!r}")
+    the CLI, before the load). `max_seq_len` None: bench's own context (bench_context). Returns the two counts
+    as Python ints (numpy's are taken)."""
+    counts = []
+    for name, value in (("--prompt-tokens", prompt_tokens), ("--tokens", tokens)):
+        count = whole_number(value)
+        if count is None:
+            raise MoEOffloadError(f"{name} must be a whole number, got {value!r}")
+        if count < 1:
+            raise MoEOffloadError(f"{name} must be at least 1, got {count}")
+        counts.append(count)
+    prompt_tokens, tokens = counts
     context = bench_context(prompt_tokens, tokens)
     if max_seq_len is not None and max_seq_len < context:
         raise MoEOffloadError(
@@ -284,6 +291,7 @@ def check_run(prompt_tokens: int, tokens: int, max_seq_len: int | None) -> None:
             f"{DECODE_WARMUP} warm-up steps), and --max-seq-len is {max_seq_len}: raise --max-seq-len, lower --tokens "
             "or --prompt-tokens, or leave --max-seq-len out"
         )
+    return prompt_tokens, tokens
 
 
 def decode_run(
@@ -508,7 +516,7 @@ def bench(
     check_prefetch_options(prefetch, prefetch_ahead, oracle_depth)
     if model.cache.mode == "direct":
         raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
-    check_run(prompt_tokens, tokens, model.max_seq_len)
+    prompt_tokens, tokens = check_run(prompt_tokens, tokens, model.max_seq_len)
     c = model.config
     if min(model.plan.slots_per_layer) < c.top_k:
         raise MoEOffloadError(f"bench needs at least {c.top_k} slots per layer (the experts a token uses) to "

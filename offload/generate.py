@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from quant.errors import MoEOffloadError
+from quant.errors import MoEOffloadError, whole_number
 
 
 class LanguageModel(Protocol):
@@ -58,7 +58,7 @@ class SamplingConfig:
                 object.__setattr__(self, name, cast(value))
         if isinstance(self.temperature, bool) or isinstance(self.top_p, bool):
             raise MoEOffloadError(f"temperature and top_p must be numbers, got {self.temperature!r} and {self.top_p!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+        if whole_number(self.max_new_tokens) is None:
             raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens}")
@@ -68,7 +68,7 @@ class SamplingConfig:
             raise MoEOffloadError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise MoEOffloadError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and whole_number(self.seed) is None:
             raise MoEOffloadError(f"seed must be a whole number >= 0, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise MoEOffloadError(f"seed must be a whole number >= 0 and < 2**63, got {self.seed}")

@@ -22,7 +22,7 @@ from offload import api
 from offload.convert import Progress, build_manifest
 from offload.decoder import PREFILL_CHUNK, ModelConfig
 from quant.checkpoint import FORMAT_VERSION, RESIDENT, CheckpointWriter, expert_file
-from quant.errors import MoEOffloadError
+from quant.errors import MoEOffloadError, whole_number
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, QuantSpec, random_quantized, to_tensors
 from quant.hqq import preset as spec_preset
 from quant.packing import ExpertFormat
@@ -203,8 +203,10 @@ def synthesize(
     Loads with `offload.load(out)` like any quantized folder; its manifest's quantization says
     "synthetic": true. Deterministic for a seed. progress("layers", 1) per layer, then ("resident", 1).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    number = whole_number(seed)
+    if number is None or not 0 <= number <= MAX_SEED:
         raise MoEOffloadError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    seed = number
     config = preset_config(preset, layers)
     expert_format = synthetic_format(config, expert_bits)
     attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")

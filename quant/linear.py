@@ -35,11 +35,21 @@ def map_tensors(weight: Weight, fn: Callable[[Tensor], Tensor]) -> Weight:
     return Quantized(fn(weight.codes), scale, zero, weight.shape, weight.spec)
 
 
+def weight_tensors(weight: Weight) -> Iterator[Tensor]:
+    """Every tensor in `weight`, in map_tensors' order: a plain one, or an HQQ or NF4 weight's codes and meta."""
+    if isinstance(weight, Tensor):
+        yield weight
+    elif isinstance(weight, NF4Quantized):
+        yield from (weight.codes, weight.absmax)
+    else:
+        yield weight.codes
+        yield from weight_tensors(weight.scale)
+        yield from weight_tensors(weight.zero)
+
+
 def weight_nbytes(weight: Weight) -> int:
-    """The bytes of every tensor in `weight` (map_tensors)."""
-    sizes: list[int] = []
-    map_tensors(weight, lambda tensor: sizes.append(tensor.nbytes) or tensor)
-    return sum(sizes)
+    """The bytes of every tensor in `weight`."""
+    return sum(tensor.nbytes for tensor in weight_tensors(weight))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,6 +300,11 @@ def test_bench_errors(capsys, trained_model_dir, tmp_path, model):
     with pytest.raises(MoEOffloadError) as error:  # was a ZeroDivisionError after the run
         offload.bench.bench(model, tokens=0)
     assert str(error.value) == "--tokens must be at least 1, got 0"
+    with pytest.raises(MoEOffloadError) as error:
+        offload.bench.bench(model, tokens=2.0)
+    assert str(error.value) == "--tokens must be a whole number, got 2.0"
+    counts = offload.bench.check_run(np.int64(16), np.int32(4), None)  # numpy's were refused; JSON needs Python's
+    assert counts == (16, 4) and all(type(count) is int for count in counts)
 
 
 def test_device_work_is_told_apart_on_torch_with_and_without_activity_types():
