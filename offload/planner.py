@@ -171,35 +171,54 @@ def plan_memory(
         free_device, free_host = free_memory(device)
         device_budget = free_device if device_budget is None else device_budget
         host_budget = free_host if host_budget is None else host_budget
-    all_experts = num_layers * num_experts * expert_bytes
-
     if device.type == "cpu":  # one memory: the arena is where compute happens
-        if slots is not None and not 1 <= slots <= num_experts:
-            raise MoEOffloadError(f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}")
-        if slots is None and mode != "auto":
-            raise MoEOffloadError(
-                f"--cache-mode {mode} needs --slots on the CPU: without slots the experts are computed in place"
-            )
-        mode = "direct" if slots is None else "inclusive" if mode == "auto" else mode
-        in_slots = 0 if slots is None else num_layers * slots * expert_bytes
-        spare = expert_bytes if mode == "exclusive" else 0  # a swap's spare row, in the arena and in the slots
-        host_bytes = all_experts - in_slots + spare if mode == "exclusive" else all_experts
-        need = resident_bytes + kv_bytes + host_bytes + in_slots + spare
-        if need > host_budget:
-            raise MoEOffloadError(
-                f"the model needs {format_bytes(need)} of RAM (experts {format_bytes(host_bytes + in_slots + spare)}, "
-                f"KV cache {format_bytes(kv_bytes)}, other weights {format_bytes(resident_bytes)}) and "
-                f"{format_bytes(host_budget)} is available; lower --max-seq-len, quantize to fewer bits or raise "
-                "--cpu-memory"
-            )
-        per_layer = None if slots is None else (slots,) * num_layers
-        # the CPU is the device, and its memory is the RAM: its budget is the host's
-        return MemoryPlan(mode, per_layer, expert_bytes, host_bytes, need, host_budget, host_budget)
+        return _plan_cpu(num_layers, num_experts, expert_bytes, resident_bytes=resident_bytes, kv_bytes=kv_bytes,
+                         slots=slots, host_budget=host_budget, mode=mode)  # fmt: skip
+    return _plan_gpu(num_layers, num_experts, expert_bytes, fixed=resident_bytes + kv_bytes,
+                     reserve_bytes=reserve_bytes, host_resident_bytes=host_resident_bytes, slots=slots,
+                     device_budget=device_budget, host_budget=host_budget, mode=mode)  # fmt: skip
 
+
+def _plan_cpu(
+    num_layers: int, num_experts: int, expert_bytes: int, *, resident_bytes: int, kv_bytes: int, slots: int | None,
+    host_budget: int, mode: str,
+) -> MemoryPlan:  # fmt: skip
+    """plan_memory on the CPU: without slots every expert is computed in place ("direct"); with them, a cache in
+    RAM that counts hits and misses as a GPU's would."""
+    all_experts = num_layers * num_experts * expert_bytes
+    if slots is not None and not 1 <= slots <= num_experts:
+        raise MoEOffloadError(f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}")
+    if slots is None and mode != "auto":
+        raise MoEOffloadError(
+            f"--cache-mode {mode} needs --slots on the CPU: without slots the experts are computed in place"
+        )
+    mode = "direct" if slots is None else "inclusive" if mode == "auto" else mode
+    in_slots = 0 if slots is None else num_layers * slots * expert_bytes
+    spare = expert_bytes if mode == "exclusive" else 0  # a swap's spare row, in the arena and in the slots
+    host_bytes = all_experts - in_slots + spare if mode == "exclusive" else all_experts
+    need = resident_bytes + kv_bytes + host_bytes + in_slots + spare
+    if need > host_budget:
+        raise MoEOffloadError(
+            f"the model needs {format_bytes(need)} of RAM (experts {format_bytes(host_bytes + in_slots + spare)}, "
+            f"KV cache {format_bytes(kv_bytes)}, other weights {format_bytes(resident_bytes)}) and "
+            f"{format_bytes(host_budget)} is available; lower --max-seq-len, quantize to fewer bits or raise "
+            "--cpu-memory"
+        )
+    per_layer = None if slots is None else (slots,) * num_layers
+    # the CPU is the device, and its memory is the RAM: its budget is the host's
+    return MemoryPlan(mode, per_layer, expert_bytes, host_bytes, need, host_budget, host_budget)
+
+
+def _plan_gpu(
+    num_layers: int, num_experts: int, expert_bytes: int, *, fixed: int, reserve_bytes: int, host_resident_bytes: int,
+    slots: int | None, device_budget: int, host_budget: int, mode: str,
+) -> MemoryPlan:  # fmt: skip
+    """plan_memory on a GPU: the most slots the budget holds (spread over the layers, or `slots` in each), then
+    the mode whose arena fits in RAM. `fixed`: the resident weights and the KV cache, both on the GPU."""
+    all_experts = num_layers * num_experts * expert_bytes
     forced = slots is not None
     if slots is not None and slots > num_experts:
         raise MoEOffloadError(f"--slots {slots} is more than the {num_experts} experts per layer")
-    fixed = resident_bytes + kv_bytes
     # less the spare row of a swap
     room = int(device_budget * (1 - GPU_HEADROOM)) - fixed - reserve_bytes - expert_bytes
     total = room // expert_bytes if room > 0 else 0  # slots the GPU can hold, all layers together
