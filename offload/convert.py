@@ -20,10 +20,9 @@ from offload.checkpoint import HFCheckpoint, open_hf
 from offload.decoder import ModelConfig
 from offload.families import Family, family_for
 from offload.planner import resolve_device
-from quant.bnb import NF4Quantized, NF4Spec, quantize_nf4
+from quant.bnb import NF4Spec, quantize_nf4
 from quant.bnb import from_tensors as nf4_from_tensors
 from quant.bnb import shape_problem as nf4_shape_problem
-from quant.bnb import to_tensors as nf4_to_tensors
 from quant.checkpoint import (
     FORMAT_VERSION,
     JOURNAL,
@@ -37,9 +36,9 @@ from quant.checkpoint import (
     read_journal,
 )
 from quant.errors import MoEOffloadError
-from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize, to_tensors
+from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize
 from quant.hqq import shape_problem as hqq_shape_problem
-from quant.linear import map_tensors
+from quant.linear import map_tensors, weight_to_tensors
 from quant.packing import ExpertFormat
 
 # Non-expert weights that are quantized: the attention projections. Embeddings, lm_head, norms and
@@ -159,13 +158,7 @@ def quantize_model(
         tensors: dict[str, torch.Tensor] = {}
         on_device = {name: w.to(where) if QUANTIZED_RESIDENT.search(name) else w for name, w in resident.items()}
         for name, weight in quantize_resident(on_device, resident_spec).items():
-            weight = map_tensors(weight, torch.Tensor.cpu)
-            if isinstance(weight, Quantized):
-                tensors.update(to_tensors(weight, name))
-            elif isinstance(weight, NF4Quantized):
-                tensors.update(nf4_to_tensors(weight, name))
-            else:
-                tensors[name] = weight
+            tensors.update(weight_to_tensors(map_tensors(weight, torch.Tensor.cpu), name))
         writer.write(RESIDENT, tensors)
     if resident_spec is not None:
         quantized = {

@@ -47,6 +47,16 @@ def weight_tensors(weight: Weight) -> Iterator[Tensor]:
         yield from weight_tensors(weight.zero)
 
 
+def weight_to_tensors(weight: Weight, name: str) -> dict[str, Tensor]:
+    """`weight` as a safetensors file holds it: `name` itself for a plain tensor, or an HQQ or NF4 weight's codes
+    and meta under `name`'s keys (quant.hqq.to_tensors, quant.bnb.to_tensors)."""
+    if isinstance(weight, Tensor):
+        return {name: weight}
+    if isinstance(weight, NF4Quantized):
+        return bnb.to_tensors(weight, name)
+    return hqq.to_tensors(weight, name)
+
+
 def weight_nbytes(weight: Weight) -> int:
     """The bytes of every tensor in `weight`."""
     return sum(tensor.nbytes for tensor in weight_tensors(weight))

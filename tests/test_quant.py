@@ -30,7 +30,7 @@ from quant.hqq import (
     tensor_shapes,
     to_tensors,
 )
-from quant.linear import linear, map_tensors, weight_nbytes, weight_tensors, workspace_bytes
+from quant.linear import linear, map_tensors, weight_nbytes, weight_tensors, weight_to_tensors, workspace_bytes
 from quant.packing import ExpertFormat
 
 # out=96, in=80: odd shapes. 480 groups of 16; meta groups of 32 (15), 48 (10) or 24 (20).
@@ -380,5 +380,7 @@ def test_map_tensors_reaches_every_tensor_of_a_weight():
     for weight, tensors in zip(weights, on_disk):
         assert weight_nbytes(weight) == sum(t.nbytes for t in tensors.values())
         assert sorted(t.nbytes for t in weight_tensors(weight)) == sorted(t.nbytes for t in tensors.values())
+        written = weight_to_tensors(weight, "w")  # what quantize writes
+        assert list(written) == list(tensors) and all(torch.equal(written[k], tensors[k]) for k in tensors)
         on_meta = map_tensors(weight, lambda t: torch.empty_like(t, device="meta"))
         assert type(on_meta) is type(weight) and weight_nbytes(on_meta) == weight_nbytes(weight)
