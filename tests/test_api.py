@@ -202,8 +202,12 @@ def test_load_takes_a_path_and_a_torch_device_and_refuses_no_model(trained_model
     expected = model.logits(ids)
     for given in (np.array(ids), torch.tensor(ids), tuple(ids)):
         assert torch.equal(model.logits(given), expected)
-    assert model.generate(range(1, 4), max_new_tokens=2, temperature=0).token_ids == model.generate(
-        [1, 2, 3], max_new_tokens=2, temperature=0).token_ids  # fmt: skip
+    quiet = model.generate(range(1, 4), max_new_tokens=2, temperature=0)
+    assert quiet.token_ids == model.generate([1, 2, 3], max_new_tokens=2, temperature=0).token_ids
+    assert quiet.text is None  # ids in, no streaming: no tokenizer is read (README's Python section)
+    pieces = []
+    streamed = model.generate([1, 2, 3], max_new_tokens=2, temperature=0, on_text=pieces.append)
+    assert streamed.token_ids == quiet.token_ids and streamed.text == "".join(pieces) != ""
     for nothing in (None, "", " "):  # "" read the current folder
         with pytest.raises(MoEOffloadError, match="^give a model: a quantized folder, a Hugging Face folder or"):
             offload.load(nothing)
