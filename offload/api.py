@@ -206,39 +206,14 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     """Open `model`, read its resident weights and plan the memory; no expert is read yet. `text`: "plain"
     refuses first a folder whose tokenizer cannot be loaded, "chat" also one that cannot format a conversation
     (no chat template): an error that would otherwise come after every expert was read (minutes, for Mixtral)."""
-    if text not in TEXT:
-        raise MoEOffloadError(f"text must be one of {', '.join(map(repr, TEXT))}, got {text!r}")
-    unknown = sorted(set(options) - {option.name for option in dataclasses.fields(LoadOptions)})
-    if unknown:
-        known = ", ".join(option.name for option in dataclasses.fields(LoadOptions))
-        raise MoEOffloadError(f"unknown load option {unknown[0]!r}; the options are {known}")
-    if not isinstance(model, str | os.PathLike) or not str(model).strip():  # "" would read the current folder
-        raise MoEOffloadError(f"give a model: a quantized folder, a Hugging Face folder or a hub id, got {model!r}")
-    model = os.fspath(model)
-    opts = LoadOptions(**options)
-    if opts.prefetch not in PREFETCH:
-        raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
-    make_policy(opts.policy)  # an unknown name fails here, before the long part
-    device = resolve_device(opts.device)
-    if device.type == "cpu" and opts.gpu_memory is not None:
-        raise MoEOffloadError("--gpu-memory is a GPU's budget, and this runs on the CPU, where everything is in RAM: "
-                              "give --cpu-memory")  # fmt: skip
-    if device.type == "cuda" and device.index is not None:
-        # graph capture, Triton's launches and a bare "cuda" all mean the current device: make it this one
-        torch.cuda.set_device(device)
+    model, opts, device = _check_options(model, text, options)
     dtype = resolve_dtype(opts.dtype, device)
     source = open_source(
         model, expert_bits=opts.expert_bits, attn_bits=opts.attn_bits, attn_quant=opts.attn_quant, verify=opts.verify
     )
     config: ModelConfig = source.config
     check_prefetch(opts.prefetch, opts.prefetch_ahead, config.num_layers)
-    max_seq_len = min(config.max_position, 4096) if opts.max_seq_len is None else opts.max_seq_len
-    if max_seq_len < 2:
-        raise MoEOffloadError(f"--max-seq-len must be at least 2, got {max_seq_len}")
-    if max_seq_len > config.max_position:  # allowed: a user may know better (rope scaling in another runtime)
-        warnings.warn(f"a context of {max_seq_len} tokens (--max-seq-len) is beyond the {config.max_position} "
-                      "positions this model was trained for; what it writes past them is likely nonsense",
-                      stacklevel=2)  # fmt: skip
+    max_seq_len = _context(opts.max_seq_len, config)
     check_prefill_chunk(opts.prefill_chunk)  # before the long part
     expert_format = source.expert_format(dtype)
     resident = source.resident()
@@ -272,6 +247,44 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
         source, opts, device, dtype, max_seq_len, expert_format, resident, plan, fused, graphs, host_embedding,
         tokenizer,
     )  # fmt: skip
+
+
+def _check_options(model: object, text: object, options: dict) -> tuple[str, LoadOptions, torch.device]:
+    """prepare's errors that need no file read: the model's name, the options' names, types and values, and the
+    device (which a `cuda:N` makes current). Returns the model as a string, the options and the device."""
+    if text not in TEXT:
+        raise MoEOffloadError(f"text must be one of {', '.join(map(repr, TEXT))}, got {text!r}")
+    unknown = sorted(set(options) - {option.name for option in dataclasses.fields(LoadOptions)})
+    if unknown:
+        known = ", ".join(option.name for option in dataclasses.fields(LoadOptions))
+        raise MoEOffloadError(f"unknown load option {unknown[0]!r}; the options are {known}")
+    if not isinstance(model, str | os.PathLike) or not str(model).strip():  # "" would read the current folder
+        raise MoEOffloadError(f"give a model: a quantized folder, a Hugging Face folder or a hub id, got {model!r}")
+    model = os.fspath(model)
+    opts = LoadOptions(**options)
+    if opts.prefetch not in PREFETCH:
+        raise MoEOffloadError(f"unknown prefetch {opts.prefetch!r}; choose one of {', '.join(PREFETCH)}")
+    make_policy(opts.policy)  # an unknown name fails here, before the long part
+    device = resolve_device(opts.device)
+    if device.type == "cpu" and opts.gpu_memory is not None:
+        raise MoEOffloadError("--gpu-memory is a GPU's budget, and this runs on the CPU, where everything is in RAM: "
+                              "give --cpu-memory")  # fmt: skip
+    if device.type == "cuda" and device.index is not None:
+        # graph capture, Triton's launches and a bare "cuda" all mean the current device: make it this one
+        torch.cuda.set_device(device)
+    return model, opts, device
+
+
+def _context(max_seq_len: int | None, config: ModelConfig) -> int:
+    """--max-seq-len checked, or the model's context capped at 4096 (the KV cache is made whole, at load)."""
+    context = min(config.max_position, 4096) if max_seq_len is None else max_seq_len
+    if context < 2:
+        raise MoEOffloadError(f"--max-seq-len must be at least 2, got {context}")
+    if context > config.max_position:  # allowed: a user may know better (rope scaling in another runtime)
+        warnings.warn(f"a context of {context} tokens (--max-seq-len) is beyond the {config.max_position} "
+                      "positions this model was trained for; what it writes past them is likely nonsense",
+                      stacklevel=3)  # fmt: skip
+    return context
 
 
 def prefill_reserve(
