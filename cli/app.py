@@ -292,8 +292,9 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint into moe-offload's folder: packed experts, resident weights, a manifest."""
     from offload.checkpoint import open_hf
-    from offload.convert import quantize_model
+    from offload.convert import quantize_model, refuse_quantized
 
+    refuse_quantized(src)
     layers = open_hf(src, revision).model_config.num_layers
     with _progress() as progress:
         task = progress.add_task("quantizing layers", total=layers + 1)

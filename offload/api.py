@@ -536,15 +536,27 @@ class OffloadedModel:
 
     def stop_ids(self, tokenizer=None) -> set[int]:
         """The ids that end a generation; with no tokenizer (token ids in, token ids out) the configs' alone."""
-        return stop_ids(tokenizer, read_generation_config(self.source.folder)) | set(self.config.eos_token_ids)
+        return stop_ids(tokenizer, read_generation_config(self.source.folder), self.config.eos_token_ids)
 
     def encode(self, prompt: str, what: str = "the prompt") -> list[int]:
         check_text(prompt, what)
-        return self.tokenizer(prompt)["input_ids"]
+        return self._in_vocabulary(self.tokenizer(prompt)["input_ids"])
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The prompt ids of a conversation, through the chat template."""
-        return chat_prompt_ids(self.tokenizer, messages)
+        return self._in_vocabulary(chat_prompt_ids(self.tokenizer, messages))
+
+    def _in_vocabulary(self, ids: list[int]) -> list[int]:
+        """The tokenizer's ids, checked against the embedding as a caller's are (token_ids): a tokenizer larger
+        than the model's vocabulary is another model's, and its ids would index past the table."""
+        vocab = self.config.vocab_size
+        past = [i for i in ids if not 0 <= i < vocab]
+        if past:
+            raise MoEOffloadError(
+                f"the tokenizer gave token id {past[0]}, but this model's vocabulary is {vocab} tokens (0 to "
+                f"{vocab - 1}): the tokenizer files in {self.source.folder} belong to another model"
+            )
+        return ids
 
     def generate(
         self,

@@ -11,8 +11,10 @@ family's `sanitize` maps from the former.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,7 +94,10 @@ class HFCheckpoint:
         self._files = self._weight_map()  # checkpoint name -> file
         self._handles: dict[str, object] = {}
         self._last: tuple[str, Tensor] | None = None  # the last source tensor get_ours read (fused experts)
-        self._ours: dict[str, tuple[str, tuple[int, ...]]] | None = None
+        # our name -> (checkpoint name, the name sanitize yields from it, shape); tied names share an entry
+        self._ours: dict[str, tuple[str, str, tuple[int, ...]]] | None = None
+        self._our_names()  # now: it settles whether the embeddings are tied, which model_config then says
+        self._check_complete()
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
@@ -155,55 +160,99 @@ class HFCheckpoint:
     # --- ours -----------------------------------------------------------------------------------
 
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """(our name, tensor) through the family's sanitize, reading one checkpoint tensor at a time.
-
-        With tied embeddings, "lm_head" is yielded as the embedding (and any lm_head on disk skipped).
-        """
-        tied = self.model_config.tie_word_embeddings
-        for name in self.names():
-            for ours, tensor in self.family.sanitize(name, self.get(name)):
-                if ours == "lm_head" and tied:
-                    continue
-                yield ours, tensor
-                if ours == "embed" and tied:
-                    yield "lm_head", tensor
+        """(our name, tensor) for every tensor, in checkpoint order; with tied embeddings "embed" and "lm_head"
+        are the same tensor."""
+        ours = self._our_names()
+        sources = [entry[:2] for entry in ours.values()]
+        shared = {}  # a tied tensor, read once for both of its names
+        for name, entry in ours.items():
+            if sources.count(entry[:2]) == 1:
+                yield name, self.get_ours(name)
+            else:
+                yield name, shared.setdefault(entry[:2], self.get_ours(name))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Our name -> shape for every tensor, without reading any (sanitize runs on meta tensors)."""
-        return {name: shape for name, (_, shape) in self._our_names().items()}
+        return {name: shape for name, (_, _, shape) in self._our_names().items()}
 
     def get_ours(self, name: str) -> Tensor:
         """One of our tensors. Experts of a fused file share one read: the last file tensor is kept."""
-        source, _ = self._our_names()[name]
+        source, yielded, _ = self._our_names()[name]
         if self._last is None or self._last[0] != source:
             self._last = None  # let the previous one go before reading the next
             self._last = (source, self.get(source))
         for ours, tensor in self.family.sanitize(source, self._last[1]):
-            if ours == name or (name == "lm_head" and ours == "embed"):
+            if ours == yielded:
                 return tensor
-        raise AssertionError(f"sanitize did not yield {name!r} from {source!r} a second time")
+        raise AssertionError(f"sanitize did not yield {yielded!r} from {source!r} a second time")
 
     def expert(self, layer: int, expert: int) -> dict[str, Tensor]:
         """One expert's {"w1": gate [I, D], "w2": down [D, I], "w3": up [I, D]}."""
         return {w: self.get_ours(f"layers.{layer}.experts.{expert}.{w}") for w in ("w1", "w2", "w3")}
 
     def resident(self) -> dict[str, Tensor]:
-        """Every tensor that is not an expert (embeddings, attention, norms, routers, lm_head)."""
-        return {name: self.get_ours(name) for name in self._our_names() if ".experts." not in name}
+        """Every tensor that is not an expert (embeddings, attention, norms, routers, lm_head). A tied lm_head is
+        left out: the decoder makes it the embedding, not a second copy of it."""
+        tied = self.model_config.tie_word_embeddings
+        return {name: self.get_ours(name) for name in self._our_names()
+                if ".experts." not in name and not (tied and name == "lm_head")}  # fmt: skip
 
-    def _our_names(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """Our name -> (checkpoint name it comes from, shape)."""
+    def _our_names(self) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+        """Our name -> (checkpoint name it comes from, the name sanitize yields it as, shape)."""
         if self._ours is None:
-            self._ours = {}
-            tied = self.model_config.tie_word_embeddings
+            ours_map = {}
             for name in self.names():
                 meta = torch.empty(self.shape(name), device="meta")
                 for ours, tensor in self.family.sanitize(name, meta):
-                    if not (ours == "lm_head" and tied):
-                        self._ours[ours] = (name, tuple(tensor.shape))
-            if tied and "embed" in self._ours:
-                self._ours["lm_head"] = self._ours["embed"]
+                    ours_map[ours] = (name, ours, tuple(tensor.shape))
+            self._ours = ours_map
+            self._tie(ours_map)
         return self._ours
+
+    def _check_complete(self) -> None:
+        """Every tensor config.json calls for, at its shape, before one is read: a missing expert or a config of
+        another size was a KeyError, or an error after a load read every expert (hours, in a CPU quantize)."""
+        c = self.model_config
+        expected = c.resident_shapes()
+        D, I = c.hidden_size, c.intermediate_size
+        for layer in range(c.num_layers):
+            for e in range(c.num_experts):
+                prefix = f"layers.{layer}.experts.{e}."
+                expected |= {prefix + "w1": (I, D), prefix + "w2": (D, I), prefix + "w3": (I, D)}
+        shapes = self.shapes()
+        for name, shape in expected.items():
+            if name not in shapes:
+                raise MoEOffloadError(f"{str(self.path)!r} has no tensor for {name!r}, which config.json calls for; "
+                                      "the checkpoint is incomplete, re-download it")  # fmt: skip
+            if shapes[name] != shape:
+                raise MoEOffloadError(
+                    f"tensor {name!r} in {str(self.path)!r} has shape {shapes[name]} but config.json implies {shape}; "
+                    "the checkpoint and its config.json do not belong together"
+                )
+
+    def _tie(self, ours: dict) -> None:
+        """Tied embeddings as transformers ties them at load: the one of embedding and lm_head on disk stands
+        for both. A checkpoint holding both with different values is not tied: transformers warns and keeps
+        each, and so does this, untying the config."""
+        if not self.model_config.tie_word_embeddings:
+            return
+        if "embed" in ours and "lm_head" in ours:
+            self._ours = ours  # get_ours reads through it
+            if torch.equal(self.get_ours("embed"), self.get_ours("lm_head")):
+                ours["lm_head"] = ours["embed"]
+            else:
+                warnings.warn(
+                    f"config.json ties lm_head to the embedding, but {str(self.path)!r} holds an lm_head with other "
+                    "values: it is used, untied, as transformers does (set tie_word_embeddings to false to silence "
+                    "this)",
+                    stacklevel=2,
+                )
+                self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=False)
+            self._last = None
+        elif "lm_head" in ours:  # only the head on disk: it is the embedding too
+            ours["embed"] = ours["lm_head"]
+        elif "embed" in ours:
+            ours["lm_head"] = ours["embed"]
 
     def close(self) -> None:
         self._handles.clear()

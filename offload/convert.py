@@ -117,11 +117,7 @@ def quantize_model(
     where = resolve_device(device)
     expert_spec = preset(EXPERT_PRESETS, expert_bits, "--expert-bits")
     resident_spec = attn_spec(attn_bits, attn_quant)
-    refuse_unfinished(source)
-    if is_quantized_checkpoint(source):
-        raise MoEOffloadError(
-            f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this one as it is)"
-        )
+    refuse_quantized(source)
     checkpoint = open_hf(source, revision)
     config = checkpoint.model_config
     storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
@@ -152,7 +148,7 @@ def quantize_model(
             writer.write(name, packed)
         progress("layers", 1)
 
-    resident = {k: v for k, v in checkpoint.resident().items() if not (k == "lm_head" and config.tie_word_embeddings)}
+    resident = checkpoint.resident()
     quantized: dict[str, dict] = {}
     if not writer.done(RESIDENT):
         tensors: dict[str, torch.Tensor] = {}
@@ -310,6 +306,15 @@ class QuantizedSource:
         if expert_format is self._format:
             return stored
         return expert_format.pack(**self._format.unpack(stored))  # in the compute dtype (expert_format)
+
+
+def refuse_quantized(source: str) -> None:
+    """quantize's source is a Hugging Face folder: refuse one of ours, finished or not, before reading it."""
+    refuse_unfinished(source)
+    if is_quantized_checkpoint(source):
+        raise MoEOffloadError(
+            f"{source} is already a quantized folder; quantize reads a Hugging Face folder (use this one as it is)"
+        )
 
 
 def refuse_unfinished(path: str) -> None:

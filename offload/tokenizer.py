@@ -15,7 +15,7 @@ Chat formatting, in order of preference:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from quant.errors import MoEOffloadError
@@ -64,10 +64,11 @@ def read_generation_config(folder: str | Path) -> dict | None:
         raise MoEOffloadError(f"{path} is not valid JSON ({exc}); fix or delete it") from exc
 
 
-def stop_ids(tokenizer, generation_config: dict | None) -> set[int]:
-    """Every id that ends generation: generation_config.json's eos_token_id (an int or a list of ints)
-    and the tokenizer's eos token (None: no tokenizer, for token ids in and out). Chat models often list
-    their end-of-turn token only in the former."""
+def stop_ids(tokenizer, generation_config: dict | None, model_eos: Iterable[int] = ()) -> set[int]:
+    """Every id that ends generation: generation_config.json's eos_token_id (an int or a list of ints), or where
+    it names none config.json's (`model_eos`), as transformers' generate takes them; and the tokenizer's eos token
+    (None: no tokenizer, for token ids in and out). Chat models often list their end-of-turn token only in the
+    generation config."""
     ids: set[int] = set()
     eos = (generation_config or {}).get("eos_token_id")
     for token_id in eos if isinstance(eos, list) else [eos]:
@@ -78,6 +79,8 @@ def stop_ids(tokenizer, generation_config: dict | None) -> set[int]:
                 f"generation_config.json has eos_token_id {eos!r}; it must be an integer or a list of integers"
             )
         ids.add(token_id)
+    if not ids:
+        ids.update(model_eos)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids

@@ -199,6 +199,9 @@ def test_stop_ids(trained_model_dir, trained_tokenizer, tmp_path):
     assert stop_ids(trained_tokenizer, {"eos_token_id": [32000, 7]}) == {2, 7, 32000}
     assert stop_ids(trained_tokenizer, {"eos_token_id": None}) == {2}
     assert stop_ids(None, {"eos_token_id": [32000, 7]}) == {7, 32000}  # token ids in and out: no tokenizer
+    # config.json's eos ids only where generation_config.json names none, as transformers' generate reads them
+    assert stop_ids(None, {"eos_token_id": 7}, (2, 5)) == {7}
+    assert stop_ids(None, {"eos_token_id": None}, (2, 5)) == stop_ids(None, None, [2, 5]) == {2, 5}
     with pytest.raises(MoEOffloadError) as err:
         stop_ids(trained_tokenizer, {"eos_token_id": "</s>"})
     assert str(err.value) == (

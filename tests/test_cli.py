@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import offload
 from cli.app import main
 from offload.convert import quantize_model
 from quant import cpu_gemv
+from quant.errors import MoEOffloadError
 from tests.tiny import make_tiny_mixtral
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,6 +432,30 @@ def test_chat_refuses_a_tokenizer_without_a_chat_template_before_loading_experts
     code, _, err = run(capsys, "chat", folder, "--device", "cpu")
     assert_one_line_error(code, err, "this model's tokenizer has no chat template (it is likely a base model); "
                           "use `moe-offload generate --prompt TEXT` to continue plain text")  # fmt: skip
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(capsys, quantized, tmp_path):
+    """Another model's tokenizer beside the weights: its ids indexed past the embedding (an IndexError traceback;
+    on CUDA a device-side assert, after which the process cannot use the GPU)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "other-tokenizer"
+    shutil.copytree(quantized, folder)
+    backend = Tokenizer(WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3, "far": 300}, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(folder)
+    refused = (f"the tokenizer gave token id 300, but this model's vocabulary is 128 tokens (0 to 127): the "
+               f"tokenizer files in {folder} belong to another model")  # fmt: skip
+    code, _, err = run(capsys, "generate", folder, "--prompt", "far", "--device", "cpu")
+    assert_one_line_error(code, err, refused)
+    model = offload.load(str(folder), device="cpu")
+    with pytest.raises(MoEOffloadError) as error:
+        model.generate(messages=[{"role": "user", "content": "far"}])
+    assert str(error.value) == refused
+    assert model.generate("hi", max_new_tokens=1).token_ids  # ids the model has still run
 
 
 @pytest.mark.parametrize("command", [["generate"], ["trace", "--out", "t.jsonl"]])

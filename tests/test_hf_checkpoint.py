@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import huggingface_hub
 import pytest
@@ -63,6 +64,93 @@ def test_single_file_and_tied_embeddings(tmp_path):
     assert tensors["lm_head"] is tensors["embed"]
     assert checkpoint.shapes()["lm_head"] == (128, 64)
     assert torch.equal(checkpoint.get_ours("lm_head"), checkpoint.get("model.embed_tokens.weight"))
+
+
+def _retie(path, tie: bool, drop: str | None = None):
+    """The folder with config.json's tie_word_embeddings set to `tie`, and the tensor `drop` removed."""
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tie}))
+    if drop is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path / "model.safetensors")
+        del tensors[drop]
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("case", ["both, different", "lm_head only", "both, equal"])
+def test_tied_embeddings_are_tied_as_transformers_ties_them(tmp_path, case):
+    """transformers ties lm_head to the embedding only where the checkpoint does not hold both with different
+    values (then it warns and keeps each), and a checkpoint with only lm_head gives it to the embedding too.
+    A config saying tied beside a different lm_head made our logits wrong by 47, silently."""
+    import offload
+    from offload.convert import quantize_model
+
+    path = make_tiny_mixtral(tmp_path / "m", tie=False, shards=1, layers=2)  # lm_head on disk, unlike embed
+    if case == "lm_head only":
+        _retie(path, True, drop="model.embed_tokens.weight")
+    elif case == "both, equal":
+        from safetensors.torch import load_file
+
+        tensors = load_file(path / "model.safetensors")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        _retie(path, True)
+    else:
+        _retie(path, True)
+    ids = torch.tensor([5, 9, 17, 33, 2])
+    expected = hf_model(path)(ids[None]).logits[0]
+    if case == "both, different":
+        with pytest.warns(UserWarning, match="^config.json ties lm_head to the embedding, but .* holds an lm_head wi"):
+            checkpoint = open_hf(path)
+        assert not checkpoint.model_config.tie_word_embeddings and "lm_head" in checkpoint.resident()
+    else:
+        checkpoint = open_hf(path)
+        assert checkpoint.model_config.tie_word_embeddings and "lm_head" not in checkpoint.resident()
+        tensors = dict(checkpoint.tensors())
+        assert tensors["lm_head"] is tensors["embed"]  # one tensor, read once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = offload.load(str(path), device="cpu")
+        assert (loaded.logits(ids) - expected).abs().max() < 1e-4
+        folder = quantize_model(str(path), tmp_path / "q", expert_bits="none", attn_bits="none", device="cpu")
+    assert (offload.load(str(folder), device="cpu").logits(ids) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("drop", "config", "message"),
+    [
+        ("model.layers.1.block_sparse_moe.experts.3.w2.weight", {},
+         "has no tensor for 'layers.1.experts.3.w2', which config.json calls for; the checkpoint is incomplete, "
+         "re-download it"),
+        ("model.norm.weight", {}, "has no tensor for 'norm', which config.json calls for; the checkpoint is "
+         "incomplete, re-download it"),
+        (None, {"intermediate_size": 96}, "tensor 'layers.0.experts.0.w1' in '{path}' has shape (64, 64) but "
+         "config.json implies (96, 64); the checkpoint and its config.json do not belong together"),
+        (None, {"vocab_size": 100}, "tensor 'embed' in '{path}' has shape (128, 64) but config.json implies "
+         "(100, 64); the checkpoint and its config.json do not belong together"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_unlike_its_config_is_refused_before_a_tensor_is_read(tmp_path, drop, config, message):
+    """A missing expert was a KeyError; a missing resident tensor or a config of another size let quantize write
+    a whole folder (hours of experts on a CPU) that could never load."""
+    from offload.convert import quantize_model
+
+    path = make_tiny_mixtral(tmp_path / "m", tie=False, shards=1, layers=2, intermediate=64)
+    settings = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**settings, **config}))
+    if drop is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path / "model.safetensors")
+        del tensors[drop]
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    expected = message.format(path=path) if message.startswith("tensor") else f"'{path}' {message}"
+    assert error_text(path) == expected
+    with pytest.raises(MoEOffloadError) as error:
+        quantize_model(str(path), tmp_path / "q", expert_bits="none", attn_bits="none", device="cpu")
+    assert str(error.value) == expected and not (tmp_path / "q").exists()
 
 
 def test_trained_model_is_tied_and_sharded(trained_model_dir):
@@ -130,9 +218,8 @@ def test_damaged_shard(tmp_path, tiny_model_dir):
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     shard = index["lm_head.weight"]
     (path / shard).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-    checkpoint = open_hf(path)
-    with pytest.raises(MoEOffloadError) as error:
-        checkpoint.get("lm_head.weight")
+    with pytest.raises(MoEOffloadError) as error:  # at the open, which reads every tensor's shape
+        open_hf(path)
     assert str(error.value).startswith(f"cannot read '{path / shard}' (")
     assert str(error.value).endswith("); the file is damaged, re-download it")
 
