@@ -83,6 +83,8 @@ def check_config(values: Mapping[str, Any], names: Mapping[str, str]) -> None:
         refuse("top_k", f"must be between 1 and {name('num_experts')} ({experts})")
     if values["num_heads"] % kv_heads:  # each key head serves a whole group of query heads (GQA)
         refuse("num_heads", f"must be a multiple of {name('num_kv_heads')} ({kv_heads})")
+    if values["head_dim"] % 2:  # as transformers (past 4): rope_tables would be a column wider than a head
+        refuse("head_dim", "must be even: rotary embeddings turn its dimensions in pairs")
     for field in ("rms_norm_eps", "rope_theta"):
         if not (type(values.get(field)) in (int, float) and 0 < values[field] < math.inf):
             refuse(field, "must be a positive finite number")

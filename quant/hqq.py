@@ -121,7 +121,13 @@ def _check_shape(shape: tuple[int, ...], spec: QuantSpec) -> None:
     if len(shape) != 2:
         raise ValueError(f"quantize takes a 2-D weight [out, in], got shape {tuple(shape)}")
     if bad := shape_problem(shape, spec):
-        raise MoEOffloadError(f"{bad}; choose another group size")
+        # Only experts get here from the CLI (convert.check_resident refuses attention first, with its own advice).
+        # An expert holds [I, D] and [D, I]: a preset fits it when it fits the shape both ways round.
+        fit = [name for name, other in EXPERT_PRESETS.items() if other is not None
+               and not shape_problem(shape, other) and not shape_problem(shape[::-1], other)]  # fmt: skip
+        if fit:
+            raise MoEOffloadError(f"{bad}; pass --expert-bits {' or '.join(fit)} or none (none: unquantized)")
+        raise MoEOffloadError(f"{bad}; pass --expert-bits none (unquantized): no other preset takes this shape")
 
 
 def shape_problem(shape: tuple[int, int], spec: QuantSpec) -> str | None:

@@ -36,6 +36,13 @@ HF_EDITS = [
     ({"eos_token_id": "x"}, "eos_token_id 'x' must be an integer or a list of integers"),
     ({"tie_word_embeddings": "no"}, "tie_word_embeddings 'no' must be true or false"),
     ({"sliding_window": 0}, "sliding_window 0 must be a positive integer or null"),
+    ({"head_dim": 15}, "head_dim 15 must be even: rotary embeddings turn its dimensions in pairs"),
+    (
+        {"num_experts": 4},
+        "num_experts 4 and num_local_experts 8 disagree (num_experts is transformers' alias for "
+        "num_local_experts); keep one of them in config.json",
+    ),
+    ({"rope_scaling": "default"}, "rope_scaling 'default' must be an object or null"),
 ]
 # manifest.json config edits -> the problem, in our names
 MANIFEST_EDITS = [
@@ -43,6 +50,7 @@ MANIFEST_EDITS = [
     ({"top_k": 0}, "top_k 0 must be between 1 and num_experts (8)"),
     ({"rope_theta": "x"}, "rope_theta 'x' must be a positive finite number"),
     ({"head_dim": 0}, "head_dim 0 must be a positive integer"),
+    ({"head_dim": 15}, "head_dim 15 must be even: rotary embeddings turn its dimensions in pairs"),
     ({"max_position": None}, "max_position None must be a positive integer"),
     ({"rms_norm_eps": -1}, "rms_norm_eps -1 must be a positive finite number"),
     ({"num_layers": 0}, "num_layers 0 must be a positive integer"),
@@ -92,6 +100,19 @@ def test_a_bad_manifest_config_is_a_corrupt_manifest(quantized, tmp_path, edit, 
     folder = edited(quantized, tmp_path / "q", "manifest.json", edit)
     with pytest.raises(MoEOffloadError, match=f"^{re.escape(f'corrupt manifest in {folder}: {problem}; {RERUN}')}$"):
         open_source(str(folder))
+
+
+def test_an_odd_head_dim_with_matching_shapes_is_refused_before_quantize_writes(tmp_path):
+    """hidden 60 over 4 heads: the projections fit head_dim 15, and the first forward used to fail in RoPE."""
+    folder = make_tiny_mixtral(tmp_path / "src", hidden=60, seed=3)
+    assert json.loads((folder / "config.json").read_text()).get("head_dim") is None
+    message = (f"'{folder / 'config.json'}': head_dim (hidden_size / num_attention_heads) 15 must be even: rotary "
+               "embeddings turn its dimensions in pairs")  # fmt: skip
+    with pytest.raises(MoEOffloadError, match=f"^{re.escape(message)}$"):
+        open_hf(str(folder))
+    with pytest.raises(MoEOffloadError, match=f"^{re.escape(message)}$"):
+        quantize_model(str(folder), tmp_path / "out", expert_bits="none")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_cli_says_one_line_and_exits_2(capsys, src, quantized, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -99,12 +100,91 @@ def test_config_drops_unknown_keys_and_keeps_an_explicit_head_dim():
     assert mixtral.model_config({**HUB_CONFIG, "num_key_value_heads": None}).num_kv_heads == 32
 
 
-def test_rope_scaling_is_refused():
-    with pytest.raises(MoEOffloadError) as error:
-        MixtralConfig.from_dict({**HUB_CONFIG, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
+def hf_config(config: dict):
+    """transformers' own reading of config.json: the oracle for keys, aliases and RoPE."""
+    from transformers import MixtralConfig as HFMixtralConfig
+
+    return HFMixtralConfig.from_dict(copy.deepcopy(config))  # it writes into the rope dicts it is given
+
+
+def test_num_experts_is_transformers_alias_for_num_local_experts():
+    config = {k: v for k, v in HUB_CONFIG.items() if k != "num_local_experts"} | {"num_experts": 4}
+    assert hf_config(config).num_local_experts == 4
+    assert mixtral.model_config(config).num_experts == 4  # was the default 8: KeyError on experts.4 at load
+    assert mixtral.model_config({**config, "num_local_experts": 4}).num_experts == 4
+    with pytest.raises(MoEOffloadError) as error:  # errors name the key the file has
+        mixtral.model_config({**config, "num_experts_per_tok": 5})
+    assert str(error.value) == "num_experts_per_tok 5 must be between 1 and num_experts (4)"
+    with pytest.raises(MoEOffloadError) as error:  # transformers lets the alias win; say it instead
+        MixtralConfig.from_dict({**HUB_CONFIG, "num_experts": 4})
     assert str(error.value) == (
-        "rope type 'yarn' (rope scaling) is not supported; moe-offload runs plain RoPE: remove rope_scaling / "
-        "set rope_parameters.rope_type to 'default' in config.json"
+        "num_experts 4 and num_local_experts 8 disagree (num_experts is transformers' alias for num_local_experts); "
+        "keep one of them in config.json"
+    )
+
+
+@pytest.mark.parametrize(
+    ("rope", "theta"),
+    [
+        ({"rope_scaling": {"rope_type": "default"}}, 1e6),  # the top-level rope_theta
+        ({"rope_scaling": {"type": "default", "rope_theta": 3.0}}, 3.0),
+        ({"rope_scaling": {"rope_type": "default"}, "rope_parameters": {"rope_theta": 7.0}}, 1e6),  # scaling wins
+        ({"rope_parameters": {"rope_type": "default"}, "rope_theta": 5e5}, 5e5),
+        ({"rope_parameters": {"type": "default", "rope_theta": 9.0}}, 9.0),
+        ({"rope_scaling": None, "rope_parameters": None}, 1e6),
+        ({"rope_scaling": False, "rope_parameters": {}}, 1e6),  # transformers skips a falsy rope_scaling
+    ],
+)
+def test_plain_rope_is_read_where_transformers_reads_it(rope, theta):
+    config = {**HUB_CONFIG, **rope}
+    hf_rope = hf_config(config).rope_parameters
+    assert (hf_rope["rope_type"], hf_rope["rope_theta"]) == ("default", theta)
+    assert MixtralConfig.from_dict(config).rope_theta == theta
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}},
+            "rope type 'yarn' (rope_parameters.rope_type) is not supported; moe-offload runs plain RoPE: remove "
+            "rope_scaling / set rope_parameters.rope_type to 'default' in config.json",
+        ),
+        (  # was named 'default': the type was read from rope_parameters only
+            {"rope_scaling": {"type": "linear", "factor": 2}},
+            "rope type 'linear' (rope_scaling.type) is not supported; moe-offload runs plain RoPE: remove "
+            "rope_scaling / set rope_parameters.rope_type to 'default' in config.json",
+        ),
+        (  # rope_type is read before type
+            {"rope_scaling": {"type": "default", "rope_type": "dynamic", "factor": 2}},
+            "rope type 'dynamic' (rope_scaling.rope_type) is not supported; moe-offload runs plain RoPE: remove "
+            "rope_scaling / set rope_parameters.rope_type to 'default' in config.json",
+        ),
+        # these were AttributeError: 'str' object has no attribute 'get'
+        ({"rope_scaling": "default"}, "rope_scaling 'default' must be an object or null"),
+        ({"rope_scaling": [1]}, "rope_scaling [1] must be an object or null"),
+        ({"rope_parameters": "default"}, "rope_parameters 'default' must be an object or null"),
+        ({"rope_parameters": []}, "rope_parameters [] must be an object or null"),
+    ],
+)
+def test_rope_scaling_and_odd_rope_values_are_refused(rope, message):
+    with pytest.raises(MoEOffloadError) as error:
+        MixtralConfig.from_dict({**HUB_CONFIG, **rope})
+    assert str(error.value) == message
+
+
+def test_an_odd_head_dim_is_refused_as_transformers_refuses_it():
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    with pytest.raises(StrictDataclassClassValidationError, match="RoPE requires an even rotary dimension"):
+        hf_config({**HUB_CONFIG, "head_dim": 15})
+    with pytest.raises(MoEOffloadError) as error:
+        mixtral.model_config({**HUB_CONFIG, "head_dim": 15})
+    assert str(error.value) == "head_dim 15 must be even: rotary embeddings turn its dimensions in pairs"
+    with pytest.raises(MoEOffloadError) as error:  # no head_dim in the file: the message says where 15 came from
+        mixtral.model_config({**HUB_CONFIG, "hidden_size": 480})
+    assert str(error.value) == (
+        "head_dim (hidden_size / num_attention_heads) 15 must be even: rotary embeddings turn its dimensions in pairs"
     )
 
 

@@ -169,13 +169,19 @@ def test_shapes_that_do_not_group_are_refused():
         quantize(_weight(), QuantSpec(4, 64))
     assert str(err.value) == (
         "cannot quantize a weight of shape (96, 80) at 4-bit g64: its input size 80 is not a multiple of "
-        "group size 64; choose another group size"
+        "group size 64; pass --expert-bits none (unquantized): no other preset takes this shape"
     )
     with pytest.raises(MoEOffloadError) as err:
         quantize(_weight(), EXPERT_PRESETS["2"])
     assert str(err.value) == (
         "cannot quantize a weight of shape (96, 80) at 2-bit g16, 8-bit meta g128: its 480 groups are not "
-        "a multiple of meta group size 128; choose another group size"
+        "a multiple of meta group size 128; pass --expert-bits none (unquantized): no other preset takes this shape"
+    )
+    with pytest.raises(MoEOffloadError) as err:  # 2-bit g16 takes both [64, 96] and [96, 64], as an expert needs
+        tensor_shapes((64, 96), EXPERT_PRESETS["4"], "w")
+    assert str(err.value) == (
+        "cannot quantize a weight of shape (64, 96) at 4-bit g64: its input size 96 is not a multiple of group "
+        "size 64; pass --expert-bits 2 or none (none: unquantized)"
     )
 
 

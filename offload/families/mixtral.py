@@ -24,6 +24,8 @@ CONFIG_JSON_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attent
                      "num_kv_heads": "num_key_value_heads", "num_experts": "num_local_experts",
                      "top_k": "num_experts_per_tok", "max_position": "max_position_embeddings",
                      "eos_token_ids": "eos_token_id"}  # fmt: skip
+# transformers' MixtralConfig.attribute_map: config.json may spell a key by its alias, and transformers reads it so
+ATTRIBUTE_MAP = {"num_experts": "num_local_experts"}
 
 
 @dataclass(frozen=True)
@@ -50,27 +52,46 @@ class MixtralConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> MixtralConfig:
-        """Keep the keys this dataclass names, drop the rest; read rope theta from either place."""
+        """Keep the keys this dataclass names (or their aliases), drop the rest; read RoPE as transformers does."""
+        config = dict(config)
+        for alias, key in ATTRIBUTE_MAP.items():
+            if alias in config:
+                if key in config and config[key] != config[alias]:
+                    raise MoEOffloadError(
+                        f"{alias} {config[alias]!r} and {key} {config[key]!r} disagree ({alias} is transformers' "
+                        f"alias for {key}); keep one of them in config.json"
+                    )
+                config[key] = config.pop(alias)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in known}
-        rope = config.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default" or config.get("rope_scaling"):
+        for key in ("rope_scaling", "rope_parameters"):
+            # transformers skips a falsy rope_scaling, and refuses a rope_parameters that is no dict
+            value = config.get(key)
+            if not (value is None or isinstance(value, dict) or (key == "rope_scaling" and not value)):
+                raise MoEOffloadError(f"{key} {value!r} must be an object or null")
+        key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"  # the older key wins, if set
+        rope = config.get(key) or {}
+        type_key = "rope_type" if "rope_type" in rope else "type"  # transformers reads rope_type first
+        rope_type = rope.get(type_key, "default")
+        if rope_type != "default":
             raise MoEOffloadError(
-                f"rope type {rope_type!r} (rope scaling) is not supported; moe-offload runs plain RoPE: "
+                f"rope type {rope_type!r} ({key}.{type_key}) is not supported; moe-offload runs plain RoPE: "
                 "remove rope_scaling / set rope_parameters.rope_type to 'default' in config.json"
             )
-        if "rope_theta" in rope:
+        if "rope_theta" in rope:  # else the top-level rope_theta (hub files), else the default
             kwargs["rope_theta"] = rope["rope_theta"]
         if kwargs.get("hidden_act", "silu") != "silu":
             raise MoEOffloadError(f"hidden_act {kwargs['hidden_act']!r} is not supported; Mixtral uses 'silu'")
         return cls(**kwargs)
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, names: dict[str, str] = CONFIG_JSON_NAMES) -> ModelConfig:
+        """`names`: how config.json spells ModelConfig's fields, for error messages."""
         heads = self.num_attention_heads
         head_dim = self.head_dim  # transformers' default below; a bad size or head count is refused before head_dim
         if head_dim is None and positive_int(self.hidden_size) and positive_int(heads):
             head_dim = self.hidden_size // heads
+        if self.head_dim is None:  # a message about head_dim then names where it came from
+            names = {**names, "head_dim": "head_dim (hidden_size / num_attention_heads)"}
         values = dict(
             model_type=model_type,
             hidden_size=self.hidden_size,
@@ -90,12 +111,14 @@ class MixtralConfig:
             bos_token_id=self.bos_token_id,
             eos_token_ids=() if self.eos_token_id is None else self.eos_token_id,
         )
-        return ModelConfig.from_dict(values, names=CONFIG_JSON_NAMES)
+        return ModelConfig.from_dict(values, names=names)
 
 
 def model_config(config: dict) -> ModelConfig:
     """config.json (as a dict) -> the normalized config the shared decoder reads."""
-    return MixtralConfig.from_dict(config).model_config()
+    ours = {key: field for field, key in CONFIG_JSON_NAMES.items()}
+    aliased = {ours[key]: alias for alias, key in ATTRIBUTE_MAP.items() if alias in config and key not in config}
+    return MixtralConfig.from_dict(config).model_config(names={**CONFIG_JSON_NAMES, **aliased})
 
 
 # Checkpoint names -> ours. The hub's files say `block_sparse_moe`; transformers 5 says `mlp` in memory
