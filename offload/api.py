@@ -192,7 +192,7 @@ def check_prefetch(when: str, ahead: int, num_layers: int) -> None:
     """The prefetch options' errors, in the CLI's words."""
     if whole_number(ahead) is None:
         raise MoEOffloadError(f"--prefetch-ahead must be a whole number, got {ahead!r}")
-    if ahead > 1 and when == "early":
+    if ahead > 1 and when in ("early", "none"):
         raise MoEOffloadError(f"--prefetch-ahead {ahead} guesses at each layer's output: use --prefetch late or both")
     most = max(1, num_layers - 1)
     if not 1 <= ahead <= most:

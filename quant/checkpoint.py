@@ -38,6 +38,7 @@ RESIDENT = "resident.safetensors"
 JOURNAL = ".quantize-journal.json"
 _TMP_MARK = ".tmp-"  # temporary files are named f".{final}{_TMP_MARK}{pid}"
 RERUN = "re-run `moe-offload quantize` with --force"
+SYNTH_RERUN = "re-run `moe-offload synth` with --force"
 _HASH_CHUNK = 16 << 20
 
 
@@ -325,26 +326,32 @@ class QuantizedCheckpoint:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             if (path / JOURNAL).is_file():
+                job = (read_journal(path) or {}).get("job")
+                synthetic = isinstance(job, dict) and str(job.get("source")).startswith("synthetic:")
+                command = "synth" if synthetic else "quantize"
                 raise MoEOffloadError(
-                    f"{path} is an unfinished `moe-offload quantize` run (no {MANIFEST}); "
+                    f"{path} is an unfinished `moe-offload {command}` run (no {MANIFEST}); "
                     "re-run the same command to resume it"
                 )
             raise MoEOffloadError(f"{path} has no {MANIFEST}, so it is not a quantized checkpoint; {RERUN}")
         manifest = _load_manifest(manifest_path)
+        # what made the folder is what makes it again
+        quantization = manifest.get("quantization")
+        rerun = SYNTH_RERUN if isinstance(quantization, dict) and quantization.get("synthetic") else RERUN
         version = manifest["format_version"]
         if version != FORMAT_VERSION:
             raise MoEOffloadError(
                 f"{manifest_path} has format_version {version!r}, but this moe-offload reads "
-                f"format_version {FORMAT_VERSION}; {RERUN}"
+                f"format_version {FORMAT_VERSION}; {rerun}"
             )
         for name, entry in manifest["files"].items():
             file_path = path / name
             if not file_path.is_file():
-                raise MoEOffloadError(f"{file_path} is missing (listed in {MANIFEST}); {RERUN}")
+                raise MoEOffloadError(f"{file_path} is missing (listed in {MANIFEST}); {rerun}")
             size = file_path.stat().st_size
             if size != entry["bytes"]:
                 what = "truncated" if size < entry["bytes"] else "larger than listed"
-                raise MoEOffloadError(f"{file_path} is {what}: {size} bytes, {MANIFEST} says {entry['bytes']}; {RERUN}")
+                raise MoEOffloadError(f"{file_path} is {what}: {size} bytes, {MANIFEST} says {entry['bytes']}; {rerun}")
         if verify:
             # hashlib drops the GIL on large chunks, so threads hash files in parallel (~17 GB at 2-bit).
             names = list(manifest["files"])
@@ -353,7 +360,7 @@ class QuantizedCheckpoint:
             for name, digest in zip(names, digests):
                 if digest != manifest["files"][name]["sha256"]:
                     raise MoEOffloadError(
-                        f"{path / name} is altered or corrupt: its sha256 differs from {MANIFEST}; {RERUN}"
+                        f"{path / name} is altered or corrupt: its sha256 differs from {MANIFEST}; {rerun}"
                     )
         return cls(path, manifest)
 

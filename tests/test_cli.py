@@ -330,8 +330,10 @@ def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):
     model = trained_model_dir
     code, _, err = run(capsys, "generate", model, "--prompt", "hi", "--slots", "2", "--prefetch-ahead", "6")
     assert_one_line_error(code, err, "--prefetch-ahead must be between 1 and 5 (the layers but one), got 6")
-    code, _, err = run(capsys, "info", model, "--prefetch", "early", "--prefetch-ahead", "2")
-    assert_one_line_error(code, err, "--prefetch-ahead 2 guesses at each layer's output: use --prefetch late or both")
+    for none in (["--prefetch", "early"], ["--prefetch", "none"], ["--no-prefetch"]):  # none was taken silently
+        code, _, err = run(capsys, "info", model, *none, "--prefetch-ahead", "2")
+        assert_one_line_error(code, err, "--prefetch-ahead 2 guesses at each layer's output: use --prefetch late or "
+                              "both")  # fmt: skip
     code, out, _ = run(capsys, "info", model, "--json", "--slots", "2", "--prefetch-ahead", "2")
     assert code == 0 and json.loads(out)["prefetch"] == "late, 2 layers ahead"
 

@@ -15,7 +15,7 @@ import offload
 from offload.decoder import ModelConfig
 from offload.families.mixtral import model_config
 from offload.synth import MAX_SEED, PRESETS, preset_config, resident_bytes, synthesize, synthetic_format, synthetic_name
-from quant.checkpoint import JOURNAL, MANIFEST, RESIDENT, expert_file
+from quant.checkpoint import JOURNAL, MANIFEST, RESIDENT, QuantizedCheckpoint, expert_file
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, dequantize, random_quantized, tensor_shapes, to_tensors
 
@@ -141,6 +141,32 @@ def test_random_quantized_dequantizes_small_and_finite(bits):
     assert abs(weight.mean()) < 0.002
     same = random_quantized((256, 128), spec, torch.Generator().manual_seed(0))
     assert torch.equal(dequantize(same), weight)
+
+
+def test_a_damaged_synth_folder_says_to_run_synth_again(tmp_path, tiny_synth):
+    """Its errors said to re-run quantize, which has no source to read for a synthetic folder."""
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for file in tiny_synth.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    with (folder / expert_file(1)).open("r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(MoEOffloadError) as error:
+        offload.load(str(folder), device="cpu")
+    assert str(error.value) == (
+        f"{folder / expert_file(1)} is altered or corrupt: its sha256 differs from manifest.json; re-run `moe-offload "
+        "synth` with --force"
+    )
+    (folder / MANIFEST).unlink()
+    (folder / JOURNAL).write_text(json.dumps({"job": {"source": "synthetic:tiny"}, "files": {}}))
+    with pytest.raises(MoEOffloadError) as error:
+        QuantizedCheckpoint.open(folder)
+    assert str(error.value) == (
+        f"{folder} is an unfinished `moe-offload synth` run (no manifest.json); re-run the same command to resume it"
+    )
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_synth):
