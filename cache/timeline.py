@@ -41,7 +41,7 @@ PREFETCH = ("none", "oracle")
 # `moe-offload timeline`'s defaults: the 9d0bc23 H100 bench run's compute per token and pinned bandwidth, a
 # 2-bit Mixtral-8x7B expert's bytes and MLP time (benchmarks/timeline_check.py), and one expert graph's
 # launch as the wake (assumed, not measured)
-H100 = dict(compute_ms=23.928, expert_ms=0.216, bandwidth_gbps=53.43, expert_bytes=66_748_416, wake_us=20.0)
+H100 = dict(compute_ms=23.928, expert_ms=0.2161, bandwidth_gbps=53.43, expert_bytes=66_748_416, wake_us=20.0)
 
 
 @dataclass(frozen=True)

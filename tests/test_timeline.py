@@ -233,7 +233,7 @@ def test_cli_prints_the_table(capsys):
      (["--slots", "9"], "error: slots must be between 2 (top-k) and 8 (the experts), got 9"),
      (["--policy", "belady"], "error: unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
      (["--policy", ","], "error: --policy ',' names no policy: give e.g. lru or lru,path"),
-     (["--compute-ms", "0.1"], "error: 6 layers x 2 experts x 0.216 ms per expert is more than the 0.1 ms of "
+     (["--compute-ms", "0.1"], "error: 6 layers x 2 experts x 0.2161 ms per expert is more than the 0.1 ms of "
                                "compute per token; give a smaller expert time")],
 )  # fmt: skip
 def test_cli_errors(capsys, args, message):
