@@ -11,6 +11,7 @@ import copy
 import functools
 import inspect
 import json
+import re
 import signal
 import sys
 import typing
@@ -323,29 +324,44 @@ def generate(
     seed: Seed = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print the cache and speed figures after the text.")] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help='Print only {"text", "token_ids", "stats"} as one JSON object.')
+        bool,
+        typer.Option("--json", help='Print only {"text", "token_ids", "stop_reason", "stats"} as one JSON object.'),
     ] = False,
     load: dict | None = None,
 ) -> None:
     """Continue a prompt, streaming the text as it is generated. Ctrl-C stops it (with --stats, after the figures)."""
     check_text(prompt, "the prompt")  # before the load: minutes on a real model
     loaded = _load(model, load, text="plain")
-    stream = None if as_json else (lambda text: out.print(text, end="", markup=False))
     with stop_on_ctrl_c() as pressed:
         result = loaded.generate(
-            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, on_text=stream,
-            stop=pressed,
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            on_text=None if as_json else write_text, stop=pressed,
         )  # fmt: skip
     if as_json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": loaded.stats.to_dict()}))
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stop_reason": result.stop_reason,
+                          "stats": loaded.stats.to_dict()}))  # fmt: skip
     else:
-        out.print()
+        write_text("\n")
     if result.stop_reason == "stopped":
         err.print("(stopped)")
+    _note_a_full_context(result, max_new_tokens, loaded.max_seq_len)
     if stats and not as_json:
         _print_stats(loaded.stats)
     if result.stop_reason == "stopped":
         raise typer.Exit(130)  # as a shell reports SIGINT
+
+
+def write_text(text: str) -> None:
+    """Generated text to stdout as it is: rich would expand tabs, turn :smile: into an emoji and drop a \r."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note_a_full_context(result, max_new_tokens: int, max_seq_len: int) -> None:
+    """A generation cut short by the context's end, not by --max-new-tokens, says so (both are "length")."""
+    if result.stop_reason == "length" and len(result.token_ids) < max_new_tokens:
+        err.print(f"(the context of {max_seq_len} tokens is full after {len(result.token_ids)} new tokens; "
+                  "raise --max-seq-len for more)")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -404,23 +420,28 @@ def chat(
             continue
         if not command:
             continue
+        if re.fullmatch(r"/[a-z]+", command):  # a mistyped command is not a message to send
+            err.print(f"unknown command {command}: the commands are /stats, /reset and /exit (a message that starts "
+                      "with / is sent as one when it has more words)")  # fmt: skip
+            continue
         messages.append({"role": "user", "content": line})
         try:
             with stop_on_ctrl_c() as pressed:
                 result = loaded.generate(
                     messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    seed=seed, on_text=lambda text: out.print(text, end="", markup=False), stop=pressed,
+                    seed=seed, on_text=write_text, stop=pressed,
                 )  # fmt: skip
         except MoEOffloadError as error:  # e.g. the conversation outgrew the context: say so, keep chatting
             messages.pop()
             err.print(f"error: {error}")
             continue
-        out.print()
+        write_text("\n")
         if result.stop_reason == "stopped":  # the conversation goes on without this turn
             messages.pop()
             err.print("(stopped)")
             continue
         messages.append({"role": "assistant", "content": result.text})
+        _note_a_full_context(result, max_new_tokens, loaded.max_seq_len)
         if stats:
             _print_stats(loaded.stats)
 
@@ -486,6 +507,7 @@ def trace(
     for number, text in enumerate(texts, 1):  # before the load: minutes on a real model
         check_text(text, f"prompt {number}" if len(texts) > 1 else "the prompt")
     check_writable(out, "--out")
+    refuse_overwriting(out, "--out", model, "the model")  # its config.json, say
     loaded = _load(model, load, text="plain")
     path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer
@@ -577,6 +599,8 @@ def bench(
     ahead = load.pop("prefetch_ahead")
     benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load: minutes on a real model
     if json_out is not None:
+        if str(json_out) == "-":  # not stdout: the table is printed there
+            raise MoEOffloadError("--json takes a file name, not -: bench prints its table on stdout")
         check_writable(json_out, "--json")
         refuse_overwriting(json_out, "--json", model, "the model")  # its manifest.json, say
         if route_trace is not None:
@@ -620,7 +644,8 @@ def _print_bench(result: dict) -> None:
     notes = []
     for name, r in {"measured": result, **result.get("baselines", {})}.items():
         if "hit_rate" not in r:  # a baseline that could not run here says why
-            table.add_row(name, str(r.get("decode_tokens_per_s")), *["-"] * 6)
+            table.add_row(name, "-" if r.get("decode_tokens_per_s") is None else str(r["decode_tokens_per_s"]),
+                          *["-"] * 6)  # fmt: skip
             notes.append(f"{name}: {r.get('note', '')}")
             continue
         recall = r["prefetch"]["recall"]

@@ -1,11 +1,13 @@
 """bench on the CPU: exact cache figures under replayed routing, the JSON it writes, and its errors."""
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 import offload
 from cli.app import main
@@ -187,6 +189,17 @@ def test_compare_runs_the_baselines(model):
         copies_s = r["missed_bytes_per_token"] / (result["h2d_bandwidth_gbps"] * 1e9)
         assert 1 / r["bound_tokens_per_s"] == bound_s(result, copies_s, result["h2d_bandwidth_gbps"])
     assert (baselines["lru_prefetch"]["prefetch"]["depth"], baselines["lru_prefetch"]["prefetch"]["ahead"]) == (5, None)
+    from cli import app
+
+    console = app.out
+    app.out = Console(width=200, file=io.StringIO())
+    try:
+        app._print_bench(result)
+        printed = app.out.file.getvalue()
+    finally:
+        app.out = console
+    row = next(line for line in printed.splitlines() if "accelerate" in line)
+    assert "None" not in row and row.split("│")[2].strip() == "-"  # printed Python's None
 
 
 class KeyLog(DecodeGraphs):

@@ -686,3 +686,61 @@ def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback(monkeypatch):
     monkeypatch.delitem(sys.modules, "cli.app")
     monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
     assert cli.main(["--help"]) == 130
+
+
+RAW = "\tif x:\n\t\tprint(':smile: [red]hi[/red]')\r\n"  # tabs, an emoji code, markup and a carriage return
+
+
+def _generate_raw(monkeypatch, *, stop_reason="length", token_ids=(5, 6)):
+    """OffloadedModel.generate as a stand-in that streams RAW and returns its result."""
+    from offload.api import OffloadedModel
+    from offload.generate import GenerationResult
+
+    def generate(self, prompt=None, *, messages=None, on_text=None, **_):
+        if on_text is not None:
+            on_text(RAW)
+        return GenerationResult(list(token_ids), RAW, 1, 1, 0.1, 0.1, stop_reason)
+
+    monkeypatch.setattr(OffloadedModel, "generate", generate)
+
+
+def test_generated_text_streams_as_it_is(capsys, monkeypatch, trained_model_dir):
+    """rich expanded the tabs to spaces, made :smile: an emoji and dropped the \\r: code came out altered."""
+    _generate_raw(monkeypatch)
+    code, out, err = run(capsys, "generate", trained_model_dir, "--prompt", "x", "--max-new-tokens", "2")
+    assert code == 0 and out == RAW + "\n" and err == ""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/exit\n"))
+    code, out, _ = run(capsys, "chat", trained_model_dir, "--max-new-tokens", "2")
+    assert code == 0 and out == "> " + RAW + "\n> "
+
+
+def test_a_full_context_is_told_apart_from_max_new_tokens(capsys, monkeypatch, trained_model_dir):
+    _generate_raw(monkeypatch)  # two tokens, stopped for "length"
+    code, out, err = run(capsys, "generate", trained_model_dir, "--prompt", "x", "--max-new-tokens", "5",
+                         "--max-seq-len", "8", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["stop_reason"] == "length"
+    assert err == "(the context of 8 tokens is full after 2 new tokens; raise --max-seq-len for more)\n"
+    code, out, err = run(capsys, "generate", trained_model_dir, "--prompt", "x", "--max-new-tokens", "2", "--json")
+    assert code == 0 and err == ""  # --max-new-tokens reached: nothing to say
+
+
+def test_chat_refuses_an_unknown_command(capsys, monkeypatch, trained_model_dir):
+    """/help and the typo /stat were sent to the model as the user's turn."""
+    _generate_raw(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/help\n/stat\n/usr/bin please\n/exit\n"))
+    code, out, err = run(capsys, "chat", trained_model_dir, "--max-new-tokens", "2")
+    unknown = ("unknown command {}: the commands are /stats, /reset and /exit (a message that starts with / is sent "
+               "as one when it has more words)")  # fmt: skip
+    assert code == 0 and err.splitlines()[1:] == [unknown.format("/help"), unknown.format("/stat")]
+    assert out.count(RAW) == 1  # "/usr/bin please" went to the model
+
+
+def test_bench_json_refuses_a_dash_and_trace_the_model_files(capsys, tmp_path, quantized):
+    code, _, err = run(capsys, "bench", "no-such-model", "--json", "-")  # it wrote a file named "-"
+    assert_one_line_error(code, err, "--json takes a file name, not -: bench prints its table on stdout")
+    config = quantized / "config.json"
+    before = config.read_bytes()
+    code, _, err = run(capsys, "trace", quantized, "--prompt", "hi", "--out", config)
+    assert_one_line_error(code, err, f"--out {config} is a file of the model ({quantized}), which it would "
+                          "overwrite; give another file name")  # fmt: skip
+    assert config.read_bytes() == before
