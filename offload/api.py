@@ -27,7 +27,7 @@ from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
-from offload.planner import MemoryPlan, budgets, plan_memory, resolve_device
+from offload.planner import MemoryPlan, budgets, plan_memory, resolve_device, slots_text
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, check_text, load_tokenizer, read_generation_config, stop_ids
 from quant import cpu_gemv, gemv
@@ -136,6 +136,21 @@ class RunStats:
         cache = self.cache.to_dict()
         per_layer = cache.pop("per_layer")
         return {**cache, **self.timing.to_dict(), "per_layer": per_layer}
+
+    def summary(self) -> str:
+        """The totals in one line, as `--stats` and `/stats` print them above the table of layers."""
+        s = self.to_dict()
+        recall = "-" if s["recall"] is None else f"{s['recall']:.3f}"
+        return (
+            f"prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s · "
+            f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.2f} tok/s · "
+            f"hit rate {s['hit_rate']:.3f} · prefetch recall {recall} · "
+            f"prefetches {s['prefetches_issued']} issued, {s['prefetches_used']} used, {s['prefetches_wasted']} "
+            f"wasted · {s['h2d_bytes'] / 2**20:.1f} MiB copied · stalled {s['stall_s']:.3f} s"
+        )
+
+    def __repr__(self) -> str:  # the dataclass's would print every layer's counters
+        return f"RunStats({self.summary()}; {len(self.cache.per_layer)} layers in .cache.per_layer)"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -432,6 +447,12 @@ class OffloadedModel:
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
         self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
         self.broken: str | None = None  # why this model can run no more (an exclusive-mode step cut short)
+
+    def __repr__(self) -> str:
+        slots = "experts in place" if self.plan.slots_per_layer is None else (
+            f"{slots_text(self.plan.slots_per_layer)} slots per layer, {self.plan.mode}")  # fmt: skip
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"OffloadedModel({self.source.description} on {self.device}, {dtype}, {slots})"
 
     def set_prefetch(self, when: str, ahead: int = 1) -> None:
         """Where the prefetcher guesses (none, early, late or both), and how many layers ahead at the output."""

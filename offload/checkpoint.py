@@ -193,8 +193,12 @@ class HFCheckpoint:
     def resident(self) -> dict[str, Tensor]:
         """Every tensor that is not an expert (embeddings, attention, norms, routers, lm_head). A tied lm_head is
         left out: the decoder makes it the embedding, not a second copy of it."""
+        return {name: self.get_ours(name) for name in self.resident_shapes()}
+
+    def resident_shapes(self) -> dict[str, tuple[int, ...]]:
+        """resident()'s names and shapes, without reading a tensor."""
         tied = self.model_config.tie_word_embeddings
-        return {name: self.get_ours(name) for name in self._our_names()
+        return {name: shape for name, shape in self.shapes().items()
                 if ".experts." not in name and not (tied and name == "lm_head")}  # fmt: skip
 
     def _our_names(self) -> dict[str, tuple[str, str, tuple[int, ...]]]:

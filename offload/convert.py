@@ -10,7 +10,9 @@ folder. Both answer the same questions, so `load()` has one path.
 
 from __future__ import annotations
 
+import math
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import torch
 from offload.checkpoint import HFCheckpoint, open_hf
 from offload.decoder import ModelConfig
 from offload.families import Family, family_for
-from offload.planner import resolve_device
+from offload.planner import format_bytes, resolve_device
 from quant.bnb import NF4Spec, quantize_nf4
 from quant.bnb import from_tensors as nf4_from_tensors
 from quant.bnb import shape_problem as nf4_shape_problem
+from quant.bnb import tensor_shapes as nf4_tensor_shapes
 from quant.checkpoint import (
     FORMAT_VERSION,
     JOURNAL,
@@ -38,6 +41,7 @@ from quant.checkpoint import (
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize
 from quant.hqq import shape_problem as hqq_shape_problem
+from quant.hqq import tensor_shapes as hqq_tensor_shapes
 from quant.linear import map_tensors, weight_to_tensors
 from quant.packing import ExpertFormat
 
@@ -123,6 +127,9 @@ def quantize_model(
     storage_dtype = checkpoint.expert(0, 0)["w1"].dtype  # unquantized experts keep the source's dtype
     expert_format = ExpertFormat.build(config.hidden_size, config.intermediate_size, expert_spec, storage_dtype)
     check_resident(checkpoint.shapes(), resident_spec)  # before the experts, which take hours on a CPU
+    experts = config.num_layers * config.num_experts * expert_format.nbytes
+    resident = resident_nbytes(checkpoint.resident_shapes(), resident_spec, storage_dtype.itemsize)
+    check_free_space(Path(out), experts + resident, "quantize")
     origin = checkpoint.source if checkpoint.revision else str(checkpoint.path.resolve())  # however SRC is spelt
     job = {
         "source": origin,
@@ -306,6 +313,35 @@ class QuantizedSource:
         if expert_format is self._format:
             return stored
         return expert_format.pack(**self._format.unpack(stored))  # in the compute dtype (expert_format)
+
+
+def resident_nbytes(shapes: dict[str, tuple[int, ...]], spec: AttnSpec, itemsize: int) -> int:
+    """The bytes quantize writes for the resident weights: attention as `spec` packs it, the rest as stored
+    (`itemsize` bytes a weight)."""
+    total = 0
+    for name, shape in shapes.items():
+        if spec is not None and QUANTIZED_RESIDENT.search(name):
+            layout = (nf4_tensor_shapes if isinstance(spec, NF4Spec) else hqq_tensor_shapes)(shape, spec, name)
+            total += sum(math.prod(size) * dtype.itemsize for size, dtype in layout.values())
+        else:
+            total += math.prod(shape) * itemsize
+    return total
+
+
+def check_free_space(out: Path, need: int, command: str) -> None:
+    """Refuse a run the disk under `out` cannot hold, before its first file: Mixtral takes hours to quantize
+    and a few minutes to synthesize, and a full disk would stop either late. Files already in `out` (a run
+    being resumed, or overwritten with --force) count as room."""
+    existing = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) if out.is_dir() else 0
+    place = out
+    while not place.exists():  # the folder is made by the run: ask the disk it will be on
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if need - existing > free:
+        raise MoEOffloadError(
+            f"{command} writes {format_bytes(need)} to {out}, and {place} has {format_bytes(free)} free; free some "
+            "space or write elsewhere"
+        )
 
 
 def refuse_quantized(source: str) -> None:

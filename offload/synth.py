@@ -14,16 +14,17 @@ resumed run writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from offload import api
-from offload.convert import Progress, build_manifest
+from offload.convert import Progress, build_manifest, check_free_space
 from offload.decoder import PREFILL_CHUNK, ModelConfig
 from quant.checkpoint import FORMAT_VERSION, RESIDENT, CheckpointWriter, expert_file
 from quant.errors import MoEOffloadError, whole_number
-from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, QuantSpec, random_quantized, to_tensors
+from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, QuantSpec, quantized_nbytes, random_quantized, to_tensors
 from quant.hqq import preset as spec_preset
 from quant.packing import ExpertFormat
 
@@ -174,17 +175,24 @@ def prefill_reserve(
     return api.prefill_reserve(config, attention, expert_format, context, chunk, STORAGE_DTYPE, torch.device("cuda"))
 
 
-def resident_bytes(preset: str, attn_bits: str = "4") -> int:
-    """The bytes of a synthetic model's resident weights, as synthesize writes them: drawn for one and two
-    layers, the layers' share scaled to the preset's depth (drawing every layer takes a minute)."""
+def resident_bytes(preset: str, attn_bits: str = "4", layers: int | None = None) -> int:
+    """The bytes of a synthetic model's resident weights, as synthesize writes them (tests/test_synth.py holds
+    the two equal): attention quantized by `attn_bits`, everything else in STORAGE_DTYPE."""
+    config = preset_config(preset, layers)
     attn = spec_preset(ATTN_PRESETS, attn_bits, "--attn-bits")
+    attention = tuple(f".{name}" for name in config.attention_shapes())
+    return sum(
+        quantized_nbytes(shape, attn) if attn is not None and name.endswith(attention)
+        else math.prod(shape) * STORAGE_DTYPE.itemsize
+        for name, shape in config.resident_shapes().items()
+    )  # fmt: skip
 
-    def nbytes(layers: int) -> int:
-        tensors = _resident(preset_config(preset, layers), attn, _generator(0, _RESIDENT_STREAM))
-        return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    one, two = nbytes(1), nbytes(2)
-    return one + (two - one) * (preset_config(preset).num_layers - 1)
+def folder_bytes(preset: str, expert_bits: str = "2", attn_bits: str = "4", layers: int | None = None) -> int:
+    """What synthesize writes, near enough to check the disk before it starts: experts and resident weights."""
+    config = preset_config(preset, layers)
+    experts = config.num_layers * config.num_experts * synthetic_format(config, expert_bits).nbytes
+    return experts + resident_bytes(preset, attn_bits, layers)
 
 
 def synthesize(
@@ -218,6 +226,7 @@ def synthesize(
         "attn_bits": attn_bits,
         "format_version": FORMAT_VERSION,
     }
+    check_free_space(Path(out), folder_bytes(preset, expert_bits, attn_bits, layers), "synth")
     writer = CheckpointWriter(Path(out), job=job, force=force)
 
     for layer in range(config.num_layers):

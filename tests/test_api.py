@@ -194,6 +194,18 @@ def test_stats_kept_and_info_follow_reset_stats_and_set_prefetch(trained_model_d
     assert model.info()["prefetch"] == "both, 2 layers ahead"  # it kept saying the load's
 
 
+def test_model_and_stats_print_in_a_line(trained_model_dir):
+    """print(model) was <offload.api.OffloadedModel object at 0x...>, print(model.stats) every layer's counters."""
+    model = offload.load(trained_model_dir, device="cpu", slots=3)
+    assert repr(model) == (f"OffloadedModel({trained_model_dir} (experts none, attention unquantized) on cpu, "
+                           "float32, 3 slots per layer, inclusive)")  # fmt: skip
+    assert repr(offload.load(trained_model_dir, device="cpu")).endswith(", float32, experts in place)")
+    model.generate([1, 2, 3], max_new_tokens=3, temperature=0)
+    text = repr(model.stats)
+    assert text.startswith("RunStats(prefill 3 tok at ") and text.endswith("; 6 layers in .cache.per_layer)")
+    assert "\n" not in text and model.stats.summary() in text
+
+
 def test_load_takes_a_path_and_a_torch_device_and_refuses_no_model(trained_model_dir):
     model = offload.load(trained_model_dir, device=torch.device("cpu"), slots=np.int64(3))  # a Path, numpy's int
     assert model.options.device == "cpu" and model.device == torch.device("cpu")

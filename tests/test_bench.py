@@ -367,3 +367,15 @@ def test_overlap_lays_the_device_work_on_one_time_line():
         "idle_gap_mean_us": 20000.0,
     }  # fmt: skip
     assert overlap(spans, steps=2)["link_busy_ms"] == 75.0
+
+
+def test_bench_warns_of_a_long_context_only_where_asked(tmp_path, capsys):
+    """bench's own context (prompt, warm-up and timed steps) past a synthetic model's 512 positions warned about
+    --max-seq-len, which nobody gave; a --max-seq-len past them still warns."""
+    from offload.synth import synthesize
+
+    folder = synthesize(tmp_path / "tiny", "tiny", layers=2)
+    assert main(["bench", str(folder), "--slots", "2", "--tokens", "500", "--prompt-tokens", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["bench", str(folder), "--slots", "2", "--tokens", "2", "--max-seq-len", "600"]) == 0
+    assert "warning: a context of 600 tokens (--max-seq-len) is beyond the 512 positions" in capsys.readouterr().err

@@ -744,3 +744,10 @@ def test_bench_json_refuses_a_dash_and_trace_the_model_files(capsys, tmp_path, q
     assert_one_line_error(code, err, f"--out {config} is a file of the model ({quantized}), which it would "
                           "overwrite; give another file name")  # fmt: skip
     assert config.read_bytes() == before
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out == f"moe-offload {version('moe-offload')}\n" and err == ""

@@ -306,3 +306,43 @@ def test_unfinished_run_of_another_job_is_not_resumed(tmp_path):
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     assert not CheckpointWriter(out, job=JOB).done(expert_file(0))
+
+
+@pytest.mark.parametrize("attn", [("4", "hqq"), ("4", "bnb"), ("none", "hqq")])
+def test_quantize_and_synth_refuse_a_disk_too_small_before_writing(tmp_path, monkeypatch, attn):
+    """A full disk stopped a quantize late (hours in, on a CPU) and synth's default preset writes 18 GB: the size
+    each will write is known before the first file, to the tensor bytes (safetensors headers aside)."""
+    import shutil
+    from collections import namedtuple
+
+    from safetensors import safe_open
+
+    from offload.convert import quantize_model
+    from offload.planner import format_bytes
+    from offload.synth import folder_bytes, synthesize
+    from tests.tiny import make_tiny_mixtral
+
+    src = make_tiny_mixtral(tmp_path / "src", layers=2, experts=4, intermediate=128)
+    folder = quantize_model(str(src), tmp_path / "q", expert_bits="2", attn_bits=attn[0], attn_quant=attn[1],
+                            device="cpu")  # fmt: skip
+    written = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            written += sum(f.get_tensor(name).nbytes for name in f.keys())
+    usage = namedtuple("usage", "total used free")
+    # the prediction is the tensors' bytes: with one byte less free, quantize refuses
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, written - 1))
+    with pytest.raises(MoEOffloadError) as error:
+        quantize_model(str(src), tmp_path / "q2", expert_bits="2", attn_bits=attn[0], attn_quant=attn[1], device="cpu")
+    assert str(error.value) == (f"quantize writes {format_bytes(written)} to {tmp_path / 'q2'}, and {tmp_path} has "
+                                f"{format_bytes(written - 1)} free; free some space or write elsewhere")  # fmt: skip
+    assert not (tmp_path / "q2").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, written))
+    quantize_model(str(src), tmp_path / "q3", expert_bits="2", attn_bits=attn[0], attn_quant=attn[1], device="cpu")
+    need = folder_bytes("tiny", attn_bits=attn[0]) if attn[1] == "hqq" else None
+    if need is not None:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, need - 1))
+        with pytest.raises(MoEOffloadError) as error:
+            synthesize(tmp_path / "s", "tiny", attn_bits=attn[0])
+        assert str(error.value).startswith(f"synth writes {format_bytes(need)} to {tmp_path / 's'}, and ")
+        assert not (tmp_path / "s").exists()
