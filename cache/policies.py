@@ -449,10 +449,10 @@ def make_policy(name: str, **params) -> Policy:
     """The one factory: a fresh policy for one layer. `params` go to the policy's constructor."""
     cls = POLICIES.get(name)
     if cls is None:
-        raise MoEOffloadError(f"unknown cache policy {name!r}: choose one of {', '.join(POLICIES)}")
+        raise MoEOffloadError(f"--policy {name!r} is unknown: choose one of {', '.join(POLICIES)}")
     if cls.offline and "futures" not in params:
         raise MoEOffloadError(
-            f"policy {name!r} is offline (it needs the future): only `moe-offload simulate` can run it"
+            f"--policy {name!r} is offline (it needs the future): only `moe-offload simulate` can run it"
         )
     try:
         return cls(**params)

@@ -118,13 +118,18 @@ PREDICTORS: dict[str, type[Predictor]] = {p.name: p for p in (PrevToken, CoOccur
 PREFETCH_CHOICES = ["none", *PREDICTORS]
 
 
+def check_predictor(name: str) -> None:
+    """`simulate`'s --prefetch, checked before the trace is read (and by `make_predictor`, for Python)."""
+    if name not in PREFETCH_CHOICES:
+        raise MoEOffloadError(f"--prefetch {name!r} is unknown: choose one of {', '.join(PREFETCH_CHOICES)}")
+
+
 def make_predictor(name: str, trace: Trace) -> Predictor | None:
     """The predictor called `name` for replaying `trace`; None for "none"."""
+    check_predictor(name)
     if name == "none":
         return None
-    cls = PREDICTORS.get(name)
-    if cls is None:
-        raise MoEOffloadError(f"unknown prefetch predictor {name!r}: choose one of {', '.join(PREFETCH_CHOICES)}")
+    cls = PREDICTORS[name]
     if cls is Recorded and not trace.has_guesses and trace.guess_field:
         raise MoEOffloadError(
             f"trace {trace.path}'s guesses are all null: it was recorded without prefetching; record it again with "

@@ -168,9 +168,11 @@ class SlotTable:
 
 def check_mode(mode: str) -> None:
     """The cache modes a replay (the simulator, the time line) follows; `fill` and `reset(keep_residents)`
-    are exclusive mode's rules."""
+    are exclusive mode's rules. `simulate` and `timeline` check their --cache-mode with it before reading the trace,
+    so the message names the option (the runtime's `auto` is no mode a replay can follow: "here")."""
     if mode not in ("inclusive", "exclusive"):
-        raise MoEOffloadError(f"unknown cache mode {mode!r}; choose inclusive or exclusive")
+        raise MoEOffloadError(f"--cache-mode {mode!r} is unknown here: choose inclusive or exclusive (the mode the "
+                              "traced run used)")  # fmt: skip
 
 
 def layer_slots(slots: int | Sequence[int], num_layers: int) -> tuple[int, ...]:

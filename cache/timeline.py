@@ -80,7 +80,7 @@ class Costs:
         if resident < 0:
             raise MoEOffloadError(
                 f"{layers} layers x {top_k} experts x {self.expert_s * 1e3:g} ms per expert is more than the "
-                f"{self.compute_s * 1e3:g} ms of compute per token; give a smaller expert time"
+                f"{self.compute_s * 1e3:g} ms of compute per token; give a smaller --expert-ms"
             )
         return resident
 
@@ -260,25 +260,29 @@ def timeline(
     num_experts = num_experts or trace.num_experts
     if top_k is None:
         top_k = max(len(request.experts) for token in trace.longest_decode(1) for request in token.layers)
+    # a bad value names the CLI's option, which passes its values here: one check serves `timeline` and Python
     if prefetch not in PREFETCH:
-        raise MoEOffloadError(f"unknown prefetch {prefetch!r}; choose {' or '.join(PREFETCH)}")
+        raise MoEOffloadError(f"--prefetch {prefetch!r} is unknown here: choose {' or '.join(PREFETCH)}")
     if policy not in POLICIES or POLICIES[policy].offline:
         online = ", ".join(name for name, p in POLICIES.items() if not p.offline)
-        raise MoEOffloadError(f"unknown or offline policy {policy!r}; choose one of {online}")
+        raise MoEOffloadError(f"--policy {policy!r} is unknown or offline: choose one of {online}")
     check_mode(mode)
     capacities = layer_slots(slots, layers)
     if not top_k <= min(capacities) <= max(capacities) <= num_experts:
         got = slots if isinstance(slots, int) else f"{min(capacities)} to {max(capacities)}"
-        raise MoEOffloadError(f"slots must be between {top_k} (top-k) and {num_experts} (the experts), got {got}")
+        raise MoEOffloadError(f"--slots must be between {top_k} (top-k) and {num_experts} (the experts per layer), "
+                              f"got {got}")  # fmt: skip
     if no_cache and mode == "exclusive":
         raise MoEOffloadError("no cache empties the slots, which exclusive mode cannot: use inclusive mode")
     depth = layers - 1 if depth is None else depth
     if prefetch == "oracle" and layers < 2:
-        raise MoEOffloadError(f"trace {trace.path} has one layer: the oracle loads later layers; use prefetch none")
+        raise MoEOffloadError(f"trace {trace.path} has one layer: the oracle loads later layers; use --prefetch none")
     if prefetch == "oracle" and not 1 <= depth < layers:
-        raise MoEOffloadError(f"depth must be between 1 and {layers - 1} (the layers but one), got {depth}")
-    if tokens < 1 or prompt_tokens < 1:
-        raise MoEOffloadError(f"tokens and prompt tokens must be positive, got {tokens} and {prompt_tokens}")
+        raise MoEOffloadError(f"--depth must be between 1 and {layers - 1} (the layers but one), got {depth}")
+    if tokens < 1:
+        raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
+    if prompt_tokens < 1:  # no CLI option: the keyword
+        raise MoEOffloadError(f"prompt_tokens must be at least 1, got {prompt_tokens}")
 
     sequence = trace.longest_decode(top_k)
     stats = CacheStats.for_layers(layers)

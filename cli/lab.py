@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cache.policies import ONLINE_POLICIES, POLICIES
-from cache.predictors import PREFETCH_CHOICES
+from cache.predictors import PREFETCH_CHOICES, check_predictor
 from cache.simulate import SimResult, simulate
+from cache.table import check_mode
 from cache.timeline import H100, Costs, TimedRun, timeline
 from cache.trace import MAX_ID, read_trace
 from quant.errors import MoEOffloadError
@@ -81,9 +82,8 @@ def simulate_command(
             refuse_overwriting(plot, "--plot", trace, "the trace being read")
             plot_format = _plot_format(plot)
             check_writable(plot, "--plot")
-        if prefetch not in PREFETCH_CHOICES:
-            raise MoEOffloadError(f"--prefetch {prefetch!r} is unknown: choose one of {', '.join(PREFETCH_CHOICES)}")
-        _check_mode(mode)
+        check_predictor(prefetch)
+        check_mode(mode)
         routing = read_trace(trace)
         if max(slot_counts) > routing.num_experts:
             raise MoEOffloadError(f"--slots {slots!r} goes past the trace's {routing.num_experts} experts per layer: "
@@ -107,12 +107,13 @@ def simulate_command(
         f"{_count(len(routing.sequence_ids), 'sequence')}, "
         f"{_count(routing.skipped_tokens, 'incomplete token')} skipped",
         markup=False,
+        soft_wrap=True,  # whole when piped too, where rich would cut it at 80 columns; the tables fit the width
     )
     console.print(_hit_rate_table(results, policies, slot_counts, per_layer))
     if prefetch != "none":
         console.print(_prefetch_table(results))
     if plot is not None:
-        console.print(f"wrote {plot}", markup=False)
+        console.print(f"wrote {plot}", markup=False, soft_wrap=True)
 
 
 TIMELINE_HELP = (
@@ -171,7 +172,7 @@ def timeline_command(
                 raise MoEOffloadError(f"{name} must be a positive finite number, got {value:g}")
         if not (math.isfinite(wake_us) and wake_us >= 0):
             raise MoEOffloadError(f"--wake-us must be a finite number, not negative, got {wake_us:g}")
-        _check_mode(mode)
+        check_mode(mode)
         costs = Costs.from_rates(compute_ms=compute_ms, expert_ms=expert_ms, bandwidth_gbps=bandwidth,
                                  expert_bytes=expert_bytes, wake_us=wake_us,
                                  back_bandwidth_gbps=back_bandwidth)  # fmt: skip
@@ -192,6 +193,7 @@ def timeline_command(
         f"{trace}: {tokens} decode tokens of its longest sequence; an expert copies in "
         f"{costs.copy_s * 1e3:.3f} ms, computes in {expert_ms:g} ms; {compute_ms:g} ms of compute per token",
         markup=False,
+        soft_wrap=True,  # as simulate's header
     )
     console.print(_timeline_table(runs, no_cache))
 
@@ -239,13 +241,6 @@ def _parse_slots(text: str) -> list[int]:
     if not counts:
         raise MoEOffloadError(f"--slots {text!r} names no slot count: write e.g. 1-8")
     return counts
-
-
-def _check_mode(mode: str) -> None:
-    """--cache-mode before the trace is read (the runtime's `auto` is no mode a replay can follow)."""
-    if mode not in ("inclusive", "exclusive"):
-        raise MoEOffloadError(f"--cache-mode {mode!r} is unknown here: choose inclusive or exclusive (the mode the "
-                              "traced run used)")  # fmt: skip
 
 
 def _plot_format(path: Path) -> str:

@@ -56,22 +56,24 @@ class SamplingConfig:
             value = getattr(self, name)
             if isinstance(value, kind) and not isinstance(value, bool | int | float):
                 object.__setattr__(self, name, cast(value))
-        if isinstance(self.temperature, bool) or isinstance(self.top_p, bool):
-            raise MoEOffloadError(f"temperature and top_p must be numbers, got {self.temperature!r} and {self.top_p!r}")
+        # a wrong type names the keyword (only Python can pass one); a bad value names the CLI's option, as
+        # the CLI's values land here too and one check serves both
         if whole_number(self.max_new_tokens) is None:
-            raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+            raise MoEOffloadError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
-            raise MoEOffloadError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
-            raise MoEOffloadError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.temperature < 0:
-            raise MoEOffloadError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise MoEOffloadError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p!r}")
+            raise MoEOffloadError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):  # True was taken as 1.0
+                raise MoEOffloadError(f"{name} must be a number, got {value!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise MoEOffloadError(f"--temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MoEOffloadError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {self.top_p}")
         if self.seed is not None and whole_number(self.seed) is None:
-            raise MoEOffloadError(f"seed must be a whole number >= 0, got {self.seed!r}")
+            raise MoEOffloadError(f"seed must be a whole number or None, got {self.seed!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise MoEOffloadError(f"seed must be a whole number >= 0 and < 2**63, got {self.seed}")
+            raise MoEOffloadError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

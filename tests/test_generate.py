@@ -251,14 +251,19 @@ def test_same_seed_same_tokens_other_seed_other_tokens():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -0.5}, "temperature must be a number >= 0 (0 = greedy), got -0.5"),
-        ({"temperature": math.nan}, "temperature must be a number >= 0 (0 = greedy), got nan"),
-        ({"top_p": 0.0}, "top_p must be in (0, 1] (1 = no nucleus cut), got 0.0"),
-        ({"top_p": 1.5}, "top_p must be in (0, 1] (1 = no nucleus cut), got 1.5"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be a whole number >= 1, got 0"),
-        ({"seed": -1}, "seed must be a whole number >= 0 and < 2**63, got -1"),
-        ({"seed": 1.5}, "seed must be a whole number >= 0, got 1.5"),
-        ({"temperature": True}, "temperature and top_p must be numbers, got True and 0.9"),  # was taken as 1.0
+        # a bad value names the CLI's option (the CLI's values land here), a wrong type the keyword
+        ({"temperature": -0.5}, "--temperature must be a number >= 0 (0 = greedy), got -0.5"),
+        ({"temperature": math.nan}, "--temperature must be a number >= 0 (0 = greedy), got nan"),
+        ({"top_p": 0.0}, "--top-p must be in (0, 1] (1 = no nucleus cut), got 0.0"),
+        ({"top_p": 1.5}, "--top-p must be in (0, 1] (1 = no nucleus cut), got 1.5"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0"),
+        ({"seed": -1}, "--seed must be a whole number from 0 to 2**63 - 1, got -1"),
+        ({"seed": 2**63}, f"--seed must be a whole number from 0 to 2**63 - 1, got {2**63}"),
+        ({"seed": 1.5}, "seed must be a whole number or None, got 1.5"),
+        ({"max_new_tokens": 2.0}, "max_new_tokens must be a whole number, got 2.0"),
+        ({"max_new_tokens": True}, "max_new_tokens must be a whole number, got True"),
+        ({"temperature": True}, "temperature must be a number, got True"),  # was taken as 1.0
+        ({"top_p": "0.5"}, "top_p must be a number, got '0.5'"),
     ],
 )
 def test_bad_sampling_options(kwargs, message):

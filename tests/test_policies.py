@@ -85,9 +85,9 @@ def test_belady_two_expert_requests():
 
 
 def test_factory_errors():
-    with pytest.raises(MoEOffloadError, match="unknown cache policy 'mru': choose one of lru, fifo, lfu, path, belady"):
+    with pytest.raises(MoEOffloadError, match="^--policy 'mru' is unknown: choose one of lru, fifo, lfu, path, belady"):
         make_policy("mru")
-    with pytest.raises(MoEOffloadError, match="policy 'belady' is offline .*only `moe-offload simulate`"):
+    with pytest.raises(MoEOffloadError, match="^--policy 'belady' is offline .*only `moe-offload simulate`"):
         make_policy("belady")
     with pytest.raises(MoEOffloadError, match=r"policy 'lru' does not take parameters \['decay'\]"):
         make_policy("lru", decay=0.5)

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from cache.policies import PATH_GRID
 from cache.simulate import held_out, simulate
 from cache.trace import TraceWriter, read_trace
+from cli.app import main
 from cli.lab import register
+from quant.errors import MoEOffloadError
 
 SHARED_TRACE = (
     Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-instruct_humaneval_routing.jsonl"
@@ -184,6 +186,30 @@ def test_cli_per_layer_json_and_errors():
     )  # fmt: skip
 
 
+def test_cli_header_is_one_line_when_piped(capsys, monkeypatch):
+    """Off a terminal rich cut lines at 80 columns: "...: 333 tokens x \n32 layers, ..."."""
+    monkeypatch.setenv("COLUMNS", "80")  # rich's width off a terminal, whatever the runner's
+    assert main(["simulate", str(SHARED_TRACE), "--policy", "lru", "--slots", "2"]) == 0
+    header = f"{SHARED_TRACE}: 333 tokens x 32 layers, 2 sequences, 5 incomplete tokens skipped"
+    assert len(header) > 80 and capsys.readouterr().out.splitlines()[0] == header
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # a bad value names the CLI's option, as the CLI's own checks do
+        ({"policy": "mru"}, "--policy 'mru' is unknown: choose one of lru, fifo, lfu, path, belady"),
+        ({"prefetch": "gate"}, "--prefetch 'gate' is unknown: choose one of none, prev-token, cooccur, recorded"),
+        ({"mode": "auto"},
+         "--cache-mode 'auto' is unknown here: choose inclusive or exclusive (the mode the traced run used)"),
+    ],
+)  # fmt: skip
+def test_python_errors_name_the_cli_option(shared_trace, kwargs, message):
+    with pytest.raises(MoEOffloadError) as error:
+        simulate(shared_trace, **{"policy": "lru", "slots": 2, **kwargs})
+    assert str(error.value) == message
+
+
 def test_cli_plot_writes_a_png(tmp_path):
     out = tmp_path / "plots" / "hit_rate.png"  # a folder that does not exist yet, as bench --json allows
     args = ["simulate", str(SHARED_TRACE), "--policy", "lru,fifo", "--slots", "2,4", "--plot", str(out)]
@@ -226,6 +252,10 @@ def test_cli_checks_options_before_reading_the_trace(tmp_path):
     assert result.exit_code == 2 and result.output == (
         "error: --cache-mode 'auto' is unknown here: choose inclusive or exclusive (the mode the traced run used)\n"
     )
+    result = CliRunner().invoke(_app(), ["simulate", missing, "--prefetch", "gate"])
+    assert result.exit_code == 2 and result.output == (
+        "error: --prefetch 'gate' is unknown: choose one of none, prev-token, cooccur, recorded\n"
+    )
     result = CliRunner().invoke(_app(), ["simulate", missing, "--slots", "4-"])
     assert result.exit_code == 2 and result.output == (
         "error: --slots '4-' has a range with no end: a range needs both ends, e.g. 1-8\n"
@@ -261,7 +291,7 @@ def test_cli_summary_line_and_per_layer_wasted(tmp_path, monkeypatch):
         ("decode", [[6, 7]], [None]),
     ]
     _write(tmp_path / "t.jsonl", tokens)
-    monkeypatch.chdir(tmp_path)  # a short path: the line is not wrapped
+    monkeypatch.chdir(tmp_path)  # the line names the trace as given
     result = CliRunner().invoke(_app(), ["simulate", "t.jsonl", "--policy", "lru", "--slots", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "t.jsonl: 3 tokens x 2 layers, 1 sequence, 1 incomplete token skipped"

@@ -144,17 +144,22 @@ def test_a_deeper_oracle_keeps_the_link_busy(tiny_trace):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(prefetch="gate"), "unknown prefetch 'gate'; choose none or oracle"),
-     (dict(policy="belady"), "unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
-     (dict(slots=1), "slots must be between 2 (top-k) and 4 (the experts), got 1"),
-     (dict(slots=(2, 5)), "slots must be between 2 (top-k) and 4 (the experts), got 2 to 5"),
+    # a bad value names the CLI's option, which passes its values here; a Python-only one the keyword
+    [(dict(prefetch="gate"), "--prefetch 'gate' is unknown here: choose none or oracle"),
+     (dict(policy="belady"), "--policy 'belady' is unknown or offline: choose one of lru, fifo, lfu, path"),
+     (dict(mode="auto"),
+      "--cache-mode 'auto' is unknown here: choose inclusive or exclusive (the mode the traced run used)"),
+     (dict(slots=1), "--slots must be between 2 (top-k) and 4 (the experts per layer), got 1"),
+     (dict(slots=(2, 5)), "--slots must be between 2 (top-k) and 4 (the experts per layer), got 2 to 5"),
      (dict(slots=(2, 2, 2)), "slots per layer names 3 layers, the trace has 2"),
-     (dict(depth=2), "depth must be between 1 and 1 (the layers but one), got 2"),
+     (dict(depth=2), "--depth must be between 1 and 1 (the layers but one), got 2"),
+     (dict(tokens=0), "--tokens must be at least 1, got 0"),
+     (dict(prompt_tokens=0), "prompt_tokens must be at least 1, got 0"),
      (dict(mode="exclusive", no_cache=True),
       "no cache empties the slots, which exclusive mode cannot: use inclusive mode"),
      (dict(costs=Costs(compute_s=6.0, expert_s=2.0, copy_s=3.0)),
       "2 layers x 2 experts x 2000 ms per expert is more than the 6000 ms of compute per token; give a smaller "
-      "expert time")],
+      "--expert-ms")],
 )  # fmt: skip
 def test_errors(kwargs, message):
     costs = kwargs.pop("costs", COSTS)
@@ -172,7 +177,7 @@ def test_trace_errors():
     one_layer = Trace(Path("one.jsonl"), [Token(0, 0, "decode", (Request((0, 1), (0.5, 0.5)),))], 1, 4)
     with pytest.raises(MoEOffloadError) as error:
         timeline(one_layer, Costs(compute_s=3.0, expert_s=1.0, copy_s=3.0), slots=2)
-    assert str(error.value) == "trace one.jsonl has one layer: the oracle loads later layers; use prefetch none"
+    assert str(error.value) == "trace one.jsonl has one layer: the oracle loads later layers; use --prefetch none"
     assert timeline(one_layer, Costs(compute_s=3.0, expert_s=1.0, copy_s=3.0), slots=2, prefetch="none").tokens == 128
 
 
@@ -184,7 +189,7 @@ def test_top_k_is_the_traces_own():
     assert run.stats.requests == 2 * 2 * 4
     with pytest.raises(MoEOffloadError) as error:
         timeline(four, COSTS, slots=4, top_k=5)
-    assert str(error.value) == "slots must be between 5 (top-k) and 8 (the experts), got 4"
+    assert str(error.value) == "--slots must be between 5 (top-k) and 8 (the experts per layer), got 4"
 
 
 def test_counters_are_the_timed_steps_alone(tiny_trace):
@@ -209,9 +214,13 @@ def test_cli_times_what_the_python_api_times(capsys):
     assert printed["no_cache"] == no_cache.to_dict()
 
 
-def test_cli_prints_the_table(capsys):
+def test_cli_prints_the_table(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # rich's width off a terminal, whatever the runner's
     assert main(["timeline", str(SHARED_TRACE), "--slots", "5", "--tokens", "32"]) == 0
     out = capsys.readouterr().out
+    # whole, though piped: rich cut it at 80 columns
+    assert out.splitlines()[0] == (f"{SHARED_TRACE}: 32 decode tokens of its longest sequence; an expert copies in "
+                                   "1.249 ms, computes in 0.2161 ms; 23.928 ms of compute per token")  # fmt: skip
     assert "predicted decode (inclusive, prefetch oracle, depth 31)" in out
     run = timeline(read_trace(SHARED_TRACE), Costs(compute_s=0.023928, expert_s=0.000216,
                    copy_s=66_748_416 / 53.43e9, wake_s=2e-5), tokens=32)  # fmt: skip
@@ -230,11 +239,16 @@ def test_cli_prints_the_table(capsys):
      (["--wake-us", "inf"], "error: --wake-us must be a finite number, not negative, got inf"),
      (["--cache-mode", "auto"],
       "error: --cache-mode 'auto' is unknown here: choose inclusive or exclusive (the mode the traced run used)"),
-     (["--slots", "9"], "error: slots must be between 2 (top-k) and 8 (the experts), got 9"),
-     (["--policy", "belady"], "error: unknown or offline policy 'belady'; choose one of lru, fifo, lfu, path"),
+     (["--slots", "9"], "error: --slots must be between 2 (top-k) and 8 (the experts per layer), got 9"),
+     (["--slots", "1-3"], "error: --slots must be between 2 (top-k) and 8 (the experts per layer), got 1"),
+     (["--policy", "belady"], "error: --policy 'belady' is unknown or offline: choose one of lru, fifo, lfu, path"),
+     (["--policy", "lru,mru"], "error: --policy 'mru' is unknown or offline: choose one of lru, fifo, lfu, path"),
+     (["--prefetch", "gate"], "error: --prefetch 'gate' is unknown here: choose none or oracle"),
+     (["--depth", "6"], "error: --depth must be between 1 and 5 (the layers but one), got 6"),
+     (["--tokens", "0"], "error: --tokens must be at least 1, got 0"),
      (["--policy", ","], "error: --policy ',' names no policy: give e.g. lru or lru,path"),
      (["--compute-ms", "0.1"], "error: 6 layers x 2 experts x 0.2161 ms per expert is more than the 0.1 ms of "
-                               "compute per token; give a smaller expert time")],
+                               "compute per token; give a smaller --expert-ms")],
 )  # fmt: skip
 def test_cli_errors(capsys, args, message):
     assert main(["timeline", str(TINY_TRACE), *args]) == 2
