@@ -309,7 +309,7 @@ def quantize(
 
     refuse_quantized(src)
     layers = open_hf(src, revision).model_config.num_layers
-    with _progress() as progress:
+    with _progress() as progress, _resumable(out):
         task = progress.add_task("quantizing layers", total=layers + 1)
         folder = quantize_model(
             src,
@@ -361,6 +361,16 @@ def generate(
         _print_stats(loaded.stats)
     if result.stop_reason == "stopped":
         raise typer.Exit(130)  # as a shell reports SIGINT
+
+
+@contextlib.contextmanager
+def _resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C in quantize or synth says how to go on: every file written is kept, and the journal resumes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"(interrupted: {out} is unfinished; run the same command again to resume it)")
+        raise typer.Exit(130) from None
 
 
 def write_text(text: str) -> None:
@@ -549,7 +559,7 @@ def synth(
     from offload.synth import preset_config, synthesize
 
     total = preset_config(preset, layers).num_layers + 1
-    with _progress() as progress:
+    with _progress() as progress, _resumable(out):
         task = progress.add_task("writing layers", total=total)
         folder = synthesize(out, preset, expert_bits=expert_bits, attn_bits=attn_bits, layers=layers, seed=seed,
                             force=force, progress=lambda what, n: progress.advance(task, n))  # fmt: skip

@@ -751,3 +751,19 @@ def test_version(capsys):
 
     code, out, err = run(capsys, "--version")
     assert code == 0 and out == f"moe-offload {version('moe-offload')}\n" and err == ""
+
+
+@pytest.mark.parametrize("command", ["synth", "quantize"])
+def test_ctrl_c_in_quantize_or_synth_says_how_to_resume(capsys, monkeypatch, tmp_path, trained_model_dir, command):
+    """It exited 130 without a word, leaving a folder of files and a journal."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("offload.synth.synthesize" if command == "synth" else "offload.convert.quantize_model",
+                        interrupted)  # fmt: skip
+    out = tmp_path / "out"
+    args = [command, out, "--preset", "tiny"] if command == "synth" else [command, trained_model_dir, out]
+    code, _, err = run(capsys, *args)
+    assert code == 130
+    assert err.endswith(f"(interrupted: {out} is unfinished; run the same command again to resume it)\n")
