@@ -329,7 +329,10 @@ def quantize(
 @loads_model()
 def generate(
     model: Model,
-    prompt: Annotated[str, typer.Option(help="The text to continue.")],
+    prompt: Annotated[str | None, typer.Option(help="The text to continue.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the text to continue from this file (UTF-8; - reads standard input).")
+    ] = None,
     max_new_tokens: MaxNewTokens = SamplingConfig.max_new_tokens,
     temperature: Temperature = SamplingConfig.temperature,
     top_p: TopP = SamplingConfig.top_p,
@@ -342,7 +345,7 @@ def generate(
     load: dict | None = None,
 ) -> None:
     """Continue a prompt, streaming the text as it is generated. Ctrl-C stops it (with --stats, after the figures)."""
-    check_text(prompt, "the prompt")  # before the load: minutes on a real model
+    prompt = _read_prompt(prompt, prompt_file)  # before the load: minutes on a real model
     loaded = _load(model, load, text="plain")
     with stop_on_ctrl_c() as pressed:
         result = loaded.generate(
@@ -371,6 +374,24 @@ def _resumable(out: Path) -> Iterator[None]:
     except KeyboardInterrupt:
         err.print(f"(interrupted: {out} is unfinished; run the same command again to resume it)")
         raise typer.Exit(130) from None
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """--prompt TEXT or --prompt-file FILE (- for standard input): exactly one, checked as text."""
+    if (prompt is None) == (prompt_file is None):
+        raise MoEOffloadError("give --prompt TEXT or --prompt-file FILE" + (", not both" if prompt is not None else ""))
+    if prompt_file is not None:
+        where = "standard input" if str(prompt_file) == "-" else str(prompt_file)
+        try:
+            data = sys.stdin.buffer.read() if str(prompt_file) == "-" else prompt_file.read_bytes()
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise MoEOffloadError(f"{where} is not UTF-8 text: the byte 0x{data[error.start]:02x} at byte "
+                                  f"{error.start}") from None  # fmt: skip
+        except OSError as error:
+            raise MoEOffloadError(f"cannot read --prompt-file {where}: {error.strerror or error}") from None
+    check_text(prompt, "the prompt")
+    return prompt
 
 
 def write_text(text: str) -> None:

@@ -767,3 +767,28 @@ def test_ctrl_c_in_quantize_or_synth_says_how_to_resume(capsys, monkeypatch, tmp
     code, _, err = run(capsys, *args)
     assert code == 130
     assert err.endswith(f"(interrupted: {out} is unfinished; run the same command again to resume it)\n")
+
+
+def test_generate_reads_its_prompt_from_a_file_or_stdin(capsys, monkeypatch, tmp_path, trained_model_dir):
+    """A multi-line code prompt needed the shell's $'...' quoting: --prompt-file FILE, or - for standard input."""
+    prompt = "def add(a, b):\n\treturn"
+    (tmp_path / "p.txt").write_text(prompt)
+    common = ["--max-new-tokens", "4", "--temperature", "0", "--json"]
+    code, out, _ = run(capsys, "generate", trained_model_dir, "--prompt", prompt, *common)
+    expected = json.loads(out)["token_ids"]
+    code, out, _ = run(capsys, "generate", trained_model_dir, "--prompt-file", tmp_path / "p.txt", *common)
+    assert code == 0 and json.loads(out)["token_ids"] == expected
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(prompt.encode())))
+    code, out, _ = run(capsys, "generate", trained_model_dir, "--prompt-file", "-", *common)
+    assert code == 0 and json.loads(out)["token_ids"] == expected
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    for args, message in (
+        ([], "give --prompt TEXT or --prompt-file FILE"),
+        (["--prompt", "x", "--prompt-file", tmp_path / "p.txt"], "give --prompt TEXT or --prompt-file FILE, not both"),
+        (["--prompt-file", tmp_path / "latin1.txt"], f"{tmp_path / 'latin1.txt'} is not UTF-8 text: the byte 0xe9 at "
+                                                    "byte 3"),
+        (["--prompt-file", tmp_path / "nope.txt"], f"cannot read --prompt-file {tmp_path / 'nope.txt'}: No such file "
+                                                  "or directory"),
+    ):  # fmt: skip
+        code, _, err = run(capsys, "generate", "/no/such/model", *args)  # before the load
+        assert_one_line_error(code, err, message)
