@@ -493,18 +493,21 @@ def chat(
 @loads_model()
 def info(
     model: Model,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the facts as one JSON object: snake_case keys, sizes in bytes."),
+    ] = False,
     load: dict | None = None,
 ) -> None:
     """Show the model's family, sizes, quantization and memory plan, without loading the experts."""
-    from offload.api import describe, prepare
+    from offload.api import describe, facts, prepare
 
-    facts = describe(prepare(model, **load))
+    prepared = prepare(model, **load)
     if as_json:
-        print(json.dumps(facts))
+        print(json.dumps(facts(prepared)))
         return
     table = Table(show_header=False)
-    for key, value in facts.items():
+    for key, value in describe(prepared).items():
         table.add_row(key, str(value))
     out.print(table)
 

@@ -706,7 +706,12 @@ class OffloadedModel:
         self.stats.timing = Timing()  # the same RunStats: a reference kept to `model.stats` reads the new window
 
     def info(self) -> dict[str, object]:
+        """What `moe-offload info` prints, in words; `facts()` is the same for a script."""
         return describe(self.prepared)
+
+    def facts(self) -> dict[str, object]:
+        """`moe-offload info --json`: the model, its formats and the plan in snake_case keys and plain numbers."""
+        return facts(self.prepared)
 
 
 def describe_prefetch(options: LoadOptions) -> str:
@@ -714,6 +719,27 @@ def describe_prefetch(options: LoadOptions) -> str:
     if options.prefetch == "none" or options.prefetch_ahead == 1:
         return options.prefetch
     return f"{options.prefetch}, {options.prefetch_ahead} layers ahead"
+
+
+def facts(prepared: Prepared) -> dict[str, object]:
+    """`info --json`: describe()'s facts for a script, keyed in snake_case, with numbers and bytes as numbers."""
+    c, plan, options = prepared.config, prepared.plan, prepared.options
+    words = describe(prepared)
+    return {
+        "model": words["model"], "family": c.model_type, "num_layers": c.num_layers, "num_experts": c.num_experts,
+        "top_k": c.top_k, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "experts": words["experts"], "attention": words["attention"],
+        "device": str(prepared.device), "dtype": str(prepared.dtype).removeprefix("torch."),
+        "kernel": words["decode kernel"], "cuda_graphs": prepared.cuda_graphs,
+        "host_embedding": prepared.host_embedding,
+        "max_seq_len": prepared.max_seq_len, "prefill_chunk": options.prefill_chunk,
+        "mode": plan.mode, "slots_per_layer": None if plan.slots_per_layer is None else list(plan.slots_per_layer),
+        "expert_bytes": plan.expert_bytes, "host_bytes": plan.host_bytes, "host_budget_bytes": plan.host_budget,
+        "device_bytes": plan.device_bytes, "device_budget_bytes": plan.device_budget,
+        "prefill_reserve_bytes": plan.reserve_bytes, "host_resident_bytes": plan.host_resident_bytes,
+        "prefetch": "none" if plan.mode == "direct" else options.prefetch,
+        "prefetch_ahead": options.prefetch_ahead, "policy": options.policy,
+    }  # fmt: skip
 
 
 def describe(prepared: Prepared) -> dict[str, object]:

@@ -335,15 +335,15 @@ def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):
         assert_one_line_error(code, err, "--prefetch-ahead 2 guesses at each layer's output: use --prefetch late or "
                               "both")  # fmt: skip
     code, out, _ = run(capsys, "info", model, "--json", "--slots", "2", "--prefetch-ahead", "2")
-    assert code == 0 and json.loads(out)["prefetch"] == "late, 2 layers ahead"
+    assert code == 0 and (json.loads(out)["prefetch"], json.loads(out)["prefetch_ahead"]) == ("late", 2)
 
 
 def test_the_cpus_fused_kernel_and_where_it_cannot_be_built(capsys, quantized, monkeypatch):
     if cpu_gemv.available():  # a machine with a C compiler
         code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
-        assert code == 0 and json.loads(out)["decode kernel"] == "fused dequantize+GEMV (C)"
+        assert code == 0 and json.loads(out)["kernel"] == "fused dequantize+GEMV (C)"
     code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json", "--no-fused-gemv")
-    assert code == 0 and json.loads(out)["decode kernel"] == "dequantize in tiles, then matmul"
+    assert code == 0 and json.loads(out)["kernel"] == "dequantize in tiles, then matmul"
 
     def no_compiler():
         raise cpu_gemv.KernelUnavailable("no C compiler found (looked for cc, gcc and clang)")
@@ -355,7 +355,7 @@ def test_the_cpus_fused_kernel_and_where_it_cannot_be_built(capsys, quantized, m
         "gcc and clang)",
     )  # fmt: skip
     code, out, err = run(capsys, "info", quantized, "--device", "cpu", "--json")
-    assert code == 0 and json.loads(out)["decode kernel"] == "dequantize in tiles, then matmul"
+    assert code == 0 and json.loads(out)["kernel"] == "dequantize in tiles, then matmul"
     assert err.splitlines() == [  # one line, as an error is
         "warning: decode dequantizes each expert, several times slower than the CPU's fused kernel: no C compiler "
         "found (looked for cc, gcc and clang)"
@@ -366,14 +366,14 @@ def test_cuda_graphs_where_they_cannot_run(capsys, quantized):
     code, _, err = run(capsys, "bench", quantized, "--device", "cpu", "--cuda-graphs")
     assert_one_line_error(code, err, "--cuda-graphs runs on CUDA only; on the CPU every kernel is called from Python")
     code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json")
-    assert code == 0 and json.loads(out)["decode graphs"] == "off"
+    assert code == 0 and json.loads(out)["cuda_graphs"] is False
 
 
 def test_host_embedding_where_it_cannot_run(capsys, quantized):
     code, _, err = run(capsys, "chat", quantized, "--device", "cpu", "--host-embedding")
     assert_one_line_error(code, err, "--host-embedding runs on CUDA only; on the CPU the table is in RAM already")
     code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json", "--no-host-embedding")
-    assert code == 0 and json.loads(out)["embedding"] == "with the resident weights"
+    assert code == 0 and json.loads(out)["host_embedding"] is False
 
 
 # -- what a user runs --------------------------------------------------------------------------------------
@@ -570,8 +570,12 @@ def test_info_plans_without_loading(capsys, quantized):
     code, out, _ = run(capsys, "info", quantized, "--slots", "2", "--device", "cpu", "--json")
     facts = json.loads(out)
     assert code == 0
-    assert (facts["family"], facts["mode"], facts["slots per layer"]) == ("mixtral", "inclusive", "2")
+    assert (facts["family"], facts["mode"], facts["slots_per_layer"]) == ("mixtral", "inclusive", [2, 2])
     assert facts["experts"].startswith("4-bit") and facts["attention"].startswith("4-bit")
+    # for a script: numbers, and bytes that add up (it printed "slots per layer": "2", "arena (host)": "1.7 MiB of ...")
+    assert facts["num_layers"] == len(facts["slots_per_layer"]) == 2 and facts["num_experts"] == 4
+    assert facts["host_bytes"] == 2 * 4 * facts["expert_bytes"] and facts["host_budget_bytes"] > facts["host_bytes"]
+    assert all(isinstance(facts[k], int) for k in ("expert_bytes", "device_bytes", "max_seq_len", "prefill_chunk"))
     # the plan of another cache mode, as generate would load it
     code, out, _ = run(capsys, "info", quantized, "--slots", "2", "--device", "cpu", "--json",
                        "--cache-mode", "exclusive")  # fmt: skip
