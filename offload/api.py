@@ -387,7 +387,11 @@ def resolve_host_embedding(option: bool | None, config: ModelConfig, device: tor
 
 def load(model: str, progress: Progress | None = None, *, text: str | None = None, **options) -> OffloadedModel:
     """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords; `text`, as
-    `prepare` takes it, checks first that its tokenizer can serve plain text or a chat."""
+    `prepare` takes it, checks first that its tokenizer can serve plain text or a chat. `progress(what, done,
+    total)` is called as the experts are read.
+
+    The options and their defaults (LoadOptions' comments, and `moe-offload generate --help`, say what each does):
+    """
     if progress is not None and not callable(progress):  # before the experts, not at the first of them
         raise MoEOffloadError(f"progress must be a function (what, done, total) or None, got {progress!r}")
     prepared = prepare(model, text=text, **options)
@@ -429,6 +433,11 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
     model = OffloadedModel(prepared, decoder=decoder, moe=moe, cache=cache)
     model.set_prefetch(prepared.options.prefetch, prepared.options.prefetch_ahead)
     return model
+
+
+# the options' list, from the dataclass so that it cannot drift from it
+_defaults = (f"        {option.name}={option.default!r}" for option in dataclasses.fields(LoadOptions))
+load.__doc__ = f"{load.__doc__.rstrip()}\n" + "\n".join(_defaults)
 
 
 class OffloadedModel:

@@ -1,5 +1,6 @@
 """The Python API: a conversation going on reuses the KV cache for what the turns share; the dtype chosen."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -273,3 +274,14 @@ def test_prepare_plans_what_load_runs_without_reading_an_expert(trained_model_di
     monkeypatch.setattr("offload.api.ExpertCache", lambda **_: pytest.fail("an expert was read"))
     prepared = offload.prepare(trained_model_dir, device="cpu", slots=3)
     assert prepared.plan.slots_per_layer == (3,) * 6 and prepared.plan.mode == "inclusive"
+
+
+def test_help_of_load_lists_every_option_with_its_default():
+    """help(offload.load) showed **options and nothing of what they are."""
+    import inspect
+
+    lines = inspect.getdoc(offload.load).splitlines()
+    listed = lines[lines.index("The options and their defaults (LoadOptions' comments, and `moe-offload generate "
+                               "--help`, say what each does):") + 1 :]  # fmt: skip
+    expected = [f"    {f.name}={f.default!r}" for f in dataclasses.fields(offload.LoadOptions)]
+    assert listed == expected and "    slots=None" in listed
