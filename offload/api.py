@@ -137,14 +137,17 @@ class RunStats:
         per_layer = cache.pop("per_layer")
         return {**cache, **self.timing.to_dict(), "per_layer": per_layer}
 
-    def summary(self) -> str:
-        """The totals in one line, as `--stats` and `/stats` print them above the table of layers."""
+    def summary(self, cache: bool = True) -> str:
+        """The totals in one line, as `--stats` and `/stats` print them above the table of layers; without `cache`
+        (experts computed in place, where every request counts as a hit) the speeds alone."""
         s = self.to_dict()
+        speeds = (f"prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s · "
+                  f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
+        if not cache:
+            return speeds
         recall = "-" if s["recall"] is None else f"{s['recall']:.3f}"
         return (
-            f"prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s · "
-            f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.2f} tok/s · "
-            f"hit rate {s['hit_rate']:.3f} · prefetch recall {recall} · "
+            f"{speeds} · hit rate {s['hit_rate']:.3f} · prefetch recall {recall} · "
             f"prefetches {s['prefetches_issued']} issued, {s['prefetches_used']} used, {s['prefetches_wasted']} "
             f"wasted · {s['h2d_bytes'] / 2**20:.1f} MiB copied · stalled {s['stall_s']:.3f} s"
         )

@@ -552,8 +552,11 @@ def test_generate_stopped_by_ctrl_c_prints_the_figures_and_exits_130(capsys, mon
     if as_json:  # the figures of what ran, timing included
         stats = json.loads(out)["stats"]
         assert stats["decode_tokens"] == 2 and stats["decode_tokens_per_s"] > 0  # before: 0, the run never added
-    else:
-        assert "hit rate" in err
+    else:  # in place (no --slots): every request would count as a hit, so no hit rate is shown
+        assert "decode 2 tok at " in err and "hit rate" not in err
+        assert err.splitlines()[1].endswith(" · experts computed in place: no cache to count (--slots K routes them "
+                                            "through K slots a layer)")  # fmt: skip
+        assert len(err.splitlines()) == 2  # and no table of layers
 
 
 def test_a_second_ctrl_c_interrupts_at_once(capsys, monkeypatch, trained_model_dir):
@@ -796,3 +799,12 @@ def test_generate_reads_its_prompt_from_a_file_or_stdin(capsys, monkeypatch, tmp
     ):  # fmt: skip
         code, _, err = run(capsys, "generate", "/no/such/model", *args)  # before the load
         assert_one_line_error(code, err, message)
+
+
+def test_chat_stats_after_each_answer_are_one_line(capsys, monkeypatch, trained_model_dir):
+    """--stats printed every layer's row after every answer (32 on Mixtral); /stats still does."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/stats\n/exit\n"))
+    code, _, err = run(capsys, "chat", trained_model_dir, "--slots", "2", "--stats", "--max-new-tokens", "2")
+    lines = err.splitlines()
+    assert code == 0 and lines[1].startswith("prefill ") and " · hit rate " in lines[1]
+    assert lines[2].startswith("prefill ") and "┃ layer ┃" in "".join(lines[3:])  # /stats: totals, then the table
