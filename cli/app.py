@@ -563,7 +563,21 @@ def trace(
     check_writable(out, "--out")
     refuse_overwriting(out, "--out", model, "the model")  # its config.json, say
     loaded = _load(model, load, text="plain")
-    path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    done = []  # prompts traced, counted here: a disabled bar (a pipe, a log) counts nothing
+
+    def advance(n: int) -> None:
+        done.append(n)
+        progress.advance(task, n)
+
+    with _progress() as progress:
+        task = progress.add_task("tracing prompts", total=len(texts))
+        try:
+            path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                progress=advance)  # fmt: skip
+        except KeyboardInterrupt:
+            err.print(f"(interrupted after {len(done)} of {len(texts)} prompts: no trace written, as it is written "
+                      "whole)")  # fmt: skip
+            raise typer.Exit(130) from None
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer
     where = "no slots (experts computed in place)" if slots is None else _slots_phrase(slots)
     sequences = f"{len(texts)} sequence{'s' if len(texts) > 1 else ''}"

@@ -674,9 +674,11 @@ class OffloadedModel:
         self.moe.recorder = record
 
     def trace(
-        self, prompts: list[str], out, *, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None
-    ) -> Path:
-        """Generate from each prompt (one sequence each) and write every cache request to `out`.
+        self, prompts: list[str], out, *, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Path:  # fmt: skip
+        """Generate from each prompt (one sequence each) and write every cache request to `out`; `progress(1)` after
+        each prompt. The file is written whole at the end: an error or Ctrl-C writes none.
 
         The trace uses shared/traces' fields plus `guess` and `phase` (cache/trace.py); replaying it
         through `simulate` with the same slots, policy and cache mode counts the same hits as this run (in
@@ -705,6 +707,8 @@ class OffloadedModel:
             try:
                 for prompt in prompts:
                     self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                    if progress is not None:
+                        progress(1)
             finally:
                 self.record_trace(None)
             self.cache.reset()  # the last sequence ends: its unused prefetches count as wasted, as in a replay

@@ -808,3 +808,27 @@ def test_chat_stats_after_each_answer_are_one_line(capsys, monkeypatch, trained_
     lines = err.splitlines()
     assert code == 0 and lines[1].startswith("prefill ") and " · hit rate " in lines[1]
     assert lines[2].startswith("prefill ") and "┃ layer ┃" in "".join(lines[3:])  # /stats: totals, then the table
+
+
+def test_trace_counts_its_prompts_and_says_what_ctrl_c_leaves(capsys, monkeypatch, tmp_path, trained_model_dir):
+    """Ctrl-C in a trace of many prompts exited without a word about the sequences already done."""
+    from offload.api import OffloadedModel
+
+    model = offload.load(str(trained_model_dir), device="cpu", slots=2)
+    done = []
+    model.trace(["def f(", "import os"], tmp_path / "t.jsonl", max_new_tokens=2, progress=done.append)
+    assert done == [1, 1]  # one call a prompt, for a progress bar
+    real = OffloadedModel.generate
+
+    def generate(self, *args, **kwargs):
+        if self.sequence >= 1:  # two sequences generated: the third prompt
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedModel, "generate", generate)
+    (tmp_path / "prompts.txt").write_text("def f(\nimport os\nclass A:\n")
+    out = tmp_path / "cut.jsonl"
+    code, _, err = run(capsys, "trace", trained_model_dir, "--prompts", tmp_path / "prompts.txt", "--out", out,
+                       "--slots", "2", "--max-new-tokens", "2")  # fmt: skip
+    assert code == 130 and not out.exists()
+    assert err.splitlines()[-1] == "(interrupted after 2 of 3 prompts: no trace written, as it is written whole)"
