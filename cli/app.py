@@ -81,28 +81,42 @@ Slots = Annotated[
         "that count exactly as GPU slots would.",
     ),
 ]
-GpuMemory = Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 12GiB. Default: what is free.")]
+GpuMemory = Annotated[
+    str | None, typer.Option(metavar="SIZE", help="GPU memory budget, e.g. 12GiB. Default: what is free.")
+]
 CpuMemory = Annotated[
     str | None,
     typer.Option(
-        help="RAM budget for the expert arena (and, on CUDA, the embedding table), e.g. 12GiB. Default: available."
+        metavar="SIZE",
+        help="RAM budget for the expert arena (and, on CUDA, the embedding table), e.g. 12GiB. Default: available.",
     ),
 ]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+Device = Annotated[
+    str, typer.Option(metavar="auto|cpu|cuda|cuda:N", help="cpu, cuda, cuda:N, or auto (cuda when available).")
+]
 Dtype = Annotated[
     str,
-    typer.Option(help="auto (bfloat16 from sm_80, float16 on older GPUs, float32 on CPU), float32, float16, bfloat16."),
+    typer.Option(
+        metavar="auto|float32|float16|bfloat16",
+        help="auto (bfloat16 from sm_80, float16 on older GPUs, float32 on CPU), float32, float16, bfloat16.",
+    ),
 ]
 ExpertBits = Annotated[
-    str, typer.Option(help="HF folders only: quantize experts in memory to 2, 3 or 4 bits, or none.")
+    str,
+    typer.Option(metavar="2|3|4|none", help="HF folders only: quantize experts in memory to 2, 3 or 4 bits, or none."),
 ]
-AttnBits = Annotated[str, typer.Option(help="HF folders only: quantize attention in memory to 4 or 8 bits, or none.")]
-AttnQuant = Annotated[str, typer.Option(help="Attention quantizer: hqq, or bnb (bitsandbytes NF4, 4-bit only).")]
+AttnBits = Annotated[
+    str, typer.Option(metavar="4|8|none", help="HF folders only: quantize attention in memory to 4 or 8 bits, or none.")
+]
+AttnQuant = Annotated[
+    str, typer.Option(metavar="hqq|bnb", help="Attention quantizer: hqq, or bnb (bitsandbytes NF4, 4-bit only).")
+]
 Prefetch = Annotated[
     str,
     typer.Option(
+        metavar="none|early|late|both",
         help="Speculative prefetch: none; early (guess after each layer's attention); late (at its output); "
-        "both (early guess, corrected at the output)."
+        "both (early guess, corrected at the output).",
     ),
 ]
 PrefetchAhead = Annotated[
@@ -113,12 +127,15 @@ PrefetchAhead = Annotated[
     ),
 ]
 NoPrefetch = Annotated[bool, typer.Option("--no-prefetch", help="Same as --prefetch none.")]
-Policy = Annotated[str, typer.Option(help="Eviction policy of the expert cache (see `simulate`).")]
+Policy = Annotated[
+    str, typer.Option(metavar="lru|fifo|lfu|path", help="Eviction policy of the expert cache (see `simulate`).")
+]
 CacheMode = Annotated[
     str,
     typer.Option(
+        metavar="auto|inclusive|exclusive",
         help="auto: keep every expert in RAM when it fits (inclusive), else each expert once across GPU slots "
-        "and RAM, swapping on a miss (exclusive). Force either one with inclusive or exclusive."
+        "and RAM, swapping on a miss (exclusive). Force either one with inclusive or exclusive.",
     ),
 ]
 MaxSeqLen = Annotated[int | None, typer.Option(help="Context size. Default: the model's, at most 4096.")]
@@ -302,8 +319,10 @@ def quantize(
         str | None,
         typer.Option(help="A hub id's branch, tag or commit (default: main); the manifest keeps the commit."),
     ] = None,
-    expert_bits: Annotated[str, typer.Option(help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")] = "2",
-    attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
+    expert_bits: Annotated[
+        str, typer.Option(metavar="2|3|4|none", help="Experts: 2 (group 16, 8-bit scales), 3, 4 or none.")
+    ] = "2",
+    attn_bits: Annotated[str, typer.Option(metavar="4|8|none", help="Attention projections: 4, 8 or none.")] = "4",
     attn_quant: AttnQuant = LoadOptions.attn_quant,
     device: Annotated[
         str,
@@ -590,11 +609,15 @@ def synth(
     out: Annotated[
         Path, typer.Argument(metavar="OUT", help="The folder to write (a quantized folder with random codes).")
     ],
-    preset: Annotated[str, typer.Option(help="mixtral-8x7b (full size), mixtral-small (CPU benchmarks) or tiny.")] = (
-        "mixtral-8x7b"
-    ),
-    expert_bits: Annotated[str, typer.Option(help="Experts: 2, 3, 4 or none.")] = "2",
-    attn_bits: Annotated[str, typer.Option(help="Attention projections: 4, 8 or none.")] = "4",
+    preset: Annotated[
+        str,
+        typer.Option(
+            metavar="mixtral-8x7b|mixtral-small|tiny",
+            help="mixtral-8x7b (full size: 18.4 GB at 2-bit), mixtral-small (CPU benchmarks: 410 MB) or tiny.",
+        ),
+    ] = ("mixtral-8x7b"),
+    expert_bits: Annotated[str, typer.Option(metavar="2|3|4|none", help="Experts: 2, 3, 4 or none.")] = "2",
+    attn_bits: Annotated[str, typer.Option(metavar="4|8|none", help="Attention projections: 4, 8 or none.")] = "4",
     layers: Annotated[
         int | None, typer.Option(help="Override the preset's layer count (e.g. to match a trace).")
     ] = None,
@@ -639,8 +662,9 @@ def bench(
     prefetch: Annotated[
         str,
         typer.Option(
+            metavar="gate|oracle|none",
             help="gate: the model's own guess (meaningless with --route-trace, reported as replayed); "
-            "oracle: the coming layers' experts read from the trace (an upper bound); none."
+            "oracle: the coming layers' experts read from the trace (an upper bound); none.",
         ),
     ] = "gate",
     oracle_depth: Annotated[

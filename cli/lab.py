@@ -57,11 +57,13 @@ def simulate_command(
     prefetch: str = typer.Option(
         "none",
         "--prefetch",
+        metavar="|".join(PREFETCH_CHOICES),
         help="Prefetch predictor for layer l+1, guessed once layer l is known: " + "|".join(PREFETCH_CHOICES) + ".",
     ),
     mode: str = typer.Option(
         "inclusive",
         "--cache-mode",
+        metavar="inclusive|exclusive",
         help="inclusive (empty at each sequence), or exclusive: the slots start with experts 0..K-1 and stay "
         "full, as the runtime's exclusive mode (replay a trace it recorded with the mode it ran).",
     ),
@@ -133,10 +135,15 @@ def timeline_command(
     policy: str = typer.Option("lru", "--policy", help="Comma-separated online eviction policies."),
     slots: str = typer.Option("5", "--slots", help="Slots per layer: a number, a range (4-6), or a list (4,6)."),
     prefetch: str = typer.Option(
-        "oracle", "--prefetch", help="oracle (the trace's coming layers, as bench's oracle) or none."
+        "oracle",
+        "--prefetch",
+        metavar="oracle|none",
+        help="oracle (the trace's coming layers, as bench's oracle) or none.",
     ),
     depth: int = typer.Option(None, "--depth", help="Layers the oracle loads ahead. Default: every layer but one."),
-    mode: str = typer.Option("inclusive", "--cache-mode", help="inclusive, or exclusive (each load a swap)."),
+    mode: str = typer.Option(
+        "inclusive", "--cache-mode", metavar="inclusive|exclusive", help="inclusive, or exclusive (each load a swap)."
+    ),
     compute_ms: float = typer.Option(
         H100["compute_ms"], "--compute-ms", help="Compute per token, nothing copied (bench's)."
     ),
