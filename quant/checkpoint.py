@@ -157,6 +157,14 @@ class CheckpointWriter:
             raise MoEOffloadError(f"cannot make the folder {self.out_dir}: {reason}; choose another OUT") from None
         if names and not force:
             journal = read_journal(self.out_dir)
+            other = None if journal is None or MANIFEST in names else journal.get("job")
+            if isinstance(other, dict) and other != self.job:  # the same OUT, other settings: say which
+                differ = [f"{key} {other.get(key)!r} there, {value!r} here" for key, value in self.job.items()
+                          if other.get(key) != value]  # fmt: skip
+                raise MoEOffloadError(
+                    f"{self.out_dir} is an unfinished run with other settings ({'; '.join(differ)}): run that "
+                    "command again to finish it, pass --force to start this one over it, or choose another OUT"
+                )
             if journal is None or journal.get("job") != self.job or MANIFEST in names:
                 what = "already holds a quantized checkpoint" if MANIFEST in names else "is not empty"
                 raise MoEOffloadError(

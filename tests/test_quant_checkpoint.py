@@ -296,8 +296,12 @@ def test_unfinished_run_of_another_job_is_not_resumed(tmp_path):
     out = tmp_path / "out"
     writer = CheckpointWriter(out, job=JOB)
     writer.write(expert_file(0), {"0": torch.zeros(64, dtype=torch.uint8)})
-    with pytest.raises(MoEOffloadError, match="is not an unfinished run of this job"):
+    with pytest.raises(MoEOffloadError) as error:  # it said "is not empty", of a run it could name
         CheckpointWriter(out, job={**JOB, "revision": "r2"})
+    assert str(error.value) == (
+        f"{out} is an unfinished run with other settings (revision {JOB.get('revision')!r} there, 'r2' here): run "
+        "that command again to finish it, pass --force to start this one over it, or choose another OUT"
+    )
     resumed = CheckpointWriter(out, job=dict(JOB))
     assert resumed.done(expert_file(0)) and not resumed.done(expert_file(1))
     # A journaled file altered since is not trusted: it will be written again.
