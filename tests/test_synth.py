@@ -118,6 +118,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_synth):
     again = _manifest(synthesize(tmp_path / "again", "tiny", seed=np.int64(0)))["files"]  # numpy's seed was refused
     first = _manifest(tiny_synth)["files"]
     assert again == first
+    # and the same bytes as every commit before: benchmarks and tests name figures of these folders
+    assert first[expert_file(0)]["sha256"] == "4d57f2c5041e4030d443fe17b4d9375cacdebcbab918693bf22a5b12d8c721bc"
     assert _manifest(tmp_path / "again")["quantization"]["seed"] == 0
     assert synthetic_name(_manifest(tiny_synth)) == "synthetic tiny, 2-bit experts"
     assert synthetic_name({"quantization": {"expert_bits": "2"}}) is None  # a real quantized folder
@@ -212,3 +214,16 @@ def test_bad_preset_and_layers_are_user_errors(tmp_path):
     with pytest.raises(MoEOffloadError) as error:  # the seed is fine; the folder cannot be made under a file
         synthesize(tmp_path / "file" / "x", "tiny", seed=MAX_SEED)
     assert str(error.value) == f"cannot make the folder {tmp_path / 'file' / 'x'}: Not a directory; choose another OUT"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_codes_drawn_in_their_dtype_are_the_int64_draws(dtype):
+    """ExpertFormat.random draws codes in the view's dtype (half the time of int64 draws cast, which synth did):
+    torch draws the same numbers either way, so a seed's folder keeps its bytes."""
+    from quant.hqq import code_high
+
+    high = code_high(dtype)
+    small, wide = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    drawn = torch.randint(0, high, (4097,), generator=small, dtype=dtype)
+    assert torch.equal(drawn, torch.randint(0, high, (4097,), generator=wide).to(dtype))
+    assert torch.equal(torch.rand(3, generator=small), torch.rand(3, generator=wide))  # and the stream goes on alike
