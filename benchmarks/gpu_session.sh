@@ -48,11 +48,21 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")  # e.g. h100
 trace=.gpu/mixtral-8x7b-instruct_humaneval_routing.jsonl
 model=/tmp/m8x7b
-nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+echo "commit $(cat .gpu/COMMIT)"
+df -h /tmp || true  # synth writes 18.4 GB there, and refuses to start if the disk says it cannot hold it
 
 moe() { python3 -m cli.app "$@"; }
-bench() { moe bench "$model" --no-verify "$@"; }  # every load after synth: see the header
+no_model=  # set when synth failed: the steps that read the model skip, the others still run
+bench() {  # every load after synth: see the header
+    [[ -z $no_model ]] || { echo "== skipped (no model): bench $*"; return 1; }
+    moe bench "$model" --no-verify "$@"
+}
+profile() {
+    [[ -z $no_model ]] || { echo "== skipped (no model): profile $*"; return 1; }
+    python3 benchmarks/profile_decode.py "$model" --no-verify "$@"
+}
 attempt() {  # a run that fails (the first on a new machine, say) is reported, and the runs after it still run
     "$@" || echo "== failed with exit code $?: $*"
 }
@@ -67,6 +77,9 @@ for path in filter(os.path.exists, sys.argv[1:]):  # a step that failed wrote no
     json.dump(data, open(path, "w"), indent=2)
 EOF
 }
+if [[ -n ${OUT:-} ]]; then  # a call cut short at its time limit: its last step's results still name the commit sent
+    trap 'stamp "$results"/*.json' EXIT
+fi
 
 for step in "$@"; do
     echo "== $step $(date +%T)"
@@ -74,7 +87,8 @@ for step in "$@"; do
     tests)
         # a failure is reported, not fatal: the steps after it still run. No -q: pyproject's addopts has one, and
         # a second drops the line of totals
-        python3 -m pytest -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
+        # at most 4 minutes: a hang (in a teardown never run on a GPU, say) must not take the call's other steps
+        timeout 240 python3 -m pytest -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
         ;;
     copy-engine)  # whether a decode step's few-byte copies wait behind an expert load (seconds; after synth, whose
@@ -98,10 +112,11 @@ for step in "$@"; do
         ;;
     synth)
         if [[ -n ${synth_pid:-} ]]; then  # its log stays in /tmp: show it here, whether it failed or not
-            wait "$synth_pid" || { tail -20 /tmp/synth.log; echo "== synth failed" >&2; exit 1; }
+            wait "$synth_pid" || tail -20 /tmp/synth.log
             tail -3 /tmp/synth.log
         fi
-        [[ -f $model/manifest.json ]] || time moe synth "$model" --preset mixtral-8x7b
+        [[ -f $model/manifest.json ]] || time moe synth "$model" --preset mixtral-8x7b || true
+        [[ -f $model/manifest.json ]] || { no_model=1; echo "== synth failed: the steps that read the model skip" >&2; }
         ;;
     bench)  # the three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --compare \
@@ -136,11 +151,10 @@ for step in "$@"; do
         stamp "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
         ;;
     profile)  # where a decode step's time goes (after synth): CUDA graphs on and off, and the real path's guess
-        attempt python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB \
-            --out "$results/profile_decode_${gpu}_graphs.json"
-        attempt python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB --prefetch gate \
+        attempt profile --route-trace "$trace" --gpu-memory 12GiB --out "$results/profile_decode_${gpu}_graphs.json"
+        attempt profile --route-trace "$trace" --gpu-memory 12GiB --prefetch gate \
             --out "$results/profile_decode_${gpu}_gate.json"
-        attempt python3 benchmarks/profile_decode.py "$model" --no-verify --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
+        attempt profile --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
             --out "$results/profile_decode_${gpu}_eager.json"
         stamp "$results"/profile_decode_"${gpu}"_*.json
         ;;

@@ -28,7 +28,9 @@ def step_bodies() -> dict[str, str]:
 
 
 STEPS = step_bodies()
-BENCH = re.search(r'^bench\(\) \{ moe (.+) "\$@"; \}', TEXT, flags=re.M)[1]  # the script's bench()
+# the script's bench() and profile(): what each runs before the arguments it is given
+BENCH = re.search(r'^bench\(\) \{.*?^\s+moe (.+?) "\$@"$', TEXT, flags=re.M | re.S)[1]
+PROFILE = re.search(r'^profile\(\) \{.*?^\s+python3 (benchmarks/.+?) "\$@"$', TEXT, flags=re.M | re.S)[1]
 
 
 def expand(line: str, values: dict[str, str]) -> list[str]:
@@ -47,6 +49,9 @@ def commands(body: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
         line = line.removeprefix("if ").removesuffix("; then").removeprefix("attempt ")
         if line.startswith("bench "):
             found.append(("moe", expand(BENCH + line[len("bench") :], values)))
+        elif line.startswith("profile "):
+            script, *args = expand(PROFILE + line[len("profile") :], values)
+            found.append((Path(script).stem, args))
         elif moe := re.search(r"(?:^|\s)moe ([^>&;}|]+)", raw):
             found.append(("moe", expand(moe[1], values)))
         elif line.startswith("python3 benchmarks/"):
