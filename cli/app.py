@@ -410,6 +410,8 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt_file is not None:
         where = "standard input" if str(prompt_file) == "-" else str(prompt_file)
         try:
+            if str(prompt_file) == "-" and sys.stdin is None:
+                raise MoEOffloadError("--prompt-file -: there is no standard input to read")
             data = sys.stdin.buffer.read() if str(prompt_file) == "-" else prompt_file.read_bytes()
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as error:

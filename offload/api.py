@@ -106,6 +106,7 @@ class RunStats:
 
     cache: CacheStats
     timing: Timing = field(default_factory=Timing)
+    in_place: bool = False  # experts computed in place (no slots): every request counts as a hit, so none is shown
 
     @property
     def total(self) -> LayerStats:
@@ -137,9 +138,10 @@ class RunStats:
         per_layer = cache.pop("per_layer")
         return {**cache, **self.timing.to_dict(), "per_layer": per_layer}
 
-    def summary(self, cache: bool = True) -> str:
+    def summary(self, cache: bool | None = None) -> str:
         """The totals in one line, as `--stats` and `/stats` print them above the table of layers; without `cache`
         (experts computed in place, where every request counts as a hit) the speeds alone."""
+        cache = not self.in_place if cache is None else cache
         s = self.to_dict()
         speeds = (f"prefill {s['prefill_tokens']} tok at {s['prefill_tokens_per_s']:.1f} tok/s · "
                   f"decode {s['decode_tokens']} tok at {s['decode_tokens_per_s']:.1f} tok/s")  # fmt: skip
@@ -440,7 +442,8 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
 
 # the options' list, from the dataclass so that it cannot drift from it
 _defaults = (f"        {option.name}={option.default!r}" for option in dataclasses.fields(LoadOptions))
-load.__doc__ = f"{load.__doc__.rstrip()}\n" + "\n".join(_defaults)
+if load.__doc__ is not None:  # python -OO strips docstrings
+    load.__doc__ = f"{load.__doc__.rstrip()}\n" + "\n".join(_defaults)
 
 
 class OffloadedModel:
@@ -453,7 +456,7 @@ class OffloadedModel:
         self.config: ModelConfig = decoder.config
         self.device, self.dtype = decoder.device, decoder.dtype
         self.max_seq_len = decoder.max_seq_len
-        self.stats = RunStats(cache.stats)
+        self.stats = RunStats(cache.stats, in_place=cache.mode == "direct")
         self._tokenizer = prepared.tokenizer  # None: loaded when first needed
         self.sequence = -1  # sequences started; traces number them
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it

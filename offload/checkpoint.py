@@ -249,7 +249,7 @@ class HFCheckpoint:
                     f"config.json ties lm_head to the embedding, but {str(self.path)!r} holds an lm_head with other "
                     "values: it is used, untied, as transformers does (set tie_word_embeddings to false to silence "
                     "this)",
-                    stacklevel=2,
+                    stacklevel=5,  # open_hf's caller: past _tie, _our_names, __init__ and open_hf
                 )
                 self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=False)
             self._last = None

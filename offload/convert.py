@@ -30,13 +30,13 @@ from quant.checkpoint import (
     FORMAT_VERSION,
     JOURNAL,
     MANIFEST,
-    RERUN,
     RESIDENT,
     CheckpointWriter,
     QuantizedCheckpoint,
     expert_file,
     is_quantized_checkpoint,
     read_journal,
+    rerun_hint,
 )
 from quant.errors import MoEOffloadError
 from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, Quantized, QuantSpec, from_tensors, preset, quantize
@@ -253,7 +253,7 @@ class QuantizedSource:
         except (KeyError, TypeError, ValueError) as error:
             problem = repr(error)
         if problem:
-            raise MoEOffloadError(f"corrupt manifest in {self.folder}: {problem}; {RERUN}")
+            raise MoEOffloadError(f"corrupt manifest in {self.folder}: {problem}; {rerun_hint(manifest)}")
         self.family = family_for({"model_type": self.config.model_type, "num_local_experts": self.config.num_experts})
         quant = manifest.get("quantization", {})
         self.description = (
@@ -332,7 +332,11 @@ def check_free_space(out: Path, need: int, command: str) -> None:
     """Refuse a run the disk under `out` cannot hold, before its first file: Mixtral takes hours to quantize
     and a few minutes to synthesize, and a full disk would stop either late. Files already in `out` (a run
     being resumed, or overwritten with --force) count as room."""
-    existing = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) if out.is_dir() else 0
+    try:  # a link or a sparse file frees no room when the run replaces it: count real files' blocks only
+        files = list(out.iterdir()) if out.is_dir() else []
+        existing = sum(f.stat().st_blocks * 512 for f in files if f.is_file() and not f.is_symlink())
+    except OSError:  # unreadable: CheckpointWriter says so in one line
+        existing = 0
     place = out
     while not place.exists():  # the folder is made by the run: ask the disk it will be on
         place = place.parent

@@ -39,6 +39,14 @@ JOURNAL = ".quantize-journal.json"
 _TMP_MARK = ".tmp-"  # temporary files are named f".{final}{_TMP_MARK}{pid}"
 RERUN = "re-run `moe-offload quantize` with --force"
 SYNTH_RERUN = "re-run `moe-offload synth` with --force"
+
+
+def rerun_hint(manifest: object) -> str:
+    """What makes a damaged folder again: the command that made it (synth has no source quantize could read)."""
+    quantization = manifest.get("quantization") if isinstance(manifest, dict) else None
+    return SYNTH_RERUN if isinstance(quantization, dict) and quantization.get("synthetic") else RERUN
+
+
 _HASH_CHUNK = 16 << 20
 
 
@@ -344,8 +352,7 @@ class QuantizedCheckpoint:
             raise MoEOffloadError(f"{path} has no {MANIFEST}, so it is not a quantized checkpoint; {RERUN}")
         manifest = _load_manifest(manifest_path)
         # what made the folder is what makes it again
-        quantization = manifest.get("quantization")
-        rerun = SYNTH_RERUN if isinstance(quantization, dict) and quantization.get("synthetic") else RERUN
+        rerun = rerun_hint(manifest)
         version = manifest["format_version"]
         if version != FORMAT_VERSION:
             raise MoEOffloadError(
@@ -390,8 +397,10 @@ class QuantizedCheckpoint:
 
 
 def _load_manifest(manifest_path: Path) -> dict:
+    manifest = None
+
     def corrupt(why: str) -> MoEOffloadError:
-        return MoEOffloadError(f"{manifest_path} is a corrupt manifest ({why}); {RERUN}")
+        return MoEOffloadError(f"{manifest_path} is a corrupt manifest ({why}); {rerun_hint(manifest)}")
 
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -285,3 +285,16 @@ def test_help_of_load_lists_every_option_with_its_default():
                                "--help`, say what each does):") + 1 :]  # fmt: skip
     expected = [f"    {f.name}={f.default!r}" for f in dataclasses.fields(offload.LoadOptions)]
     assert listed == expected and "    slots=None" in listed
+
+
+def test_stats_of_experts_in_place_show_no_hit_rate_and_python_oo_imports(trained_model_dir):
+    """print(model.stats) showed "hit rate 1.000" with no cache; -OO (no docstrings) broke `import offload`."""
+    import subprocess
+    import sys
+
+    model = offload.load(trained_model_dir, device="cpu")
+    model.generate([1, 2, 3], max_new_tokens=2, temperature=0)
+    assert "hit rate" not in repr(model.stats) and "hit rate" in model.stats.summary(cache=True)
+    done = subprocess.run([sys.executable, "-OO", "-m", "cli.app", "--version"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.startswith("moe-offload "), done.stderr

@@ -350,3 +350,22 @@ def test_quantize_and_synth_refuse_a_disk_too_small_before_writing(tmp_path, mon
             synthesize(tmp_path / "s", "tiny", attn_bits=attn[0])
         assert str(error.value).startswith(f"synth writes {format_bytes(need)} to {tmp_path / 's'}, and ")
         assert not (tmp_path / "s").exists()
+
+
+def test_free_space_counts_no_link_as_room(tmp_path, monkeypatch):
+    """A link in OUT (to a large file elsewhere) counted as room the run would free."""
+    import shutil
+    from collections import namedtuple
+
+    from offload.convert import check_free_space
+
+    big = tmp_path / "elsewhere.bin"
+    big.write_bytes(b"x" * 100_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link.bin").symlink_to(big)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(0, 0, 1000))
+    with pytest.raises(MoEOffloadError, match=r"^quantize writes 97\.7 KiB to .*; free some space or write elsewhere$"):
+        check_free_space(out, 100_000, "quantize")
+    (out / "own.bin").write_bytes(b"y" * 100_000)  # a file of OUT's own is room
+    check_free_space(out, 100_000, "quantize")

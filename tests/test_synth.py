@@ -227,3 +227,16 @@ def test_codes_drawn_in_their_dtype_are_the_int64_draws(dtype):
     drawn = torch.randint(0, high, (4097,), generator=small, dtype=dtype)
     assert torch.equal(drawn, torch.randint(0, high, (4097,), generator=wide).to(dtype))
     assert torch.equal(torch.rand(3, generator=small), torch.rand(3, generator=wide))  # and the stream goes on alike
+
+
+def test_a_corrupt_synth_manifest_says_to_run_synth_again(tmp_path, tiny_synth):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for file in tiny_synth.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["config"]["num_layers"] += 1
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MoEOffloadError) as error:
+        offload.load(str(folder), device="cpu", verify=False)
+    assert str(error.value).endswith("; re-run `moe-offload synth` with --force")
