@@ -281,13 +281,12 @@ def _progress() -> Progress:
     )
 
 
-def _print_stats(model, console: Console = err, per_layer: bool = True) -> None:
+def _print_stats(stats, console: Console = err, per_layer: bool = True) -> None:
     """The run's figures: totals, then (`per_layer`) one row per layer. Experts computed in place have no cache
-    to count: every request would show as a hit."""
-    stats = model.stats
-    if model.cache.mode == "direct":
-        console.print(f"{stats.summary(cache=False)} · experts computed in place: no cache to count (--slots K "
-                      "routes them through K slots a layer)")  # fmt: skip
+    to count: every request would show as a hit (RunStats.in_place)."""
+    if stats.in_place:
+        console.print(f"{stats.summary()} · experts computed in place: no cache to count (--slots K routes them "
+                      "through K slots a layer)")  # fmt: skip
         return
     console.print(stats.summary())
     if not per_layer:
@@ -388,7 +387,7 @@ def generate(
         err.print("(stopped)")
     _note_a_full_context(result, max_new_tokens, loaded.max_seq_len)
     if stats and not as_json:
-        _print_stats(loaded)
+        _print_stats(loaded.stats)
     if result.stop_reason == "stopped":
         raise typer.Exit(130)  # as a shell reports SIGINT
 
@@ -483,7 +482,7 @@ def chat(
         if command in ("/exit", "/quit"):
             break
         if command == "/stats":
-            _print_stats(loaded)
+            _print_stats(loaded.stats)
             continue
         if command == "/reset":
             messages = messages[:1] if system is not None else []
@@ -515,7 +514,7 @@ def chat(
         messages.append({"role": "assistant", "content": result.text})
         _note_a_full_context(result, max_new_tokens, loaded.max_seq_len)
         if stats:  # after every answer: the totals (/stats adds the layers)
-            _print_stats(loaded, per_layer=False)
+            _print_stats(loaded.stats, per_layer=False)
 
 
 @app.command()
@@ -782,7 +781,7 @@ def demo(
         out.print(f"runtime vs transformers, 4-bit experts and attention: max |logit diff| {run.quantized_error:.2f}")
         out.print(f"prompt ids:    {run.prompt_ids}")
         out.print(f"generated ids: {run.token_ids}")
-        _print_stats(run.model, out)
+        _print_stats(run.model.stats, out)
         out.print("Random weights make no text; try `moe-offload generate MODEL --prompt ... --slots 2 --stats`.")
 
 
