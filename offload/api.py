@@ -90,8 +90,8 @@ class LoadOptions:
             kind, words = OPTION_TYPES[annotation.removesuffix(" | None")]
             if value is None and optional:
                 continue
-            if kind is numbers.Integral and whole_number(value) is not None:
-                object.__setattr__(self, option.name, whole_number(value))  # numpy's too; True is no count
+            if kind is numbers.Integral and (number := whole_number(value)) is not None:
+                object.__setattr__(self, option.name, number)  # numpy's too; True is no count
             elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise MoEOffloadError(f"{option.name} must be {words}{' or None' if optional else ''}, got {value!r}")
 

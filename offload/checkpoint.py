@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,10 +164,10 @@ class HFCheckpoint:
         """(our name, tensor) for every tensor, in checkpoint order; with tied embeddings "embed" and "lm_head"
         are the same tensor."""
         ours = self._our_names()
-        sources = [entry[:2] for entry in ours.values()]
+        names_of = Counter(entry[:2] for entry in ours.values())  # (source, yielded) -> our names reading it
         shared = {}  # a tied tensor, read once for both of its names
         for name, entry in ours.items():
-            if sources.count(entry[:2]) == 1:
+            if names_of[entry[:2]] == 1:
                 yield name, self.get_ours(name)
             else:
                 yield name, shared.setdefault(entry[:2], self.get_ours(name))

@@ -128,8 +128,8 @@ def quantize_model(
     expert_format = ExpertFormat.build(config.hidden_size, config.intermediate_size, expert_spec, storage_dtype)
     check_resident(checkpoint.shapes(), resident_spec)  # before the experts, which take hours on a CPU
     experts = config.num_layers * config.num_experts * expert_format.nbytes
-    resident = resident_nbytes(checkpoint.resident_shapes(), resident_spec, storage_dtype.itemsize)
-    check_free_space(Path(out), experts + resident, "quantize")
+    resident_bytes = resident_nbytes(checkpoint.resident_shapes(), resident_spec, storage_dtype.itemsize)
+    check_free_space(Path(out), experts + resident_bytes, "quantize")
     origin = checkpoint.source if checkpoint.revision else str(checkpoint.path.resolve())  # however SRC is spelt
     job = {
         "source": origin,
