@@ -112,11 +112,12 @@ AttnQuant = Annotated[
     str, typer.Option(metavar="hqq|bnb", help="Attention quantizer: hqq, or bnb (bitsandbytes NF4, 4-bit only).")
 ]
 Prefetch = Annotated[
-    str,
+    str | None,
     typer.Option(
         metavar="none|early|late|both",
         help="Speculative prefetch: none; early (guess after each layer's attention); late (at its output); "
-        "both (early guess, corrected at the output).",
+        f"both (early guess, corrected at the output). Default: {LoadOptions.prefetch}.",
+        show_default=False,
     ),
 ]
 PrefetchAhead = Annotated[
@@ -200,7 +201,7 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
     "expert_bits": (ExpertBits, LoadOptions.expert_bits),
     "attn_bits": (AttnBits, LoadOptions.attn_bits),
     "attn_quant": (AttnQuant, LoadOptions.attn_quant),
-    "prefetch": (Prefetch, LoadOptions.prefetch),
+    "prefetch": (Prefetch, None),  # None: LoadOptions' own, unless --no-prefetch (None tells it from an explicit one)
     "prefetch_ahead": (PrefetchAhead, LoadOptions.prefetch_ahead),
     "no_prefetch": (NoPrefetch, False),
     "policy": (Policy, LoadOptions.policy),
@@ -236,14 +237,21 @@ def loads_model(*names: str, helps: dict[str, str] | None = None):
         @functools.wraps(command)
         def run(**arguments):
             load = {name: arguments.pop(name) for name in names}
-            if load.pop("no_prefetch", False):
-                load["prefetch"] = "none"
+            if "prefetch" in load:
+                load["prefetch"] = _prefetch(load["prefetch"], load.pop("no_prefetch", False))
             return command(**arguments, load=load)
 
         run.__signature__ = signature.replace(parameters=own + added)
         return run
 
     return decorate
+
+
+def _prefetch(prefetch: str | None, no_prefetch: bool) -> str:
+    """--prefetch and --no-prefetch as one choice; both given, and disagreeing, is an error."""
+    if no_prefetch and prefetch not in (None, "none"):
+        raise MoEOffloadError(f"--no-prefetch and --prefetch {prefetch} disagree: give one of them")
+    return "none" if no_prefetch else prefetch or LoadOptions.prefetch
 
 
 def _with_help(annotation, help_text: str | None):

@@ -256,6 +256,8 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
         host_budget=host_budget,
         mode=opts.cache_mode,
     )
+    if plan.mode == "direct":
+        _warn_without_slots(opts)
     fused = resolve_fused_gemv(opts.fused_gemv, device)
     graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
     tokenizer = None
@@ -293,6 +295,20 @@ def _check_options(model: object, text: object, options: dict) -> tuple[str, Loa
         # graph capture, Triton's launches and a bare "cuda" all mean the current device: make it this one
         torch.cuda.set_device(device)
     return model, opts, device
+
+
+def _warn_without_slots(opts: LoadOptions) -> None:
+    """Cache options given to experts computed in place (the CPU without --slots) do nothing: say so."""
+    defaults = LoadOptions()
+    idle = [
+        f"--{name.replace('_', '-')} {getattr(opts, name)}"
+        for name in ("policy", "prefetch", "prefetch_ahead")  # --cache-mode without slots is an error
+        if getattr(opts, name) not in (getattr(defaults, name), "none")
+    ]
+    if idle:
+        warnings.warn(f"{' and '.join(idle)} {'does' if len(idle) == 1 else 'do'} nothing here: without --slots the "
+                      "CPU computes experts in place, with no cache; --slots K routes them through K slots a layer",
+                      stacklevel=3)  # fmt: skip
 
 
 def _context(max_seq_len: int | None, config: ModelConfig) -> int:

@@ -181,6 +181,19 @@ def test_demo_and_context_options_are_checked_first(capsys, quantized):
                           "in RAM: give --cpu-memory")  # fmt: skip
 
 
+def test_cache_options_without_slots_on_the_cpu_are_said_to_do_nothing(capsys, quantized):
+    code, out, err = run(capsys, "info", quantized, "--device", "cpu", "--json", "--policy", "path", "--prefetch",
+                         "both")  # fmt: skip
+    assert code == 0 and json.loads(out)["prefetch"] == "none"
+    assert err.splitlines() == [
+        "warning: --policy path and --prefetch both do nothing here: without --slots the CPU computes experts "
+        "in place, with no cache; --slots K routes them through K slots a layer"
+    ]
+    for quiet in (["--prefetch", "none"], ["--policy", "lru"], ["--slots", "2", "--policy", "path"]):
+        code, _, err = run(capsys, "info", quantized, "--device", "cpu", *quiet)
+        assert code == 0 and "warning" not in err, quiet
+
+
 def test_prompt_longer_than_the_context(capsys, trained_model_dir):
     code, _, err = run(capsys, "generate", trained_model_dir, "--prompt", "x = 1\n" * 20, "--max-seq-len", "16")
     assert_one_line_error(
@@ -336,6 +349,15 @@ def test_prefetch_ahead_out_of_reach(capsys, trained_model_dir):
                               "both")  # fmt: skip
     code, out, _ = run(capsys, "info", model, "--json", "--slots", "2", "--prefetch-ahead", "2")
     assert code == 0 and (json.loads(out)["prefetch"], json.loads(out)["prefetch_ahead"]) == ("late", 2)
+
+
+def test_no_prefetch_against_an_explicit_prefetch(capsys, trained_model_dir):
+    model = trained_model_dir  # both given: this was none, silently
+    code, _, err = run(capsys, "info", model, "--slots", "2", "--prefetch", "both", "--no-prefetch")
+    assert_one_line_error(code, err, "--no-prefetch and --prefetch both disagree: give one of them")
+    for agreeing in (["--no-prefetch"], ["--prefetch", "none", "--no-prefetch"]):
+        code, out, _ = run(capsys, "info", model, "--json", "--slots", "2", *agreeing)
+        assert code == 0 and json.loads(out)["prefetch"] == "none"
 
 
 def test_the_cpus_fused_kernel_and_where_it_cannot_be_built(capsys, quantized, monkeypatch):
