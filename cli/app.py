@@ -269,12 +269,13 @@ def _load(model: str, options: dict, text: str | None = None):
     from offload.api import load
 
     with _progress() as progress:
-        task = progress.add_task("loading experts", total=None)
+        return load(model, progress=_bar(progress, "loading experts"), text=text, **options)
 
-        def report(what: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
 
-        return load(model, progress=report, text=text, **options)
+def _bar(progress: Progress, description: str) -> Callable[[str, int, int], None]:
+    """A new bar in `progress`, and the (what, done, total) callback that moves it (offload.convert.Progress)."""
+    task = progress.add_task(description, total=None)
+    return lambda what, done, total: progress.update(task, completed=done, total=total)
 
 
 def _progress() -> Progress:
@@ -338,13 +339,9 @@ def quantize(
     force: Annotated[bool, typer.Option(help="Overwrite OUT if it already holds files.")] = False,
 ) -> None:
     """Quantize a checkpoint into moe-offload's folder: packed experts, resident weights, a manifest."""
-    from offload.checkpoint import open_hf
-    from offload.convert import quantize_model, refuse_quantized
+    from offload.convert import quantize_model
 
-    refuse_quantized(src)
-    layers = open_hf(src, revision).model_config.num_layers
     with _progress() as progress, _resumable(out):
-        task = progress.add_task("quantizing layers", total=layers + 1)
         folder = quantize_model(
             src,
             out,
@@ -354,7 +351,7 @@ def quantize(
             attn_quant=attn_quant,
             device=device,
             force=force,
-            progress=lambda what, n: progress.advance(task, n),
+            progress=_bar(progress, "quantizing layers"),
         )
     err.print(f"wrote {folder}")
 
@@ -634,13 +631,11 @@ def synth(
     force: Annotated[bool, typer.Option(help="Overwrite OUT if it already holds files.")] = False,
 ) -> None:
     """Write a synthetic model of real shapes straight in our format: speed without the real weights."""
-    from offload.synth import preset_config, synthesize
+    from offload.synth import synthesize
 
-    total = preset_config(preset, layers).num_layers + 1
     with _progress() as progress, _resumable(out):
-        task = progress.add_task("writing layers", total=total)
         folder = synthesize(out, preset, expert_bits=expert_bits, attn_bits=attn_bits, layers=layers, seed=seed,
-                            force=force, progress=lambda what, n: progress.advance(task, n))  # fmt: skip
+                            force=force, progress=_bar(progress, "writing layers"))  # fmt: skip
     err.print(f"wrote {folder}")
 
 

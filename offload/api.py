@@ -21,7 +21,7 @@ import torch
 from cache.expert_cache import ExpertCache
 from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
-from offload.convert import describe_spec, open_source
+from offload.convert import Progress, describe_spec, open_source
 from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk
 from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
@@ -39,7 +39,6 @@ from quant.packing import ExpertFormat
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFETCH = ("none", *WHEN)
-Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 @dataclass(frozen=True)

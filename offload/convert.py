@@ -59,12 +59,12 @@ SIDE_FILES = (
     "chat_template.jinja",
 )
 
-Progress = Callable[[str, int], None]  # (what, how many units done now); called once per unit
+Progress = Callable[[str, int, int], None]  # (what, done, total): before the first unit, then after each
 AttnSpec = QuantSpec | NF4Spec | None
 ATTN_QUANT = ("hqq", "bnb")
 
 
-def _no_progress(what: str, units: int) -> None:
+def no_progress(what: str, done: int, total: int) -> None:
     pass
 
 
@@ -109,7 +109,7 @@ def quantize_model(
     attn_quant: str = "hqq",
     device: str = "auto",
     force: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> Path:
     """Write `source` (an HF folder, or a hub id at `revision`: a branch, tag or commit) as a quantized
     folder at `out`; returns `out`.
@@ -145,6 +145,8 @@ def quantize_model(
         job = journal["job"]  # a run started before jobs named SRC by its resolved path: resume it as it was
     writer = CheckpointWriter(Path(out), job=job, force=force)
 
+    steps = config.num_layers + 1  # each layer's experts, then the resident weights
+    progress("layers", 0, steps)
     for layer in range(config.num_layers):
         name = expert_file(layer)
         if not writer.done(name):
@@ -153,7 +155,7 @@ def quantize_model(
                 weights = {name: w.to(where) for name, w in checkpoint.expert(layer, e).items()}
                 packed[str(e)] = expert_format.pack(**weights).cpu()
             writer.write(name, packed)
-        progress("layers", 1)
+        progress("layers", layer + 1, steps)
 
     resident = checkpoint.resident()
     quantized: dict[str, dict] = {}
@@ -167,7 +169,7 @@ def quantize_model(
         quantized = {
             name: {"shape": list(resident[name].shape)} for name in resident if QUANTIZED_RESIDENT.search(name)
         }
-    progress("resident", 1)
+    progress("resident", steps, steps)
 
     for side in SIDE_FILES:
         path = checkpoint.path / side

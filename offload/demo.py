@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from offload.api import OffloadedModel, load
-from offload.convert import quantize_model
+from offload.convert import Progress, no_progress, quantize_model
 from quant.errors import MoEOffloadError
 
 
@@ -100,7 +100,7 @@ def check_options(*, slots: int, tokens: int) -> None:
         raise MoEOffloadError(f"--tokens must be at least 1, got {tokens}")
 
 
-def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress=None) -> DemoRun:
+def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress: Progress = no_progress) -> DemoRun:
     """Write, quantize, load, check and generate; every step on the CPU, in `workdir`."""
     from transformers import MixtralForCausalLM
 
@@ -108,7 +108,7 @@ def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress=None) 
     shape = dict(hidden=128, intermediate=256, layers=4, experts=DEMO_EXPERTS, vocab=512, seed=0)
     source = write_random_mixtral(workdir / "random-mixtral", **shape)
     quantized = quantize_model(str(source), workdir / "random-mixtral-4bit", expert_bits="4", attn_bits="4",
-                               progress=progress or (lambda what, n: None))  # fmt: skip
+                               progress=progress)  # fmt: skip
     prompt_ids = torch.randint(3, shape["vocab"], (12,), generator=torch.Generator().manual_seed(1)).tolist()
 
     reference = MixtralForCausalLM.from_pretrained(source, dtype=torch.float32).eval()

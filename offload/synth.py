@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from offload import api
-from offload.convert import Progress, build_manifest, check_free_space
+from offload.convert import Progress, build_manifest, check_free_space, no_progress
 from offload.decoder import PREFILL_CHUNK, ModelConfig
 from quant.checkpoint import FORMAT_VERSION, RESIDENT, CheckpointWriter, expert_file
 from quant.errors import MoEOffloadError, whole_number
@@ -124,10 +124,6 @@ def synthetic_name(manifest: dict) -> str | None:
     return f"synthetic {preset}{depth}, {experts}"
 
 
-def _no_progress(what: str, units: int) -> None:
-    pass
-
-
 def _generator(seed: int, stream: int) -> torch.Generator:
     """One independent generator per layer (and one for the resident weights), so a resume draws the same."""
     return torch.Generator().manual_seed(seed * (_RESIDENT_STREAM + 1) + stream)
@@ -204,12 +200,12 @@ def synthesize(
     layers: int | None = None,
     seed: int = 0,
     force: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> Path:
     """Write a synthetic quantized folder of preset `preset` at `out`; returns `out`.
 
     Loads with `offload.load(out)` like any quantized folder; its manifest's quantization says
-    "synthetic": true. Deterministic for a seed. progress("layers", 1) per layer, then ("resident", 1).
+    "synthetic": true. Deterministic for a seed. progress as quantize_model reports it.
     """
     number = whole_number(seed)
     if number is None or not 0 <= number <= MAX_SEED:
@@ -229,17 +225,19 @@ def synthesize(
     check_free_space(Path(out), folder_bytes(preset, expert_bits, attn_bits, layers), "synth")
     writer = CheckpointWriter(Path(out), job=job, force=force)
 
+    steps = config.num_layers + 1  # each layer's experts, then the resident weights
+    progress("layers", 0, steps)
     for layer in range(config.num_layers):
         name = expert_file(layer)
         if not writer.done(name):
             generator = _generator(seed, layer)
             # one buffer per expert: safetensors would copy views that share one layer-wide buffer
             writer.write(name, {str(e): expert_format.random(generator) for e in range(config.num_experts)})
-        progress("layers", 1)
+        progress("layers", layer + 1, steps)
 
     if not writer.done(RESIDENT):
         writer.write(RESIDENT, _resident(config, attn, _generator(seed, _RESIDENT_STREAM)))
-    progress("resident", 1)
+    progress("resident", steps, steps)
 
     side_files = {
         "config.json": hf_config(config),

@@ -641,8 +641,9 @@ def test_quantize_resumes_a_run_whose_journal_names_src_as_typed(capsys, tmp_pat
     src = make_tiny_mixtral(tmp_path / "src", hidden=64, intermediate=128, layers=2, experts=4, seed=3)
     out = tmp_path / "out"
 
-    def stop_after_a_layer(what, units):
-        raise KeyboardInterrupt
+    def stop_after_a_layer(what, done, total):
+        if done:
+            raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -652,8 +653,9 @@ def test_quantize_resumes_a_run_whose_journal_names_src_as_typed(capsys, tmp_pat
     journal["job"]["source"] = "src"  # as the older version wrote it
     (out / ".quantize-journal.json").write_text(json.dumps(journal))
     done = []
-    quantize_model("src", out, progress=lambda what, units: done.append(what))
-    assert (out / "manifest.json").is_file() and done == ["layers", "layers", "resident"]
+    quantize_model("src", out, progress=lambda *report: done.append(report))
+    assert (out / "manifest.json").is_file() and done == [("layers", 0, 3), ("layers", 1, 3), ("layers", 2, 3),
+                                                           ("resident", 3, 3)]  # fmt: skip
     code, _, err = run(capsys, "quantize", "src", tmp_path / "other")  # and a new run keys the resolved path
     assert code == 0, err
 

@@ -175,9 +175,9 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, tiny_synth):
     out = tmp_path / "resumed"
     done = []
 
-    def die_after_two_layers(what: str, units: int) -> None:
+    def die_after_two_layers(what: str, layers: int, total: int) -> None:
         done.append(what)
-        if len(done) == 2:
+        if layers == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
