@@ -216,7 +216,8 @@ class HFCheckpoint:
 
     def _check_complete(self) -> None:
         """Every tensor config.json calls for, at its shape, before one is read: a missing expert or a config of
-        another size was a KeyError, or an error after a load read every expert (hours, in a CPU quantize)."""
+        another size was a KeyError, or an error after a load read every expert (hours, in a CPU quantize). Any
+        other tensor is dropped, with a warning."""
         c = self.model_config
         expected = c.resident_shapes()
         D, I = c.hidden_size, c.intermediate_size
@@ -234,6 +235,16 @@ class HFCheckpoint:
                     f"tensor {name!r} in {str(self.path)!r} has shape {shapes[name]} but config.json implies {shape}; "
                     "the checkpoint and its config.json do not belong together"
                 )
+        unused = sorted(set(shapes) - set(expected))
+        if unused:  # transformers leaves them unused too, and warns
+            warnings.warn(
+                f"{str(self.path)!r} holds {len(unused)} tensor{'s' if len(unused) > 1 else ''} that config.json does "
+                f"not call for, such as {unused[0]!r}: more layers or experts than it says; they are left unused, as "
+                "transformers leaves them (check that config.json is this checkpoint's own)",
+                stacklevel=4,  # open_hf's caller: past _check_complete, __init__ and open_hf
+            )
+            for name in unused:
+                del self._ours[name]
 
     def _tie(self, ours: dict) -> None:
         """Tied embeddings as transformers ties them at load: the one of embedding and lm_head on disk stands

@@ -153,6 +153,35 @@ def test_a_checkpoint_unlike_its_config_is_refused_before_a_tensor_is_read(tmp_p
     assert str(error.value) == expected and not (tmp_path / "q").exists()
 
 
+def test_layers_beyond_the_config_are_left_unused_with_a_warning(tmp_path):
+    """A config of fewer layers than its checkpoint: transformers warns and uses what the config says; those
+    tensors were read, quantized and written to a folder that never used them. (Fewer experts is refused: the
+    router's shape disagrees.)"""
+    import offload
+    from offload.convert import quantize_model
+
+    path = make_tiny_mixtral(tmp_path / "m", tie=False, shards=1, layers=3, experts=4)
+    settings = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**settings, "num_hidden_layers": 2}))
+    with pytest.warns(UserWarning) as warned:
+        checkpoint = open_hf(path)
+    assert [str(w.message) for w in warned] == [
+        f"'{path}' holds 19 tensors that config.json does not call for, such as 'layers.2.experts.0.w1': more "
+        "layers or experts than it says; they are left unused, as transformers leaves them (check that config.json "
+        "is this checkpoint's own)"
+    ] and warned[0].filename == __file__
+    assert set(checkpoint.shapes()) == set(checkpoint.model_config.resident_shapes()) | {
+        f"layers.{layer}.experts.{e}.{w}" for layer in range(checkpoint.model_config.num_layers)
+        for e in range(checkpoint.model_config.num_experts) for w in ("w1", "w2", "w3")
+    }  # fmt: skip
+    ids = torch.tensor([5, 9, 17, 33, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = hf_model(path)(ids[None]).logits[0]
+        folder = quantize_model(str(path), tmp_path / "q", expert_bits="none", attn_bits="none", device="cpu")
+    assert (offload.load(str(folder), device="cpu").logits(ids) - expected).abs().max() < 1e-4
+
+
 def test_trained_model_is_tied_and_sharded(trained_model_dir):
     checkpoint = open_hf(trained_model_dir)
     assert checkpoint.model_config.tie_word_embeddings and "lm_head.weight" not in checkpoint.names()
