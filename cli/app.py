@@ -781,7 +781,9 @@ def demo(
         err.print("writing a random 4-layer Mixtral (8 experts, top 2) in the hub's layout, quantizing it to 4-bit ...")
         run = run_demo(Path(workdir), slots=slots, tokens=tokens)
         out.print(f"runtime vs transformers, unquantized: max |logit diff| {run.exact_error:.1e}")
-        out.print(f"runtime vs transformers, 4-bit experts and attention: max |logit diff| {run.quantized_error:.2f}")
+        out.print(f"runtime vs transformers, 4-bit experts and attention: max |logit diff| {run.quantized_error:.2f} "
+                  f"of logits up to {run.logit_range:.1f}; the same top token at {run.same_top} of "
+                  f"{len(run.prompt_ids)} positions")  # fmt: skip
         out.print(f"prompt ids:    {run.prompt_ids}")
         out.print(f"generated ids: {run.token_ids}")
         _print_stats(run.model.stats, out)

@@ -85,6 +85,8 @@ class DemoRun:
     model: OffloadedModel  # loaded from the quantized folder
     exact_error: float  # max |logit difference| of the unquantized runtime against transformers
     quantized_error: float  # the same for the 4-bit model: what quantization costs
+    logit_range: float  # max |logit| of transformers' own: the scale both errors are read against
+    same_top: int  # prompt positions where the 4-bit model's most likely next token is transformers' own
     prompt_ids: list[int]
     token_ids: list[int]
 
@@ -107,7 +109,7 @@ def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress: Progr
     check_options(slots=slots, tokens=tokens)
     shape = dict(hidden=128, intermediate=256, layers=4, experts=DEMO_EXPERTS, vocab=512, seed=0)
     source = write_random_mixtral(workdir / "random-mixtral", **shape)
-    quantized = quantize_model(str(source), workdir / "random-mixtral-4bit", expert_bits="4", attn_bits="4",
+    folder = quantize_model(str(source), workdir / "random-mixtral-4bit", expert_bits="4", attn_bits="4",
                                progress=progress)  # fmt: skip
     prompt_ids = torch.randint(3, shape["vocab"], (12,), generator=torch.Generator().manual_seed(1)).tolist()
 
@@ -117,8 +119,12 @@ def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress: Progr
     exact = load(str(source), device="cpu", slots=slots)
     exact_error = (exact.logits(prompt_ids) - expected).abs().max().item()
 
-    model = load(str(quantized), device="cpu", slots=slots)
-    quantized_error = (model.logits(prompt_ids) - expected).abs().max().item()
+    model = load(str(folder), device="cpu", slots=slots)
+    quantized = model.logits(prompt_ids)
+    quantized_error = (quantized - expected).abs().max().item()
+    same_top = int((quantized.argmax(-1) == expected.argmax(-1)).sum())
     model.reset_stats()
     result = model.generate(prompt_ids, max_new_tokens=tokens, temperature=0)
-    return DemoRun(source, quantized, model, exact_error, quantized_error, prompt_ids, result.token_ids)
+    logit_range = expected.abs().max().item()
+    return DemoRun(source, folder, model, exact_error, quantized_error, logit_range, same_top, prompt_ids,
+                   result.token_ids)  # fmt: skip

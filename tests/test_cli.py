@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -678,6 +679,9 @@ def test_demo_runs_the_whole_path_exactly(capsys):
     assert code == 0
     exact = next(line for line in out.splitlines() if "unquantized: max |logit diff|" in line)
     assert float(exact.rsplit(" ", 1)[1]) < 1e-4
+    four_bit = re.search(r"4-bit experts and attention: max \|logit diff\| ([\d.]+) of logits up to ([\d.]+); the same "
+                         r"top token at (\d+) of 12 positions$", out, re.MULTILINE)  # fmt: skip
+    assert four_bit and float(four_bit[1]) < float(four_bit[2]) / 2 and int(four_bit[3]) >= 6
     assert "hit rate" in out and "generated ids: [" in out
 
 
