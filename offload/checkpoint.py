@@ -239,7 +239,7 @@ class HFCheckpoint:
         if unused:  # transformers leaves them unused too, and warns
             warnings.warn(
                 f"{str(self.path)!r} holds {len(unused)} tensor{'s' if len(unused) > 1 else ''} that config.json does "
-                f"not call for, such as {unused[0]!r}: more layers or experts than it says; they are left unused, as "
+                f"not call for, such as {unused[0]!r}: more layers than it says; they are left unused, as "
                 "transformers leaves them (check that config.json is this checkpoint's own)",
                 stacklevel=4,  # open_hf's caller: past _check_complete, __init__ and open_hf
             )

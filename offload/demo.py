@@ -110,7 +110,7 @@ def run_demo(workdir: Path, *, slots: int = 2, tokens: int = 32, progress: Progr
     shape = dict(hidden=128, intermediate=256, layers=4, experts=DEMO_EXPERTS, vocab=512, seed=0)
     source = write_random_mixtral(workdir / "random-mixtral", **shape)
     folder = quantize_model(str(source), workdir / "random-mixtral-4bit", expert_bits="4", attn_bits="4",
-                               progress=progress)  # fmt: skip
+                            progress=progress)  # fmt: skip
     prompt_ids = torch.randint(3, shape["vocab"], (12,), generator=torch.Generator().manual_seed(1)).tolist()
 
     reference = MixtralForCausalLM.from_pretrained(source, dtype=torch.float32).eval()

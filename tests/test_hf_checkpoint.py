@@ -167,7 +167,7 @@ def test_layers_beyond_the_config_are_left_unused_with_a_warning(tmp_path):
         checkpoint = open_hf(path)
     assert [str(w.message) for w in warned] == [
         f"'{path}' holds 19 tensors that config.json does not call for, such as 'layers.2.experts.0.w1': more "
-        "layers or experts than it says; they are left unused, as transformers leaves them (check that config.json "
+        "layers than it says; they are left unused, as transformers leaves them (check that config.json "
         "is this checkpoint's own)"
     ] and warned[0].filename == __file__
     assert set(checkpoint.shapes()) == set(checkpoint.model_config.resident_shapes()) | {
