@@ -219,6 +219,8 @@ def _plan_gpu(
     forced = slots is not None
     if slots is not None and slots > num_experts:
         raise MoEOffloadError(f"--slots {slots} is more than the {num_experts} experts per layer")
+    if slots is not None and slots < 1:  # else the memory message below would say 1 slot and to lower --slots
+        raise MoEOffloadError(f"--slots must be between 1 and {num_experts} (the experts per layer), got {slots}")
     # less the spare row of a swap
     room = int(device_budget * (1 - GPU_HEADROOM)) - fixed - reserve_bytes - expert_bytes
     total = room // expert_bytes if room > 0 else 0  # slots the GPU can hold, all layers together

@@ -475,8 +475,10 @@ def test_gpu_slots_fit_to_the_byte_and_may_be_every_expert():
     with pytest.raises(MoEOffloadError) as error:
         plan_memory(**GPU_SMALL, device_budget=9278, host_budget=GiB, slots=4)
     assert str(error.value).startswith("4 expert slots per layer need 9.1 KiB of GPU memory")
-    with pytest.raises(MoEOffloadError, match="--slots"):  # no slot at all is no cache
-        plan_memory(**GPU_SMALL, device_budget=9279, host_budget=GiB, slots=0)
+    for none in (0, -1):  # as on the CPU: the memory message said "1 expert slots ... need" and to lower --slots
+        with pytest.raises(MoEOffloadError) as error:
+            plan_memory(**GPU_SMALL, device_budget=9279, host_budget=GiB, slots=none)
+        assert str(error.value) == f"--slots must be between 1 and 4 (the experts per layer), got {none}"
 
 
 def test_gpu_modes_forced_and_fitted_to_the_byte():
