@@ -59,9 +59,13 @@ def test_unsupported_model_type_names_the_supported_ones(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory) -> Path:
-    src = make_tiny_mixtral(tmp_path_factory.mktemp("src"), intermediate=128, layers=2, experts=4, seed=5)
-    return quantize_model(str(src), tmp_path_factory.mktemp("q") / "model", expert_bits="4", attn_bits="4")
+def quantized_source(tmp_path_factory) -> Path:
+    return make_tiny_mixtral(tmp_path_factory.mktemp("src"), intermediate=128, layers=2, experts=4, seed=5)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, quantized_source) -> Path:
+    return quantize_model(str(quantized_source), tmp_path_factory.mktemp("q") / "model", expert_bits="4", attn_bits="4")
 
 
 def test_corrupt_manifest(capsys, quantized, tmp_path):
@@ -286,11 +290,11 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(monkeypatch, capsys
     assert files_under(tmp_path) == ["afile", "outdir"]
 
 
-def test_out_that_already_holds_files_needs_force(capsys, quantized, tmp_path):
+def test_out_that_already_holds_files_needs_force(capsys, quantized_source, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    src = next(p for p in quantized.parents[1].iterdir() if p.name.startswith("src"))
+    src = quantized_source
     code, _, err = run(capsys, "quantize", src, out)
     assert_one_line_error(
         code, err, f"{out} is not empty and is not an unfinished run of this job; "
@@ -299,10 +303,12 @@ def test_out_that_already_holds_files_needs_force(capsys, quantized, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # nothing was touched
 
 
-def test_quantize_takes_a_hub_ids_revision_and_refuses_one_for_a_folder(capsys, monkeypatch, quantized, tmp_path):
+def test_quantize_takes_a_hub_ids_revision_and_refuses_one_for_a_folder(
+    capsys, monkeypatch, quantized_source, tmp_path
+):
     import huggingface_hub
 
-    src = next(p for p in quantized.parents[1].iterdir() if p.name.startswith("src"))
+    src = quantized_source
     snapshot = tmp_path / "snapshots" / "0123abcd"  # the hub cache names a snapshot by its commit
     shutil.copytree(src, snapshot)
     asked = []
