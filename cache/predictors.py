@@ -9,8 +9,10 @@ predictor what really happened. Prefill chunks are neither guessed nor observed.
 - prev-token: the previous token's experts at this layer (none for a sequence's first token).
 - cooccur: learned online; counts how often expert a at layer l-1 and expert b at layer l serve the
   same token, and guesses the b with the highest gate-weighted share given this token's layer l-1
-  experts. Its counts carry over from one sequence to the next, as a long-running server's would;
-  ties (and a layer with no counts yet) fall back to the previous token's experts.
+  experts. Its counts carry over from one sequence to the next, as a long-running server's would.
+  The previous token's experts at this layer add a prior of 0.1 / rank (0.1, 0.05, ...): it settles
+  ties and close calls (shares less than the prior apart), and is the whole guess at a layer with no
+  counts yet.
 - recorded: replays the `guess` field the runtime recorded for that request (a traced run).
 """
 
@@ -62,7 +64,7 @@ class CoOccurrence(Predictor):
     name = "cooccur"
 
     def __init__(self, prior: float = 0.1) -> None:
-        self.prior = prior  # a small tie-breaker weight for the previous token's experts
+        self.prior = prior  # added to the previous token's experts' shares: prior / rank, from rank 1
         self.pairs: dict[tuple[int, int, int], float] = {}  # (layer, a at layer-1, b at layer) -> count
         self.seen: dict[tuple[int, int], float] = {}  # (layer, a at layer-1) -> count
         self.successors: dict[tuple[int, int], list[int]] = {}  # (layer, a) -> every b seen after a
