@@ -588,19 +588,20 @@ def trace(
     check_writable(out, "--out")
     refuse_overwriting(out, "--out", model, "the model")  # its config.json, say
     loaded = _load(model, load, text="plain")
-    done = []  # prompts traced, counted here: a disabled bar (a pipe, a log) counts nothing
-
-    def advance(n: int) -> None:
-        done.append(n)
-        progress.advance(task, n)
+    done = [0]  # prompts traced, kept here: a disabled bar (a pipe, a log) keeps nothing
 
     with _progress() as progress:
-        task = progress.add_task("tracing prompts", total=len(texts))
+        bar = _bar(progress, "tracing prompts")
+
+        def advance(what: str, finished: int, total: int) -> None:
+            done[0] = finished
+            bar(what, finished, total)
+
         try:
             path = loaded.trace(texts, out, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                 progress=advance)  # fmt: skip
         except KeyboardInterrupt:
-            err.print(f"(interrupted after {len(done)} of {len(texts)} prompts: no trace written, as it is written "
+            err.print(f"(interrupted after {done[0]} of {len(texts)} prompts: no trace written, as it is written "
                       "whole)")  # fmt: skip
             raise typer.Exit(130) from None
     total, slots = loaded.stats.total, loaded.plan.slots_per_layer

@@ -693,10 +693,11 @@ class OffloadedModel:
 
     def trace(
         self, prompts: list[str], out, *, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ) -> Path:  # fmt: skip
-        """Generate from each prompt (one sequence each) and write every cache request to `out`; `progress(1)` after
-        each prompt. The file is written whole at the end: an error or Ctrl-C writes none.
+        """Generate from each prompt (one sequence each) and write every cache request to `out`; `progress("prompts",
+        done, total)` before the first and after each, as `load`'s. The file is written whole at the end: an error or
+        Ctrl-C writes none.
 
         The trace uses shared/traces' fields plus `guess` and `phase` (cache/trace.py); replaying it
         through `simulate` with the same slots, policy and cache mode counts the same hits as this run (in
@@ -723,10 +724,12 @@ class OffloadedModel:
         with TraceWriter(Path(out), dataset="moe-offload") as writer:  # an error or Ctrl-C drops the temporary file
             self.record_trace(writer, first_sequence=self.sequence + 1)  # 0 is the next: as `moe-offload trace` writes
             try:
-                for prompt in prompts:
-                    self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                for done, prompt in enumerate(prompts):
                     if progress is not None:
-                        progress(1)
+                        progress("prompts", done, len(prompts))
+                    self.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                if progress is not None:
+                    progress("prompts", len(prompts), len(prompts))
             finally:
                 self.record_trace(None)
             self.cache.reset()  # the last sequence ends: its unused prefetches count as wasted, as in a replay

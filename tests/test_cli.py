@@ -850,8 +850,8 @@ def test_trace_counts_its_prompts_and_says_what_ctrl_c_leaves(capsys, monkeypatc
 
     model = offload.load(str(trained_model_dir), device="cpu", slots=2)
     done = []
-    model.trace(["def f(", "import os"], tmp_path / "t.jsonl", max_new_tokens=2, progress=done.append)
-    assert done == [1, 1]  # one call a prompt, for a progress bar
+    model.trace(["def f(", "import os"], tmp_path / "t.jsonl", max_new_tokens=2, progress=lambda *r: done.append(r))
+    assert done == [("prompts", 0, 2), ("prompts", 1, 2), ("prompts", 2, 2)]  # as load's: (what, done, total)
     real = OffloadedModel.generate
 
     def generate(self, *args, **kwargs):
