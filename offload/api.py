@@ -408,7 +408,7 @@ def resolve_host_embedding(option: bool | None, config: ModelConfig, device: tor
 def load(model: str, progress: Progress | None = None, *, text: str | None = None, **options) -> OffloadedModel:
     """Load `model` (a quantized folder, an HF folder or a hub id) with `LoadOptions` as keywords; `text`, as
     `prepare` takes it, checks first that its tokenizer can serve plain text or a chat. `progress(what, done,
-    total)` is called as the experts are read.
+    total)` is called before the first expert is read and after each (offload.convert.Progress).
 
     The options and their defaults (LoadOptions' comments, and `moe-offload generate --help`, say what each does):
     """
@@ -427,6 +427,8 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
         policies=make_policies(prepared.options.policy, config.num_layers, config.num_experts),
     )
     total = config.num_layers * config.num_experts
+    if progress is not None:
+        progress("experts", 0, total)
     for layer in range(config.num_layers):
         for expert in range(config.num_experts):
             cache.write(layer, expert, prepared.source.packed_expert(layer, expert, expert_format))
