@@ -16,6 +16,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef struct {          /* a weight's scales or zeros, one per group: */
     const uint16_t *half; /* float16 [R], or NULL when they are quantized to 8 bits: */
@@ -196,4 +199,30 @@ void moe_offload_gemv_packed_rows(const Problem *p, int64_t first, int64_t last,
         packed_rows(p, first, last, y, 3, 64);
     else
         packed_rows(p, first, last, y, p->bits, p->group_size);
+}
+
+/* Both loops over `threads` even shares of [0, total), one an OpenMP thread, each with its own scratch
+ * (`stride` floats apart). Built with -fopenmp, the team is the process's libgomp's, which is torch's: the
+ * threads that run torch's own parallel operators, not a second set that competes with them for the cores. */
+void moe_offload_gemv_outputs_parallel(const Problem *p, int64_t threads, int64_t total, float *meta,
+                                       int64_t stride, float *y) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t i = 0; i < threads; i++)
+        moe_offload_gemv_outputs(p, total * i / threads, total * (i + 1) / threads, meta + i * stride, y);
+}
+
+void moe_offload_gemv_packed_rows_parallel(const Problem *p, int64_t threads, int64_t total, float *partial,
+                                           int64_t stride) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t i = 0; i < threads; i++)
+        moe_offload_gemv_packed_rows(p, total * i / threads, total * (i + 1) / threads, partial + i * stride);
+}
+
+/* 1 when built with -fopenmp: the _parallel calls then run on OpenMP threads, else on the caller's alone. */
+int moe_offload_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

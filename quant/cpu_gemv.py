@@ -9,8 +9,9 @@ of its codes' products from it (quant/cpu_gemv.c). A 2-bit Mixtral-8x7B expert m
 The C file is built on first use with the machine's compiler (cc, gcc or clang), for the machine's own
 vector units (-march=native), and kept in ~/.cache/moe-offload (or $XDG_CACHE_HOME/moe-offload) under a
 name that hashes the source, the compiler and the CPU. Without a compiler, decode dequantizes as before.
-Calls over PARALLEL_WEIGHTS weights are split across torch.get_num_threads() threads; ctypes lets go of
-the GIL while the C runs.
+Calls over OPENMP_PARALLEL_WEIGHTS weights are split across torch.get_num_threads() threads of torch's own
+OpenMP team (built with -fopenmp; see _openmp), or over PARALLEL_WEIGHTS across a pool's threads where the
+build has no OpenMP; ctypes lets go of the GIL while the C runs.
 """
 
 from __future__ import annotations
@@ -42,10 +43,15 @@ MAX_GROUP = 256  # the C keeps PER x g/16 partial-sum vectors a token on the sta
 # 4-bit matrix does not win back (65 us on 1 thread, 94 on 2); 32-layer mixtral-small decoded 66-78 ms a token
 # at this threshold against 84-89 at 2^20
 PARALLEL_WEIGHTS = 1 << 22
+# OpenMP's team hands out a share in microseconds: from 2^20 weights (1024 x 1024) a call is split. 32-layer
+# mixtral-small, 4 slots, oracle: 16.0 tok/s at 2^22 (its experts, 3.7M weights, on one thread), 22.4-23.0 at
+# 2^20, 21.3-22.7 at 2^18, 22.3-22.9 at 2^16
+OPENMP_PARALLEL_WEIGHTS = 1 << 20
 # Reassociation lets the compiler vectorize the sums; not -ffast-math, whose start-up code (crtfastmath) would
 # flush denormals to zero in the whole process. -march=native first, then without it for compilers that refuse it
 FLAGS = ("-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
-TUNINGS = (("-march=native",), ())
+# -fopenmp too, where the compiler has it: see _openmp
+TUNINGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 
 
 class _Meta(ctypes.Structure):
@@ -143,7 +149,43 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moe_offload_gemv_outputs.argtypes = [problem, i64, i64, pointer, pointer]
     lib.moe_offload_gemv_packed_rows.argtypes = [problem, i64, i64, pointer]
     lib.moe_offload_gemv_outputs.restype = lib.moe_offload_gemv_packed_rows.restype = None
+    lib.moe_offload_gemv_outputs_parallel.argtypes = [problem, i64, i64, pointer, i64, pointer]
+    lib.moe_offload_gemv_packed_rows_parallel.argtypes = [problem, i64, i64, pointer, i64]
+    lib.moe_offload_gemv_outputs_parallel.restype = lib.moe_offload_gemv_packed_rows_parallel.restype = None
+    lib.moe_offload_openmp.restype = ctypes.c_int
     return lib
+
+
+def openmp_entry(handle: ctypes.CDLL) -> int | None:
+    """Where `handle`'s omp_get_max_threads is, searched in it and what it links: which OpenMP runtime it uses
+    (None: none)."""
+    try:
+        return ctypes.cast(handle.omp_get_max_threads, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def torch_openmp() -> int | None:
+    """openmp_entry of torch's CPU library, which runs torch's parallel operators (None: not found)."""
+    folder = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        if (folder / name).exists():
+            try:
+                return openmp_entry(ctypes.CDLL(str(folder / name)))  # loaded already: its handle
+            except OSError:
+                return None
+    return None
+
+
+@functools.cache
+def _openmp(lib: ctypes.CDLL) -> bool:
+    """Whether to split a call across OpenMP threads rather than the pool's: when the library was built with
+    -fopenmp and uses torch's OpenMP runtime (torch's libgomp.so.1 is loaded first, so ours binds to it).
+    torch's workers spin for a while after each parallel operator (libgomp's default wait policy); the pool's
+    threads ran beside them, three threads on two cores, where OpenMP's team is those same workers. A runtime
+    of its own (torch built with another) would be a second team: the pool, then."""
+    entry = openmp_entry(lib)
+    return bool(lib.moe_offload_openmp()) and entry is not None and entry == torch_openmp()
 
 
 # the C computes in float32; tokens of the others are converted on the way in and out (a few thousand values)
@@ -184,8 +226,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="moe-offload-gemv")
 
 
-# a forked child has none of the pool's threads, and would wait on them for ever
-os.register_at_fork(after_in_child=_pool.cache_clear)
+_forked = False  # in a forked child: libgomp's team does not survive a fork (torch's own operators hang there too)
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True  # OpenMP would wait for ever on the parent's team: the pool, started afresh
+    _pool.cache_clear()  # a forked child has none of the pool's threads either
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _each_thread(threads: int, total: int, call) -> None:
@@ -239,15 +289,24 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
     y = out if out.is_contiguous() else workspace.buffer("gemv.y", (tokens, n), x.dtype, x.device)
     problem = _Problem(x.data_ptr(), x_sums.data_ptr(), q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
                        tokens, n, k, q.codes.shape[0], bits, g)  # fmt: skip
-    threads = torch.get_num_threads() if n * k >= PARALLEL_WEIGHTS else 1
+    openmp = not _forked and _openmp(lib)
+    threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
     if bits != 3 and n % per == 0:  # step = N/PER * G: whole outputs a thread
         meta = workspace.buffer("gemv.meta", (threads, 2 * per * groups_per_row), torch.float32, x.device)
-        _each_thread(threads, n // per, lambda i, first, last: lib.moe_offload_gemv_outputs(
-            problem, first, last, meta[i].data_ptr(), y.data_ptr()))  # fmt: skip
+        if openmp and threads > 1:
+            lib.moe_offload_gemv_outputs_parallel(problem, threads, n // per, meta.data_ptr(), meta.shape[1],
+                                                  y.data_ptr())  # fmt: skip
+        else:
+            _each_thread(threads, n // per, lambda i, first, last: lib.moe_offload_gemv_outputs(
+                problem, first, last, meta[i].data_ptr(), y.data_ptr()))  # fmt: skip
     else:  # slots split outputs: each thread adds its packed rows into outputs of its own
         partial = workspace.buffer("gemv.partial", (threads, tokens, n), x.dtype, x.device)
-        _each_thread(threads, q.codes.shape[0], lambda i, first, last: lib.moe_offload_gemv_packed_rows(
-            problem, first, last, partial[i].data_ptr()))  # fmt: skip
+        if openmp and threads > 1:
+            lib.moe_offload_gemv_packed_rows_parallel(problem, threads, q.codes.shape[0], partial.data_ptr(),
+                                                      tokens * n)  # fmt: skip
+        else:
+            _each_thread(threads, q.codes.shape[0], lambda i, first, last: lib.moe_offload_gemv_packed_rows(
+                problem, first, last, partial[i].data_ptr()))  # fmt: skip
         torch.sum(partial, dim=0, out=y)
     if y is not out:
         out.copy_(y)

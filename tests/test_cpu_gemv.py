@@ -75,11 +75,18 @@ def test_gemv_matches_dequantize_then_multiply(case, tokens):
     assert_close(cpu_gemv.gemv(x, q), x, q)
 
 
+@pytest.mark.parametrize("threads_of", ["openmp", "pool"])
 @pytest.mark.parametrize("bits", ["2", "3"])
-def test_threads_split_a_large_weight(bits):
-    """Over PARALLEL_WEIGHTS the call is split across torch's threads. Where each thread makes whole
-    outputs (2-bit) the result does not depend on their number, bit for bit; where threads add into shared
-    outputs (3-bit's padded grid) it is the same sum in another order."""
+def test_threads_split_a_large_weight(bits, threads_of, monkeypatch):
+    """Over PARALLEL_WEIGHTS the call is split across torch's threads: OpenMP's where the build has it, else the
+    pool's. Where each thread makes whole outputs (2-bit) the result does not depend on their number, bit for
+    bit; where threads add into shared outputs (3-bit's padded grid) it is the same sum in another order."""
+    if threads_of == "openmp":
+        if not cpu_gemv._openmp(cpu_gemv.library()):
+            pytest.skip("this build has no OpenMP, or the process holds two OpenMP runtimes")
+        monkeypatch.setattr(cpu_gemv, "_pool", lambda threads: pytest.fail("the pool ran a share"))
+    else:
+        monkeypatch.setattr(cpu_gemv, "_openmp", lambda lib: False)
     generator = torch.Generator().manual_seed(3)
     q = with_random_meta(random_quantized((2048, 2048), EXPERT_PRESETS[bits], generator), generator)
     assert 2048 * 2048 >= cpu_gemv.PARALLEL_WEIGHTS
@@ -217,12 +224,29 @@ def test_a_build_is_made_once_and_kept(tmp_path, monkeypatch):
     cpu_gemv.load(path)  # loads, with its entry points
 
 
-def test_a_compiler_that_refuses_march_native_builds_without_it(tmp_path):
+def test_the_openmp_build_joins_torchs_runtime():
+    """Built with -fopenmp (gcc and clang on Linux), the kernel's threads are torch's OpenMP team: it binds to
+    torch's own runtime (torch/lib/libgomp.so.1 in the pip wheels), not a second whose threads would compete
+    with torch's for the cores. (sentencepiece's private libgomp-*.so, loaded beside it, is neither.)"""
+    lib = cpu_gemv.library()
+    if not lib.moe_offload_openmp():
+        pytest.skip("the compiler here builds without -fopenmp")
+    assert cpu_gemv._openmp(lib) and cpu_gemv.openmp_entry(lib) == cpu_gemv.torch_openmp() is not None
+    wheel = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if os.path.exists(wheel):
+        assert cpu_gemv.openmp_entry(lib) == cpu_gemv.openmp_entry(cpu_gemv.ctypes.CDLL(wheel))
+
+
+@pytest.mark.parametrize("refused", ["-march=native", "-fopenmp"])
+def test_a_compiler_that_refuses_a_flag_builds_without_it(tmp_path, refused):
+    """-march=native and -fopenmp are each dropped where the compiler refuses them (clang without libomp
+    refuses -fopenmp): a build without OpenMP splits a call on the pool's threads."""
     real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     fussy = tmp_path / "fussy-cc"
-    fussy.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
+    fussy.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = {refused} ] && exit 1; done\nexec {real} "$@"\n')
     fussy.chmod(fussy.stat().st_mode | stat.S_IXUSR)
-    cpu_gemv.load(cpu_gemv.build(str(fussy), tmp_path / "cache"))
+    lib = cpu_gemv.load(cpu_gemv.build(str(fussy), tmp_path / "cache"))
+    assert lib.moe_offload_openmp() == (refused != "-fopenmp") and not (refused == "-fopenmp" and cpu_gemv._openmp(lib))
 
 
 def test_a_build_is_readable_by_others_and_an_unwritable_cache_is_refused(tmp_path, monkeypatch):
