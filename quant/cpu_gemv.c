@@ -99,9 +99,12 @@ static inline float sum16(floats16 v) {
 }
 
 /* Outputs s * rows_per_slot + [first, last) of every slot s, for tokens [m0, m0 + block), into y [M, N].
- * meta: 2 * PER * G floats. Inlined with constant bits, g and block, so the shifts are known at compile time
+ * meta: 2 * PER * G floats. Inlined with constant bits, g and block, so the masks are known at compile time
  * and the partial sums (block x PER x g / 16 vectors) can live in registers: each code is unpacked once for
- * the block's tokens. */
+ * the block's tokens. A slot's codes are masked where they lie, c * 2^shift, with no shift down: its scales
+ * carry 2^-shift and its zeros 2^shift, powers of two, so every product rounds to the same float as before
+ * (one instruction less per 16 weights: a 4-bit 14336 x 4096 matrix times a token, 1.45-1.54 -> 1.11-1.20 ms
+ * on 2 threads; 2-bit g16 the same, within noise). */
 static inline void outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y, int64_t m0,
                            const int bits, const int g, const int block) {
     const int per = 8 / bits, chunks = g / 16;
@@ -115,12 +118,18 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
                 for (int c = 0; c < chunks; c++) partial[m][s][c] = (floats16){0};
             meta_rows(&p->scale, s * p->step + q * G, G, meta + (2 * s) * G);
             meta_rows(&p->zero, s * p->step + q * G, G, meta + (2 * s + 1) * G);
+            const int shift = (per - 1 - s) * bits;
+            if (shift) { /* slot s's codes are masked in place, not shifted down: c * 2^shift */
+                const float down = 1.f / (float)(1u << shift), up = (float)(1u << shift);
+                for (int64_t group = 0; group < G; group++)
+                    meta[2 * s * G + group] *= down, meta[(2 * s + 1) * G + group] *= up;
+            }
         }
         for (int64_t group = 0; group < G; group++) {
             for (int c = 0; c < chunks; c++) {
                 const words16 element = elements16(codes + (q * G + group) * g + 16 * c, bits);
                 for (int s = 0; s < per; s++) {
-                    const words16 code = (element >> (uint32_t)((per - 1 - s) * bits)) & ((1u << bits) - 1);
+                    const words16 code = element & (((1u << bits) - 1) << (uint32_t)((per - 1 - s) * bits));
                     const floats16 weight = meta[2 * s * G + group] * __builtin_convertvector(code, floats16);
                     for (int m = 0; m < block; m++)
                         partial[m][s][c] += weight * floats16_at(x + m * p->k + group * g + 16 * c);
