@@ -54,7 +54,7 @@ def run_teacher_forced(model, tokens: torch.Tensor) -> torch.Tensor:
 def test_logits_match_transformers_at_every_slot_count(case, prefetch):
     path, shape, tokens, expected = case
     experts = shape.get("experts", 8)
-    for slots in [None, *range(1, experts + 1)]:
+    for slots in [None, *range(1, experts + 1)] if prefetch == "none" else range(1, experts + 1):  # in place: none
         model = offload.load(str(path), device="cpu", slots=slots, prefetch=prefetch)
         recorder = Recorder()
         model.record_trace(recorder)
