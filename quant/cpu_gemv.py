@@ -241,6 +241,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _each_thread(threads: int, total: int, call) -> None:
     """call(i, first, last) over `threads` even shares of range(total), the first on this thread. Returns
     once every share is done, even when one raised: none may still be writing after the caller moves on."""
+    if threads == 1:  # most small weights: no pool, no futures
+        call(0, 0, total)
+        return
     bounds = [total * i // threads for i in range(threads + 1)]
     others = [_pool(threads).submit(call, i, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     try:
