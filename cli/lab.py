@@ -225,10 +225,12 @@ def _parse_policies(text: str | None) -> list[str]:
         return [*ONLINE_POLICIES, *(n for n, cls in POLICIES.items() if cls.offline)]
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # repeats dropped
     unknown = [name for name in names if name not in POLICIES]
-    if unknown or not names:
-        raise MoEOffloadError(
-            f"--policy {text!r}: unknown {unknown or 'none given'}; choose from {', '.join(POLICIES)}"
-        )
+    choose = f"choose from {', '.join(POLICIES)}"
+    if not names:
+        raise MoEOffloadError(f"--policy {text!r} names no policy; {choose}")
+    if unknown:
+        which = f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} unknown"
+        raise MoEOffloadError(f"--policy {text!r}: {which}; {choose}")
     return names
 
 

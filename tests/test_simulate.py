@@ -171,7 +171,15 @@ def test_cli_per_layer_json_and_errors():
     assert len(rows[0]["per_layer"]) == 32 and sum(layer["hits"] for layer in rows[0]["per_layer"]) == rows[0]["hits"]
 
     bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--policy", "mru"])
-    assert bad.exit_code == 2 and "--policy 'mru': unknown ['mru']" in bad.output
+    assert (
+        bad.exit_code == 2
+        and bad.output == "error: --policy 'mru': 'mru' is unknown; choose from lru, fifo, lfu, path, belady\n"
+    )
+    bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--policy", "lru,mru,lifo"])
+    assert (
+        bad.output
+        == "error: --policy 'lru,mru,lifo': 'mru', 'lifo' are unknown; choose from lru, fifo, lfu, path, belady\n"
+    )
     bad = runner.invoke(_app(), ["simulate", str(SHARED_TRACE), "--slots", "0-2"])
     assert bad.exit_code == 2 and bad.output == (
         "error: --slots '0-2' must name slot counts from 1 to 4096: write e.g. 1-8\n"
