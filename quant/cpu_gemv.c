@@ -16,9 +16,6 @@
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 typedef struct {          /* a weight's scales or zeros, one per group: */
     const uint16_t *half; /* float16 [R], or NULL when they are quantized to 8 bits: */
