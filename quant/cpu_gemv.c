@@ -100,8 +100,8 @@ static inline float sum16(floats16 v) {
  * and the partial sums (block x PER x g / 16 vectors) can live in registers: each code is unpacked once for
  * the block's tokens. A slot's codes are masked where they lie, c * 2^shift, with no shift down: its scales
  * carry 2^-shift and its zeros 2^shift, powers of two, so every product rounds to the same float as before
- * (one instruction less per 16 weights: a 4-bit 14336 x 4096 matrix times a token, 1.45-1.54 -> 1.11-1.20 ms
- * on 2 threads; 2-bit g16 the same, within noise). */
+ * (one instruction less per 16 weights: a 4-bit 14336 x 4096 matrix on 2 threads, 1.39 -> 1.29 ms for a token
+ * and 5.34 -> 4.13 for 4; 2-bit g16 the same, within noise: benchmarks/results/cpu_gemv_{shift,mask}_*.json). */
 static inline void outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y, int64_t m0,
                            const int bits, const int g, const int block) {
     const int per = 8 / bits, chunks = g / 16;

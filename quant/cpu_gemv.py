@@ -44,8 +44,9 @@ MAX_GROUP = 256  # the C keeps PER x g/16 partial-sum vectors a token on the sta
 # at this threshold against 84-89 at 2^20
 PARALLEL_WEIGHTS = 1 << 22
 # OpenMP's team hands out a share in microseconds: from 2^20 weights (1024 x 1024) a call is split. 32-layer
-# mixtral-small, 4 slots, oracle: 16.0 tok/s at 2^22 (its experts, 3.7M weights, on one thread), 22.4-23.0 at
-# 2^20, 21.3-22.7 at 2^18, 22.3-22.9 at 2^16
+# mixtral-small, 4 slots, oracle: 15.3 tok/s on the pool at 2^22, where its 3.7M-weight experts ran on one thread
+# (benchmarks/results/bench_cpu_mixtral-small-32l_oracle_pool.json), 23.1 at 2^20 (..._oracle_44a69f8.json);
+# 2^18 and 2^16 were no faster
 OPENMP_PARALLEL_WEIGHTS = 1 << 20
 # Reassociation lets the compiler vectorize the sums; not -ffast-math, whose start-up code (crtfastmath) would
 # flush denormals to zero in the whole process. -march=native first, then without it for compilers that refuse it
