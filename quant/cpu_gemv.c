@@ -33,34 +33,35 @@ typedef struct {
     int32_t bits, group_size;
 } Problem;
 
-static float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    uint32_t bits;
-    if (exponent == 0x1f) /* inf, nan */
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    else if (exponent) /* normal: rebias 15 -> 127 */
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    else { /* zero, subnormal: mantissa * 2^-24 */
-        const float value = (float)mantissa * 0x1p-24f;
-        return sign ? -value : value;
-    }
+/* float16 -> float32, exactly and without branches, so that meta_rows' loops vectorize (a branch a case kept
+ * them scalar: benchmarks/results/cpu_gemv_half_*.json). The half's exponent and mantissa, put where a float's
+ * lie, read as a float 2^-112 times the value, subnormals included (needs denormals, which the build keeps: no
+ * -ffast-math); exponent 31 (inf, nan) is set apart. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t magnitude = (uint32_t)(h & 0x7fff) << 13;
     float value;
+    memcpy(&value, &magnitude, sizeof value);
+    value *= 0x1p112f;
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits = magnitude >= (0x7c00u << 13) ? magnitude | 0x7f800000u : bits;
+    bits |= (uint32_t)(h & 0x8000) << 16;
     memcpy(&value, &bits, sizeof value);
     return value;
 }
 
-/* Rows [first, first + count) of a scale or zero, as float32 into out: the same arithmetic as
- * quant.hqq.dequantize in float32. */
-static void meta_rows(const Meta *m, int64_t first, int64_t count, float *out) {
+/* Rows [first, first + count) of a scale or zero, as float32 into out, times `factor` (a power of two): the
+ * same arithmetic as quant.hqq.dequantize in float32. */
+static void meta_rows(const Meta *m, int64_t first, int64_t count, float factor, float *out) {
     if (m->half) {
-        for (int64_t j = 0; j < count; j++) out[j] = half_to_float(m->half[first + j]);
+        for (int64_t j = 0; j < count; j++) out[j] = half_to_float(m->half[first + j]) * factor;
         return;
     }
     for (int64_t j = 0; j < count;) { /* a run of rows in one meta group at a time */
         const int64_t i = (first + j) / m->group, run_end = (i + 1) * m->group - first;
         const int64_t end = run_end < count ? run_end : count;
         const float scale = half_to_float(m->scale[i]), zero = half_to_float(m->zero[i]);
-        for (; j < end; j++) out[j] = ((float)m->codes[first + j] - zero) * scale;
+        for (; j < end; j++) out[j] = ((float)m->codes[first + j] - zero) * scale * factor;
     }
 }
 
@@ -113,14 +114,9 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
         for (int s = 0; s < per; s++) {
             for (int m = 0; m < block; m++)
                 for (int c = 0; c < chunks; c++) partial[m][s][c] = (floats16){0};
-            meta_rows(&p->scale, s * p->step + q * G, G, meta + (2 * s) * G);
-            meta_rows(&p->zero, s * p->step + q * G, G, meta + (2 * s + 1) * G);
-            const int shift = (per - 1 - s) * bits;
-            if (shift) { /* slot s's codes are masked in place, not shifted down: c * 2^shift */
-                const float down = 1.f / (float)(1u << shift), up = (float)(1u << shift);
-                for (int64_t group = 0; group < G; group++)
-                    meta[2 * s * G + group] *= down, meta[(2 * s + 1) * G + group] *= up;
-            }
+            const float up = (float)(1u << (per - 1 - s) * bits); /* slot s's codes are c * up, not shifted down */
+            meta_rows(&p->scale, s * p->step + q * G, G, 1.f / up, meta + (2 * s) * G);
+            meta_rows(&p->zero, s * p->step + q * G, G, up, meta + (2 * s + 1) * G);
         }
         for (int64_t group = 0; group < G; group++) {
             for (int c = 0; c < chunks; c++) {
@@ -158,8 +154,8 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
             if (r >= groups) break; /* 3-bit pads the grid to a multiple of 10 rows */
             const uint32_t shift = (per - 1 - s) * bits;
             float scale, zero;
-            meta_rows(&p->scale, r, 1, &scale);
-            meta_rows(&p->zero, r, 1, &zero);
+            meta_rows(&p->scale, r, 1, 1.f, &scale);
+            meta_rows(&p->zero, r, 1, 1.f, &zero);
             for (int64_t m = 0; m < p->tokens; m++) {
                 const float *xg = p->x + m * p->k + group * g;
                 floats16 dot = {0};

@@ -75,6 +75,23 @@ def test_gemv_matches_dequantize_then_multiply(case, tokens):
     assert_close(cpu_gemv.gemv(x, q), x, q)
 
 
+def test_every_float16_scale_converts_exactly():
+    """The C's float16 conversion (branchless, so that it vectorizes) against torch's, for every bit pattern:
+    one output a scale, every code 1, zero 0 and a one-hot token, so each output is its scale itself. Normals,
+    subnormals and zeros come out equal (-0 as 0: the sum starts at 0); inf and nan as nan (inf times the token's
+    zeros)."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    n = every.numel()
+    codes = torch.full((n // 4, 16), 0b01010101, dtype=torch.uint8)  # four 2-bit codes of 1 a byte
+    q = Quantized(codes, every[:, None].clone(), torch.zeros(n, 1, dtype=torch.float16), (n, 16), QuantSpec(2, 16))
+    x = torch.zeros(1, 16)
+    x[0, 0] = 1
+    y = cpu_gemv.gemv(x, q)[0]
+    finite = every.isfinite()
+    assert torch.equal(y[finite], every[finite].float())
+    assert y[~finite].isnan().all()
+
+
 @pytest.mark.parametrize("threads_of", ["openmp", "pool"])
 @pytest.mark.parametrize("bits", ["2", "3"])
 def test_threads_split_a_large_weight(bits, threads_of, monkeypatch):
