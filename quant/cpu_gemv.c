@@ -34,9 +34,9 @@ typedef struct {
 } Problem;
 
 /* float16 -> float32, exactly and without branches, so that meta_rows' loops vectorize (a branch a case kept
- * them scalar: benchmarks/results/cpu_gemv_half_*.json). The half's exponent and mantissa, put where a float's
- * lie, read as a float 2^-112 times the value, subnormals included (needs denormals, which the build keeps: no
- * -ffast-math); exponent 31 (inf, nan) is set apart. */
+ * them scalar; it shows where scales are float16, 4-bit's, and the products are cheap, int8 tokens'). The half's
+ * exponent and mantissa, put where a float's lie, read as a float 2^-112 times the value, subnormals included
+ * (needs denormals, which the build keeps: no -ffast-math); exponent 31 (inf, nan) is set apart. */
 static inline float half_to_float(uint16_t h) {
     const uint32_t magnitude = (uint32_t)(h & 0x7fff) << 13;
     float value;
