@@ -1,11 +1,14 @@
 """The CPU's fused kernel against dequantizing in tiles, one Mixtral-8x7B expert matrix, by tokens.
 
     python benchmarks/cpu_gemv_tokens.py [--bits 2,3,4] [--tokens 1,2,4,8,16,32,64] [--rounds 3]
+                                         [--token-type int8|float32]
 
 For each expert preset, a synthetic 14336 x 4096 matrix (w1's shape) times 1 to 64 float32 tokens: through
 quant/cpu_gemv.py (its limits lifted, to show where they should lie) and through quant/linear.py's tiles.
-The two take turns, `--rounds` times; each figure is the fastest round. Writes
-benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS and MAX_TOKENS_BLOCKED in quant/cpu_gemv.py rest on.
+The two take turns, `--rounds` times; each figure is the fastest round. The C rounds tokens to int8 where
+the CPU has AVX-512 VNNI (the default there), or keeps them float32 (`--token-type float32`, and where
+it has not). Writes benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS and MAX_TOKENS_BLOCKED in
+quant/cpu_gemv.py rest on.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from quant.hqq import EXPERT_PRESETS, Workspace, random_quantized  # noqa: E402
 from quant.linear import linear  # noqa: E402
 
 SHAPE = (14336, 4096)  # Mixtral-8x7B's w1
+TOKENS = {"float32": "float32 tokens", "int8": "int8 tokens (3-bit's loop keeps them float32)"}
 
 
 def ms_per_call(call, calls: int) -> float:
@@ -44,9 +48,13 @@ def main() -> None:
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--token-type", choices=("int8", "float32"), default="int8")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_gemv_tokens.json"))
     args = parser.parse_args()
     check_writable(args.out, "--out")  # before the work, not after it
+    cpu_gemv.INT8_TOKENS = args.token_type == "int8"
+    if cpu_gemv.INT8_TOKENS and not cpu_gemv.int8_tokens():
+        raise SystemExit("--token-type int8: this CPU has no AVX-512 VNNI; pass --token-type float32")
 
     cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = max(int(t) for t in args.tokens.split(","))
     rows = []
@@ -64,7 +72,7 @@ def main() -> None:
             print(f"{bits}-bit, {tokens:2} tokens: C {row['c_ms']:7.2f} ms, tiles {row['tiles_ms']:7.2f} ms")
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
-        "matrix": f"{SHAPE[0]} x {SHAPE[1]}, float32 tokens",
+        "matrix": f"{SHAPE[0]} x {SHAPE[1]}, {TOKENS[args.token_type]}",
         "results": rows,
     }
     write_json(args.out, report, "--out")

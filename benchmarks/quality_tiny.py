@@ -1,7 +1,11 @@
 """What quantization costs: validation loss of the trained tiny model at each expert preset.
 
 Teacher-forced windows of real Python source through moe-offload's runtime (experts quantized with
-our presets, attention unquantized or 4-bit), beside transformers' unquantized model.
+our presets, attention unquantized or 4-bit), beside transformers' unquantized model. Then the same
+windows one token a step, the decode path, where the CPU multiplies through its fused kernel: with
+tokens kept float32 and rounded to int8 (quant/cpu_gemv.py's INT8_TOKENS, where the CPU has AVX-512
+VNNI), with what rounding costs: the loss, the KL divergence from the float32 tokens' next-token
+distribution, and how often the two agree on the likeliest token.
 
     python benchmarks/quality_tiny.py [--model ../shared/models/tiny-mixtral-code]
 
@@ -25,11 +29,42 @@ import offload  # noqa: E402
 from benchmarks import run_script  # noqa: E402
 from benchmarks.prefetch_points import SOURCES  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
+from quant import cpu_gemv  # noqa: E402
 from quant.files import check_writable  # noqa: E402
 
 
 def mean_loss(logits_of, windows: list[torch.Tensor]) -> float:
     return sum(F.cross_entropy(logits_of(w)[:-1], w[1:]).item() for w in windows) / len(windows)
+
+
+def decoded_logits(model, window: torch.Tensor) -> torch.Tensor:
+    """Logits [T, V] of `window`, teacher-forced one token a step: the decode path."""
+    model.reset()
+    return torch.cat([model.forward(window[t : t + 1], t) for t in range(len(window))])
+
+
+def decode_rows(model_path: str, windows: list[torch.Tensor], full: float) -> list[dict]:
+    """The decode path at each preset, tokens float32 then int8: loss, and the int8 rows' distance from float32's."""
+    rows = []
+    for expert_bits, attn_bits in [("4", "none"), ("2", "none"), ("2", "4")]:
+        model = offload.load(model_path, device="cpu", expert_bits=expert_bits, attn_bits=attn_bits)
+        logits = {}
+        for tokens in ("float32", "int8"):
+            cpu_gemv.INT8_TOKENS = tokens == "int8"
+            logits[tokens] = [decoded_logits(model, w) for w in windows]
+            loss = sum(F.cross_entropy(lg[:-1], w[1:]).item() for lg, w in zip(logits[tokens], windows))
+            row = {"path": "decode", "experts": expert_bits, "attention": attn_bits, "tokens": tokens,
+                   "loss": loss / len(windows)}  # fmt: skip
+            if tokens == "int8":
+                old, new = torch.cat(logits["float32"]), torch.cat(logits["int8"])
+                kl = F.kl_div(new.log_softmax(-1), old.log_softmax(-1), log_target=True, reduction="batchmean")
+                row["kl_from_float32_tokens"] = kl.item()
+                row["top1_agreement"] = (old.argmax(-1) == new.argmax(-1)).float().mean().item()
+            rows.append(row)
+    cpu_gemv.INT8_TOKENS = True
+    for row in rows:
+        row["delta"] = row["loss"] - full
+    return rows
 
 
 def main() -> None:
@@ -59,11 +94,25 @@ def main() -> None:
         row["loss"] = round(row["loss"], 4)
         row["delta"] = round(row["loss"] - full, 4)
         print(f"{row['experts']:>26} {row['attention']:>9} {row['loss']:>7.4f} {row['delta']:>+8.4f}")
+    decode = []
+    if cpu_gemv.available() and cpu_gemv._can_int8(cpu_gemv.library()):
+        decode = decode_rows(args.model, windows, full)
+    else:
+        print("\nno decode rows: they need the CPU's fused kernel with int8 tokens (a C compiler, AVX-512 VNNI)")
+    print(f"\ndecode, one token a step\n{'experts':>7} {'attention':>9} {'tokens':>7} {'loss':>7} {'vs fp32':>8}"
+          f" {'KL':>9} {'top-1 same':>10}")  # fmt: skip
+    for row in decode:
+        for key in ("loss", "delta"):
+            row[key] = round(row[key], 4)
+        kl, same = row.get("kl_from_float32_tokens"), row.get("top1_agreement")
+        print(f"{row['experts']:>7} {row['attention']:>9} {row['tokens']:>7} {row['loss']:>7.4f} {row['delta']:>+8.4f}"
+              + (f" {kl:>9.2e} {same:>10.4f}" if kl is not None else ""))  # fmt: skip
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "model": "tiny-mixtral-code (trained, 6 layers, 8 experts, top 2)",
         "text": f"{len(windows)} windows of {args.length} tokens of: {', '.join(SOURCES)}",
         "results": rows,
+        "decode": decode,
     }
     write_json(args.out, report, "--out")
     print(f"wrote {args.out}")

@@ -356,7 +356,11 @@ def decode_kernel(fused_gemv: bool, device: torch.device) -> Kernel | None:
 
 def kernel_name(fused_gemv: bool, device: torch.device) -> str:
     kernel = decode_kernel(fused_gemv, device)
-    return DEQUANTIZE if kernel is None else kernel.name
+    if kernel is None:
+        return DEQUANTIZE
+    if kernel is CPU and cpu_gemv.int8_tokens():  # rounded where the layout allows: not 3-bit's padded grid
+        return f"{kernel.name}, int8 tokens"
+    return kernel.name
 
 
 def resolve_fused_gemv(option: bool | None, device: torch.device) -> bool:

@@ -14,6 +14,7 @@
  * `outputs` keeps g partial sums per slot and token and reduces them once an output, not once a group: at
  * 2-bit g16 a reduction per group cost more than the group's products.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -26,7 +27,9 @@ typedef struct {          /* a weight's scales or zeros, one per group: */
 
 typedef struct {
     const float *x;      /* [M, K] */
-    const float *x_sums; /* [M, G]: each group's sum of x */
+    const float *x_sums; /* [M, G]: each group's sum of x (of the int8 tokens' values, for the _int8 calls) */
+    const int8_t *xq;    /* [M, K]: the _int8 calls' tokens, x ~ xq * x_scales, from moe_offload_quantize_tokens */
+    const float *x_scales; /* [M, K / 64] */
     const void *codes;   /* [step, g]: uint8 (2, 4 and 8 bits) or int32 (3 bits) */
     Meta scale, zero;
     int64_t tokens, n, k, step; /* M, N, K, packed rows */
@@ -174,16 +177,17 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
  * blocks of up to `most`. At 2-bit g16
  * a block of 4 keeps its 16 partial sums in registers and unpacks each code once for the four (a 14336 x 4096
  * matrix times 4 tokens: 5.2 -> 2.6 ms on 2 threads); at 4-bit g64 blocks measured no faster. */
-#define OUTPUTS(bits, g, most)                                                                                     \
+#define OUTPUTS_WITH(loop, bits, g, most)                                                                          \
     for (int64_t m0 = 0; m0 < p->tokens;) {                                                                        \
         const int64_t left = p->tokens - m0;                                                                      \
         if ((most) >= 4 && left >= 4)                                                                             \
-            outputs(p, first, last, meta, y, m0, bits, g, 4), m0 += 4;                                            \
+            loop(p, first, last, meta, y, m0, bits, g, 4), m0 += 4;                                               \
         else if ((most) >= 2 && left >= 2)                                                                        \
-            outputs(p, first, last, meta, y, m0, bits, g, 2), m0 += 2;                                            \
+            loop(p, first, last, meta, y, m0, bits, g, 2), m0 += 2;                                               \
         else                                                                                                        \
-            outputs(p, first, last, meta, y, m0, bits, g, 1), m0 += 1;                                            \
+            loop(p, first, last, meta, y, m0, bits, g, 1), m0 += 1;                                               \
     }
+#define OUTPUTS(bits, g, most) OUTPUTS_WITH(outputs, bits, g, most)
 
 void moe_offload_gemv_outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
     if (p->bits == 2 && p->group_size == 16) {
@@ -227,4 +231,122 @@ int moe_offload_openmp(void) {
 #else
     return 0;
 #endif
+}
+
+/* Int8 tokens, integer products (llama.cpp's way on the CPU): each 64 inputs of a token are rounded to int8
+ * with a scale of their own, x ~ xq * d, and a slot's masked codes (bytes, c * 2^shift <= 255) multiply them
+ * with AVX-512 VNNI's dot product, u8 x s8 -> four products summed into each int32 lane, 64 a instruction:
+ *
+ *     sum_k W[n, k] x[k] ~ sum_r scale_r * (sum_j code_rj xq_j d_j - zero_r * sum_j xq_j d_j)
+ *
+ * A lane's four inputs lie in one group (g % 4 == 0) and one 64-input block, so its int32 sum is scaled in
+ * float by scale_r * d, then summed; the groups' sums of x are those of xq * d as well, so the error is that
+ * of the tokens' rounding alone, weighted by the weights: sum_k W[n, k] (x[k] - xq[k] d[k]). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define INT8 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* Outputs as outputs() takes them, the products in integers: g is 16, 32 or a multiple of 64. */
+INT8 static inline void outputs_int8(const Problem *p, int64_t first, int64_t last, float *meta, float *y,
+                                     int64_t m0, const int bits, const int g, const int block) {
+    const int per = 8 / bits;
+    const int64_t G = p->k / g, rows_per_slot = p->step / G, blocks = p->k / 64;
+    const uint8_t *codes = p->codes;
+    const int8_t *xq = p->xq + m0 * p->k;
+    const float *d = p->x_scales + m0 * blocks;
+    /* lane j holds inputs 4j..4j+3 of a block: where g < 64, group 4j / g of the block's first */
+    __m512i lane_group = _mm512_setzero_si512();
+    if (g < 64)
+        for (int j = 0; j < 16; j++) ((int32_t *)&lane_group)[j] = 4 * j / g;
+    for (int64_t q = first; q < last; q++) {
+        __m512 partial[block][per]; /* by token and slot: sum over blocks of scale * d * (codes . xq) */
+        for (int s = 0; s < per; s++) {
+            for (int m = 0; m < block; m++) partial[m][s] = _mm512_setzero_ps();
+            const float up = (float)(1u << (per - 1 - s) * bits); /* slot s's codes are c * up, not shifted down */
+            meta_rows(&p->scale, s * p->step + q * G, G, 1.f / up, meta + (2 * s) * G);
+            meta_rows(&p->zero, s * p->step + q * G, G, up, meta + (2 * s + 1) * G);
+        }
+        const uint8_t *row = codes + q * p->k; /* output q's G packed rows, g bytes each */
+        for (int64_t b = 0; b < blocks; b++) {
+            const __m512i element = _mm512_loadu_si512(row + 64 * b);
+            for (int s = 0; s < per; s++) {
+                const __m512i code = _mm512_and_si512(element, _mm512_set1_epi8((char)(((1u << bits) - 1)
+                                                                                     << ((per - 1 - s) * bits))));
+                const float *scale = meta + 2 * s * G;
+                const __m512 weight = g < 64 ? _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(
+                                                   (__mmask16)((1u << (64 / g)) - 1), scale + b * (64 / g)))
+                                             : _mm512_set1_ps(scale[b * 64 / g]);
+                for (int m = 0; m < block; m++) {
+                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), code,
+                                                            _mm512_loadu_si512(xq + m * p->k + 64 * b));
+                    partial[m][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                                    _mm512_mul_ps(weight, _mm512_set1_ps(d[m * blocks + b])),
+                                                    partial[m][s]);
+                }
+            }
+        }
+        for (int m = 0; m < block; m++) {
+            const float *x_sums = p->x_sums + (m0 + m) * G;
+            for (int s = 0; s < per; s++) {
+                const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
+                float sum = _mm512_reduce_add_ps(partial[m][s]);
+                for (int64_t group = 0; group < G; group++) sum -= scale[group] * zero[group] * x_sums[group];
+                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum;
+            }
+        }
+    }
+}
+
+#define OUTPUTS_INT8(bits, g, most) OUTPUTS_WITH(outputs_int8, bits, g, most)
+
+INT8 void moe_offload_gemv_outputs_int8(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
+    if (p->bits == 2 && p->group_size == 16) {
+        OUTPUTS_INT8(2, 16, 4)
+    } else if (p->bits == 4 && p->group_size == 64) {
+        OUTPUTS_INT8(4, 64, 4)
+    } else {
+        OUTPUTS_INT8(p->bits, p->group_size, 1)
+    }
+}
+
+/* 1 when this CPU runs the _int8 calls: AVX-512 with VNNI (Intel since Cascade Lake, AMD since Zen 4). */
+int moe_offload_int8(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+#else
+void moe_offload_gemv_outputs_int8(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
+    (void)p, (void)first, (void)last, (void)meta, (void)y; /* never called: moe_offload_int8() says 0 */
+}
+
+int moe_offload_int8(void) { return 0; }
+#endif
+
+void moe_offload_gemv_outputs_int8_parallel(const Problem *p, int64_t threads, int64_t total, float *meta,
+                                            int64_t stride, float *y) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t i = 0; i < threads; i++)
+        moe_offload_gemv_outputs_int8(p, total * i / threads, total * (i + 1) / threads, meta + i * stride, y);
+}
+
+/* x [M, K] -> xq [M, K] and d [M, K / 64]: each 64 inputs of a token rounded to int8 by a scale of their own,
+ * max |x| / 127; x_sums [M, K / g], each group's sum of xq * d. A block that is not finite gets a NaN scale,
+ * so that its outputs are NaN, as the float products would be. */
+void moe_offload_quantize_tokens(const float *x, int64_t tokens, int64_t k, int64_t g, int8_t *xq, float *d,
+                                 float *x_sums) {
+    memset(x_sums, 0, sizeof(float) * tokens * (k / g));
+    for (int64_t m = 0; m < tokens; m++) {
+        for (int64_t b = 0; b < k / 64; b++) {
+            const float *in = x + m * k + 64 * b;
+            int8_t *out = xq + m * k + 64 * b;
+            float most = 0.f;
+            int nan = 0; /* fmaxf would pass a nan over */
+            for (int j = 0; j < 64; j++) most = fmaxf(most, fabsf(in[j])), nan |= in[j] != in[j];
+            const float scale = most / 127.f, inverse = most > 0.f ? 127.f / most : 0.f;
+            for (int j = 0; j < 64; j++) out[j] = (int8_t)lrintf(in[j] * inverse);
+            d[m * (k / 64) + b] = nan || most > 3.4028235e38f ? __builtin_nanf("") : scale;
+            for (int j = 0; j < 64; j++) x_sums[m * (k / g) + (64 * b + j) / g] += (float)out[j] * scale;
+        }
+    }
 }

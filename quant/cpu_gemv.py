@@ -12,6 +12,11 @@ name that hashes the source, the compiler and the CPU. Without a compiler, decod
 Calls over OPENMP_PARALLEL_WEIGHTS weights are split across torch.get_num_threads() threads of torch's own
 OpenMP team (built with -fopenmp; see _openmp), or over PARALLEL_WEIGHTS across a pool's threads where the
 build has no OpenMP; ctypes lets go of the GIL while the C runs.
+
+Where the CPU has AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4), tokens are rounded to int8, each
+64 inputs by a scale of their own, and multiplied by the codes in integers, as llama.cpp does: fewer
+instructions a weight (benchmarks/results/cpu_gemv_int8_*.json), at a cost benchmarks/quality_tiny.py
+measures on the trained tiny model. MOE_OFFLOAD_INT8_TOKENS=0 keeps them float32.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ class _Meta(ctypes.Structure):
 
 
 class _Problem(ctypes.Structure):
-    _fields_ = [("x", ctypes.c_void_p), ("x_sums", ctypes.c_void_p), ("codes", ctypes.c_void_p),
+    _fields_ = [("x", ctypes.c_void_p), ("x_sums", ctypes.c_void_p), ("xq", ctypes.c_void_p),
+                ("x_scales", ctypes.c_void_p), ("codes", ctypes.c_void_p),
                 ("scale", _Meta), ("zero", _Meta), ("tokens", ctypes.c_int64), ("n", ctypes.c_int64),
                 ("k", ctypes.c_int64), ("step", ctypes.c_int64), ("bits", ctypes.c_int32),
                 ("group_size", ctypes.c_int32)]  # fmt: skip
@@ -154,6 +160,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moe_offload_gemv_packed_rows_parallel.argtypes = [problem, i64, i64, pointer, i64]
     lib.moe_offload_gemv_outputs_parallel.restype = lib.moe_offload_gemv_packed_rows_parallel.restype = None
     lib.moe_offload_openmp.restype = ctypes.c_int
+    lib.moe_offload_gemv_outputs_int8.argtypes = lib.moe_offload_gemv_outputs.argtypes
+    lib.moe_offload_gemv_outputs_int8_parallel.argtypes = lib.moe_offload_gemv_outputs_parallel.argtypes
+    lib.moe_offload_gemv_outputs_int8.restype = lib.moe_offload_gemv_outputs_int8_parallel.restype = None
+    lib.moe_offload_quantize_tokens.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer]
+    lib.moe_offload_quantize_tokens.restype = None
+    lib.moe_offload_int8.restype = ctypes.c_int
     return lib
 
 
@@ -187,6 +199,37 @@ def _openmp(lib: ctypes.CDLL) -> bool:
     of its own (torch built with another) would be a second team: the pool, then."""
     entry = openmp_entry(lib)
     return bool(lib.moe_offload_openmp()) and entry is not None and entry == torch_openmp()
+
+
+# Round tokens to int8 and multiply in integers, where the CPU has AVX-512 VNNI (see int8_tokens);
+# MOE_OFFLOAD_INT8_TOKENS=0 keeps them float32
+INT8_TOKENS = os.environ.get("MOE_OFFLOAD_INT8_TOKENS", "1").strip() != "0"
+
+
+@functools.cache
+def _can_int8(lib: ctypes.CDLL) -> bool:
+    return bool(lib.moe_offload_int8())
+
+
+def int8_tokens() -> bool:
+    """Whether calls round their tokens to int8 (each 64 inputs by a scale of their own) and multiply them in
+    integers, where the layout allows (int8_layout): INT8_TOKENS, and a CPU with AVX-512 VNNI."""
+    try:
+        return INT8_TOKENS and _can_int8(library())
+    except KernelUnavailable:
+        return False
+
+
+def int8_layout(q: Quantized) -> bool:
+    """Whether the int8 loop reads this layout: whole outputs a thread (not 3-bit's padded grid), inputs in
+    blocks of 64, and groups that tile them (16 or 32 inputs, or whole multiples of 64)."""
+    k, g = q.shape[1], q.spec.group_size
+    return _whole_outputs(q) and k % 64 == 0 and (g in (16, 32) or g % 64 == 0)
+
+
+def _whole_outputs(q: Quantized) -> bool:
+    """Whether each packed row's slots hold whole outputs (step = N / PER * G), so a thread makes whole outputs."""
+    return q.spec.bits != 3 and q.shape[0] % _ROWS_PER_ELEMENT[q.spec.bits] == 0
 
 
 # the C computes in float32; tokens of the others are converted on the way in and out (a few thousand values)
@@ -286,22 +329,33 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
     # M = tokens, N = outputs, K = inputs, G = groups a row
     (n, k), g, bits, tokens = q.shape, q.spec.group_size, q.spec.bits, x.shape[0]
     groups_per_row, per = k // g, _ROWS_PER_ELEMENT[bits]
+    int8 = int8_tokens() and int8_layout(q)
     x_sums = workspace.buffer("gemv.x_sums", (tokens, groups_per_row), x.dtype, x.device)
-    torch.sum(x.view(tokens, groups_per_row, g), dim=-1, out=x_sums)
+    xq = x_scales = None
+    if int8:
+        xq = workspace.buffer("gemv.xq", (tokens, k), torch.int8, x.device)
+        x_scales = workspace.buffer("gemv.x_scales", (tokens, k // 64), torch.float32, x.device)
+        lib.moe_offload_quantize_tokens(x.data_ptr(), tokens, k, g, xq.data_ptr(), x_scales.data_ptr(),
+                                        x_sums.data_ptr())  # fmt: skip
+    else:
+        torch.sum(x.view(tokens, groups_per_row, g), dim=-1, out=x_sums)
     if out is None:
         out = x.new_empty((tokens, n))
     y = out if out.is_contiguous() else workspace.buffer("gemv.y", (tokens, n), x.dtype, x.device)
-    problem = _Problem(x.data_ptr(), x_sums.data_ptr(), q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
+    problem = _Problem(x.data_ptr(), x_sums.data_ptr(), xq.data_ptr() if int8 else None,
+                       x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
                        tokens, n, k, q.codes.shape[0], bits, g)  # fmt: skip
     openmp = not _forked and _openmp(lib)
     threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
-    if bits != 3 and n % per == 0:  # step = N/PER * G: whole outputs a thread
+    if _whole_outputs(q):
         meta = workspace.buffer("gemv.meta", (threads, 2 * per * groups_per_row), torch.float32, x.device)
+        serial, parallel = lib.moe_offload_gemv_outputs, lib.moe_offload_gemv_outputs_parallel
+        if int8:
+            serial, parallel = lib.moe_offload_gemv_outputs_int8, lib.moe_offload_gemv_outputs_int8_parallel
         if openmp and threads > 1:
-            lib.moe_offload_gemv_outputs_parallel(problem, threads, n // per, meta.data_ptr(), meta.shape[1],
-                                                  y.data_ptr())  # fmt: skip
+            parallel(problem, threads, n // per, meta.data_ptr(), meta.shape[1], y.data_ptr())
         else:
-            _each_thread(threads, n // per, lambda i, first, last: lib.moe_offload_gemv_outputs(
+            _each_thread(threads, n // per, lambda i, first, last: serial(
                 problem, first, last, meta[i].data_ptr(), y.data_ptr()))  # fmt: skip
     else:  # slots split outputs: each thread adds its packed rows into outputs of its own
         partial = workspace.buffer("gemv.partial", (threads, tokens, n), x.dtype, x.device)

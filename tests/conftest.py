@@ -12,6 +12,9 @@ import torch
 # CPU. Triton reads this when a kernel is defined, so it is set before any test imports quant.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The CPU's kernel keeps tokens float32, so that a model's logits can be held to transformers' within float32
+# rounding; tests of int8 tokens (tests/test_cpu_gemv.py) turn them on. Set for the subprocesses tests start too.
+os.environ["MOE_OFFLOAD_INT8_TOKENS"] = "0"
 
 from tests.tiny import make_tiny_mixtral
 

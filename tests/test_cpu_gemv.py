@@ -5,6 +5,8 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 import offload
 from quant import cpu_gemv
 from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, Workspace, dequantize, random_quantized
-from quant.linear import CPU, linear
+from quant.linear import CPU, DEQUANTIZE, linear
 from tests.tiny import make_tiny_mixtral
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build quant/cpu_gemv.c")
@@ -58,6 +60,30 @@ def assert_close(got: torch.Tensor, x: torch.Tensor, q) -> None:
     assert error <= 1e-5 * scale, f"max error {error:.3g} against a scale of {scale:.3g}"
 
 
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 loop multiplies it: each 64 inputs of a token rounded to int8 by max |x| / 127, in
+    float32 as moe_offload_quantize_tokens does (round half to even)."""
+    blocks = x.view(x.shape[0], -1, 64)
+    most = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(most > 0, 127 / most, 0)
+    return ((blocks * inverse).round() * (most / 127)).view_as(x)
+
+
+def multiplied(x: torch.Tensor, q) -> torch.Tensor:
+    """The tokens gemv multiplies by q: int8_rounded where it rounds them, else x itself."""
+    return int8_rounded(x) if cpu_gemv.int8_tokens() and cpu_gemv.int8_layout(q) else x
+
+
+@pytest.fixture(params=["float32 tokens", "int8 tokens"])
+def tokens_in(request, monkeypatch):
+    """Each test that takes it runs with tokens kept float32, then rounded to int8 (where the CPU can)."""
+    int8 = request.param == "int8 tokens"
+    if int8 and not cpu_gemv._can_int8(cpu_gemv.library()):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(cpu_gemv, "INT8_TOKENS", int8)
+    return request.param
+
+
 def most_tokens(spec: QuantSpec) -> int:
     """2-bit g16's loop takes tokens in blocks, and serves more of them."""
     return cpu_gemv.MAX_TOKENS_BLOCKED if (spec.bits, spec.group_size) == (2, 16) else cpu_gemv.MAX_TOKENS
@@ -66,13 +92,51 @@ def most_tokens(spec: QuantSpec) -> int:
 @pytest.mark.parametrize(
     ("case", "tokens"), [(case, t) for case in CASES for t in sorted({1, 3, 8, most_tokens(CASES[case][0])})]
 )
-def test_gemv_matches_dequantize_then_multiply(case, tokens):
+def test_gemv_matches_dequantize_then_multiply(case, tokens, tokens_in):
+    """Against float64 products of the tokens it multiplies: int8 tokens are rounded as the C rounds them, so the
+    int8 loop is held to float32 rounding too (and must differ from the float32 loop: it did run)."""
     spec, shape = CASES[case]
     generator = torch.Generator().manual_seed(len(case) + tokens)
     q = with_random_meta(random_quantized(shape, spec, generator), generator)
     x = torch.randn(tokens, shape[1], generator=generator)
     assert cpu_gemv.supports(x, q)
-    assert_close(cpu_gemv.gemv(x, q), x, q)
+    got = cpu_gemv.gemv(x, q)
+    assert_close(got, multiplied(x, q), q)
+    assert cpu_gemv.int8_layout(q) == (spec.bits != 3 and case != "2-bit g16, N % 4 = 2")  # the loop reads
+    int8 = tokens_in == "int8 tokens" and cpu_gemv.int8_layout(q)
+    cpu_gemv.INT8_TOKENS = False
+    assert torch.equal(got, cpu_gemv.gemv(x, q)) != int8
+
+
+def test_int8_tokens_round_each_64_inputs_on_their_own_and_carry_nan(monkeypatch):
+    """A block's scale is its own largest |x| / 127: a block of large values beside one of small ones leaves the
+    small ones their precision. A block with inf or nan makes every output nan, as float products would (an inf
+    token times a weight of both signs)."""
+    monkeypatch.setattr(cpu_gemv, "INT8_TOKENS", True)
+    if not cpu_gemv.int8_tokens():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    generator = torch.Generator().manual_seed(9)
+    q = with_random_meta(random_quantized((64, 256), EXPERT_PRESETS["4"], generator), generator)
+    x = torch.randn(2, 256, generator=generator) * torch.tensor([1e-3, 1e3, 1, 0]).repeat_interleave(64)
+    x[1, 64:] = 0  # whole blocks of zeros: scale 0
+    assert_close(cpu_gemv.gemv(x, q), int8_rounded(x), q)
+    small = torch.zeros_like(x)
+    small[:, :64] = x[:, :64]  # the first block alone, at 1e-3: rounded by its own scale, not the 1e3 block's
+    assert_close(cpu_gemv.gemv(small, q), int8_rounded(small), q)
+    assert (cpu_gemv.gemv(small, q) - reference(small, q)).abs().max() < 1e-2 * reference(small, q).abs().max()
+    for bad in (float("inf"), float("nan")):
+        x[0, 70] = bad
+        y = cpu_gemv.gemv(x, q)
+        assert y[0].isnan().all() and y[1].isfinite().all()
+
+
+def test_int8_tokens_can_be_turned_off_from_the_environment():
+    code = "from quant import cpu_gemv; print(cpu_gemv.INT8_TOKENS)"
+    for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
+        env = {k: v for k, v in os.environ.items() if k != "MOE_OFFLOAD_INT8_TOKENS"}
+        env |= {"MOE_OFFLOAD_INT8_TOKENS": value} if value is not None else {}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected
 
 
 def test_every_float16_scale_converts_exactly():
@@ -94,7 +158,7 @@ def test_every_float16_scale_converts_exactly():
 
 @pytest.mark.parametrize("threads_of", ["openmp", "pool"])
 @pytest.mark.parametrize("bits", ["2", "3"])
-def test_threads_split_a_large_weight(bits, threads_of, monkeypatch):
+def test_threads_split_a_large_weight(bits, threads_of, monkeypatch, tokens_in):
     """Over PARALLEL_WEIGHTS the call is split across torch's threads: OpenMP's where the build has it, else the
     pool's. Where each thread makes whole outputs (2-bit) the result does not depend on their number, bit for
     bit; where threads add into shared outputs (3-bit's padded grid) it is the same sum in another order."""
@@ -117,7 +181,7 @@ def test_threads_split_a_large_weight(bits, threads_of, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     for got in results.values():
-        assert_close(got, x, q)
+        assert_close(got, multiplied(x, q), q)
     if bits == "2":
         assert torch.equal(results[1], results[3])
 
@@ -209,8 +273,12 @@ def test_a_forked_child_gets_threads_of_its_own():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.1)])
-def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(tmp_path, monkeypatch, dtype, tolerance):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(tmp_path, monkeypatch, dtype, tokens_in):
+    """Float32 tokens: the same logits as dequantizing, to float32's rounding (bfloat16's). Int8 tokens: as near
+    as bfloat16's rounding puts them (this random model's logits move 0.06 in 3; benchmarks/quality_tiny.py
+    measures what it costs the trained model)."""
+    tolerance = 1e-4 if (dtype, tokens_in) == ("float32", "float32 tokens") else 0.1
     calls = []  # the kernel must run, not only be chosen: in bfloat16 it once never served a call
     multiply = cpu_gemv.multiply
     monkeypatch.setattr(cpu_gemv, "multiply", lambda *args: calls.append(args[0].dtype) or multiply(*args))
@@ -222,13 +290,18 @@ def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(t
                              fused_gemv=fused)  # fmt: skip
         expected = CPU if fused is None else None
         assert model.moe.workspace.kernel is expected and model.decoder.workspace.kernel is expected
+        named = {None: f"{CPU.name}, int8 tokens" if tokens_in == "int8 tokens" else CPU.name, False: DEQUANTIZE}
+        assert model.info()["decode kernel"] == named[fused]
         model.reset()
         got = [model.forward(tokens[:8], 0)[-1:]]
         got += [model.forward(tokens[p : p + 1], p) for p in range(8, 12)]
         logits[fused] = torch.cat(got).float()
         assert set(calls) == ({getattr(torch, dtype)} if fused is None else set())
         calls.clear()
-    assert (logits[None] - logits[False]).abs().max().item() < tolerance
+    difference = (logits[None] - logits[False]).abs().max().item()
+    assert difference < tolerance
+    if tokens_in == "int8 tokens" and dtype == "float32":
+        assert difference > 1e-3  # they were rounded
 
 
 def test_a_build_is_made_once_and_kept(tmp_path, monkeypatch):
