@@ -7,8 +7,8 @@ For each expert preset, a synthetic 14336 x 4096 matrix (w1's shape) times 1 to 
 quant/cpu_gemv.py (its limits lifted, to show where they should lie) and through quant/linear.py's tiles.
 The two take turns, `--rounds` times; each figure is the fastest round. The C rounds tokens to int8 where
 the CPU has AVX-512 VNNI (the default there), or keeps them float32 (`--token-type float32`, and where
-it has not). Writes benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS and MAX_TOKENS_BLOCKED in
-quant/cpu_gemv.py rest on.
+it has not). Writes benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED and
+MAX_TOKENS_INT8 in quant/cpu_gemv.py rest on.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     if cpu_gemv.INT8_TOKENS and not cpu_gemv.int8_tokens():
         raise SystemExit("--token-type int8: this CPU has no AVX-512 VNNI; pass --token-type float32")
 
-    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = max(int(t) for t in args.tokens.split(","))
+    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_INT8 = max(map(int, args.tokens.split(",")))
     rows = []
     for bits in args.bits.split(","):
         q = random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(0))

@@ -43,6 +43,10 @@ SOURCE = Path(__file__).with_suffix(".c")
 # tokens, 29 against 73 at 32, 50 against 55 at 64; at 4-bit, 31 against 25 ms at 16 already
 MAX_TOKENS = 8
 MAX_TOKENS_BLOCKED = 32
+# With int8 tokens both presets' loops take four tokens at a time, and beat the tiles through 64 tokens, the most
+# measured: 2-bit 27 ms against 49, 4-bit 16 against 48 (benchmarks/results/cpu_gemv_{int8,float32}_f9afcf0.json)
+MAX_TOKENS_INT8 = 64
+INT8_BLOCKED = ((2, 16), (4, 64))  # (bits, g) whose int8 loop is compiled for blocks of four tokens
 MAX_GROUP = 256  # the C keeps PER x g/16 partial-sum vectors a token on the stack: keep them few
 # A smaller weight runs on the calling thread: handing a share to the pool costs 30-50 us, which a 1M-weight
 # 4-bit matrix does not win back (65 us on 1 thread, 94 on 2); 32-layer mixtral-small decoded 66-78 ms a token
@@ -241,6 +245,8 @@ def supports(x: Tensor, q: Quantized) -> bool:
     (float16 or 8-bit scales and zeros; groups of 16 lanes at a time, up to MAX_GROUP), every part contiguous."""
     g = q.spec.group_size
     most = MAX_TOKENS_BLOCKED if (q.spec.bits, g) == (2, 16) else MAX_TOKENS
+    if (q.spec.bits, g) in INT8_BLOCKED and int8_tokens():
+        most = MAX_TOKENS_INT8
     if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 2 or not 1 <= x.shape[0] <= most:
         return False
     if x.shape[1] != q.shape[1] or g % 16 or g > MAX_GROUP:

@@ -65,7 +65,7 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     float32 as moe_offload_quantize_tokens does (round half to even)."""
     blocks = x.view(x.shape[0], -1, 64)
     most = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(most > 0, 127 / most, 0)
+    inverse = torch.where(most > 0, torch.full_like(most, 127) / most, 0)  # 127 / most is 127 * (1 / most)
     return ((blocks * inverse).round() * (most / 127)).view_as(x)
 
 
@@ -128,6 +128,20 @@ def test_int8_tokens_round_each_64_inputs_on_their_own_and_carry_nan(monkeypatch
         x[0, 70] = bad
         y = cpu_gemv.gemv(x, q)
         assert y[0].isnan().all() and y[1].isfinite().all()
+
+
+@pytest.mark.parametrize("bits", ["2", "4"])
+def test_int8_tokens_serve_a_prefill_of_up_to_64_tokens_at_the_presets(bits, tokens_in):
+    """Their int8 loops take tokens four at a time and beat the tiles through 64 tokens; float32 tokens keep
+    the float loop's limits."""
+    generator = torch.Generator().manual_seed(10)
+    q = with_random_meta(random_quantized((64, 256), EXPERT_PRESETS[bits], generator), generator)
+    most = cpu_gemv.MAX_TOKENS_INT8 if tokens_in == "int8 tokens" else most_tokens(q.spec)
+    assert cpu_gemv.supports(torch.zeros(most, 256), q) and not cpu_gemv.supports(torch.zeros(most + 1, 256), q)
+    assert most == {"int8 tokens": 64, "float32 tokens": {"2": 32, "4": 8}[bits]}[tokens_in]
+    for tokens in (most, most - 1):  # whole blocks of four; then three over, one at a time
+        x = torch.randn(tokens, 256, generator=generator)
+        assert_close(cpu_gemv.gemv(x, q), multiplied(x, q), q)
 
 
 def test_int8_tokens_can_be_turned_off_from_the_environment():
