@@ -45,7 +45,7 @@ def decoded_logits(model, window: torch.Tensor) -> torch.Tensor:
 
 def decode_rows(model_path: str, windows: list[torch.Tensor], full: float) -> list[dict]:
     """The decode path at each preset, tokens float32 then int8: loss, and the int8 rows' distance from float32's."""
-    rows = []
+    rows, before = [], cpu_gemv.INT8_TOKENS
     for expert_bits, attn_bits in [("4", "none"), ("2", "none"), ("2", "4")]:
         model = offload.load(model_path, device="cpu", expert_bits=expert_bits, attn_bits=attn_bits)
         logits = {}
@@ -61,7 +61,7 @@ def decode_rows(model_path: str, windows: list[torch.Tensor], full: float) -> li
                 row["kl_from_float32_tokens"] = kl.item()
                 row["top1_agreement"] = (old.argmax(-1) == new.argmax(-1)).float().mean().item()
             rows.append(row)
-    cpu_gemv.INT8_TOKENS = True
+    cpu_gemv.INT8_TOKENS = before
     for row in rows:
         row["delta"] = row["loss"] - full
     return rows
@@ -94,6 +94,7 @@ def main() -> None:
         row["loss"] = round(row["loss"], 4)
         row["delta"] = round(row["loss"] - full, 4)
         print(f"{row['experts']:>26} {row['attention']:>9} {row['loss']:>7.4f} {row['delta']:>+8.4f}")
+    results_tokens = "int8 where the CPU's kernel serves (to 64 an expert)" if cpu_gemv.int8_tokens() else "float32"
     decode = []
     if cpu_gemv.available() and cpu_gemv._can_int8(cpu_gemv.library()):
         decode = decode_rows(args.model, windows, full)
@@ -112,6 +113,7 @@ def main() -> None:
         "model": "tiny-mixtral-code (trained, 6 layers, 8 experts, top 2)",
         "text": f"{len(windows)} windows of {args.length} tokens of: {', '.join(SOURCES)}",
         "results": rows,
+        "results_tokens": results_tokens,
         "decode": decode,
     }
     write_json(args.out, report, "--out")
