@@ -99,6 +99,25 @@ static inline float sum16(floats16 v) {
     return sum;
 }
 
+/* Output q's scales and zeros, every slot's, into meta [PER][2][G]: slot s's codes are masked where they lie,
+ * c * 2^shift (below), so its scales carry 2^-shift and its zeros 2^shift. */
+static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int bits, float *meta) {
+    const int per = 8 / bits;
+    for (int s = 0; s < per; s++) {
+        const float up = (float)(1u << (per - 1 - s) * bits);
+        meta_rows(&p->scale, s * p->step + q * G, G, 1.f / up, meta + (2 * s) * G);
+        meta_rows(&p->zero, s * p->step + q * G, G, up, meta + (2 * s + 1) * G);
+    }
+}
+
+/* What slot s's zeros take from an output: sum over its groups of scale * zero * (the group's sum of x). */
+static inline float zeros_term(const float *meta, int s, int64_t G, const float *x_sums) {
+    const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
+    float sum = 0.f;
+    for (int64_t group = 0; group < G; group++) sum += scale[group] * zero[group] * x_sums[group];
+    return sum;
+}
+
 /* Outputs s * rows_per_slot + [first, last) of every slot s, for tokens [m0, m0 + block), into y [M, N].
  * meta: 2 * PER * G floats. Inlined with constant bits, g and block, so the masks are known at compile time
  * and the partial sums (block x PER x g / 16 vectors) can live in registers: each code is unpacked once for
@@ -114,13 +133,10 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
     const float *x = p->x + m0 * p->k;
     for (int64_t q = first; q < last; q++) {
         floats16 partial[block][per][chunks]; /* by token and slot: sum over groups of scale * code * x */
-        for (int s = 0; s < per; s++) {
-            for (int m = 0; m < block; m++)
+        for (int m = 0; m < block; m++)
+            for (int s = 0; s < per; s++)
                 for (int c = 0; c < chunks; c++) partial[m][s][c] = (floats16){0};
-            const float up = (float)(1u << (per - 1 - s) * bits); /* slot s's codes are c * up, not shifted down */
-            meta_rows(&p->scale, s * p->step + q * G, G, 1.f / up, meta + (2 * s) * G);
-            meta_rows(&p->zero, s * p->step + q * G, G, up, meta + (2 * s + 1) * G);
-        }
+        output_meta(p, q, G, bits, meta);
         for (int64_t group = 0; group < G; group++) {
             for (int c = 0; c < chunks; c++) {
                 const words16 element = elements16(codes + (q * G + group) * g + 16 * c, bits);
@@ -135,11 +151,9 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
         for (int m = 0; m < block; m++) {
             const float *x_sums = p->x_sums + (m0 + m) * G;
             for (int s = 0; s < per; s++) {
-                const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
                 float sum = 0.f;
                 for (int c = 0; c < chunks; c++) sum += sum16(partial[m][s][c]);
-                for (int64_t group = 0; group < G; group++) sum -= scale[group] * zero[group] * x_sums[group];
-                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum;
+                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - zeros_term(meta, s, G, x_sums);
             }
         }
     }
@@ -260,12 +274,9 @@ INT8 static inline void outputs_int8(const Problem *p, int64_t first, int64_t la
         for (int j = 0; j < 16; j++) ((int32_t *)&lane_group)[j] = 4 * j / g;
     for (int64_t q = first; q < last; q++) {
         __m512 partial[block][per]; /* by token and slot: sum over blocks of scale * d * (codes . xq) */
-        for (int s = 0; s < per; s++) {
-            for (int m = 0; m < block; m++) partial[m][s] = _mm512_setzero_ps();
-            const float up = (float)(1u << (per - 1 - s) * bits); /* slot s's codes are c * up, not shifted down */
-            meta_rows(&p->scale, s * p->step + q * G, G, 1.f / up, meta + (2 * s) * G);
-            meta_rows(&p->zero, s * p->step + q * G, G, up, meta + (2 * s + 1) * G);
-        }
+        output_meta(p, q, G, bits, meta);
+        for (int m = 0; m < block; m++)
+            for (int s = 0; s < per; s++) partial[m][s] = _mm512_setzero_ps();
         const uint8_t *row = codes + q * p->k; /* output q's G packed rows, g bytes each */
         for (int64_t b = 0; b < blocks; b++) {
             const __m512i element = _mm512_loadu_si512(row + 64 * b);
@@ -288,10 +299,8 @@ INT8 static inline void outputs_int8(const Problem *p, int64_t first, int64_t la
         for (int m = 0; m < block; m++) {
             const float *x_sums = p->x_sums + (m0 + m) * G;
             for (int s = 0; s < per; s++) {
-                const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
-                float sum = _mm512_reduce_add_ps(partial[m][s]);
-                for (int64_t group = 0; group < G; group++) sum -= scale[group] * zero[group] * x_sums[group];
-                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum;
+                const float sum = _mm512_reduce_add_ps(partial[m][s]);
+                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - zeros_term(meta, s, G, x_sums);
             }
         }
     }
