@@ -1,14 +1,15 @@
 """The CPU's fused kernel against dequantizing in tiles, one Mixtral-8x7B expert matrix, by tokens.
 
     python benchmarks/cpu_gemv_tokens.py [--bits 2,3,4] [--tokens 1,2,4,8,16,32,64] [--rounds 3]
-                                         [--token-type int8|float32]
+                                         [--token-type int8|float32] [--vnni 512|256]
 
 For each expert preset, a synthetic 14336 x 4096 matrix (w1's shape) times 1 to 64 float32 tokens: through
 quant/cpu_gemv.py (its limits lifted, to show where they should lie) and through quant/linear.py's tiles.
 The two take turns, `--rounds` times; each figure is the fastest round. The C rounds tokens to int8 where
-the CPU has AVX-512 VNNI (the default there), or keeps them float32 (`--token-type float32`, and where
-it has not). Writes benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED and
-MAX_TOKENS_INT8 in quant/cpu_gemv.py rest on.
+the CPU has VNNI (the default there), at its widest (`--vnni 256`: AVX-VNNI's loop, where the CPU has
+both), or keeps them float32 (`--token-type float32`, and where it has none). Writes
+benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED and MAX_TOKENS_INT8 in
+quant/cpu_gemv.py rest on.
 """
 
 from __future__ import annotations
@@ -49,12 +50,18 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--token-type", choices=("int8", "float32"), default="int8")
+    parser.add_argument("--vnni", type=int, choices=(512, 256), help="the int8 loop's width (default: the widest)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_gemv_tokens.json"))
     args = parser.parse_args()
     check_writable(args.out, "--out")  # before the work, not after it
     cpu_gemv.INT8_TOKENS = args.token_type == "int8"
-    if cpu_gemv.INT8_TOKENS and not cpu_gemv.int8_tokens():
-        raise SystemExit("--token-type int8: this CPU has no AVX-512 VNNI; pass --token-type float32")
+    widths = cpu_gemv.vnni_widths(cpu_gemv.library())
+    if cpu_gemv.INT8_TOKENS and not widths:
+        raise SystemExit("--token-type int8: this CPU has no VNNI; pass --token-type float32")
+    if args.vnni is not None:
+        if args.vnni not in widths:
+            raise SystemExit(f"--vnni {args.vnni}: this CPU has {' and '.join(map(str, widths)) or 'none'}")
+        cpu_gemv.vnni = lambda lib: args.vnni
 
     cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_INT8 = max(map(int, args.tokens.split(",")))
     rows = []
@@ -73,6 +80,7 @@ def main() -> None:
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "matrix": f"{SHAPE[0]} x {SHAPE[1]}, {TOKENS[args.token_type]}",
+        "vnni_bits": cpu_gemv.int8_width(),
         "results": rows,
     }
     write_json(args.out, report, "--out")

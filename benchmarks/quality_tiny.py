@@ -3,8 +3,8 @@
 Teacher-forced windows of real Python source through moe-offload's runtime (experts quantized with
 our presets, attention unquantized or 4-bit), beside transformers' unquantized model. Then the same
 windows one token a step, the decode path, where the CPU multiplies through its fused kernel: with
-tokens kept float32 and rounded to int8 (quant/cpu_gemv.py's INT8_TOKENS, where the CPU has AVX-512
-VNNI), with what rounding costs: the loss, the KL divergence from the float32 tokens' next-token
+tokens kept float32 and rounded to int8 (quant/cpu_gemv.py's INT8_TOKENS, where the CPU has VNNI),
+with what rounding costs: the loss, the KL divergence from the float32 tokens' next-token
 distribution, and how often the two agree on the likeliest token.
 
     python benchmarks/quality_tiny.py [--model ../shared/models/tiny-mixtral-code]
@@ -96,10 +96,10 @@ def main() -> None:
         print(f"{row['experts']:>26} {row['attention']:>9} {row['loss']:>7.4f} {row['delta']:>+8.4f}")
     results_tokens = "int8 where the CPU's kernel serves (to 64 an expert)" if cpu_gemv.int8_tokens() else "float32"
     decode = []
-    if cpu_gemv.available() and cpu_gemv._can_int8(cpu_gemv.library()):
+    if cpu_gemv.available() and cpu_gemv.vnni(cpu_gemv.library()):
         decode = decode_rows(args.model, windows, full)
     else:
-        print("\nno decode rows: they need the CPU's fused kernel with int8 tokens (a C compiler, AVX-512 VNNI)")
+        print("\nno decode rows: they need the CPU's fused kernel with int8 tokens (a C compiler, VNNI)")
     print(f"\ndecode, one token a step\n{'experts':>7} {'attention':>9} {'tokens':>7} {'loss':>7} {'vs fp32':>8}"
           f" {'KL':>9} {'top-1 same':>10}")  # fmt: skip
     for row in decode:

@@ -34,6 +34,7 @@ typedef struct {
     Meta scale, zero;
     int64_t tokens, n, k, step; /* M, N, K, packed rows */
     int32_t bits, group_size;
+    int32_t vnni; /* the _int8 calls' vector width: 512 or 256 bits (moe_offload_vnni) */
 } Problem;
 
 /* float16 -> float32, exactly and without branches, so that meta_rows' loops vectorize (a branch a case kept
@@ -188,9 +189,9 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
 }
 
 /* The entry points, one call a thread. The presets' (bits, g) get loops compiled for them, taking tokens in
- * blocks of up to `most`. At 2-bit g16
- * a block of 4 keeps its 16 partial sums in registers and unpacks each code once for the four (a 14336 x 4096
- * matrix times 4 tokens: 5.2 -> 2.6 ms on 2 threads); at 4-bit g64 blocks measured no faster. */
+ * blocks of up to `most`. At 2-bit g16 a block of 4 keeps its 16 partial sums in registers and unpacks each
+ * code once for the four (a 14336 x 4096 matrix times 4 tokens: 5.2 -> 2.6 ms on 2 threads); at 4-bit g64
+ * blocks measured no faster, but they do with int8 tokens (below), whose products are cheap. */
 #define OUTPUTS_WITH(loop, bits, g, most)                                                                          \
     for (int64_t m0 = 0; m0 < p->tokens;) {                                                                        \
         const int64_t left = p->tokens - m0;                                                                      \
@@ -203,7 +204,126 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
     }
 #define OUTPUTS(bits, g, most) OUTPUTS_WITH(outputs, bits, g, most)
 
+/* Int8 tokens, integer products (llama.cpp's way on the CPU): each 64 inputs of a token are rounded to int8
+ * with a scale of their own, x ~ xq * d, and a slot's masked codes (bytes, c * 2^shift <= 255) multiply them
+ * with VNNI's dot product, u8 x s8 -> four products summed into each int32 lane (64 an instruction on
+ * AVX-512 VNNI, 32 on AVX-VNNI, which Intel's laptop chips since Alder Lake have without AVX-512):
+ *
+ *     sum_k W[n, k] x[k] ~ sum_r scale_r * (sum_j code_rj xq_j d_j - zero_r * sum_j xq_j d_j)
+ *
+ * A lane's four inputs lie in one group (g % 4 == 0) and one 64-input block, so its int32 sum is scaled in
+ * float by scale_r * d, then summed; the groups' sums of x are those of xq * d as well, so the error is that
+ * of the tokens' rounding alone, weighted by the weights: sum_k W[n, k] (x[k] - xq[k] d[k]). The loop is
+ * quant/cpu_gemv_int8.h, included once for each width; Problem.vnni picks one (moe_offload_vnni says which
+ * this CPU has). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define VNNI_LOOPS
+#include <immintrin.h>
+
+#define INT8_LOOP outputs_int8_512
+#define INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define LANES 16
+#define IVEC __m512i
+#define FVEC __m512
+#define I_LOAD(at) _mm512_loadu_si512(at)
+#define I_AND _mm512_and_si512
+#define I_BYTES _mm512_set1_epi8
+#define I_ZERO _mm512_setzero_si512
+#define DPBUSD _mm512_dpbusd_epi32
+#define F_CVT _mm512_cvtepi32_ps
+#define F_FMA _mm512_fmadd_ps
+#define F_MUL _mm512_mul_ps
+#define F_SET1 _mm512_set1_ps
+#define F_ZERO _mm512_setzero_ps
+#define F_SUM _mm512_reduce_add_ps
+#define F_SCALES(at, lane_group) \
+    _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps((__mmask16)((1u << (64 / g)) - 1), at))
+#include "cpu_gemv_int8.h"
+#undef INT8_LOOP
+#undef INT8_TARGET
+#undef LANES
+#undef IVEC
+#undef FVEC
+#undef I_LOAD
+#undef I_AND
+#undef I_BYTES
+#undef I_ZERO
+#undef DPBUSD
+#undef F_CVT
+#undef F_FMA
+#undef F_MUL
+#undef F_SET1
+#undef F_ZERO
+#undef F_SUM
+#undef F_SCALES
+
+#define AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
+AVX_VNNI static inline float sum8(__m256 v) {
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+#define INT8_LOOP outputs_int8_256
+#define INT8_TARGET AVX_VNNI
+#define LANES 8
+#define IVEC __m256i
+#define FVEC __m256
+#define I_LOAD(at) _mm256_loadu_si256((const __m256i *)(at))
+#define I_AND _mm256_and_si256
+#define I_BYTES _mm256_set1_epi8
+#define I_ZERO _mm256_setzero_si256
+#define DPBUSD _mm256_dpbusd_avx_epi32
+#define F_CVT _mm256_cvtepi32_ps
+#define F_FMA _mm256_fmadd_ps
+#define F_MUL _mm256_mul_ps
+#define F_SET1 _mm256_set1_ps
+#define F_ZERO _mm256_setzero_ps
+#define F_SUM sum8
+/* g < 32 is g == 16 here: two scales, 8 bytes */
+#define F_SCALES(at, lane_group) \
+    _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(at)))), lane_group)
+#include "cpu_gemv_int8.h"
+
+#define INT8_ENTRY(width, target)                                                                                 \
+    target static void gemv_outputs_int8_##width(const Problem *p, int64_t first, int64_t last, float *meta,     \
+                                                 float *y) {                                                      \
+        if (p->bits == 2 && p->group_size == 16) {                                                                \
+            OUTPUTS_WITH(outputs_int8_##width, 2, 16, 4)                                                          \
+        } else if (p->bits == 4 && p->group_size == 64) {                                                         \
+            OUTPUTS_WITH(outputs_int8_##width, 4, 64, 4)                                                          \
+        } else {                                                                                                  \
+            OUTPUTS_WITH(outputs_int8_##width, p->bits, p->group_size, 1)                                         \
+        }                                                                                                         \
+    }
+INT8_ENTRY(512, __attribute__((target("avx512f,avx512bw,avx512vnni"))))
+INT8_ENTRY(256, AVX_VNNI)
+
+/* The VNNI widths this CPU has, which Problem.vnni may ask for: 512 (AVX-512 VNNI: Intel since Cascade Lake, AMD
+ * since Zen 4) and 256 (AVX-VNNI: Intel since Alder Lake, AMD since Zen 5), as bits: 1 for 256, 2 for 512. */
+int moe_offload_vnni(void) {
+    __builtin_cpu_init();
+    const int wide = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vnni");
+    const int narrow =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni");
+    return (wide ? 2 : 0) | (narrow ? 1 : 0);
+}
+#else
+int moe_offload_vnni(void) { return 0; }
+#endif
+
 void moe_offload_gemv_outputs(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
+#ifdef VNNI_LOOPS
+    if (p->vnni == 512) {
+        gemv_outputs_int8_512(p, first, last, meta, y);
+        return;
+    }
+    if (p->vnni == 256) {
+        gemv_outputs_int8_256(p, first, last, meta, y);
+        return;
+    }
+#endif
     if (p->bits == 2 && p->group_size == 16) {
         OUTPUTS(2, 16, 4)
     } else if (p->bits == 4 && p->group_size == 64) {
@@ -245,98 +365,6 @@ int moe_offload_openmp(void) {
 #else
     return 0;
 #endif
-}
-
-/* Int8 tokens, integer products (llama.cpp's way on the CPU): each 64 inputs of a token are rounded to int8
- * with a scale of their own, x ~ xq * d, and a slot's masked codes (bytes, c * 2^shift <= 255) multiply them
- * with AVX-512 VNNI's dot product, u8 x s8 -> four products summed into each int32 lane, 64 a instruction:
- *
- *     sum_k W[n, k] x[k] ~ sum_r scale_r * (sum_j code_rj xq_j d_j - zero_r * sum_j xq_j d_j)
- *
- * A lane's four inputs lie in one group (g % 4 == 0) and one 64-input block, so its int32 sum is scaled in
- * float by scale_r * d, then summed; the groups' sums of x are those of xq * d as well, so the error is that
- * of the tokens' rounding alone, weighted by the weights: sum_k W[n, k] (x[k] - xq[k] d[k]). */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define INT8 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-
-/* Outputs as outputs() takes them, the products in integers: g is 16, 32 or a multiple of 64. */
-INT8 static inline void outputs_int8(const Problem *p, int64_t first, int64_t last, float *meta, float *y,
-                                     int64_t m0, const int bits, const int g, const int block) {
-    const int per = 8 / bits;
-    const int64_t G = p->k / g, rows_per_slot = p->step / G, blocks = p->k / 64;
-    const uint8_t *codes = p->codes;
-    const int8_t *xq = p->xq + m0 * p->k;
-    const float *d = p->x_scales + m0 * blocks;
-    /* lane j holds inputs 4j..4j+3 of a block: where g < 64, group 4j / g of the block's first */
-    __m512i lane_group = _mm512_setzero_si512();
-    if (g < 64)
-        for (int j = 0; j < 16; j++) ((int32_t *)&lane_group)[j] = 4 * j / g;
-    for (int64_t q = first; q < last; q++) {
-        __m512 partial[block][per]; /* by token and slot: sum over blocks of scale * d * (codes . xq) */
-        output_meta(p, q, G, bits, meta);
-        for (int m = 0; m < block; m++)
-            for (int s = 0; s < per; s++) partial[m][s] = _mm512_setzero_ps();
-        const uint8_t *row = codes + q * p->k; /* output q's G packed rows, g bytes each */
-        for (int64_t b = 0; b < blocks; b++) {
-            const __m512i element = _mm512_loadu_si512(row + 64 * b);
-            for (int s = 0; s < per; s++) {
-                const __m512i code = _mm512_and_si512(element, _mm512_set1_epi8((char)(((1u << bits) - 1)
-                                                                                     << ((per - 1 - s) * bits))));
-                const float *scale = meta + 2 * s * G;
-                const __m512 weight = g < 64 ? _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(
-                                                   (__mmask16)((1u << (64 / g)) - 1), scale + b * (64 / g)))
-                                             : _mm512_set1_ps(scale[b * 64 / g]);
-                for (int m = 0; m < block; m++) {
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), code,
-                                                            _mm512_loadu_si512(xq + m * p->k + 64 * b));
-                    partial[m][s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                                    _mm512_mul_ps(weight, _mm512_set1_ps(d[m * blocks + b])),
-                                                    partial[m][s]);
-                }
-            }
-        }
-        for (int m = 0; m < block; m++) {
-            const float *x_sums = p->x_sums + (m0 + m) * G;
-            for (int s = 0; s < per; s++) {
-                const float sum = _mm512_reduce_add_ps(partial[m][s]);
-                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - zeros_term(meta, s, G, x_sums);
-            }
-        }
-    }
-}
-
-#define OUTPUTS_INT8(bits, g, most) OUTPUTS_WITH(outputs_int8, bits, g, most)
-
-INT8 void moe_offload_gemv_outputs_int8(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
-    if (p->bits == 2 && p->group_size == 16) {
-        OUTPUTS_INT8(2, 16, 4)
-    } else if (p->bits == 4 && p->group_size == 64) {
-        OUTPUTS_INT8(4, 64, 4)
-    } else {
-        OUTPUTS_INT8(p->bits, p->group_size, 1)
-    }
-}
-
-/* 1 when this CPU runs the _int8 calls: AVX-512 with VNNI (Intel since Cascade Lake, AMD since Zen 4). */
-int moe_offload_int8(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
-}
-#else
-void moe_offload_gemv_outputs_int8(const Problem *p, int64_t first, int64_t last, float *meta, float *y) {
-    (void)p, (void)first, (void)last, (void)meta, (void)y; /* never called: moe_offload_int8() says 0 */
-}
-
-int moe_offload_int8(void) { return 0; }
-#endif
-
-void moe_offload_gemv_outputs_int8_parallel(const Problem *p, int64_t threads, int64_t total, float *meta,
-                                            int64_t stride, float *y) {
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t i = 0; i < threads; i++)
-        moe_offload_gemv_outputs_int8(p, total * i / threads, total * (i + 1) / threads, meta + i * stride, y);
 }
 
 /* x [M, K] -> xq [M, K] and d [M, K / 64]: each 64 inputs of a token rounded to int8 by a scale of their own,

@@ -13,10 +13,11 @@ Calls over OPENMP_PARALLEL_WEIGHTS weights are split across torch.get_num_thread
 OpenMP team (built with -fopenmp; see _openmp), or over PARALLEL_WEIGHTS across a pool's threads where the
 build has no OpenMP; ctypes lets go of the GIL while the C runs.
 
-Where the CPU has AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4), tokens are rounded to int8, each
-64 inputs by a scale of their own, and multiplied by the codes in integers, as llama.cpp does: fewer
-instructions a weight (benchmarks/results/cpu_gemv_int8_*.json), at a cost benchmarks/quality_tiny.py
-measures on the trained tiny model. MOE_OFFLOAD_INT8_TOKENS=0 keeps them float32.
+Where the CPU has VNNI (AVX-512 VNNI: Intel since Cascade Lake, AMD since Zen 4; AVX-VNNI: Intel's laptop chips
+since Alder Lake), tokens are rounded to int8, each 64 inputs by a scale of their own, and multiplied by the
+codes in integers, as llama.cpp does: fewer instructions a weight (benchmarks/results/cpu_gemv_int8_*.json), at
+a cost benchmarks/quality_tiny.py measures on the trained tiny model. MOE_OFFLOAD_INT8_TOKENS=0 keeps them
+float32.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import Tensor
 from quant.hqq import _ROWS_PER_ELEMENT, Quantized, Workspace
 
 SOURCE = Path(__file__).with_suffix(".c")
+HEADERS = (SOURCE.with_name("cpu_gemv_int8.h"),)  # what SOURCE includes: a build's key hashes them too
 # More tokens (a prefill) multiply faster dequantized in tiles, through BLAS. Except at 2-bit g16, which the
 # C takes four tokens at a time: one 14336x4096 matrix, 2 threads, C against tiles: 17 against 28 ms at 16
 # tokens, 29 against 73 at 32, 50 against 55 at 64; at 4-bit, 31 against 25 ms at 16 already
@@ -74,7 +76,7 @@ class _Problem(ctypes.Structure):
                 ("x_scales", ctypes.c_void_p), ("codes", ctypes.c_void_p),
                 ("scale", _Meta), ("zero", _Meta), ("tokens", ctypes.c_int64), ("n", ctypes.c_int64),
                 ("k", ctypes.c_int64), ("step", ctypes.c_int64), ("bits", ctypes.c_int32),
-                ("group_size", ctypes.c_int32)]  # fmt: skip
+                ("group_size", ctypes.c_int32), ("vnni", ctypes.c_int32)]  # fmt: skip
 
 
 class KernelUnavailable(RuntimeError):
@@ -109,7 +111,7 @@ def library() -> ctypes.CDLL:
 def build(compiler: str, folder: Path) -> Path:
     """The shared library of SOURCE for this CPU, compiled into `folder` unless a build is already there.
     Written under a temporary name and renamed, so that another process never loads half a file."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu().encode()]))
     path = folder / f"cpu_gemv-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -164,12 +166,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moe_offload_gemv_packed_rows_parallel.argtypes = [problem, i64, i64, pointer, i64]
     lib.moe_offload_gemv_outputs_parallel.restype = lib.moe_offload_gemv_packed_rows_parallel.restype = None
     lib.moe_offload_openmp.restype = ctypes.c_int
-    lib.moe_offload_gemv_outputs_int8.argtypes = lib.moe_offload_gemv_outputs.argtypes
-    lib.moe_offload_gemv_outputs_int8_parallel.argtypes = lib.moe_offload_gemv_outputs_parallel.argtypes
-    lib.moe_offload_gemv_outputs_int8.restype = lib.moe_offload_gemv_outputs_int8_parallel.restype = None
     lib.moe_offload_quantize_tokens.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer]
     lib.moe_offload_quantize_tokens.restype = None
-    lib.moe_offload_int8.restype = ctypes.c_int
+    lib.moe_offload_vnni.restype = ctypes.c_int
     return lib
 
 
@@ -205,23 +204,36 @@ def _openmp(lib: ctypes.CDLL) -> bool:
     return bool(lib.moe_offload_openmp()) and entry is not None and entry == torch_openmp()
 
 
-# Round tokens to int8 and multiply in integers, where the CPU has AVX-512 VNNI (see int8_tokens);
+# Round tokens to int8 and multiply in integers, where the CPU has VNNI (see int8_width);
 # MOE_OFFLOAD_INT8_TOKENS=0 keeps them float32
 INT8_TOKENS = os.environ.get("MOE_OFFLOAD_INT8_TOKENS", "1").strip() != "0"
 
 
 @functools.cache
-def _can_int8(lib: ctypes.CDLL) -> bool:
-    return bool(lib.moe_offload_int8())
+def vnni_widths(lib: ctypes.CDLL) -> tuple[int, ...]:
+    """The VNNI widths this CPU has, in bits, widest first: 512 (AVX-512 VNNI), 256 (AVX-VNNI, which Intel's
+    laptop chips since Alder Lake have without AVX-512)."""
+    flags = lib.moe_offload_vnni()
+    return tuple(width for width, flag in ((512, 2), (256, 1)) if flags & flag)
+
+
+def vnni(lib: ctypes.CDLL) -> int:
+    """The width the int8 loops run at: the widest this CPU has, 0 for none."""
+    return max(vnni_widths(lib), default=0)
+
+
+def int8_width() -> int:
+    """The width in bits at which calls multiply int8 tokens (each 64 inputs rounded by a scale of their own)
+    in integers, where the layout allows (int8_layout): the CPU's VNNI, or 0 where INT8_TOKENS is off or the CPU
+    has none, and tokens stay float32."""
+    try:
+        return vnni(library()) if INT8_TOKENS else 0
+    except KernelUnavailable:
+        return 0
 
 
 def int8_tokens() -> bool:
-    """Whether calls round their tokens to int8 (each 64 inputs by a scale of their own) and multiply them in
-    integers, where the layout allows (int8_layout): INT8_TOKENS, and a CPU with AVX-512 VNNI."""
-    try:
-        return INT8_TOKENS and _can_int8(library())
-    except KernelUnavailable:
-        return False
+    return int8_width() > 0
 
 
 def int8_layout(q: Quantized) -> bool:
@@ -335,7 +347,8 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
     # M = tokens, N = outputs, K = inputs, G = groups a row
     (n, k), g, bits, tokens = q.shape, q.spec.group_size, q.spec.bits, x.shape[0]
     groups_per_row, per = k // g, _ROWS_PER_ELEMENT[bits]
-    int8 = int8_tokens() and int8_layout(q)
+    width = int8_width() if int8_layout(q) else 0
+    int8 = width > 0
     x_sums = workspace.buffer("gemv.x_sums", (tokens, groups_per_row), x.dtype, x.device)
     xq = x_scales = None
     if int8:
@@ -350,18 +363,16 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
     y = out if out.is_contiguous() else workspace.buffer("gemv.y", (tokens, n), x.dtype, x.device)
     problem = _Problem(x.data_ptr(), x_sums.data_ptr(), xq.data_ptr() if int8 else None,
                        x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
-                       tokens, n, k, q.codes.shape[0], bits, g)  # fmt: skip
+                       tokens, n, k, q.codes.shape[0], bits, g, width)  # fmt: skip
     openmp = not _forked and _openmp(lib)
     threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
     if _whole_outputs(q):
         meta = workspace.buffer("gemv.meta", (threads, 2 * per * groups_per_row), torch.float32, x.device)
-        serial, parallel = lib.moe_offload_gemv_outputs, lib.moe_offload_gemv_outputs_parallel
-        if int8:
-            serial, parallel = lib.moe_offload_gemv_outputs_int8, lib.moe_offload_gemv_outputs_int8_parallel
         if openmp and threads > 1:
-            parallel(problem, threads, n // per, meta.data_ptr(), meta.shape[1], y.data_ptr())
+            lib.moe_offload_gemv_outputs_parallel(problem, threads, n // per, meta.data_ptr(), meta.shape[1],
+                                                  y.data_ptr())  # fmt: skip
         else:
-            _each_thread(threads, n // per, lambda i, first, last: serial(
+            _each_thread(threads, n // per, lambda i, first, last: lib.moe_offload_gemv_outputs(
                 problem, first, last, meta[i].data_ptr(), y.data_ptr()))  # fmt: skip
     else:  # slots split outputs: each thread adds its packed rows into outputs of its own
         partial = workspace.buffer("gemv.partial", (threads, tokens, n), x.dtype, x.device)

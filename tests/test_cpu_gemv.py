@@ -74,14 +74,16 @@ def multiplied(x: torch.Tensor, q) -> torch.Tensor:
     return int8_rounded(x) if cpu_gemv.int8_tokens() and cpu_gemv.int8_layout(q) else x
 
 
-@pytest.fixture(params=["float32 tokens", "int8 tokens"])
-def tokens_in(request, monkeypatch):
-    """Each test that takes it runs with tokens kept float32, then rounded to int8 (where the CPU can)."""
-    int8 = request.param == "int8 tokens"
-    if int8 and not cpu_gemv._can_int8(cpu_gemv.library()):
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    monkeypatch.setattr(cpu_gemv, "INT8_TOKENS", int8)
-    return request.param
+@pytest.fixture(params=[0, 512, 256], ids=["float32 tokens", "int8 tokens, 512-bit", "int8 tokens, 256-bit"])
+def tokens_in(request, monkeypatch) -> str:
+    """Each test that takes it runs with tokens kept float32, then rounded to int8 at each VNNI width the CPU has
+    (AVX-512 VNNI's loop, AVX-VNNI's): "float32 tokens" or "int8 tokens"."""
+    width = request.param
+    if width and width not in cpu_gemv.vnni_widths(cpu_gemv.library()):
+        pytest.skip(f"this CPU has no {width}-bit VNNI")
+    monkeypatch.setattr(cpu_gemv, "INT8_TOKENS", width > 0)
+    monkeypatch.setattr(cpu_gemv, "vnni", lambda lib: width)
+    return "int8 tokens" if width else "float32 tokens"
 
 
 def most_tokens(spec: QuantSpec) -> int:
@@ -114,7 +116,7 @@ def test_int8_tokens_round_each_64_inputs_on_their_own_and_carry_nan(monkeypatch
     token times a weight of both signs)."""
     monkeypatch.setattr(cpu_gemv, "INT8_TOKENS", True)
     if not cpu_gemv.int8_tokens():
-        pytest.skip("this CPU has no AVX-512 VNNI")
+        pytest.skip("this CPU has no VNNI")
     generator = torch.Generator().manual_seed(9)
     q = with_random_meta(random_quantized((64, 256), EXPERT_PRESETS["4"], generator), generator)
     x = torch.randn(2, 256, generator=generator) * torch.tensor([1e-3, 1e3, 1, 0]).repeat_interleave(64)
