@@ -257,7 +257,7 @@ def supports(x: Tensor, q: Quantized) -> bool:
     (float16 or 8-bit scales and zeros; groups of 16 lanes at a time, up to MAX_GROUP), every part contiguous."""
     g = q.spec.group_size
     most = MAX_TOKENS_BLOCKED if (q.spec.bits, g) == (2, 16) else MAX_TOKENS
-    if (q.spec.bits, g) in INT8_BLOCKED and int8_tokens():
+    if (q.spec.bits, g) in INT8_BLOCKED and int8_tokens() and int8_layout(q):
         most = MAX_TOKENS_INT8
     if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 2 or not 1 <= x.shape[0] <= most:
         return False

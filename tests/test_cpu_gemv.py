@@ -141,6 +141,8 @@ def test_int8_tokens_serve_a_prefill_of_up_to_64_tokens_at_the_presets(bits, tok
     most = cpu_gemv.MAX_TOKENS_INT8 if tokens_in == "int8 tokens" else most_tokens(q.spec)
     assert cpu_gemv.supports(torch.zeros(most, 256), q) and not cpu_gemv.supports(torch.zeros(most + 1, 256), q)
     assert most == {"int8 tokens": 64, "float32 tokens": {"2": 32, "4": 8}[bits]}[tokens_in]
+    odd = random_quantized((65, 256), EXPERT_PRESETS["4"], generator)  # slots split outputs: the float loop's limit
+    assert not cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS + 1, 256), odd)
     for tokens in (most, most - 1):  # whole blocks of four; then three over, one at a time
         x = torch.randn(tokens, 256, generator=generator)
         assert_close(cpu_gemv.gemv(x, q), multiplied(x, q), q)
