@@ -220,8 +220,11 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
 #define VNNI_LOOPS
 #include <immintrin.h>
 
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
+
 #define INT8_LOOP outputs_int8_512
-#define INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define INT8_TARGET AVX512_VNNI
 #define LANES 16
 #define IVEC __m512i
 #define FVEC __m512
@@ -257,7 +260,6 @@ static inline void packed_rows(const Problem *p, int64_t first, int64_t last, fl
 #undef F_SUM
 #undef F_SCALES
 
-#define AVX_VNNI __attribute__((target("avx2,fma,avxvnni")))
 AVX_VNNI static inline float sum8(__m256 v) {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
@@ -296,7 +298,7 @@ AVX_VNNI static inline float sum8(__m256 v) {
             OUTPUTS_WITH(outputs_int8_##width, p->bits, p->group_size, 1)                                         \
         }                                                                                                         \
     }
-INT8_ENTRY(512, __attribute__((target("avx512f,avx512bw,avx512vnni"))))
+INT8_ENTRY(512, AVX512_VNNI)
 INT8_ENTRY(256, AVX_VNNI)
 
 /* The VNNI widths this CPU has, which Problem.vnni may ask for: 512 (AVX-512 VNNI: Intel since Cascade Lake, AMD
