@@ -1,13 +1,16 @@
 """The CPU's fused kernel against dequantizing in tiles, one Mixtral-8x7B expert matrix, by tokens.
 
     python benchmarks/cpu_gemv_tokens.py [--bits 2,3,4] [--tokens 1,2,4,8,16,32,64] [--rounds 3]
-                                         [--token-type int8|float32] [--vnni 512|256]
+                                         [--token-type int8|float32] [--vnni 512|256] [--matrices N]
 
 For each expert preset, a synthetic 14336 x 4096 matrix (w1's shape) times 1 to 64 float32 tokens: through
 quant/cpu_gemv.py (its limits lifted, to show where they should lie) and through quant/linear.py's tiles.
 The two take turns, `--rounds` times; each figure is the fastest round. The C rounds tokens to int8 where
 the CPU has VNNI (the default there), at its widest (`--vnni 256`: AVX-VNNI's loop, where the CPU has
-both), or keeps them float32 (`--token-type float32`, and where it has none). Writes
+both), or keeps them float32 (`--token-type float32`, and where it has none). `--matrices N` multiplies N
+matrices in turn, each call the next, so that with N of 3 or more (44 MB and over) the weights come from memory
+and not from the cache, as in decode, where a step reads each expert once; the default, 1, times one matrix
+over and over, out of the cache when it fits (a 2-bit one, 22 MB with its scales, fits a 32 MB L3). Writes
 benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED and MAX_TOKENS_INT8 in
 quant/cpu_gemv.py rest on.
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,11 +41,12 @@ SHAPE = (14336, 4096)  # Mixtral-8x7B's w1
 TOKENS = {"float32": "float32 tokens", "int8": "int8 tokens (3-bit's loop keeps them float32)"}
 
 
-def ms_per_call(call, calls: int) -> float:
-    call()
+def ms_per_call(call, weights: Iterator, calls: int) -> float:
+    """Milliseconds a call of call(weight), each call the next of `weights`, after one call to warm up."""
+    call(next(weights))
     begin = time.perf_counter()
     for _ in range(calls):
-        call()
+        call(next(weights))
     return (time.perf_counter() - begin) / calls * 1000
 
 
@@ -51,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--token-type", choices=("int8", "float32"), default="int8")
     parser.add_argument("--vnni", type=int, choices=(512, 256), help="the int8 loop's width (default: the widest)")
+    parser.add_argument("--matrices", type=int, default=1, help="matrices taken in turn (3 or more: out of cache)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_gemv_tokens.json"))
     args = parser.parse_args()
     check_writable(args.out, "--out")  # before the work, not after it
@@ -66,20 +73,23 @@ def main() -> None:
     cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_INT8 = max(map(int, args.tokens.split(",")))
     rows = []
     for bits in args.bits.split(","):
-        q = random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(0))
+        weights = [random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(seed))
+                   for seed in range(args.matrices)]  # fmt: skip
+        turn = itertools.cycle(weights)
         for tokens in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(tokens, SHAPE[1], generator=torch.Generator().manual_seed(1))
             fused, tiles = Workspace(), Workspace()
             rounds = {"c_ms": [], "tiles_ms": []}
             for _ in range(args.rounds):
-                rounds["c_ms"].append(ms_per_call(functools.partial(cpu_gemv.gemv, x, q, workspace=fused), 5))
-                rounds["tiles_ms"].append(ms_per_call(functools.partial(linear, x, q, tiles), 3))
+                rounds["c_ms"].append(ms_per_call(functools.partial(cpu_gemv.gemv, x, workspace=fused), turn, 5))
+                rounds["tiles_ms"].append(ms_per_call(functools.partial(linear, x, workspace=tiles), turn, 3))
             row = {"bits": int(bits), "tokens": tokens, **{k: round(min(v), 2) for k, v in rounds.items()}}
             rows.append(row)
             print(f"{bits}-bit, {tokens:2} tokens: C {row['c_ms']:7.2f} ms, tiles {row['tiles_ms']:7.2f} ms")
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "matrix": f"{SHAPE[0]} x {SHAPE[1]}, {TOKENS[args.token_type]}",
+        "matrices": args.matrices,
         "vnni_bits": cpu_gemv.int8_width(),
         "results": rows,
     }
