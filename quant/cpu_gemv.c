@@ -111,6 +111,15 @@ static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int
     }
 }
 
+/* The packed row of the output after q, where it is this call's (else q's own). An output's codes are one row of K
+ * bytes, a page at K = 4096, and the hardware's prefetchers stop at a page's end, so each output began with a wait
+ * on memory. So the loops prefetch the next row while they read this one: the int8 loop a cache line a chunk, the
+ * float loop all of it before its first group (a prefetch in its inner loop, one in four groups at g16, made it
+ * slower than none). Figures in benchmarks/results/cpu_gemv_prefetch_*.json. */
+static inline const uint8_t *next_row(const uint8_t *row, int64_t q, int64_t last, int64_t k) {
+    return q + 1 < last ? row + k : row;
+}
+
 /* What slot s's zeros take from an output: sum over its groups of scale * zero * (the group's sum of x). */
 static inline float zeros_term(const float *meta, int s, int64_t G, const float *x_sums) {
     const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
@@ -138,9 +147,11 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
             for (int s = 0; s < per; s++)
                 for (int c = 0; c < chunks; c++) partial[m][s][c] = (floats16){0};
         output_meta(p, q, G, bits, meta);
+        const uint8_t *row = codes + q * p->k, *next = next_row(row, q, last, p->k);
+        for (int64_t at = 0; at < p->k; at += 64) __builtin_prefetch(next + at);
         for (int64_t group = 0; group < G; group++) {
             for (int c = 0; c < chunks; c++) {
-                const words16 element = elements16(codes + (q * G + group) * g + 16 * c, bits);
+                const words16 element = elements16(row + group * g + 16 * c, bits);
                 for (int s = 0; s < per; s++) {
                     const words16 code = element & (((1u << bits) - 1) << (uint32_t)((per - 1 - s) * bits));
                     const floats16 weight = meta[2 * s * G + group] * __builtin_convertvector(code, floats16);

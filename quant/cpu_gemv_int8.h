@@ -26,8 +26,9 @@ INT8_TARGET static inline void INT8_LOOP(const Problem *p, int64_t first, int64_
         output_meta(p, q, G, bits, meta);
         for (int m = 0; m < block; m++)
             for (int s = 0; s < per; s++) partial[m][s] = F_ZERO();
-        const uint8_t *row = codes + q * p->k; /* output q's G packed rows, g bytes each */
+        const uint8_t *row = codes + q * p->k, *next = next_row(row, q, last, p->k); /* G packed rows, g bytes each */
         for (int64_t c = 0; c < p->k / CHUNK; c++) {
+            __builtin_prefetch(next + CHUNK * c);
             const IVEC element = I_LOAD(row + CHUNK * c);
             const int64_t b = c * CHUNK / 64; /* the tokens' 64-input block */
             for (int s = 0; s < per; s++) {
