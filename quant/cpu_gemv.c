@@ -171,29 +171,59 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
     }
 }
 
-/* Packed rows [first, last): what they hold, added into y [M, N], which the caller zeroed. */
+#define ROW_TILE 64
+
+/* Prefetch a tile's scales or zeros from grid row `row`: a slot's are a stream of their own, ten streams at 3-bit,
+ * which the hardware's prefetchers did not keep ahead of. */
+static inline void meta_ahead(const Meta *m, int64_t row) {
+    if (m->half) {
+        __builtin_prefetch(m->half + row);
+        __builtin_prefetch(m->half + row + 32);
+    } else
+        __builtin_prefetch(m->codes + row);
+}
+
+/* Packed rows [first, last): what they hold, added into y [M, N], which the caller zeroed. A tile of ROW_TILE
+ * packed rows at a time (16 KB at 3-bit g64, read from L1 once per slot): for each slot, the tile's scales and zeros
+ * in one meta_rows call, then its rows in order, whose groups run through an output's G in order; the products
+ * gather in a vector until the output changes, and only then are summed into y. (A sum into y a row and slot,
+ * with a meta_rows call each, spent its time on the calls and on the store-to-load chain through y.) */
 static inline void packed_rows(const Problem *p, int64_t first, int64_t last, float *y, const int bits,
                                const int g) {
     const int per = bits == 3 ? 10 : 8 / bits, chunks = g / 16, width = bits == 3 ? 4 : 1; /* element bytes */
     const int64_t G = p->k / g, groups = p->n * G;
     const char *codes = p->codes;
-    for (int64_t row = first; row < last; row++) {
+    float scales[ROW_TILE], zeros[ROW_TILE];
+    for (int64_t t0 = first; t0 < last; t0 += ROW_TILE) {
+        const int64_t t1 = t0 + ROW_TILE < last ? t0 + ROW_TILE : last;
         for (int s = 0; s < per; s++) {
-            const int64_t r = s * p->step + row, n = r / G, group = r % G;
-            if (r >= groups) break; /* 3-bit pads the grid to a multiple of 10 rows */
+            const int64_t r0 = s * p->step + t0; /* grid row of the tile's first packed row */
+            const int64_t count = r0 + (t1 - t0) <= groups ? t1 - t0 : groups - r0; /* 3-bit pads the grid */
+            if (count <= 0) break;
             const uint32_t shift = (per - 1 - s) * bits;
-            float scale, zero;
-            meta_rows(&p->scale, r, 1, 1.f, &scale);
-            meta_rows(&p->zero, r, 1, 1.f, &zero);
+            if (r0 + ROW_TILE < groups) meta_ahead(&p->scale, r0 + ROW_TILE), meta_ahead(&p->zero, r0 + ROW_TILE);
+            meta_rows(&p->scale, r0, count, 1.f, scales);
+            meta_rows(&p->zero, r0, count, 1.f, zeros);
             for (int64_t m = 0; m < p->tokens; m++) {
-                const float *xg = p->x + m * p->k + group * g;
-                floats16 dot = {0};
-                for (int c = 0; c < chunks; c++) {
-                    const words16 element = elements16(codes + (row * g + 16 * c) * width, bits);
-                    const words16 code = (element >> shift) & ((1u << bits) - 1);
-                    dot += __builtin_convertvector(code, floats16) * floats16_at(xg + 16 * c);
+                const float *x = p->x + m * p->k, *x_sums = p->x_sums + m * G;
+                int64_t n = r0 / G, group = r0 % G;
+                floats16 sum = {0};
+                float zeros_sum = 0.f;
+                for (int64_t i = 0; i < count; i++) {
+                    floats16 dot = {0};
+                    for (int c = 0; c < chunks; c++) {
+                        const words16 element = elements16(codes + ((t0 + i) * g + 16 * c) * width, bits);
+                        const words16 code = (element >> shift) & ((1u << bits) - 1);
+                        dot += __builtin_convertvector(code, floats16) * floats16_at(x + group * g + 16 * c);
+                    }
+                    sum += scales[i] * dot;
+                    zeros_sum += scales[i] * zeros[i] * x_sums[group];
+                    if (++group == G || i + 1 == count) { /* output n's last group, or the tile's last row */
+                        y[m * p->n + n] += sum16(sum) - zeros_sum;
+                        sum = (floats16){0}, zeros_sum = 0.f;
+                        if (group == G) group = 0, n++;
+                    }
                 }
-                y[m * p->n + n] += scale * (sum16(dot) - zero * p->x_sums[m * G + group]);
             }
         }
     }
