@@ -11,7 +11,7 @@ both), or keeps them float32 (`--token-type float32`, and where it has none). `-
 matrices in turn, each call the next, so that with N of 3 or more (44 MB and over) the weights come from memory
 and not from the cache, as in decode, where a step reads each expert once; the default, 1, times one matrix
 over and over, out of the cache when it fits (a 2-bit one, 22 MB with its scales, fits a 32 MB L3). Writes
-benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED and MAX_TOKENS_INT8 in
+benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED, MAX_TOKENS_3BIT and MAX_TOKENS_INT8 in
 quant/cpu_gemv.py rest on.
 """
 
@@ -70,7 +70,8 @@ def main() -> None:
             raise SystemExit(f"--vnni {args.vnni}: this CPU has {' and '.join(map(str, widths)) or 'none'}")
         cpu_gemv.vnni = lambda lib: args.vnni
 
-    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_INT8 = max(map(int, args.tokens.split(",")))
+    most = max(map(int, args.tokens.split(",")))
+    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_3BIT = cpu_gemv.MAX_TOKENS_INT8 = most
     rows = []
     for bits in args.bits.split(","):
         weights = [random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(seed))

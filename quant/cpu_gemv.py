@@ -49,6 +49,10 @@ MAX_TOKENS_BLOCKED = 32
 # measured: 2-bit 27 ms against 49, 4-bit 16 against 48 (benchmarks/results/cpu_gemv_{int8,float32}_f9afcf0.json)
 MAX_TOKENS_INT8 = 64
 INT8_BLOCKED = ((2, 16), (4, 64))  # (bits, g) whose int8 loop is compiled for blocks of four tokens
+# 3-bit g64's loop (packed rows, a tile at a time) against the tiles, which dequantize 3-bit's padded grid whole:
+# 15 against 59 ms at 16 tokens, 30 against 66 at 32, 73 against 81 at 64, with weights from memory
+# (benchmarks/results/cpu_gemv_3bit_after_27a22b2.json)
+MAX_TOKENS_3BIT = 32
 MAX_GROUP = 256  # the C keeps PER x g/16 partial-sum vectors a token on the stack: keep them few
 # A smaller weight runs on the calling thread: handing a share to the pool costs 30-50 us, which a 1M-weight
 # 4-bit matrix does not win back (65 us on 1 thread, 94 on 2); 32-layer mixtral-small decoded 66-78 ms a token
@@ -252,11 +256,16 @@ def _whole_outputs(q: Quantized) -> bool:
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def max_tokens(bits: int, group_size: int) -> int:
+    """The most tokens the float32 loops serve at this preset: beyond them the tiles are faster."""
+    return {(2, 16): MAX_TOKENS_BLOCKED, (3, 64): MAX_TOKENS_3BIT}.get((bits, group_size), MAX_TOKENS)
+
+
 def supports(x: Tensor, q: Quantized) -> bool:
     """Whether `gemv` serves this call: a few tokens on the CPU, in a dtype of DTYPES, and a layout it reads
     (float16 or 8-bit scales and zeros; groups of 16 lanes at a time, up to MAX_GROUP), every part contiguous."""
     g = q.spec.group_size
-    most = MAX_TOKENS_BLOCKED if (q.spec.bits, g) == (2, 16) else MAX_TOKENS
+    most = max_tokens(q.spec.bits, g)
     if (q.spec.bits, g) in INT8_BLOCKED and int8_tokens() and int8_layout(q):
         most = MAX_TOKENS_INT8
     if x.device.type != "cpu" or x.dtype not in DTYPES or x.dim() != 2 or not 1 <= x.shape[0] <= most:

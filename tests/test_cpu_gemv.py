@@ -87,8 +87,8 @@ def tokens_in(request, monkeypatch) -> str:
 
 
 def most_tokens(spec: QuantSpec) -> int:
-    """2-bit g16's loop takes tokens in blocks, and serves more of them."""
-    return cpu_gemv.MAX_TOKENS_BLOCKED if (spec.bits, spec.group_size) == (2, 16) else cpu_gemv.MAX_TOKENS
+    """2-bit g16's loop takes tokens in blocks, and 3-bit g64's a tile of packed rows at a time: both serve more."""
+    return cpu_gemv.max_tokens(spec.bits, spec.group_size)
 
 
 @pytest.mark.parametrize(
@@ -227,6 +227,9 @@ def test_gemv_supports_only_what_it_reads():
     two_bit = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)  # tokens in blocks: faster up to 32
     assert cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS_BLOCKED, 256), two_bit)
     assert not cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS_BLOCKED + 1, 256), two_bit)
+    three_bit = random_quantized((64, 256), EXPERT_PRESETS["3"], generator)  # its tiles dequantize the grid whole
+    assert cpu_gemv.supports(torch.zeros(32, 256), three_bit) and not cpu_gemv.supports(torch.zeros(33, 256), three_bit)
+    assert (cpu_gemv.MAX_TOKENS, cpu_gemv.MAX_TOKENS_BLOCKED, cpu_gemv.MAX_TOKENS_3BIT) == (8, 32, 32)
     assert not cpu_gemv.supports(x.double(), q)
     assert not cpu_gemv.supports(torch.zeros(256, 2).T, q)  # not contiguous
     assert not cpu_gemv.supports(torch.zeros(1, 128), q)
