@@ -22,7 +22,7 @@ from cache.expert_cache import ExpertCache
 from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
 from offload.convert import Progress, describe_spec, open_source
-from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk
+from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk, keeps_width
 from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
 from offload.graphs import DecodeGraphs
@@ -445,10 +445,11 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
         workspace=Workspace(kernel), prefill_chunk=prepared.options.prefill_chunk,
     )  # fmt: skip
     in_ram = weights_in_ram(prepared.host_embedding)
-    weights = {  # a table kept in RAM goes to the decoder as it is, which copies it into registered memory
-        name: w if name in in_ram else _to_device(w, prepared.device, prepared.dtype)
+    weights = {  # a table kept in RAM, or at its width, goes to the decoder as it is (offload/decoder.py)
+        name: w if name in in_ram or keeps_width(name, w, prepared.device, prepared.dtype)
+        else _to_device(w, prepared.device, prepared.dtype)
         for name, w in prepared.resident.items()
-    }
+    }  # fmt: skip
     prepared.resident.clear()  # on CUDA the host copies would otherwise stay alive beside the device ones
     decoder = Decoder(
         config, weights, moe, device=prepared.device, dtype=prepared.dtype, max_seq_len=prepared.max_seq_len,

@@ -34,6 +34,7 @@ from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
 from offload.embedding import gather_rows, host_table
 from offload.graphs import DecodeGraphs, key_range
+from quant import cpu_gemv
 from quant.errors import MoEOffloadError
 from quant.hqq import Workspace
 from quant.linear import linear
@@ -44,6 +45,19 @@ from quant.linear import linear
 PREFILL_CHUNK = 1024
 # Beyond any context this runs: a chunk longer than the prompt takes it whole. torch's split overflows past int64.
 MAX_PREFILL_CHUNK = 2**20
+# On the CPU in float32, these tables stay at the checkpoint's width when it is float16 or bfloat16 (Mixtral's
+# is): each embedding row is widened as it is read, and the lm_head's products widen each weight (quant/linear.py).
+# Half their RAM (Mixtral-8x7B: 262 MB each), and the lm_head, which a decode step reads whole, reads half the bytes
+NARROW_TABLES = ("embed", "lm_head")
+
+
+def keeps_width(name: str, weight: Any, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether resident weight `name` stays at its checkpoint's width: a float16 or bfloat16 table of
+    NARROW_TABLES, on the CPU in float32."""
+    return (
+        name in NARROW_TABLES and isinstance(weight, Tensor) and weight.dtype in cpu_gemv.WIDE_DTYPES
+        and torch.device(device).type == "cpu" and dtype == torch.float32
+    )  # fmt: skip
 
 
 def check_prefill_chunk(chunk: int) -> None:
@@ -291,6 +305,8 @@ class Decoder:
                 raise MoEOffloadError(
                     f"could not keep the embedding table in RAM ({error}); run with --no-host-embedding"
                 ) from error
+        if keeps_width(name, weight, self.device, self.dtype):  # each row or product widened as it is read
+            return weight.to(self.device)
         return weight.to(self.device, self.dtype)
 
     def router(self, layer: int) -> Tensor:
@@ -353,7 +369,7 @@ class Decoder:
         if self.host_embedding:
             return gather_rows(table, ids, out)
         rows = F.embedding(ids, table)
-        return rows if out is None else out.copy_(rows)
+        return rows.to(self.dtype) if out is None else out.copy_(rows)
 
     def _mask(self, start_pos: int, tokens: int) -> Tensor | None:
         """Boolean [T, start_pos+T] (True = attend) where a key range and is_causal cannot say it."""

@@ -401,6 +401,51 @@ void moe_offload_gemv_packed_rows_parallel(const Problem *p, int64_t threads, in
         moe_offload_gemv_packed_rows(p, total * i / threads, total * (i + 1) / threads, partial + i * stride);
 }
 
+/* y [M, N] = x [M, K] @ W.T for a W [N, K] of float16 or bfloat16 (on the CPU the embedding table and lm_head stay
+ * at the checkpoint's width: offload/decoder.py), rows [first, last): each weight widened exactly to float32, the
+ * products and sums in float32, as F.linear(x, W.float()) makes them but for the order of the sums. Four vector
+ * sums a row hide the adds' latency; K % 64 == 0. */
+static inline floats16 widened16(const uint16_t *at, const int bf16) {
+    floats16 v;
+    for (int j = 0; j < 16; j++) {
+        if (bf16) {
+            const uint32_t bits = (uint32_t)at[j] << 16;
+            memcpy(&v[j], &bits, sizeof bits);
+        } else
+            v[j] = half_to_float(at[j]);
+    }
+    return v;
+}
+
+static inline void wide_rows(const float *x, int64_t tokens, int64_t k, const uint16_t *w, int64_t first,
+                             int64_t last, float *y, int64_t n, const int bf16) {
+    for (int64_t row = first; row < last; row++) {
+        const uint16_t *weights = w + row * k;
+        for (int64_t m = 0; m < tokens; m++) {
+            floats16 sum[4] = {{0}, {0}, {0}, {0}};
+            for (int64_t j = 0; j < k; j += 64)
+                for (int u = 0; u < 4; u++)
+                    sum[u] += widened16(weights + j + 16 * u, bf16) * floats16_at(x + m * k + j + 16 * u);
+            y[m * n + row] = sum16(sum[0] + sum[1] + sum[2] + sum[3]);
+        }
+    }
+}
+
+void moe_offload_gemv_wide(const float *x, int64_t tokens, int64_t k, const uint16_t *w, int32_t bf16,
+                           int64_t first, int64_t last, float *y, int64_t n) {
+    if (bf16)
+        wide_rows(x, tokens, k, w, first, last, y, n, 1);
+    else
+        wide_rows(x, tokens, k, w, first, last, y, n, 0);
+}
+
+void moe_offload_gemv_wide_parallel(const float *x, int64_t tokens, int64_t k, const uint16_t *w, int32_t bf16,
+                                    int64_t threads, float *y, int64_t n) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t i = 0; i < threads; i++)
+        moe_offload_gemv_wide(x, tokens, k, w, bf16, n * i / threads, n * (i + 1) / threads, y, n);
+}
+
 /* 1 when built with -fopenmp: the _parallel calls then run on OpenMP threads, else on the caller's alone. */
 int moe_offload_openmp(void) {
 #ifdef _OPENMP

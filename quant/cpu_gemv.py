@@ -53,6 +53,7 @@ INT8_BLOCKED = ((2, 16), (4, 64))  # (bits, g) whose int8 loop is compiled for b
 # 15 against 59 ms at 16 tokens, 30 against 66 at 32, 73 against 81 at 64, with weights from memory
 # (benchmarks/results/cpu_gemv_3bit_after_27a22b2.json)
 MAX_TOKENS_3BIT = 32
+WIDE_DTYPES = (torch.bfloat16, torch.float16)  # the tables multiply_wide reads, widening each weight
 MAX_GROUP = 256  # the C keeps PER x g/16 partial-sum vectors a token on the stack: keep them few
 # A smaller weight runs on the calling thread: handing a share to the pool costs 30-50 us, which a 1M-weight
 # 4-bit matrix does not win back (65 us on 1 thread, 94 on 2); 32-layer mixtral-small decoded 66-78 ms a token
@@ -173,6 +174,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moe_offload_quantize_tokens.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer]
     lib.moe_offload_quantize_tokens.restype = None
     lib.moe_offload_vnni.restype = ctypes.c_int
+    i32 = ctypes.c_int32
+    lib.moe_offload_gemv_wide.argtypes = [pointer, i64, i64, pointer, i32, i64, i64, pointer, i64]
+    lib.moe_offload_gemv_wide_parallel.argtypes = [pointer, i64, i64, pointer, i32, i64, pointer, i64]
+    lib.moe_offload_gemv_wide.restype = lib.moe_offload_gemv_wide_parallel.restype = None
     return lib
 
 
@@ -323,6 +328,36 @@ def _each_thread(threads: int, total: int, call) -> None:
         wait(others)
     for future in others:
         future.result()
+
+
+def supports_wide(x: Tensor, w: Tensor) -> bool:
+    """Whether multiply_wide serves x @ w.T: a few float32 tokens times a float16 or bfloat16 table (on the CPU,
+    the lm_head at its checkpoint's width: offload/decoder.py), both contiguous on the CPU, K a multiple of 64."""
+    return (
+        x.device.type == w.device.type == "cpu" and x.dtype == torch.float32 and w.dtype in WIDE_DTYPES
+        and x.dim() == w.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS and x.shape[1] == w.shape[1]
+        and x.shape[1] % 64 == 0 and x.is_contiguous() and w.is_contiguous()
+    )  # fmt: skip
+
+
+def multiply_wide(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32 @ w [N, K].T -> [M, N] float32, each weight widened exactly: F.linear(x, w.float())
+    without the float32 copy of w, for a caller that asked supports_wide(x, w). Into `out` when it is
+    contiguous, else through a new tensor."""
+    lib = library()
+    (tokens, k), n = x.shape, w.shape[0]
+    y = out if out is not None and out.is_contiguous() else x.new_empty((tokens, n))
+    bf16 = int(w.dtype == torch.bfloat16)
+    openmp = not _forked and _openmp(lib)
+    threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
+    if openmp and threads > 1:
+        lib.moe_offload_gemv_wide_parallel(x.data_ptr(), tokens, k, w.data_ptr(), bf16, threads, y.data_ptr(), n)
+    else:
+        _each_thread(threads, n, lambda i, first, last: lib.moe_offload_gemv_wide(
+            x.data_ptr(), tokens, k, w.data_ptr(), bf16, first, last, y.data_ptr(), n))  # fmt: skip
+    if out is not None and y is not out:
+        out.copy_(y)
+    return y if out is None else out
 
 
 def gemv(x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None) -> Tensor:

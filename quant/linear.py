@@ -93,6 +93,8 @@ def linear(
         if workspace is not None:
             return _tiled(x, weight, workspace, out)
         weight = dequantize(weight, x.dtype) if isinstance(weight, Quantized) else dequantize_nf4(weight, x.dtype)
+    elif weight.dtype != x.dtype:  # a table kept at its checkpoint's width: the CPU's lm_head (offload/decoder.py)
+        return _widened(x, weight, workspace, out)
     if out is None:
         return F.linear(x, weight)
     return torch.matmul(x, weight.T, out=out)
@@ -122,6 +124,29 @@ def _tiled(x: Tensor, weight: Quantized | NF4Quantized, workspace: Workspace, ou
     x2, out2 = x.reshape(-1, k), out.view(-1, n)
     for first, rows in tiles(weight, x.dtype, workspace, x.device):
         torch.mm(x2, rows.T, out=out2[:, first : first + rows.shape[0]])
+    return out
+
+
+def _widened(x: Tensor, weight: Tensor, workspace: Workspace | None, out: Tensor | None) -> Tensor:
+    """x @ weight.T for a weight narrower than x (float16 or bfloat16 against float32), each weight widened
+    exactly: through the C kernel when the workspace carries it and it serves the call (a decode step's lm_head),
+    else widened a tile of rows at a time (into `workspace` when given), each tile multiplied into its columns."""
+    n, k = weight.shape
+    if x.shape[-1] != k or (out is not None and out.shape != (*x.shape[:-1], n)):
+        got = "" if out is None else f" into {tuple(out.shape)}"
+        raise ValueError(f"linear: x {tuple(x.shape)} times a weight {tuple(weight.shape)}{got}: shapes do not match")
+    x2 = x.reshape(-1, k)
+    if workspace is not None and workspace.kernel is CPU and cpu_gemv.supports_wide(x2, weight):
+        y = cpu_gemv.multiply_wide(x2, weight, None if out is None else out.view(-1, n))
+        return y.view(*x.shape[:-1], n) if out is None else out
+    if out is None:
+        out = x.new_empty((*x.shape[:-1], n))
+    out2, rows = out.view(-1, n), max(1, tile_weights(x.device) // k)
+    for first in range(0, n, rows):
+        tile = weight[first : first + rows]
+        if workspace is not None:
+            tile = workspace.buffer("linear.widened", (rows, k), x.dtype, x.device)[: tile.shape[0]].copy_(tile)
+        torch.mm(x2, tile.to(x.dtype).T, out=out2[:, first : first + tile.shape[0]])
     return out
 
 

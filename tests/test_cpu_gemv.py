@@ -383,3 +383,74 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path):
         cpu_gemv.build(str(broken), tmp_path / "cache")
     assert str(raised.value) == f"{broken} could not build cpu_gemv.c: cpu_gemv.c:1: error: something is wrong"
     assert os.listdir(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("threads_of", ["openmp", "pool"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_narrow_table_multiplies_as_its_float32_widening_does(dtype, threads_of, monkeypatch):
+    """multiply_wide (the CPU's lm_head at its checkpoint's width): each weight widened exactly, the products and
+    sums in float32, so F.linear(x, w.float()) but for the order of the sums; float16's subnormals, infinities
+    and nan widen as torch widens them. The same at 1 and 3 threads of either kind."""
+    if threads_of == "openmp" and not cpu_gemv._openmp(cpu_gemv.library()):
+        pytest.skip("this build has no OpenMP, or the process holds two OpenMP runtimes")
+    if threads_of == "pool":
+        monkeypatch.setattr(cpu_gemv, "_openmp", lambda lib: False)
+    generator = torch.Generator().manual_seed(12)
+    w = torch.randn(1030, 1024, generator=generator).to(dtype)  # over 2^20 weights: split; 1030 rows: uneven shares
+    if dtype == torch.float16:
+        w[0, :4] = torch.tensor([6e-8, -3e-5, float("inf"), 65504.0])  # subnormals, inf, the largest
+        w[1, 0] = float("nan")
+    threads = torch.get_num_threads()
+    for tokens in (1, 3, cpu_gemv.MAX_TOKENS):
+        x = torch.randn(tokens, 1024, generator=generator)
+        assert cpu_gemv.supports_wide(x, w)
+        try:
+            results = []
+            for count in (1, 3):
+                torch.set_num_threads(count)
+                results.append(cpu_gemv.multiply_wide(x, w))
+        finally:
+            torch.set_num_threads(threads)
+        expected = (x.double() @ w.double().T).float()
+        for got in results:
+            assert got.dtype == torch.float32 and got.shape == (tokens, 1030)
+            finite, infinite = expected.isfinite(), expected.isinf()
+            assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got[infinite], expected[infinite])
+            assert torch.allclose(got[finite], expected[finite], rtol=1e-5, atol=1e-4)
+        out = torch.full((tokens, 1030), float("nan"))
+        assert cpu_gemv.multiply_wide(x, w, out) is out
+        torch.testing.assert_close(out, results[0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_narrow_table_is_served_only_as_the_kernel_reads_it():
+    w = torch.zeros(64, 128, dtype=torch.bfloat16)
+    x = torch.zeros(1, 128)
+    assert cpu_gemv.supports_wide(x, w) and cpu_gemv.supports_wide(x, w.half())
+    assert not cpu_gemv.supports_wide(x, w.float())  # not narrow
+    assert not cpu_gemv.supports_wide(x.bfloat16(), w)  # tokens not float32
+    assert not cpu_gemv.supports_wide(torch.zeros(1, 96), torch.zeros(64, 96, dtype=torch.bfloat16))  # K % 64
+    assert not cpu_gemv.supports_wide(torch.zeros(cpu_gemv.MAX_TOKENS + 1, 128), w)  # a prefill: BLAS, widened
+    assert not cpu_gemv.supports_wide(x, torch.zeros(128, 64, dtype=torch.bfloat16).T)  # not contiguous
+    assert not cpu_gemv.supports_wide(torch.zeros(1, 256), w)  # shapes that do not match
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("kernel", ["C", "none"])
+def test_linear_widens_a_narrow_table(tokens, kernel, monkeypatch):
+    """linear() takes a bfloat16 table against float32 tokens: through the C kernel where the workspace carries
+    it and it serves the call, else widened a tile of rows at a time (a prefill, or --no-fused-gemv); 3-D tokens
+    and `out` as for any weight."""
+    generator = torch.Generator().manual_seed(13)
+    w = torch.randn(300, 128, generator=generator).bfloat16()
+    x = torch.randn(2, tokens, 128, generator=generator)
+    workspace = Workspace(CPU if kernel == "C" else None)
+    calls = []
+    wide = cpu_gemv.multiply_wide
+    monkeypatch.setattr(cpu_gemv, "multiply_wide", lambda *args: calls.append(args) or wide(*args))
+    got = linear(x, w, workspace)
+    out = torch.empty(2, tokens, 300)
+    assert linear(x, w, workspace, out) is out
+    assert len(calls) == (2 if kernel == "C" and 2 * tokens <= cpu_gemv.MAX_TOKENS else 0)
+    expected = torch.nn.functional.linear(x, w.float())
+    for result in (got, out, linear(x, w)):  # the last without a workspace: widened tiles of its own
+        assert result.shape == (2, tokens, 300) and torch.allclose(result, expected, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import offload
+from quant import cpu_gemv
 from tests.tiny import hf_model, make_tiny_mixtral
 
 SHAPES = {
@@ -124,3 +125,25 @@ def test_a_prefill_in_chunks_matches_transformers(case, repeat_kv):
         assert (got - expected).abs().max().item() < 1e-4, f"slots={slots}"
         # a layer asks the cache for its experts once per prefill, whatever the chunks
         assert len(recorder.rows) == 2 * model.config.num_layers
+
+
+@pytest.mark.parametrize("hidden", [64, 48])
+def test_a_bfloat16_checkpoint_keeps_its_tables_narrow_on_the_cpu(tmp_path, hidden, monkeypatch):
+    """On the CPU in float32, a bfloat16 checkpoint's embedding and lm_head stay bfloat16, widened as they are
+    read: the logits still match transformers' float32 model of the same files. hidden 64: the lm_head through
+    the C kernel at the prefill and each decode step; 48 (not a multiple of 64): widened a tile at a time."""
+    path = make_tiny_mixtral(tmp_path / "m", hidden=hidden, heads=4, kv_heads=2, seed=4, dtype=torch.bfloat16)
+    tokens = torch.randint(3, 128, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf_model(path)(tokens[None]).logits[0]
+    calls = []
+    wide = cpu_gemv.multiply_wide
+    monkeypatch.setattr(cpu_gemv, "multiply_wide", lambda *args: calls.append(args[0].shape) or wide(*args))
+    for slots in (None, 2):
+        model = offload.load(str(path), device="cpu", slots=slots)
+        weights = model.decoder.weights
+        assert weights["embed"].dtype == weights["lm_head"].dtype == torch.bfloat16
+        assert weights["norm"].dtype == weights["layers.0.router"].dtype == torch.float32
+        assert (run_teacher_forced(model, tokens) - expected).abs().max().item() < 1e-4
+    served = [(PROMPT, 64)] + [(1, 64)] * DECODE  # the prompt's 7 tokens too (MAX_TOKENS 8), then each step
+    assert calls == (2 * served if hidden == 64 and cpu_gemv.available() else [])

@@ -25,8 +25,11 @@ from offload.demo import write_random_mixtral
 EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
-def make_tiny_mixtral(path: Path, *, fused: bool = False, shards: int = 2, **shape) -> Path:
-    """Write a tiny random Mixtral to `path` in about `shards` files (1: a single model.safetensors).
+def make_tiny_mixtral(
+    path: Path, *, fused: bool = False, shards: int = 2, dtype: torch.dtype | None = None, **shape
+) -> Path:
+    """Write a tiny random Mixtral to `path` in about `shards` files (1: a single model.safetensors), in float32
+    or, given `dtype`, every tensor rounded to it (as the hub's bfloat16 checkpoints are).
 
     `shape` goes to offload.demo.write_random_mixtral: hidden, intermediate, layers, heads, kv_heads,
     experts, top_k, vocab, seed, sliding_window, tie, max_pos.
@@ -41,6 +44,10 @@ def make_tiny_mixtral(path: Path, *, fused: bool = False, shards: int = 2, **sha
     assert ("lm_head.weight" in names) != tie
     if fused:
         _rewrite_fused(path, layers, experts, shards)
+    if dtype is not None:
+        _write_sharded(path, {name: t.to(dtype) for name, t in _read_all(path).items()}, shards)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
 
