@@ -403,8 +403,8 @@ void moe_offload_gemv_packed_rows_parallel(const Problem *p, int64_t threads, in
 
 /* y [M, N] = x [M, K] @ W.T for a W [N, K] of float16 or bfloat16 (on the CPU the embedding table and lm_head stay
  * at the checkpoint's width: offload/decoder.py), rows [first, last): each weight widened exactly to float32, the
- * products and sums in float32, as F.linear(x, W.float()) makes them but for the order of the sums. Four vector
- * sums a row hide the adds' latency; K % 64 == 0. */
+ * products and sums in float32, as F.linear(x, W.float()) makes them but for the order of the sums; K % 64 == 0.
+ * Several tokens share a row widened once into L1. */
 static inline floats16 widened16(const uint16_t *at, const int bf16) {
     floats16 v;
     for (int j = 0; j < 16; j++) {
@@ -417,17 +417,37 @@ static inline floats16 widened16(const uint16_t *at, const int bf16) {
     return v;
 }
 
+/* The dot product of K floats at a and b, K % 64 == 0: four vector sums hide the adds' latency. */
+static inline float dot64(const float *a, const float *b, int64_t k) {
+    floats16 sum[4] = {{0}, {0}, {0}, {0}};
+    for (int64_t j = 0; j < k; j += 64)
+        for (int u = 0; u < 4; u++) sum[u] += floats16_at(a + j + 16 * u) * floats16_at(b + j + 16 * u);
+    return sum16(sum[0] + sum[1] + sum[2] + sum[3]);
+}
+
 static inline void wide_rows(const float *x, int64_t tokens, int64_t k, const uint16_t *w, int64_t first,
                              int64_t last, float *y, int64_t n, const int bf16) {
+    float widened[tokens > 1 ? k : 1]; /* one row, widened once for all the tokens (16 KB at K = 4096) */
     for (int64_t row = first; row < last; row++) {
         const uint16_t *weights = w + row * k;
-        for (int64_t m = 0; m < tokens; m++) {
+        if (tokens == 1) { /* widened on the way into the products: no trip through memory */
             floats16 sum[4] = {{0}, {0}, {0}, {0}};
             for (int64_t j = 0; j < k; j += 64)
                 for (int u = 0; u < 4; u++)
-                    sum[u] += widened16(weights + j + 16 * u, bf16) * floats16_at(x + m * k + j + 16 * u);
-            y[m * n + row] = sum16(sum[0] + sum[1] + sum[2] + sum[3]);
+                    sum[u] += widened16(weights + j + 16 * u, bf16) * floats16_at(x + j + 16 * u);
+            y[row] = sum16(sum[0] + sum[1] + sum[2] + sum[3]);
+            continue;
         }
+        /* the products below read no memory: the next row's lines, asked for here, arrive while they run */
+        const uint16_t *next = row + 1 < last ? weights + k : weights;
+        for (int64_t j = 0; j < k; j += 32) {
+            __builtin_prefetch(next + j);
+            for (int u = 0; u < 2; u++) {
+                const floats16 v = widened16(weights + j + 16 * u, bf16);
+                memcpy(widened + j + 16 * u, &v, sizeof v);
+            }
+        }
+        for (int64_t m = 0; m < tokens; m++) y[m * n + row] = dot64(widened, x + m * k, k);
     }
 }
 

@@ -390,7 +390,8 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path):
 def test_a_narrow_table_multiplies_as_its_float32_widening_does(dtype, threads_of, monkeypatch):
     """multiply_wide (the CPU's lm_head at its checkpoint's width): each weight widened exactly, the products and
     sums in float32, so F.linear(x, w.float()) but for the order of the sums; float16's subnormals, infinities
-    and nan widen as torch widens them. The same at 1 and 3 threads of either kind."""
+    and nan widen as torch widens them. The same at 1 and 3 threads of either kind, and at 1 token (widened on the
+    way) and several (sharing a row widened once)."""
     if threads_of == "openmp" and not cpu_gemv._openmp(cpu_gemv.library()):
         pytest.skip("this build has no OpenMP, or the process holds two OpenMP runtimes")
     if threads_of == "pool":
