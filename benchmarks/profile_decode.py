@@ -217,7 +217,7 @@ def main() -> None:
         **environment(device, program=f"python {sys.argv[0]}"),
         "model": args.model,
         "routing": f"replayed: {args.route_trace}",
-        "kernel": kernel_name(model.prepared.fused_gemv, model.prepared.device),
+        "kernel": kernel_name(model.prepared),
         "mode": model.plan.mode,
         "slots_per_layer": None if model.plan.slots_per_layer is None else list(model.plan.slots_per_layer),
         "host_embedding": model.prepared.host_embedding,

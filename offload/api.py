@@ -354,12 +354,17 @@ def decode_kernel(fused_gemv: bool, device: torch.device) -> Kernel | None:
     return TRITON if device.type == "cuda" else CPU
 
 
-def kernel_name(fused_gemv: bool, device: torch.device) -> str:
-    kernel = decode_kernel(fused_gemv, device)
+def kernel_name(prepared: Prepared) -> str:
+    """The kernel decode's products run, as `info` and `bench` name it: on the CPU, ", int8 tokens" where the
+    experts' layout takes them (not 3-bit's padded grid, whose loop keeps its tokens float32)."""
+    kernel = decode_kernel(prepared.fused_gemv, prepared.device)
     if kernel is None:
         return DEQUANTIZE
-    if kernel is CPU and cpu_gemv.int8_tokens():  # rounded where the layout allows: not 3-bit's padded grid
-        return f"{kernel.name}, int8 tokens"
+    fmt = prepared.expert_format
+    shapes = ((fmt.intermediate_size, fmt.hidden_size), (fmt.hidden_size, fmt.intermediate_size))  # w1/w3, w2
+    if kernel is CPU and cpu_gemv.int8_tokens() and fmt.spec is not None:
+        if all(cpu_gemv.int8_reads(shape, fmt.spec) for shape in shapes):
+            return f"{kernel.name}, int8 tokens"
     return kernel.name
 
 
@@ -799,7 +804,7 @@ def describe(prepared: Prepared) -> dict[str, object]:
         "experts": experts,
         "attention": describe_spec(prepared.source.attn_spec),
         "device / dtype": f"{prepared.device} / {str(prepared.dtype).removeprefix('torch.')}",
-        "decode kernel": kernel_name(prepared.fused_gemv, prepared.device),
+        "decode kernel": kernel_name(prepared),
         "decode graphs": "CUDA graphs" if prepared.cuda_graphs else "off",
         "embedding": embedding_place(prepared.host_embedding),
         "context": prepared.max_seq_len,

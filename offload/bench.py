@@ -547,7 +547,7 @@ def bench(
         "gpu_budget_bytes": model.plan.device_budget if model.device.type == "cuda" else None,
         "prefill_reserve_bytes": model.plan.reserve_bytes,  # kept free for a prefill of the whole context
         "policy": model.options.policy,
-        "kernel": kernel_name(model.prepared.fused_gemv, model.prepared.device),
+        "kernel": kernel_name(model.prepared),
         "cuda_graphs": graphs_ran(model),
         "cuda_graphs_failed": None if model.decoder.graphs is None else model.decoder.graphs.failed,  # why not
         "arena_pinned": model.cache.pinned,

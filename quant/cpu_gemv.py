@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from quant.hqq import _ROWS_PER_ELEMENT, Quantized, Workspace
+from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace
 
 SOURCE = Path(__file__).with_suffix(".c")
 HEADERS = (SOURCE.with_name("cpu_gemv_int8.h"),)  # what SOURCE includes: a build's key hashes them too
@@ -248,13 +248,18 @@ def int8_tokens() -> bool:
 def int8_layout(q: Quantized) -> bool:
     """Whether the int8 loop reads this layout: whole outputs a thread (not 3-bit's padded grid), inputs in
     blocks of 64, and groups that tile them (16 or 32 inputs, or whole multiples of 64)."""
-    k, g = q.shape[1], q.spec.group_size
-    return _whole_outputs(q) and k % 64 == 0 and (g in (16, 32) or g % 64 == 0)
+    return int8_reads(q.shape, q.spec)
 
 
-def _whole_outputs(q: Quantized) -> bool:
+def int8_reads(shape: tuple[int, int], spec: QuantSpec) -> bool:
+    """int8_layout for a weight of `shape` quantized as `spec`, before it exists (what `info` and `bench` name)."""
+    k, g = shape[1], spec.group_size
+    return _whole_outputs(shape, spec) and k % 64 == 0 and (g in (16, 32) or g % 64 == 0)
+
+
+def _whole_outputs(shape: tuple[int, int], spec: QuantSpec) -> bool:
     """Whether each packed row's slots hold whole outputs (step = N / PER * G), so a thread makes whole outputs."""
-    return q.spec.bits != 3 and q.shape[0] % _ROWS_PER_ELEMENT[q.spec.bits] == 0
+    return spec.bits != 3 and shape[0] % _ROWS_PER_ELEMENT[spec.bits] == 0
 
 
 # the C computes in float32; tokens of the others are converted on the way in and out (a few thousand values)
@@ -410,7 +415,7 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
                        tokens, n, k, q.codes.shape[0], bits, g, width)  # fmt: skip
     openmp = not _forked and _openmp(lib)
     threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
-    if _whole_outputs(q):
+    if _whole_outputs(q.shape, q.spec):
         meta = workspace.buffer("gemv.meta", (threads, 2 * per * groups_per_row), torch.float32, x.device)
         if openmp and threads > 1:
             lib.moe_offload_gemv_outputs_parallel(problem, threads, n // per, meta.data_ptr(), meta.shape[1],

@@ -325,6 +325,16 @@ def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(t
         assert difference > 1e-3  # they were rounded
 
 
+@pytest.mark.parametrize("bits", ["2", "3", "4"])
+def test_info_names_int8_tokens_only_where_the_experts_take_them(tmp_path, tokens_in, bits):
+    """3-bit's padded grid keeps its tokens float32 even where the CPU rounds the others: `info` and `bench`
+    say int8 only where the experts' loop rounds them."""
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=1, experts=4, seed=7)
+    prepared = offload.prepare(str(tiny), device="cpu", expert_bits=bits, slots=2)
+    rounded = tokens_in == "int8 tokens" and bits != "3"
+    assert offload.api.describe(prepared)["decode kernel"] == (f"{CPU.name}, int8 tokens" if rounded else CPU.name)
+
+
 def test_a_build_is_made_once_and_kept(tmp_path, monkeypatch):
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     path = cpu_gemv.build(compiler, tmp_path / "cache")
