@@ -185,6 +185,14 @@ def _to_device(weight: Weight, device: torch.device, dtype: torch.dtype) -> Weig
     return map_tensors(weight, lambda tensor: tensor.to(device))
 
 
+def held_bytes(name: str, weight: Weight, device: torch.device, dtype: torch.dtype) -> int:
+    """The bytes resident weight `name` takes once load() has put it on the device: a float tensor in `dtype`
+    (but a table kept at its width), a quantized one as stored (_to_device)."""
+    if isinstance(weight, torch.Tensor) and not keeps_width(name, weight, device, dtype):
+        return weight.numel() * dtype.itemsize
+    return weight_nbytes(weight)
+
+
 @dataclass
 class Prepared:
     """A model opened and planned, before any expert is read: what `info` shows and `load` builds on."""
@@ -246,7 +254,7 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
         num_layers=config.num_layers,
         num_experts=config.num_experts,
         expert_bytes=expert_format.nbytes,
-        resident_bytes=sum(weight_nbytes(w) for name, w in resident.items() if name not in in_ram),
+        resident_bytes=sum(held_bytes(name, w, device, dtype) for name, w in resident.items() if name not in in_ram),
         host_resident_bytes=sum(w.numel() * dtype.itemsize for name, w in resident.items() if name in in_ram),
         kv_bytes=kv_bytes,
         reserve_bytes=reserve,

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import offload
+from offload import api
 from quant import cpu_gemv
+from quant.linear import weight_nbytes
 from tests.tiny import hf_model, make_tiny_mixtral
 
 SHAPES = {
@@ -147,3 +149,17 @@ def test_a_bfloat16_checkpoint_keeps_its_tables_narrow_on_the_cpu(tmp_path, hidd
         assert (run_teacher_forced(model, tokens) - expected).abs().max().item() < 1e-4
     served = [(PROMPT, 64)] + [(1, 64)] * DECODE  # the prompt's 7 tokens too (MAX_TOKENS 8), then each step
     assert calls == (2 * served if hidden == 64 and cpu_gemv.available() else [])
+
+
+@pytest.mark.parametrize("attn_bits", ["none", "4"])
+def test_the_plan_counts_resident_weights_as_load_holds_them(tmp_path, attn_bits, monkeypatch):
+    """A bfloat16 checkpoint on the CPU in float32: norms and routers widened, the tables kept narrow, attention
+    as stored where it is quantized. The planner's resident bytes are what load() holds; they were the files'
+    bytes, which undercount every widened weight."""
+    path = make_tiny_mixtral(tmp_path / "m", hidden=64, heads=4, kv_heads=2, seed=4, dtype=torch.bfloat16)
+    asked = []
+    plan_memory = api.plan_memory
+    monkeypatch.setattr(api, "plan_memory", lambda **kwargs: asked.append(kwargs) or plan_memory(**kwargs))
+    model = offload.load(str(path), device="cpu", slots=2, attn_bits=attn_bits)
+    held = sum(weight_nbytes(w) for w in model.decoder.weights.values())
+    assert [kwargs["resident_bytes"] for kwargs in asked] == [held]
