@@ -28,7 +28,7 @@ from rich.table import Table
 from cache.trace import read_trace
 from offload.api import LoadOptions
 from offload.generate import SamplingConfig
-from offload.planner import slots_text
+from offload.planner import resolve_device, slots_text
 from offload.tokenizer import check_text
 from quant.errors import MoEOffloadError
 from quant.files import check_writable, refuse_overwriting
@@ -647,8 +647,9 @@ def synth(
     "verify",
     helps={
         "slots": "Expert slots per layer (top-k to the experts per layer). On CUDA the default fills the GPU "
-        "budget; on the CPU give it: bench measures the expert cache, which K CPU slots count exactly as GPU "
-        "slots would.",
+        "budget. On the CPU, K slots run the expert cache and count it exactly as GPU slots would; without "
+        "them bench times direct mode, every expert computed in place (the CPU's default), and reports no "
+        "cache figures.",
         "max_seq_len": "Context size. Default: what the run needs (the prompt, 2 warm-up steps, --tokens and one "
         "more).",
     },
@@ -689,12 +690,15 @@ def bench(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results to this JSON file.")] = None,
     load: dict | None = None,
 ) -> None:
-    """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound."""
+    """Time prefill and decode through the expert cache, and compare with the PCIe/compute bound (on the CPU
+    without --slots: the speed of direct mode alone)."""
     from offload import bench as benchmark
 
     benchmark.check_run(prompt_tokens, tokens, load["max_seq_len"])  # before the load: minutes on a real model
     ahead = load.pop("prefetch_ahead")
     benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load: minutes on a real model
+    direct = load["slots"] is None and resolve_device(load["device"]).type == "cpu"
+    benchmark.check_direct(direct, prefetch, compare)
     if json_out is not None:
         if str(json_out) == "-":  # not stdout: the table is printed there
             raise MoEOffloadError("--json takes a file name, not -: bench prints its table on stdout")
@@ -741,6 +745,15 @@ def _prefetch_phrase(prefetch: dict) -> str:
 
 
 def _print_bench(result: dict) -> None:
+    if result["mode"] == "direct":
+        out.print(f"{result['model']} on {result['device']}")
+        out.print(f"routing: {result['routing']} · direct mode: every expert computed in place, no cache "
+                  f"· {result['kernel']}")  # fmt: skip
+        table = Table("run", "prefill tok/s", "decode tok/s", "ms/token")
+        table.add_row("measured", f"{result['prefill_tokens_per_s']:.2f}", f"{result['decode_tokens_per_s']:.2f}",
+                      f"{result['compute_s_per_token'] * 1000:.1f}")  # fmt: skip
+        out.print(table)
+        return
     table = Table("run", "tok/s", "bound", "of bound", "hit rate", "recall", "MiB/token", "stall s")
     notes = []
     for name, r in {"measured": result, **result.get("baselines", {})}.items():

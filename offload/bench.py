@@ -514,17 +514,16 @@ def bench(
     `oracle_depth`: the layers ahead the oracle loads (None: every layer but one); `prefetch_ahead`: the
     layers ahead the gate guesses at each layer's output."""
     check_prefetch_options(prefetch, prefetch_ahead, oracle_depth)
-    if model.cache.mode == "direct":
-        raise MoEOffloadError("bench measures the expert cache: give --slots (on the CPU) or run on CUDA")
+    check_direct(model.cache.mode == "direct", prefetch, compare)
     prompt_tokens, tokens = check_run(prompt_tokens, tokens, model.max_seq_len)
     c = model.config
+    if model.cache.mode == "direct":
+        routing = None if route_trace is None else _replay(model, route_trace)
+        return _bench_direct(model, prompt_tokens, tokens, routing)
     if min(model.plan.slots_per_layer) < c.top_k:
         raise MoEOffloadError(f"bench needs at least {c.top_k} slots per layer (the experts a token uses) to "
                               f"measure compute with nothing copied; give --slots {c.top_k} or more")  # fmt: skip
-    routing = None
-    if route_trace is not None:
-        routing = ReplayedRouting(route_trace, c.num_layers, c.num_experts, c.top_k, model.device)
-        model.moe.routing = routing
+    routing = None if route_trace is None else _replay(model, route_trace)
     set_prefetch(model, prefetch, routing, oracle_depth, prefetch_ahead)  # its errors before any timing
     link = Link.measure(model)
     before = compute_per_token(model)  # pins the routing and drops the prefetcher, then restores both
@@ -574,6 +573,53 @@ def bench(
         "(pass one as MODEL), and cannot replay a routing trace",
     }  # fmt: skip
     return result
+
+
+def check_direct(direct: bool, prefetch: str, compare: bool) -> None:
+    """What bench cannot do in direct mode (the CPU without --slots), where no expert is ever loaded: the CLI
+    asks before it loads the model."""
+    if direct and (compare or prefetch == "oracle"):
+        what = "--compare runs the cache's baselines" if compare else "--prefetch oracle loads experts into slots"
+        raise MoEOffloadError(f"{what}: without --slots the CPU computes every expert in place; give --slots")
+
+
+def _replay(model: OffloadedModel, path: str) -> ReplayedRouting:
+    """The trace's routing in place of the model's routers."""
+    c = model.config
+    model.moe.routing = ReplayedRouting(path, c.num_layers, c.num_experts, c.top_k, model.device)
+    return model.moe.routing
+
+
+def _bench_direct(model: OffloadedModel, prompt_tokens: int, tokens: int, routing: ReplayedRouting | None) -> dict:
+    """bench in direct mode, as the CPU runs a model by default: each expert computed where it lies in RAM, so
+    the speed alone. The cache's figures (hit rate, prefetch, copies, the bound) are None: there is none."""
+    run = decode_run(model, prompt_tokens=prompt_tokens, tokens=tokens, routing=routing)
+    return {
+        **environment(model.device),
+        "model": model_name(model),
+        "routing": "model" if routing is None else f"replayed: {routing.path}",
+        "mode": "direct",
+        "kernel": kernel_name(model.prepared),
+        "cuda_graphs": False,  # the CPU's
+        "cuda_graphs_failed": None,
+        "host_embedding": model.prepared.host_embedding,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        **dict.fromkeys(CACHE_KEYS),
+        "compute_s_per_token": round(1.0 / run.decode_tokens_per_s, 6),  # the whole step: nothing is copied
+        "prefill_tokens_per_s": round(run.prefill_tokens_per_s, 3),
+        "decode_tokens_per_s": round(run.decode_tokens_per_s, 4),
+    }
+
+
+# bench's keys that only a cache gives a value: None in direct mode
+CACHE_KEYS = (
+    "slots_per_layer", "gpu_budget_bytes", "prefill_reserve_bytes", "policy", "arena_pinned", "expert_bytes",
+    "h2d_bandwidth_gbps", "d2h_bandwidth_gbps",
+    "compute_s_per_token_measured", "hit_rate", "prefetch", "stall_s", "missed_bytes_per_token",
+    "h2d_bytes_per_token", "d2h_bytes_per_token", "bound_tokens_per_s", "fraction_of_bound", "gpu_peak_bytes",
+    "gpu_reserved_peak_bytes", "gpu_allocs_in_decode",
+)  # fmt: skip
 
 
 def _baselines(

@@ -258,6 +258,25 @@ def test_cli_writes_the_json(capsys, tmp_path, trained_model_dir):
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left
 
 
+def test_without_slots_the_cpu_bench_times_direct_mode(capsys, tmp_path, trained_model_dir):
+    """As the CPU runs a model by default: every expert computed in place. The speed, under replayed routing
+    here, and every cache figure None, under the same keys as a cache's bench."""
+    out = tmp_path / "direct.json"
+    code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "5", "--prompt-tokens", "3",
+                 "--route-trace", str(TINY_TRACE), "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "direct mode: every expert computed in place, no cache" in printed
+    result = json.loads(out.read_text())
+    cached = bench(offload.load(str(trained_model_dir), device="cpu", slots=2, max_seq_len=64), tokens=5,
+                   prompt_tokens=3, prefetch="none")  # fmt: skip
+    assert set(result) == set(cached) and KEYS <= set(result)
+    assert result["mode"] == "direct" and result["routing"] == f"replayed: {TINY_TRACE}"
+    assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0
+    assert result["compute_s_per_token"] == pytest.approx(1 / result["decode_tokens_per_s"], rel=1e-3)
+    assert {key for key, value in result.items() if value is None} == {
+        *offload.bench.CACHE_KEYS, "cuda_graphs_failed"}  # fmt: skip
+
+
 def test_bench_errors(capsys, trained_model_dir, tmp_path, model):
     code = main(["bench", str(trained_model_dir), "--slots", "2", "--device", "cpu", "--route-trace",
                  str(SHARED_TRACE), "--tokens", "4"])  # fmt: skip
@@ -283,9 +302,14 @@ def test_bench_errors(capsys, trained_model_dir, tmp_path, model):
         "error: --oracle-depth is how far the oracle loads: use it with --prefetch oracle (the gate's reach "
         "is --prefetch-ahead)"
     )  # fmt: skip
-    code = main(["bench", str(trained_model_dir), "--device", "cpu", "--tokens", "4"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err == "error: bench measures the expert cache: give --slots (on the CPU) or run on CUDA"
+    for asked, what in ((["--compare"], "--compare runs the cache's baselines"),
+                        (["--prefetch", "oracle", "--route-trace", str(TINY_TRACE)],
+                         "--prefetch oracle loads experts into slots")):  # fmt: skip
+        code = main(["bench", "no-such-folder", "--device", "cpu", *asked])  # before the load
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == (
+            f"error: {what}: without --slots the CPU computes every expert in place; give --slots"
+        )  # fmt: skip
     for value in ("0", "-3"):  # -3 was a traceback after the load
         code = main(["bench", "no-such-folder", "--prompt-tokens", value])
         err = capsys.readouterr().err.strip()

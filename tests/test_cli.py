@@ -699,8 +699,8 @@ def test_bench_and_trace_name_uneven_slots_whole():
 
 
 def test_bench_says_its_own_defaults_in_help(capsys, monkeypatch):
-    """bench shares the load options, but not two of their defaults: on the CPU --slots is needed, and the
-    context is what the run needs."""
+    """bench shares the load options, but not two of their defaults: on the CPU --slots runs the cache (without
+    it, direct mode), and the context is what the run needs."""
     monkeypatch.setenv("COLUMNS", "400")  # one line an option
     help_of = {}
     for command in ("bench", "generate"):
@@ -708,7 +708,7 @@ def test_bench_says_its_own_defaults_in_help(capsys, monkeypatch):
         assert code == 0
         help_of[command] = " ".join(out.split())
     assert "Default: what the run needs (the prompt, 2 warm-up steps, --tokens and one more)" in help_of["bench"]
-    assert "on the CPU give it: bench measures the expert cache" in help_of["bench"]
+    assert "without them bench times direct mode, every expert computed in place" in help_of["bench"]
     assert "Default: the model's, at most 4096" in help_of["generate"]
     assert "on the CPU the default computes experts in place" in help_of["generate"]
 
