@@ -698,7 +698,7 @@ def bench(
     ahead = load.pop("prefetch_ahead")
     benchmark.check_prefetch_options(prefetch, ahead, oracle_depth)  # before the load: minutes on a real model
     direct = load["slots"] is None and resolve_device(load["device"]).type == "cpu"
-    benchmark.check_direct(direct, prefetch, compare)
+    benchmark.check_direct(direct, prefetch, compare, ahead)
     if json_out is not None:
         if str(json_out) == "-":  # not stdout: the table is printed there
             raise MoEOffloadError("--json takes a file name, not -: bench prints its table on stdout")

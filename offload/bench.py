@@ -514,7 +514,7 @@ def bench(
     `oracle_depth`: the layers ahead the oracle loads (None: every layer but one); `prefetch_ahead`: the
     layers ahead the gate guesses at each layer's output."""
     check_prefetch_options(prefetch, prefetch_ahead, oracle_depth)
-    check_direct(model.cache.mode == "direct", prefetch, compare)
+    check_direct(model.cache.mode == "direct", prefetch, compare, prefetch_ahead)
     prompt_tokens, tokens = check_run(prompt_tokens, tokens, model.max_seq_len)
     c = model.config
     if model.cache.mode == "direct":
@@ -575,11 +575,16 @@ def bench(
     return result
 
 
-def check_direct(direct: bool, prefetch: str, compare: bool) -> None:
+def check_direct(direct: bool, prefetch: str, compare: bool, prefetch_ahead: int = 1) -> None:
     """What bench cannot do in direct mode (the CPU without --slots), where no expert is ever loaded: the CLI
     asks before it loads the model."""
-    if direct and (compare or prefetch == "oracle"):
-        what = "--compare runs the cache's baselines" if compare else "--prefetch oracle loads experts into slots"
+    if not direct:
+        return
+    what = ("--compare runs the cache's baselines" if compare
+            else "--prefetch oracle loads experts into slots" if prefetch == "oracle"
+            else f"--prefetch-ahead {prefetch_ahead} guesses experts to load into slots" if prefetch_ahead != 1
+            else None)  # fmt: skip
+    if what is not None:
         raise MoEOffloadError(f"{what}: without --slots the CPU computes every expert in place; give --slots")
 
 

@@ -302,9 +302,12 @@ def test_bench_errors(capsys, trained_model_dir, tmp_path, model):
         "error: --oracle-depth is how far the oracle loads: use it with --prefetch oracle (the gate's reach "
         "is --prefetch-ahead)"
     )  # fmt: skip
-    for asked, what in ((["--compare"], "--compare runs the cache's baselines"),
-                        (["--prefetch", "oracle", "--route-trace", str(TINY_TRACE)],
-                         "--prefetch oracle loads experts into slots")):  # fmt: skip
+    without_slots = [
+        (["--compare"], "--compare runs the cache's baselines"),
+        (["--prefetch", "oracle", "--route-trace", str(TINY_TRACE)], "--prefetch oracle loads experts into slots"),
+        (["--prefetch-ahead", "2"], "--prefetch-ahead 2 guesses experts to load into slots"),
+    ]
+    for asked, what in without_slots:
         code = main(["bench", "no-such-folder", "--device", "cpu", *asked])  # before the load
         err = capsys.readouterr().err.strip()
         assert code == 2 and err == (
