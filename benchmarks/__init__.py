@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 from quant.errors import MoEOffloadError
@@ -15,3 +16,12 @@ def run_script(main: Callable[[], None]) -> None:
     except MoEOffloadError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def ms_per_call(call: Callable[[], object], calls: int) -> float:
+    """Milliseconds a call of `call`, after one call to warm up."""
+    call()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - begin) / calls * 1000

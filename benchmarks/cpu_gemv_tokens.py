@@ -21,7 +21,6 @@ import argparse
 import functools
 import itertools
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import run_script  # noqa: E402
+from benchmarks import ms_per_call, run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from quant import cpu_gemv  # noqa: E402
 from quant.files import check_writable  # noqa: E402
@@ -41,13 +40,9 @@ SHAPE = (14336, 4096)  # Mixtral-8x7B's w1
 TOKENS = {"float32": "float32 tokens", "int8": "int8 tokens (3-bit's loop keeps them float32)"}
 
 
-def ms_per_call(call, weights: Iterator, calls: int) -> float:
-    """Milliseconds a call of call(weight), each call the next of `weights`, after one call to warm up."""
-    call(next(weights))
-    begin = time.perf_counter()
-    for _ in range(calls):
-        call(next(weights))
-    return (time.perf_counter() - begin) / calls * 1000
+def in_turn(call, weights: Iterator):
+    """call(weight) on the next of `weights` at each call: the weights taken in turn, for ms_per_call."""
+    return lambda: call(next(weights))
 
 
 def main() -> None:
@@ -81,9 +76,11 @@ def main() -> None:
             x = torch.randn(tokens, SHAPE[1], generator=torch.Generator().manual_seed(1))
             fused, tiles = Workspace(), Workspace()
             rounds = {"c_ms": [], "tiles_ms": []}
+            c_call = in_turn(functools.partial(cpu_gemv.gemv, x, workspace=fused), turn)
+            tiles_call = in_turn(functools.partial(linear, x, workspace=tiles), turn)
             for _ in range(args.rounds):
-                rounds["c_ms"].append(ms_per_call(functools.partial(cpu_gemv.gemv, x, workspace=fused), turn, 5))
-                rounds["tiles_ms"].append(ms_per_call(functools.partial(linear, x, workspace=tiles), turn, 3))
+                rounds["c_ms"].append(ms_per_call(c_call, 5))
+                rounds["tiles_ms"].append(ms_per_call(tiles_call, 3))
             row = {"bits": int(bits), "tokens": tokens, **{k: round(min(v), 2) for k, v in rounds.items()}}
             rows.append(row)
             print(f"{bits}-bit, {tokens:2} tokens: C {row['c_ms']:7.2f} ms, tiles {row['tiles_ms']:7.2f} ms")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import run_script  # noqa: E402
+from benchmarks import ms_per_call, run_script  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from quant import cpu_gemv  # noqa: E402
 from quant.files import check_writable  # noqa: E402
@@ -32,15 +31,6 @@ from quant.hqq import Workspace  # noqa: E402
 from quant.linear import CPU, linear  # noqa: E402
 
 SHAPE = (32000, 4096)  # Mixtral-8x7B's lm_head (and embedding)
-
-
-def ms_per_call(call, calls: int) -> float:
-    """Milliseconds a call, after one call to warm up."""
-    call()
-    begin = time.perf_counter()
-    for _ in range(calls):
-        call()
-    return (time.perf_counter() - begin) / calls * 1000
 
 
 def main() -> None:
