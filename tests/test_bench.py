@@ -270,6 +270,14 @@ def test_without_slots_the_cpu_bench_times_direct_mode(capsys, tmp_path, trained
     cached = bench(offload.load(str(trained_model_dir), device="cpu", slots=2, max_seq_len=64), tokens=5,
                    prompt_tokens=3, prefetch="none")  # fmt: skip
     assert set(result) == set(cached) and KEYS <= set(result)
+    direct = offload.load(str(trained_model_dir), device="cpu", max_seq_len=64)
+    with pytest.raises(MoEOffloadError) as error:  # from Python as from the CLI
+        bench(direct, tokens=5, compare=True)
+    assert str(error.value) == (
+        "--compare runs the cache's baselines: without --slots the CPU computes every expert in place; give --slots"
+    )
+    assert bench(direct, tokens=2, prompt_tokens=3, route_trace=str(TINY_TRACE))["mode"] == "direct"
+    assert isinstance(direct.moe.routing, ReplayedRouting) and direct.moe.routing.path == str(TINY_TRACE)  # it ran
     assert result["mode"] == "direct" and result["routing"] == f"replayed: {TINY_TRACE}"
     assert result["decode_tokens_per_s"] > 0 and result["prefill_tokens_per_s"] > 0
     assert result["compute_s_per_token"] == pytest.approx(1 / result["decode_tokens_per_s"], rel=1e-3)
