@@ -476,22 +476,43 @@ int moe_offload_openmp(void) {
 }
 
 /* x [M, K] -> xq [M, K] and d [M, K / 64]: each 64 inputs of a token rounded to int8 by a scale of their own,
- * max |x| / 127; x_sums [M, K / g], each group's sum of xq * d. A block that is not finite gets a NaN scale,
- * so that its outputs are NaN, as the float products would be. */
+ * max |x| / 127; x_sums [M, K / g], each group's sum of xq * d. A block that is not finite gets a NaN scale and
+ * NaN sums, so that its outputs are NaN, as the float products would be. The loops vectorize: the largest |x| is
+ * the largest of the floats' bits less the sign (an integer max, where fmaxf was a call a value and would pass
+ * a nan over: bits past infinity's are a nan), and a group's sum is its integers' sum, times the scale once. */
 void moe_offload_quantize_tokens(const float *x, int64_t tokens, int64_t k, int64_t g, int8_t *xq, float *d,
                                  float *x_sums) {
-    memset(x_sums, 0, sizeof(float) * tokens * (k / g));
+    const int64_t G = k / g, per_block = g < 64 ? 64 / g : 1; /* the groups a block touches */
+    memset(x_sums, 0, sizeof(float) * tokens * G);
     for (int64_t m = 0; m < tokens; m++) {
         for (int64_t b = 0; b < k / 64; b++) {
             const float *in = x + m * k + 64 * b;
             int8_t *out = xq + m * k + 64 * b;
-            float most = 0.f;
-            int nan = 0; /* fmaxf would pass a nan over */
-            for (int j = 0; j < 64; j++) most = fmaxf(most, fabsf(in[j])), nan |= in[j] != in[j];
+            float *sums = x_sums + m * G + 64 * b / g;
+            uint32_t most_bits = 0;
+            for (int j = 0; j < 64; j++) {
+                uint32_t bits;
+                memcpy(&bits, in + j, sizeof bits);
+                bits &= 0x7fffffffu;
+                most_bits = bits > most_bits ? bits : most_bits;
+            }
+            if (most_bits >= 0x7f800000u) { /* an infinity or a nan */
+                memset(out, 0, 64);
+                d[m * (k / 64) + b] = __builtin_nanf("");
+                for (int64_t i = 0; i < per_block; i++) sums[i] = __builtin_nanf("");
+                continue;
+            }
+            float most;
+            memcpy(&most, &most_bits, sizeof most);
             const float scale = most / 127.f, inverse = most > 0.f ? 127.f / most : 0.f;
-            for (int j = 0; j < 64; j++) out[j] = (int8_t)lrintf(in[j] * inverse);
-            d[m * (k / 64) + b] = nan || most > 3.4028235e38f ? __builtin_nanf("") : scale;
-            for (int j = 0; j < 64; j++) x_sums[m * (k / g) + (64 * b + j) / g] += (float)out[j] * scale;
+            for (int j = 0; j < 64; j++) out[j] = (int8_t)(int32_t)__builtin_rintf(in[j] * inverse);
+            d[m * (k / 64) + b] = scale;
+            const int span = g < 64 ? (int)g : 64; /* the inputs of one group in this block */
+            for (int64_t i = 0; i < per_block; i++) {
+                int32_t sum = 0;
+                for (int j = 0; j < span; j++) sum += out[i * span + j];
+                sums[i] += (float)sum * scale;
+            }
         }
     }
 }
