@@ -335,6 +335,14 @@ def _each_thread(threads: int, total: int, call) -> None:
         future.result()
 
 
+def _team(lib: ctypes.CDLL, weights: int) -> tuple[bool, int]:
+    """Whether a call runs on torch's OpenMP team (else the pool), and on how many threads: one below the size
+    at which splitting pays."""
+    openmp = not _forked and _openmp(lib)
+    split = weights >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS)
+    return openmp, torch.get_num_threads() if split else 1
+
+
 def supports_wide(x: Tensor, w: Tensor) -> bool:
     """Whether multiply_wide serves x @ w.T: a few float32 tokens times a float16 or bfloat16 table (on the CPU,
     the lm_head at its checkpoint's width: offload/decoder.py), both contiguous on the CPU, K a multiple of 64."""
@@ -353,8 +361,7 @@ def multiply_wide(x: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
     (tokens, k), n = x.shape, w.shape[0]
     y = out if out is not None and out.is_contiguous() else x.new_empty((tokens, n))
     bf16 = int(w.dtype == torch.bfloat16)
-    openmp = not _forked and _openmp(lib)
-    threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
+    openmp, threads = _team(lib, n * k)
     if openmp and threads > 1:
         lib.moe_offload_gemv_wide_parallel(x.data_ptr(), tokens, k, w.data_ptr(), bf16, threads, y.data_ptr(), n)
     else:
@@ -413,8 +420,7 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
     problem = _Problem(x.data_ptr(), x_sums.data_ptr(), xq.data_ptr() if int8 else None,
                        x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
                        tokens, n, k, q.codes.shape[0], bits, g, width)  # fmt: skip
-    openmp = not _forked and _openmp(lib)
-    threads = torch.get_num_threads() if n * k >= (OPENMP_PARALLEL_WEIGHTS if openmp else PARALLEL_WEIGHTS) else 1
+    openmp, threads = _team(lib, n * k)
     if _whole_outputs(q.shape, q.spec):
         meta = workspace.buffer("gemv.meta", (threads, 2 * per * groups_per_row), torch.float32, x.device)
         if openmp and threads > 1:

@@ -112,13 +112,19 @@ def tiles(
     return bnb.dequantize_tiles(weight, dtype, workspace, tile_weights(device) // 4)
 
 
+def _check_shapes(x: Tensor, shape: tuple[int, ...], out: Tensor | None) -> None:
+    """x [..., K] times a weight [N, K], into `out` [..., N] when given: mm(out=) would resize a view silently."""
+    n, k = shape
+    if x.shape[-1] != k or (out is not None and out.shape != (*x.shape[:-1], n)):
+        got = "" if out is None else f" into {tuple(out.shape)}"
+        raise ValueError(f"linear: x {tuple(x.shape)} times a weight {tuple(shape)}{got}: shapes do not match")
+
+
 def _tiled(x: Tensor, weight: Quantized | NF4Quantized, workspace: Workspace, out: Tensor | None) -> Tensor:
     """x @ dequantized(weight).T a tile at a time: each tile's product goes straight into its columns of
     `out` (a strided view of a row-major matrix, which BLAS and cuBLAS write in place)."""
     n, k = weight.shape
-    if x.shape[-1] != k or (out is not None and out.shape != (*x.shape[:-1], n)):  # mm(out=) would resize a view
-        got = "" if out is None else f" into {tuple(out.shape)}"
-        raise ValueError(f"linear: x {tuple(x.shape)} times a weight {tuple(weight.shape)}{got}: shapes do not match")
+    _check_shapes(x, weight.shape, out)
     if out is None:
         out = x.new_empty((*x.shape[:-1], n))
     x2, out2 = x.reshape(-1, k), out.view(-1, n)
@@ -132,9 +138,7 @@ def _widened(x: Tensor, weight: Tensor, workspace: Workspace | None, out: Tensor
     exactly: through the C kernel when the workspace carries it and it serves the call (a decode step's lm_head),
     else widened a tile of rows at a time (into `workspace` when given), each tile multiplied into its columns."""
     n, k = weight.shape
-    if x.shape[-1] != k or (out is not None and out.shape != (*x.shape[:-1], n)):
-        got = "" if out is None else f" into {tuple(out.shape)}"
-        raise ValueError(f"linear: x {tuple(x.shape)} times a weight {tuple(weight.shape)}{got}: shapes do not match")
+    _check_shapes(x, weight.shape, out)
     x2 = x.reshape(-1, k)
     if workspace is not None and workspace.kernel is CPU and cpu_gemv.supports_wide(x2, weight):
         y = cpu_gemv.multiply_wide(x2, weight, None if out is None else out.view(-1, n))
