@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_gemv_tokens.py [--bits 2,3,4] [--tokens 1,2,4,8,16,32,64] [--rounds 3]
                                          [--token-type int8|float32] [--vnni 512|256] [--matrices N]
+                                         [--meta-order output|grid]
 
 For each expert preset, a synthetic 14336 x 4096 matrix (w1's shape) times 1 to 64 float32 tokens: through
 quant/cpu_gemv.py (its limits lifted, to show where they should lie) and through quant/linear.py's tiles.
@@ -10,7 +11,9 @@ the CPU has VNNI (the default there), at its widest (`--vnni 256`: AVX-VNNI's lo
 both), or keeps them float32 (`--token-type float32`, and where it has none). `--matrices N` multiplies N
 matrices in turn, each call the next, so that with N of 3 or more (44 MB and over) the weights come from memory
 and not from the cache, as in decode, where a step reads each expert once; the default, 1, times one matrix
-over and over, out of the cache when it fits (a 2-bit one, 22 MB with its scales, fits a 32 MB L3). Writes
+over and over, out of the cache when it fits (a 2-bit one, 22 MB with its scales, fits a 32 MB L3). 8-bit scale
+and zero codes (2-bit's) are by output, as load holds experts on the CPU, or in grid order (`--meta-order grid`), as
+files keep them (quant/packing.py). Writes
 benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED, MAX_TOKENS_3BIT and MAX_TOKENS_INT8 in
 quant/cpu_gemv.py rest on.
 """
@@ -35,6 +38,7 @@ from quant import cpu_gemv  # noqa: E402
 from quant.files import check_writable  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, random_quantized  # noqa: E402
 from quant.linear import linear  # noqa: E402
+from quant.packing import by_output, with_meta_by_output  # noqa: E402
 
 SHAPE = (14336, 4096)  # Mixtral-8x7B's w1
 TOKENS = {"float32": "float32 tokens", "int8": "int8 tokens (3-bit's loop keeps them float32)"}
@@ -53,6 +57,8 @@ def main() -> None:
     parser.add_argument("--token-type", choices=("int8", "float32"), default="int8")
     parser.add_argument("--vnni", type=int, choices=(512, 256), help="the int8 loop's width (default: the widest)")
     parser.add_argument("--matrices", type=int, default=1, help="matrices taken in turn (3 or more: out of cache)")
+    order = "8-bit scales and zeros by output (as load holds them on the CPU) or in grid order (as files keep them)"
+    parser.add_argument("--meta-order", choices=("output", "grid"), default="output", help=order)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_gemv_tokens.json"))
     args = parser.parse_args()
     check_writable(args.out, "--out")  # before the work, not after it
@@ -71,6 +77,8 @@ def main() -> None:
     for bits in args.bits.split(","):
         weights = [random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(seed))
                    for seed in range(args.matrices)]  # fmt: skip
+        if args.meta_order == "output" and by_output(SHAPE, EXPERT_PRESETS[bits]):
+            weights = [with_meta_by_output(weight) for weight in weights]
         turn = itertools.cycle(weights)
         for tokens in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(tokens, SHAPE[1], generator=torch.Generator().manual_seed(1))
@@ -88,6 +96,7 @@ def main() -> None:
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "matrix": f"{SHAPE[0]} x {SHAPE[1]}, {TOKENS[args.token_type]}",
         "matrices": args.matrices,
+        "meta_order": args.meta_order,
         "vnni_bits": cpu_gemv.int8_width(),
         "results": rows,
     }

@@ -243,6 +243,8 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     max_seq_len = _context(opts.max_seq_len, config)
     check_prefill_chunk(opts.prefill_chunk)  # before the long part
     expert_format = source.expert_format(dtype)
+    if device.type == "cpu":  # computed where they lie, by the CPU's loop: scales and zeros by output
+        expert_format = expert_format.on_cpu()
     resident = source.resident()
     kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)
     reserve = prefill_reserve(config, resident, expert_format, max_seq_len, opts.prefill_chunk, dtype, device)

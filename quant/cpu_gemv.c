@@ -23,6 +23,9 @@ typedef struct {          /* a weight's scales or zeros, one per group: */
     const uint8_t *codes; /* [R] */
     const uint16_t *scale, *zero; /* float16 [R / group]: value = (code - zero) * scale */
     int64_t group;
+    /* 0, or by output (quant/packing.py): output q's G codes of bit slot s at codes + s * slot_stride + q *
+     * output_stride, their G / group scales and zeros at scale (zero) + s * group_slot_stride + q * group_output_stride */
+    int64_t slot_stride, output_stride, group_slot_stride, group_output_stride;
 } Meta;
 
 typedef struct {
@@ -54,19 +57,47 @@ static inline float half_to_float(uint16_t h) {
     return value;
 }
 
-/* Rows [first, first + count) of a scale or zero, as float32 into out, times `factor` (a power of two): the
- * same arithmetic as quant.hqq.dequantize in float32. */
+/* `count` 8-bit codes from `codes`, the first `offset` into a group whose scale and zero are scales[0] and zeros[0]
+ * (the next groups' follow), as float32 into out, times `factor` (a power of two): the same arithmetic as
+ * quant.hqq.dequantize in float32. */
+static void dequantize_codes(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int64_t group,
+                             int64_t offset, int64_t count, float factor, float *out) {
+    if ((offset | count | group) % 64 == 0) { /* Mixtral's shapes: 64 a loop, in one group, with no division */
+        for (int64_t j = 0, i = 0; j < count; j += 64) {
+            if (j == (i + 1) * group - offset) i++;
+            const float scale = half_to_float(scales[i]) * factor, zero = half_to_float(zeros[i]);
+            for (int l = 0; l < 64; l++) out[j + l] = ((float)codes[j + l] - zero) * scale;
+        }
+        return;
+    }
+    for (int64_t j = 0; j < count;) { /* a run of codes in one group at a time */
+        const int64_t i = (offset + j) / group, run_end = (i + 1) * group - offset;
+        const int64_t end = run_end < count ? run_end : count;
+        const float scale = half_to_float(scales[i]), zero = half_to_float(zeros[i]);
+        for (; j < end; j++) out[j] = ((float)codes[j] - zero) * scale * factor;
+    }
+}
+
+/* Grid rows [first, first + count) of a scale or zero in grid order, as float32 into out, times `factor`. */
 static void meta_rows(const Meta *m, int64_t first, int64_t count, float factor, float *out) {
     if (m->half) {
         for (int64_t j = 0; j < count; j++) out[j] = half_to_float(m->half[first + j]) * factor;
         return;
     }
-    for (int64_t j = 0; j < count;) { /* a run of rows in one meta group at a time */
-        const int64_t i = (first + j) / m->group, run_end = (i + 1) * m->group - first;
-        const int64_t end = run_end < count ? run_end : count;
-        const float scale = half_to_float(m->scale[i]), zero = half_to_float(m->zero[i]);
-        for (; j < end; j++) out[j] = ((float)m->codes[first + j] - zero) * scale * factor;
+    const int64_t i = first / m->group;
+    dequantize_codes(m->codes + first, m->scale + i, m->zero + i, m->group, first % m->group, count, factor, out);
+}
+
+/* Output q's G scales or zeros of bit slot s, times `factor`: by output where they are so, else by grid row. */
+static inline void output_rows(const Meta *m, const Problem *p, int s, int64_t q, int64_t G, float factor,
+                               float *out) {
+    if (!m->slot_stride) {
+        meta_rows(m, s * p->step + q * G, G, factor, out);
+        return;
     }
+    const int64_t i = s * m->group_slot_stride + q * m->group_output_stride;
+    dequantize_codes(m->codes + s * m->slot_stride + q * m->output_stride, m->scale + i, m->zero + i, m->group, 0, G,
+                     factor, out);
 }
 
 /* Sixteen lanes, in GCC's and clang's vector extensions: the compiler lowers them to the machine's vector
@@ -106,8 +137,8 @@ static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int
     const int per = 8 / bits;
     for (int s = 0; s < per; s++) {
         const float up = (float)(1u << (per - 1 - s) * bits);
-        meta_rows(&p->scale, s * p->step + q * G, G, 1.f / up, meta + (2 * s) * G);
-        meta_rows(&p->zero, s * p->step + q * G, G, up, meta + (2 * s + 1) * G);
+        output_rows(&p->scale, p, s, q, G, 1.f / up, meta + (2 * s) * G);
+        output_rows(&p->zero, p, s, q, G, up, meta + (2 * s + 1) * G);
     }
 }
 

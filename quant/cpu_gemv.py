@@ -73,7 +73,9 @@ TUNINGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 
 class _Meta(ctypes.Structure):
     _fields_ = [("half", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("zero", ctypes.c_void_p), ("group", ctypes.c_int64)]  # fmt: skip
+                ("zero", ctypes.c_void_p), ("group", ctypes.c_int64), ("slot_stride", ctypes.c_int64),
+                ("output_stride", ctypes.c_int64), ("group_slot_stride", ctypes.c_int64),
+                ("group_output_stride", ctypes.c_int64)]  # fmt: skip
 
 
 class _Problem(ctypes.Structure):
@@ -287,8 +289,11 @@ def supports(x: Tensor, q: Quantized) -> bool:
         if not isinstance(meta, Quantized):
             halves.append(meta)
         elif meta.spec.bits == 8 and not isinstance(meta.scale, Quantized) and not isinstance(meta.zero, Quantized):
-            parts.append(meta.codes)
-            halves += [meta.scale, meta.zero]
+            if not _by_output(meta, q):  # else the strides say where each output's lie
+                parts.append(meta.codes)
+                halves += [meta.scale, meta.zero]
+            elif meta.scale.dtype != torch.float16 or meta.zero.dtype != torch.float16:
+                return False
         else:
             return False
     if any(t.dtype != torch.float16 for t in halves) or q.codes.data_ptr() % q.codes.element_size():
@@ -296,10 +301,28 @@ def supports(x: Tensor, q: Quantized) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in parts + halves)
 
 
-def _meta(meta: Tensor | Quantized) -> _Meta:
-    if isinstance(meta, Quantized):
-        return _Meta(None, meta.codes.data_ptr(), meta.scale.data_ptr(), meta.zero.data_ptr(), meta.spec.group_size)
-    return _Meta(meta.data_ptr(), None, None, None, 1)
+def _by_output(meta: Quantized, q: Quantized) -> bool:
+    """Whether q's 8-bit scales or zeros are by output (quant/packing.py): codes [PER, N / PER, G] and their scales
+    and zeros [PER, N / PER, G / group] alike, an output's in a row. The outputs loop reads them through strides
+    (packed_rows reads grid order alone)."""
+    per, groups, group = _ROWS_PER_ELEMENT[q.spec.bits], q.shape[1] // q.spec.group_size, meta.spec.group_size
+    rows = (per, q.shape[0] // per)
+    return (
+        _whole_outputs(q.shape, q.spec) and groups % group == 0
+        and meta.codes.shape == (*rows, groups) and meta.codes.stride(2) == 1
+        and meta.scale.shape == meta.zero.shape == (*rows, groups // group)
+        and meta.scale.stride() == meta.zero.stride() and meta.scale.stride(2) == 1
+        and all(t.device.type == "cpu" for t in (meta.codes, meta.scale, meta.zero))
+    )  # fmt: skip
+
+
+def _meta(meta: Tensor | Quantized, q: Quantized) -> _Meta:
+    """A scale or zero of q as the C reads it: float16, or 8-bit codes in grid order or by output."""
+    if not isinstance(meta, Quantized):
+        return _Meta(meta.data_ptr(), None, None, None, 1, 0, 0, 0, 0)
+    strides = (*meta.codes.stride()[:2], *meta.scale.stride()[:2]) if _by_output(meta, q) else (0, 0, 0, 0)
+    return _Meta(None, meta.codes.data_ptr(), meta.scale.data_ptr(), meta.zero.data_ptr(), meta.spec.group_size,
+                 *strides)  # fmt: skip
 
 
 @functools.cache
@@ -418,7 +441,7 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
         out = x.new_empty((tokens, n))
     y = out if out.is_contiguous() else workspace.buffer("gemv.y", (tokens, n), x.dtype, x.device)
     problem = _Problem(x.data_ptr(), x_sums.data_ptr(), xq.data_ptr() if int8 else None,
-                       x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
+                       x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale, q), _meta(q.zero, q),
                        tokens, n, k, q.codes.shape[0], bits, g, width)  # fmt: skip
     openmp, threads = _team(lib, n * k)
     if _whole_outputs(q.shape, q.spec):

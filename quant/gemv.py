@@ -60,14 +60,17 @@ PACKED_STAGES = 3
 
 def supports(x: Tensor, q: Quantized) -> bool:
     """Whether `gemv` serves this call: Triton present, a small batch, and a layout the kernel reads
-    (a power-of-two group size dividing BLOCK_K; float or 8-bit meta; int32 offsets). The device is
+    (a power-of-two group size dividing BLOCK_K; float or 8-bit meta in grid order; int32 offsets). The device is
     the caller's choice: Workspace.kernel is quant.linear.TRITON on CUDA, or in tests under Triton's interpreter."""
     if triton is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[1] != q.shape[1]:
         return False
     g = q.spec.group_size
     if g & (g - 1) or BLOCK_K % g or q.shape[0] * q.shape[1] >= 2**31:
         return False
-    return q.spec.meta_bits in (None, 8)
+    # meta in grid order: the CPU's, by output (quant/packing.py), is a view with rows apart
+    return q.spec.meta_bits in (None, 8) and all(
+        meta.codes.is_contiguous() for meta in (q.scale, q.zero) if isinstance(meta, Quantized)
+    )
 
 
 def _rows_together(q: Quantized) -> int:

@@ -8,7 +8,9 @@ Layout, for a weight [N, K] and group size g (hqq axis=1: a group is g consecuti
     R = N*K/g groups; codes are the [R, g] integer grid packed along R the hqq way
     (4-bit: rows r and r+R/2 share a byte; 2-bit: four rows; 3-bit: ten rows per int32; 8-bit: none);
     scale, zero: [R, 1], one pair per group. weight ~= (code - zero) * scale.
-With meta_bits, scale and zero are themselves Quantized [R, 1] tensors (8-bit in groups of 128).
+With meta_bits, scale and zero are themselves Quantized [R, 1] tensors (8-bit in groups of 128). Their codes,
+scales and zeros may also come as views of other shapes whose row-major order is the grid's: [PER, N / PER, G]
+and [PER, N / PER, G / 128], as experts computed on the CPU hold them (by output: quant/packing.py).
 
 Float meta is stored as float16: at 2-bit g16 a float32 scale+zero pair per group would cost 4 bits
 per weight, more than the codes; float16 halves that and is what hqq itself keeps (compute dtype).
@@ -274,10 +276,13 @@ def _unpack(
     codes: Tensor, bits: int, groups: int, dtype: torch.dtype, workspace: Workspace | None = None, tag: str = ""
 ) -> Tensor:
     """Packed codes -> the [groups, g] integer grid in `dtype` (same values as hqq's BitPack.unpack)."""
-    if bits == 8:
+    if bits == 8:  # in any shape whose row-major order is the grid's (module doc)
+        shape = (groups, codes.numel() // groups)
         if workspace is None:
-            return codes.to(dtype)
-        return workspace.buffer(tag + "grid", tuple(codes.shape), dtype, codes.device).copy_(codes)
+            return codes.reshape(shape).to(dtype)
+        grid = workspace.buffer(tag + "grid", shape, dtype, codes.device)
+        grid.view(codes.shape).copy_(codes)
+        return grid
     per = _ROWS_PER_ELEMENT[bits]
     mask = (1 << bits) - 1
     if workspace is None:
@@ -301,8 +306,8 @@ def dequantize(
     """
     groups = math.prod(q.shape) // q.spec.group_size
     if workspace is None:
-        scale = dequantize(q.scale, dtype) if isinstance(q.scale, Quantized) else q.scale.to(dtype)
-        zero = dequantize(q.zero, dtype) if isinstance(q.zero, Quantized) else q.zero.to(dtype)
+        scale = dequantize(q.scale, dtype) if isinstance(q.scale, Quantized) else q.scale.reshape(-1, 1).to(dtype)
+        zero = dequantize(q.zero, dtype) if isinstance(q.zero, Quantized) else q.zero.reshape(-1, 1).to(dtype)
         grid = _unpack(q.codes, q.spec.bits, groups, dtype)  # [R, g]
         return ((grid - zero) * scale).reshape(q.shape)
     # the meta first: it goes through the same workspace, and must be read before the grid reuses it
@@ -388,8 +393,22 @@ class _MetaRows:
 
     def __getitem__(self, rows: slice) -> Tensor:
         a, b = rows.start // self.group, rows.stop // self.group
-        values = self.out[: rows.stop - rows.start].view(b - a, self.group).copy_(self.meta.codes[a:b])
-        return values.sub_(self.zero[a:b]).mul_(self.scale[a:b]).view(-1, 1)
+        codes = _grid_rows(self.meta.codes, rows.start, rows.stop)
+        values = self.out[: rows.stop - rows.start]
+        values.view(codes.shape).copy_(codes)
+        return values.view(b - a, self.group).sub_(self.zero[a:b]).mul_(self.scale[a:b]).view(-1, 1)
+
+
+def _grid_rows(codes: Tensor, first: int, last: int) -> Tensor:
+    """Codes [first, last) of an 8-bit meta, in its grid's order, as a view: of grid-ordered codes, or of codes by
+    output ([PER, N / PER, G]: module doc), where they must be whole outputs of one bit slot."""
+    if codes.is_contiguous():
+        return codes.view(-1)[first:last]
+    _, outputs, groups = codes.shape
+    slot, start = divmod(first, outputs * groups)
+    if start % groups or (last - first) % groups or start + last - first > outputs * groups:
+        raise ValueError(f"codes [{first}, {last}) by output: not whole outputs of one bit slot")
+    return codes[slot, start // groups : (start + last - first) // groups]
 
 
 def _meta(meta: Tensor | Quantized, dtype: torch.dtype, workspace: Workspace, tag: str) -> Tensor:
@@ -397,9 +416,11 @@ def _meta(meta: Tensor | Quantized, dtype: torch.dtype, workspace: Workspace, ta
     the weight's grid and from a quantized meta's own meta."""
     if isinstance(meta, Quantized):
         return dequantize(meta, dtype, workspace, tag)
-    if meta.dtype == dtype:
-        return meta
-    return workspace.buffer(tag + "values", tuple(meta.shape), dtype, meta.device).copy_(meta)
+    if meta.dtype == dtype and meta.is_contiguous():
+        return meta.view(-1, 1)
+    values = workspace.buffer(tag + "values", (meta.numel(), 1), dtype, meta.device)
+    values.view(meta.shape).copy_(meta)  # in grid order, from either order (module doc)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,14 @@
 A `PackedLayout` records where each tensor lives (offset, shape, dtype). Every expert of a model
 shares one layout (`ExpertFormat`), so loading an expert is one copy of `nbytes` bytes into a slot,
 and `views(slot)` turns the slot back into tensors without copying.
+
+Experts computed on the CPU keep their 8-bit scales and zeros by output (`meta_by_output`): a packed row's
+PER bit slots' scale codes and zero codes lie together, [N / PER, PER, 2, G], and so do their own float16 scales
+and zeros, [N / PER, PER, 2, 2, G / 128]. The CPU's loop (quant/cpu_gemv.c) reads a packed row's codes and all
+of their scales and zeros at once: in grid order, where each slot's scale codes, zero codes and their meta are
+streams of their own, that is 2 PER streams of codes and 8 PER of meta beside the weights' codes; by output, two.
+The views come out [PER, N / PER, G] and [PER, N / PER, G / 128], in the grid's row-major order (quant/hqq.py reads
+them so). Files, and the GPU's kernel, keep grid order.
 """
 
 from __future__ import annotations
@@ -13,7 +21,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant.hqq import Quantized, QuantSpec, code_high, from_tensors, quantize, synthetic_meta, tensor_shapes, to_tensors
+from quant.hqq import (
+    _ROWS_PER_ELEMENT,
+    META_DTYPE,
+    Quantized,
+    QuantSpec,
+    code_high,
+    from_tensors,
+    quantize,
+    synthetic_meta,
+    tensor_shapes,
+    to_tensors,
+)
 
 _DTYPES = {name: getattr(torch, name) for name in ("uint8", "int8", "int32", "int64", "float16", "bfloat16", "float32")}
 
@@ -127,19 +146,36 @@ class ExpertFormat:
     spec: QuantSpec | None  # None: raw weights of `dtype`, same layout mechanism
     dtype: torch.dtype  # dtype of unquantized weights (spec None); unused when quantized
     layout: PackedLayout
+    meta_by_output: bool = False  # 8-bit scale and zero codes by output, for the CPU's loop (module doc)
 
     @classmethod
     def build(
-        cls, hidden_size: int, intermediate_size: int, spec: QuantSpec | None, dtype: torch.dtype
+        cls,
+        hidden_size: int,
+        intermediate_size: int,
+        spec: QuantSpec | None,
+        dtype: torch.dtype,
+        meta_by_output: bool = False,
     ) -> ExpertFormat:
         """Derive the layout analytically from the shapes (nothing is quantized)."""
         shapes: dict[str, tuple[tuple, torch.dtype]] = {}
         for name, shape in cls._weight_shapes(hidden_size, intermediate_size).items():
             if spec is None:
                 shapes[name] = (shape, dtype)
-            else:
-                shapes.update(tensor_shapes(shape, spec, name))
-        return cls(hidden_size, intermediate_size, spec, dtype, PackedLayout.of(shapes))
+                continue
+            tensors = tensor_shapes(shape, spec, name)
+            if meta_by_output and by_output(shape, spec):
+                tensors = _merged(tensors, name, _shapes_by_output(shape, spec))
+            shapes.update(tensors)
+        return cls(hidden_size, intermediate_size, spec, dtype, PackedLayout.of(shapes), meta_by_output)
+
+    def on_cpu(self) -> ExpertFormat:
+        """This format as experts computed on the CPU hold it: scales and zeros by output where a weight's allow it
+        (by_output), else this format itself, so that a load reads its files' experts as they are."""
+        if self.spec is None or self.meta_by_output:
+            return self
+        cpu = ExpertFormat.build(self.hidden_size, self.intermediate_size, self.spec, self.dtype, meta_by_output=True)
+        return self if cpu.layout == self.layout else cpu
 
     @staticmethod
     def _weight_shapes(hidden_size: int, intermediate_size: int) -> dict[str, tuple[int, int]]:
@@ -153,8 +189,11 @@ class ExpertFormat:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
-    def pack(self, w1: Tensor, w2: Tensor, w3: Tensor, out: Tensor | None = None) -> Tensor:
-        """Quantize (when spec is set) and pack one expert into a uint8 buffer [nbytes]."""
+    def pack(
+        self, w1: Tensor | Quantized, w2: Tensor | Quantized, w3: Tensor | Quantized, out: Tensor | None = None
+    ) -> Tensor:
+        """Quantize (when spec is set) and pack one expert into a uint8 buffer [nbytes]. Weights quantized
+        already (another format's `unpack`, at this spec) are packed as they are."""
         weights = {"w1": w1, "w2": w2, "w3": w3}
         tensors: dict[str, Tensor] = {}
         for name, shape in self._weight_shapes(self.hidden_size, self.intermediate_size).items():
@@ -163,17 +202,32 @@ class ExpertFormat:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(weight.shape)}")
             if self.spec is None:
                 tensors[name] = weight.to(self.dtype)
-            else:
-                tensors.update(to_tensors(quantize(weight, self.spec), name))
+                continue
+            if not isinstance(weight, Quantized):
+                weight = quantize(weight, self.spec)
+            elif weight.spec != self.spec:
+                raise ValueError(f"{name}: quantized at {weight.spec.describe()}, not {self.spec.describe()}")
+            tensors.update(self._flat(weight, name))
         return self.layout.pack(tensors, out)
+
+    def _flat(self, weight: Quantized, name: str) -> dict[str, Tensor]:
+        """A weight's tensors under this layout's names, its scales and zeros in this layout's order, from
+        either order."""
+        flat, entries = to_tensors(weight, name), {entry.name: entry for entry in self.layout.entries}
+        if f"{name}.meta.codes" in entries:
+            return _merged(flat, name, _by_output(weight))
+        return {key: tensor.reshape(entries[key].shape) for key, tensor in flat.items()}  # by output: to grid order
 
     def random(self, generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
         """A synthetic expert for speed tests (no quantization): random codes, sane scales and zeros.
 
         Dequantized weights are finite, |w| < 0.1 with a standard deviation near 0.01-0.02, like a
         trained model's, so a synthetic model computes sane numbers. Deterministic for a seeded
-        `generator` (which must live on out's device).
+        `generator` (which must live on out's device). By output, the same weights as in grid order.
         """
+        if self.meta_by_output:
+            grid = ExpertFormat.build(self.hidden_size, self.intermediate_size, self.spec, self.dtype)
+            return self.pack(**grid.unpack(grid.random(generator)), out=out)
         if out is None:
             out = torch.zeros(self.nbytes, dtype=torch.uint8)
         views = self.layout.views(out)
@@ -200,9 +254,15 @@ class ExpertFormat:
         shapes = self._weight_shapes(self.hidden_size, self.intermediate_size)
         if self.spec is None:
             return {name: views[name] for name in shapes}
+        for name in shapes:
+            if f"{name}.meta.codes" in views:
+                held = {key: views.pop(f"{name}.{key}") for key in BY_OUTPUT}
+                views.update((f"{name}.{part}", view) for part, view in _views_by_output(held).items())
         return {name: from_tensors(views, name, self.spec, shape) for name, shape in shapes.items()}
 
     def to_dict(self) -> dict:
+        if self.meta_by_output:  # the CPU's, made at load: files keep grid order, which the GPU reads
+            raise ValueError("an expert format with its meta by output is not written to a file")
         return {
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -220,3 +280,70 @@ class ExpertFormat:
             dtype=dtype_of(d["dtype"]),
             layout=PackedLayout.from_dict(d["layout"]),
         )
+
+
+def by_output(shape: tuple[int, int], spec: QuantSpec) -> bool:
+    """Whether a weight of `shape` at `spec` has its meta laid out by output in a `meta_by_output` format: 8-bit
+    scale and zero codes with float meta of their own, in groups that tile an output's G, and bit slots that hold
+    whole outputs (not 3-bit's)."""
+    meta = spec.meta_spec
+    return (
+        meta is not None and meta.bits == 8 and meta.meta_bits is None and spec.bits != 3
+        and shape[0] % _ROWS_PER_ELEMENT[spec.bits] == 0 and (shape[1] // spec.group_size) % meta.group_size == 0
+    )  # fmt: skip
+
+
+# The tensors a weight's scales and zeros make by output, and what each holds, as to_tensors names them
+BY_OUTPUT = {"meta.codes": ("scale.codes", "zero.codes"),
+             "meta.meta": ("scale.scale", "scale.zero", "zero.scale", "zero.zero")}  # fmt: skip
+
+
+def _shapes_by_output(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tuple[tuple, torch.dtype]]:
+    """[N / PER, PER, 2, G] codes: a packed row's bit slots, each with its scales' codes, then its zeros'; and
+    [N / PER, PER, 2, 2, G / group] float16: the scales and zeros of those, in the same order."""
+    per = _ROWS_PER_ELEMENT[spec.bits]
+    outputs, groups = shape[0] // per, shape[1] // spec.group_size
+    return {"meta.codes": ((outputs, per, 2, groups), torch.uint8),
+            "meta.meta": ((outputs, per, 2, 2, groups // spec.meta_group_size), META_DTYPE)}  # fmt: skip
+
+
+def _by_output(q: Quantized) -> dict[str, Tensor]:
+    """q's scales and zeros, in either order, by output: BY_OUTPUT's tensors, new and contiguous."""
+    tensors, held = to_tensors(q, ""), {}
+    for key, (shape, _) in _shapes_by_output(q.shape, q.spec).items():
+        outputs, per, *kinds, rows = shape
+        by_slot = [tensors[f".{part}"].reshape(per, outputs, rows) for part in BY_OUTPUT[key]]  # grid order
+        held[key] = torch.stack(by_slot, dim=2).view(per, outputs, *kinds, rows).transpose(0, 1).contiguous()
+    return held
+
+
+def _views_by_output(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """BY_OUTPUT's tensors back as to_tensors' names: views [PER, N / PER, G or G / group] (module doc)."""
+    views = {}
+    for key, parts in BY_OUTPUT.items():
+        held = tensors[key].transpose(0, 1)  # [PER, N / PER, 2, G] or [PER, N / PER, 2, 2, G / group]
+        held = held.flatten(2, -2) if held.dim() == 5 else held
+        views.update(zip(parts, held.unbind(2), strict=True))
+    return views
+
+
+def with_meta_by_output(q: Quantized) -> Quantized:
+    """q with its scales and zeros by output, as a `meta_by_output` format holds them (new tensors; the codes are
+    q's): one weight's, for benchmarks and tests."""
+    if not by_output(q.shape, q.spec):
+        raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by output")
+    views = {f"w.{part}": view for part, view in _views_by_output(_by_output(q)).items()}
+    return from_tensors({**views, "w.codes": q.codes}, "w", q.spec, q.shape)
+
+
+def _merged(tensors: dict, name: str, by_output: dict) -> dict:
+    """`tensors` (a weight's flat tensors, or their shapes) with its scales and zeros replaced by `by_output`'s
+    (BY_OUTPUT's keys), in their place."""
+    held = {f"{name}.{part}" for parts in BY_OUTPUT.values() for part in parts}
+    merged = {}
+    for key, value in tensors.items():
+        if key == f"{name}.scale.codes":
+            merged.update((f"{name}.{k}", v) for k, v in by_output.items())
+        elif key not in held:
+            merged[key] = value
+    return merged

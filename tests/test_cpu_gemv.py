@@ -16,6 +16,7 @@ import offload
 from quant import cpu_gemv
 from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, Workspace, dequantize, random_quantized
 from quant.linear import CPU, DEQUANTIZE, linear
+from quant.packing import ExpertFormat, with_meta_by_output
 from tests.tiny import make_tiny_mixtral
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build quant/cpu_gemv.c")
@@ -108,6 +109,24 @@ def test_gemv_matches_dequantize_then_multiply(case, tokens, tokens_in):
     int8 = tokens_in == "int8 tokens" and cpu_gemv.int8_layout(q)
     cpu_gemv.INT8_TOKENS = False
     assert torch.equal(got, cpu_gemv.gemv(x, q)) != int8
+
+
+@pytest.mark.parametrize("shape", [(64, 2048), (1024, 4096)], ids=["one thread", "split, two meta groups an output"])
+def test_meta_by_output_multiplies_as_grid_order(shape, tokens_in):
+    """Scales and zeros by output (as load holds experts on the CPU: quant/packing.py) give the products of grid
+    order bit for bit, through the strides the C reads them by; their own scales and zeros are random, so that a
+    wrong one would show."""
+    generator = torch.Generator().manual_seed(11)
+    grid = with_random_meta(random_quantized(shape, EXPERT_PRESETS["2"], generator), generator)
+    by_output = with_meta_by_output(grid)
+    codes = by_output.scale.codes
+    assert codes.shape == (4, shape[0] // 4, shape[1] // 16) and not codes.is_contiguous()
+    for tokens in (1, 3, 4, most_tokens(grid.spec)):
+        x = torch.randn(tokens, shape[1], generator=generator)
+        assert cpu_gemv.supports(x, by_output)
+        got = cpu_gemv.gemv(x, by_output)
+        assert torch.equal(got, cpu_gemv.gemv(x, grid))
+    assert_close(got, multiplied(x, grid), grid)
 
 
 def test_int8_tokens_round_each_64_inputs_on_their_own_and_carry_nan(monkeypatch):
@@ -323,6 +342,27 @@ def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(t
     assert difference < tolerance
     if tokens_in == "int8 tokens" and dtype == "float32":
         assert difference > 1e-3  # they were rounded
+
+
+def test_load_on_the_cpu_holds_experts_by_output_and_decodes_as_grid_order(tmp_path, monkeypatch):
+    """At hidden 2048 an output of w1 and w3 is 128 groups at 2-bit g16, a whole meta group: load lays out their
+    scales and zeros by output (w2's stay in grid order), and the logits are grid order's, bit for bit."""
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=2048, intermediate=64, layers=1, experts=4, seed=3)
+    tokens = torch.randint(3, 128, (9,), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for order, slots in (("output", None), ("output", 2), ("grid", None), ("grid", 2)):
+        if order == "grid":
+            monkeypatch.setattr(ExpertFormat, "on_cpu", lambda fmt: fmt)
+        model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=slots)
+        experts = model.prepared.expert_format
+        assert experts.meta_by_output == (order == "output")
+        names = {entry.name for entry in experts.layout.entries}
+        assert ("w1.meta.codes" in names) == (order == "output") and "w2.scale.codes" in names
+        model.reset()
+        got = [model.forward(tokens[:6], 0)[-1:]] + [model.forward(tokens[p : p + 1], p) for p in range(6, 9)]
+        logits[order, slots] = torch.cat(got)
+    for slots in (None, 2):  # direct, and through slots: the same bytes, copied
+        assert torch.equal(logits["output", slots], logits["grid", slots])
 
 
 @pytest.mark.parametrize("bits", ["2", "3", "4"])

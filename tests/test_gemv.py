@@ -28,7 +28,7 @@ from quant.hqq import (
     to_tensors,
 )
 from quant.linear import TRITON, linear
-from quant.packing import ExpertFormat
+from quant.packing import ExpertFormat, with_meta_by_output
 from tests.test_quantized_model import carry_our_weights
 from tests.tiny import hf_model, make_tiny_mixtral
 
@@ -179,15 +179,18 @@ def test_gemv_supports_only_what_it_reads():
     assert not gemv.supports(torch.zeros(1, 128), q)  # wrong input size
     assert not gemv.supports(torch.zeros(1, 240), random_quantized((64, 240), QuantSpec(4, 48), generator))
     assert not gemv.supports(torch.zeros(1, 256), random_quantized((64, 256), QuantSpec(2, 16, 4, 128), generator))
+    by_output = with_meta_by_output(random_quantized((64, 2048), EXPERT_PRESETS["2"], generator))  # the CPU's
+    assert not gemv.supports(torch.zeros(1, 2048), by_output)
     # what it refuses still multiplies, through dequantization
     x = torch.randn(gemv.MAX_ROWS + 1, 256, generator=generator)
     assert_close(linear(x, q, Workspace(TRITON)), reference(x, q))
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreted on CPU tensors; tests/test_cuda.py has the CUDA twin")
-def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path):
+def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path, monkeypatch):
     """The whole model, prefill dequantized and every decode step through the kernel (experts in slots,
     4-bit attention fused too), against transformers carrying the same dequantized weights."""
+    monkeypatch.setattr(ExpertFormat, "on_cpu", lambda fmt: fmt)  # the experts in grid order, as on CUDA
     tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
     model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2)
     model.moe.workspace.kernel = model.decoder.workspace.kernel = TRITON  # what load() picks on CUDA

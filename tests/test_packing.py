@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from quant import hqq
 from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, dequantize, quantize, to_tensors
 from quant.packing import ExpertFormat, PackedLayout, TensorEntry
 
@@ -158,3 +159,65 @@ def test_random_expert_is_deterministic_and_sane(name):
         weight = weight.float() if spec is None else dequantize(weight)
         assert bool(torch.isfinite(weight).all()) and float(weight.abs().max()) < 0.1
         assert 0.005 < float(weight.std()) < 0.03
+
+
+WIDE = 2048  # hidden and intermediate where 2-bit g16 gives an output 128 groups, a whole meta group: by output
+
+
+@pytest.mark.parametrize("name", ["2", "3", "4"])
+def test_meta_by_output_is_a_layout_of_the_same_weights(name):
+    """On the CPU an expert's 8-bit scale and zero codes, and their own scales and zeros, lie by output: the same
+    bytes, moved. Each format reads the other's experts and packs them back byte for byte, and both dequantize the
+    same, bit for bit, whole and a tile at a time. Presets with float meta (3 and 4 bits) keep their layout."""
+    spec = EXPERT_PRESETS[name]
+    grid = ExpertFormat.build(WIDE, 256, spec, torch.float32)
+    cpu = grid.on_cpu()
+    if name != "2":
+        assert cpu is grid  # its experts load as the files hold them
+        return
+    assert cpu.meta_by_output and cpu.on_cpu() is cpu and not grid.meta_by_output
+    tiny = ExpertFormat.build(64, 128, spec, torch.float32)  # 4 and 8 groups an output, no meta group whole
+    assert tiny.on_cpu() is tiny
+    names = [entry.name for entry in cpu.layout.entries if entry.name.startswith("w1.")]
+    assert names == ["w1.codes", "w1.meta.codes", "w1.meta.meta"]
+    shapes = {entry.name: (entry.shape, entry.dtype) for entry in cpu.layout.entries}
+    assert shapes["w1.meta.codes"] == ((64, 4, 2, 128), "uint8")  # w1 [256, 2048]: 64 packed rows of 4 slots
+    assert shapes["w1.meta.meta"] == ((64, 4, 2, 2, 1), "float16")
+    assert "w2.meta.codes" not in shapes and "w2.scale.codes" in shapes  # w2's 16 groups an output: grid order
+    assert cpu.nbytes == grid.nbytes
+    generator = torch.Generator().manual_seed(4)
+    weights = [torch.randn(shape, generator=generator) * 0.02 for shape in ((256, WIDE), (WIDE, 256), (256, WIDE))]
+    in_grid, by_output = grid.pack(*weights), cpu.pack(*weights)
+    assert torch.equal(cpu.pack(**grid.unpack(in_grid)), by_output)
+    assert torch.equal(grid.pack(**cpu.unpack(by_output)), in_grid)
+    assert not torch.equal(by_output, in_grid)
+    ours, theirs = cpu.unpack(by_output), grid.unpack(in_grid)
+    for key in ("w1", "w2", "w3"):
+        assert torch.equal(dequantize(ours[key]), dequantize(theirs[key]))
+        with_workspace = [dequantize(unpacked[key], workspace=hqq.Workspace()) for unpacked in (ours, theirs)]
+        assert torch.equal(*with_workspace)
+        for most in (1 << 12, 1 << 16):  # tiles of 2 and of 32 outputs
+            tiles = [
+                hqq.dequantize_tiles(unpacked[key], torch.float32, hqq.Workspace(), most) for unpacked in (ours, theirs)
+            ]
+            assert all(a == b and torch.equal(x, y) for (a, x), (b, y) in zip(*tiles, strict=True))
+
+
+def test_meta_by_output_puts_an_outputs_scales_and_zeros_together():
+    """Output q's bit slot s, scales then zeros: grid row s * step + q * G + j's code at ((q * PER + s) * 2 + part) *
+    G + j, and the views over it are zero-copy."""
+    cpu = ExpertFormat.build(WIDE, 256, EXPERT_PRESETS["2"], torch.float32).on_cpu()
+    buffer = cpu.random(torch.Generator().manual_seed(5))
+    w1 = cpu.unpack(buffer)["w1"]
+    meta = {entry.name: entry for entry in cpu.layout.entries}["w1.meta.codes"]
+    step, groups = w1.codes.shape[0], 128
+    for part, values in enumerate((w1.scale, w1.zero)):
+        assert values.codes.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        grid = values.codes.reshape(-1)  # grid order
+        for s, q, j in ((0, 0, 0), (1, 0, 5), (3, 63, 127), (2, 17, 64)):
+            at = meta.offset + ((q * 4 + s) * 2 + part) * groups + j
+            assert grid[s * step + q * groups + j] == buffer[at]
+    with pytest.raises(ValueError, match="not written to a file"):
+        cpu.to_dict()
+    grid_format = ExpertFormat.build(WIDE, 256, EXPERT_PRESETS["2"], torch.float32)
+    assert torch.equal(buffer, cpu.pack(**grid_format.unpack(grid_format.random(torch.Generator().manual_seed(5)))))
