@@ -132,13 +132,23 @@ static inline float sum16(floats16 v) {
 }
 
 /* Output q's scales and zeros, every slot's, into meta [PER][2][G]: slot s's codes are masked where they lie,
- * c * 2^shift (below), so its scales carry 2^-shift and its zeros 2^shift. */
+ * c * 2^shift (below), so its scales carry 2^-shift and its zeros 2^shift. By output, the next output's are two
+ * blocks (the codes of its scales and zeros, then the float16 scales and zeros of those), asked for here to come
+ * during q's products; past the last output the prefetches read nothing. In grid order (24 streams) prefetching
+ * them measured no faster. */
 static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int bits, float *meta) {
     const int per = 8 / bits;
     for (int s = 0; s < per; s++) {
         const float up = (float)(1u << (per - 1 - s) * bits);
         output_rows(&p->scale, p, s, q, G, 1.f / up, meta + (2 * s) * G);
         output_rows(&p->zero, p, s, q, G, up, meta + (2 * s + 1) * G);
+    }
+    const Meta *m = &p->scale;
+    if (m->slot_stride) {
+        const uint8_t *codes = m->codes + (q + 1) * m->output_stride;
+        const char *halves = (const char *)(m->scale + (q + 1) * m->group_output_stride);
+        for (int64_t at = 0; at < m->output_stride; at += 64) __builtin_prefetch(codes + at);
+        for (int64_t at = 0; at < 2 * m->group_output_stride; at += 64) __builtin_prefetch(halves + at);
     }
 }
 
