@@ -51,3 +51,21 @@ def test_a_scripts_user_error_is_one_line_before_the_work(tmp_path):
     ]:  # fmt: skip
         done = subprocess.run([*script, *args], capture_output=True, text=True)
         assert (done.returncode, done.stderr.strip(), done.stdout) == (2, message, "")
+
+
+def test_meta_order_takes_turns_in_one_model_and_refuses_a_model_without_it(tmp_path):
+    """benchmarks/meta_order.py repacks the arena in place each round; a model whose experts keep grid order on the
+    CPU (hidden 64: no output is a whole meta group) is refused in one line."""
+    from tests.tiny import make_tiny_mixtral
+
+    script = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "meta_order.py")]
+    wide = make_tiny_mixtral(tmp_path / "wide", hidden=2048, intermediate=64, layers=1, experts=4, seed=3)
+    out = tmp_path / "order.json"
+    args = ["--expert-bits", "2", "--tokens", "2", "--prompt-tokens", "2", "--rounds", "2", "--out", str(out)]
+    done = subprocess.run([*script, str(wide), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["round"], run["order"]) for run in runs] == [(1, "grid"), (1, "output"), (2, "grid"), (2, "output")]
+    narrow = make_tiny_mixtral(tmp_path / "narrow", hidden=64, intermediate=128, layers=1, experts=4, seed=3)
+    done = subprocess.run([*script, str(narrow), *args], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {narrow}: no expert has scales and zeros by output")
