@@ -182,18 +182,19 @@ class ExpertCache:
         """Place one packed expert, at load time. In exclusive mode the first K of a layer fill its slots."""
         if data.dtype != torch.uint8 or data.numel() != self.expert_bytes:
             raise ValueError(f"expected {self.expert_bytes} uint8 bytes, got {data.numel()} {data.dtype}")
-        data = data.reshape(-1)
+        self.place(layer, expert).copy_(data.reshape(-1))
+
+    def place(self, layer: int, expert: int) -> torch.Tensor:
+        """The row [expert_bytes] that holds an expert from load on, for its packed bytes to be written into once
+        (what `write` does): its arena row, or in exclusive mode, for the first K of a layer, a slot."""
         if self.mode != "exclusive":
-            self.arena[layer * self.num_experts + expert].copy_(data)
-            return
+            return self.arena[layer * self.num_experts + expert]
         table = self.tables[layer]
         if table.free_slots:
-            slot = table.place(expert)
-            self.slot_rows[self.slot_row[self.slot_base[layer] + slot]].copy_(data)
-        else:
-            self.home[layer][expert] = self._next_home
-            self.arena[self._next_home].copy_(data)
-            self._next_home += 1
+            return self.slot_rows[self.slot_row[self.slot_base[layer] + table.place(expert)]]
+        self.home[layer][expert] = self._next_home
+        self._next_home += 1
+        return self.arena[self._next_home - 1]
 
     # -- the decode path ---------------------------------------------------------------------------
 

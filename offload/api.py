@@ -450,7 +450,7 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
         progress("experts", 0, total)
     for layer in range(config.num_layers):
         for expert in range(config.num_experts):
-            cache.write(layer, expert, prepared.source.packed_expert(layer, expert, expert_format))
+            prepared.source.packed_expert(layer, expert, expert_format, out=cache.place(layer, expert))
             if progress is not None:
                 progress("experts", layer * config.num_experts + expert + 1, total)
 

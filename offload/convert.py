@@ -233,8 +233,10 @@ class HFSource:
     def resident(self) -> dict[str, torch.Tensor | Quantized]:
         return quantize_resident(self.checkpoint.resident(), self.attn_spec)
 
-    def packed_expert(self, layer: int, expert: int, expert_format: ExpertFormat) -> torch.Tensor:
-        return expert_format.pack(**self.checkpoint.expert(layer, expert))
+    def packed_expert(
+        self, layer: int, expert: int, expert_format: ExpertFormat, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return expert_format.pack(**self.checkpoint.expert(layer, expert), out=out)
 
 
 class QuantizedSource:
@@ -310,11 +312,15 @@ class QuantizedSource:
                 weights[name] = tensors[name]
         return weights
 
-    def packed_expert(self, layer: int, expert: int, expert_format: ExpertFormat) -> torch.Tensor:
+    def packed_expert(
+        self, layer: int, expert: int, expert_format: ExpertFormat, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The expert in `expert_format`, into `out` when given (a cache row: no buffer between), else the stored
+        bytes where the format is the files'. Another format (the compute dtype's, or scales by output) repacks."""
         stored = self.checkpoint.expert(layer, expert)
-        if expert_format is self._format:
-            return stored
-        return expert_format.pack(**self._format.unpack(stored))  # in the compute dtype (expert_format)
+        if expert_format is not self._format:
+            return expert_format.pack(**self._format.unpack(stored), out=out)
+        return stored if out is None else out.copy_(stored)
 
 
 def resident_nbytes(shapes: dict[str, tuple[int, ...]], spec: AttnSpec, itemsize: int) -> int:
