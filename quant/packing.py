@@ -8,7 +8,7 @@ Experts computed on the CPU keep their 8-bit scales and zeros by output (`meta_b
 PER bit slots' scale codes and zero codes lie together, [N / PER, PER, 2, G], and so do their own float16 scales
 and zeros, [N / PER, PER, 2, 2, G / 128]. The CPU's loop (quant/cpu_gemv.c) reads a packed row's codes and all
 of their scales and zeros at once: in grid order, where each slot's scale codes, zero codes and their meta are
-streams of their own, that is 2 PER streams of codes and 8 PER of meta beside the weights' codes; by output, two.
+streams of their own, that is 2 PER streams of codes and 4 PER of float16 beside the weights' codes; by output, two.
 The views come out [PER, N / PER, G] and [PER, N / PER, G / 128], in the grid's row-major order (quant/hqq.py reads
 them so). Files, and the GPU's kernel, keep grid order.
 """
@@ -215,7 +215,7 @@ class ExpertFormat:
         either order."""
         flat, entries = to_tensors(weight, name), {entry.name: entry for entry in self.layout.entries}
         if f"{name}.meta.codes" in entries:
-            return _merged(flat, name, _by_output(weight))
+            return _merged(flat, name, _tensors_by_output(weight))
         return {key: tensor.reshape(entries[key].shape) for key, tensor in flat.items()}  # by output: to grid order
 
     def random(self, generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
@@ -307,7 +307,7 @@ def _shapes_by_output(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tupl
             "meta.meta": ((outputs, per, 2, 2, groups // spec.meta_group_size), META_DTYPE)}  # fmt: skip
 
 
-def _by_output(q: Quantized) -> dict[str, Tensor]:
+def _tensors_by_output(q: Quantized) -> dict[str, Tensor]:
     """q's scales and zeros, in either order, by output: BY_OUTPUT's tensors, new and contiguous."""
     tensors, held = to_tensors(q, ""), {}
     for key, (shape, _) in _shapes_by_output(q.shape, q.spec).items():
@@ -332,18 +332,18 @@ def with_meta_by_output(q: Quantized) -> Quantized:
     q's): one weight's, for benchmarks and tests."""
     if not by_output(q.shape, q.spec):
         raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by output")
-    views = {f"w.{part}": view for part, view in _views_by_output(_by_output(q)).items()}
+    views = {f"w.{part}": view for part, view in _views_by_output(_tensors_by_output(q)).items()}
     return from_tensors({**views, "w.codes": q.codes}, "w", q.spec, q.shape)
 
 
-def _merged(tensors: dict, name: str, by_output: dict) -> dict:
-    """`tensors` (a weight's flat tensors, or their shapes) with its scales and zeros replaced by `by_output`'s
-    (BY_OUTPUT's keys), in their place."""
+def _merged(tensors: dict, name: str, replacements: dict) -> dict:
+    """`tensors` (a weight's flat tensors, or their shapes) with its scales and zeros replaced by `replacements`
+    (BY_OUTPUT's keys: tensors or shapes by output), in their place."""
     held = {f"{name}.{part}" for parts in BY_OUTPUT.values() for part in parts}
     merged = {}
     for key, value in tensors.items():
         if key == f"{name}.scale.codes":
-            merged.update((f"{name}.{k}", v) for k, v in by_output.items())
+            merged.update((f"{name}.{k}", v) for k, v in replacements.items())
         elif key not in held:
             merged[key] = value
     return merged
