@@ -805,6 +805,8 @@ def describe(prepared: Prepared) -> dict[str, object]:
     """What `moe-offload info` prints: the model, its formats and the memory plan."""
     c, fmt = prepared.config, prepared.expert_format
     experts = "unquantized " + str(fmt.dtype).removeprefix("torch.") if fmt.spec is None else fmt.spec.describe()
+    if fmt.meta_by_output:  # on the CPU (quant/packing.py)
+        experts += ", scales and zeros by output"
     return {
         "model": prepared.source.description,
         "family": c.model_type,

@@ -356,6 +356,8 @@ def test_load_on_the_cpu_holds_experts_by_output_and_decodes_as_grid_order(tmp_p
         model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=slots)
         experts = model.prepared.expert_format
         assert experts.meta_by_output == (order == "output")
+        by_output = ", scales and zeros by output" if order == "output" else ""
+        assert model.info()["experts"] == "2-bit g16, 8-bit meta g128" + by_output
         names = {entry.name for entry in experts.layout.entries}
         assert ("w1.meta.codes" in names) == (order == "output") and "w2.scale.codes" in names
         model.reset()
