@@ -316,11 +316,12 @@ def _by_output(meta: Quantized, q: Quantized) -> bool:
     )  # fmt: skip
 
 
-def _meta(meta: Tensor | Quantized, q: Quantized) -> _Meta:
-    """A scale or zero of q as the C reads it: float16, or 8-bit codes in grid order or by output."""
+def _meta(meta: Tensor | Quantized) -> _Meta:
+    """A scale or zero as the C reads it: float16, or 8-bit codes in grid order (2-D) or by output (3-D, which
+    supports() let through only where _by_output holds)."""
     if not isinstance(meta, Quantized):
         return _Meta(meta.data_ptr(), None, None, None, 1, 0, 0, 0, 0)
-    strides = (*meta.codes.stride()[:2], *meta.scale.stride()[:2]) if _by_output(meta, q) else (0, 0, 0, 0)
+    strides = (*meta.codes.stride()[:2], *meta.scale.stride()[:2]) if meta.codes.dim() == 3 else (0, 0, 0, 0)
     return _Meta(None, meta.codes.data_ptr(), meta.scale.data_ptr(), meta.zero.data_ptr(), meta.spec.group_size,
                  *strides)  # fmt: skip
 
@@ -441,7 +442,7 @@ def _multiply(x: Tensor, q: Quantized, out: Tensor | None, workspace: Workspace)
         out = x.new_empty((tokens, n))
     y = out if out.is_contiguous() else workspace.buffer("gemv.y", (tokens, n), x.dtype, x.device)
     problem = _Problem(x.data_ptr(), x_sums.data_ptr(), xq.data_ptr() if int8 else None,
-                       x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale, q), _meta(q.zero, q),
+                       x_scales.data_ptr() if int8 else None, q.codes.data_ptr(), _meta(q.scale), _meta(q.zero),
                        tokens, n, k, q.codes.shape[0], bits, g, width)  # fmt: skip
     openmp, threads = _team(lib, n * k)
     if _whole_outputs(q.shape, q.spec):
