@@ -94,19 +94,28 @@ class PackedLayout:
         """Copy `tensors` into one uint8 buffer [nbytes] (new, or `out`); padding bytes are zero."""
         if set(tensors) != {e.name for e in self.entries}:
             raise ValueError(f"pack expects tensors {[e.name for e in self.entries]}, got {list(tensors)}")
-        if out is None:
-            out = torch.zeros(self.nbytes, dtype=torch.uint8, device=next(iter(tensors.values())).device)
-        if out.dtype != torch.uint8 or tuple(out.shape) != (self.nbytes,):
-            raise ValueError(f"pack needs a uint8 buffer of shape ({self.nbytes},), got {out.dtype} {out.shape}")
-        end = 0
         for entry in self.entries:
             tensor = tensors[entry.name]
             if tuple(tensor.shape) != entry.shape or dtype_name(tensor.dtype) != entry.dtype:
                 raise ValueError(
                     f"{entry.name}: expected {entry.shape} {entry.dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
                 )
-            out[end : entry.offset].zero_()  # deterministic bytes whatever `out` held before
-            out[entry.offset : entry.offset + entry.nbytes].copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
+        out = self.blank(out, next(iter(tensors.values())).device)
+        for entry in self.entries:
+            out[entry.offset : entry.offset + entry.nbytes].copy_(
+                tensors[entry.name].contiguous().reshape(-1).view(torch.uint8)
+            )
+        return out
+
+    def blank(self, out: Tensor | None, device: torch.device) -> Tensor:
+        """A buffer for the tensors to be copied into, its padding bytes zero: `out` (checked), or new zeros."""
+        if out is None:
+            return torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        if out.dtype != torch.uint8 or tuple(out.shape) != (self.nbytes,):
+            raise ValueError(f"pack needs a uint8 buffer of shape ({self.nbytes},), got {out.dtype} {out.shape}")
+        end = 0
+        for entry in self.entries:  # deterministic bytes whatever `out` held before
+            out[end : entry.offset].zero_()
             end = entry.offset + entry.nbytes
         out[end:].zero_()
         return out
@@ -192,31 +201,31 @@ class ExpertFormat:
     def pack(
         self, w1: Tensor | Quantized, w2: Tensor | Quantized, w3: Tensor | Quantized, out: Tensor | None = None
     ) -> Tensor:
-        """Quantize (when spec is set) and pack one expert into a uint8 buffer [nbytes]. Weights quantized
-        already (another format's `unpack`, at this spec) are packed as they are."""
+        """Quantize (when spec is set) and pack one expert into a uint8 buffer [nbytes] (new, or `out`). Weights
+        quantized already (another format's `unpack`, at this spec) are packed as they are. Each tensor is copied
+        straight into its place, its scales and zeros from either order to this format's: a load repacks 17 GB
+        this way, and a buffer between would cost it a page fault a page."""
         weights = {"w1": w1, "w2": w2, "w3": w3}
-        tensors: dict[str, Tensor] = {}
-        for name, shape in self._weight_shapes(self.hidden_size, self.intermediate_size).items():
+        shapes = self._weight_shapes(self.hidden_size, self.intermediate_size)
+        for name, shape in shapes.items():  # every check before the first byte is written
             weight = weights[name]
             if tuple(weight.shape) != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(weight.shape)}")
-            if self.spec is None:
-                tensors[name] = weight.to(self.dtype)
-                continue
-            if not isinstance(weight, Quantized):
-                weight = quantize(weight, self.spec)
-            elif weight.spec != self.spec:
+            if self.spec is not None and isinstance(weight, Quantized) and weight.spec != self.spec:
                 raise ValueError(f"{name}: quantized at {weight.spec.describe()}, not {self.spec.describe()}")
-            tensors.update(self._flat(weight, name))
-        return self.layout.pack(tensors, out)
-
-    def _flat(self, weight: Quantized, name: str) -> dict[str, Tensor]:
-        """A weight's tensors under this layout's names, its scales and zeros in this layout's order, from
-        either order."""
-        flat, entries = to_tensors(weight, name), {entry.name: entry for entry in self.layout.entries}
-        if f"{name}.meta.codes" in entries:
-            return _merged(flat, name, _tensors_by_output(weight))
-        return {key: tensor.reshape(entries[key].shape) for key, tensor in flat.items()}  # by output: to grid order
+        if self.spec is not None:
+            weights = {name: w if isinstance(w, Quantized) else quantize(w, self.spec) for name, w in weights.items()}
+        device = w1.codes.device if isinstance(w1, Quantized) else w1.device
+        out = self.layout.blank(out, device)
+        places = self.unpack(out)
+        for name in shapes:
+            if self.spec is None:
+                places[name].copy_(weights[name])  # to this format's dtype
+                continue
+            place = to_tensors(places[name], name)
+            for key, tensor in to_tensors(weights[name], name).items():
+                _copy_into(place[key], tensor, key)
+        return out
 
     def random(self, generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
         """A synthetic expert for speed tests (no quantization): random codes, sane scales and zeros.
@@ -305,6 +314,21 @@ def _shapes_by_output(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tupl
     outputs, groups = shape[0] // per, shape[1] // spec.group_size
     return {"meta.codes": ((outputs, per, 2, groups), torch.uint8),
             "meta.meta": ((outputs, per, 2, 2, groups // spec.meta_group_size), META_DTYPE)}  # fmt: skip
+
+
+def _copy_into(place: Tensor, tensor: Tensor, name: str) -> None:
+    """A weight's tensor into its place in a buffer, in either order of scales and zeros (by output, a view
+    [PER, N / PER, G]; in grid order, contiguous [N * G / 128, 128]): both hold the grid's row-major order."""
+    if tensor.dtype != place.dtype or tensor.numel() != place.numel():
+        raise ValueError(
+            f"{name}: expected {tuple(place.shape)} {place.dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
+        )
+    if tensor.shape == place.shape:
+        place.copy_(tensor)
+    elif tensor.is_contiguous():
+        place.copy_(tensor.view(place.shape))
+    else:
+        place.view(tensor.shape).copy_(tensor)
 
 
 def _tensors_by_output(q: Quantized) -> dict[str, Tensor]:

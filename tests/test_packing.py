@@ -113,8 +113,14 @@ def test_mixtral_expert_bytes():
 def test_pack_refuses_wrong_shapes():
     fmt = ExpertFormat.build(D, I, EXPERT_PRESETS["4"], torch.bfloat16)
     w1, w2, w3 = _expert()
+    row = torch.full((fmt.nbytes,), 7, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"w2: expected shape \(64, 128\), got \(128, 64\)"):
-        fmt.pack(w1, w1, w3)
+        fmt.pack(w1, w1, w3, out=row)
+    two_bit = ExpertFormat.build(D, I, EXPERT_PRESETS["2"], torch.bfloat16)
+    other = two_bit.unpack(two_bit.random(torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="w3: quantized at 2-bit"):
+        fmt.pack(w1, w2, other["w3"], out=row)
+    assert bool((row == 7).all())  # every check comes before the first byte is written: w1 was fine
     with pytest.raises(ValueError, match="uint8 buffer of shape"):
         fmt.layout.views(torch.zeros(fmt.nbytes - 1, dtype=torch.uint8))
 
@@ -190,6 +196,9 @@ def test_meta_by_output_is_a_layout_of_the_same_weights(name):
     in_grid, by_output = grid.pack(*weights), cpu.pack(*weights)
     assert torch.equal(cpu.pack(**grid.unpack(in_grid)), by_output)
     assert torch.equal(grid.pack(**cpu.unpack(by_output)), in_grid)
+    for fmt, source, want in ((cpu, in_grid, by_output), (grid, by_output, in_grid)):  # into a used row, as load does
+        row = torch.full((fmt.nbytes,), 0xA5, dtype=torch.uint8)
+        assert fmt.pack(**(grid if fmt is cpu else cpu).unpack(source), out=row) is row and torch.equal(row, want)
     assert not torch.equal(by_output, in_grid)
     ours, theirs = cpu.unpack(by_output), grid.unpack(in_grid)
     for key in ("w1", "w2", "w3"):
