@@ -14,8 +14,8 @@ and not from the cache, as in decode, where a step reads each expert once; the d
 over and over, out of the cache when it fits (a 2-bit one, 22 MB with its scales, fits a 32 MB L3). 8-bit scale
 and zero codes (2-bit's) are by output, as load holds experts on the CPU, or in grid order (`--meta-order grid`), as
 files keep them (quant/packing.py). Writes
-benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED, MAX_TOKENS_3BIT and MAX_TOKENS_INT8 in
-quant/cpu_gemv.py rest on.
+benchmarks/results/cpu_gemv_tokens.json: what MAX_TOKENS, MAX_TOKENS_BLOCKED and MAX_TOKENS_3BIT in quant/cpu_gemv.py
+rest on, and why int8 tokens' loops have no such limit.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
         cpu_gemv.vnni = lambda lib: args.vnni
 
     most = max(map(int, args.tokens.split(",")))
-    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_3BIT = cpu_gemv.MAX_TOKENS_INT8 = most
+    cpu_gemv.MAX_TOKENS = cpu_gemv.MAX_TOKENS_BLOCKED = cpu_gemv.MAX_TOKENS_3BIT = most  # int8's have none
     rows = []
     for bits in args.bits.split(","):
         weights = [random_quantized(SHAPE, EXPERT_PRESETS[bits], torch.Generator().manual_seed(seed))

@@ -152,17 +152,22 @@ def test_int8_tokens_round_each_64_inputs_on_their_own_and_carry_nan(monkeypatch
 
 
 @pytest.mark.parametrize("bits", ["2", "4"])
-def test_int8_tokens_serve_a_prefill_of_up_to_64_tokens_at_the_presets(bits, tokens_in):
-    """Their int8 loops take tokens four at a time and beat the tiles through 64 tokens; float32 tokens keep
-    the float loop's limits."""
+def test_int8_tokens_serve_a_prefill_of_any_length_at_the_presets(bits, tokens_in):
+    """Their int8 loops take tokens four at a time and beat the tiles at every count measured, so they serve any
+    number of tokens; float32 tokens keep the float loop's limits."""
     generator = torch.Generator().manual_seed(10)
     q = with_random_meta(random_quantized((64, 256), EXPERT_PRESETS[bits], generator), generator)
-    most = cpu_gemv.MAX_TOKENS_INT8 if tokens_in == "int8 tokens" else most_tokens(q.spec)
-    assert cpu_gemv.supports(torch.zeros(most, 256), q) and not cpu_gemv.supports(torch.zeros(most + 1, 256), q)
-    assert most == {"int8 tokens": 64, "float32 tokens": {"2": 32, "4": 8}[bits]}[tokens_in]
+    if tokens_in == "int8 tokens":
+        assert cpu_gemv.supports(torch.zeros(4099, 256), q)
+        counts = (132, 131)  # whole blocks of four; then three over, one at a time
+    else:
+        most = most_tokens(q.spec)
+        assert most == {"2": 32, "4": 8}[bits]
+        assert cpu_gemv.supports(torch.zeros(most, 256), q) and not cpu_gemv.supports(torch.zeros(most + 1, 256), q)
+        counts = (most, most - 1)
     odd = random_quantized((65, 256), EXPERT_PRESETS["4"], generator)  # slots split outputs: the float loop's limit
     assert not cpu_gemv.supports(torch.zeros(cpu_gemv.MAX_TOKENS + 1, 256), odd)
-    for tokens in (most, most - 1):  # whole blocks of four; then three over, one at a time
+    for tokens in counts:
         x = torch.randn(tokens, 256, generator=generator)
         assert_close(cpu_gemv.gemv(x, q), multiplied(x, q), q)
 
