@@ -1,12 +1,13 @@
 """ExpertCache under forced routing: exact hits, misses, bytes and prefetch counts, and the bytes served."""
 
 import random
+import sys
 
 import pytest
 import torch
 
 import offload
-from cache.expert_cache import ExpertCache
+from cache.expert_cache import HUGE_PAGE, ExpertCache, huge_pages
 from offload.graphs import DecodeGraphs
 from quant.errors import MoEOffloadError
 
@@ -222,3 +223,32 @@ def test_the_arena_is_pinned_at_its_exact_size(monkeypatch):
                                          r"synchronous copy"):  # fmt: skip
         cache = ExpertCache(num_layers=3, num_experts=5, expert_bytes=1000, pin_memory=True)
     assert not cache.pinned and cache.arena.shape == (15, 1000)
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping that holds `address` (/proc/self/smaps)."""
+    mapping = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                mapping = start <= address < end
+            elif head == "VmFlags:" and mapping:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+@pytest.mark.parametrize("mode", ["direct", "inclusive", "exclusive"])
+def test_the_cpus_arena_and_slots_ask_for_huge_pages(mode):
+    """On the CPU the experts are computed where they lie: the arena and the slots are advised into huge pages
+    (madvise's "hg" flag on their whole 2 MiB pages) before load writes them."""
+    if not huge_pages(torch.empty(4 << 20, dtype=torch.uint8)):
+        pytest.skip("this kernel has no transparent huge pages")
+    cache = ExpertCache(num_layers=2, num_experts=4, expert_bytes=3 << 20, slots_per_layer=None if mode == "direct"
+                        else [2, 2], mode=mode)  # fmt: skip
+    rows = [cache.arena] + ([] if mode == "direct" else [cache.slot_rows])
+    for tensor in rows:
+        first_whole = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        assert "hg" in vm_flags(first_whole)
