@@ -21,39 +21,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.gemv_sass import CASES, compile_case  # noqa: E402
 from offload import embedding  # noqa: E402
-from quant import gemv  # noqa: E402
-
-CASES = {  # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, rows per element, group, meta group)
-    "2-bit, 8-bit meta, bf16": ("bf16", "u8", "u8", 2, 4, 16, 128),
-    "3-bit, fp16": ("fp16", "i32", "fp16", 3, 10, 64, None),
-    "4-bit, fp32": ("fp32", "u8", "fp16", 4, 2, 64, None),
-    "8-bit, bf16": ("bf16", "u8", "fp16", 8, 1, 64, None),
-}
-
 
 GLOBAL_LOAD = r"ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global"  # to registers, and cp.async to shared
-
-
-def compile_case(case: tuple, arch: int, packed: bool = False) -> str:
-    """PTX of _gemv_kernel, or with `packed` of _gemv_packed_kernel at gemv's default launch for it."""
-    act, codes, meta_codes, bits, per, group, meta_group = case
-    block_n, block_k, warps = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K, 4)
-    pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
-                "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
-                "out_ptr": act}  # fmt: skip
-    constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
-                 "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 "GB": block_k // group, "LATE_SUM": gemv.LATE_SUM, "FAST_CODES": gemv.FAST_CODES,
-                 "STAGES": gemv.PACKED_STAGES if packed else 1}  # fmt: skip
-    if packed:
-        constants["PER_P2"] = triton.next_power_of_2(per)
-    signature = {name: "*" + dtype for name, dtype in pointers.items()}
-    signature |= {"N": "i32", "K": "i32", "STEP": "i32"} | {name: "constexpr" for name in constants}
-    aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
-    kernel = gemv._gemv_packed_kernel if packed else gemv._gemv_kernel
-    source = ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
 
 def compile_gather(arch: int, dtype: str = "bf16") -> str:
@@ -72,7 +43,7 @@ if __name__ == "__main__":
             if packed and case[4] == 1:  # one code per byte: gemv never takes the packed kernel
                 continue
             for arch in map(int, sys.argv[1:]):
-                ptx = compile_case(case, arch, packed)
+                ptx = compile_case(case, arch, packed).asm["ptx"]
                 loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
     for arch in map(int, sys.argv[1:]):
         # bfloat16 (sm_80 and later) and float16, the dtype auto picks on a T4 (sm_75)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import offload
+from benchmarks import gemv_sass
 from quant import gemv
 from quant.hqq import (
     EXPERT_PRESETS,
@@ -242,3 +243,26 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
         pipelined = case.startswith("_gemv_packed_kernel") and case.endswith("sm_90") and gemv.PACKED_STAGES > 1
         tiles = counts.get("cp.async.cg.shared.global" if pipelined else "ld.global.v4.b32", 0)
         assert tiles >= 2 and (not pipelined or "ld.global.v4.b32" not in counts), (case, counts)
+
+
+def test_the_static_counts_read_the_loop_and_the_occupancy_right():
+    """benchmarks/gemv_sass.py's readings: the longest backward branch's body in nvdisasm's listing, opcodes without
+    predicates or suffixes; and programs an H100 SM holds, by registers (allocated 256 a warp) and shared memory."""
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E.U8 R2, desc[UR4][R4.64] ;
+.L_x_1:
+        /*0020*/              @!P0 FADD R3, R2, R3 ;
+        /*0030*/               @P2 BRA `(.L_x_1) ;
+        /*0040*/                   FFMA R3, R2, R2, R3 ;
+        /*0050*/               @P1 BRA `(.L_x_0) ;
+        /*0060*/                   BRA `(.L_x_2);
+.L_x_2:
+        /*0070*/                   EXIT ;
+"""
+    assert gemv_sass.loop_body(listing) == ["LDG", "FADD", "BRA", "FFMA", "BRA"]
+    assert gemv_sass.occupancy(64, 4224, 2) == 16  # the 2-bit default: 4096 registers a warp, 65536 an SM
+    assert gemv_sass.occupancy(95, 1024, 2) == 10  # 95 a thread rounds to 3072 a warp: 21 warps, 10 programs
+    assert gemv_sass.occupancy(32, 200 * 1024, 2) == 1  # shared memory binds
+    assert gemv_sass.occupancy(16, 0, 1) == 32  # the most programs an SM takes

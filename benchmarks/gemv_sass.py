@@ -1,0 +1,163 @@
+"""What the fused GEMV kernel compiles to for a GPU, on a machine with none: registers, and its K loop's instructions.
+
+    python benchmarks/gemv_sass.py [--arch 90] [--out benchmarks/results/gemv_sass.json]
+
+Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
+launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages). It uses Triton's
+own ptxas, then reads the cubin back with the cuobjdump and nvdisasm that Triton ships. For each it gives the
+registers a thread, the shared memory a program, how many programs an H100's SM holds by those two (65536
+registers, 227 KiB, 64 warps, 32 programs), how many waves w1 and w2 then take on its 132 SMs, and the
+instructions of the K loop's body (one step: a thread's share of block_n x block_k codes), by kind.
+These are counts, not times: a kernel that waits on memory runs no faster for fewer instructions. Runs without
+TRITON_INTERPRET (which makes kernels interpreted). Writes benchmarks/results/gemv_sass.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import run_script  # noqa: E402
+from offload.bench import environment, write_json  # noqa: E402
+from quant import gemv  # noqa: E402
+from quant.errors import MoEOffloadError  # noqa: E402
+from quant.files import check_writable  # noqa: E402
+
+# name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, rows per element, group, meta group)
+CASES = {
+    "2-bit, 8-bit meta, bf16": ("bf16", "u8", "u8", 2, 4, 16, 128),
+    "3-bit, fp16": ("fp16", "i32", "fp16", 3, 10, 64, None),
+    "4-bit, fp32": ("fp32", "u8", "fp16", 4, 2, 64, None),
+    "8-bit, bf16": ("bf16", "u8", "fp16", 8, 1, 64, None),
+}
+VARIANTS = [(late, fast, stages) for late in (False, True) for fast in (False, True) for stages in (1, 3)]
+SHAPES = {"w1": (14336, 4096), "w2": (4096, 14336)}  # Mixtral-8x7B's expert matrices
+H100 = {"sms": 132, "registers": 65536, "shared": 227 * 1024, "warps": 64, "programs": 32}
+
+
+def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
+    """Triton's compiled kernel: _gemv_kernel, or with `packed` _gemv_packed_kernel, at gemv's default launch for
+    it, in gemv's default variant or `variant`'s (late_sum, fast_codes, stages). Pointers and sizes are declared
+    16-byte aligned, as Triton specializes them at launch for Mixtral's shapes."""
+    from triton.backends.compiler import GPUTarget  # here: CPU builds of torch may come without Triton
+    from triton.compiler import ASTSource
+
+    triton = gemv.triton
+
+    act, codes, meta_codes, bits, per, group, meta_group = case
+    block_n, block_k, warps = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K, 4)
+    pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
+                "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
+                "out_ptr": act}  # fmt: skip
+    constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
+                 "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "GB": block_k // group, "LATE_SUM": variant.get("late_sum", gemv.LATE_SUM),
+                 "FAST_CODES": variant.get("fast_codes", gemv.FAST_CODES),
+                 "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1)}  # fmt: skip
+    if packed:
+        constants["PER_P2"] = triton.next_power_of_2(per)
+    signature = {name: "*" + dtype for name, dtype in pointers.items()}
+    signature |= {"N": "i32", "K": "i32", "STEP": "i32"} | {name: "constexpr" for name in constants}
+    aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
+    kernel = gemv._gemv_packed_kernel if packed else gemv._gemv_kernel
+    source = ASTSource(kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def triton_tool(name: str) -> str:
+    """A program Triton ships beside its ptxas: cuobjdump, nvdisasm."""
+    return str(Path(gemv.triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def loop_body(sass: str) -> list[str]:
+    """The opcodes of the longest backward branch's body in nvdisasm's listing: the kernel's K loop."""
+    lines, labels, best = sass.splitlines(), {}, []
+    for at, line in enumerate(lines):
+        if re.match(r"^\s*\.L_x_\d+:", line):
+            labels[line.strip()[:-1]] = at
+        branch = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if branch and labels.get(branch.group(1), at) < at:
+            body = [m.group(1) for m in map(INSTRUCTION.match, lines[labels[branch.group(1)] : at + 1]) if m]
+            best = max(best, body, key=len)
+    return best
+
+
+def occupancy(registers: int, shared: int, warps: int) -> int:
+    """Programs of `warps` warps an H100 SM holds: registers are allocated 256 a warp at a time."""
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    by_registers = H100["registers"] // per_warp // warps
+    by_shared = H100["shared"] // shared if shared else H100["programs"]
+    return min(by_registers, by_shared, H100["warps"] // warps, H100["programs"])
+
+
+def analyse(case: tuple, arch: int, **variant) -> dict:
+    """One variant of the packed-row kernel: registers, shared memory, occupancy, waves and its loop."""
+    kernel = compile_case(case, arch, packed=True, **variant)
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([triton_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], check=True,
+                               capture_output=True, text=True).stdout  # fmt: skip
+        sass = subprocess.run([triton_tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout  # fmt: skip
+    registers, shared = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "SHARED"))
+    bits, per = case[3], case[4]
+    block_n, block_k, warps = gemv.PACKED_LAUNCH[bits]
+    programs = occupancy(registers, shared, warps)
+    body = loop_body(sass)
+    return {
+        **variant, "registers": registers, "shared_bytes": shared, "programs_per_sm": programs,
+        "waves": {name: round(math.ceil(n // per / block_n) / (programs * H100["sms"]), 2)
+                  for name, (n, _) in SHAPES.items()},
+        "loop_instructions": len(body), "codes_a_thread_a_step": block_n * block_k * per // (32 * warps),
+        "loop_by_kind": dict(collections.Counter(body).most_common(12)),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="the GPU's compute capability, as a number (90: H100)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_sass.json"))
+    args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
+    if gemv.triton is None:
+        raise MoEOffloadError("Triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET"):
+        raise MoEOffloadError("TRITON_INTERPRET is set: unset it, since interpreted kernels are never compiled")
+    rows = []
+    for name in ("2-bit, 8-bit meta, bf16", "4-bit, fp32"):
+        for late_sum, fast_codes, stages in VARIANTS:
+            row = {"case": name, **analyse(CASES[name], args.arch, late_sum=late_sum, fast_codes=fast_codes,
+                                           stages=stages)}  # fmt: skip
+            rows.append(row)
+            default = (late_sum, fast_codes, stages) == (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES)
+            print(f"{name:24} late_sum={late_sum!s:5} fast_codes={fast_codes!s:5} stages={stages}: "
+                  f"{row['registers']:3} registers, {row['programs_per_sm']:2} programs an SM, w1 in "
+                  f"{row['waves']['w1']} waves; loop {row['loop_instructions']} instructions for "
+                  f"{row['codes_a_thread_a_step']} codes" + (" (default)" if default else ""))  # fmt: skip
+    report = {
+        **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
+        "arch": f"sm_{args.arch}", "triton": gemv.triton.__version__,
+        "launch": {bits: list(launch) for bits, launch in gemv.PACKED_LAUNCH.items()}, "variants": rows,
+    }  # fmt: skip
+    write_json(args.out, report, "--out")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_script(main)
