@@ -100,6 +100,32 @@ static inline void output_rows(const Meta *m, const Problem *p, int s, int64_t q
                      factor, out);
 }
 
+/* What output q's zeros of bit slot s take from a token, as zeros_term (below) counts it, with the zeros dequantized
+ * on the way and never stored: sum over its G groups of scale * zero * x_sums, each term the same floats as
+ * output_rows then zeros_term make. For 8-bit zeros whose groups run 64 at a time in one meta group (Mixtral's);
+ * returns 0 for others, which the caller dequantizes. A decode step's token then reads an output's zero codes once,
+ * where it wrote G floats and read them back. */
+static inline int output_zeros_term(const Meta *m, const Problem *p, int s, int64_t q, int64_t G, float factor,
+                                    const float *scale, const float *x_sums, float *term) {
+    if (m->half) return 0;
+    int64_t first = s * p->step + q * G, i = first / m->group, offset = first % m->group;
+    const uint8_t *codes = m->codes + first;
+    if (m->slot_stride) {
+        codes = m->codes + s * m->slot_stride + q * m->output_stride;
+        i = s * m->group_slot_stride + q * m->group_output_stride, offset = 0;
+    }
+    if ((offset | G | m->group) % 64) return 0;
+    float sum = 0.f;
+    for (int64_t j = 0, at = i; j < G; j += 64) {
+        if (j == (at - i + 1) * m->group - offset) at++;
+        const float meta_scale = half_to_float(m->scale[at]) * factor, meta_zero = half_to_float(m->zero[at]);
+        for (int l = 0; l < 64; l++)
+            sum += scale[j + l] * (((float)codes[j + l] - meta_zero) * meta_scale) * x_sums[j + l];
+    }
+    *term = sum;
+    return 1;
+}
+
 /* Sixteen lanes, in GCC's and clang's vector extensions: the compiler lowers them to the machine's vector
  * units (two AVX2 registers, one AVX-512, four NEON), so the loops below vectorize whatever the optimizer
  * decides. A group is g / 16 of them: supports() in quant/cpu_gemv.py asks g % 16 == 0. */
@@ -131,17 +157,29 @@ static inline float sum16(floats16 v) {
     return sum;
 }
 
+/* What slot s's zeros take from an output: sum over its groups of scale * zero * (the group's sum of x). */
+static inline float zeros_term(const float *meta, int s, int64_t G, const float *x_sums) {
+    const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
+    float sum = 0.f;
+    for (int64_t group = 0; group < G; group++) sum += scale[group] * zero[group] * x_sums[group];
+    return sum;
+}
+
 /* Output q's scales and zeros, every slot's, into meta [PER][2][G]: slot s's codes are masked where they lie,
- * c * 2^shift (below), so its scales carry 2^-shift and its zeros 2^shift. By output, the next output's are two
+ * c * 2^shift (below), so its scales carry 2^-shift and its zeros 2^shift. With one token's x_sums, terms[s] is
+ * what slot s's zeros take from it, zeros_term's figure, made as the zeros are read (output_zeros_term). By output, the next output's are two
  * blocks (the codes of its scales and zeros, then the float16 scales and zeros of those), asked for here to come
  * during q's products; past the last output the prefetches read nothing. In grid order (24 streams) prefetching
  * them measured no faster. */
-static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int bits, float *meta) {
+static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int bits, float *meta,
+                               const float *x_sums, float *terms) {
     const int per = 8 / bits;
     for (int s = 0; s < per; s++) {
         const float up = (float)(1u << (per - 1 - s) * bits);
         output_rows(&p->scale, p, s, q, G, 1.f / up, meta + (2 * s) * G);
+        if (x_sums && output_zeros_term(&p->zero, p, s, q, G, up, meta + 2 * s * G, x_sums, terms + s)) continue;
         output_rows(&p->zero, p, s, q, G, up, meta + (2 * s + 1) * G);
+        if (x_sums) terms[s] = zeros_term(meta, s, G, x_sums);
     }
     const Meta *m = &p->scale;
     if (m->slot_stride) {
@@ -159,14 +197,6 @@ static inline void output_meta(const Problem *p, int64_t q, int64_t G, const int
  * slower than none). Figures in benchmarks/results/cpu_gemv_prefetch_*.json. */
 static inline const uint8_t *next_row(const uint8_t *row, int64_t q, int64_t last, int64_t k) {
     return q + 1 < last ? row + k : row;
-}
-
-/* What slot s's zeros take from an output: sum over its groups of scale * zero * (the group's sum of x). */
-static inline float zeros_term(const float *meta, int s, int64_t G, const float *x_sums) {
-    const float *scale = meta + 2 * s * G, *zero = meta + (2 * s + 1) * G;
-    float sum = 0.f;
-    for (int64_t group = 0; group < G; group++) sum += scale[group] * zero[group] * x_sums[group];
-    return sum;
 }
 
 /* Outputs s * rows_per_slot + [first, last) of every slot s, for tokens [m0, m0 + block), into y [M, N].
@@ -187,7 +217,8 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
         for (int m = 0; m < block; m++)
             for (int s = 0; s < per; s++)
                 for (int c = 0; c < chunks; c++) partial[m][s][c] = (floats16){0};
-        output_meta(p, q, G, bits, meta);
+        float terms[8]; /* one token: each slot's zeros term, made with the meta */
+        output_meta(p, q, G, bits, meta, block == 1 ? p->x_sums + m0 * G : NULL, terms);
         const uint8_t *row = codes + q * p->k, *next = next_row(row, q, last, p->k);
         for (int64_t at = 0; at < p->k; at += 64) __builtin_prefetch(next + at);
         for (int64_t group = 0; group < G; group++) {
@@ -206,7 +237,7 @@ static inline void outputs(const Problem *p, int64_t first, int64_t last, float 
             for (int s = 0; s < per; s++) {
                 float sum = 0.f;
                 for (int c = 0; c < chunks; c++) sum += sum16(partial[m][s][c]);
-                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - zeros_term(meta, s, G, x_sums);
+                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - (block == 1 ? terms[s] : zeros_term(meta, s, G, x_sums));
             }
         }
     }

@@ -23,7 +23,8 @@ INT8_TARGET static inline void INT8_LOOP(const Problem *p, int64_t first, int64_
     memcpy(&lane_group, lanes, sizeof lane_group);
     for (int64_t q = first; q < last; q++) {
         FVEC partial[block][per]; /* by token and slot: sum over chunks of scale * d * (codes . xq) */
-        output_meta(p, q, G, bits, meta);
+        float terms[8]; /* one token: each slot's zeros term, made with the meta */
+        output_meta(p, q, G, bits, meta, block == 1 ? p->x_sums + m0 * G : NULL, terms);
         for (int m = 0; m < block; m++)
             for (int s = 0; s < per; s++) partial[m][s] = F_ZERO();
         const uint8_t *row = codes + q * p->k, *next = next_row(row, q, last, p->k); /* G packed rows, g bytes each */
@@ -46,7 +47,7 @@ INT8_TARGET static inline void INT8_LOOP(const Problem *p, int64_t first, int64_
             const float *x_sums = p->x_sums + (m0 + m) * G;
             for (int s = 0; s < per; s++) {
                 const float sum = F_SUM(partial[m][s]);
-                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - zeros_term(meta, s, G, x_sums);
+                y[(m0 + m) * p->n + s * rows_per_slot + q] = sum - (block == 1 ? terms[s] : zeros_term(meta, s, G, x_sums));
             }
         }
     }
