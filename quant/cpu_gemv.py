@@ -39,7 +39,7 @@ from torch import Tensor
 from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace
 
 SOURCE = Path(__file__).with_suffix(".c")
-HEADERS = (SOURCE.with_name("cpu_gemv_int8.h"),)  # what SOURCE includes: a build's key hashes them too
+HEADER_NAMES = ("cpu_gemv_int8.h",)  # what SOURCE includes, from its folder: a build's key hashes them too
 # More tokens (a prefill) multiply faster dequantized in tiles, through BLAS. Except at 2-bit g16, which the
 # C takes four tokens at a time: one 14336x4096 matrix, 2 threads, C against tiles: 17 against 28 ms at 16
 # tokens, 29 against 73 at 32, 50 against 55 at 64; at 4-bit, 31 against 25 ms at 16 already
@@ -110,16 +110,21 @@ def available() -> bool:
 @functools.cache
 def library() -> ctypes.CDLL:
     """The kernel, built into cache_dir() on the first call; raises KernelUnavailable with the reason."""
+    return load(build(find_compiler(), cache_dir()))
+
+
+def find_compiler() -> str:
     compiler = next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
     if compiler is None:
         raise KernelUnavailable("no C compiler found (looked for cc, gcc and clang)")
-    return load(build(compiler, cache_dir()))
+    return compiler
 
 
-def build(compiler: str, folder: Path) -> Path:
-    """The shared library of SOURCE for this CPU, compiled into `folder` unless a build is already there.
-    Written under a temporary name and renamed, so that another process never loads half a file."""
-    source = b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+def build(compiler: str, folder: Path, source_file: Path = SOURCE) -> Path:
+    """The shared library of SOURCE (or of `source_file`, with HEADER_NAMES beside it: another revision's, for
+    benchmarks/cpu_gemv_ab.py) for this CPU, compiled into `folder` unless a build is already there. Written under
+    a temporary name and renamed, so that another process never loads half a file."""
+    source = b"\0".join(path.read_bytes() for path in (source_file, *map(source_file.with_name, HEADER_NAMES)))
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu().encode()]))
     path = folder / f"cpu_gemv-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -133,7 +138,7 @@ def build(compiler: str, folder: Path) -> Path:
     try:
         for tuning in TUNINGS:
             try:
-                done = subprocess.run([compiler, *FLAGS, *tuning, str(SOURCE), "-o", temporary],
+                done = subprocess.run([compiler, *FLAGS, *tuning, str(source_file), "-o", temporary],
                                       capture_output=True, text=True, timeout=120)  # fmt: skip
             except (OSError, subprocess.TimeoutExpired) as error:
                 raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {error}") from None

@@ -512,3 +512,18 @@ def test_linear_widens_a_narrow_table(tokens, kernel, monkeypatch):
     expected = torch.nn.functional.linear(x, w.float())
     for result in (got, out, linear(x, w)):  # the last without a workspace: widened tiles of its own
         assert result.shape == (2, tokens, 300) and torch.allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_another_revisions_source_builds_beside_this_ones(tmp_path):
+    """benchmarks/cpu_gemv_ab.py builds another revision's cpu_gemv.c, its header beside it: the same source keeps
+    the same build, and a changed one (here its header) gets a build of its own, which loads."""
+    for name in (cpu_gemv.SOURCE.name, *cpu_gemv.HEADER_NAMES):
+        (tmp_path / name).write_bytes(cpu_gemv.SOURCE.with_name(name).read_bytes())
+    compiler, folder = cpu_gemv.find_compiler(), cpu_gemv.cache_dir()
+    ours = cpu_gemv.build(compiler, folder)
+    assert cpu_gemv.build(compiler, folder, tmp_path / cpu_gemv.SOURCE.name) == ours
+    header = tmp_path / cpu_gemv.HEADER_NAMES[0]
+    header.write_text(header.read_text() + "\n/* another revision */\n")
+    theirs = cpu_gemv.build(compiler, tmp_path, tmp_path / cpu_gemv.SOURCE.name)
+    assert theirs != ours and theirs.parent == tmp_path
+    assert cpu_gemv.load(theirs).moe_offload_vnni() == cpu_gemv.library().moe_offload_vnni()
