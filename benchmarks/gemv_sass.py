@@ -1,13 +1,13 @@
 """What the fused GEMV kernel compiles to for a GPU, on a machine with none: registers, and its K loop's instructions.
 
-    python benchmarks/gemv_sass.py [--arch 90] [--out benchmarks/results/gemv_sass.json]
+    python benchmarks/gemv_sass.py [--arch 90|75] [--out benchmarks/results/gemv_sass.json]
 
 Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
 launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages). It uses Triton's
 own ptxas, then reads the cubin back with the cuobjdump and nvdisasm that Triton ships. For each it gives the
-registers a thread, the shared memory a program, how many programs an H100's SM holds by those two (65536
-registers, 227 KiB, 64 warps, 32 programs), how many waves w1 and w2 then take on its 132 SMs, and the
-instructions of the K loop's body (one step: a thread's share of block_n x block_k codes), by kind.
+registers a thread, the shared memory a program, how many programs an SM holds by those two (GPUS: an H100 for
+sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then take on its SMs, and the instructions of
+the K loop's body (one step: a thread's share of block_n x block_k codes), by kind.
 These are counts, not times: a kernel that waits on memory runs no faster for fewer instructions. Runs without
 TRITON_INTERPRET (which makes kernels interpreted). Writes benchmarks/results/gemv_sass.json.
 """
@@ -44,7 +44,11 @@ CASES = {
 }
 VARIANTS = [(late, fast, stages) for late in (False, True) for fast in (False, True) for stages in (1, 3)]
 SHAPES = {"w1": (14336, 4096), "w2": (4096, 14336)}  # Mixtral-8x7B's expert matrices
-H100 = {"sms": 132, "registers": 65536, "shared": 227 * 1024, "warps": 64, "programs": 32}
+# The GPU a compute capability stands for here, and what an SM of it holds (CUDA's occupancy tables)
+GPUS = {
+    75: {"name": "T4", "sms": 40, "registers": 65536, "shared": 64 * 1024, "warps": 32, "programs": 16},
+    90: {"name": "H100", "sms": 132, "registers": 65536, "shared": 227 * 1024, "warps": 64, "programs": 32},
+}
 
 
 def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
@@ -97,12 +101,12 @@ def loop_body(sass: str) -> list[str]:
     return best
 
 
-def occupancy(registers: int, shared: int, warps: int) -> int:
-    """Programs of `warps` warps an H100 SM holds: registers are allocated 256 a warp at a time."""
+def occupancy(registers: int, shared: int, warps: int, gpu: dict) -> int:
+    """Programs of `warps` warps an SM of `gpu` holds: registers are allocated 256 a warp at a time."""
     per_warp = math.ceil(registers * 32 / 256) * 256
-    by_registers = H100["registers"] // per_warp // warps
-    by_shared = H100["shared"] // shared if shared else H100["programs"]
-    return min(by_registers, by_shared, H100["warps"] // warps, H100["programs"])
+    by_registers = gpu["registers"] // per_warp // warps
+    by_shared = gpu["shared"] // shared if shared else gpu["programs"]
+    return min(by_registers, by_shared, gpu["warps"] // warps, gpu["programs"])
 
 
 def analyse(case: tuple, arch: int, **variant) -> dict:
@@ -118,11 +122,12 @@ def analyse(case: tuple, arch: int, **variant) -> dict:
     registers, shared = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "SHARED"))
     bits, per = case[3], case[4]
     block_n, block_k, warps = gemv.PACKED_LAUNCH[bits]
-    programs = occupancy(registers, shared, warps)
+    gpu = GPUS[arch]
+    programs = occupancy(registers, shared, warps, gpu)
     body = loop_body(sass)
     return {
         **variant, "registers": registers, "shared_bytes": shared, "programs_per_sm": programs,
-        "waves": {name: round(math.ceil(n // per / block_n) / (programs * H100["sms"]), 2)
+        "waves": {name: round(math.ceil(n // per / block_n) / (programs * gpu["sms"]), 2)
                   for name, (n, _) in SHAPES.items()},
         "loop_instructions": len(body), "codes_a_thread_a_step": block_n * block_k * per // (32 * warps),
         "loop_by_kind": dict(collections.Counter(body).most_common(12)),
@@ -131,7 +136,13 @@ def analyse(case: tuple, arch: int, **variant) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="the GPU's compute capability, as a number (90: H100)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        choices=sorted(GPUS),
+        help="the GPU's compute capability, as a number: 90 for an H100, 75 for a T4",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_sass.json"))
     args = parser.parse_args()
     check_writable(args.out, "--out")  # before the work, not after it
@@ -141,8 +152,11 @@ def main() -> None:
         raise MoEOffloadError("TRITON_INTERPRET is set: unset it, since interpreted kernels are never compiled")
     rows = []
     for name in ("2-bit, 8-bit meta, bf16", "4-bit, fp32"):
+        case = CASES[name]
+        if args.arch < 80 and case[0] == "bf16":  # no bfloat16 before sm_80: a T4 computes in float16 (auto's dtype)
+            name, case = name.replace("bf16", "fp16"), ("fp16", *case[1:])
         for late_sum, fast_codes, stages in VARIANTS:
-            row = {"case": name, **analyse(CASES[name], args.arch, late_sum=late_sum, fast_codes=fast_codes,
+            row = {"case": name, **analyse(case, args.arch, late_sum=late_sum, fast_codes=fast_codes,
                                            stages=stages)}  # fmt: skip
             rows.append(row)
             default = (late_sum, fast_codes, stages) == (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES)
@@ -152,7 +166,7 @@ def main() -> None:
                   f"{row['codes_a_thread_a_step']} codes" + (" (default)" if default else ""))  # fmt: skip
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
-        "arch": f"sm_{args.arch}", "triton": gemv.triton.__version__,
+        "arch": f"sm_{args.arch}", "gpu": GPUS[args.arch]["name"], "triton": gemv.triton.__version__,
         "launch": {bits: list(launch) for bits, launch in gemv.PACKED_LAUNCH.items()}, "variants": rows,
     }  # fmt: skip
     write_json(args.out, report, "--out")

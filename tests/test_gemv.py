@@ -262,7 +262,9 @@ def test_the_static_counts_read_the_loop_and_the_occupancy_right():
         /*0070*/                   EXIT ;
 """
     assert gemv_sass.loop_body(listing) == ["LDG", "FADD", "BRA", "FFMA", "BRA"]
-    assert gemv_sass.occupancy(64, 4224, 2) == 16  # the 2-bit default: 4096 registers a warp, 65536 an SM
-    assert gemv_sass.occupancy(95, 1024, 2) == 10  # 95 a thread rounds to 3072 a warp: 21 warps, 10 programs
-    assert gemv_sass.occupancy(32, 200 * 1024, 2) == 1  # shared memory binds
-    assert gemv_sass.occupancy(16, 0, 1) == 32  # the most programs an SM takes
+    h100, t4 = gemv_sass.GPUS[90], gemv_sass.GPUS[75]
+    assert gemv_sass.occupancy(64, 4224, 2, h100) == 16  # the 2-bit default: 4096 registers a warp, 65536 an SM
+    assert gemv_sass.occupancy(95, 1024, 2, h100) == 10  # 95 a thread rounds to 3072 a warp: 21 warps, 10 programs
+    assert gemv_sass.occupancy(32, 200 * 1024, 2, h100) == 1  # shared memory binds
+    assert gemv_sass.occupancy(16, 0, 1, h100) == 32  # the most programs an SM takes
+    assert gemv_sass.occupancy(16, 0, 1, t4) == 16 and gemv_sass.occupancy(32, 0, 4, t4) == 8  # a T4: 32 warps
