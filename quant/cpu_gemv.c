@@ -88,16 +88,29 @@ static void meta_rows(const Meta *m, int64_t first, int64_t count, float factor,
     dequantize_codes(m->codes + first, m->scale + i, m->zero + i, m->group, first % m->group, count, factor, out);
 }
 
+/* Where output q's G codes of bit slot s lie, and the index and offset of their first group's scale and zero. */
+typedef struct {
+    const uint8_t *codes;
+    int64_t group, offset;
+} MetaRun;
+
+static inline MetaRun output_codes(const Meta *m, const Problem *p, int s, int64_t q, int64_t G) {
+    if (m->slot_stride) /* by output */
+        return (MetaRun){m->codes + s * m->slot_stride + q * m->output_stride,
+                         s * m->group_slot_stride + q * m->group_output_stride, 0};
+    const int64_t first = s * p->step + q * G; /* grid row */
+    return (MetaRun){m->codes + first, first / m->group, first % m->group};
+}
+
 /* Output q's G scales or zeros of bit slot s, times `factor`: by output where they are so, else by grid row. */
 static inline void output_rows(const Meta *m, const Problem *p, int s, int64_t q, int64_t G, float factor,
                                float *out) {
-    if (!m->slot_stride) {
+    if (m->half) {
         meta_rows(m, s * p->step + q * G, G, factor, out);
         return;
     }
-    const int64_t i = s * m->group_slot_stride + q * m->group_output_stride;
-    dequantize_codes(m->codes + s * m->slot_stride + q * m->output_stride, m->scale + i, m->zero + i, m->group, 0, G,
-                     factor, out);
+    const MetaRun run = output_codes(m, p, s, q, G);
+    dequantize_codes(run.codes, m->scale + run.group, m->zero + run.group, m->group, run.offset, G, factor, out);
 }
 
 /* What output q's zeros of bit slot s take from a token, as zeros_term (below) counts it, with the zeros dequantized
@@ -108,19 +121,14 @@ static inline void output_rows(const Meta *m, const Problem *p, int s, int64_t q
 static inline int output_zeros_term(const Meta *m, const Problem *p, int s, int64_t q, int64_t G, float factor,
                                     const float *scale, const float *x_sums, float *term) {
     if (m->half) return 0;
-    int64_t first = s * p->step + q * G, i = first / m->group, offset = first % m->group;
-    const uint8_t *codes = m->codes + first;
-    if (m->slot_stride) {
-        codes = m->codes + s * m->slot_stride + q * m->output_stride;
-        i = s * m->group_slot_stride + q * m->group_output_stride, offset = 0;
-    }
-    if ((offset | G | m->group) % 64) return 0;
+    const MetaRun run = output_codes(m, p, s, q, G);
+    if ((run.offset | G | m->group) % 64) return 0;
     float sum = 0.f;
-    for (int64_t j = 0, at = i; j < G; j += 64) {
-        if (j == (at - i + 1) * m->group - offset) at++;
+    for (int64_t j = 0, at = run.group; j < G; j += 64) {
+        if (j == (at - run.group + 1) * m->group - run.offset) at++;
         const float meta_scale = half_to_float(m->scale[at]) * factor, meta_zero = half_to_float(m->zero[at]);
         for (int l = 0; l < 64; l++)
-            sum += scale[j + l] * (((float)codes[j + l] - meta_zero) * meta_scale) * x_sums[j + l];
+            sum += scale[j + l] * (((float)run.codes[j + l] - meta_zero) * meta_scale) * x_sums[j + l];
     }
     *term = sum;
     return 1;

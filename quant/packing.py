@@ -331,16 +331,6 @@ def _copy_into(place: Tensor, tensor: Tensor, name: str) -> None:
         place.view(tensor.shape).copy_(tensor)
 
 
-def _tensors_by_output(q: Quantized) -> dict[str, Tensor]:
-    """q's scales and zeros, in either order, by output: BY_OUTPUT's tensors, new and contiguous."""
-    tensors, held = to_tensors(q, ""), {}
-    for key, (shape, _) in _shapes_by_output(q.shape, q.spec).items():
-        outputs, per, *kinds, rows = shape
-        by_slot = [tensors[f".{part}"].reshape(per, outputs, rows) for part in BY_OUTPUT[key]]  # grid order
-        held[key] = torch.stack(by_slot, dim=2).view(per, outputs, *kinds, rows).transpose(0, 1).contiguous()
-    return held
-
-
 def _views_by_output(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """BY_OUTPUT's tensors back as to_tensors' names: views [PER, N / PER, G or G / group] (module doc)."""
     views = {}
@@ -356,8 +346,14 @@ def with_meta_by_output(q: Quantized) -> Quantized:
     q's): one weight's, for benchmarks and tests."""
     if not by_output(q.shape, q.spec):
         raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by output")
-    views = {f"w.{part}": view for part, view in _views_by_output(_tensors_by_output(q)).items()}
-    return from_tensors({**views, "w.codes": q.codes}, "w", q.spec, q.shape)
+    held = {key: torch.empty(shape, dtype=dtype, device=q.codes.device)
+            for key, (shape, dtype) in _shapes_by_output(q.shape, q.spec).items()}  # fmt: skip
+    views = _views_by_output(held)
+    for key, tensor in to_tensors(q, "").items():
+        if key != ".codes":
+            _copy_into(views[key[1:]], tensor, key[1:])
+    return from_tensors({**{f"w.{part}": view for part, view in views.items()}, "w.codes": q.codes}, "w", q.spec,
+                        q.shape)  # fmt: skip
 
 
 def _merged(tensors: dict, name: str, replacements: dict) -> dict:
