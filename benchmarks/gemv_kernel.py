@@ -7,7 +7,8 @@ For 2-, 3- and 4-bit experts and one token: microseconds per matrix, the quantiz
 per second, and one whole expert MLP (w1, w3, w2) both ways. Times are device time per call, from CUDA
 graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the
 host), over copies of the weights that together overflow L2, so every call reads its codes from memory
-as a decode step does. --variants also times each (late_sum, fast_codes, stages) variant of the kernel, and
+as a decode step does. --variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of
+the kernel (mantissa_codes only where it applies: 2 and 4 bits), and
 --sweep every launch shape (block_n x block_k x warps, per variant with --variants), reporting the best
 per matrix, to choose quant/gemv.py's defaults.
 """
@@ -36,7 +37,11 @@ from quant.linear import TRITON, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
-VARIANTS = list(itertools.product((False, True), (False, True), (1, 3)))  # (late_sum, fast_codes, stages)
+# (late_sum, fast_codes, stages, mantissa_codes): the first three in every combination as integer codes, then
+# with codes in the mantissa, where fast_codes is left only the 8-bit meta's conversion
+VARIANTS = [(*flags, False) for flags in itertools.product((False, True), (False, True), (1, 3))]
+VARIANTS += [(late_sum, True, stages, True) for late_sum in (False, True) for stages in (1, 3)]
+KEYWORDS = ("late_sum", "fast_codes", "stages", "mantissa_codes")
 
 
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
@@ -142,14 +147,19 @@ def main() -> None:
                    "fused_eager_us": round(fused_eager, 1), "fused_gb_per_s": round(nbytes / fused_us / 1e3, 1),
                    "relative_error": error}  # fmt: skip
             sweep = args.sweep and bits in args.sweep_bits.split(",")
-            default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES if together > 1 else 1)
+            mantissa = gemv.reads_bytes(q)
+            default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES if together > 1 else 1,
+                       gemv.MANTISSA_CODES and mantissa)  # fmt: skip
             if args.variants:
                 row["variants"] = []  # each variant at the default launch, and its best with --sweep
-                for late_sum, fast_codes, stages in VARIANTS:
+                for variant in VARIANTS:
+                    late_sum, fast_codes, stages, mantissa_codes = variant
                     if stages > 1 and together == 1:  # _gemv_kernel keeps one stage (quant/gemv.py: PACKED_STAGES)
                         continue
-                    keywords = dict(late_sum=late_sum, fast_codes=fast_codes, stages=stages)
-                    if (late_sum, fast_codes, stages) == default:  # timed above, as fused_us
+                    if mantissa_codes and not mantissa:  # 3-bit: int32 codes, which the variant leaves alone
+                        continue
+                    keywords = dict(zip(KEYWORDS, variant))
+                    if variant == default:  # timed above, as fused_us
                         us = fused_us
                     else:
                         us = timed_us(fused_calls(**keywords))
@@ -159,7 +169,7 @@ def main() -> None:
                     row["variants"].append(variant)
             if sweep:
                 swept = [v["best"] for v in row.get("variants", ())
-                         if (v["late_sum"], v["fast_codes"], v["stages"]) == default]  # fmt: skip
+                         if tuple(v[key] for key in KEYWORDS) == default]  # fmt: skip
                 row["best"] = swept[0] if swept else best_launch(fused_calls, together > 1)
             rows.append(row)
             print(f"{bits}-bit {name} {tuple(q.shape)}: dequantize+matmul {unfused:8.1f} us, fused {fused_us:7.1f} us "
@@ -167,7 +177,7 @@ def main() -> None:
                   + (f", best {row['best']}" if "best" in row else ""))  # fmt: skip
             for variant in row.get("variants", ()):
                 print(f"    late_sum={variant['late_sum']!s:5} fast_codes={variant['fast_codes']!s:5} "
-                      f"stages={variant['stages']}: "
+                      f"stages={variant['stages']} mantissa_codes={variant['mantissa_codes']!s:5}: "
                       f"{variant['us']:7.1f} us ({variant['gb_per_s']} GB/s)"
                       + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
         for fused in (False, True):
@@ -187,6 +197,7 @@ def main() -> None:
             "late_sum": gemv.LATE_SUM,
             "fast_codes": gemv.FAST_CODES,
             "packed_stages": gemv.PACKED_STAGES,  # _gemv_kernel's: 1
+            "mantissa_codes": gemv.MANTISSA_CODES,  # 2 and 4 bits only
         },
         "matrices": rows,
         "expert_mlp": mlps,

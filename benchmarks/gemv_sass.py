@@ -3,7 +3,8 @@
     python benchmarks/gemv_sass.py [--arch 90|75] [--out benchmarks/results/gemv_sass.json]
 
 Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
-launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages). It uses Triton's
+launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages, mantissa_codes). It
+uses Triton's
 own ptxas, then reads the cubin back with the cuobjdump and nvdisasm that Triton ships. For each it gives the
 registers a thread, the shared memory a program, how many programs an SM holds by those two (GPUS: an H100 for
 sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then take on its SMs, and the instructions of
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import run_script  # noqa: E402
+from benchmarks.gemv_kernel import KEYWORDS, VARIANTS  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from quant import gemv  # noqa: E402
 from quant.errors import MoEOffloadError  # noqa: E402
@@ -42,7 +44,6 @@ CASES = {
     "4-bit, fp32": ("fp32", "u8", "fp16", 4, 2, 64, None),
     "8-bit, bf16": ("bf16", "u8", "fp16", 8, 1, 64, None),
 }
-VARIANTS = [(late, fast, stages) for late in (False, True) for fast in (False, True) for stages in (1, 3)]
 SHAPES = {"w1": (14336, 4096), "w2": (4096, 14336)}  # Mixtral-8x7B's expert matrices
 # The GPU a compute capability stands for here, and what an SM of it holds (CUDA's occupancy tables)
 GPUS = {
@@ -53,7 +54,8 @@ GPUS = {
 
 def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     """Triton's compiled kernel: _gemv_kernel, or with `packed` _gemv_packed_kernel, at gemv's default launch for
-    it, in gemv's default variant or `variant`'s (late_sum, fast_codes, stages). Pointers and sizes are declared
+    it, in gemv's default variant or `variant`'s (late_sum, fast_codes, stages, mantissa_codes: the last only for
+    byte codes, as gemv.reads_bytes). Pointers and sizes are declared
     16-byte aligned, as Triton specializes them at launch for Mixtral's shapes."""
     from triton.backends.compiler import GPUTarget  # here: CPU builds of torch may come without Triton
     from triton.compiler import ASTSource
@@ -72,6 +74,7 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
                  "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1)}  # fmt: skip
     if packed:
         constants["PER_P2"] = triton.next_power_of_2(per)
+        constants["MANTISSA_CODES"] = codes == "u8" and variant.get("mantissa_codes", gemv.MANTISSA_CODES)
     signature = {name: "*" + dtype for name, dtype in pointers.items()}
     signature |= {"N": "i32", "K": "i32", "STEP": "i32"} | {name: "constexpr" for name in constants}
     aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
@@ -155,12 +158,13 @@ def main() -> None:
         case = CASES[name]
         if args.arch < 80 and case[0] == "bf16":  # no bfloat16 before sm_80: a T4 computes in float16 (auto's dtype)
             name, case = name.replace("bf16", "fp16"), ("fp16", *case[1:])
-        for late_sum, fast_codes, stages in VARIANTS:
-            row = {"case": name, **analyse(case, args.arch, late_sum=late_sum, fast_codes=fast_codes,
-                                           stages=stages)}  # fmt: skip
+        for variant in VARIANTS:
+            late_sum, fast_codes, stages, mantissa_codes = variant
+            row = {"case": name, **analyse(case, args.arch, **dict(zip(KEYWORDS, variant)))}
             rows.append(row)
-            default = (late_sum, fast_codes, stages) == (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES)
-            print(f"{name:24} late_sum={late_sum!s:5} fast_codes={fast_codes!s:5} stages={stages}: "
+            default = variant == (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES, gemv.MANTISSA_CODES)
+            print(f"{name:24} late_sum={late_sum!s:5} fast_codes={fast_codes!s:5} stages={stages} "
+                  f"mantissa_codes={mantissa_codes!s:5}: "
                   f"{row['registers']:3} registers, {row['programs_per_sm']:2} programs an SM, w1 in "
                   f"{row['waves']['w1']} waves; loop {row['loop_instructions']} instructions for "
                   f"{row['codes_a_thread_a_step']} codes" + (" (default)" if default else ""))  # fmt: skip

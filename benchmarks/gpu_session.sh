@@ -99,7 +99,7 @@ for step in "$@"; do
             echo "== copy-engine failed"
         fi
         ;;
-    kernel)  # device time per call, every (late_sum, fast_codes, stages) variant at the default launch
+    kernel)  # device time per call, every variant (late_sum, fast_codes, stages, mantissa_codes) at the default launch
         attempt python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;

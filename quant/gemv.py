@@ -56,6 +56,14 @@ FAST_CODES = True
 # stage of the packed kernel's tiles is ~2 KB; _gemv_kernel's 3-bit tile is 16 KB, three stages of which would
 # cost occupancy, so it keeps one. Untimed yet: benchmarks/gemv_kernel.py --variants times 1 against 3
 PACKED_STAGES = 3
+# The packed-row kernel's 2- and 4-bit codes as floats without converting them (_slot_dot): each byte is shifted
+# once into the mantissa of 1.0's bits, below its top bit, and one mask a code then reads slot i's code c as the
+# float 1 + c 2**-e, exactly. Summed against x and less sum_j x_j, that is 2**-e sum_j c_j x_j. A code costs that
+# mask and its product, where as an integer it cost a shift, a mask, an OR and an FADD (or an I2F). The 2-bit
+# loop's sm_90 SASS: 657 instructions a step -> 480, 64 registers -> 48 (benchmarks/gemv_sass.py). The
+# subtraction cancels up to 2**8 of float32's precision (e = 8 for the lowest slot): about 1e-6 of the largest
+# output on Mixtral's shapes from bfloat16 x, against the 4e-3 of rounding that output to bfloat16. Untimed yet
+MANTISSA_CODES = True
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
@@ -80,18 +88,24 @@ def _rows_together(q: Quantized) -> int:
     return per if q.shape[0] % per == 0 else 1
 
 
+def reads_bytes(q: Quantized) -> bool:
+    """Whether the packed-row kernel takes q from bytes (2 and 4 bits), where MANTISSA_CODES applies."""
+    return _rows_together(q) > 1 and q.codes.dtype == torch.uint8
+
+
 def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, late_sum: bool | None = None, fast_codes: bool | None = None,
-    stages: int | None = None,
+    stages: int | None = None, mantissa_codes: bool | None = None,
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
 
     block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them. block_n
     counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs; left
     out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K. late_sum and fast_codes pick the kernel's
-    variant (fast_codes changes no bit of the result, late_sum the order of its sum); left out, LATE_SUM
-    and FAST_CODES. stages is how many K steps' tiles are in flight (no bit of the result changes); left
+    variant (fast_codes changes no bit of the result, late_sum the order of its sum; mantissa_codes, for the
+    packed-row kernel's bytes, rounds as MANTISSA_CODES says); left out, LATE_SUM, FAST_CODES and
+    MANTISSA_CODES. stages is how many K steps' tiles are in flight (no bit of the result changes); left
     out, PACKED_STAGES for the packed-row kernel, else 1.
     """
     # M = tokens (rows of x), N = outputs, K = inputs
@@ -99,6 +113,7 @@ def gemv(
     default_n, default_k, default_warps = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K, 4)
     block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
     late_sum, fast_codes = LATE_SUM if late_sum is None else late_sum, FAST_CODES if fast_codes is None else fast_codes
+    mantissa_codes = (MANTISSA_CODES if mantissa_codes is None else mantissa_codes) and reads_bytes(q)
     stages = stages or (PACKED_STAGES if per > 1 else 1)
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
@@ -124,7 +139,7 @@ def gemv(
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows)
-        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), **launch)
+        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), MANTISSA_CODES=mantissa_codes, **launch)
     else:
         _gemv_kernel[(triton.cdiv(outputs, block_n), rows)](*args, **launch)
     return out
@@ -142,6 +157,20 @@ if triton is not None:
         else:
             value = c.to(tl.float32)
         return value
+
+    @triton.jit
+    def _slot_dot(packed, xk, xs, LOW: tl.constexpr, BITS: tl.constexpr, MANTISSA: tl.constexpr, FAST: tl.constexpr):
+        """sum_j c_j x_j [BN, GB] of the codes at bits LOW.. of packed [BN, GB, G], against xk [GB, G] whose sums
+        are xs [GB]. MANTISSA (MANTISSA_CODES): packed holds each byte at bits 15..22 of float32's 1.0, 0x3F800000
+        (exponent 127, mantissa 0), so a mask that keeps 1.0's bits reads a code c as the float 1 + c 2**-e, with
+        e = 8 - LOW; summed against x, less xs, that is 2**-e sum_j c_j x_j, and the scaling back is exact."""
+        if MANTISSA:
+            one_plus = (packed & ((((1 << BITS) - 1) << (15 + LOW)) | 0x3F800000)).to(tl.float32, bitcast=True)
+            cx = (tl.sum(one_plus * xk[None, :, :], axis=2) - xs[None, :]) * (1 << (8 - LOW))
+        else:
+            code = _as_float((packed >> LOW) & ((1 << BITS) - 1), FAST)  # [BN, GB, G]
+            cx = tl.sum(code * xk[None, :, :], axis=2)
+        return cx
 
     @triton.jit
     def _group_meta(
@@ -211,7 +240,7 @@ if triton is not None:
         BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
-        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr,
+        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
         # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
@@ -235,11 +264,12 @@ if triton is not None:
             p = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] packed row, = grid row of bit slot 0
             mask = n_ok[:, None] & g_ok[None, :]
             packed = tl.load(codes_ptr + p[:, :, None] * GROUP + j[None, None, :], mask=mask[:, :, None], other=0)
-            if FAST_CODES:
+            if MANTISSA_CODES:
+                packed = (packed.to(tl.int32) << 15) | 0x3F800000  # each byte into 1.0's mantissa, once (_slot_dot)
+            elif FAST_CODES:
                 packed = packed.to(tl.int32)  # widened once; every bit slot shifts and masks in 32 bits
             for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
-                code = _as_float((packed >> ((PER - 1 - i) * BITS)) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
-                cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
+                cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
                 r = p + i * STEP  # [BN, GB] grid row
                 s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP, FAST_CODES)
                 z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES)
