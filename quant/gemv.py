@@ -61,8 +61,9 @@ PACKED_STAGES = 3
 # float 1 + c 2**-e, exactly. Summed against x and less sum_j x_j, that is 2**-e sum_j c_j x_j. A code costs that
 # mask and its product, where as an integer it cost a shift, a mask, an OR and an FADD (or an I2F). The 2-bit
 # loop's sm_90 SASS: 657 instructions a step -> 480, 64 registers -> 48 (benchmarks/gemv_sass.py). The
-# subtraction cancels up to 2**8 of float32's precision (e = 8 for the lowest slot): about 1e-6 of the largest
-# output on Mixtral's shapes from bfloat16 x, against the 4e-3 of rounding that output to bfloat16. Untimed yet
+# subtraction cancels up to 2**8 of float32's precision (e = 8 for the lowest slot): with float32 x, up to 3e-5 of
+# the largest output on tests/test_gemv.py's shapes (which allow 1e-4), where a bfloat16 output rounds at 4e-3.
+# Untimed yet: benchmarks/gemv_kernel.py --variants times it against the integer codes
 MANTISSA_CODES = True
 
 
