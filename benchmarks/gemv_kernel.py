@@ -8,9 +8,9 @@ per second, and one whole expert MLP (w1, w3, w2) both ways. Times are device ti
 graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the
 host), over copies of the weights that together overflow L2, so every call reads its codes from memory
 as a decode step does. --variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of
-the kernel (mantissa_codes only where it applies: 2 and 4 bits), and
---sweep every launch shape (block_n x block_k x warps, per variant with --variants), reporting the best
-per matrix, to choose quant/gemv.py's defaults.
+the kernel (mantissa_codes only where it applies: 2 and 4 bits), and the default variant at a few other 2-bit
+launches (LAUNCHES); --sweep times every launch shape (block_n x block_k x warps, per variant with --variants),
+reporting the best per matrix, to choose quant/gemv.py's defaults.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
 VARIANTS = [(*flags, False) for flags in itertools.product((False, True), (False, True), (1, 3))]
 VARIANTS += [(late_sum, True, stages, True) for late_sum in (False, True) for stages in (1, 3)]
 KEYWORDS = ("late_sum", "fast_codes", "stages", "mantissa_codes")
+# With --variants, the default variant at these launches (block_n, block_k, warps) too: 9d0bc23's sweep found w2's
+# best, (1, 2048, 2), apart from w1's, which is the 2-bit default; these few time w2's and two between, where a
+# whole sweep (--sweep) takes longer than a GPU call has
+LAUNCHES = {2: [(1, 2048, 2), (1, 1024, 2), (2, 1024, 2)]}
 
 
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
@@ -167,6 +171,14 @@ def main() -> None:
                     if sweep:
                         variant["best"] = best_launch(functools.partial(fused_calls, **keywords), together > 1)
                     row["variants"].append(variant)
+            if args.variants and together > 1 and int(bits) in LAUNCHES:
+                row["launches"] = []
+                for n, k, w in LAUNCHES[int(bits)]:
+                    try:
+                        us = round(timed_us(fused_calls(block_n=n, block_k=k, num_warps=w)), 1)
+                    except gemv.triton.runtime.errors.OutOfResources:  # pipelined stages of a large tile, say
+                        us = None
+                    row["launches"].append({"block_n": n, "block_k": k, "num_warps": w, "us": us})
             if sweep:
                 swept = [v["best"] for v in row.get("variants", ())
                          if tuple(v[key] for key in KEYWORDS) == default]  # fmt: skip
@@ -180,6 +192,9 @@ def main() -> None:
                       f"stages={variant['stages']} mantissa_codes={variant['mantissa_codes']!s:5}: "
                       f"{variant['us']:7.1f} us ({variant['gb_per_s']} GB/s)"
                       + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
+            for launch in row.get("launches", ()):
+                shape = ", ".join(f"{key}={launch[key]}" for key in ("block_n", "block_k", "num_warps"))
+                print(f"    launch {shape}: {launch['us']} us")
         for fused in (False, True):
             workspace = Workspace(TRITON if fused else None)
             us = timed_us(on_copies(expert_mlp, x, experts, workspace, reuse=True))
