@@ -108,26 +108,14 @@ def best_launch(calls_with, packed: bool) -> dict:
     return {"us": round(us, 1), "block_n": n, "block_k": k, "num_warps": w}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--sweep", action="store_true", help="also time every launch shape")
-    parser.add_argument("--sweep-bits", default="2,3,4", help="the expert bits whose launch shapes --sweep times")
-    parser.add_argument("--variants", action="store_true", help="also time each kernel variant")
-    parser.add_argument("--copies", type=int, help="weight copies the calls take in turn (default: twice L2's worth)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_kernel.json"))
-    args = parser.parse_args()
-    check_writable(args.out, "--out")  # before the work, not after it
-    if not torch.cuda.is_available() or gemv.triton is None:
-        sys.exit("error: this benchmark needs a CUDA device and Triton")
-    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-
+def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argparse.Namespace) -> tuple[list, list]:
+    """Each bits' w1 and w2 as main's options ask (variants, sweep, copies), and the whole expert MLP both ways:
+    main's "matrices" and "expert_mlp". Separate from main so that a test runs it on the CPU, interpreted."""
     rows, mlps = [], []
     for bits in ("2", "3", "4"):
         fmt = ExpertFormat.build(HIDDEN, INTERMEDIATE, EXPERT_PRESETS[bits], dtype)
         nbytes = quantized_nbytes((INTERMEDIATE, HIDDEN), fmt.spec)  # w2's too: the same number of weights
-        copies = args.copies or math.ceil(2 * l2 / nbytes)
+        copies = args.copies or math.ceil(2 * l2_bytes / nbytes)
         experts = []  # `copies` random experts: a call reads what the call before it evicted from L2
         for seed in range(copies):
             packed = torch.empty(fmt.nbytes, dtype=torch.uint8, device=device)
@@ -200,6 +188,26 @@ def main() -> None:
             us = timed_us(on_copies(expert_mlp, x, experts, workspace, reuse=True))
             mlps.append({"bits": int(bits), "fused": fused, "expert_mlp_us": round(us, 1)})
             print(f"{bits}-bit expert MLP, {'fused' if fused else 'dequantize+matmul'}: {us:.1f} us")
+
+    return rows, mlps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--sweep", action="store_true", help="also time every launch shape")
+    parser.add_argument("--sweep-bits", default="2,3,4", help="the expert bits whose launch shapes --sweep times")
+    parser.add_argument("--variants", action="store_true", help="also time each kernel variant")
+    parser.add_argument("--copies", type=int, help="weight copies the calls take in turn (default: twice L2's worth)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_kernel.json"))
+    args = parser.parse_args()
+    check_writable(args.out, "--out")  # before the work, not after it
+    if not torch.cuda.is_available() or gemv.triton is None:
+        sys.exit("error: this benchmark needs a CUDA device and Triton")
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+
+    rows, mlps = measure(device, dtype, l2, args)
 
     report = {
         **environment(device, program=f"python {sys.argv[0]}"),

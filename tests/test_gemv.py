@@ -4,6 +4,7 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py) on CPU
 same tests run the compiled kernel on CUDA tensors (references stay on the CPU, in float64).
 """
 
+import argparse
 import itertools
 import json
 import math
@@ -267,6 +268,53 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
         pipelined = case.startswith("_gemv_packed_kernel") and case.endswith("sm_90") and gemv.PACKED_STAGES > 1
         tiles = counts.get("cp.async.cg.shared.global" if pipelined else "ld.global.v4.b32", 0)
         assert tiles >= 2 and (not pipelined or "ld.global.v4.b32" not in counts), (case, counts)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="there the benchmark itself runs: gpu_session.sh's kernel step")
+def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypatch):
+    """benchmarks/gemv_kernel.py's measurements on small shapes, interpreted, its CUDA timers stood in for by one
+    that runs the calls and counts: every variant and launch a GPU run reports reaches gemv as its keywords, the
+    default is timed once, and the kernel's error is its own."""
+    from benchmarks import gemv_kernel
+
+    monkeypatch.setattr(gemv_kernel, "HIDDEN", 128)
+    monkeypatch.setattr(gemv_kernel, "INTERMEDIATE", 256)
+    original, seen, timings = gemv.gemv, set(), itertools.count(1)
+
+    def recording(x, q, out=None, **keywords):
+        seen.add((q.spec.bits, tuple(q.shape), tuple(sorted(keywords.items()))))
+        return original(x, q, out, **keywords)
+
+    def timer(calls, repeats=50):
+        for call in calls:
+            call()
+        return float(next(timings))
+
+    monkeypatch.setattr(gemv, "gemv", recording)
+    monkeypatch.setattr(gemv_kernel, "timed_us", timer)
+    monkeypatch.setattr(gemv_kernel, "eager_us", timer)
+    options = argparse.Namespace(variants=True, sweep=False, sweep_bits="2,3,4", copies=1)
+    rows, mlps = gemv_kernel.measure(torch.device("cpu"), torch.float32, 0, options)
+    assert [(row["bits"], row["matrix"]) for row in rows] == [(b, m) for b in (2, 3, 4) for m in ("w1", "w2")]
+    assert [(mlp["bits"], mlp["fused"]) for mlp in mlps] == [(b, f) for b in (2, 3, 4) for f in (False, True)]
+    for row in rows:
+        variants = [tuple(v[key] for key in gemv_kernel.KEYWORDS) for v in row["variants"]]
+        if row["bits"] == 3:  # _gemv_kernel: one stage, and int32 codes the mantissa variant leaves alone
+            assert variants == [v for v in gemv_kernel.VARIANTS if v[2] == 1 and not v[3]]
+        else:
+            assert variants == gemv_kernel.VARIANTS
+        default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES if row["bits"] != 3 else 1,
+                   gemv.MANTISSA_CODES and row["bits"] != 3)  # fmt: skip
+        timed = {variant: v["us"] for variant, v in zip(variants, row["variants"], strict=True)}
+        assert timed.pop(default) == row["fused_us"] and row["fused_us"] not in timed.values()  # timed once
+        shape = tuple(row["shape"])
+        for variant in timed:
+            assert (row["bits"], shape, tuple(sorted(zip(gemv_kernel.KEYWORDS, variant)))) in seen, variant
+        launches = [(v["block_n"], v["block_k"], v["num_warps"]) for v in row.get("launches", ())]
+        assert launches == gemv_kernel.LAUNCHES.get(row["bits"], [])
+        for n, k, w in launches:
+            assert (2, shape, (("block_k", k), ("block_n", n), ("num_warps", w))) in seen
+        assert row["relative_error"] < 1e-4  # float32 x: the kernel's own error (tolerance(), above)
 
 
 def test_the_static_counts_read_the_loop_and_the_occupancy_right():
