@@ -103,9 +103,9 @@ def gemv(
 
     block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them. block_n
     counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs; left
-    out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K. late_sum and fast_codes pick the kernel's
-    variant (fast_codes changes no bit of the result, late_sum the order of its sum; mantissa_codes, for the
-    packed-row kernel's bytes, rounds as MANTISSA_CODES says); left out, LATE_SUM, FAST_CODES and
+    out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K. late_sum, fast_codes and mantissa_codes pick the
+    kernel's variant (fast_codes changes no bit of the result, late_sum the order of its sum, mantissa_codes its
+    rounding, as MANTISSA_CODES says, and only where reads_bytes(q)); left out, LATE_SUM, FAST_CODES and
     MANTISSA_CODES. stages is how many K steps' tiles are in flight (no bit of the result changes); left
     out, PACKED_STAGES for the packed-row kernel, else 1.
     """
