@@ -140,8 +140,7 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                    "relative_error": error}  # fmt: skip
             sweep = args.sweep and bits in args.sweep_bits.split(",")
             mantissa = gemv.reads_bytes(q)
-            default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES if together > 1 else 1,
-                       gemv.MANTISSA_CODES and mantissa)  # fmt: skip
+            default = gemv.default_variant(q)
             if args.variants:
                 row["variants"] = []  # each variant at the default launch, and its best with --sweep
                 for variant in VARIANTS:

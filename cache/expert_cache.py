@@ -225,9 +225,8 @@ class ExpertCache:
         table = self.tables[layer]
         if table.free_slots:
             return self.slot_rows[self.slot_row[self.slot_base[layer] + table.place(expert)]]
-        self.home[layer][expert] = self._next_home
-        self._next_home += 1
-        return self.arena[self._next_home - 1]
+        self.home[layer][expert], self._next_home = self._next_home, self._next_home + 1
+        return self.arena[self.home[layer][expert]]
 
     # -- the decode path ---------------------------------------------------------------------------
 

@@ -141,13 +141,13 @@ def build(compiler: str, folder: Path, source_file: Path = SOURCE) -> Path:
                 done = subprocess.run([compiler, *FLAGS, *tuning, str(source_file), "-o", temporary],
                                       capture_output=True, text=True, timeout=120)  # fmt: skip
             except (OSError, subprocess.TimeoutExpired) as error:
-                raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {error}") from None
+                raise KernelUnavailable(f"{compiler} could not build {source_file.name}: {error}") from None
             if done.returncode == 0:
                 os.chmod(temporary, 0o755)  # mkstemp's 0600 would keep a shared cache's build from other users
                 os.replace(temporary, path)
                 return path
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
-        raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {lines[-1]}")
+        raise KernelUnavailable(f"{compiler} could not build {source_file.name}: {lines[-1]}")
     finally:
         Path(temporary).unlink(missing_ok=True)
 

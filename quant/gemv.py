@@ -94,6 +94,12 @@ def reads_bytes(q: Quantized) -> bool:
     return _rows_together(q) > 1 and q.codes.dtype == torch.uint8
 
 
+def default_variant(q: Quantized) -> tuple[bool, bool, int, bool]:
+    """(late_sum, fast_codes, stages, mantissa_codes): the variant gemv runs q in where its keywords are left out."""
+    packed = _rows_together(q) > 1
+    return LATE_SUM, FAST_CODES, PACKED_STAGES if packed else 1, MANTISSA_CODES and reads_bytes(q)
+
+
 def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, late_sum: bool | None = None, fast_codes: bool | None = None,
@@ -113,9 +119,11 @@ def gemv(
     per = _rows_together(q)
     default_n, default_k, default_warps = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K, 4)
     block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
-    late_sum, fast_codes = LATE_SUM if late_sum is None else late_sum, FAST_CODES if fast_codes is None else fast_codes
-    mantissa_codes = (MANTISSA_CODES if mantissa_codes is None else mantissa_codes) and reads_bytes(q)
-    stages = stages or (PACKED_STAGES if per > 1 else 1)
+    default = default_variant(q)
+    late_sum = default[0] if late_sum is None else late_sum
+    fast_codes = default[1] if fast_codes is None else fast_codes
+    stages = stages or default[2]
+    mantissa_codes = default[3] if mantissa_codes is None else (mantissa_codes and reads_bytes(q))
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]

@@ -357,8 +357,8 @@ def with_meta_by_output(q: Quantized) -> Quantized:
 
 
 def _merged(tensors: dict, name: str, replacements: dict) -> dict:
-    """`tensors` (a weight's flat tensors, or their shapes) with its scales and zeros replaced by `replacements`
-    (BY_OUTPUT's keys: tensors or shapes by output), in their place."""
+    """A weight's tensor shapes (tensor_shapes) with its scales' and zeros' replaced by `replacements` (BY_OUTPUT's
+    keys, _shapes_by_output), in their place."""
     held = {f"{name}.{part}" for parts in BY_OUTPUT.values() for part in parts}
     merged = {}
     for key, value in tensors.items():
