@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from quant.files import cache_dir
 from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -89,13 +90,6 @@ class _Problem(ctypes.Structure):
 
 class KernelUnavailable(RuntimeError):
     """The C kernel could not be built or loaded here; the message says why."""
-
-
-def cache_dir() -> Path:
-    try:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
-    except RuntimeError:  # no HOME, and a user without a passwd entry (a container's --user 1234)
-        return Path(tempfile.gettempdir()) / "moe-offload"
 
 
 def available() -> bool:

@@ -15,6 +15,15 @@ from pathlib import Path
 from quant.errors import MoEOffloadError
 
 
+def cache_dir() -> Path:
+    """Where moe-offload keeps what it makes once for a machine (the CPU's kernel, launches tuned for a GPU):
+    $XDG_CACHE_HOME/moe-offload, by default ~/.cache/moe-offload."""
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
+    except RuntimeError:  # no HOME, and a user without a passwd entry (a container's --user 1234)
+        return Path(tempfile.gettempdir()) / "moe-offload"
+
+
 def check_writable(path: Path | str, option: str) -> Path:
     """`path` as a Path (~ expanded), or a one-line error naming `option` (e.g. "--json") if no file can be
     written there: it is a folder, a parent is a file or a broken link, or the nearest existing folder is
