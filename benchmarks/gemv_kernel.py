@@ -32,16 +32,12 @@ from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from quant import gemv  # noqa: E402
 from quant.files import check_writable  # noqa: E402
+from quant.gemv_tune import KEYWORDS, LAUNCH_SHAPES, VARIANTS, timed_us  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, dequantize, quantized_nbytes  # noqa: E402
 from quant.linear import TRITON, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
-# (late_sum, fast_codes, stages, mantissa_codes): the first three in every combination as integer codes, then
-# with codes in the mantissa, where fast_codes is left only the 8-bit meta's conversion
-VARIANTS = [(*flags, False) for flags in itertools.product((False, True), (False, True), (1, 3))]
-VARIANTS += [(late_sum, True, stages, True) for late_sum in (False, True) for stages in (1, 3)]
-KEYWORDS = ("late_sum", "fast_codes", "stages", "mantissa_codes")
 # With --variants, the default variant at these launches (block_n, block_k, warps) too: 9d0bc23's sweep found w2's
 # best, (1, 2048, 2), apart from w1's, which is the 2-bit default; these few time w2's and two between, where a
 # whole sweep (--sweep) takes longer than a GPU call has
@@ -51,31 +47,6 @@ LAUNCHES = {2: [(1, 2048, 2), (1, 1024, 2), (2, 1024, 2)]}
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
     """fn(x, copy, *args, **kwargs) for each copy of the weights: the calls that timed_us takes in turn."""
     return [functools.partial(fn, x, copy, *args, **kwargs) for copy in copies]
-
-
-def timed_us(calls: list, repeats: int = 50) -> float:
-    """Device microseconds per call: `repeats` calls, taking `calls` in turn, captured back to back in a
-    CUDA graph; the median of 5 replays, timed with CUDA events, over `repeats`. Host work (Triton's launch
-    costs tens of us a call) is left out, as in a decode step replayed from a graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # outside the graph: Triton compiles, the workspace makes its buffers
-            call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(repeats):
-            calls[i % len(calls)]()
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / repeats)
-    return sorted(times)[len(times) // 2]
 
 
 def eager_us(calls: list, repeats: int = 50) -> float:
@@ -95,11 +66,9 @@ def eager_us(calls: list, repeats: int = 50) -> float:
 
 
 def best_launch(calls_with, packed: bool) -> dict:
-    """The fastest launch shape: calls_with(block_n=, block_k=, num_warps=) makes the calls to time."""
-    # the packed-row kernel's block_n counts packed rows, each PER outputs: fewer per program
-    blocks = ((1, 2, 4, 8), (512, 1024, 2048)) if packed else ((8, 16, 32, 64), (128, 256, 512))
+    """The fastest launch shape of LAUNCH_SHAPES: calls_with(block_n=, block_k=, num_warps=) makes the calls to time."""
     timings = []
-    for n, k, w in itertools.product(*blocks, (2, 4, 8)):
+    for n, k, w in itertools.product(*LAUNCH_SHAPES[packed]):
         try:
             timings.append((timed_us(calls_with(block_n=n, block_k=k, num_warps=w), repeats=20), n, k, w))
         except gemv.triton.runtime.errors.OutOfResources:  # e.g. pipelined stages of a large tile: no launch
@@ -204,6 +173,7 @@ def main() -> None:
     if not torch.cuda.is_available() or gemv.triton is None:
         sys.exit("error: this benchmark needs a CUDA device and Triton")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    gemv.USE_TUNED = False  # the built-in launches: what `moe-offload tune` found for this GPU is not the default
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
 
     rows, mlps = measure(device, dtype, l2, args)

@@ -31,11 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import run_script  # noqa: E402
-from benchmarks.gemv_kernel import KEYWORDS, VARIANTS  # noqa: E402
 from offload.bench import environment, write_json  # noqa: E402
 from quant import gemv  # noqa: E402
 from quant.errors import MoEOffloadError  # noqa: E402
 from quant.files import check_writable  # noqa: E402
+from quant.gemv_tune import KEYWORDS, VARIANTS  # noqa: E402
 
 # name: (x and out dtype, codes dtype, scale/zero codes dtype, bits, rows per element, group, meta group)
 CASES = {

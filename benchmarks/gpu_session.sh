@@ -5,7 +5,9 @@
 #       puts the wheels of hqq, termcolor and bitsandbytes, the Mixtral routing trace and the commit into .gpu/
 #       (git-ignored); run it again before each session, since every result is stamped with that commit
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests copy-engine kernel kernel-sweep synth tune bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
+#   between calls: launches `tune` found (its gemv_tuned_GPU.json) put in .gpu/gemv_tuned/ are installed at the start of
+#       each later call, and the bench results' names then say _tuned
 #
 # The machine's image has torch (CUDA), Triton, transformers, typer, rich and safetensors; hqq,
 # termcolor and bitsandbytes are carried.
@@ -52,6 +54,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.l
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 echo "commit $(cat .gpu/COMMIT)"
 df -h /tmp || true  # synth writes 18.4 GB there, and refuses to start if the disk says it cannot hold it
+
+# launches tuned for this GPU, carried from an earlier call: installed where gemv reads them (quant/gemv.py)
+tuned=  # "_tuned" once they are: the names of the model's results say so
+if compgen -G ".gpu/gemv_tuned/*.json" >/dev/null; then
+    python3 - <<'EOF'
+import glob, json, shutil
+from quant import gemv
+for path in glob.glob(".gpu/gemv_tuned/*.json"):
+    device = json.load(open(path))["device"]
+    gemv.user_tuned_folder().mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, gemv.user_tuned_folder() / gemv.tuned_file_name(device))
+    print(f"tuned launches for {device}: {path}")
+EOF
+    tuned=_tuned
+fi
 
 moe() { python3 -m cli.app "$@"; }
 no_model=  # set when synth failed: the steps that read the model skip, the others still run
@@ -107,6 +124,13 @@ for step in "$@"; do
         attempt python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
         stamp "$results/gemv_kernel_sweep_$gpu.json"
         ;;
+    tune)  # the kernel's fastest launch for each of the model's shapes on this GPU (minutes); the steps after it run them
+        if [[ -z $no_model ]] && attempt moe tune "$model" --no-verify; then
+            written=$(python3 -c "import torch; from quant import gemv; \
+print(gemv.user_tuned_folder() / gemv.tuned_file_name(gemv.device_name(torch.device('cuda'))))")
+            [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned
+        fi
+        ;;
     synth-start)  # synth on 8 CPU threads in the background, while the GPU steps run
         [[ -f $model/manifest.json ]] || { OMP_NUM_THREADS=8 moe synth "$model" --preset mixtral-8x7b >/tmp/synth.log 2>&1 & synth_pid=$!; }
         ;;
@@ -120,69 +144,69 @@ for step in "$@"; do
         ;;
     bench)  # the issue's three goals: 12 GiB, 2-bit, replayed routing, oracle prefetch, and the baselines
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --compare \
-            --json "$results/bench_${gpu}_mixtral-8x7b_oracle.json"
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle.json"
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 1 \
-            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth1.json"
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_depth1.json"
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch gate \
-            --json "$results/bench_${gpu}_mixtral-8x7b_gate.json"
-        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_*.json
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_gate.json"
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b${tuned}_*.json
         ;;
     bench-more)  # the same work without the fused kernel, without CUDA graphs, and with the oracle two layers
         # ahead: a perfect-recall `--prefetch-ahead 2`
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-fused-gemv \
-            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_dequantize.json"
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_dequantize.json"
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --no-cuda-graphs \
-            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_eager.json"
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_eager.json"
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --oracle-depth 2 \
-            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_depth2.json"
-        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_{dequantize,eager,depth2}.json
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_depth2.json"
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b${tuned}_oracle_{dequantize,eager,depth2}.json
         ;;
     embedding)  # the embedding table in RAM against on the GPU, at the same 5 slots a layer: what reading each
         # token's row over PCIe costs a decode step (the 4 slots it frees are the other half of the trade)
         for place in host-embedding no-host-embedding; do  # the probe may refuse the table in RAM: go on to colab
             attempt bench --gpu-memory 12GiB --slots 5 --route-trace "$trace" --prefetch oracle --$place \
-                --json "$results/bench_${gpu}_mixtral-8x7b_oracle_slots5_${place}.json"
+                --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_slots5_${place}.json"
         done
-        stamp "$results"/bench_"${gpu}"_mixtral-8x7b_oracle_slots5_*.json
+        stamp "$results"/bench_"${gpu}"_mixtral-8x7b${tuned}_oracle_slots5_*.json
         ;;
     bench-path)  # the 4x goal's other route: the path policy keeps more than LRU (4.2x the no-cache bytes in simulate)
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --policy path --compare \
-            --json "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
-        stamp "$results/bench_${gpu}_mixtral-8x7b_oracle_path.json"
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_path.json"
+        stamp "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_path.json"
         ;;
     profile)  # where a decode step's time goes (after synth): CUDA graphs on and off, and the real path's guess
-        attempt profile --route-trace "$trace" --gpu-memory 12GiB --out "$results/profile_decode_${gpu}_graphs.json"
+        attempt profile --route-trace "$trace" --gpu-memory 12GiB --out "$results/profile_decode_${gpu}${tuned}_graphs.json"
         attempt profile --route-trace "$trace" --gpu-memory 12GiB --prefetch gate \
-            --out "$results/profile_decode_${gpu}_gate.json"
+            --out "$results/profile_decode_${gpu}${tuned}_gate.json"
         attempt profile --route-trace "$trace" --gpu-memory 12GiB --no-cuda-graphs \
-            --out "$results/profile_decode_${gpu}_eager.json"
-        stamp "$results"/profile_decode_"${gpu}"_*.json
+            --out "$results/profile_decode_${gpu}${tuned}_eager.json"
+        stamp "$results"/profile_decode_"${gpu}${tuned}"_*.json
         ;;
     prefill)  # a prompt of the whole default context at 12 and 8 GiB: the prefill's peak against the budget,
         # of which the plan keeps prefill_reserve_bytes free (offload.api.prefill_reserve)
         for gib in 12 8; do
             attempt bench --gpu-memory ${gib}GiB --max-seq-len 4096 --prompt-tokens 4064 --tokens 16 \
-                --json "$results/bench_${gpu}_prefill_4096_${gib}gib.json"
+                --json "$results/bench_${gpu}_prefill_4096${tuned}_${gib}gib.json"
         done
-        stamp "$results"/bench_"${gpu}"_prefill_4096_*.json
+        stamp "$results"/bench_"${gpu}"_prefill_4096${tuned}_*.json
         attempt python3 -c "import json, sys; [print(p, d['gpu_peak_bytes'], 'reserved', d['gpu_reserved_peak_bytes'], 'of', \
 d['gpu_budget_bytes'], 'kept', d['prefill_reserve_bytes']) for p in sys.argv[1:] for d in [json.load(open(p))]]" \
-            "$results"/bench_"${gpu}"_prefill_4096_*.json
+            "$results"/bench_"${gpu}"_prefill_4096${tuned}_*.json
         ;;
     colab)  # a free Colab T4's budgets: exclusive swap, then inclusive at the same slots (RAM uncapped)
         attempt bench --gpu-memory 15GiB --cpu-memory 12GiB --route-trace "$trace" --prefetch oracle \
-            --json "$results/bench_${gpu}_colab_exclusive.json"
+            --json "$results/bench_${gpu}_colab${tuned}_exclusive.json"
         # the planner splits the same GPU budget alike in both modes (tests/test_planner.py); checked here,
         # with a warning only: the session's later steps must still run
         attempt bench --gpu-memory 15GiB --cache-mode inclusive --route-trace "$trace" \
-            --prefetch oracle --json "$results/bench_${gpu}_colab_inclusive.json"
-        stamp "$results"/bench_"${gpu}"_colab_*.json
+            --prefetch oracle --json "$results/bench_${gpu}_colab${tuned}_inclusive.json"
+        stamp "$results"/bench_"${gpu}"_colab${tuned}_*.json
         python3 -c "import json, sys; a, b = (json.load(open(p))['slots_per_layer'] for p in sys.argv[1:]); \
 sys.exit(None if a == b else f'WARNING: inclusive slots {b} differ from exclusive slots {a}')" \
-            "$results/bench_${gpu}_colab_exclusive.json" "$results/bench_${gpu}_colab_inclusive.json" || true
+            "$results/bench_${gpu}_colab${tuned}_exclusive.json" "$results/bench_${gpu}_colab${tuned}_inclusive.json" || true
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth bench bench-more bench-path embedding prefill colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth tune bench bench-more bench-path embedding prefill colab profile" >&2
         exit 2
         ;;
     esac

@@ -736,6 +736,38 @@ def bench(
         err.print(f"wrote {json_out}")
 
 
+@app.command()
+@loads_model("device", "dtype", "expert_bits", "attn_bits", "attn_quant", "verify")
+def tune(model: Model, load: dict | None = None) -> None:
+    """Time the fused GEMV kernel's variants and launch shapes on this GPU, for each shape of MODEL's quantized
+    matrices, and keep the fastest: from then on, every run on this GPU uses them (delete the file it names to go
+    back to the built-in launches). A few minutes; needs a CUDA GPU."""
+    from offload.bench import commit
+    from offload.tune import tune_model
+
+    about = {"commit": commit(), "command": " ".join(["moe-offload", *sys.argv[1:]])}
+    with _progress() as progress:
+        task = progress.add_task("tuning", total=None)
+
+        def moved(what: str, done: int, total: int) -> None:
+            progress.update(task, description=f"tuning {what}", completed=done, total=total)
+
+        tuned = tune_model(model, **load, progress=moved, about=about)
+    table = Table("shape", "matrices", "default us", "tuned us", "speedup", "launch")
+    for key, result in tuned.results.items():
+        launch = result["launch"]
+        shape = f"{launch['block_n']}x{launch['block_k']}, {launch['num_warps']} warps"
+        flags = [name for name in ("late_sum", "fast_codes", "mantissa_codes") if launch[name]]
+        names = result["matrices"]
+        table.add_row(key, ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else ""),
+                      f"{result['default_us']:.1f}", f"{result['us']:.1f}",
+                      f"{result['default_us'] / result['us']:.2f}x",
+                      f"{shape}, {launch['stages']} stages" + "".join(f", {flag}" for flag in flags))  # fmt: skip
+    out.print(f"fused dequantize+GEMV launches on {tuned.device}, one token of {tuned.dtype}")
+    out.print(table)
+    err.print(f"wrote {tuned.path}: decode on this GPU now runs these launches")
+
+
 def _prefetch_phrase(prefetch: dict) -> str:
     """`oracle, 31 layers ahead`, `gate, 1 layer ahead` or `none`."""
     reach = prefetch.get("depth") if prefetch["mode"] == "oracle" else prefetch.get("ahead")

@@ -23,10 +23,17 @@ Triton runs on CUDA; tests run the same kernel on the CPU under TRITON_INTERPRET
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-from quant.hqq import _ROWS_PER_ELEMENT, Quantized
+from quant.errors import MoEOffloadError
+from quant.files import cache_dir
+from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec
 
 try:
     import triton
@@ -65,6 +72,13 @@ PACKED_STAGES = 3
 # the largest output on tests/test_gemv.py's shapes (which allow 1e-4), where a bfloat16 output rounds at 4e-3.
 # Untimed yet: benchmarks/gemv_kernel.py --variants times it against the integer codes
 MANTISSA_CODES = True
+# gemv's launch keywords: a launch shape, then a variant of the kernel
+LAUNCH = ("block_n", "block_k", "num_warps", "late_sum", "fast_codes", "stages", "mantissa_codes")
+# Launches tuned on a GPU by `moe-offload tune` (quant/gemv_tune.py), one file a GPU, named by its device name:
+# gemv runs a matrix shape's where its keywords are left out. Those that ship with the package, then the user's own,
+# which win where both tune a shape (user_tuned_folder). Off: the built-in defaults above, which the benchmarks time
+TUNED_FOLDER = Path(__file__).with_name("gemv_tuned")
+USE_TUNED = True
 
 
 def supports(x: Tensor, q: Quantized) -> bool:
@@ -100,6 +114,101 @@ def default_variant(q: Quantized) -> tuple[bool, bool, int, bool]:
     return LATE_SUM, FAST_CODES, PACKED_STAGES if packed else 1, MANTISSA_CODES and reads_bytes(q)
 
 
+def user_tuned_folder() -> Path:
+    """Where `moe-offload tune` writes: the cache's gemv-tuned (by default ~/.cache/moe-offload/gemv-tuned)."""
+    return cache_dir() / "gemv-tuned"
+
+
+def device_name(device: torch.device) -> str:
+    """The name tuned launches are filed under: CUDA's name for the GPU ("NVIDIA H100 80GB HBM3"), or "cpu" (the
+    tests' interpreted kernel)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def tuned_file_name(device: str) -> str:
+    """A GPU's tuned launches' file name: "NVIDIA_H100_80GB_HBM3.json"."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", device).strip("_") + ".json"
+
+
+@functools.lru_cache(maxsize=256)
+def tuning_key(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str:
+    """What a tuned launch is filed under: "2-bit g16, 8-bit meta g128 14336x4096 bfloat16" (x's dtype)."""
+    return f"{spec.describe()} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}"
+
+
+def _check_launch(launch: object) -> str | None:
+    """What is wrong with a tuned file's launch, or None."""
+    if not isinstance(launch, dict):
+        return "a launch is not an object"
+    for key in LAUNCH:
+        value = launch.get(key)
+        if key in ("late_sum", "fast_codes", "mantissa_codes"):
+            if not isinstance(value, bool):
+                return f"{key} is {value!r}, not true or false"
+        elif type(value) is not int or value < 1 or (key != "stages" and value & (value - 1)):
+            return f"{key} is {value!r}, not a positive whole number" + ("" if key == "stages" else ", a power of two")
+    return None
+
+
+def read_tuned(path: Path, device: str) -> dict[str, dict]:
+    """A tuned file's launches by tuning_key, or a one-line error naming the file: unreadable, not what `tune`
+    writes, or tuned on another GPU than `device`."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MoEOffloadError(f"{path}: cannot read tuned GEMV launches ({error}); delete it, or run "
+                              "`moe-offload tune` again") from None  # fmt: skip
+    launches = record.get("launches") if isinstance(record, dict) else None
+    if isinstance(launches, dict):
+        problem = next(filter(None, map(_check_launch, launches.values())), None)
+    else:
+        problem = "no launches"
+    if problem is None and record.get("device") != device:
+        problem = f"tuned on {record.get('device')!r}, not on this {device!r}"
+    if problem is not None:
+        raise MoEOffloadError(f"{path} is not a tuned GEMV file for this GPU: {problem}; delete it, or run "
+                              "`moe-offload tune` again")  # fmt: skip
+    return {key: {name: launch[name] for name in LAUNCH} for key, launch in launches.items()}
+
+
+_tuned: dict[torch.device, dict[str, dict]] = {}  # by device: read once, and again after forget_tuned()
+
+
+def tuned_launches(device: torch.device) -> dict[str, dict]:
+    """The launches tuned for `device`'s GPU, by tuning_key: the package's file for it, then the user's, which wins
+    a shape both have. Empty where neither tuned it."""
+    if device not in _tuned:
+        name, launches = device_name(device), {}
+        for folder in (TUNED_FOLDER, user_tuned_folder()):
+            path = folder / tuned_file_name(name)
+            if path.is_file():
+                launches.update(read_tuned(path, name))
+        _tuned[device] = launches
+    return _tuned[device]
+
+
+def forget_tuned() -> None:
+    """Read the tuned files again at the next call: `tune` has written one."""
+    _tuned.clear()
+
+
+def launch(x: Tensor, q: Quantized, **given) -> dict:
+    """gemv's LAUNCH keywords for x @ q.T: those `given` (and not None), else the launch tuned for q's shape and x's
+    dtype on x's GPU (tuned_launches, while USE_TUNED), else the defaults: PACKED_LAUNCH[bits] (the packed-row
+    kernel's) or BLOCK_N and BLOCK_K on 4 warps, and default_variant(q)."""
+    unknown = set(given) - set(LAUNCH)
+    assert not unknown, unknown
+    shape = PACKED_LAUNCH[q.spec.bits] if _rows_together(q) > 1 else (BLOCK_N, BLOCK_K, 4)
+    chosen = dict(zip(LAUNCH, (*shape, *default_variant(q)), strict=True))
+    if USE_TUNED and any(given.get(key) is None for key in LAUNCH):
+        tuned = tuned_launches(x.device)
+        if tuned:
+            chosen.update(tuned.get(tuning_key(q.spec, tuple(q.shape), x.dtype), ()))
+    chosen.update((key, value) for key, value in given.items() if value is not None)
+    chosen["mantissa_codes"] = chosen["mantissa_codes"] and reads_bytes(q)
+    return chosen
+
+
 def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, late_sum: bool | None = None, fast_codes: bool | None = None,
@@ -107,23 +216,18 @@ def gemv(
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
 
-    block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them. block_n
-    counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs; left
-    out, they are PACKED_LAUNCH[bits] or BLOCK_N and BLOCK_K. late_sum, fast_codes and mantissa_codes pick the
-    kernel's variant (fast_codes changes no bit of the result, late_sum the order of its sum, mantissa_codes its
-    rounding, as MANTISSA_CODES says, and only where reads_bytes(q)); left out, LATE_SUM, FAST_CODES and
-    MANTISSA_CODES. stages is how many K steps' tiles are in flight (no bit of the result changes); left
-    out, PACKED_STAGES for the packed-row kernel, else 1.
+    The keywords are the launch (`launch` resolves those left out: tuned for this GPU by `moe-offload tune`, else
+    the defaults). block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them.
+    block_n counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs.
+    late_sum, fast_codes and mantissa_codes pick the kernel's variant (fast_codes changes no bit of the result,
+    late_sum the order of its sum, mantissa_codes its rounding, as MANTISSA_CODES says, and only where
+    reads_bytes(q)). stages is how many K steps' tiles are in flight (no bit of the result changes).
     """
     # M = tokens (rows of x), N = outputs, K = inputs
     per = _rows_together(q)
-    default_n, default_k, default_warps = PACKED_LAUNCH[q.spec.bits] if per > 1 else (BLOCK_N, BLOCK_K, 4)
-    block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
-    default = default_variant(q)
-    late_sum = default[0] if late_sum is None else late_sum
-    fast_codes = default[1] if fast_codes is None else fast_codes
-    stages = stages or default[2]
-    mantissa_codes = default[3] if mantissa_codes is None else (mantissa_codes and reads_bytes(q))
+    chosen = launch(x, q, block_n=block_n, block_k=block_k, num_warps=num_warps, late_sum=late_sum,
+                    fast_codes=fast_codes, stages=stages, mantissa_codes=mantissa_codes)  # fmt: skip
+    block_n, block_k, num_warps, late_sum, fast_codes, stages, mantissa_codes = (chosen[key] for key in LAUNCH)
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
@@ -140,7 +244,7 @@ def gemv(
         meta = (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero)  # the kernel reads only the first of each
         meta_group = 1
     args = (x, q.codes, *meta, out, outputs, inputs, q.codes.shape[0])
-    launch = dict(
+    constants = dict(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
         BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps,
@@ -148,9 +252,9 @@ def gemv(
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows)
-        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), MANTISSA_CODES=mantissa_codes, **launch)
+        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), MANTISSA_CODES=mantissa_codes, **constants)
     else:
-        _gemv_kernel[(triton.cdiv(outputs, block_n), rows)](*args, **launch)
+        _gemv_kernel[(triton.cdiv(outputs, block_n), rows)](*args, **constants)
     return out
 
 

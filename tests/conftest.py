@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ os.environ["MOE_OFFLOAD_INT8_TOKENS"] = "0"
 from tests.tiny import make_tiny_mixtral
 
 TRAINED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "tiny-mixtral-code"
+
+
+@pytest.fixture(autouse=True)
+def tuned_folders(tmp_path_factory, monkeypatch) -> Iterator[tuple[Path, Path]]:
+    """Launches tuned for a GPU (quant/gemv.py) are read from the package's folder and the user's cache: in tests,
+    from two empty folders of their own, read afresh in each test. Returns (the package's, the user's)."""
+    from quant import gemv
+
+    shipped, user = tmp_path_factory.mktemp("gemv-tuned-shipped"), tmp_path_factory.mktemp("gemv-tuned-user")
+    monkeypatch.setattr(gemv, "TUNED_FOLDER", shipped)
+    monkeypatch.setattr(gemv, "user_tuned_folder", lambda: user)
+    gemv.forget_tuned()
+    yield shipped, user
+    gemv.forget_tuned()
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,9 @@ def values(tmp_path):
     (tmp_path / "model").mkdir()
     trace = tmp_path / "trace.jsonl"
     trace.write_text("")
-    return {"model": str(tmp_path / "model"), "trace": str(trace), "results": str(tmp_path), "gpu": "h100"}
+    # tuned: "" or "_tuned" (launches installed); the longer name, in case a quoting mistake shows only there
+    return {"model": str(tmp_path / "model"), "trace": str(trace), "results": str(tmp_path), "gpu": "h100",
+            "tuned": "_tuned"}  # fmt: skip
 
 
 def parse_cli(argv: list[str]) -> None:
@@ -120,7 +122,7 @@ def step_outputs(step: str) -> set[str]:
     names = set()
     for loop in loop_values(body):
         text = body
-        for name, value in {**loop, "gpu": "h100"}.items():
+        for name, value in {**loop, "gpu": "h100", "tuned": "_tuned"}.items():
             text = text.replace("${" + name + "}", value).replace("$" + name, value)
         names |= set(re.findall(r'"\$results/([^"]+)"', text))
     return names

@@ -1,0 +1,234 @@
+"""Launches tuned for a GPU (quant/gemv.py's tuned files, quant/gemv_tune.py, `moe-offload tune`).
+
+Without a GPU the kernel runs interpreted on CPU tensors (tests/conftest.py), whose tuned launches are filed under
+the device name "cpu"; a stand-in timer replaces CUDA's. tests/conftest.py gives each test empty tuned folders.
+"""
+
+import json
+
+import pytest
+import torch
+
+from cli.app import main
+from offload.synth import synthesize
+from offload.tune import NO_GPU, tune_model
+from quant import gemv, gemv_tune
+from quant.errors import MoEOffloadError
+from quant.hqq import EXPERT_PRESETS, dequantize, random_quantized
+
+# interpreted on the CPU: with CUDA, the compiled kernel's device name would file the launches
+pytestmark = pytest.mark.skipif(gemv.triton is None or torch.cuda.is_available(), reason="no Triton, or CUDA")
+CPU = torch.device("cpu")
+SPEC = EXPERT_PRESETS["2"]  # 2-bit g16, 8-bit meta: the packed-row kernel
+SHAPE = (64, 256)
+TUNED = dict(block_n=4, block_k=1024, num_warps=2, late_sum=False, fast_codes=True, stages=1, mantissa_codes=False)
+
+
+def write_tuned(folder, launches: dict, device: str = "cpu") -> None:
+    (folder / gemv.tuned_file_name(device)).write_text(json.dumps({"device": device, "launches": launches}))
+
+
+class Spy:
+    """Stands in for a Triton kernel: records each launch's keywords, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **keywords):
+            self.launches.append(keywords)
+            return self.kernel[grid](*args, **keywords)
+
+        return run
+
+
+def test_gemv_launches_the_tuned_launch_for_its_shape_and_dtype(tuned_folders, monkeypatch):
+    """A tuned file for this device: gemv launches its launch for that shape and x's dtype, keywords given still
+    win, other shapes and dtypes keep the defaults, and USE_TUNED off (the benchmarks') ignores the file."""
+    _, user = tuned_folders
+    write_tuned(user, {gemv.tuning_key(SPEC, SHAPE, torch.float32): {**TUNED, "us": 1.0}})
+    spy = Spy(gemv._gemv_packed_kernel)
+    monkeypatch.setattr(gemv, "_gemv_packed_kernel", spy)
+    q = random_quantized(SHAPE, SPEC, torch.Generator().manual_seed(0))
+    x = torch.randn(1, SHAPE[1], generator=torch.Generator().manual_seed(1))
+    expected = x.double() @ dequantize(q, torch.float32).double().T
+    got = gemv.gemv(x, q)
+    assert (got.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+    launched = spy.launches[-1]
+    assert (launched["BLOCK_N"], launched["BLOCK_K"], launched["num_warps"]) == (4, 1024, 2)
+    assert (launched["LATE_SUM"], launched["FAST_CODES"], launched["STAGES"], launched["MANTISSA_CODES"]) == (
+        False, True, 1, False)  # fmt: skip
+    assert gemv.launch(x, q) == TUNED
+    assert gemv.launch(x, q, block_k=512, stages=3) == {**TUNED, "block_k": 512, "stages": 3}
+    defaults = dict(zip(gemv.LAUNCH, (*gemv.PACKED_LAUNCH[2], *gemv.default_variant(q)), strict=True))
+    assert gemv.launch(x.double(), q) == defaults  # another dtype
+    other = random_quantized((128, 256), SPEC)
+    assert gemv.launch(x, other) == defaults  # another shape
+    monkeypatch.setattr(gemv, "USE_TUNED", False)
+    assert gemv.launch(x, q) == defaults
+
+
+def test_the_users_tuned_launch_wins_over_the_packages(tuned_folders):
+    shipped, user = tuned_folders
+    key, other = gemv.tuning_key(SPEC, SHAPE, torch.float32), gemv.tuning_key(SPEC, (128, 256), torch.float32)
+    write_tuned(shipped, {key: {**TUNED, "block_n": 1}, other: {**TUNED, "block_n": 8}})
+    write_tuned(user, {key: TUNED})
+    assert gemv.tuned_launches(CPU) == {key: TUNED, other: {**TUNED, "block_n": 8}}
+    assert gemv.tuning_key(SPEC, SHAPE, torch.bfloat16) == "2-bit g16, 8-bit meta g128 64x256 bfloat16"
+    assert gemv.tuned_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{", None),
+        ('{"device": "cpu"}', "no launches"),
+        ('{"device": "Tesla T4", "launches": {}}', "tuned on 'Tesla T4', not on this 'cpu'"),
+        (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "block_k": 1000}}}),
+         "block_k is 1000, not a positive whole number, a power of two"),
+        (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "late_sum": 1}}}),
+         "late_sum is 1, not true or false"),
+        (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "stages": None}}}),
+         "stages is None, not a positive whole number"),
+    ],
+)  # fmt: skip
+def test_a_tuned_file_gemv_cannot_use_is_a_one_line_error(tuned_folders, content, why):
+    _, user = tuned_folders
+    path = user / "cpu.json"
+    path.write_text(content)
+    with pytest.raises(MoEOffloadError) as raised:
+        gemv.tuned_launches(CPU)
+    if why is None:
+        assert str(raised.value).startswith(f"{path}: cannot read tuned GEMV launches (")
+        assert str(raised.value).endswith("); delete it, or run `moe-offload tune` again")
+    else:
+        assert str(raised.value) == (f"{path} is not a tuned GEMV file for this GPU: {why}; delete it, or run "
+                                     "`moe-offload tune` again")  # fmt: skip
+
+
+def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
+    """tune_shape on the interpreter with a stand-in timer: the fastest variant, then the fastest launch shape one
+    dimension at a time, passes until nothing is faster. block_n 4 at block_k 512 cannot launch, so block_n 4 wins
+    only in the second pass, once block_k is 2048; 4 warps at 2048 give a wrong result, and are never chosen,
+    however fast. Each launch is tried once."""
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((2, 4), (512, 2048), (2, 4))})
+    original = gemv.gemv
+
+    def flawed(x, q, out=None, **launch):  # 4 warps at 2048: wrong; block_n 4 at 512: no launch
+        if launch["block_k"] == 512 and launch["block_n"] == 4:
+            raise gemv.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+        y = original(x, q, out, **launch)
+        return y + 1 if launch["block_k"] == 2048 and launch["num_warps"] == 4 else y
+
+    def timer(calls):  # each variant's own time; then block_n 4 and block_k 2048 the fastest launch shape
+        launch = calls[0].keywords
+        variant = 5 * (not launch["late_sum"]) + 1 * launch["mantissa_codes"] + 0.5 * (launch["stages"] == 3)
+        return (
+            100
+            - variant
+            - 0.25 * launch["fast_codes"]
+            - 10 * (launch["block_k"] == 2048)
+            - 50 * (launch["block_n"] == 4)
+        )
+
+    monkeypatch.setattr(gemv, "gemv", flawed)
+    q = random_quantized(SHAPE, SPEC, torch.Generator().manual_seed(0))
+    x = torch.randn(1, SHAPE[1], generator=torch.Generator().manual_seed(1))
+    seen = []
+    result = gemv_tune.tune_shape([q], x, timer, seen.append)
+    default = gemv.launch(x, q)
+    assert (default["block_n"], default["block_k"], default["late_sum"], default["mantissa_codes"]) == (
+        2,
+        512,
+        True,
+        True,
+    )
+    assert result["default_us"] == 100 - 1 - 0.5 * (default["stages"] == 3) - 0.25 * default["fast_codes"]
+    assert result["launch"] == {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 2}
+    assert result["us"] == result["default_us"] - 5 - 10 - 50
+    timings = {tuple(t[key] for key in gemv.LAUNCH): t["us"] for t in result["timings"]}
+    assert len(timings) == len(result["timings"])  # each once
+    wrong = {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 4}
+    unlaunched = {**default, "late_sum": False, "block_n": 4, "block_k": 512, "num_warps": 2}
+    assert timings[tuple(wrong.values())] is None and timings[tuple(unlaunched.values())] is None
+    late_sum = {v["late_sum"]: timings[tuple({**default, **v}.values())] for v in gemv_tune.variants(q)
+                if {**default, **v, "late_sum": True} == default}  # fmt: skip
+    assert late_sum == {True: result["default_us"], False: result["default_us"] - 5}
+    assert seen == list(range(1, len(timings) + 1))
+    shapes = {(t["block_n"], t["block_k"], t["num_warps"]) for t in result["timings"]}
+    assert shapes == {(2, 512, 2), (4, 512, 2), (2, 2048, 2), (2, 2048, 4), (4, 2048, 2), (4, 2048, 4)}
+
+
+def test_tuning_keeps_the_default_where_nothing_beats_it(monkeypatch):
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((2,), (512,), (2, 4))})
+    monkeypatch.setattr(gemv_tune, "VARIANTS", gemv_tune.VARIANTS[:2])
+    q = random_quantized(SHAPE, SPEC, torch.Generator().manual_seed(0))
+    x = torch.randn(1, SHAPE[1])
+    result = gemv_tune.tune_shape([q], x, lambda calls: 7.0)
+    assert result["launch"] == gemv.launch(x, q) and result["us"] == result["default_us"] == 7.0
+
+
+def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, tuned_folders, monkeypatch):
+    """`tune` on a tiny synthetic model: each distinct shape of its experts (2-bit) and attention (4-bit) tuned
+    once, saved in the user's folder with what the run recorded, and launched by gemv from then on; a second tune
+    keeps the first's other shapes."""
+    _, user = tuned_folders
+    model = synthesize(tmp_path / "tiny", "tiny")
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((1, 2), (512,), (2,)), False: ((16,), (256,), (4,))})
+    monkeypatch.setattr(gemv_tune, "VARIANTS", [(True, True, 1, True), (False, True, 1, False)])
+
+    def timer(calls):  # block_n 1 and late sum off: the fastest
+        return 10.0 - 2 * (calls[0].keywords["block_n"] == 1) - (not calls[0].keywords["late_sum"])
+
+    seen = []
+    tuned = tune_model(str(model), device="cpu", dtype="float32", timer=timer, about={"command": "test"},
+                       progress=lambda *args: seen.append(args))  # fmt: skip
+    keys = {f"2-bit g16, 8-bit meta g128 {n}x{k} float32" for n, k in ((256, 128), (128, 256))}
+    keys |= {f"4-bit g64 {n}x{k} float32" for n, k in ((64, 128), (128, 128))}
+    assert set(tuned.results) == keys and tuned.device == "cpu" and tuned.dtype == "float32"
+    first = next(iter(tuned.results))
+    assert seen[0] == (f"{first}: 1 launch", 0, 4) and seen[-1] == (list(tuned.results)[-1], 4, 4)
+    assert tuned.results["2-bit g16, 8-bit meta g128 256x128 float32"]["matrices"] == ["experts.w1", "experts.w3"]
+    assert tuned.results["4-bit g64 64x128 float32"]["matrices"] == [f"layers.{i}.{p}" for i in range(4)
+                                                                     for p in ("k_proj", "v_proj")]  # fmt: skip
+    assert tuned.path == user / "cpu.json"
+    record = json.loads(tuned.path.read_text())
+    assert record["device"] == "cpu" and record["command"] == "test" and set(record["timings"]) == keys
+    w2 = random_quantized((128, 256), SPEC)
+    assert gemv.launch(torch.zeros(1, 256), w2) == dict(block_n=1, block_k=512, num_warps=2, late_sum=False,
+                                                        fast_codes=True, stages=1, mantissa_codes=False)  # fmt: skip
+    w1 = "2-bit g16, 8-bit meta g128 256x128 float32"
+    gemv_tune.save({w1: tuned.results[w1]}, CPU, {})
+    assert set(json.loads(tuned.path.read_text())["launches"]) == keys
+
+
+def test_tune_replaces_a_tuned_file_it_cannot_read(tuned_folders):
+    _, user = tuned_folders
+    (user / "cpu.json").write_text("{")
+    result = {"launch": TUNED, "us": 1.0, "default_us": 2.0, "matrices": ["w"], "timings": []}
+    with pytest.warns(UserWarning, match="^replacing it: .*cpu.json: cannot read tuned GEMV launches"):
+        gemv_tune.save({"k": result}, CPU, {})
+    assert gemv.tuned_launches(CPU) == {"k": TUNED}
+
+
+def test_tune_without_a_gpu_says_so(tmp_path, capsys):
+    model = synthesize(tmp_path / "tiny", "tiny")
+    for device in ("auto", "cpu"):
+        assert main(["tune", str(model), "--device", device]) == 2
+        assert capsys.readouterr().err == f"error: {NO_GPU}\n"
+
+
+def test_info_says_tuned_where_every_expert_shape_is(tmp_path, tuned_folders, monkeypatch):
+    """`info` and `bench` name the Triton kernel ", tuned" once w1's and w2's shapes both have a tuned launch."""
+    import offload.api
+    from quant.linear import TRITON
+
+    _, user = tuned_folders
+    model = synthesize(tmp_path / "tiny", "tiny")
+    monkeypatch.setattr(offload.api, "decode_kernel", lambda fused, device: TRITON)  # as on CUDA
+    prepared = offload.api.prepare(str(model), device="cpu", dtype="float32")
+    w1, w2 = (gemv.tuning_key(SPEC, shape, torch.float32) for shape in ((256, 128), (128, 256)))
+    for launches, name in (({w1: TUNED}, TRITON.name), ({w1: TUNED, w2: TUNED}, f"{TRITON.name}, tuned")):
+        write_tuned(user, launches)
+        gemv.forget_tuned()
+        assert offload.api.describe(prepared)["decode kernel"] == name
