@@ -527,3 +527,17 @@ def test_another_revisions_source_builds_beside_this_ones(tmp_path):
     theirs = cpu_gemv.build(compiler, tmp_path, tmp_path / cpu_gemv.SOURCE.name)
     assert theirs != ours and theirs.parent == tmp_path
     assert cpu_gemv.load(theirs).moe_offload_vnni() == cpu_gemv.library().moe_offload_vnni()
+
+
+def test_an_installed_package_carries_the_kernels_sources():
+    """A wheel holds quant/'s non-Python files only where pyproject.toml's package-data names them: the C source
+    and every header it includes (without cpu_gemv_int8.h a wheel's first CPU load failed), and tuned launches."""
+    import ast
+    import fnmatch
+    import re
+
+    pyproject = (cpu_gemv.SOURCE.parents[1] / "pyproject.toml").read_text()  # tomllib is Python 3.11's
+    section = pyproject[pyproject.index("[tool.setuptools.package-data]") :]
+    patterns = ast.literal_eval(re.search(r"^quant = (\[.*?\])", section, flags=re.M)[1])
+    for name in (cpu_gemv.SOURCE.name, *cpu_gemv.HEADER_NAMES, "gemv_tuned/NVIDIA_H100_80GB_HBM3.json"):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
