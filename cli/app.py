@@ -742,17 +742,16 @@ def tune(model: Model, load: dict | None = None) -> None:
     """Time the fused GEMV kernel's variants and launch shapes on this GPU, for each shape of MODEL's quantized
     matrices, and keep the fastest: from then on, every run on this GPU uses them (delete the file it names to go
     back to the built-in launches). A few minutes; needs a CUDA GPU."""
-    from offload.bench import commit
+    from offload.bench import provenance
     from offload.tune import tune_model
 
-    about = {"commit": commit(), "command": " ".join(["moe-offload", *sys.argv[1:]])}
     with _progress() as progress:
         task = progress.add_task("tuning", total=None)
 
         def moved(what: str, done: int, total: int) -> None:
             progress.update(task, description=f"tuning {what}", completed=done, total=total)
 
-        tuned = tune_model(model, **load, progress=moved, about=about)
+        tuned = tune_model(model, **load, progress=moved, about=provenance())
     table = Table("shape", "matrices", "default us", "tuned us", "speedup", "launch")
     for key, result in tuned.results.items():
         launch = result["launch"]

@@ -72,9 +72,14 @@ def commit() -> str | None:
     return done.stdout.strip() or None
 
 
+def provenance(program: str = "moe-offload") -> dict:
+    """commit and command: what made a result (`tune`'s file records them too)."""
+    return {"commit": commit(), "command": " ".join([program, *sys.argv[1:]])}
+
+
 def environment(device: torch.device, program: str = "moe-offload") -> dict:
     """device, commit and command: what every benchmark result records."""
-    return {"device": device_name(device), "commit": commit(), "command": " ".join([program, *sys.argv[1:]])}
+    return {"device": device_name(device), **provenance(program)}
 
 
 def write_json(path: Path | str, record: dict, option: str) -> None:

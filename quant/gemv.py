@@ -74,6 +74,7 @@ PACKED_STAGES = 3
 MANTISSA_CODES = True
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "late_sum", "fast_codes", "stages", "mantissa_codes")
+_LAUNCH_KEYS = frozenset(LAUNCH)
 # Launches tuned on a GPU by `moe-offload tune` (quant/gemv_tune.py), one file a GPU, named by its device name:
 # gemv runs a matrix shape's where its keywords are left out. Those that ship with the package, then the user's own,
 # which win where both tune a shape (user_tuned_folder). Off: the built-in defaults above, which the benchmarks time
@@ -150,9 +151,9 @@ def _check_launch(launch: object) -> str | None:
     return None
 
 
-def read_tuned(path: Path, device: str) -> dict[str, dict]:
-    """A tuned file's launches by tuning_key, or a one-line error naming the file: unreadable, not what `tune`
-    writes, or tuned on another GPU than `device`."""
+def read_tuned_record(path: Path, device: str) -> dict:
+    """A tuned file as `tune` wrote it (its launches with their timings, and what made them), checked: or a one-line
+    error naming the file, unreadable, not what `tune` writes, or tuned on another GPU than `device`."""
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -168,6 +169,12 @@ def read_tuned(path: Path, device: str) -> dict[str, dict]:
     if problem is not None:
         raise MoEOffloadError(f"{path} is not a tuned GEMV file for this GPU: {problem}; delete it, or run "
                               "`moe-offload tune` again")  # fmt: skip
+    return record
+
+
+def read_tuned(path: Path, device: str) -> dict[str, dict]:
+    """A tuned file's launches by tuning_key: gemv's keywords alone (read_tuned_record's errors)."""
+    launches = read_tuned_record(path, device)["launches"]
     return {key: {name: launch[name] for name in LAUNCH} for key, launch in launches.items()}
 
 
@@ -192,18 +199,16 @@ def forget_tuned() -> None:
     _tuned.clear()
 
 
-def launch(x: Tensor, q: Quantized, **given) -> dict:
+def launch(x: Tensor, q: Quantized, *, tuned: bool = True, **given) -> dict:
     """gemv's LAUNCH keywords for x @ q.T: those `given` (and not None), else the launch tuned for q's shape and x's
-    dtype on x's GPU (tuned_launches, while USE_TUNED), else the defaults: PACKED_LAUNCH[bits] (the packed-row
-    kernel's) or BLOCK_N and BLOCK_K on 4 warps, and default_variant(q)."""
-    unknown = set(given) - set(LAUNCH)
-    assert not unknown, unknown
+    dtype on x's GPU (tuned_launches, while `tuned` and USE_TUNED), else the defaults: PACKED_LAUNCH[bits] (the
+    packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, and default_variant(q)."""
+    assert given.keys() <= _LAUNCH_KEYS, given.keys() - _LAUNCH_KEYS
     shape = PACKED_LAUNCH[q.spec.bits] if _rows_together(q) > 1 else (BLOCK_N, BLOCK_K, 4)
     chosen = dict(zip(LAUNCH, (*shape, *default_variant(q)), strict=True))
-    if USE_TUNED and any(given.get(key) is None for key in LAUNCH):
-        tuned = tuned_launches(x.device)
-        if tuned:
-            chosen.update(tuned.get(tuning_key(q.spec, tuple(q.shape), x.dtype), ()))
+    if tuned and USE_TUNED and any(given.get(key) is None for key in LAUNCH):
+        if launches := tuned_launches(x.device):
+            chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype), ()))
     chosen.update((key, value) for key, value in given.items() if value is not None)
     chosen["mantissa_codes"] = chosen["mantissa_codes"] and reads_bytes(q)
     return chosen

@@ -101,7 +101,7 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
     {"launch": gemv's keywords, "us", "default_us", "timings": every launch tried, once, with its us (None: it could
     not launch, or its result was wrong)}. `tried(n)` hears the count of launches tried after each."""
     q, out = matrices[0], torch.empty(x.shape[0], matrices[0].shape[0], dtype=x.dtype, device=x.device)
-    default = _built_in(x, q)
+    default = gemv.launch(x, q, tuned=False)  # the built-in launch, whatever is tuned
     expected = gemv.gemv(x, q, **default).float()
     scale = expected.abs().max().item() or 1.0
     timings: list[dict] = []
@@ -133,15 +133,6 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
     best_us, best = fastest([best, *({**best, **shape} for shape in launch_shapes(q))])
     best_us, best = fastest([best, *({**best, **variant} for variant in variants(q))])  # at the shape found
     return {"launch": best, "us": round(best_us, 2), "default_us": round(default_us, 2), "timings": timings}
-
-
-def _built_in(x: torch.Tensor, q: Quantized) -> dict:
-    """gemv's built-in default launch for q, whatever is tuned."""
-    use, gemv.USE_TUNED = gemv.USE_TUNED, False
-    try:
-        return gemv.launch(x, q)
-    finally:
-        gemv.USE_TUNED = use
 
 
 def tune(
@@ -187,8 +178,7 @@ def save(results: dict[str, dict], device: torch.device, about: dict) -> Path:
     launches, timings = {}, {}
     if path.is_file():
         try:
-            gemv.read_tuned(path, name)
-            earlier = json.loads(path.read_text())
+            earlier = gemv.read_tuned_record(path, name)
             launches, timings = earlier["launches"], earlier.get("timings", {})
         except MoEOffloadError as error:
             warnings.warn(f"replacing it: {error}", stacklevel=2)
