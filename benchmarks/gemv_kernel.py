@@ -8,9 +8,10 @@ per second, and one whole expert MLP (w1, w3, w2) both ways. Times are device ti
 graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the
 host), over copies of the weights that together overflow L2, so every call reads its codes from memory
 as a decode step does. --variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of
-the kernel (mantissa_codes only where it applies: 2 and 4 bits), and the default variant at a few other 2-bit
-launches (LAUNCHES); --sweep times every launch shape (block_n x block_k x warps, per variant with --variants),
-reporting the best per matrix, to choose quant/gemv.py's defaults.
+the kernel (mantissa_codes only where it applies: 2 and 4 bits), the default launch with K split over 2, 4 and 8
+programs (SPLITS), and the default variant at a few other 2-bit launches (LAUNCHES); --sweep times every launch
+shape (block_n x block_k x warps, per variant with --variants), reporting the best per matrix, to choose
+quant/gemv.py's defaults.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
 # best, (1, 2048, 2), apart from w1's, which is the 2-bit default; these few time w2's and two between, where a
 # whole sweep (--sweep) takes longer than a GPU call has
 LAUNCHES = {2: [(1, 2048, 2), (1, 1024, 2), (2, 1024, 2)]}
+SPLITS = (2, 4, 8)  # with --variants, the default launch with K split over these many programs (gemv.SPLIT_K)
 
 
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
@@ -98,7 +100,8 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
             reference = xin.float() @ dequantize(q, torch.float32).T
             error = (gemv.gemv(xin, q, out).float() - reference).abs().max().item() / reference.abs().max().item()
             matrices = [weights[name] for weights in experts]
-            fused_calls = functools.partial(on_copies, gemv.gemv, xin, matrices, out)  # (**gemv's keywords)
+            # (**gemv's keywords); the workspace holds split-K's partial sums, as in decode
+            fused_calls = functools.partial(on_copies, gemv.gemv, xin, matrices, out, Workspace())
             unfused = timed_us(on_copies(linear, xin, matrices, workspace, out))
             fused_us, fused_eager = timed_us(fused_calls()), eager_us(fused_calls())
             together = gemv._rows_together(q)
@@ -127,6 +130,9 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                     if sweep:
                         variant["best"] = best_launch(functools.partial(fused_calls, **keywords), together > 1)
                     row["variants"].append(variant)
+            if args.variants:
+                row["splits"] = [{"split_k": split_k, "us": round(timed_us(fused_calls(split_k=split_k)), 1)}
+                                 for split_k in SPLITS]  # fmt: skip
             if args.variants and together > 1 and int(bits) in LAUNCHES:
                 row["launches"] = []
                 for n, k, w in LAUNCHES[int(bits)]:
@@ -148,6 +154,8 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                       f"stages={variant['stages']} mantissa_codes={variant['mantissa_codes']!s:5}: "
                       f"{variant['us']:7.1f} us ({variant['gb_per_s']} GB/s)"
                       + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
+            for split in row.get("splits", ()):
+                print(f"    split_k={split['split_k']}: {split['us']} us")
             for launch in row.get("launches", ()):
                 shape = ", ".join(f"{key}={launch[key]}" for key in ("block_n", "block_k", "num_warps"))
                 print(f"    launch {shape}: {launch['us']} us")

@@ -55,7 +55,7 @@ GPUS = {
 def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     """Triton's compiled kernel: _gemv_kernel, or with `packed` _gemv_packed_kernel, at gemv's default launch for
     it, in gemv's default variant or `variant`'s (late_sum, fast_codes, stages, mantissa_codes: the last only for
-    byte codes, as gemv.reads_bytes). Pointers and sizes are declared
+    byte codes, as gemv.reads_bytes; and split_k). Pointers and sizes are declared
     16-byte aligned, as Triton specializes them at launch for Mixtral's shapes."""
     from triton.backends.compiler import GPUTarget  # here: CPU builds of torch may come without Triton
     from triton.compiler import ASTSource
@@ -66,10 +66,11 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     block_n, block_k, warps = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K, 4)
     pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
                 "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
-                "out_ptr": act}  # fmt: skip
+                "out_ptr": act, "partial_ptr": "fp32"}  # fmt: skip
     constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
                  "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                 "GB": block_k // group, "LATE_SUM": variant.get("late_sum", gemv.LATE_SUM),
+                 "GB": block_k // group, "SPLIT_K": variant.get("split_k", gemv.SPLIT_K),
+                 "LATE_SUM": variant.get("late_sum", gemv.LATE_SUM),
                  "FAST_CODES": variant.get("fast_codes", gemv.FAST_CODES),
                  "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1)}  # fmt: skip
     if packed:

@@ -739,9 +739,9 @@ def bench(
 @app.command()
 @loads_model("device", "dtype", "expert_bits", "attn_bits", "attn_quant", "verify")
 def tune(model: Model, load: dict | None = None) -> None:
-    """Time the fused GEMV kernel's variants and launch shapes on this GPU, for each shape of MODEL's quantized
-    matrices, and keep the fastest: from then on, every run on this GPU uses them (delete the file it names to go
-    back to the built-in launches). A few minutes; needs a CUDA GPU."""
+    """Time the fused GEMV kernel's variants, launch shapes and splits of K on this GPU, for each shape of MODEL's
+    quantized matrices, and keep the fastest: from then on, every run on this GPU uses them (delete the file it
+    names to go back to the built-in launches). A few minutes; needs a CUDA GPU."""
     from offload.bench import provenance
     from offload.tune import tune_model
 
@@ -756,6 +756,8 @@ def tune(model: Model, load: dict | None = None) -> None:
     for key, result in tuned.results.items():
         launch = result["launch"]
         shape = f"{launch['block_n']}x{launch['block_k']}, {launch['num_warps']} warps"
+        if launch["split_k"] > 1:
+            shape += f", K split {launch['split_k']} ways"
         flags = [name for name in ("late_sum", "fast_codes", "mantissa_codes") if launch[name]]
         names = result["matrices"]
         table.add_row(key, ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else ""),

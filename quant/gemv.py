@@ -33,7 +33,7 @@ from torch import Tensor
 
 from quant.errors import MoEOffloadError
 from quant.files import cache_dir
-from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec
+from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace
 
 try:
     import triton
@@ -72,8 +72,15 @@ PACKED_STAGES = 3
 # the largest output on tests/test_gemv.py's shapes (which allow 1e-4), where a bfloat16 output rounds at 4e-3.
 # Untimed yet: benchmarks/gemv_kernel.py --variants times it against the integer codes
 MANTISSA_CODES = True
+# Programs that share each output's K loop (split-K): each sums its own span of K into a float32 partial, and a
+# second kernel (_sum_splits_kernel) adds the partials into the output. For shapes with few outputs a program and
+# long K loops, such as Mixtral's w2 (4096 x 14336: 512 programs of 28 steps at 2 bits, 0.22 of an H100's wave by
+# benchmarks/gemv_sass.py), where each step waits on memory and too few programs are in flight to cover it. 1: no
+# split. Untimed yet: `moe-offload tune` times 2, 4 and 8 on each shape
+SPLIT_K = 1
+SUM_BLOCK = 1024  # _sum_splits_kernel's outputs a program
 # gemv's launch keywords: a launch shape, then a variant of the kernel
-LAUNCH = ("block_n", "block_k", "num_warps", "late_sum", "fast_codes", "stages", "mantissa_codes")
+LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes")
 _LAUNCH_KEYS = frozenset(LAUNCH)
 # Launches tuned on a GPU by `moe-offload tune` (quant/gemv_tune.py), one file a GPU, named by its device name:
 # gemv runs a matrix shape's where its keywords are left out. Those that ship with the package, then the user's own,
@@ -205,7 +212,7 @@ def launch(x: Tensor, q: Quantized, *, tuned: bool = True, **given) -> dict:
     packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, and default_variant(q)."""
     assert given.keys() <= _LAUNCH_KEYS, given.keys() - _LAUNCH_KEYS
     shape = PACKED_LAUNCH[q.spec.bits] if _rows_together(q) > 1 else (BLOCK_N, BLOCK_K, 4)
-    chosen = dict(zip(LAUNCH, (*shape, *default_variant(q)), strict=True))
+    chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q)), strict=True))
     if tuned and USE_TUNED and any(given.get(key) is None for key in LAUNCH):
         if launches := tuned_launches(x.device):
             chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype), ()))
@@ -215,24 +222,28 @@ def launch(x: Tensor, q: Quantized, *, tuned: bool = True, **given) -> dict:
 
 
 def gemv(
-    x: Tensor, q: Quantized, out: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
-    num_warps: int | None = None, late_sum: bool | None = None, fast_codes: bool | None = None,
-    stages: int | None = None, mantissa_codes: bool | None = None,
+    x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None, *,
+    block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, split_k: int | None = None,
+    late_sum: bool | None = None, fast_codes: bool | None = None, stages: int | None = None,
+    mantissa_codes: bool | None = None,
 ) -> Tensor:  # fmt: skip
-    """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then).
+    """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then, unless the
+    launch splits K and there is no `workspace` to hold the partial sums).
 
     The keywords are the launch (`launch` resolves those left out: tuned for this GPU by `moe-offload tune`, else
     the defaults). block_n, block_k and num_warps are the launch shape; benchmarks/gemv_kernel.py sweeps them.
     block_n counts packed rows where _rows_together(q) > 1 (each makes that many outputs), else outputs.
+    split_k > 1 splits each output's K loop over that many programs (SPLIT_K), whose float32 partials a second
+    kernel adds (the sum's order changes, by float32 rounding).
     late_sum, fast_codes and mantissa_codes pick the kernel's variant (fast_codes changes no bit of the result,
     late_sum the order of its sum, mantissa_codes its rounding, as MANTISSA_CODES says, and only where
     reads_bytes(q)). stages is how many K steps' tiles are in flight (no bit of the result changes).
     """
     # M = tokens (rows of x), N = outputs, K = inputs
     per = _rows_together(q)
-    chosen = launch(x, q, block_n=block_n, block_k=block_k, num_warps=num_warps, late_sum=late_sum,
+    chosen = launch(x, q, block_n=block_n, block_k=block_k, num_warps=num_warps, split_k=split_k, late_sum=late_sum,
                     fast_codes=fast_codes, stages=stages, mantissa_codes=mantissa_codes)  # fmt: skip
-    block_n, block_k, num_warps, late_sum, fast_codes, stages, mantissa_codes = (chosen[key] for key in LAUNCH)
+    block_n, block_k, num_warps, split_k, late_sum, fast_codes, stages, mantissa_codes = (chosen[k] for k in LAUNCH)
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
@@ -248,18 +259,28 @@ def gemv(
     else:
         meta = (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero)  # the kernel reads only the first of each
         meta_group = 1
-    args = (x, q.codes, *meta, out, outputs, inputs, q.codes.shape[0])
+    partial = out  # where the programs write: the output itself, or with split_k float32 partials [split_k, M, N]
+    if split_k > 1:
+        shape = (split_k, rows, outputs)
+        if workspace is None:
+            partial = torch.empty(shape, dtype=torch.float32, device=x.device)
+        else:
+            partial = workspace.buffer("gemv.split_k", shape, torch.float32, x.device)
+    args = (x, q.codes, *meta, out, partial, outputs, inputs, q.codes.shape[0])
     constants = dict(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
-        BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps, SPLIT_K=split_k,
         LATE_SUM=late_sum, FAST_CODES=fast_codes, STAGES=stages,
     )  # fmt: skip
     if per > 1:
-        grid = (triton.cdiv(outputs // per, block_n), rows)
+        grid = (triton.cdiv(outputs // per, block_n), rows, split_k)
         _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), MANTISSA_CODES=mantissa_codes, **constants)
     else:
-        _gemv_kernel[(triton.cdiv(outputs, block_n), rows)](*args, **constants)
+        _gemv_kernel[(triton.cdiv(outputs, block_n), rows, split_k)](*args, **constants)
+    if split_k > 1:
+        size = rows * outputs
+        _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](partial, out, size, SPLIT_K=split_k, BLOCK=SUM_BLOCK)
     return out
 
 
@@ -291,6 +312,36 @@ if triton is not None:
         return cx
 
     @triton.jit
+    def _k_span(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The inputs [start, end) this program's K loop covers: all of K, or with SPLIT_K its program_id(2)'s share,
+        whole steps of BLOCK_K (the last shares may be short, or empty)."""
+        if SPLIT_K == 1:
+            start, end = 0, K
+        else:
+            span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            start = tl.program_id(2) * span
+            end = tl.minimum(K, start + span)
+        return start, end
+
+    @triton.jit
+    def _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K: tl.constexpr):
+        """acc (float32) into out, in its dtype; or with SPLIT_K into this program's float32 partial [SPLIT_K, M, N]."""
+        if SPLIT_K == 1:
+            tl.store(out_ptr + m * N + outputs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(partial_ptr + (tl.program_id(2) * tl.num_programs(1) + m) * N + outputs, acc, mask=mask)
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, SIZE, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """out = the sum of the SPLIT_K partials [SPLIT_K, SIZE], in out's dtype."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < SIZE
+        acc = tl.load(partial_ptr + i, mask=ok, other=0)
+        for s in tl.static_range(1, SPLIT_K):
+            acc += tl.load(partial_ptr + s * SIZE + i, mask=ok, other=0)
+        tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _group_meta(
         r, mask, codes, scale, zero, QUANTIZED: tl.constexpr, META_GROUP: tl.constexpr, FAST_CODES: tl.constexpr
     ):
@@ -309,14 +360,14 @@ if triton is not None:
     def _gemv_kernel(
         x_ptr, codes_ptr,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-        out_ptr,
+        out_ptr, partial_ptr,
         N, K, STEP,
         BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr,
         LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        # one program: BLOCK_N outputs of one row of x, looping over K in BLOCK_K steps, held as
+        # one program: BLOCK_N outputs of one row of x, looping over K (its share, _k_span) in BLOCK_K steps, held as
         # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group
         m = tl.program_id(1)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -325,7 +376,8 @@ if triton is not None:
         groups_per_row = K // GROUP
         # LATE_SUM: a sum per group, [BN, GB], reduced over the groups (across threads) once after the loop
         acc = tl.zeros([BLOCK_N, GB] if LATE_SUM else [BLOCK_N], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_start, k_end = _k_span(K, BLOCK_K, SPLIT_K)
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
             g_ok = g < groups_per_row
             xk = tl.load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], mask=g_ok[:, None], other=0)
@@ -347,17 +399,17 @@ if triton is not None:
                 acc += tl.sum(part, axis=1)
         if LATE_SUM:
             acc = tl.sum(acc, axis=1)  # [BN]
-        tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        _store(out_ptr, partial_ptr, m, N, n, acc, n_ok, SPLIT_K)
 
     @triton.jit
     def _gemv_packed_kernel(
         x_ptr, codes_ptr,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-        out_ptr,
+        out_ptr, partial_ptr,
         N, K, STEP,
         BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr,
         LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
@@ -373,7 +425,8 @@ if triton is not None:
         # column i sums output n + i * per_slot; LATE_SUM keeps a sum per group, [BN, GB, P], and reduces
         # over the groups (across threads) once after the loop rather than per step and bit slot
         acc = tl.zeros([BLOCK_N, GB, PER_P2] if LATE_SUM else [BLOCK_N, PER_P2], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_start, k_end = _k_span(K, BLOCK_K, SPLIT_K)  # all of K, or this program's share of it
+        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
             g_ok = g < groups_per_row
             xk = tl.load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], mask=g_ok[:, None], other=0)
@@ -400,4 +453,4 @@ if triton is not None:
             acc = tl.sum(acc, axis=1)  # [BN, P]
         outputs = n[:, None] + slot[None, :] * per_slot  # [BN, P]
         mask = n_ok[:, None] & (slot[None, :] < PER)
-        tl.store(out_ptr + m * N + outputs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K)

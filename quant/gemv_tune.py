@@ -6,8 +6,9 @@ launch. For each shape, in turn:
   1. the built-in default launch (gemv.launch with nothing tuned);
   2. every variant (VARIANTS: late_sum, fast_codes, stages, mantissa_codes) at the default launch shape;
   3. the fastest of those at every launch shape (LAUNCH_SHAPES: block_n x block_k x num_warps, 36);
-  4. every variant again at the fastest of those shapes (a variant that lost at one shape may win at another).
-About 60 launches a shape, where every variant at every shape would be 432; each compiles in well under a second
+  4. the fastest of those with K split over 2, 4 and 8 programs an output (SPLITS, gemv.SPLIT_K);
+  5. every variant again at the fastest of those (a variant that lost at one launch may win at another).
+About 64 launches a shape, where every variant at every shape would be 432; each compiles in well under a second
 (sm_90's, ahead of time on a 2-core CPU: about 0.3 s).
 A launch whose result differs from the default launch's by more than rounding is left out (a miscompiled variant
 must not win), and so is one that cannot launch (Triton's OutOfResources: shared memory, say). Each time is device
@@ -30,7 +31,7 @@ import torch
 from quant import gemv
 from quant.errors import MoEOffloadError
 from quant.files import write_atomically
-from quant.hqq import Quantized, QuantSpec, quantized_nbytes, random_quantized
+from quant.hqq import Quantized, QuantSpec, Workspace, quantized_nbytes, random_quantized
 
 # (late_sum, fast_codes, stages, mantissa_codes): the first three in every combination as integer codes, then with
 # codes in the mantissa, where fast_codes is left only the 8-bit meta's conversion
@@ -43,6 +44,7 @@ LAUNCH_SHAPES = {
     True: ((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8)),
     False: ((8, 16, 32, 64), (128, 256, 512), (2, 4, 8)),
 }
+SPLITS = (2, 4, 8)  # split_k choices, tried at the fastest launch shape
 # A launch agrees with the default launch's output within this fraction of its largest value: bfloat16 rounds at
 # 2**-8 (4e-3), and the variants round differently (mantissa_codes: gemv.MANTISSA_CODES)
 AGREE = 1e-2
@@ -101,6 +103,7 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
     {"launch": gemv's keywords, "us", "default_us", "timings": every launch tried, once, with its us (None: it could
     not launch, or its result was wrong)}. `tried(n)` hears the count of launches tried after each."""
     q, out = matrices[0], torch.empty(x.shape[0], matrices[0].shape[0], dtype=x.dtype, device=x.device)
+    workspace = Workspace()  # split-K's partial sums, made once, as in decode
     default = gemv.launch(x, q, tuned=False)  # the built-in launch, whatever is tuned
     expected = gemv.gemv(x, q, **default).float()
     scale = expected.abs().max().item() or 1.0
@@ -114,7 +117,7 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
             got = gemv.gemv(x, q, **launch).float()
             us = None
             if (got - expected).abs().max().item() <= AGREE * scale:
-                us = timer([functools.partial(gemv.gemv, x, m, out, **launch) for m in matrices])
+                us = timer([functools.partial(gemv.gemv, x, m, out, workspace, **launch) for m in matrices])
         except gemv.triton.runtime.errors.OutOfResources:
             us = None
         timings.append({**launch, "us": None if us is None else round(us, 2)})
@@ -131,7 +134,8 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
     assert default_us is not None, "the default launch must run"
     best_us, best = fastest([default, *({**default, **variant} for variant in variants(q))])  # ties: the default
     best_us, best = fastest([best, *({**best, **shape} for shape in launch_shapes(q))])
-    best_us, best = fastest([best, *({**best, **variant} for variant in variants(q))])  # at the shape found
+    best_us, best = fastest([best, *({**best, "split_k": split_k} for split_k in SPLITS)])
+    best_us, best = fastest([best, *({**best, **variant} for variant in variants(q))])  # at the launch found
     return {"launch": best, "us": round(best_us, 2), "default_us": round(default_us, 2), "timings": timings}
 
 

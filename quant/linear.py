@@ -72,7 +72,7 @@ class Kernel:
 
 
 # Looked up at call time, so that a test's patched gemv.gemv is the one called
-TRITON = Kernel("fused dequantize+GEMV (Triton)", gemv.supports, lambda x, q, out, _: gemv.gemv(x, q, out))
+TRITON = Kernel("fused dequantize+GEMV (Triton)", gemv.supports, lambda x, q, out, ws: gemv.gemv(x, q, out, ws))
 CPU = Kernel("fused dequantize+GEMV (C)", cpu_gemv.supports, lambda x, q, out, ws: cpu_gemv.multiply(x, q, out, ws))
 DEQUANTIZE = "dequantize in tiles, then matmul"  # what runs without a kernel
 

@@ -325,3 +325,29 @@ def test_a_table_in_host_memory_decodes_as_one_on_the_gpu(tiny):
         assert model.decoder.graphs.failed is None
     assert torch.equal(runs[True], runs[False])
     assert offload.load(str(tiny), device="cuda").prepared.host_embedding  # the default
+
+
+@pytest.mark.parametrize("split_k", [2, 8])
+def test_split_k_on_cuda_equals_one_program_a_row_and_replays_in_a_graph(split_k):
+    """Mixtral's 2-bit w2, K split over several programs an output: the same outputs as the unsplit launch (up to
+    bfloat16's rounding of a sum in another order), from a CUDA graph as eagerly, and nothing allocated on replay
+    (the partials are the workspace's)."""
+    from quant import gemv
+    from quant.hqq import EXPERT_PRESETS, Workspace, random_quantized
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    q = random_quantized((4096, 14336), EXPERT_PRESETS["2"], generator)
+    x = torch.randn(1, 14336, generator=generator, device="cuda", dtype=torch.bfloat16)
+    whole = gemv.gemv(x, q, split_k=1)
+    workspace, out = Workspace(), torch.empty_like(whole)
+    eager = gemv.gemv(x, q, out, workspace, split_k=split_k).clone()
+    torch.testing.assert_close(eager, whole, rtol=0.01, atol=0.01 * whole.abs().max().item())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv.gemv(x, q, out, workspace, split_k=split_k)
+    out.zero_()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert torch.equal(out, eager)  # the same order of sums: the same bits

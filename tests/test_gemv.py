@@ -108,7 +108,8 @@ class Launches:
 def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, spec, shape, together, launch, late):
     """Shapes with N % PER == 0 take _gemv_packed_kernel (each packed row read once makes PER outputs);
     others _gemv_kernel. Both, in every variant and pipelined or not (the interpreter ignores stages; on a
-    GPU they compile apart), against dequantize-then-multiply, at two tokens."""
+    GPU they compile apart), against dequantize-then-multiply, at two tokens; and with K split over 3 programs
+    an output (uneven where K has 8 steps: 3, 3 and 2; empty shares where it has one), their partials summed."""
     generator = torch.Generator().manual_seed(sum(shape))
     q = random_quantized(shape, spec, generator)
     x = torch.randn(2, shape[1], generator=generator)
@@ -118,14 +119,16 @@ def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, 
     monkeypatch.setattr(gemv, "_gemv_kernel", fallback)
     block_n, block_k = launch or (None, None)
     expected = reference(x, q)
-    for fast, stages, mantissa in itertools.product((False, True), (1, 3), (False, True)):
+    launches = [(*variant, 1) for variant in itertools.product((False, True), (1, 3), (False, True))]
+    launches += [(True, 3, True, 3), (False, 1, False, 3)]
+    for fast, stages, mantissa, split_k in launches:
         got = gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k, late_sum=late, fast_codes=fast,
-                        stages=stages, mantissa_codes=mantissa)  # fmt: skip
+                        stages=stages, mantissa_codes=mantissa, split_k=split_k)  # fmt: skip
         # codes to float by I2F or by the magic number: both exact, the sums may differ in order
         assert_close(got, expected, tolerance(q, mantissa))
     default_n = gemv.PACKED_LAUNCH[spec.bits][0] if together > 1 else gemv.BLOCK_N
     programs = math.ceil(shape[0] // together / (block_n or default_n))  # a program per block_n (packed) rows
-    assert (packed if together > 1 else fallback).grids == [(programs, 2)] * 8
+    assert (packed if together > 1 else fallback).grids == [(programs, 2, 1)] * 8 + [(programs, 2, 3)] * 2
     assert (fallback if together > 1 else packed).grids == []
 
 
@@ -195,6 +198,15 @@ def test_gemv_writes_into_out_and_linear_dispatches_on_the_workspace():
     # without fused, the same call dequantizes: close, but not the same rounding
     unfused = linear(x, q, Workspace())
     assert (unfused - out).abs().max().item() < 1e-5 and not torch.equal(unfused, out)
+    # K split over two programs: their partial sums live in the workspace, made at the first call, then reused
+    workspace, split = Workspace(TRITON), torch.empty_like(out)
+    for _ in range(2):
+        assert gemv.gemv(x, q, split, workspace, split_k=2, block_k=128) is split
+        assert [key[0] for key in workspace._buffers] == ["gemv.split_k"]
+    partials = workspace.buffer("gemv.split_k", (2, 1, 64), torch.float32, DEVICE)
+    assert torch.equal(partials.sum(0), split) and (split - out).abs().max().item() < 1e-5
+    assert partials.abs().min() > 0  # each program summed half of K: neither partial is the whole
+    assert (partials - split).abs().min() > 0
 
 
 def test_gemv_supports_only_what_it_reads():
@@ -222,7 +234,7 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path,
     model.moe.workspace.kernel = model.decoder.workspace.kernel = TRITON  # what load() picks on CUDA
     calls = []
     original = gemv.gemv
-    gemv.gemv = lambda x, q, out=None: calls.append(q.spec.bits) or original(x, q, out)
+    gemv.gemv = lambda x, q, out=None, workspace=None: calls.append(q.spec.bits) or original(x, q, out, workspace)
     try:
         tokens = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(0))
         model.reset()
@@ -281,7 +293,7 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
     monkeypatch.setattr(gemv_kernel, "INTERMEDIATE", 256)
     original, seen, timings = gemv.gemv, set(), itertools.count(1)
 
-    def recording(x, q, out=None, **keywords):
+    def recording(x, q, out=None, workspace=None, **keywords):
         seen.add((q.spec.bits, tuple(q.shape), tuple(sorted(keywords.items()))))
         return original(x, q, out, **keywords)
 
@@ -310,6 +322,9 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
         shape = tuple(row["shape"])
         for variant in timed:
             assert (row["bits"], shape, tuple(sorted(zip(gemv_kernel.KEYWORDS, variant)))) in seen, variant
+        assert [split["split_k"] for split in row["splits"]] == list(gemv_kernel.SPLITS)
+        for split_k in gemv_kernel.SPLITS:
+            assert (row["bits"], shape, (("split_k", split_k),)) in seen
         launches = [(v["block_n"], v["block_k"], v["num_warps"]) for v in row.get("launches", ())]
         assert launches == gemv_kernel.LAUNCHES.get(row["bits"], [])
         for n, k, w in launches:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(gemv.triton is None or torch.cuda.is_available()
 CPU = torch.device("cpu")
 SPEC = EXPERT_PRESETS["2"]  # 2-bit g16, 8-bit meta: the packed-row kernel
 SHAPE = (64, 256)
-TUNED = dict(block_n=4, block_k=1024, num_warps=2, late_sum=False, fast_codes=True, stages=1, mantissa_codes=False)
+TUNED = dict(block_n=4, block_k=1024, num_warps=2, split_k=2, late_sum=False, fast_codes=True, stages=1,
+             mantissa_codes=False)  # fmt: skip
 
 
 def write_tuned(folder, launches: dict, device: str = "cpu") -> None:
@@ -37,7 +38,7 @@ class Spy:
 
     def __getitem__(self, grid):
         def run(*args, **keywords):
-            self.launches.append(keywords)
+            self.launches.append({**keywords, "grid": grid})
             return self.kernel[grid](*args, **keywords)
 
         return run
@@ -57,11 +58,12 @@ def test_gemv_launches_the_tuned_launch_for_its_shape_and_dtype(tuned_folders, m
     assert (got.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
     launched = spy.launches[-1]
     assert (launched["BLOCK_N"], launched["BLOCK_K"], launched["num_warps"]) == (4, 1024, 2)
+    assert launched["SPLIT_K"] == 2 and launched["grid"] == (SHAPE[0] // 4 // 4, 1, 2)  # 16 packed rows, 4 a program
     assert (launched["LATE_SUM"], launched["FAST_CODES"], launched["STAGES"], launched["MANTISSA_CODES"]) == (
         False, True, 1, False)  # fmt: skip
     assert gemv.launch(x, q) == TUNED
     assert gemv.launch(x, q, block_k=512, stages=3) == {**TUNED, "block_k": 512, "stages": 3}
-    defaults = dict(zip(gemv.LAUNCH, (*gemv.PACKED_LAUNCH[2], *gemv.default_variant(q)), strict=True))
+    defaults = dict(zip(gemv.LAUNCH, (*gemv.PACKED_LAUNCH[2], gemv.SPLIT_K, *gemv.default_variant(q)), strict=True))
     assert gemv.launch(x.double(), q) == defaults  # another dtype
     other = random_quantized((128, 256), SPEC)
     assert gemv.launch(x, other) == defaults  # another shape
@@ -87,6 +89,8 @@ def test_the_users_tuned_launch_wins_over_the_packages(tuned_folders):
         ('{"device": "Tesla T4", "launches": {}}', "tuned on 'Tesla T4', not on this 'cpu'"),
         (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "block_k": 1000}}}),
          "block_k is 1000, not a positive whole number, a power of two"),
+        (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "split_k": 3}}}),
+         "split_k is 3, not a positive whole number, a power of two"),
         (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "late_sum": 1}}}),
          "late_sum is 1, not true or false"),
         (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "stages": None}}}),
@@ -108,19 +112,19 @@ def test_a_tuned_file_gemv_cannot_use_is_a_one_line_error(tuned_folders, content
 
 
 def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
-    """tune_shape on the interpreter with a stand-in timer: the fastest variant, the fastest launch shape, then the
-    variants again there. block_n 4 at block_k 512 cannot launch; 4 warps at 2048 give a wrong result, and are
-    never chosen, however fast. Each launch is tried once."""
+    """tune_shape on the interpreter with a stand-in timer: the fastest variant, the fastest launch shape, the
+    fastest split of K there, then the variants again there. block_n 4 at block_k 512 cannot launch; 4 warps at
+    2048 give a wrong result, and are never chosen, however fast. Each launch is tried once."""
     monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((2, 4), (512, 2048), (2, 4))})
     original = gemv.gemv
 
-    def flawed(x, q, out=None, **launch):  # 4 warps at 2048: wrong; block_n 4 at 512: no launch
+    def flawed(x, q, out=None, workspace=None, **launch):  # 4 warps at 2048: wrong; block_n 4 at 512: no launch
         if launch["block_k"] == 512 and launch["block_n"] == 4:
             raise gemv.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
-        y = original(x, q, out, **launch)
+        y = original(x, q, out, workspace, **launch)
         return y + 1 if launch["block_k"] == 2048 and launch["num_warps"] == 4 else y
 
-    def timer(calls):  # each variant's own time; then block_n 4 and block_k 2048 the fastest launch shape
+    def timer(calls):  # each variant's own time; block_n 4 and block_k 2048 the fastest shape; 4 programs a K
         launch = calls[0].keywords
         variant = 5 * (not launch["late_sum"]) + 1 * launch["mantissa_codes"] + 0.5 * (launch["stages"] == 3)
         return (
@@ -129,6 +133,7 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
             - 0.25 * launch["fast_codes"]
             - 10 * (launch["block_k"] == 2048)
             - 50 * (launch["block_n"] == 4)
+            - 3 * (launch["split_k"] == 4)
         )
 
     monkeypatch.setattr(gemv, "gemv", flawed)
@@ -144,8 +149,9 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
         True,
     )
     assert result["default_us"] == 100 - 1 - 0.5 * (default["stages"] == 3) - 0.25 * default["fast_codes"]
-    assert result["launch"] == {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 2}
-    assert result["us"] == result["default_us"] - 5 - 10 - 50
+    assert result["launch"] == {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 2,
+                                "split_k": 4}  # fmt: skip
+    assert result["us"] == result["default_us"] - 5 - 10 - 50 - 3
     timings = {tuple(t[key] for key in gemv.LAUNCH): t["us"] for t in result["timings"]}
     assert len(timings) == len(result["timings"])  # each once
     wrong = {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 4}
@@ -158,7 +164,9 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
     shapes = {(t["block_n"], t["block_k"], t["num_warps"]) for t in result["timings"]}
     assert shapes == set(itertools.product((2, 4), (512, 2048), (2, 4)))
     at_best = [t for t in result["timings"] if (t["block_n"], t["block_k"], t["num_warps"]) == (4, 2048, 2)]
-    assert len(at_best) == len(gemv_tune.variants(q))  # every variant again at the shape found
+    assert {t["split_k"] for t in at_best} == {1, *gemv_tune.SPLITS}  # every split at the shape found
+    at_split = [t for t in at_best if t["split_k"] == 4]
+    assert len(at_split) == len(gemv_tune.variants(q))  # every variant again at the split found
 
 
 def test_tuning_keeps_the_default_where_nothing_beats_it(monkeypatch):
@@ -197,7 +205,7 @@ def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, 
     record = json.loads(tuned.path.read_text())
     assert record["device"] == "cpu" and record["command"] == "test" and set(record["timings"]) == keys
     w2 = random_quantized((128, 256), SPEC)
-    assert gemv.launch(torch.zeros(1, 256), w2) == dict(block_n=1, block_k=512, num_warps=2, late_sum=False,
+    assert gemv.launch(torch.zeros(1, 256), w2) == dict(block_n=1, block_k=512, num_warps=2, split_k=1, late_sum=False,
                                                         fast_codes=True, stages=1, mantissa_codes=False)  # fmt: skip
     w1 = "2-bit g16, 8-bit meta g128 256x128 float32"
     gemv_tune.save({w1: tuned.results[w1]}, CPU, {})
