@@ -55,7 +55,8 @@ GPUS = {
 def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     """Triton's compiled kernel: _gemv_kernel, or with `packed` _gemv_packed_kernel, at gemv's default launch for
     it, in gemv's default variant or `variant`'s (late_sum, fast_codes, stages, mantissa_codes: the last only for
-    byte codes, as gemv.reads_bytes; and split_k). Pointers and sizes are declared
+    byte codes, as gemv.reads_bytes; split_k; and even, False for a matrix the launch does not tile exactly, whose
+    loads are masked). Pointers and sizes are declared
     16-byte aligned, as Triton specializes them at launch for Mixtral's shapes."""
     from triton.backends.compiler import GPUTarget  # here: CPU builds of torch may come without Triton
     from triton.compiler import ASTSource
@@ -70,6 +71,7 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
                  "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                  "GB": block_k // group, "SPLIT_K": variant.get("split_k", gemv.SPLIT_K),
+                 "EVEN": variant.get("even", True),  # Mixtral's shapes: whole programs and steps at every launch
                  "LATE_SUM": variant.get("late_sum", gemv.LATE_SUM),
                  "FAST_CODES": variant.get("fast_codes", gemv.FAST_CODES),
                  "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1)}  # fmt: skip

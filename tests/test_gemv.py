@@ -80,15 +80,25 @@ def test_gemv_equals_dequantize_then_matmul(name, shape, rows):
     assert_close(got, reference(x, q), tolerance(q))
 
 
+def launch_k(q) -> int:
+    """gemv's default block_k for q."""
+    return gemv.PACKED_LAUNCH[q.spec.bits][1] if gemv._rows_together(q) > 1 else gemv.BLOCK_K
+
+
 class Launches:
-    """Stands in for a Triton kernel in gemv's module and records the grids it is launched on."""
+    """Stands in for a Triton kernel in gemv's module and records the grids it is launched on, and whether the
+    launch was unmasked (EVEN)."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
+        self.kernel, self.grids, self.even = kernel, [], []
 
     def __getitem__(self, grid):
-        self.grids.append(grid)
-        return self.kernel[grid]
+        def run(*args, **keywords):
+            self.grids.append(grid)
+            self.even.append(keywords["EVEN"])
+            return self.kernel[grid](*args, **keywords)
+
+        return run
 
 
 @pytest.mark.parametrize(
@@ -96,6 +106,7 @@ class Launches:
     [  # launch: (block_n, block_k), None for gemv's default; N / PER not a multiple of block_n leaves a ragged program
         (EXPERT_PRESETS["2"], (64, 256), 4, None),  # packed rows 0..15, each the codes of outputs n + 16 i
         (EXPERT_PRESETS["2"], (48, 512), 4, (8, 64)),  # 12 packed rows: a ragged second program; 8 steps over K
+        (EXPERT_PRESETS["2"], (64, 512), 4, (4, 128)),  # whole programs and steps: unmasked loads
         (EXPERT_PRESETS["4"], (96, 256), 2, (32, 128)),
         (EXPERT_PRESETS["3"], (20, 128), 10, (1, 64)),  # N % 10 == 0: 3-bit's grid is not padded either
         (EXPERT_PRESETS["2"], (2, 1024), 1, None),  # 128 groups pack 4 to a byte, but N % 4 != 0: the fallback
@@ -130,6 +141,8 @@ def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, 
     programs = math.ceil(shape[0] // together / (block_n or default_n))  # a program per block_n (packed) rows
     assert (packed if together > 1 else fallback).grids == [(programs, 2, 1)] * 8 + [(programs, 2, 3)] * 2
     assert (fallback if together > 1 else packed).grids == []
+    even = shape[0] // together % (block_n or default_n) == 0 and shape[1] % (block_k or launch_k(q)) == 0
+    assert (packed if together > 1 else fallback).even == [even] * 10
 
 
 @pytest.mark.parametrize("spec", [EXPERT_PRESETS["2"], EXPERT_PRESETS["4"]], ids=["2-bit", "4-bit"])
