@@ -74,7 +74,7 @@ PACKED_STAGES = 3
 MANTISSA_CODES = True
 # Programs that share each output's K loop (split-K): each sums its own span of K into a float32 partial, and a
 # second kernel (_sum_splits_kernel) adds the partials into the output. For shapes with few outputs a program and
-# long K loops, such as Mixtral's w2 (4096 x 14336: 512 programs of 28 steps at 2 bits, 0.22 of an H100's wave by
+# long K loops, such as Mixtral's w2 (4096 x 14336: 512 programs of 28 steps at 2 bits, 0.18 of an H100's wave by
 # benchmarks/gemv_sass.py), where each step waits on memory and too few programs are in flight to cover it. 1: no
 # split. Untimed yet: `moe-offload tune` times 2, 4 and 8 on each shape
 SPLIT_K = 1
