@@ -9,9 +9,9 @@ graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Tri
 host), over copies of the weights that together overflow L2, so every call reads its codes from memory
 as a decode step does. --variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of
 the kernel (mantissa_codes only where it applies: 2 and 4 bits), the default launch with K split over 2, 4 and 8
-programs (SPLITS), and the default variant at a few other 2-bit launches (LAUNCHES); --sweep times every launch
-shape (block_n x block_k x warps, per variant with --variants), reporting the best per matrix, to choose
-quant/gemv.py's defaults.
+programs (SPLITS) and with early_meta flipped, and the default variant at a few other 2-bit launches (LAUNCHES);
+--sweep times every launch shape (block_n x block_k x warps, per variant with --variants), reporting the best per
+matrix, to choose quant/gemv.py's defaults.
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
             if args.variants:
                 row["splits"] = [{"split_k": split_k, "us": round(timed_us(fused_calls(split_k=split_k)), 1)}
                                  for split_k in SPLITS]  # fmt: skip
+                early_meta = not gemv.EARLY_META
+                row["early_meta"] = {"early_meta": early_meta,
+                                     "us": round(timed_us(fused_calls(early_meta=early_meta)), 1)}  # fmt: skip
             if args.variants and together > 1 and int(bits) in LAUNCHES:
                 row["launches"] = []
                 for n, k, w in LAUNCHES[int(bits)]:
@@ -156,6 +159,8 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                       + (f", best {variant['best']}" if "best" in variant else ""))  # fmt: skip
             for split in row.get("splits", ()):
                 print(f"    split_k={split['split_k']}: {split['us']} us")
+            if "early_meta" in row:
+                print(f"    early_meta={row['early_meta']['early_meta']}: {row['early_meta']['us']} us")
             for launch in row.get("launches", ()):
                 shape = ", ".join(f"{key}={launch[key]}" for key in ("block_n", "block_k", "num_warps"))
                 print(f"    launch {shape}: {launch['us']} us")

@@ -3,8 +3,8 @@
     python benchmarks/gemv_sass.py [--arch 90|75] [--out benchmarks/results/gemv_sass.json]
 
 Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
-launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages, mantissa_codes). It
-uses Triton's
+launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages, mantissa_codes; and
+the default with early_meta flipped). It uses Triton's
 own ptxas, then reads the cubin back with the cuobjdump and nvdisasm that Triton ships. For each it gives the
 registers a thread, the shared memory a program, how many programs an SM holds by those two (GPUS: an H100 for
 sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then take on its SMs, and the instructions of
@@ -55,9 +55,9 @@ GPUS = {
 def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     """Triton's compiled kernel: _gemv_kernel, or with `packed` _gemv_packed_kernel, at gemv's default launch for
     it, in gemv's default variant or `variant`'s (late_sum, fast_codes, stages, mantissa_codes: the last only for
-    byte codes, as gemv.reads_bytes; split_k; and even, False for a matrix the launch does not tile exactly, whose
-    loads are masked). Pointers and sizes are declared
-    16-byte aligned, as Triton specializes them at launch for Mixtral's shapes."""
+    byte codes, as gemv.reads_bytes; split_k; early_meta; and even, False for a matrix the launch does not tile
+    exactly, whose loads are masked). Pointers and sizes are declared 16-byte aligned, as Triton specializes them
+    at launch for Mixtral's shapes."""
     from triton.backends.compiler import GPUTarget  # here: CPU builds of torch may come without Triton
     from triton.compiler import ASTSource
 
@@ -74,7 +74,8 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
                  "EVEN": variant.get("even", True),  # Mixtral's shapes: whole programs and steps at every launch
                  "LATE_SUM": variant.get("late_sum", gemv.LATE_SUM),
                  "FAST_CODES": variant.get("fast_codes", gemv.FAST_CODES),
-                 "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1)}  # fmt: skip
+                 "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1),
+                 "EARLY_META": variant.get("early_meta", gemv.EARLY_META)}  # fmt: skip
     if packed:
         constants["PER_P2"] = triton.next_power_of_2(per)
         constants["MANTISSA_CODES"] = codes == "u8" and variant.get("mantissa_codes", gemv.MANTISSA_CODES)
@@ -161,16 +162,19 @@ def main() -> None:
         case = CASES[name]
         if args.arch < 80 and case[0] == "bf16":  # no bfloat16 before sm_80: a T4 computes in float16 (auto's dtype)
             name, case = name.replace("bf16", "fp16"), ("fp16", *case[1:])
-        for variant in VARIANTS:
+        default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES, gemv.MANTISSA_CODES)
+        # every variant with the meta loaded after the codes' sums, then the default with it loaded ahead
+        for variant, early_meta in [(v, gemv.EARLY_META) for v in VARIANTS] + [(default, not gemv.EARLY_META)]:
             late_sum, fast_codes, stages, mantissa_codes = variant
-            row = {"case": name, **analyse(case, args.arch, **dict(zip(KEYWORDS, variant)))}
+            keywords = {**dict(zip(KEYWORDS, variant)), "early_meta": early_meta}
+            row = {"case": name, **analyse(case, args.arch, **keywords)}
             rows.append(row)
-            default = variant == (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES, gemv.MANTISSA_CODES)
             print(f"{name:24} late_sum={late_sum!s:5} fast_codes={fast_codes!s:5} stages={stages} "
-                  f"mantissa_codes={mantissa_codes!s:5}: "
+                  f"mantissa_codes={mantissa_codes!s:5} early_meta={early_meta!s:5}: "
                   f"{row['registers']:3} registers, {row['programs_per_sm']:2} programs an SM, w1 in "
                   f"{row['waves']['w1']} waves; loop {row['loop_instructions']} instructions for "
-                  f"{row['codes_a_thread_a_step']} codes" + (" (default)" if default else ""))  # fmt: skip
+                  f"{row['codes_a_thread_a_step']} codes"
+                  + (" (default)" if variant == default and early_meta == gemv.EARLY_META else ""))  # fmt: skip
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "arch": f"sm_{args.arch}", "gpu": GPUS[args.arch]["name"], "triton": gemv.triton.__version__,

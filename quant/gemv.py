@@ -79,8 +79,16 @@ MANTISSA_CODES = True
 # split. Untimed yet: `moe-offload tune` times 2, 4 and 8 on each shape
 SPLIT_K = 1
 SUM_BLOCK = 1024  # _sum_splits_kernel's outputs a program
+# Each step's scales and zeros loaded ahead of its codes' sums, not after them. The 2-bit packed loop's sm_90 SASS
+# issues its 24 meta loads (4 bit slots x the scale's and zero's 8-bit codes and their float16 meta) after the ~280
+# instructions of the codes' math, so every step then waits out their latency; ahead, that math covers it, at the
+# same 429 instructions but 64 registers a thread rather than 48 (16 programs an SM, not 21): a trade only a GPU
+# can settle. Untimed yet: `moe-offload tune` tries it at the launch it finds, and benchmarks/gemv_kernel.py
+# --variants times it at the default launch
+EARLY_META = False
 # gemv's launch keywords: a launch shape, then a variant of the kernel
-LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes")
+LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
+          "early_meta")  # fmt: skip
 _LAUNCH_KEYS = frozenset(LAUNCH)
 # Launches tuned on a GPU by `moe-offload tune` (quant/gemv_tune.py), one file a GPU, named by its device name:
 # gemv runs a matrix shape's where its keywords are left out. Those that ship with the package, then the user's own,
@@ -150,7 +158,7 @@ def _check_launch(launch: object) -> str | None:
         return "a launch is not an object"
     for key in LAUNCH:
         value = launch.get(key)
-        if key in ("late_sum", "fast_codes", "mantissa_codes"):
+        if key in ("late_sum", "fast_codes", "mantissa_codes", "early_meta"):
             if not isinstance(value, bool):
                 return f"{key} is {value!r}, not true or false"
         elif type(value) is not int or value < 1 or (key != "stages" and value & (value - 1)):
@@ -212,7 +220,7 @@ def launch(x: Tensor, q: Quantized, *, tuned: bool = True, **given) -> dict:
     packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, and default_variant(q)."""
     assert given.keys() <= _LAUNCH_KEYS, given.keys() - _LAUNCH_KEYS
     shape = PACKED_LAUNCH[q.spec.bits] if _rows_together(q) > 1 else (BLOCK_N, BLOCK_K, 4)
-    chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q)), strict=True))
+    chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q), EARLY_META), strict=True))
     if tuned and USE_TUNED and any(given.get(key) is None for key in LAUNCH):
         if launches := tuned_launches(x.device):
             chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype), ()))
@@ -225,7 +233,7 @@ def gemv(
     x: Tensor, q: Quantized, out: Tensor | None = None, workspace: Workspace | None = None, *,
     block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None, split_k: int | None = None,
     late_sum: bool | None = None, fast_codes: bool | None = None, stages: int | None = None,
-    mantissa_codes: bool | None = None,
+    mantissa_codes: bool | None = None, early_meta: bool | None = None,
 ) -> Tensor:  # fmt: skip
     """x [M, K] @ dequantize(q).T -> [M, N] in x.dtype, into `out` when given (no allocation then, unless the
     launch splits K and there is no `workspace` to hold the partial sums).
@@ -237,13 +245,17 @@ def gemv(
     kernel adds (the sum's order changes, by float32 rounding).
     late_sum, fast_codes and mantissa_codes pick the kernel's variant (fast_codes changes no bit of the result,
     late_sum the order of its sum, mantissa_codes its rounding, as MANTISSA_CODES says, and only where
-    reads_bytes(q)). stages is how many K steps' tiles are in flight (no bit of the result changes).
+    reads_bytes(q)). stages is how many K steps' tiles are in flight, and early_meta (EARLY_META) loads each step's
+    scales and zeros ahead of its codes' sums (neither changes a bit of the result).
     """
     # M = tokens (rows of x), N = outputs, K = inputs
     per = _rows_together(q)
     chosen = launch(x, q, block_n=block_n, block_k=block_k, num_warps=num_warps, split_k=split_k, late_sum=late_sum,
-                    fast_codes=fast_codes, stages=stages, mantissa_codes=mantissa_codes)  # fmt: skip
-    block_n, block_k, num_warps, split_k, late_sum, fast_codes, stages, mantissa_codes = (chosen[k] for k in LAUNCH)
+                    fast_codes=fast_codes, stages=stages, mantissa_codes=mantissa_codes,
+                    early_meta=early_meta)  # fmt: skip
+    block_n, block_k, num_warps, split_k, late_sum, fast_codes, stages, mantissa_codes, early_meta = (
+        chosen[key] for key in LAUNCH
+    )
     assert supports(x, q) and block_k % q.spec.group_size == 0, (tuple(x.shape), q.shape, q.spec, block_k)
     rows, inputs = x.shape
     outputs = q.shape[0]
@@ -273,7 +285,7 @@ def gemv(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
         QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
         BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps, SPLIT_K=split_k,
-        EVEN=even, LATE_SUM=late_sum, FAST_CODES=fast_codes, STAGES=stages,
+        EVEN=even, LATE_SUM=late_sum, FAST_CODES=fast_codes, STAGES=stages, EARLY_META=early_meta,
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows, split_k)
@@ -371,6 +383,16 @@ if triton is not None:
         return value
 
     @triton.jit
+    def _scale_zero(
+        r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        QUANTIZED: tl.constexpr, META_GROUP: tl.constexpr, FAST_CODES: tl.constexpr, EVEN: tl.constexpr,
+    ):  # fmt: skip
+        """Grid rows r's scales and zeros in float32 (_group_meta)."""
+        s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED, META_GROUP, FAST_CODES, EVEN)
+        z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED, META_GROUP, FAST_CODES, EVEN)
+        return s, z
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, codes_ptr,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
@@ -379,7 +401,7 @@ if triton is not None:
         BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
-        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr,
+        LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, EARLY_META: tl.constexpr,
     ):  # fmt: skip
         # one program: BLOCK_N outputs of one row of x, looping over K (its share, _k_span) in BLOCK_K steps, held as
         # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group
@@ -399,12 +421,15 @@ if triton is not None:
             mask = n_ok[:, None] & g_ok[None, :]
             address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
             packed = _load(codes_ptr + address[:, :, None] + j[None, None, :], mask[:, :, None], EVEN)
+            meta = (scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero)
+            if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
+                s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
             shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
             code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
             cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
             xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
-            s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
-            z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
+            if not EARLY_META:
+                s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
             part = s * (cx - z * xs[None, :])  # [BN, GB]
             if LATE_SUM:
                 acc += part
@@ -424,6 +449,7 @@ if triton is not None:
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
         LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
+        EARLY_META: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
         # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
@@ -451,13 +477,14 @@ if triton is not None:
                 packed = (packed.to(tl.int32) << 15) | 0x3F800000  # each byte into 1.0's mantissa, once (_slot_dot)
             elif FAST_CODES:
                 packed = packed.to(tl.int32)  # widened once; every bit slot shifts and masks in 32 bits
+            meta = (scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero)
             for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
-                cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
                 r = p + i * STEP  # [BN, GB] grid row
-                s = _group_meta(r, mask, scale_codes, scale_scale, scale_zero, QUANTIZED_META, META_GROUP,
-                                FAST_CODES, EVEN)  # fmt: skip
-                z = _group_meta(r, mask, zero_codes, zero_scale, zero_zero, QUANTIZED_META, META_GROUP,
-                                FAST_CODES, EVEN)  # fmt: skip
+                if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
+                    s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
+                cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
+                if not EARLY_META:
+                    s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
                 part = s * (cx - z * xs[None, :])  # [BN, GB]
                 if LATE_SUM:
                     acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)

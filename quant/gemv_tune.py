@@ -7,8 +7,9 @@ launch. For each shape, in turn:
   2. every variant (VARIANTS: late_sum, fast_codes, stages, mantissa_codes) at the default launch shape;
   3. the fastest of those at every launch shape (LAUNCH_SHAPES: block_n x block_k x num_warps, 36);
   4. the fastest of those with K split over 2, 4 and 8 programs an output (SPLITS, gemv.SPLIT_K);
-  5. every variant again at the fastest of those (a variant that lost at one launch may win at another).
-About 64 launches a shape, where every variant at every shape would be 432; each compiles in well under a second
+  5. the fastest of those with the meta loaded ahead of the codes' sums, or after (gemv.EARLY_META);
+  6. every variant again at the fastest of those (a variant that lost at one launch may win at another).
+About 65 launches a shape, where every variant at every shape would be 432; each compiles in well under a second
 (sm_90's, ahead of time on a 2-core CPU: about 0.3 s).
 A launch whose result differs from the default launch's by more than rounding is left out (a miscompiled variant
 must not win), and so is one that cannot launch (Triton's OutOfResources: shared memory, say). Each time is device
@@ -135,6 +136,7 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
     best_us, best = fastest([default, *({**default, **variant} for variant in variants(q))])  # ties: the default
     best_us, best = fastest([best, *({**best, **shape} for shape in launch_shapes(q))])
     best_us, best = fastest([best, *({**best, "split_k": split_k} for split_k in SPLITS)])
+    best_us, best = fastest([best, {**best, "early_meta": not best["early_meta"]}])
     best_us, best = fastest([best, *({**best, **variant} for variant in variants(q))])  # at the launch found
     return {"launch": best, "us": round(best_us, 2), "default_us": round(default_us, 2), "timings": timings}
 

@@ -351,3 +351,5 @@ def test_split_k_on_cuda_equals_one_program_a_row_and_replays_in_a_graph(split_k
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
     assert torch.equal(out, eager)  # the same order of sums: the same bits
+    # the meta loaded ahead of the codes' sums: the same arithmetic, so the same bits
+    assert torch.equal(gemv.gemv(x, q, split_k=split_k, early_meta=True), eager)

@@ -130,19 +130,23 @@ def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, 
     monkeypatch.setattr(gemv, "_gemv_kernel", fallback)
     block_n, block_k = launch or (None, None)
     expected = reference(x, q)
-    launches = [(*variant, 1) for variant in itertools.product((False, True), (1, 3), (False, True))]
-    launches += [(True, 3, True, 3), (False, 1, False, 3)]
-    for fast, stages, mantissa, split_k in launches:
+    launches = [(*variant, 1, False) for variant in itertools.product((False, True), (1, 3), (False, True))]
+    launches += [(True, 3, True, 3, False), (False, 1, False, 3, True), (True, 3, True, 1, True)]
+    results = {}
+    for fast, stages, mantissa, split_k, early_meta in launches:
         got = gemv.gemv(x.to(DEVICE), on_device(q), block_n=block_n, block_k=block_k, late_sum=late, fast_codes=fast,
-                        stages=stages, mantissa_codes=mantissa, split_k=split_k)  # fmt: skip
+                        stages=stages, mantissa_codes=mantissa, split_k=split_k, early_meta=early_meta)  # fmt: skip
         # codes to float by I2F or by the magic number: both exact, the sums may differ in order
         assert_close(got, expected, tolerance(q, mantissa))
+        results[fast, stages, mantissa, split_k, early_meta] = got
+    # the meta loaded ahead of the codes' sums changes no bit
+    assert torch.equal(results[True, 3, True, 1, True], results[True, 3, True, 1, False])
     default_n = gemv.PACKED_LAUNCH[spec.bits][0] if together > 1 else gemv.BLOCK_N
     programs = math.ceil(shape[0] // together / (block_n or default_n))  # a program per block_n (packed) rows
-    assert (packed if together > 1 else fallback).grids == [(programs, 2, 1)] * 8 + [(programs, 2, 3)] * 2
+    assert (packed if together > 1 else fallback).grids == [(programs, 2, s) for s in (1,) * 8 + (3, 3, 1)]
     assert (fallback if together > 1 else packed).grids == []
     even = shape[0] // together % (block_n or default_n) == 0 and shape[1] % (block_k or launch_k(q)) == 0
-    assert (packed if together > 1 else fallback).even == [even] * 10
+    assert (packed if together > 1 else fallback).even == [even] * 11
 
 
 @pytest.mark.parametrize("spec", [EXPERT_PRESETS["2"], EXPERT_PRESETS["4"]], ids=["2-bit", "4-bit"])
@@ -338,6 +342,8 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
         assert [split["split_k"] for split in row["splits"]] == list(gemv_kernel.SPLITS)
         for split_k in gemv_kernel.SPLITS:
             assert (row["bits"], shape, (("split_k", split_k),)) in seen
+        assert row["early_meta"]["early_meta"] is not gemv.EARLY_META
+        assert (row["bits"], shape, (("early_meta", not gemv.EARLY_META),)) in seen
         launches = [(v["block_n"], v["block_k"], v["num_warps"]) for v in row.get("launches", ())]
         assert launches == gemv_kernel.LAUNCHES.get(row["bits"], [])
         for n, k, w in launches:

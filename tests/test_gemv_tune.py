@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 SPEC = EXPERT_PRESETS["2"]  # 2-bit g16, 8-bit meta: the packed-row kernel
 SHAPE = (64, 256)
 TUNED = dict(block_n=4, block_k=1024, num_warps=2, split_k=2, late_sum=False, fast_codes=True, stages=1,
-             mantissa_codes=False)  # fmt: skip
+             mantissa_codes=False, early_meta=True)  # fmt: skip
 
 
 def write_tuned(folder, launches: dict, device: str = "cpu") -> None:
@@ -59,11 +59,13 @@ def test_gemv_launches_the_tuned_launch_for_its_shape_and_dtype(tuned_folders, m
     launched = spy.launches[-1]
     assert (launched["BLOCK_N"], launched["BLOCK_K"], launched["num_warps"]) == (4, 1024, 2)
     assert launched["SPLIT_K"] == 2 and launched["grid"] == (SHAPE[0] // 4 // 4, 1, 2)  # 16 packed rows, 4 a program
+    assert launched["EARLY_META"]
     assert (launched["LATE_SUM"], launched["FAST_CODES"], launched["STAGES"], launched["MANTISSA_CODES"]) == (
         False, True, 1, False)  # fmt: skip
     assert gemv.launch(x, q) == TUNED
     assert gemv.launch(x, q, block_k=512, stages=3) == {**TUNED, "block_k": 512, "stages": 3}
-    defaults = dict(zip(gemv.LAUNCH, (*gemv.PACKED_LAUNCH[2], gemv.SPLIT_K, *gemv.default_variant(q)), strict=True))
+    defaults = dict(zip(gemv.LAUNCH, (*gemv.PACKED_LAUNCH[2], gemv.SPLIT_K, *gemv.default_variant(q), gemv.EARLY_META),
+                        strict=True))  # fmt: skip
     assert gemv.launch(x.double(), q) == defaults  # another dtype
     other = random_quantized((128, 256), SPEC)
     assert gemv.launch(x, other) == defaults  # another shape
@@ -93,6 +95,8 @@ def test_the_users_tuned_launch_wins_over_the_packages(tuned_folders):
          "split_k is 3, not a positive whole number, a power of two"),
         (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "late_sum": 1}}}),
          "late_sum is 1, not true or false"),
+        (json.dumps({"device": "cpu", "launches": {"k": {k: v for k, v in TUNED.items() if k != "early_meta"}}}),
+         "early_meta is None, not true or false"),
         (json.dumps({"device": "cpu", "launches": {"k": {**TUNED, "stages": None}}}),
          "stages is None, not a positive whole number"),
     ],
@@ -113,8 +117,9 @@ def test_a_tuned_file_gemv_cannot_use_is_a_one_line_error(tuned_folders, content
 
 def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
     """tune_shape on the interpreter with a stand-in timer: the fastest variant, the fastest launch shape, the
-    fastest split of K there, then the variants again there. block_n 4 at block_k 512 cannot launch; 4 warps at
-    2048 give a wrong result, and are never chosen, however fast. Each launch is tried once."""
+    fastest split of K there, the meta ahead of the codes or after, then the variants again there. block_n 4 at
+    block_k 512 cannot launch; 4 warps at 2048 give a wrong result, and are never chosen, however fast. Each launch
+    is tried once."""
     monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((2, 4), (512, 2048), (2, 4))})
     original = gemv.gemv
 
@@ -134,6 +139,7 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
             - 10 * (launch["block_k"] == 2048)
             - 50 * (launch["block_n"] == 4)
             - 3 * (launch["split_k"] == 4)
+            - 2 * launch["early_meta"]
         )
 
     monkeypatch.setattr(gemv, "gemv", flawed)
@@ -150,8 +156,8 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
     )
     assert result["default_us"] == 100 - 1 - 0.5 * (default["stages"] == 3) - 0.25 * default["fast_codes"]
     assert result["launch"] == {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 2,
-                                "split_k": 4}  # fmt: skip
-    assert result["us"] == result["default_us"] - 5 - 10 - 50 - 3
+                                "split_k": 4, "early_meta": True}  # fmt: skip
+    assert result["us"] == result["default_us"] - 5 - 10 - 50 - 3 - 2
     timings = {tuple(t[key] for key in gemv.LAUNCH): t["us"] for t in result["timings"]}
     assert len(timings) == len(result["timings"])  # each once
     wrong = {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 4}
@@ -166,7 +172,9 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
     at_best = [t for t in result["timings"] if (t["block_n"], t["block_k"], t["num_warps"]) == (4, 2048, 2)]
     assert {t["split_k"] for t in at_best} == {1, *gemv_tune.SPLITS}  # every split at the shape found
     at_split = [t for t in at_best if t["split_k"] == 4]
-    assert len(at_split) == len(gemv_tune.variants(q))  # every variant again at the split found
+    assert {t["early_meta"] for t in at_split} == {False, True}  # the meta ahead and after, at the split found
+    at_early = [t for t in at_split if t["early_meta"]]
+    assert len(at_early) == len(gemv_tune.variants(q))  # every variant again at the launch found
 
 
 def test_tuning_keeps_the_default_where_nothing_beats_it(monkeypatch):
@@ -206,7 +214,8 @@ def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, 
     assert record["device"] == "cpu" and record["command"] == "test" and set(record["timings"]) == keys
     w2 = random_quantized((128, 256), SPEC)
     assert gemv.launch(torch.zeros(1, 256), w2) == dict(block_n=1, block_k=512, num_warps=2, split_k=1, late_sum=False,
-                                                        fast_codes=True, stages=1, mantissa_codes=False)  # fmt: skip
+                                                        fast_codes=True, stages=1, mantissa_codes=False,
+                                                        early_meta=False)  # fmt: skip
     w1 = "2-bit g16, 8-bit meta g128 256x128 float32"
     gemv_tune.save({w1: tuned.results[w1]}, CPU, {})
     assert set(json.loads(tuned.path.read_text())["launches"]) == keys
