@@ -4,11 +4,11 @@
 
 Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
 launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages, mantissa_codes; and
-the default with early_meta flipped). It uses Triton's
-own ptxas, then reads the cubin back with the cuobjdump and nvdisasm that Triton ships. For each it gives the
-registers a thread, the shared memory a program, how many programs an SM holds by those two (GPUS: an H100 for
-sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then take on its SMs, and the instructions of
-the K loop's body (one step: a thread's share of block_n x block_k codes), by kind.
+the default with early_meta flipped). It uses Triton's own ptxas, then reads the cubin back with the cuobjdump and
+nvdisasm that Triton ships. For each it gives the registers a thread, the shared memory a program, how many programs
+an SM holds by those two (GPUS: an H100 for sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then
+take on its SMs, and the instructions of the K loop's body (one step: a thread's share of block_n x block_k codes),
+by kind, with where in it the loads to registers are issued.
 These are counts, not times: a kernel that waits on memory runs no faster for fewer instructions. Runs without
 TRITON_INTERPRET (which makes kernels interpreted). Writes benchmarks/results/gemv_sass.json.
 """
@@ -137,8 +137,14 @@ def analyse(case: tuple, arch: int, **variant) -> dict:
         "waves": {name: round(math.ceil(n // per / block_n) / (programs * gpu["sms"]), 2)
                   for name, (n, _) in SHAPES.items()},
         "loop_instructions": len(body), "codes_a_thread_a_step": block_n * block_k * per // (32 * warps),
+        # where in the loop its loads to registers (the scales' and zeros'; the tiles' go by cp.async) are issued
+        "global_loads_at": [at for at, opcode in enumerate(body) if opcode == "LDG"],
         "loop_by_kind": dict(collections.Counter(body).most_common(12)),
     }  # fmt: skip
+
+
+def _span(positions: list[int]) -> str:
+    return f"{positions[0]}-{positions[-1]}" if positions else "none"
 
 
 def main() -> None:
@@ -173,7 +179,7 @@ def main() -> None:
                   f"mantissa_codes={mantissa_codes!s:5} early_meta={early_meta!s:5}: "
                   f"{row['registers']:3} registers, {row['programs_per_sm']:2} programs an SM, w1 in "
                   f"{row['waves']['w1']} waves; loop {row['loop_instructions']} instructions for "
-                  f"{row['codes_a_thread_a_step']} codes"
+                  f"{row['codes_a_thread_a_step']} codes, loads at {_span(row['global_loads_at'])}"
                   + (" (default)" if variant == default and early_meta == gemv.EARLY_META else ""))  # fmt: skip
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
