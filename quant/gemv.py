@@ -217,7 +217,7 @@ def forget_tuned() -> None:
 def launch(x: Tensor, q: Quantized, *, tuned: bool = True, **given) -> dict:
     """gemv's LAUNCH keywords for x @ q.T: those `given` (and not None), else the launch tuned for q's shape and x's
     dtype on x's GPU (tuned_launches, while `tuned` and USE_TUNED), else the defaults: PACKED_LAUNCH[bits] (the
-    packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, and default_variant(q)."""
+    packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, SPLIT_K, default_variant(q) and EARLY_META."""
     assert given.keys() <= _LAUNCH_KEYS, given.keys() - _LAUNCH_KEYS
     shape = PACKED_LAUNCH[q.spec.bits] if _rows_together(q) > 1 else (BLOCK_N, BLOCK_K, 4)
     chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q), EARLY_META), strict=True))
