@@ -125,7 +125,10 @@ for step in "$@"; do
         stamp "$results/gemv_kernel_sweep_$gpu.json"
         ;;
     tune)  # the kernel's fastest launch for each of the model's shapes on this GPU (minutes); the steps after it run them
-        if [[ -z $no_model ]] && attempt moe tune "$model" --no-verify; then
+        # at most 4 minutes, so that the file comes back within the call: tune saves each shape as it is done, the
+        # experts' first, so one cut off still leaves those
+        if [[ -z $no_model ]]; then
+            attempt timeout -k 10 240 python3 -m cli.app tune "$model" --no-verify
             written=$(python3 -c "import torch; from quant import gemv; \
 print(gemv.user_tuned_folder() / gemv.tuned_file_name(gemv.device_name(torch.device('cuda'))))")
             [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned

@@ -751,7 +751,12 @@ def tune(model: Model, load: dict | None = None) -> None:
         def moved(what: str, done: int, total: int) -> None:
             progress.update(task, description=f"tuning {what}", completed=done, total=total)
 
-        tuned = tune_model(model, **load, progress=moved, about=provenance())
+        try:
+            tuned = tune_model(model, **load, progress=moved, about=provenance())
+        except KeyboardInterrupt:
+            err.print("(interrupted: the shapes tuned before it are saved, and decode runs them; the others keep "
+                      "the built-in launches until a tune runs to the end)")  # fmt: skip
+            raise typer.Exit(130) from None
     table = Table("shape", "matrices", "default us", "tuned us", "speedup", "launch")
     for key, result in tuned.results.items():
         launch = result["launch"]

@@ -55,8 +55,9 @@ def tune_model(
     timer: gemv_tune.Timer | None = None,
 ) -> Tuned:  # fmt: skip
     """Tune every shape of `model`'s kernel_shapes on `device` for one token of `dtype` (the load options' names and
-    meanings), and save the results where gemv reads them (gemv_tune.save, recording `about`). `timer` stands in for
-    CUDA's (gemv_tune.timed_us), as the tests' does on the interpreter."""
+    meanings), and save each shape's result where gemv reads it as it is done (gemv_tune.save, recording `about`):
+    an interrupted tune (Ctrl-C, a session's time limit) keeps the shapes it finished. `timer` stands in for CUDA's
+    (gemv_tune.timed_us), as the tests' does on the interpreter."""
     where = resolve_device(device)
     if timer is None:
         if where.type != "cuda":
@@ -70,6 +71,13 @@ def tune_model(
     shapes = kernel_shapes(source, compute)
     if not shapes:
         raise MoEOffloadError(f"{model} has no HQQ-quantized matrix for the kernel to multiply: nothing to tune")
-    results = gemv_tune.tune(shapes, where, compute, timer=timer, progress=progress)
-    path = gemv_tune.save(results, where, about or {})
-    return Tuned(gemv.device_name(where), str(compute).removeprefix("torch."), results, path)
+    saved = []
+
+    def save(result: dict[str, dict]) -> None:
+        saved.append(gemv_tune.save(result, where, about or {}))
+
+    results = gemv_tune.tune(shapes, where, compute, timer=timer, progress=progress, tuned=save)
+    if not saved:
+        raise MoEOffloadError(f"the kernel serves none of {model}'s quantized matrices (quant/gemv.py, supports): "
+                              "nothing to tune")  # fmt: skip
+    return Tuned(gemv.device_name(where), str(compute).removeprefix("torch."), results, saved[-1])

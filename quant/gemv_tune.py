@@ -144,10 +144,12 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
 def tune(
     shapes: dict[str, tuple[QuantSpec, tuple[int, int]]], device: torch.device, dtype: torch.dtype,
     timer: Timer = timed_us, progress: Progress | None = None, l2_bytes: int | None = None,
+    tuned: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:  # fmt: skip
     """tune_shape for each tuning key of `shapes` (a name per matrix, e.g. "w1", "layers.0.q_proj": its spec and
     shape), on random matrices of it on `device` with one token of `dtype`: by gemv.tuning_key, tune_shape's dict
-    and "matrices", the names of that key. Shapes the kernel does not serve (gemv.supports) are left out."""
+    and "matrices", the names of that key. Shapes the kernel does not serve (gemv.supports) are left out.
+    `tuned({key: result})` hears each shape's as it is done (save, so that an interrupted tune keeps them)."""
     if l2_bytes is None:
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     by_key: dict[str, list[str]] = {}
@@ -166,6 +168,8 @@ def tune(
         if progress is not None:
             tried = functools.partial(_tried, progress, key, len(results), len(by_key))
         results[key] = {**tune_shape(matrices, x, timer, tried), "matrices": names}
+        if tuned is not None:
+            tuned({key: results[key]})
         if progress is not None:
             progress(key, len(results), len(by_key))
     return results

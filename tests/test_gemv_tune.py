@@ -221,6 +221,52 @@ def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, 
     assert set(json.loads(tuned.path.read_text())["launches"]) == keys
 
 
+def test_an_interrupted_tune_keeps_the_shapes_it_finished(tmp_path, tuned_folders, monkeypatch):
+    """Each shape is saved as it is done: Ctrl-C (or a session's time limit) in the second shape leaves the first's
+    launch in the file, and gemv runs it; `tune` then exits 130 and says so. A model whose matrices the kernel
+    serves none of is a one-line error."""
+    _, user = tuned_folders
+    model = synthesize(tmp_path / "tiny", "tiny")
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((1, 2), (512,), (2,)), False: ((16,), (256,), (4,))})
+    monkeypatch.setattr(gemv_tune, "VARIANTS", [(True, True, 1, True)])
+    monkeypatch.setattr(gemv_tune, "SPLITS", ())
+    keys = []
+
+    def timer(calls):  # block_n 1 the fastest; the second shape is interrupted
+        key = gemv.tuning_key(calls[0].args[1].spec, tuple(calls[0].args[1].shape), torch.float32)
+        if key not in keys:
+            keys.append(key)
+        if len(keys) == 2:
+            raise KeyboardInterrupt
+        return 10.0 - (calls[0].keywords["block_n"] == 1)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_model(str(model), device="cpu", dtype="float32", timer=timer)
+    launches = gemv.tuned_launches(CPU)
+    assert list(launches) == keys[:1] and launches[keys[0]]["block_n"] == 1
+    assert json.loads((user / "cpu.json").read_text())["launches"][keys[0]]["us"] == 9.0
+    monkeypatch.setattr(gemv, "supports", lambda x, q: False)
+    with pytest.raises(MoEOffloadError) as raised:
+        tune_model(str(model), device="cpu", dtype="float32", timer=timer)
+    assert str(raised.value) == (f"the kernel serves none of {model}'s quantized matrices (quant/gemv.py, supports): "
+                                 "nothing to tune")  # fmt: skip
+
+
+def test_tune_interrupted_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    import offload.tune
+
+    model = synthesize(tmp_path / "tiny", "tiny")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offload.tune, "tune_model", interrupted)
+    assert main(["tune", str(model)]) == 130
+    assert capsys.readouterr().err.endswith("(interrupted: the shapes tuned before it are saved, and decode runs "
+                                            "them; the others keep the built-in launches until a tune runs to the "
+                                            "end)\n")  # fmt: skip
+
+
 def test_tune_replaces_a_tuned_file_it_cannot_read(tuned_folders):
     _, user = tuned_folders
     (user / "cpu.json").write_text("{")

@@ -41,7 +41,8 @@ def expand(line: str, values: dict[str, str]) -> list[str]:
 
 
 def commands(body: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
-    """('moe', argv) for each `moe`/`bench` call, (script name, argv) for each `python3 benchmarks/X.py`."""
+    """('moe', argv) for each `moe`/`bench`/`python3 -m cli.app` call, (script name, argv) for each
+    `python3 benchmarks/X.py`."""
     found = []
     for raw in body.splitlines():
         line = raw.strip().split(" >", 1)[0].split(" 2>&1", 1)[0].split(" ||", 1)[0]
@@ -52,6 +53,8 @@ def commands(body: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
         elif line.startswith("profile "):
             script, *args = expand(PROFILE + line[len("profile") :], values)
             found.append((Path(script).stem, args))
+        elif cli := re.search(r"python3 -m cli\.app ([^>&;}|]+)", raw):  # the console script, under a timeout
+            found.append(("moe", expand(cli[1], values)))
         elif moe := re.search(r"(?:^|\s)moe ([^>&;}|]+)", raw):
             found.append(("moe", expand(moe[1], values)))
         elif line.startswith("python3 benchmarks/"):
