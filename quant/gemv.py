@@ -79,13 +79,15 @@ MANTISSA_CODES = True
 # split. Untimed yet: `moe-offload tune` times 2, 4 and 8 on each shape
 SPLIT_K = 1
 SUM_BLOCK = 1024  # _sum_splits_kernel's outputs a program
-# Each step's scales and zeros loaded ahead of its codes' sums, not after them. The 2-bit packed loop's sm_90 SASS
-# issues its 24 meta loads (4 bit slots x the scale's and zero's 8-bit codes and their float16 meta) after the ~280
-# instructions of the codes' math, so every step then waits out their latency; ahead, that math covers it, at the
-# same 429 instructions but 64 registers a thread rather than 48 (16 programs an SM, not 21): a trade only a GPU
-# can settle. Untimed yet: `moe-offload tune` tries it at the launch it finds, and benchmarks/gemv_kernel.py
-# --variants times it at the default launch
-EARLY_META = False
+# Each step's scales and zeros loaded ahead of its codes' sums, not after them. Behind them, the 2-bit packed loop's
+# sm_90 SASS issues its 24 meta loads (4 bit slots x the scale's and zero's 8-bit codes and their float16 meta) at
+# instructions 268-362 of 429, after the codes' math, so every step waits out their latency; ahead (14-145), that
+# math covers it, at the same 429 instructions but 64 registers a thread rather than 48: 16 programs an SM, not 21
+# (benchmarks/results/gemv_sass_e933124.json). At the default launch that costs nothing on Mixtral's shapes, whose
+# programs all fit on an H100 at once either way (w1 in 0.65 or 0.85 of a wave); at launches of more programs it is
+# a trade. Untimed yet: `moe-offload tune` tries both at the launch it finds, benchmarks/gemv_kernel.py --variants
+# times it off at the default launch
+EARLY_META = True
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
           "early_meta")  # fmt: skip

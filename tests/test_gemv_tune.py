@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 SPEC = EXPERT_PRESETS["2"]  # 2-bit g16, 8-bit meta: the packed-row kernel
 SHAPE = (64, 256)
 TUNED = dict(block_n=4, block_k=1024, num_warps=2, split_k=2, late_sum=False, fast_codes=True, stages=1,
-             mantissa_codes=False, early_meta=True)  # fmt: skip
+             mantissa_codes=False, early_meta=not gemv.EARLY_META)  # fmt: skip
 
 
 def write_tuned(folder, launches: dict, device: str = "cpu") -> None:
@@ -59,7 +59,7 @@ def test_gemv_launches_the_tuned_launch_for_its_shape_and_dtype(tuned_folders, m
     launched = spy.launches[-1]
     assert (launched["BLOCK_N"], launched["BLOCK_K"], launched["num_warps"]) == (4, 1024, 2)
     assert launched["SPLIT_K"] == 2 and launched["grid"] == (SHAPE[0] // 4 // 4, 1, 2)  # 16 packed rows, 4 a program
-    assert launched["EARLY_META"]
+    assert launched["EARLY_META"] is TUNED["early_meta"]
     assert (launched["LATE_SUM"], launched["FAST_CODES"], launched["STAGES"], launched["MANTISSA_CODES"]) == (
         False, True, 1, False)  # fmt: skip
     assert gemv.launch(x, q) == TUNED
@@ -154,10 +154,11 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
         True,
         True,
     )
-    assert result["default_us"] == 100 - 1 - 0.5 * (default["stages"] == 3) - 0.25 * default["fast_codes"]
+    assert result["default_us"] == (100 - 1 - 0.5 * (default["stages"] == 3) - 0.25 * default["fast_codes"]
+                                    - 2 * default["early_meta"])  # fmt: skip
     assert result["launch"] == {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 2,
                                 "split_k": 4, "early_meta": True}  # fmt: skip
-    assert result["us"] == result["default_us"] - 5 - 10 - 50 - 3 - 2
+    assert result["us"] == result["default_us"] - 5 - 10 - 50 - 3 - 2 * (not default["early_meta"])
     timings = {tuple(t[key] for key in gemv.LAUNCH): t["us"] for t in result["timings"]}
     assert len(timings) == len(result["timings"])  # each once
     wrong = {**default, "late_sum": False, "block_n": 4, "block_k": 2048, "num_warps": 4}
@@ -215,7 +216,7 @@ def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, 
     w2 = random_quantized((128, 256), SPEC)
     assert gemv.launch(torch.zeros(1, 256), w2) == dict(block_n=1, block_k=512, num_warps=2, split_k=1, late_sum=False,
                                                         fast_codes=True, stages=1, mantissa_codes=False,
-                                                        early_meta=False)  # fmt: skip
+                                                        early_meta=gemv.EARLY_META)  # fmt: skip
     w1 = "2-bit g16, 8-bit meta g128 256x128 float32"
     gemv_tune.save({w1: tuned.results[w1]}, CPU, {})
     assert set(json.loads(tuned.path.read_text())["launches"]) == keys
