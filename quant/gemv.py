@@ -423,15 +423,16 @@ if triton is not None:
             mask = n_ok[:, None] & g_ok[None, :]
             address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
             packed = _load(codes_ptr + address[:, :, None] + j[None, None, :], mask[:, :, None], EVEN)
-            meta = (scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero)
             if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
-                s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
+                s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                                   QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
             shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
             code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
             cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
             xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
             if not EARLY_META:
-                s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
+                s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                                   QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
             part = s * (cx - z * xs[None, :])  # [BN, GB]
             if LATE_SUM:
                 acc += part
@@ -479,14 +480,15 @@ if triton is not None:
                 packed = (packed.to(tl.int32) << 15) | 0x3F800000  # each byte into 1.0's mantissa, once (_slot_dot)
             elif FAST_CODES:
                 packed = packed.to(tl.int32)  # widened once; every bit slot shifts and masks in 32 bits
-            meta = (scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero)
             for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
                 r = p + i * STEP  # [BN, GB] grid row
                 if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
-                    s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
+                    s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                                       QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
                 cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
                 if not EARLY_META:
-                    s, z = _scale_zero(r, mask, *meta, QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)
+                    s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                                       QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
                 part = s * (cx - z * xs[None, :])  # [BN, GB]
                 if LATE_SUM:
                     acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)
