@@ -86,7 +86,9 @@ SUM_BLOCK = 1024  # _sum_splits_kernel's outputs a program
 # (benchmarks/results/gemv_sass_e933124.json). At the default launch that costs nothing on Mixtral's shapes, whose
 # programs all fit on an H100 at once either way (w1 in 0.65 or 0.85 of a wave); at launches of more programs it is
 # a trade. Untimed yet: `moe-offload tune` tries both at the launch it finds, benchmarks/gemv_kernel.py --variants
-# times it off at the default launch
+# times it off at the default launch. The loads stay early because the barrier of the x sums' layout conversion
+# follows them: with the sums made in the codes' layout instead (no barrier; 418 instructions), ptxas sank them
+# back to 273-323 (an ad hoc try, not recorded)
 EARLY_META = True
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
