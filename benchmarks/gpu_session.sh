@@ -64,7 +64,7 @@ from quant import gemv
 for path in glob.glob(".gpu/gemv_tuned/*.json"):
     device = json.load(open(path))["device"]
     gemv.user_tuned_folder().mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, gemv.user_tuned_folder() / gemv.tuned_file_name(device))
+    shutil.copy(path, gemv.user_tuned_file(device))
     print(f"tuned launches for {device}: {path}")
 EOF
     tuned=_tuned
@@ -130,7 +130,7 @@ for step in "$@"; do
         if [[ -z $no_model ]]; then
             attempt timeout -k 10 240 python3 -m cli.app tune "$model" --no-verify
             written=$(python3 -c "import torch; from quant import gemv; \
-print(gemv.user_tuned_folder() / gemv.tuned_file_name(gemv.device_name(torch.device('cuda'))))")
+print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
             [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned
         fi
         ;;

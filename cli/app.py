@@ -744,6 +744,7 @@ def tune(model: Model, load: dict | None = None) -> None:
     names to go back to the built-in launches). A few minutes; needs a CUDA GPU."""
     from offload.bench import provenance
     from offload.tune import tune_model
+    from quant.gemv import FLAGS
 
     with _progress() as progress:
         task = progress.add_task("tuning", total=None)
@@ -763,7 +764,7 @@ def tune(model: Model, load: dict | None = None) -> None:
         shape = f"{launch['block_n']}x{launch['block_k']}, {launch['num_warps']} warps"
         if launch["split_k"] > 1:
             shape += f", K split {launch['split_k']} ways"
-        flags = [name for name in ("late_sum", "fast_codes", "mantissa_codes", "early_meta") if launch[name]]
+        flags = [name for name in FLAGS if launch[name]]
         names = result["matrices"]
         table.add_row(key, ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else ""),
                       f"{result['default_us']:.1f}", f"{result['us']:.1f}",

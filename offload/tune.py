@@ -71,13 +71,10 @@ def tune_model(
     shapes = kernel_shapes(source, compute)
     if not shapes:
         raise MoEOffloadError(f"{model} has no HQQ-quantized matrix for the kernel to multiply: nothing to tune")
-    saved = []
-
-    def save(result: dict[str, dict]) -> None:
-        saved.append(gemv_tune.save(result, where, about or {}))
-
-    results = gemv_tune.tune(shapes, where, compute, timer=timer, progress=progress, tuned=save)
-    if not saved:
+    results = gemv_tune.tune(shapes, where, compute, timer=timer, progress=progress,
+                             tuned=lambda result: gemv_tune.save(result, where, about or {}))  # fmt: skip
+    if not results:
         raise MoEOffloadError(f"the kernel serves none of {model}'s quantized matrices (quant/gemv.py, supports): "
                               "nothing to tune")  # fmt: skip
-    return Tuned(gemv.device_name(where), str(compute).removeprefix("torch."), results, saved[-1])
+    name = gemv.device_name(where)
+    return Tuned(name, str(compute).removeprefix("torch."), results, gemv.user_tuned_file(name))

@@ -94,6 +94,7 @@ EARLY_META = True
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
           "early_meta")  # fmt: skip
 _LAUNCH_KEYS = frozenset(LAUNCH)
+FLAGS = ("late_sum", "fast_codes", "mantissa_codes", "early_meta")  # the launch keywords that are true or false
 # Launches tuned on a GPU by `moe-offload tune` (quant/gemv_tune.py), one file a GPU, named by its device name:
 # gemv runs a matrix shape's where its keywords are left out. Those that ship with the package, then the user's own,
 # which win where both tune a shape (user_tuned_folder). Off: the built-in defaults above, which the benchmarks time
@@ -139,6 +140,11 @@ def user_tuned_folder() -> Path:
     return cache_dir() / "gemv-tuned"
 
 
+def user_tuned_file(device: str) -> Path:
+    """The file `tune` writes for the GPU named `device` (device_name), in user_tuned_folder()."""
+    return user_tuned_folder() / tuned_file_name(device)
+
+
 def device_name(device: torch.device) -> str:
     """The name tuned launches are filed under: CUDA's name for the GPU ("NVIDIA H100 80GB HBM3"), or "cpu" (the
     tests' interpreted kernel)."""
@@ -162,7 +168,7 @@ def _check_launch(launch: object) -> str | None:
         return "a launch is not an object"
     for key in LAUNCH:
         value = launch.get(key)
-        if key in ("late_sum", "fast_codes", "mantissa_codes", "early_meta"):
+        if key in FLAGS:
             if not isinstance(value, bool):
                 return f"{key} is {value!r}, not true or false"
         elif type(value) is not int or value < 1 or (key != "stages" and value & (value - 1)):

@@ -184,7 +184,7 @@ def save(results: dict[str, dict], device: torch.device, about: dict) -> Path:
     an earlier tune that these did not time (another model's, say), and return the file. `about` is recorded with
     them: the commit and command, say. A file there that gemv cannot read is replaced."""
     name = gemv.device_name(device)
-    path = gemv.user_tuned_folder() / gemv.tuned_file_name(name)
+    path = gemv.user_tuned_file(name)
     launches, timings = {}, {}
     if path.is_file():
         try:
