@@ -3,13 +3,14 @@
     python benchmarks/gemv_kernel.py [--sweep] [--variants] [--copies N] [--dtype bfloat16]
         [--out benchmarks/results/gemv_kernel.json]
 
-For 2-, 3- and 4-bit experts and one token: microseconds per matrix, the quantized bytes each read
-per second, and one whole expert MLP (w1, w3, w2) both ways. Times are device time per call, from CUDA
-graphs of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the
-host), over copies of the weights that together overflow L2, so every call reads its codes from memory
-as a decode step does. --variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of
-the kernel (mantissa_codes only where it applies: 2 and 4 bits), the default launch with K split over 2, 4 and 8
-programs (SPLITS) and with early_meta flipped, and the default variant at a few other 2-bit launches (LAUNCHES);
+For 2-, 3- and 4-bit experts and one token: microseconds per matrix, the quantized bytes each read per second, w1
+and w3 as one gated launch (gemv.gated) against the two apart, and one whole expert MLP (w1, w3, w2) dequantized,
+fused with w1 and w3 apart, and fused with them gated (gemv.GATED). Times are device time per call, from CUDA graphs
+of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the host), over copies of the
+weights that together overflow L2, so every call reads its codes from memory as a decode step does.
+--variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of the kernel (mantissa_codes only
+where it applies: 2 and 4 bits), the default launch with K split over 2, 4 and 8 programs (SPLITS) and with
+early_meta flipped (the gated pair's too), and the default variant at a few other 2-bit launches (LAUNCHES);
 --sweep times every launch shape (block_n x block_k x warps, per variant with --variants), reporting the best per
 matrix, to choose quant/gemv.py's defaults.
 """
@@ -49,6 +50,11 @@ SPLITS = (2, 4, 8)  # with --variants, the default launch with K split over thes
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
     """fn(x, copy, *args, **kwargs) for each copy of the weights: the calls that timed_us takes in turn."""
     return [functools.partial(fn, x, copy, *args, **kwargs) for copy in copies]
+
+
+def _gated(x, pair, out, workspace, **launch):
+    """gemv.gated on a (w1, w3) pair: what on_copies calls for each copy."""
+    return gemv.gated(x, *pair, out, workspace, **launch)
 
 
 def eager_us(calls: list, repeats: int = 50) -> float:
@@ -144,6 +150,14 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                     except gemv.triton.runtime.errors.OutOfResources:  # pipelined stages of a large tile, say
                         us = None
                     row["launches"].append({"block_n": n, "block_k": k, "num_warps": w, "us": us})
+            if name == "w1":  # with w3, as the one gated launch that decode makes of them
+                pairs = [(weights["w1"], weights["w3"]) for weights in experts]
+                gated_calls = functools.partial(on_copies, _gated, xin, pairs, out, Workspace())
+                row["gated"] = {"us": round(timed_us(gated_calls()), 1), "apart_us": round(2 * fused_us, 1)}
+                if args.variants:
+                    early_meta = not gemv.GATED_EARLY_META
+                    us = timed_us(gated_calls(early_meta=early_meta))
+                    row["gated"]["early_meta"] = {"early_meta": early_meta, "us": round(us, 1)}
             if sweep:
                 swept = [v["best"] for v in row.get("variants", ())
                          if tuple(v[key] for key in KEYWORDS) == default]  # fmt: skip
@@ -161,14 +175,24 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                 print(f"    split_k={split['split_k']}: {split['us']} us")
             if "early_meta" in row:
                 print(f"    early_meta={row['early_meta']['early_meta']}: {row['early_meta']['us']} us")
+            if "gated" in row:
+                gated = row["gated"]
+                print(f"    with w3, gated: {gated['us']} us, against {gated['apart_us']} us apart"
+                      + (f"; early_meta={gated['early_meta']['early_meta']}: {gated['early_meta']['us']} us"
+                         if "early_meta" in gated else ""))  # fmt: skip
             for launch in row.get("launches", ()):
                 shape = ", ".join(f"{key}={launch[key]}" for key in ("block_n", "block_k", "num_warps"))
                 print(f"    launch {shape}: {launch['us']} us")
-        for fused in (False, True):
+        for fused, gated in ((False, False), (True, False), (True, True)):
             workspace = Workspace(TRITON if fused else None)
-            us = timed_us(on_copies(expert_mlp, x, experts, workspace, reuse=True))
-            mlps.append({"bits": int(bits), "fused": fused, "expert_mlp_us": round(us, 1)})
-            print(f"{bits}-bit expert MLP, {'fused' if fused else 'dequantize+matmul'}: {us:.1f} us")
+            was, gemv.GATED = gemv.GATED, gated
+            try:
+                us = timed_us(on_copies(expert_mlp, x, experts, workspace, reuse=True))
+            finally:
+                gemv.GATED = was
+            mlps.append({"bits": int(bits), "fused": fused, "gated": gated, "expert_mlp_us": round(us, 1)})
+            how = ("fused, w1 and w3 gated" if gated else "fused, w1 and w3 apart") if fused else "dequantize+matmul"
+            print(f"{bits}-bit expert MLP, {how}: {us:.1f} us")
 
     return rows, mlps
 
@@ -203,6 +227,9 @@ def main() -> None:
             "fast_codes": gemv.FAST_CODES,
             "packed_stages": gemv.PACKED_STAGES,  # _gemv_kernel's: 1
             "mantissa_codes": gemv.MANTISSA_CODES,  # 2 and 4 bits only
+            "early_meta": gemv.EARLY_META,
+            "gated": gemv.GATED,
+            "gated_early_meta": gemv.GATED_EARLY_META,
         },
         "matrices": rows,
         "expert_mlp": mlps,

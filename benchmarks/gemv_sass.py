@@ -4,7 +4,8 @@
 
 Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
 launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages, mantissa_codes; and
-the default with early_meta flipped). It uses Triton's own ptxas, then reads the cubin back with the cuobjdump and
+the default with early_meta flipped; and as gemv.gated's w1 and w3 pair, at gated's early_meta and flipped). It uses
+Triton's own ptxas, then reads the cubin back with the cuobjdump and
 nvdisasm that Triton ships. For each it gives the registers a thread, the shared memory a program, how many programs
 an SM holds by those two (GPUS: an H100 for sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then
 take on its SMs, and the instructions of the K loop's body (one step: a thread's share of block_n x block_k codes),
@@ -66,8 +67,9 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     act, codes, meta_codes, bits, per, group, meta_group = case
     block_n, block_k, warps = gemv.PACKED_LAUNCH[bits] if packed else (gemv.BLOCK_N, gemv.BLOCK_K, 4)
     pointers = {"x_ptr": act, "codes_ptr": codes, "scale_codes": meta_codes, "scale_scale": "fp16",
-                "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16",
-                "out_ptr": act, "partial_ptr": "fp32"}  # fmt: skip
+                "scale_zero": "fp16", "zero_codes": meta_codes, "zero_scale": "fp16", "zero_zero": "fp16"}  # fmt: skip
+    pointers |= {"up_" + name.removesuffix("_ptr"): dtype for name, dtype in list(pointers.items())[1:]}  # w3's
+    pointers |= {"out_ptr": act, "partial_ptr": "fp32"}  # fmt: skip
     constants = {"BITS": bits, "PER": per, "GROUP": group, "QUANTIZED_META": meta_group is not None,
                  "META_GROUP": meta_group or 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                  "GB": block_k // group, "SPLIT_K": variant.get("split_k", gemv.SPLIT_K),
@@ -75,7 +77,8 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
                  "LATE_SUM": variant.get("late_sum", gemv.LATE_SUM),
                  "FAST_CODES": variant.get("fast_codes", gemv.FAST_CODES),
                  "STAGES": variant.get("stages", gemv.PACKED_STAGES if packed else 1),
-                 "EARLY_META": variant.get("early_meta", gemv.EARLY_META)}  # fmt: skip
+                 "EARLY_META": variant.get("early_meta", gemv.EARLY_META),
+                 "GATED": variant.get("gated", False)}  # fmt: skip
     if packed:
         constants["PER_P2"] = triton.next_power_of_2(per)
         constants["MANTISSA_CODES"] = codes == "u8" and variant.get("mantissa_codes", gemv.MANTISSA_CODES)
@@ -136,7 +139,8 @@ def analyse(case: tuple, arch: int, **variant) -> dict:
         **variant, "registers": registers, "shared_bytes": shared, "programs_per_sm": programs,
         "waves": {name: round(math.ceil(n // per / block_n) / (programs * gpu["sms"]), 2)
                   for name, (n, _) in SHAPES.items()},
-        "loop_instructions": len(body), "codes_a_thread_a_step": block_n * block_k * per // (32 * warps),
+        "loop_instructions": len(body),  # gated: both matrices' codes
+        "codes_a_thread_a_step": (1 + variant.get("gated", False)) * block_n * block_k * per // (32 * warps),
         # where in the loop its loads to registers (the scales' and zeros'; the tiles' go by cp.async) are issued
         "global_loads_at": [at for at, opcode in enumerate(body) if opcode == "LDG"],
         "loop_by_kind": dict(collections.Counter(body).most_common(12)),
@@ -169,18 +173,22 @@ def main() -> None:
         if args.arch < 80 and case[0] == "bf16":  # no bfloat16 before sm_80: a T4 computes in float16 (auto's dtype)
             name, case = name.replace("bf16", "fp16"), ("fp16", *case[1:])
         default = (gemv.LATE_SUM, gemv.FAST_CODES, gemv.PACKED_STAGES, gemv.MANTISSA_CODES)
-        # every variant with the meta loaded after the codes' sums, then the default with it loaded ahead
-        for variant, early_meta in [(v, gemv.EARLY_META) for v in VARIANTS] + [(default, not gemv.EARLY_META)]:
+        # every variant with the default early_meta, then the default with it flipped; then gemv.gated's pair, at its
+        # own default early_meta and flipped
+        runs = [(v, gemv.EARLY_META, False) for v in VARIANTS] + [(default, not gemv.EARLY_META, False)]
+        runs += [(default, early_meta, True) for early_meta in (gemv.GATED_EARLY_META, not gemv.GATED_EARLY_META)]
+        for variant, early_meta, gated in runs:
             late_sum, fast_codes, stages, mantissa_codes = variant
-            keywords = {**dict(zip(KEYWORDS, variant)), "early_meta": early_meta}
+            keywords = {**dict(zip(KEYWORDS, variant)), "early_meta": early_meta, "gated": gated}
             row = {"case": name, **analyse(case, args.arch, **keywords)}
             rows.append(row)
             print(f"{name:24} late_sum={late_sum!s:5} fast_codes={fast_codes!s:5} stages={stages} "
-                  f"mantissa_codes={mantissa_codes!s:5} early_meta={early_meta!s:5}: "
+                  f"mantissa_codes={mantissa_codes!s:5} early_meta={early_meta!s:5}{' gated' * gated}: "
                   f"{row['registers']:3} registers, {row['programs_per_sm']:2} programs an SM, w1 in "
                   f"{row['waves']['w1']} waves; loop {row['loop_instructions']} instructions for "
                   f"{row['codes_a_thread_a_step']} codes, loads at {_span(row['global_loads_at'])}"
-                  + (" (default)" if variant == default and early_meta == gemv.EARLY_META else ""))  # fmt: skip
+                  + (" (default)" if variant == default and early_meta == (gemv.GATED_EARLY_META if gated
+                                                                          else gemv.EARLY_META) else ""))  # fmt: skip
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "arch": f"sm_{args.arch}", "gpu": GPUS[args.arch]["name"], "triton": gemv.triton.__version__,

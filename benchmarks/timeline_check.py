@@ -295,10 +295,13 @@ def main() -> None:
 
 def expert_mlp_s(kernel: dict, profile: dict) -> float:
     """One 2-bit expert's MLP in place: the profile's fused-kernel time per decode step, shared between the
-    64 expert MLPs (w1, w3, w2) and the 32 layers' 4-bit attention projections (q, k, v, o) as the kernel
-    benchmark's standalone times split them (attention scaled from 4-bit w1 by size)."""
+    64 expert MLPs (w1 and w3, w2) and the 32 layers' 4-bit attention projections (q, k, v, o) as the kernel
+    benchmark's standalone times split them (attention scaled from 4-bit w1 by size). w1 and w3 take the gated
+    pair's time where the benchmark ran them gated by default (gemv.GATED), else twice w1's."""
     us = {(m["bits"], m["matrix"]): m["fused_us"] for m in kernel["matrices"]}
-    expert_us = 2 * us[2, "w1"] + us[2, "w2"]
+    w1 = next(m for m in kernel["matrices"] if (m["bits"], m["matrix"]) == (2, "w1"))
+    gated = kernel.get("defaults", {}).get("gated") and "gated" in w1
+    expert_us = (w1["gated"]["us"] if gated else 2 * us[2, "w1"]) + us[2, "w2"]
     attention_us = us[4, "w1"] * (2 * 4096 * 4096 + 2 * 1024 * 4096) / (14336 * 4096)
     kernel_us = next(op["self_device_us_per_step"] for op in profile["top"] if op["op"] == "_gemv_packed_kernel")
     share = 64 * expert_us / (64 * expert_us + 32 * attention_us)

@@ -367,7 +367,7 @@ def decode_kernel(fused_gemv: bool, device: torch.device) -> Kernel | None:
 def kernel_name(prepared: Prepared) -> str:
     """The kernel decode's products run, as `info` and `bench` name it: on the CPU, ", int8 tokens" where the
     experts' layout takes them (not 3-bit's padded grid, whose loop keeps its tokens float32); with Triton, ", tuned"
-    where `moe-offload tune` has tuned the experts' shapes for this GPU."""
+    where `moe-offload tune` has tuned the experts' shapes for this GPU (w1 and w3 as gemv.gated's pair, and w2)."""
     kernel = decode_kernel(prepared.fused_gemv, prepared.device)
     if kernel is None:
         return DEQUANTIZE
@@ -375,7 +375,8 @@ def kernel_name(prepared: Prepared) -> str:
     shapes = ((fmt.intermediate_size, fmt.hidden_size), (fmt.hidden_size, fmt.intermediate_size))  # w1/w3, w2
     if kernel is TRITON and fmt.spec is not None and gemv.USE_TUNED:
         tuned = gemv.tuned_launches(prepared.device)
-        if all(gemv.tuning_key(fmt.spec, shape, prepared.dtype) in tuned for shape in shapes):
+        gated = (gemv.GATED, False)  # decode's w1 and w3 as gemv.gated's pair, where GATED
+        if all(gemv.tuning_key(fmt.spec, shape, prepared.dtype, g) in tuned for shape, g in zip(shapes, gated)):
             return f"{kernel.name}, tuned"
     if kernel is CPU and cpu_gemv.int8_tokens() and fmt.spec is not None:
         if all(cpu_gemv.int8_reads(shape, fmt.spec) for shape in shapes):

@@ -11,7 +11,7 @@ from cache.expert_cache import ExpertCache
 from cache.table import request_order
 from offload.decoder import PREFILL_CHUNK, check_prefill_chunk
 from quant.hqq import Workspace
-from quant.linear import linear
+from quant.linear import linear, silu_gate
 from quant.packing import ExpertFormat
 
 Route = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -24,8 +24,7 @@ def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = Non
     buffers too, so the expert allocates nothing; the result is valid until the next reusing call.
     """
     if not reuse:  # in place where it can: two [T, I] products live at once, not four
-        gate = F.silu(linear(x, weights["w1"], workspace), inplace=True)
-        return linear(gate.mul_(linear(x, weights["w3"], workspace)), weights["w2"], workspace)
+        return linear(silu_gate(x, weights["w1"], weights["w3"], workspace), weights["w2"], workspace)
     # T = tokens, I = intermediate, D = hidden
     tokens = x.shape[0]
     intermediate, hidden = weights["w1"].shape[0], weights["w2"].shape[0]
@@ -33,8 +32,10 @@ def expert_mlp(x: torch.Tensor, weights: dict, workspace: Workspace | None = Non
     def buffer(name: str, features: int) -> torch.Tensor:
         return workspace.buffer("mlp." + name, (tokens, features), x.dtype, x.device)
 
-    gate = F.silu(linear(x, weights["w1"], workspace, buffer("gate", intermediate)), inplace=True)  # [T, I]
-    gate.mul_(linear(x, weights["w3"], workspace, buffer("up", intermediate)))
+    # [T, I]: in one kernel launch where the workspace's kernel has a gated one (quant/gemv.py, GATED)
+    gate = silu_gate(
+        x, weights["w1"], weights["w3"], workspace, buffer("gate", intermediate), buffer("up", intermediate)
+    )
     return linear(gate, weights["w2"], workspace, buffer("down", hidden))  # [T, D]
 
 

@@ -18,7 +18,8 @@ from offload.convert import Progress, open_source
 from offload.planner import resolve_device
 from quant import gemv, gemv_tune
 from quant.errors import MoEOffloadError
-from quant.hqq import Quantized, QuantSpec
+from quant.gemv_tune import Shape
+from quant.hqq import Quantized
 from quant.packing import ExpertFormat
 
 NO_GPU = (
@@ -35,17 +36,21 @@ class Tuned:
     path: Path  # where gemv reads them
 
 
-def kernel_shapes(source, dtype: torch.dtype) -> dict[str, tuple[QuantSpec, tuple[int, int]]]:
-    """The spec and shape of every matrix decode multiplies through the kernel, by name: an expert's ("experts.w1",
-    ...) and each HQQ-quantized resident weight ("layers.0.q_proj", ...). Float and NF4 weights take no part."""
+def kernel_shapes(source, dtype: torch.dtype) -> dict[str, Shape]:
+    """The spec and shape of every matrix decode multiplies through the kernel, by name: the experts' first
+    ("experts.w1+w3", gemv.gated's pair, then "experts.w2", then w1 and w3 alone, which decode multiplies only with
+    gemv.GATED off), since a tune cut short keeps the shapes it finished; then each HQQ-quantized resident weight
+    ("layers.0.q_proj", ...). Float and NF4 weights take no part."""
     shapes = {}
     fmt = source.expert_format(dtype)
     if fmt.spec is not None:
-        for name, shape in ExpertFormat._weight_shapes(fmt.hidden_size, fmt.intermediate_size).items():
-            shapes[f"experts.{name}"] = (fmt.spec, shape)
+        weights = ExpertFormat._weight_shapes(fmt.hidden_size, fmt.intermediate_size)
+        shapes["experts.w1+w3"] = Shape(fmt.spec, weights["w1"], gated=True)
+        for name in ("w2", "w1", "w3"):
+            shapes[f"experts.{name}"] = Shape(fmt.spec, weights[name])
     for name, weight in source.resident().items():
         if isinstance(weight, Quantized):
-            shapes[name] = (weight.spec, tuple(weight.shape))
+            shapes[name] = Shape(weight.spec, tuple(weight.shape))
     return shapes
 
 

@@ -17,6 +17,7 @@ grid rows step apart; when N % PER == 0, step = N/PER * K/g and those rows are o
     rows n < N/PER, reads each element once, contiguously, and makes all PER outputs from it;
   - `_gemv_kernel` (any shape, e.g. 3-bit's padded grid): a program takes consecutive outputs, so it
     reads each element for one of its codes, and PER far-apart programs read the same element.
+`gated` runs either kernel on an expert's w1 and w3 at once (GATED): silu(x @ w1.T) * (x @ w3.T) in one launch.
 
 Triton runs on CUDA; tests run the same kernel on the CPU under TRITON_INTERPRET=1.
 """
@@ -90,6 +91,20 @@ SUM_BLOCK = 1024  # _sum_splits_kernel's outputs a program
 # follows them: with the sums made in the codes' layout instead (no barrier; 418 instructions), ptxas sank them
 # back to 273-323 (an ad hoc try, not recorded)
 EARLY_META = True
+# An expert's w1 and w3 in one launch (`gated`): each program makes the same outputs of both, from one read of x and
+# one set of its group sums, with both matrices' tiles in flight, and writes silu(w1 x) * w3 x from float32. Apart,
+# a decode step's 2-bit Mixtral expert was two GEMV launches of 0.85 of an H100's wave each, then silu and the
+# product as two elementwise kernels over the [1, 14336] results (64 experts a token: 256 launches, 128 of them
+# elementwise; benchmarks/results/h100_9d0bc23/profile_decode_h100_graphs.json). The 2-bit packed loop's sm_90 SASS
+# at the default launch: 763 instructions a step for both matrices' 128 codes a thread, where apart each took 429
+# for 64 (benchmarks/gemv_sass.py). Untimed yet: benchmarks/gemv_kernel.py times the expert MLP with it and without;
+# off, expert_mlp launches w1 and w3 apart
+GATED = True
+# gated's early_meta where not tuned. Early, the 2-bit pair at the default launch holds 96 registers a thread: 10
+# programs an SM, and w1's 1792 programs in 1.36 of an H100's waves; late, 64 registers, 16 programs an SM, 0.85 of
+# a wave, with the meta loaded after the codes' sums as EARLY_META's comment says (benchmarks/gemv_sass.py, gated).
+# Late keeps every program in flight at once, as early does apart; `tune` tries both
+GATED_EARLY_META = False
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
           "early_meta")  # fmt: skip
@@ -115,6 +130,12 @@ def supports(x: Tensor, q: Quantized) -> bool:
     return q.spec.meta_bits in (None, 8) and all(
         meta.codes.is_contiguous() for meta in (q.scale, q.zero) if isinstance(meta, Quantized)
     )
+
+
+def supports_gated(x: Tensor, gate: Quantized, up: Quantized) -> bool:
+    """Whether `gated` serves silu(x @ gate.T) * (x @ up.T): GATED, and both matrices ones `gemv` serves, of one
+    spec and shape (an expert's w1 and w3)."""
+    return GATED and gate.spec == up.spec and gate.shape == up.shape and supports(x, gate) and supports(x, up)
 
 
 def _rows_together(q: Quantized) -> int:
@@ -157,9 +178,10 @@ def tuned_file_name(device: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def tuning_key(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """What a tuned launch is filed under: "2-bit g16, 8-bit meta g128 14336x4096 bfloat16" (x's dtype)."""
-    return f"{spec.describe()} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}"
+def tuning_key(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, gated: bool = False) -> str:
+    """What a tuned launch is filed under: "2-bit g16, 8-bit meta g128 14336x4096 bfloat16" (x's dtype), and
+    `gated`'s pairs of that shape under "gated 2-bit g16, ..." (twice the tiles a program: launched apart)."""
+    return f"{'gated ' * gated}{spec.describe()} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}"
 
 
 def _check_launch(launch: object) -> str | None:
@@ -224,16 +246,18 @@ def forget_tuned() -> None:
     _tuned.clear()
 
 
-def launch(x: Tensor, q: Quantized, *, tuned: bool = True, **given) -> dict:
-    """gemv's LAUNCH keywords for x @ q.T: those `given` (and not None), else the launch tuned for q's shape and x's
-    dtype on x's GPU (tuned_launches, while `tuned` and USE_TUNED), else the defaults: PACKED_LAUNCH[bits] (the
-    packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, SPLIT_K, default_variant(q) and EARLY_META."""
+def launch(x: Tensor, q: Quantized, *, tuned: bool = True, gated: bool = False, **given) -> dict:
+    """gemv's LAUNCH keywords for x @ q.T (or with `gated`, gated's for q and its pair): those `given` (and not None),
+    else the launch tuned for q's shape and x's dtype on x's GPU (tuned_launches, while `tuned` and USE_TUNED), else
+    the defaults: PACKED_LAUNCH[bits] (the packed-row kernel's) or BLOCK_N and BLOCK_K on 4 warps, SPLIT_K,
+    default_variant(q) and EARLY_META (gated: GATED_EARLY_META)."""
     assert given.keys() <= _LAUNCH_KEYS, given.keys() - _LAUNCH_KEYS
     shape = PACKED_LAUNCH[q.spec.bits] if _rows_together(q) > 1 else (BLOCK_N, BLOCK_K, 4)
-    chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q), EARLY_META), strict=True))
+    early_meta = GATED_EARLY_META if gated else EARLY_META
+    chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q), early_meta), strict=True))
     if tuned and USE_TUNED and any(given.get(key) is None for key in LAUNCH):
         if launches := tuned_launches(x.device):
-            chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype), ()))
+            chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype, gated), ()))
     chosen.update((key, value) for key, value in given.items() if value is not None)
     chosen["mantissa_codes"] = chosen["mantissa_codes"] and reads_bytes(q)
     return chosen
@@ -258,11 +282,37 @@ def gemv(
     reads_bytes(q)). stages is how many K steps' tiles are in flight, and early_meta (EARLY_META) loads each step's
     scales and zeros ahead of its codes' sums (neither changes a bit of the result).
     """
-    # M = tokens (rows of x), N = outputs, K = inputs
-    per = _rows_together(q)
     chosen = launch(x, q, block_n=block_n, block_k=block_k, num_warps=num_warps, split_k=split_k, late_sum=late_sum,
                     fast_codes=fast_codes, stages=stages, mantissa_codes=mantissa_codes,
                     early_meta=early_meta)  # fmt: skip
+    return _run(x, q, None, out, workspace, chosen)
+
+
+def gated(
+    x: Tensor, gate: Quantized, up: Quantized, out: Tensor | None = None, workspace: Workspace | None = None, **given
+) -> Tensor:
+    """silu(x @ dequantize(gate).T) * (x @ dequantize(up).T) -> [M, N] in x.dtype, in one launch (GATED): an expert's
+    w1 and w3, as supports_gated says. Both products and the gate are float32 until the one rounding to x.dtype.
+    `given` are gemv's launch keywords, resolved by `launch` for the pair (tuned apart from gemv's); the same launch
+    runs both matrices, so that each program makes the same outputs of both."""
+    assert supports_gated(x, gate, up), (tuple(x.shape), gate.shape, up.shape, gate.spec, up.spec)
+    return _run(x, gate, up, out, workspace, launch(x, gate, gated=True, **given))
+
+
+def _meta(q: Quantized) -> tuple[tuple[Tensor, ...], int]:
+    """q's scales and zeros as the kernels take them: six tensors (the scale's codes, their scale and zero, then the
+    zero's), and the meta's group size. Float meta is its own codes: the kernels read only the first of each three."""
+    if isinstance(q.scale, Quantized):
+        scale, zero = q.scale, q.zero
+        return (scale.codes, scale.scale, scale.zero, zero.codes, zero.scale, zero.zero), scale.spec.group_size
+    return (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero), 1
+
+
+def _run(x: Tensor, q: Quantized, up: Quantized | None, out: Tensor | None, workspace: Workspace | None,
+         chosen: dict) -> Tensor:  # fmt: skip
+    """x @ q.T, or with `up` silu(x @ q.T) * (x @ up.T), at the launch `chosen` (all of LAUNCH)."""
+    # M = tokens (rows of x), N = outputs, K = inputs
+    per = _rows_together(q)
     block_n, block_k, num_warps, split_k, late_sum, fast_codes, stages, mantissa_codes, early_meta = (
         chosen[key] for key in LAUNCH
     )
@@ -273,29 +323,26 @@ def gemv(
         out = torch.empty(rows, outputs, dtype=x.dtype, device=x.device)
     assert out.shape == (rows, outputs) and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
     x = x.contiguous()
-    quantized_meta = isinstance(q.scale, Quantized)
-    if quantized_meta:
-        scale, zero = q.scale, q.zero
-        meta = (scale.codes, scale.scale, scale.zero, zero.codes, zero.scale, zero.zero)
-        meta_group = scale.spec.group_size
-    else:
-        meta = (q.scale, q.scale, q.scale, q.zero, q.zero, q.zero)  # the kernel reads only the first of each
-        meta_group = 1
-    partial = out  # where the programs write: the output itself, or with split_k float32 partials [split_k, M, N]
+    meta, meta_group = _meta(q)
+    # without `up` the kernel reads none of the second matrix's pointers: q's stand in for them
+    up_meta = meta if up is None else _meta(up)[0]
+    halves = 1 if up is None else 2  # gated: each split's partials of both products
+    partial = out  # where the programs write: the output itself, or with split_k float32 partials [split_k, 2?, M, N]
     if split_k > 1:
-        shape = (split_k, rows, outputs)
+        shape = (split_k, halves, rows, outputs)
         if workspace is None:
             partial = torch.empty(shape, dtype=torch.float32, device=x.device)
         else:
             partial = workspace.buffer("gemv.split_k", shape, torch.float32, x.device)
-    args = (x, q.codes, *meta, out, partial, outputs, inputs, q.codes.shape[0])
+    args = (x, q.codes, *meta, (q if up is None else up).codes, *up_meta, out, partial, outputs, inputs,
+            q.codes.shape[0])  # fmt: skip
     # the launch tiles the matrix exactly (no ragged program, no ragged step): the loads need no mask
     even = (outputs // per) % block_n == 0 and inputs % block_k == 0
     constants = dict(
         BITS=q.spec.bits, PER=_ROWS_PER_ELEMENT[q.spec.bits], GROUP=q.spec.group_size,
-        QUANTIZED_META=quantized_meta, META_GROUP=meta_group,
+        QUANTIZED_META=isinstance(q.scale, Quantized), META_GROUP=meta_group,
         BLOCK_N=block_n, BLOCK_K=block_k, GB=block_k // q.spec.group_size, num_warps=num_warps, SPLIT_K=split_k,
-        EVEN=even, LATE_SUM=late_sum, FAST_CODES=fast_codes, STAGES=stages, EARLY_META=early_meta,
+        EVEN=even, LATE_SUM=late_sum, FAST_CODES=fast_codes, STAGES=stages, EARLY_META=early_meta, GATED=up is not None,
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows, split_k)
@@ -304,7 +351,9 @@ def gemv(
         _gemv_kernel[(triton.cdiv(outputs, block_n), rows, split_k)](*args, **constants)
     if split_k > 1:
         size = rows * outputs
-        _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](partial, out, size, SPLIT_K=split_k, BLOCK=SUM_BLOCK)
+        _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](
+            partial, out, size, SPLIT_K=split_k, GATED=up is not None, BLOCK=SUM_BLOCK
+        )
     return out
 
 
@@ -359,21 +408,48 @@ if triton is not None:
         return value
 
     @triton.jit
-    def _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K: tl.constexpr):
-        """acc (float32) into out, in its dtype; or with SPLIT_K into this program's float32 partial [SPLIT_K, M, N]."""
+    def _silu(a):
+        """silu(a) = a sigmoid(a), in float32."""
+        return a * tl.sigmoid(a)
+
+    @triton.jit
+    def _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K: tl.constexpr, HALF: tl.constexpr,
+               HALVES: tl.constexpr):  # fmt: skip
+        """acc (float32) into out, in its dtype; or with SPLIT_K into this program's float32 partial, half HALF of
+        [SPLIT_K, HALVES, M, N] (HALVES: 2 where the kernel is gated, whose two products are summed apart)."""
         if SPLIT_K == 1:
             tl.store(out_ptr + m * N + outputs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(partial_ptr + (tl.program_id(2) * tl.num_programs(1) + m) * N + outputs, acc, mask=mask)
+            split = tl.program_id(2) * HALVES + HALF
+            tl.store(partial_ptr + (split * tl.num_programs(1) + m) * N + outputs, acc, mask=mask)
 
     @triton.jit
-    def _sum_splits_kernel(partial_ptr, out_ptr, SIZE, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-        """out = the sum of the SPLIT_K partials [SPLIT_K, SIZE], in out's dtype."""
+    def _finish(out_ptr, partial_ptr, m, N, outputs, acc, acc_up, mask, SPLIT_K: tl.constexpr, GATED: tl.constexpr):
+        """A program's sums into out: acc, or GATED silu(acc) * acc_up; with SPLIT_K, both partials as they are."""
+        if GATED and SPLIT_K == 1:
+            _store(out_ptr, partial_ptr, m, N, outputs, _silu(acc) * acc_up, mask, SPLIT_K, 0, 1)
+        elif GATED:
+            _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K, 0, 2)
+            _store(out_ptr, partial_ptr, m, N, outputs, acc_up, mask, SPLIT_K, 1, 2)
+        else:
+            _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K, 0, 1)
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, out_ptr, SIZE, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
+        """out = the sum of the SPLIT_K partials [SPLIT_K, SIZE], in out's dtype; GATED: silu of the sum of the first
+        halves of [SPLIT_K, 2, SIZE] times the sum of the second."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < SIZE
+        halves: tl.constexpr = 2 if GATED else 1
         acc = tl.load(partial_ptr + i, mask=ok, other=0)
         for s in tl.static_range(1, SPLIT_K):
-            acc += tl.load(partial_ptr + s * SIZE + i, mask=ok, other=0)
+            acc += tl.load(partial_ptr + s * halves * SIZE + i, mask=ok, other=0)
+        if GATED:
+            up = tl.load(partial_ptr + SIZE + i, mask=ok, other=0)
+            for s in tl.static_range(1, SPLIT_K):
+                up += tl.load(partial_ptr + (s * halves + 1) * SIZE + i, mask=ok, other=0)
+            acc = _silu(acc) * up
         tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -403,18 +479,48 @@ if triton is not None:
         return s, z
 
     @triton.jit
+    def _grid_step(
+        acc, codes_ptr, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero, r, mask, xk, j, STEP,
+        BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr, QUANTIZED_META: tl.constexpr,
+        META_GROUP: tl.constexpr, EVEN: tl.constexpr, LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr,
+        EARLY_META: tl.constexpr,
+    ):  # fmt: skip
+        """acc plus _gemv_kernel's K step of one matrix: grid rows r [BN, GB], against xk [GB, G]."""
+        address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
+        packed = _load(codes_ptr + address[:, :, None] + j[None, None, :], mask[:, :, None], EVEN)
+        if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
+            s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                               QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
+        shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
+        code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
+        cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
+        xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
+        if not EARLY_META:
+            s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                               QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
+        part = s * (cx - z * xs[None, :])  # [BN, GB]
+        if LATE_SUM:
+            acc += part
+        else:
+            acc += tl.sum(part, axis=1)
+        return acc
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, codes_ptr,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        up_codes, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
         out_ptr, partial_ptr,
         N, K, STEP,
         BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
         LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, EARLY_META: tl.constexpr,
+        GATED: tl.constexpr,
     ):  # fmt: skip
         # one program: BLOCK_N outputs of one row of x, looping over K (its share, _k_span) in BLOCK_K steps, held as
-        # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group
+        # [BLOCK_N, GB, GROUP] tiles (GB = BLOCK_K // GROUP groups per step): index math once per group. GATED: the
+        # same outputs of the second matrix (up_*) too, from the same x tiles, and silu(first) * second
         m = tl.program_id(1)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = n < N
@@ -422,6 +528,7 @@ if triton is not None:
         groups_per_row = K // GROUP
         # LATE_SUM: a sum per group, [BN, GB], reduced over the groups (across threads) once after the loop
         acc = tl.zeros([BLOCK_N, GB] if LATE_SUM else [BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, GB] if LATE_SUM else [BLOCK_N], dtype=tl.float32)
         k_start, k_end = _k_span(K, BLOCK_K, SPLIT_K)
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
@@ -429,42 +536,91 @@ if triton is not None:
             xk = _load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], g_ok[:, None], EVEN).to(tl.float32)  # [GB, G]
             r = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] grid row of each group
             mask = n_ok[:, None] & g_ok[None, :]
-            address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
-            packed = _load(codes_ptr + address[:, :, None] + j[None, None, :], mask[:, :, None], EVEN)
+            acc = _grid_step(acc, codes_ptr, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                             r, mask, xk, j, STEP, BITS, PER, GROUP, QUANTIZED_META, META_GROUP, EVEN, LATE_SUM,
+                             FAST_CODES, EARLY_META)  # fmt: skip
+            if GATED:
+                acc_up = _grid_step(acc_up, up_codes, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
+                                    up_zero_scale, up_zero_zero, r, mask, xk, j, STEP, BITS, PER, GROUP,
+                                    QUANTIZED_META, META_GROUP, EVEN, LATE_SUM, FAST_CODES, EARLY_META)  # fmt: skip
+        if LATE_SUM:
+            acc = tl.sum(acc, axis=1)  # [BN]
+            acc_up = tl.sum(acc_up, axis=1)
+        _finish(out_ptr, partial_ptr, m, N, n, acc, acc_up, n_ok, SPLIT_K, GATED)
+
+    @triton.jit
+    def _codes_tile(codes_ptr, p, mask, j, GROUP: tl.constexpr, EVEN: tl.constexpr, FAST_CODES: tl.constexpr,
+                    MANTISSA_CODES: tl.constexpr):  # fmt: skip
+        """_gemv_packed_kernel's step of codes [BN, GB, G] from packed rows p [BN, GB], as _slot_dot reads them."""
+        packed = _load(codes_ptr + p[:, :, None] * GROUP + j[None, None, :], mask[:, :, None], EVEN)
+        if MANTISSA_CODES:
+            packed = (packed.to(tl.int32) << 15) | 0x3F800000  # each byte into 1.0's mantissa, once (_slot_dot)
+        elif FAST_CODES:
+            packed = packed.to(tl.int32)  # widened once; every bit slot shifts and masks in 32 bits
+        return packed
+
+    @triton.jit
+    def _packed_step(
+        acc, acc_up, packed, packed_up,
+        scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
+        p, mask, xk, xs, slot,
+        STEP, BITS: tl.constexpr, PER: tl.constexpr, QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
+        EVEN: tl.constexpr, LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
+        EARLY_META: tl.constexpr, GATED: tl.constexpr,
+    ):  # fmt: skip
+        """acc (and GATED acc_up) plus _gemv_packed_kernel's K step, from the codes tiles `packed` (and `packed_up`:
+        _codes_tile). A slot at a time, the two matrices side by side, so that EARLY_META issues both's meta loads
+        ahead of either's sums."""
+        for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
+            r = p + i * STEP  # [BN, GB] grid row
             if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
                 s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
                                    QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
-            shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
-            code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
-            cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
-            xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
+                if GATED:
+                    s_up, z_up = _scale_zero(r, mask, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
+                                             up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
+                                             EVEN)  # fmt: skip
+            cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
+            if GATED:
+                cx_up = _slot_dot(packed_up, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)
             if not EARLY_META:
                 s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
                                    QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
+                if GATED:
+                    s_up, z_up = _scale_zero(r, mask, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
+                                             up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
+                                             EVEN)  # fmt: skip
             part = s * (cx - z * xs[None, :])  # [BN, GB]
             if LATE_SUM:
-                acc += part
+                acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)
             else:
-                acc += tl.sum(part, axis=1)
-        if LATE_SUM:
-            acc = tl.sum(acc, axis=1)  # [BN]
-        _store(out_ptr, partial_ptr, m, N, n, acc, n_ok, SPLIT_K)
+                acc += tl.where(slot[None, :] == i, tl.sum(part, axis=1)[:, None], 0.0)
+            if GATED:
+                part_up = s_up * (cx_up - z_up * xs[None, :])
+                if LATE_SUM:
+                    acc_up += tl.where(slot[None, None, :] == i, part_up[:, :, None], 0.0)
+                else:
+                    acc_up += tl.where(slot[None, :] == i, tl.sum(part_up, axis=1)[:, None], 0.0)
+        return acc, acc_up
 
     @triton.jit
     def _gemv_packed_kernel(
         x_ptr, codes_ptr,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        up_codes, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
         out_ptr, partial_ptr,
         N, K, STEP,
         BITS: tl.constexpr, PER: tl.constexpr, PER_P2: tl.constexpr, GROUP: tl.constexpr,
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
         LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
-        EARLY_META: tl.constexpr,
+        EARLY_META: tl.constexpr, GATED: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
         # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
-        # contiguous elements), read once in [BLOCK_N, GB, GROUP] tiles, for BLOCK_N * PER outputs.
+        # contiguous elements), read once in [BLOCK_N, GB, GROUP] tiles, for BLOCK_N * PER outputs. GATED: the
+        # same outputs of the second matrix (up_*) too, from the same x tiles and sums, and silu(first) * second
         m = tl.program_id(1)
         per_slot = N // PER  # outputs per bit slot
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] packed row of outputs n + i * per_slot
@@ -475,6 +631,7 @@ if triton is not None:
         # column i sums output n + i * per_slot; LATE_SUM keeps a sum per group, [BN, GB, P], and reduces
         # over the groups (across threads) once after the loop rather than per step and bit slot
         acc = tl.zeros([BLOCK_N, GB, PER_P2] if LATE_SUM else [BLOCK_N, PER_P2], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, GB, PER_P2] if LATE_SUM else [BLOCK_N, PER_P2], dtype=tl.float32)
         k_start, k_end = _k_span(K, BLOCK_K, SPLIT_K)  # all of K, or this program's share of it
         for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
             g = k0 // GROUP + tl.arange(0, GB)  # [GB] group of the row
@@ -483,27 +640,19 @@ if triton is not None:
             xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
             p = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] packed row, = grid row of bit slot 0
             mask = n_ok[:, None] & g_ok[None, :]
-            packed = _load(codes_ptr + p[:, :, None] * GROUP + j[None, None, :], mask[:, :, None], EVEN)
-            if MANTISSA_CODES:
-                packed = (packed.to(tl.int32) << 15) | 0x3F800000  # each byte into 1.0's mantissa, once (_slot_dot)
-            elif FAST_CODES:
-                packed = packed.to(tl.int32)  # widened once; every bit slot shifts and masks in 32 bits
-            for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
-                r = p + i * STEP  # [BN, GB] grid row
-                if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
-                    s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-                                       QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
-                cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
-                if not EARLY_META:
-                    s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-                                       QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
-                part = s * (cx - z * xs[None, :])  # [BN, GB]
-                if LATE_SUM:
-                    acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)
-                else:
-                    acc += tl.where(slot[None, :] == i, tl.sum(part, axis=1)[:, None], 0.0)
+            packed = _codes_tile(codes_ptr, p, mask, j, GROUP, EVEN, FAST_CODES, MANTISSA_CODES)
+            if GATED:  # both tiles' loads issued before either's math
+                packed_up = _codes_tile(up_codes, p, mask, j, GROUP, EVEN, FAST_CODES, MANTISSA_CODES)
+            acc, acc_up = _packed_step(
+                acc, acc_up, packed, packed_up if GATED else packed,
+                scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
+                p, mask, xk, xs, slot, STEP, BITS, PER, QUANTIZED_META, META_GROUP, EVEN, LATE_SUM, FAST_CODES,
+                MANTISSA_CODES, EARLY_META, GATED,
+            )  # fmt: skip
         if LATE_SUM:
             acc = tl.sum(acc, axis=1)  # [BN, P]
+            acc_up = tl.sum(acc_up, axis=1)
         outputs = n[:, None] + slot[None, :] * per_slot  # [BN, P]
         mask = n_ok[:, None] & (slot[None, :] < PER)
-        _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K)
+        _finish(out_ptr, partial_ptr, m, N, outputs, acc, acc_up, mask, SPLIT_K, GATED)

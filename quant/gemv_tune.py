@@ -1,8 +1,9 @@
 """Tuning the fused GEMV kernel (quant/gemv.py) for one GPU: variants, then launch shapes, on a model's shapes.
 
-`moe-offload tune MODEL` runs `tune` on every matrix shape decode multiplies through the kernel, and writes what it
-found to gemv.user_tuned_folder(), where gemv reads it: from then on, on that GPU, each shape runs its fastest
-launch. For each shape, in turn:
+`moe-offload tune MODEL` runs `tune` on every matrix shape decode multiplies through the kernel, and on the experts'
+w1 and w3 as gemv.gated's pair (its own launch: twice the tiles a program), and writes what it found to
+gemv.user_tuned_folder(), where gemv reads it: from then on, on that GPU, each shape runs its fastest launch. For
+each shape, in turn:
   1. the built-in default launch (gemv.launch with nothing tuned);
   2. every variant (VARIANTS: late_sum, fast_codes, stages, mantissa_codes) at the default launch shape;
   3. the fastest of those at every launch shape (LAUNCH_SHAPES: block_n x block_k x num_warps, 36);
@@ -26,6 +27,7 @@ import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +51,15 @@ SPLITS = (2, 4, 8)  # split_k choices, tried at the fastest launch shape
 # A launch agrees with the default launch's output within this fraction of its largest value: bfloat16 rounds at
 # 2**-8 (4e-3), and the variants round differently (mantissa_codes: gemv.MANTISSA_CODES)
 AGREE = 1e-2
+
+
+class Shape(NamedTuple):
+    """What `tune` times: a matrix's spec and shape [N, K], or with `gated` gemv.gated's pair of two such matrices."""
+
+    spec: QuantSpec
+    shape: tuple[int, int]
+    gated: bool = False
+
 
 Timer = Callable[[list], float]  # device microseconds per call of `calls`, taken in turn
 Progress = Callable[[str, int, int], None]  # (what, done, total), as offload.convert.Progress
@@ -93,20 +104,31 @@ def launch_shapes(q: Quantized) -> list[dict]:
     return [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in shapes if k % q.spec.group_size == 0]
 
 
-def copies_for(spec: QuantSpec, shape: tuple[int, int], l2_bytes: int) -> int:
-    """Copies of a matrix that together hold twice `l2_bytes`: a call reads what the calls before it evicted."""
-    return max(1, math.ceil(2 * l2_bytes / quantized_nbytes(shape, spec)))
+def copies_for(spec: QuantSpec, shape: tuple[int, int], gated: bool = False, *, l2_bytes: int) -> int:
+    """Copies of a matrix (or with `gated` of a pair) that together hold twice `l2_bytes`: a call reads what the
+    calls before it evicted."""
+    return max(1, math.ceil(2 * l2_bytes / ((1 + gated) * quantized_nbytes(shape, spec))))
 
 
-def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_us,
+def _multiply(x: torch.Tensor, m: Quantized | tuple[Quantized, Quantized], out=None, workspace=None, **launch):
+    """gemv.gemv of one matrix, or gemv.gated of a pair (w1, w3)."""
+    if isinstance(m, tuple):
+        return gemv.gated(x, *m, out, workspace, **launch)
+    return gemv.gemv(x, m, out, workspace, **launch)
+
+
+def tune_shape(matrices: list, x: torch.Tensor, timer: Timer = timed_us,
                tried: Callable[[int], None] | None = None) -> dict:  # fmt: skip
-    """The fastest launch for x @ q.T over `matrices` (copies of one shape, taken in turn), as the module says:
-    {"launch": gemv's keywords, "us", "default_us", "timings": every launch tried, once, with its us (None: it could
-    not launch, or its result was wrong)}. `tried(n)` hears the count of launches tried after each."""
-    q, out = matrices[0], torch.empty(x.shape[0], matrices[0].shape[0], dtype=x.dtype, device=x.device)
+    """The fastest launch for x @ q.T over `matrices` (copies of one shape, taken in turn; or pairs of them, for
+    gemv.gated), as the module says: {"launch": gemv's keywords, "us", "default_us", "timings": every launch tried,
+    once, with its us (None: it could not launch, or its result was wrong)}. `tried(n)` hears the count of launches
+    tried after each."""
+    gated = isinstance(matrices[0], tuple)
+    q = matrices[0][0] if gated else matrices[0]
+    out = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
     workspace = Workspace()  # split-K's partial sums, made once, as in decode
-    default = gemv.launch(x, q, tuned=False)  # the built-in launch, whatever is tuned
-    expected = gemv.gemv(x, q, **default).float()
+    default = gemv.launch(x, q, tuned=False, gated=gated)  # the built-in launch, whatever is tuned
+    expected = _multiply(x, matrices[0], **default).float()
     scale = expected.abs().max().item() or 1.0
     timings: list[dict] = []
 
@@ -115,10 +137,10 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
         if earlier is not None:
             return earlier["us"]
         try:
-            got = gemv.gemv(x, q, **launch).float()
+            got = _multiply(x, matrices[0], **launch).float()
             us = None
             if (got - expected).abs().max().item() <= AGREE * scale:
-                us = timer([functools.partial(gemv.gemv, x, m, out, workspace, **launch) for m in matrices])
+                us = timer([functools.partial(_multiply, x, m, out, workspace, **launch) for m in matrices])
         except gemv.triton.runtime.errors.OutOfResources:
             us = None
         timings.append({**launch, "us": None if us is None else round(us, 2)})
@@ -142,28 +164,30 @@ def tune_shape(matrices: list[Quantized], x: torch.Tensor, timer: Timer = timed_
 
 
 def tune(
-    shapes: dict[str, tuple[QuantSpec, tuple[int, int]]], device: torch.device, dtype: torch.dtype,
+    shapes: dict[str, Shape], device: torch.device, dtype: torch.dtype,
     timer: Timer = timed_us, progress: Progress | None = None, l2_bytes: int | None = None,
     tuned: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict[str, dict]:  # fmt: skip
-    """tune_shape for each tuning key of `shapes` (a name per matrix, e.g. "w1", "layers.0.q_proj": its spec and
-    shape), on random matrices of it on `device` with one token of `dtype`: by gemv.tuning_key, tune_shape's dict
-    and "matrices", the names of that key. Shapes the kernel does not serve (gemv.supports) are left out.
+    """tune_shape for each tuning key of `shapes` (a name per matrix, e.g. "w1", "layers.0.q_proj", or pair, "w1+w3":
+    its Shape, or spec and shape), on random matrices of it on `device` with one token of `dtype`: by gemv.tuning_key,
+    tune_shape's dict and "matrices", the names of that key. Shapes the kernel does not serve (gemv.supports,
+    gemv.supports_gated) are left out.
     `tuned({key: result})` hears each shape's as it is done (save, so that an interrupted tune keeps them)."""
     if l2_bytes is None:
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     by_key: dict[str, list[str]] = {}
-    for name, (spec, shape) in shapes.items():
-        by_key.setdefault(gemv.tuning_key(spec, tuple(shape), dtype), []).append(name)
+    for name, value in shapes.items():
+        spec, shape, gated = Shape(*value)
+        by_key.setdefault(gemv.tuning_key(spec, tuple(shape), dtype, gated), []).append(name)
     results = {}
     for key, names in by_key.items():
-        spec, shape = shapes[names[0]]
+        shape = Shape(*shapes[names[0]])
         generator = torch.Generator(device).manual_seed(0)
-        x = torch.randn(1, shape[1], generator=generator, device=device).to(dtype)
-        matrices = [random_quantized(shape, spec, generator)]
-        if not gemv.supports(x, matrices[0]):
+        x = torch.randn(1, shape.shape[1], generator=generator, device=device).to(dtype)
+        matrices = [_random(shape, generator)]
+        if not (gemv.supports_gated(x, *matrices[0]) if shape.gated else gemv.supports(x, matrices[0])):
             continue
-        matrices += [random_quantized(shape, spec, generator) for _ in range(copies_for(spec, shape, l2_bytes) - 1)]
+        matrices += [_random(shape, generator) for _ in range(copies_for(*shape, l2_bytes=l2_bytes) - 1)]
         tried = None
         if progress is not None:
             tried = functools.partial(_tried, progress, key, len(results), len(by_key))
@@ -173,6 +197,15 @@ def tune(
         if progress is not None:
             progress(key, len(results), len(by_key))
     return results
+
+
+def _random(shape: Shape, generator: torch.Generator) -> Quantized | tuple[Quantized, Quantized]:
+    """A random matrix of `shape`, or with shape.gated a pair of them."""
+    if shape.gated:
+        return random_quantized(shape.shape, shape.spec, generator), random_quantized(
+            shape.shape, shape.spec, generator
+        )
+    return random_quantized(shape.shape, shape.spec, generator)
 
 
 def _tried(progress: Progress, key: str, done: int, total: int, launches: int) -> None:

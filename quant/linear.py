@@ -64,15 +64,25 @@ def weight_nbytes(weight: Weight) -> int:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A fused dequantize+GEMV: which calls it serves, and the call (x, q, out, workspace) -> out."""
+    """A fused dequantize+GEMV: which calls it serves, and the call (x, q, out, workspace) -> out. `gated`, where the
+    kernel has one, makes silu(x @ gate.T) * (x @ up.T) in one call (gate, up: an expert's w1 and w3), and
+    `supports_gated` says which pairs it serves."""
 
     name: str  # as bench's JSON and `info` name it
     supports: Callable[[Tensor, Quantized], bool]
     multiply: Callable[[Tensor, Quantized, Tensor | None, Workspace], Tensor]
+    supports_gated: Callable[[Tensor, Quantized, Quantized], bool] = lambda x, gate, up: False
+    gated: Callable[[Tensor, Quantized, Quantized, Tensor | None, Workspace], Tensor] | None = None
 
 
 # Looked up at call time, so that a test's patched gemv.gemv is the one called
-TRITON = Kernel("fused dequantize+GEMV (Triton)", gemv.supports, lambda x, q, out, ws: gemv.gemv(x, q, out, ws))
+TRITON = Kernel(
+    "fused dequantize+GEMV (Triton)",
+    gemv.supports,
+    lambda x, q, out, ws: gemv.gemv(x, q, out, ws),
+    lambda x, gate, up: gemv.supports_gated(x, gate, up),
+    lambda x, gate, up, out, ws: gemv.gated(x, gate, up, out, ws),
+)
 CPU = Kernel("fused dequantize+GEMV (C)", cpu_gemv.supports, lambda x, q, out, ws: cpu_gemv.multiply(x, q, out, ws))
 DEQUANTIZE = "dequantize in tiles, then matmul"  # what runs without a kernel
 
@@ -98,6 +108,21 @@ def linear(
     if out is None:
         return F.linear(x, weight)
     return torch.matmul(x, weight.T, out=out)
+
+
+def silu_gate(
+    x: Tensor, gate: Weight, up: Weight, workspace: Workspace | None = None, out: Tensor | None = None,
+    up_out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """silu(x @ gate.T) * (x @ up.T) [..., N] in x.dtype: an expert's w1 and w3, in one call of `workspace.kernel`'s
+    `gated` where it serves the pair (quant/gemv.py, gated: float32 until one rounding), else as two `linear`s, the
+    silu and the product in place in `out` (`up_out` holds the second product). Written into `out` when given."""
+    kernel = workspace.kernel if workspace is not None else None
+    if kernel is not None and kernel.gated is not None and isinstance(gate, Quantized) and isinstance(up, Quantized):
+        if kernel.supports_gated(x, gate, up):
+            return kernel.gated(x, gate, up, out, workspace)
+    product = F.silu(linear(x, gate, workspace, out), inplace=True)
+    return product.mul_(linear(x, up, workspace, up_out))
 
 
 def tiles(

@@ -353,3 +353,31 @@ def test_split_k_on_cuda_equals_one_program_a_row_and_replays_in_a_graph(split_k
     assert torch.equal(out, eager)  # the same order of sums: the same bits
     # the meta loaded ahead of the codes' sums: the same arithmetic, so the same bits
     assert torch.equal(gemv.gemv(x, q, split_k=split_k, early_meta=True), eager)
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gated_on_cuda_is_silu_of_w1_times_w3_and_replays_in_a_graph(split_k):
+    """Mixtral's 2-bit w1 and w3 as one gated launch, compiled: silu(w1 x) * w3 x from the two launches' float32
+    sums (only the gate's rounding differs), the meta early and late giving the same bits, and from a CUDA graph
+    as eagerly with nothing allocated on replay."""
+    from quant import gemv
+    from quant.hqq import EXPERT_PRESETS, Workspace, random_quantized
+
+    generator = torch.Generator("cuda").manual_seed(1)
+    w1, w3 = (random_quantized((14336, 4096), EXPERT_PRESETS["2"], generator) for _ in range(2))
+    x = torch.randn(1, 4096, generator=generator, device="cuda", dtype=torch.float32)
+    first, second = gemv.gemv(x, w1, split_k=split_k), gemv.gemv(x, w3, split_k=split_k)
+    expected = torch.nn.functional.silu(first) * second
+    workspace, out = Workspace(), torch.empty_like(expected)
+    eager = gemv.gated(x, w1, w3, out, workspace, split_k=split_k).clone()
+    torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert torch.equal(gemv.gated(x, w1, w3, split_k=split_k, early_meta=not gemv.GATED_EARLY_META), eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv.gated(x, w1, w3, out, workspace, split_k=split_k)
+    out.zero_()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert torch.equal(out, eager)

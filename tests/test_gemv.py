@@ -18,6 +18,7 @@ import torch
 
 import offload
 from benchmarks import gemv_sass
+from offload.moe import expert_mlp
 from quant import gemv
 from quant.hqq import (
     EXPERT_PRESETS,
@@ -86,16 +87,17 @@ def launch_k(q) -> int:
 
 
 class Launches:
-    """Stands in for a Triton kernel in gemv's module and records the grids it is launched on, and whether the
-    launch was unmasked (EVEN)."""
+    """Stands in for a Triton kernel in gemv's module and records the grids it is launched on, whether the launch
+    was unmasked (EVEN), and whether it was gated (GATED)."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids, self.even = kernel, [], []
+        self.kernel, self.grids, self.even, self.gated = kernel, [], [], []
 
     def __getitem__(self, grid):
         def run(*args, **keywords):
             self.grids.append(grid)
             self.even.append(keywords["EVEN"])
+            self.gated.append(keywords["GATED"])
             return self.kernel[grid](*args, **keywords)
 
         return run
@@ -147,6 +149,58 @@ def test_packed_rows_and_the_fallback_equal_dequantize_then_matmul(monkeypatch, 
     assert (fallback if together > 1 else packed).grids == []
     even = shape[0] // together % (block_n or default_n) == 0 and shape[1] % (block_k or launch_k(q)) == 0
     assert (packed if together > 1 else fallback).even == [even] * 10
+    assert (packed if together > 1 else fallback).gated == [False] * 10
+
+
+@pytest.mark.parametrize(
+    "spec, shape, launch",
+    [  # launch: (block_n, block_k), None for gemv's default
+        (EXPERT_PRESETS["2"], (64, 256), None),  # the packed-row kernel, unmasked
+        (EXPERT_PRESETS["2"], (48, 512), (8, 64)),  # a ragged second program; 8 steps over K
+        (EXPERT_PRESETS["4"], (96, 256), (32, 128)),
+        (EXPERT_PRESETS["3"], (96, 256), None),  # 3-bit's padded grid: _gemv_kernel
+        (QuantSpec(2, 16), (42, 64), (16, 64)),  # N % 4 != 0: _gemv_kernel, float meta
+    ],
+)
+def test_gated_is_silu_of_the_first_product_times_the_second(monkeypatch, spec, shape, launch):
+    """gated (an expert's w1 and w3 in one launch) against silu(gemv(x, w1)) * gemv(x, w3) at the same launch, whose
+    float32 sums it shares (only silu's rounding differs), and against dequantize-then-multiply in float64; at two
+    tokens, with the meta early and late (no bit changes), and with K split 3 ways (each product's partials summed
+    apart, then gated)."""
+    generator = torch.Generator().manual_seed(sum(shape) + spec.bits)
+    w1, w3 = (on_device(random_quantized(shape, spec, generator)) for _ in range(2))
+    x = torch.randn(2, shape[1], generator=generator).to(DEVICE)
+    a, b = reference(x, w1), reference(x, w3)
+    exact = a * torch.sigmoid(a) * b
+    packed, fallback = Launches(gemv._gemv_packed_kernel), Launches(gemv._gemv_kernel)
+    monkeypatch.setattr(gemv, "_gemv_packed_kernel", packed)
+    monkeypatch.setattr(gemv, "_gemv_kernel", fallback)
+    block_n, block_k = launch or (None, None)
+    results = {}
+    for split_k, early_meta in [(1, False), (1, True), (3, False)]:
+        keywords = dict(block_n=block_n, block_k=block_k, split_k=split_k, early_meta=early_meta)
+        got = gemv.gated(x, w1, w3, **keywords)
+        assert got.shape == (2, shape[0]) and got.dtype == torch.float32
+        first, second = gemv.gemv(x, w1, **keywords), gemv.gemv(x, w3, **keywords)
+        assert_close(got, (first * torch.sigmoid(first) * second).double().cpu(), relative=1e-6)
+        assert_close(got, exact, 10 * tolerance(w1))  # silu(a) b: a's and b's errors, each times the other
+        results[split_k, early_meta] = got
+    assert torch.equal(results[1, False], results[1, True])
+    launched, other = (packed, fallback) if gemv._rows_together(w1) > 1 else (fallback, packed)
+    assert launched.gated == [True, False, False] * 3 and other.gated == []
+    assert [grid[2] for grid in launched.grids] == [1] * 6 + [3] * 3
+
+
+def test_gated_serves_pairs_of_one_spec_and_shape(monkeypatch):
+    generator = torch.Generator().manual_seed(8)
+    w1, w3 = (random_quantized((64, 256), EXPERT_PRESETS["2"], generator) for _ in range(2))
+    x = torch.zeros(1, 256)
+    assert gemv.supports_gated(x, w1, w3)
+    assert not gemv.supports_gated(x, w1, random_quantized((128, 256), EXPERT_PRESETS["2"], generator))
+    assert not gemv.supports_gated(x, w1, random_quantized((64, 256), QuantSpec(2, 16), generator))  # float meta
+    assert not gemv.supports_gated(torch.zeros(gemv.MAX_ROWS + 1, 256), w1, w3)  # a prefill: dequantize
+    monkeypatch.setattr(gemv, "GATED", False)
+    assert not gemv.supports_gated(x, w1, w3)
 
 
 @pytest.mark.parametrize("spec", [EXPERT_PRESETS["2"], EXPERT_PRESETS["4"]], ids=["2-bit", "4-bit"])
@@ -220,10 +274,31 @@ def test_gemv_writes_into_out_and_linear_dispatches_on_the_workspace():
     for _ in range(2):
         assert gemv.gemv(x, q, split, workspace, split_k=2, block_k=128) is split
         assert [key[0] for key in workspace._buffers] == ["gemv.split_k"]
-    partials = workspace.buffer("gemv.split_k", (2, 1, 64), torch.float32, DEVICE)
+    partials = workspace.buffer("gemv.split_k", (2, 1, 1, 64), torch.float32, DEVICE)[:, 0]  # [split, half, M, N]
     assert torch.equal(partials.sum(0), split) and (split - out).abs().max().item() < 1e-5
     assert partials.abs().min() > 0  # each program summed half of K: neither partial is the whole
     assert (partials - split).abs().min() > 0
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["prefill", "decode"])
+def test_the_expert_launches_w1_and_w3_together_where_the_kernel_is_gated(monkeypatch, reuse):
+    """expert_mlp through the Triton workspace: w1 and w3 in one gated launch, then w2, where GATED; w1, w3 and w2
+    apart where not; the same result within silu's rounding. Tokens at most MAX_ROWS take the kernel either way."""
+    generator = torch.Generator(DEVICE).manual_seed(9)
+    fmt = ExpertFormat.build(128, 256, EXPERT_PRESETS["2"], torch.float32)
+    weights = fmt.unpack(fmt.random(generator, torch.empty(fmt.nbytes, dtype=torch.uint8, device=DEVICE)))
+    x = torch.randn(2, 128, generator=generator, device=DEVICE)
+    calls = []
+    for name in ("gemv", "gated"):
+        monkeypatch.setattr(gemv, name, lambda *args, _call=getattr(gemv, name), _name=name, **keywords: (
+            calls.append(_name), _call(*args, **keywords))[1])  # fmt: skip
+    together = expert_mlp(x, weights, Workspace(TRITON), reuse=reuse).clone()
+    assert calls == ["gated", "gemv"]
+    monkeypatch.setattr(gemv, "GATED", False)
+    apart = expert_mlp(x, weights, Workspace(TRITON), reuse=reuse)
+    assert calls[2:] == ["gemv"] * 3
+    assert_close(together, apart.double().cpu(), relative=1e-5)  # w2's sums of silu's ulps, with cancellation
+    assert not torch.equal(together, apart)  # float32 silu in the kernel, torch's apart
 
 
 def test_gemv_supports_only_what_it_reads():
@@ -249,22 +324,24 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path,
     tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
     model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2)
     model.moe.workspace.kernel = model.decoder.workspace.kernel = TRITON  # what load() picks on CUDA
-    calls = []
-    original = gemv.gemv
-    gemv.gemv = lambda x, q, out=None, workspace=None: calls.append(q.spec.bits) or original(x, q, out, workspace)
-    try:
-        tokens = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(0))
-        model.reset()
-        got = [model.decoder.forward(tokens[:10], 0)[-1]]
-        # ten tokens: attention dequantizes; an expert that few enough of them chose runs the kernel
-        assert 4 not in calls and calls.count(2) % 3 == 0
-        calls.clear()
-        for position in range(10, 14):
-            got.append(model.decoder.forward(tokens[position : position + 1], position)[-1])
-    finally:
-        gemv.gemv = original
-    # per decode step and layer: q, k, v, o (4-bit) and two experts' three matrices (2-bit)
-    assert calls.count(4) == 4 * 2 * 4 and calls.count(2) == 4 * 2 * 2 * 3
+    calls = []  # each gemv call's bits, and "gated" for each of gated's
+    original, original_gated = gemv.gemv, gemv.gated
+    monkeypatch.setattr(gemv, "gemv", lambda x, q, out=None, workspace=None: calls.append(q.spec.bits) or original(
+        x, q, out, workspace))  # fmt: skip
+    monkeypatch.setattr(gemv, "gated", lambda x, w1, w3, out=None, workspace=None: calls.append("gated") or
+                        original_gated(x, w1, w3, out, workspace))  # fmt: skip
+    tokens = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(0))
+    model.reset()
+    got = [model.decoder.forward(tokens[:10], 0)[-1]]
+    # ten tokens: attention dequantizes; an expert that few enough of them chose runs the kernel: w1 and w3 gated,
+    # then w2
+    assert 4 not in calls and calls.count(2) == calls.count("gated") > 0
+    calls.clear()
+    for position in range(10, 14):
+        got.append(model.decoder.forward(tokens[position : position + 1], position)[-1])
+    monkeypatch.undo()
+    # per decode step and layer: q, k, v, o (4-bit) and two experts' w1 and w3 pair and w2 (2-bit)
+    assert calls.count(4) == 4 * 2 * 4 and calls.count("gated") == calls.count(2) == 4 * 2 * 2
     reference = hf_model(tiny)
     carry_our_weights(reference, model)
     with torch.no_grad():
@@ -308,11 +385,15 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
 
     monkeypatch.setattr(gemv_kernel, "HIDDEN", 128)
     monkeypatch.setattr(gemv_kernel, "INTERMEDIATE", 256)
-    original, seen, timings = gemv.gemv, set(), itertools.count(1)
+    original, original_gated, seen, timings = gemv.gemv, gemv.gated, set(), itertools.count(1)
 
     def recording(x, q, out=None, workspace=None, **keywords):
         seen.add((q.spec.bits, tuple(q.shape), tuple(sorted(keywords.items()))))
         return original(x, q, out, **keywords)
+
+    def recording_gated(x, w1, w3, out=None, workspace=None, **keywords):
+        seen.add(("gated", w1.spec.bits, tuple(w1.shape), tuple(sorted(keywords.items()))))
+        return original_gated(x, w1, w3, out, **keywords)
 
     def timer(calls, repeats=50):
         for call in calls:
@@ -320,12 +401,15 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
         return float(next(timings))
 
     monkeypatch.setattr(gemv, "gemv", recording)
+    monkeypatch.setattr(gemv, "gated", recording_gated)
     monkeypatch.setattr(gemv_kernel, "timed_us", timer)
     monkeypatch.setattr(gemv_kernel, "eager_us", timer)
     options = argparse.Namespace(variants=True, sweep=False, sweep_bits="2,3,4", copies=1)
     rows, mlps = gemv_kernel.measure(torch.device("cpu"), torch.float32, 0, options)
     assert [(row["bits"], row["matrix"]) for row in rows] == [(b, m) for b in (2, 3, 4) for m in ("w1", "w2")]
-    assert [(mlp["bits"], mlp["fused"]) for mlp in mlps] == [(b, f) for b in (2, 3, 4) for f in (False, True)]
+    expected = [(b, fused, gated) for b in (2, 3, 4) for fused, gated in ((False, False), (True, False), (True, True))]
+    assert [(mlp["bits"], mlp["fused"], mlp["gated"]) for mlp in mlps] == expected
+    assert gemv.GATED  # each MLP timing put it back
     for row in rows:
         variants = [tuple(v[key] for key in gemv_kernel.KEYWORDS) for v in row["variants"]]
         if row["bits"] == 3:  # _gemv_kernel: one stage, and int32 codes the mantissa variant leaves alone
@@ -349,6 +433,13 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
         for n, k, w in launches:
             assert (2, shape, (("block_k", k), ("block_n", n), ("num_warps", w))) in seen
         assert row["relative_error"] < 1e-4  # float32 x: the kernel's own error (tolerance(), above)
+        if row["matrix"] == "w1":  # with w3, gated: at the default launch, and with its early_meta flipped
+            assert row["gated"]["apart_us"] == 2 * row["fused_us"]
+            assert row["gated"]["early_meta"]["early_meta"] is not gemv.GATED_EARLY_META
+            flipped = (("early_meta", not gemv.GATED_EARLY_META),)
+            assert {("gated", row["bits"], shape, ()), ("gated", row["bits"], shape, flipped)} <= seen
+        else:
+            assert "gated" not in row
 
 
 def test_the_static_counts_read_the_loop_and_the_occupancy_right():

@@ -187,6 +187,38 @@ def test_tuning_keeps_the_default_where_nothing_beats_it(monkeypatch):
     assert result["launch"] == gemv.launch(x, q) and result["us"] == result["default_us"] == 7.0
 
 
+def test_gated_pairs_are_tuned_and_launched_apart_from_their_matrices(tuned_folders, monkeypatch):
+    """tune_shape on w1 and w3 pairs times gemv.gated, from gated's own default (GATED_EARLY_META); saved under the
+    pair's key, its launch is the one gated runs, while gemv keeps the default for each matrix of that shape."""
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((1, 2), (512,), (2,))})
+    monkeypatch.setattr(gemv_tune, "VARIANTS", [(True, True, 1, True)])
+    monkeypatch.setattr(gemv_tune, "SPLITS", (2,))
+    generator = torch.Generator().manual_seed(3)
+    pairs = [(random_quantized(SHAPE, SPEC, generator), random_quantized(SHAPE, SPEC, generator)) for _ in range(2)]
+    x = torch.randn(1, SHAPE[1], generator=generator)
+    timed = []
+
+    def timer(calls):  # block_n 1 and K split in two: the fastest
+        timed.append([call.args[1] for call in calls])
+        return 10.0 - (calls[0].keywords["block_n"] == 1) - (calls[0].keywords["split_k"] == 2)
+
+    result = gemv_tune.tune_shape(pairs, x, timer)
+    default = gemv.launch(x, pairs[0][0], tuned=False, gated=True)
+    assert default["early_meta"] is gemv.GATED_EARLY_META and result["default_us"] == 10.0
+    assert result["launch"] == {**default, "block_n": 1, "split_k": 2} and result["us"] == 8.0
+    assert all(taken == pairs for taken in timed)  # every timing takes the pairs in turn
+    key = gemv.tuning_key(SPEC, SHAPE, torch.float32, gated=True)
+    assert key == "gated 2-bit g16, 8-bit meta g128 64x256 float32"
+    gemv_tune.save({key: {**result, "matrices": ["experts.w1+w3"]}}, CPU, {})
+    spy = Spy(gemv._gemv_packed_kernel)
+    monkeypatch.setattr(gemv, "_gemv_packed_kernel", spy)
+    w1, w3 = pairs[0]
+    gemv.gated(x, w1, w3)
+    assert (spy.launches[-1]["GATED"], spy.launches[-1]["BLOCK_N"], spy.launches[-1]["SPLIT_K"]) == (True, 1, 2)
+    gemv.gemv(x, w1)
+    assert (spy.launches[-1]["GATED"], spy.launches[-1]["BLOCK_N"]) == (False, gemv.PACKED_LAUNCH[2][0])
+
+
 def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, tuned_folders, monkeypatch):
     """`tune` on a tiny synthetic model: each distinct shape of its experts (2-bit) and attention (4-bit) tuned
     once, saved in the user's folder with what the run recorded, and launched by gemv from then on; a second tune
@@ -202,12 +234,15 @@ def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, 
     seen = []
     tuned = tune_model(str(model), device="cpu", dtype="float32", timer=timer, about={"command": "test"},
                        progress=lambda *args: seen.append(args))  # fmt: skip
-    keys = {f"2-bit g16, 8-bit meta g128 {n}x{k} float32" for n, k in ((256, 128), (128, 256))}
-    keys |= {f"4-bit g64 {n}x{k} float32" for n, k in ((64, 128), (128, 128))}
-    assert set(tuned.results) == keys and tuned.device == "cpu" and tuned.dtype == "float32"
-    first = next(iter(tuned.results))
-    assert seen[0] == (f"{first}: 1 launch", 0, 4) and seen[-1] == (list(tuned.results)[-1], 4, 4)
-    assert tuned.results["2-bit g16, 8-bit meta g128 256x128 float32"]["matrices"] == ["experts.w1", "experts.w3"]
+    pair, w2, w1 = (f"{prefix}2-bit g16, 8-bit meta g128 {n}x{k} float32"
+                    for prefix, (n, k) in (("gated ", (256, 128)), ("", (128, 256)), ("", (256, 128))))  # fmt: skip
+    attention = [f"4-bit g64 {n}x{k} float32" for n, k in ((64, 128), (128, 128))]
+    assert list(tuned.results) == [pair, w2, w1, *attention]  # decode's expert shapes first
+    assert tuned.device == "cpu" and tuned.dtype == "float32"
+    keys = set(tuned.results)
+    assert seen[0] == (f"{pair}: 1 launch", 0, 5) and seen[-1] == (attention[-1], 5, 5)
+    assert tuned.results[pair]["matrices"] == ["experts.w1+w3"]
+    assert tuned.results[w1]["matrices"] == ["experts.w1", "experts.w3"]
     assert tuned.results["4-bit g64 64x128 float32"]["matrices"] == [f"layers.{i}.{p}" for i in range(4)
                                                                      for p in ("k_proj", "v_proj")]  # fmt: skip
     assert tuned.path == user / "cpu.json"
@@ -217,7 +252,6 @@ def test_tune_model_tunes_each_kernel_shape_and_gemv_then_launches_it(tmp_path, 
     assert gemv.launch(torch.zeros(1, 256), w2) == dict(block_n=1, block_k=512, num_warps=2, split_k=1, late_sum=False,
                                                         fast_codes=True, stages=1, mantissa_codes=False,
                                                         early_meta=gemv.EARLY_META)  # fmt: skip
-    w1 = "2-bit g16, 8-bit meta g128 256x128 float32"
     gemv_tune.save({w1: tuned.results[w1]}, CPU, {})
     assert set(json.loads(tuned.path.read_text())["launches"]) == keys
 
@@ -234,7 +268,9 @@ def test_an_interrupted_tune_keeps_the_shapes_it_finished(tmp_path, tuned_folder
     keys = []
 
     def timer(calls):  # block_n 1 the fastest; the second shape is interrupted
-        key = gemv.tuning_key(calls[0].args[1].spec, tuple(calls[0].args[1].shape), torch.float32)
+        m = calls[0].args[1]  # a matrix, or gated's pair
+        q = m[0] if isinstance(m, tuple) else m
+        key = gemv.tuning_key(q.spec, tuple(q.shape), torch.float32, isinstance(m, tuple))
         if key not in keys:
             keys.append(key)
         if len(keys) == 2:
@@ -285,7 +321,8 @@ def test_tune_without_a_gpu_says_so(tmp_path, capsys):
 
 
 def test_info_says_tuned_where_every_expert_shape_is(tmp_path, tuned_folders, monkeypatch):
-    """`info` and `bench` name the Triton kernel ", tuned" once w1's and w2's shapes both have a tuned launch."""
+    """`info` and `bench` name the Triton kernel ", tuned" once decode's expert shapes all have a tuned launch: w1
+    and w3 as gated's pair, and w2; or with GATED off, w1 alone and w2."""
     import offload.api
     from quant.linear import TRITON
 
@@ -294,7 +331,12 @@ def test_info_says_tuned_where_every_expert_shape_is(tmp_path, tuned_folders, mo
     monkeypatch.setattr(offload.api, "decode_kernel", lambda fused, device: TRITON)  # as on CUDA
     prepared = offload.api.prepare(str(model), device="cpu", dtype="float32")
     w1, w2 = (gemv.tuning_key(SPEC, shape, torch.float32) for shape in ((256, 128), (128, 256)))
-    for launches, name in (({w1: TUNED}, TRITON.name), ({w1: TUNED, w2: TUNED}, f"{TRITON.name}, tuned")):
+    pair = gemv.tuning_key(SPEC, (256, 128), torch.float32, gated=True)
+    tuned = f"{TRITON.name}, tuned"
+    cases = [(True, {pair: TUNED}, TRITON.name), (True, {w1: TUNED, w2: TUNED}, TRITON.name),
+             (True, {pair: TUNED, w2: TUNED}, tuned), (False, {w1: TUNED, w2: TUNED}, tuned)]  # fmt: skip
+    for gated, launches, name in cases:
+        monkeypatch.setattr(gemv, "GATED", gated)
         write_tuned(user, launches)
         gemv.forget_tuned()
         assert offload.api.describe(prepared)["decode kernel"] == name
