@@ -97,12 +97,12 @@ EARLY_META = True
 # product as two elementwise kernels over the [1, 14336] results (64 experts a token: 256 launches, 128 of them
 # elementwise; benchmarks/results/h100_9d0bc23/profile_decode_h100_graphs.json). The 2-bit packed loop's sm_90 SASS
 # at the default launch: 763 instructions a step for both matrices' 128 codes a thread, where apart each took 429
-# for 64 (benchmarks/gemv_sass.py). Untimed yet: benchmarks/gemv_kernel.py times the expert MLP with it and without;
-# off, expert_mlp launches w1 and w3 apart
+# for 64 (benchmarks/results/gemv_sass_93f22e2.json). Untimed yet: benchmarks/gemv_kernel.py times the pair and the
+# expert MLP with it and without; off, expert_mlp launches w1 and w3 apart
 GATED = True
 # gated's early_meta where not tuned. Early, the 2-bit pair at the default launch holds 96 registers a thread: 10
 # programs an SM, and w1's 1792 programs in 1.36 of an H100's waves; late, 64 registers, 16 programs an SM, 0.85 of
-# a wave, with the meta loaded after the codes' sums as EARLY_META's comment says (benchmarks/gemv_sass.py, gated).
+# a wave, with the meta loaded after the codes' sums as EARLY_META's comment says (gemv_sass_93f22e2.json, gated).
 # Late keeps every program in flight at once, as early does apart; `tune` tries both
 GATED_EARLY_META = False
 # gemv's launch keywords: a launch shape, then a variant of the kernel
