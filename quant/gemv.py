@@ -351,9 +351,8 @@ def _run(x: Tensor, q: Quantized, up: Quantized | None, out: Tensor | None, work
         _gemv_kernel[(triton.cdiv(outputs, block_n), rows, split_k)](*args, **constants)
     if split_k > 1:
         size = rows * outputs
-        _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](
-            partial, out, size, SPLIT_K=split_k, GATED=up is not None, BLOCK=SUM_BLOCK
-        )
+        _sum_splits_kernel[(triton.cdiv(size, SUM_BLOCK),)](partial, out, size, SPLIT_K=split_k, HALVES=halves,
+                                                            BLOCK=SUM_BLOCK)  # fmt: skip
     return out
 
 
@@ -435,20 +434,19 @@ if triton is not None:
             _store(out_ptr, partial_ptr, m, N, outputs, acc, mask, SPLIT_K, 0, 1)
 
     @triton.jit
-    def _sum_splits_kernel(partial_ptr, out_ptr, SIZE, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+    def _sum_splits_kernel(partial_ptr, out_ptr, SIZE, SPLIT_K: tl.constexpr, HALVES: tl.constexpr,
                            BLOCK: tl.constexpr):  # fmt: skip
-        """out = the sum of the SPLIT_K partials [SPLIT_K, SIZE], in out's dtype; GATED: silu of the sum of the first
-        halves of [SPLIT_K, 2, SIZE] times the sum of the second."""
+        """out = the sum of the SPLIT_K partials [SPLIT_K, SIZE], in out's dtype; HALVES = 2 (gated): silu of the sum
+        of the first halves of [SPLIT_K, 2, SIZE] times the sum of the second."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < SIZE
-        halves: tl.constexpr = 2 if GATED else 1
         acc = tl.load(partial_ptr + i, mask=ok, other=0)
         for s in tl.static_range(1, SPLIT_K):
-            acc += tl.load(partial_ptr + s * halves * SIZE + i, mask=ok, other=0)
-        if GATED:
+            acc += tl.load(partial_ptr + s * HALVES * SIZE + i, mask=ok, other=0)
+        if HALVES == 2:
             up = tl.load(partial_ptr + SIZE + i, mask=ok, other=0)
             for s in tl.static_range(1, SPLIT_K):
-                up += tl.load(partial_ptr + (s * halves + 1) * SIZE + i, mask=ok, other=0)
+                up += tl.load(partial_ptr + (s * HALVES + 1) * SIZE + i, mask=ok, other=0)
             acc = _silu(acc) * up
         tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
