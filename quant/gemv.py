@@ -558,6 +558,33 @@ if triton is not None:
         return packed
 
     @triton.jit
+    def _pair_meta(
+        r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+        up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
+        QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr, FAST_CODES: tl.constexpr, EVEN: tl.constexpr,
+        GATED: tl.constexpr,
+    ):  # fmt: skip
+        """Grid rows r's scales and zeros (_scale_zero), and GATED the second matrix's: s, z, s_up, z_up (without
+        GATED, s and z again, unread)."""
+        s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
+                           QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
+        s_up, z_up = s, z
+        if GATED:
+            s_up, z_up = _scale_zero(r, mask, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
+                                     up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
+                                     EVEN)  # fmt: skip
+        return s, z, s_up, z_up
+
+    @triton.jit
+    def _into_slot(acc, part, slot, i, LATE_SUM: tl.constexpr):
+        """acc plus one bit slot's sums part [BN, GB] in its column i: acc [BN, GB, P] with LATE_SUM, else [BN, P]."""
+        if LATE_SUM:
+            acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)
+        else:
+            acc += tl.where(slot[None, :] == i, tl.sum(part, axis=1)[:, None], 0.0)
+        return acc
+
+    @triton.jit
     def _packed_step(
         acc, acc_up, packed, packed_up,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
@@ -573,33 +600,21 @@ if triton is not None:
         for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
             r = p + i * STEP  # [BN, GB] grid row
             if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
-                s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-                                   QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
-                if GATED:
-                    s_up, z_up = _scale_zero(r, mask, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
-                                             up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
-                                             EVEN)  # fmt: skip
+                s, z, s_up, z_up = _pair_meta(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale,
+                                              zero_zero, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
+                                              up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
+                                              EVEN, GATED)  # fmt: skip
             cx = _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)  # [BN, GB]
             if GATED:
                 cx_up = _slot_dot(packed_up, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA_CODES, FAST_CODES)
             if not EARLY_META:
-                s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-                                   QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
-                if GATED:
-                    s_up, z_up = _scale_zero(r, mask, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
-                                             up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
-                                             EVEN)  # fmt: skip
-            part = s * (cx - z * xs[None, :])  # [BN, GB]
-            if LATE_SUM:
-                acc += tl.where(slot[None, None, :] == i, part[:, :, None], 0.0)
-            else:
-                acc += tl.where(slot[None, :] == i, tl.sum(part, axis=1)[:, None], 0.0)
+                s, z, s_up, z_up = _pair_meta(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale,
+                                              zero_zero, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
+                                              up_zero_scale, up_zero_zero, QUANTIZED_META, META_GROUP, FAST_CODES,
+                                              EVEN, GATED)  # fmt: skip
+            acc = _into_slot(acc, s * (cx - z * xs[None, :]), slot, i, LATE_SUM)
             if GATED:
-                part_up = s_up * (cx_up - z_up * xs[None, :])
-                if LATE_SUM:
-                    acc_up += tl.where(slot[None, None, :] == i, part_up[:, :, None], 0.0)
-                else:
-                    acc_up += tl.where(slot[None, :] == i, tl.sum(part_up, axis=1)[:, None], 0.0)
+                acc_up = _into_slot(acc_up, s_up * (cx_up - z_up * xs[None, :]), slot, i, LATE_SUM)
         return acc, acc_up
 
     @triton.jit
