@@ -4,9 +4,10 @@ machine with no GPU.
 Run by tests/test_gemv.py in a subprocess without TRITON_INTERPRET (which makes kernels interpreted).
 Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": count, ...}} (cp.async, the
 pipeliner's copy to shared memory, counted as a load), for
-_gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, and
-_gather_rows_kernel on a bfloat16 and a float16 table. The pointers and sizes are declared 16-byte aligned, as Triton
-specializes them at launch for Mixtral's shapes.
+_gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, each alone and gated
+("<kernel> gated <case> sm_<arch>": an expert's w1 and w3 at once), _sum_splits_kernel adding 4 partials alone and
+gated, and _gather_rows_kernel on a bfloat16 and a float16 table. The pointers and sizes are declared 16-byte
+aligned, as Triton specializes them at launch for Mixtral's shapes.
 """
 
 import collections
@@ -23,6 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.gemv_sass import CASES, compile_case  # noqa: E402
 from offload import embedding  # noqa: E402
+from quant import gemv  # noqa: E402
 
 GLOBAL_LOAD = r"ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global"  # to registers, and cp.async to shared
 
@@ -36,6 +38,21 @@ def compile_gather(arch: int, dtype: str = "bf16") -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
 
+def compile_sum(arch: int, halves: int) -> str:
+    """PTX of _sum_splits_kernel adding 4 float32 partials into bfloat16 (halves 2: gated's two products)."""
+    signature = {"partial_ptr": "*fp32", "out_ptr": "*bf16", "SIZE": "i32"}
+    constants = {"SPLIT_K": 4, "HALVES": halves, "BLOCK": gemv.SUM_BLOCK}
+    signature |= {name: "constexpr" for name in constants}
+    source = ASTSource(
+        gemv._sum_splits_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in range(3)}
+    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+
+def counted(ptx: str) -> dict[str, int]:
+    return dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
+
+
 if __name__ == "__main__":
     loads = {}
     for name, case in CASES.items():
@@ -43,11 +60,16 @@ if __name__ == "__main__":
             if packed and case[4] == 1:  # one code per byte: gemv never takes the packed kernel
                 continue
             for arch in map(int, sys.argv[1:]):
-                ptx = compile_case(case, arch, packed).asm["ptx"]
-                loads[f"{kernel} {name} sm_{arch}"] = dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
+                loads[f"{kernel} {name} sm_{arch}"] = counted(compile_case(case, arch, packed).asm["ptx"])
+                gated = compile_case(case, arch, packed, gated=True).asm["ptx"]
+                loads[f"{kernel} gated {name} sm_{arch}"] = counted(gated)
+    for arch in map(int, sys.argv[1:]):
+        for halves in (1, 2):
+            loads[f"_sum_splits_kernel {'gated' if halves == 2 else 'alone'} sm_{arch}"] = counted(
+                compile_sum(arch, halves)
+            )
     for arch in map(int, sys.argv[1:]):
         # bfloat16 (sm_80 and later) and float16, the dtype auto picks on a T4 (sm_75)
         for dtype in ("bf16", "fp16"):
-            ptx = compile_gather(arch, dtype)
-            loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
+            loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = counted(compile_gather(arch, dtype))
     print(json.dumps(loads))

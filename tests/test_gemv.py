@@ -352,7 +352,7 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path,
 def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     """The interpreter checks the arithmetic; this compiles the kernels for real GPUs (sm_75: the T4 of a
     free Colab, sm_90: H100) with Triton's own ptxas, no GPU needed, and checks the codes are read 16
-    bytes at a time rather than byte by byte."""
+    bytes at a time rather than byte by byte; and, gated, both matrices' codes and meta with x's tile read once."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("gemv_ptx.py")), "75", "90"], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -367,7 +367,16 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     for case, counts in gathers.items():
         rows = sum(n for load, n in counts.items() if load.endswith(".v4.b32"))
         assert rows >= 1 and sum(counts.values()) - rows == 1, (case, counts)
-    assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 8 + ["_gemv_packed_kernel"] * 6
+    sums = {case: loads.pop(case) for case in list(loads) if case.startswith("_sum_splits_kernel")}
+    for arch in (75, 90):  # 4 partials of 16-byte loads a thread; gated, both products' partials
+        alone, gated = sums[f"_sum_splits_kernel alone sm_{arch}"], sums[f"_sum_splits_kernel gated sm_{arch}"]
+        assert gated == {load: 2 * n for load, n in alone.items()} and alone["ld.global.v4.b32"] >= 4
+    assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 16 + ["_gemv_packed_kernel"] * 12
+    for case in [case for case in loads if " gated " in case]:  # an expert's w1 and w3 at once
+        alone, gated = loads[case.replace(" gated", "")], loads[case]
+        meta = ("ld.global.b8", "ld.global.b16")  # both matrices' scales and zeros, one at a time
+        assert {k: gated.get(k) for k in meta} == {k: 2 * alone[k] if k in alone else None for k in meta}, case
+        assert sum(alone.values()) < sum(gated.values()) < 2 * sum(alone.values()), case  # x's tile read once
     for case, counts in loads.items():
         # the code and x tiles: 16-byte loads, or on sm_90 the packed kernel's pipelined (PACKED_STAGES)
         # 16-byte cp.async copies to shared memory; sm_75 has no cp.async and loads them as before
