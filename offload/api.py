@@ -533,6 +533,7 @@ class OffloadedModel:
             cache=self.cache,
             when=when,
             ahead=ahead,
+            fused_norm=self.decoder.fused_norm,
         )
 
     # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------

@@ -34,6 +34,7 @@ from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
 from offload.embedding import gather_rows, host_table
 from offload.graphs import DecodeGraphs, key_range
+from offload.norm import normed, serves
 from quant import cpu_gemv
 from quant.errors import MoEOffloadError
 from quant.hqq import Workspace
@@ -192,12 +193,6 @@ class ModelConfig:
         return cls(**{**data, "rope_theta": float(data["rope_theta"]), "eos_token_ids": eos})
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """transformers' MixtralRMSNorm: normalize in float32, scale in the input's dtype."""
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
 def rope_tables(config: ModelConfig, max_seq_len: int, device, dtype) -> tuple[Tensor, Tensor]:
     """cos and sin [max_seq_len, S], computed in float32 exactly as transformers does, then cast."""
     dim = config.head_dim
@@ -265,6 +260,8 @@ class Decoder:
         self.dtype = dtype
         self.max_seq_len = max_seq_len or min(config.max_position, 4096)
         self.eps = config.rms_norm_eps
+        # each RMSNorm, and the residual add before the MoE block's, in one kernel (offload/norm.py): on CUDA
+        self.fused_norm = serves(self.device)
         # the table in host memory, each token's row read in place by gather_rows (offload/embedding.py)
         self.host_embedding = host_embedding
         assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)
@@ -349,17 +346,23 @@ class Decoder:
             for s, e in spans:
                 part = h[s:e]  # a view: the add writes h
                 mask = self._mask(start_pos + s, e - s)  # None: decode, or a fresh full-causal span
-                part += self._attention(layer, rms_norm(part, input_norm, self.eps), start_pos + s, mask)
-                if len(spans) == 1:
-                    x = rms_norm(part, post_norm, self.eps)  # one span (every decode step): no copy
+                part += self._attention(layer, self._norm(part, input_norm), start_pos + s, mask)
+                if len(spans) == 1:  # one span (every decode step): no copy
+                    x = self._norm(part, post_norm)
                 else:
-                    x[s:e] = rms_norm(part, post_norm, self.eps)
+                    self._norm(part, post_norm, out=x[s:e])
             h += self.moe(layer, x, h)
             if self.layer_done is not None:
                 self.layer_done(layer, h)
         if last_only:
             h = h[-1:]
-        return linear(rms_norm(h, w["norm"], self.eps), w["lm_head"], self.workspace).float()  # [T, V]
+        return linear(self._norm(h, w["norm"]), w["lm_head"], self.workspace).float()  # [T, V]
+
+    def _norm(self, x: Tensor, weight: Tensor, out: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+        """offload/norm.py's normed, in one kernel where fused_norm: with `add` (the attention's output), the
+        residual stream's add first. The static path adds so; the eager one adds before, where the attention's
+        output is freed before the norm's float32 copies are made (prefill_bytes bounds a prefill's peak so)."""
+        return normed(x, weight, self.eps, fused=self.fused_norm, out=out, add=add)
 
     __call__ = forward
 
@@ -455,8 +458,8 @@ class Decoder:
         s, w, prefix = self._static, self.weights, f"layers.{layer}."
         if layer == 0:
             self._embed(s.ids, out=s.h)
-        s.h.add_(self._attention_at(layer, rms_norm(s.h, w[prefix + "input_norm"], self.eps), s.pos, keys))
-        s.x.copy_(rms_norm(s.h, w[prefix + "post_norm"], self.eps))
+        attended = self._attention_at(layer, self._norm(s.h, w[prefix + "input_norm"]), s.pos, keys)
+        self._norm(s.h, w[prefix + "post_norm"], out=s.x, add=attended)
         self.moe.route_into(layer, s.x, s.h)
 
     def _static_residual(self, layer: int, out: Tensor) -> None:
@@ -465,7 +468,7 @@ class Decoder:
 
     def _static_head(self) -> None:
         s = self._static
-        s.logits.copy_(linear(rms_norm(s.h, self.weights["norm"], self.eps), self.weights["lm_head"], self.workspace))
+        s.logits.copy_(linear(self._norm(s.h, self.weights["norm"]), self.weights["lm_head"], self.workspace))
 
     def _attention_at(self, layer: int, x: Tensor, pos: Tensor, keys: int) -> Tensor:
         """One token's attention, its position a device tensor [1]: keys 0..keys-1 read, later ones masked."""

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
-from offload.decoder import rms_norm
 from offload.moe import Route
+from offload.norm import normed
 
 WHEN = ("early", "late", "both")
 
@@ -43,12 +43,14 @@ class Prefetcher:
         cache: ExpertCache,
         when: str,
         ahead: int = 1,
+        fused_norm: bool = False,
     ) -> None:
         if when not in WHEN:
             raise ValueError(f"when must be one of {WHEN}, got {when!r}")
         if ahead < 1 or (ahead > 1 and when == "early"):
             raise ValueError(f"ahead must be 1, or more with a guess at the output (late or both), got {ahead}")
         self.routers, self.post_norms, self.eps = routers, post_norms, eps
+        self.fused_norm = fused_norm  # the norm in one kernel, as the decoder's (offload/norm.py)
         self.route, self.top_k, self.cache = route, top_k, cache
         self.early = when in ("early", "both")
         self.late = when in ("late", "both")
@@ -66,7 +68,7 @@ class Prefetcher:
     def device_guess(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s router on `h` normed as its MoE input is (its post-attention norm): the ids [1, k] it
         would choose. Graph-safe."""
-        x = rms_norm(h[-1:], self.post_norms[layer], self.eps)  # [1, D]
+        x = normed(h[-1:], self.post_norms[layer], self.eps, fused=self.fused_norm)  # [1, D]
         return self.route(F.linear(x, self.routers[layer]), self.top_k)[0]
 
     def device_guesses(self, layer: int, h: torch.Tensor) -> torch.Tensor:

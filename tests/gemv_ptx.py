@@ -6,7 +6,8 @@ Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": cou
 pipeliner's copy to shared memory, counted as a load), for
 _gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, each alone and gated
 ("<kernel> gated <case> sm_<arch>": an expert's w1 and w3 at once), _sum_splits_kernel adding 4 partials alone and
-gated, and _gather_rows_kernel on a bfloat16 and a float16 table. The pointers and sizes are declared 16-byte
+gated, _gather_rows_kernel on a bfloat16 and a float16 table, and offload/norm.py's _rms_norm_kernel on a Mixtral
+row of each, alone and with the residual add. The pointers and sizes are declared 16-byte
 aligned, as Triton specializes them at launch for Mixtral's shapes.
 """
 
@@ -23,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.gemv_sass import CASES, compile_case  # noqa: E402
-from offload import embedding  # noqa: E402
+from offload import embedding, norm  # noqa: E402
 from quant import gemv  # noqa: E402
 
 GLOBAL_LOAD = r"ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global"  # to registers, and cp.async to shared
@@ -49,6 +50,15 @@ def compile_sum(arch: int, halves: int) -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
 
+def compile_norm(arch: int, dtype: str, add: bool) -> str:
+    """PTX of _rms_norm_kernel on a 4096-wide row of `dtype`, as fused_rms_norm launches it."""
+    signature = {"x_ptr": f"*{dtype}", "add_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                 "D": "i32", "eps": "fp32", "BLOCK": "constexpr", "ADD": "constexpr"}  # fmt: skip
+    source = ASTSource(norm._rms_norm_kernel, signature, {"BLOCK": 4096, "ADD": add},
+                       {(i,): [["tt.divisibility", 16]] for i in range(5)})  # fmt: skip
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8}).asm["ptx"]
+
+
 def counted(ptx: str) -> dict[str, int]:
     return dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
 
@@ -72,4 +82,6 @@ if __name__ == "__main__":
         # bfloat16 (sm_80 and later) and float16, the dtype auto picks on a T4 (sm_75)
         for dtype in ("bf16", "fp16"):
             loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = counted(compile_gather(arch, dtype))
+            for add in (False, True):
+                loads[f"_rms_norm_kernel {dtype}{' add' * add} sm_{arch}"] = counted(compile_norm(arch, dtype, add))
     print(json.dumps(loads))

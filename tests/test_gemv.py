@@ -367,6 +367,11 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     for case, counts in gathers.items():
         rows = sum(n for load, n in counts.items() if load.endswith(".v4.b32"))
         assert rows >= 1 and sum(counts.values()) - rows == 1, (case, counts)
+    # offload/norm.py's kernel on a 4096-wide row: x and the weight (and the residual add's input) 16 bytes a load
+    norms = {case: loads.pop(case) for case in list(loads) if case.startswith("_rms_norm_kernel")}
+    assert len(norms) == 8 and all(set(counts) == {"ld.global.v4.b32"} for counts in norms.values()), norms
+    for case in [case for case in norms if " add " in case]:
+        assert 2 * norms[case]["ld.global.v4.b32"] == 3 * norms[case.replace(" add", "")]["ld.global.v4.b32"], case
     sums = {case: loads.pop(case) for case in list(loads) if case.startswith("_sum_splits_kernel")}
     for arch in (75, 90):  # 4 partials of 16-byte loads a thread; gated, both products' partials
         alone, gated = sums[f"_sum_splits_kernel alone sm_{arch}"], sums[f"_sum_splits_kernel gated sm_{arch}"]

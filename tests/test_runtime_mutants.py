@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import offload
 from offload import embedding
 from offload.checkpoint import open_hf
-from offload.decoder import Decoder, ModelConfig, rms_norm
+from offload.decoder import Decoder, ModelConfig
 from offload.families.mixtral import route
 from offload.generate import (
     GenerationResult,
@@ -24,6 +24,7 @@ from offload.generate import (
     sampling_probs,
 )
 from offload.graphs import DecodeGraphs
+from offload.norm import rms_norm
 from offload.prefetch import Prefetcher
 from offload.tokenizer import load_tokenizer
 from quant.errors import MoEOffloadError

@@ -1,0 +1,96 @@
+"""RMSNorm in one kernel, with the residual add before it.
+
+Eagerly, transformers' RMSNorm (rms_norm, below) is about eight kernels: x to float32, its square, the mean, the
+epsilon, the reciprocal square root, x to float32 again, the product and back to x's dtype, the weight's product;
+the decode step's copy into its buffer and the residual add before it make ten. Each moves a few KB, so each costs
+a launch's worth of device time, 1 to 4 us (the H100 profile at 9d0bc23,
+benchmarks/results/h100_9d0bc23/profile_decode_h100_graphs.json: its reductions, casts and products), and a decode
+step norms 2 x 32 + 1 times, and the prefetcher's late guess once at each layer but the last. `fused_rms_norm` is
+one Triton kernel a row: it reads x (and with `add`, adds it into x first, as the residual stream's add_ does) and
+writes the normed row.
+
+The arithmetic is transformers': the sum of squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, then the
+weight's product rounded again (a 16-bit product in torch is float32's, rounded). Only the sum's order differs
+(a tree, not torch's), which moves float32's last bits. `normed` picks it where asked to and it serves the tensors:
+the decoder and the prefetcher ask on CUDA (Decoder.fused_norm); tests run it on the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch ship without Triton: the decoder norms in torch then
+    triton = None
+
+MAX_HIDDEN = 16384  # a row is one program's tile: Mixtral's 4096, and room for larger models
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' MixtralRMSNorm: normalize in float32, scale in the input's dtype."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def normed(x: Tensor, weight: Tensor, eps: float, *, fused: bool, out: Tensor | None = None,
+           add: Tensor | None = None) -> Tensor:  # fmt: skip
+    """rms_norm(x, weight, eps), into `out` when given; with `add`, x += add in place first (the residual stream's
+    add). In one kernel (fused_rms_norm) where `fused` and it takes these tensors, else in transformers' steps."""
+    if fused and supports(x, weight) and (add is None or add.is_contiguous()):
+        return fused_rms_norm(x, weight, eps, out, add)
+    if add is not None:
+        x.add_(add)
+    y = rms_norm(x, weight, eps)
+    return y if out is None else out.copy_(y)
+
+
+def serves(device: torch.device) -> bool:
+    """Whether the decoder norms through the kernel on `device` by default: CUDA, with Triton."""
+    return triton is not None and device.type == "cuda"
+
+
+def supports(x: Tensor, weight: Tensor) -> bool:
+    """Whether fused_rms_norm takes x [T, D] with weight [D]: contiguous, of one dtype, D at most MAX_HIDDEN."""
+    return (
+        triton is not None and x.dim() == 2 and x.is_contiguous() and weight.shape == (x.shape[1],)
+        and weight.dtype == x.dtype and weight.is_contiguous() and x.shape[1] <= MAX_HIDDEN
+    )  # fmt: skip
+
+
+def fused_rms_norm(
+    x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None, add: Tensor | None = None
+) -> Tensor:
+    """rms_norm of each row of x [T, D] in one kernel, scaled by weight [D], into `out` when given (else a new
+    tensor); with `add` [T, D], x += add first, in place (x's dtype, rounded once), and the sum normed."""
+    assert supports(x, weight), (tuple(x.shape), tuple(weight.shape), x.dtype, weight.dtype)
+    rows, hidden = x.shape
+    if out is None:
+        out = torch.empty_like(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
+    if add is not None:
+        assert add.shape == x.shape and add.is_contiguous(), (add.shape, x.shape)
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(rows,)](x, x if add is None else add, weight, out, hidden, eps, BLOCK=block, ADD=add is not None,
+                              num_warps=min(16, max(1, block // 512)))  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, add_ptr, weight_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, ADD: tl.constexpr):
+        row = tl.program_id(0)
+        d = tl.arange(0, BLOCK)
+        inside = d < D
+        x = tl.load(x_ptr + row * D + d, mask=inside, other=0)
+        if ADD:  # the residual stream's add, rounded to its dtype as add_ rounds it, and written back
+            x = (x.to(tl.float32) + tl.load(add_ptr + row * D + d, mask=inside, other=0).to(tl.float32)).to(x.dtype)
+            tl.store(x_ptr + row * D + d, x, mask=inside)
+        x = x.to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)).to(out_ptr.dtype.element_ty)
+        weight = tl.load(weight_ptr + d, mask=inside, other=0)
+        y = weight.to(tl.float32) * normed.to(tl.float32)
+        tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=inside)
