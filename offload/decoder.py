@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
+from offload import rope
 from offload.embedding import gather_rows, host_table
 from offload.graphs import DecodeGraphs, key_range
 from offload.norm import normed, serves
+from offload.rope import apply_rope
 from quant import cpu_gemv
 from quant.errors import MoEOffloadError
 from quant.hqq import Workspace
@@ -202,13 +204,6 @@ def rope_tables(config: ModelConfig, max_seq_len: int, device, dtype) -> tuple[T
     return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, heads, S] rotated by position; rotate_half pairs dim i with dim i + S/2 (HF convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 def repeat_kv_policy(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
     """Which prefill spans with grouped key heads repeat them for SDPA: "masked", "always" or none.
 
@@ -262,6 +257,7 @@ class Decoder:
         self.eps = config.rms_norm_eps
         # each RMSNorm, and the residual add before the MoE block's, in one kernel (offload/norm.py): on CUDA
         self.fused_norm = serves(self.device)
+        self.fused_rope = serves(self.device)  # the queries' and keys' rotation, one kernel each (offload/rope.py)
         # the table in host memory, each token's row read in place by gather_rows (offload/embedding.py)
         self.host_embedding = host_embedding
         assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)
@@ -374,6 +370,16 @@ class Decoder:
         rows = F.embedding(ids, table)
         return rows.to(self.dtype) if out is None else out.copy_(rows)
 
+    def _rotate(self, x: Tensor, positions: Tensor, start: int | None = None) -> Tensor:
+        """Queries or keys x [T, heads, S] rotated at `positions` [T], on the device: in one kernel where fused_rope
+        (offload/rope.py), else in transformers' steps on the tables' rows, a view of them where the positions are
+        start, start + 1, ... (a prefill's), else gathered (a decode step's, whose position is a device tensor)."""
+        if self.fused_rope and rope.supports(x, self.cos, positions):
+            return rope.rotate(x, self.cos, self.sin, positions)
+        if start is None:
+            return apply_rope(x, self.cos.index_select(0, positions), self.sin.index_select(0, positions))
+        return apply_rope(x, self.cos[start : start + x.shape[0]], self.sin[start : start + x.shape[0]])
+
     def _mask(self, start_pos: int, tokens: int) -> Tensor | None:
         """Boolean [T, start_pos+T] (True = attend) where a key range and is_causal cannot say it."""
         if tokens == 1:
@@ -392,10 +398,10 @@ class Decoder:
         c, w = self.config, self.weights
         tokens, end = x.shape[0], start_pos + x.shape[0]
         prefix = f"layers.{layer}."
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]  # [T, S]
         ws = self.workspace
-        q = apply_rope(linear(x, w[prefix + "q_proj"], ws).view(tokens, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(linear(x, w[prefix + "k_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+        at = self.positions[start_pos:end]  # [T]
+        q = self._rotate(linear(x, w[prefix + "q_proj"], ws).view(tokens, c.num_heads, c.head_dim), at, start_pos)
+        k = self._rotate(linear(x, w[prefix + "k_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim), at, start_pos)
         v = linear(x, w[prefix + "v_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim)  # [T, K, S]
         self.k_cache[layer, :, start_pos:end] = k.transpose(0, 1)
         self.v_cache[layer, :, start_pos:end] = v.transpose(0, 1)
@@ -475,9 +481,8 @@ class Decoder:
         # D = hidden, H = heads, K = kv heads, S = head dim
         c, w, ws = self.config, self.weights, self.workspace
         prefix = f"layers.{layer}."
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, S]
-        q = apply_rope(linear(x, w[prefix + "q_proj"], ws).view(1, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(linear(x, w[prefix + "k_proj"], ws).view(1, c.num_kv_heads, c.head_dim), cos, sin)
+        q = self._rotate(linear(x, w[prefix + "q_proj"], ws).view(1, c.num_heads, c.head_dim), pos)  # [1, H, S]
+        k = self._rotate(linear(x, w[prefix + "k_proj"], ws).view(1, c.num_kv_heads, c.head_dim), pos)
         v = linear(x, w[prefix + "v_proj"], ws).view(1, c.num_kv_heads, c.head_dim)  # [1, K, S]
         self.k_cache[layer].index_copy_(1, pos, k.transpose(0, 1))
         self.v_cache[layer].index_copy_(1, pos, v.transpose(0, 1))

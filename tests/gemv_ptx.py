@@ -6,9 +6,9 @@ Prints one JSON object: {"<kernel> <case> sm_<arch>": {"<load instruction>": cou
 pipeliner's copy to shared memory, counted as a load), for
 _gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, each alone and gated
 ("<kernel> gated <case> sm_<arch>": an expert's w1 and w3 at once), _sum_splits_kernel adding 4 partials alone and
-gated, _gather_rows_kernel on a bfloat16 and a float16 table, and offload/norm.py's _rms_norm_kernel on a Mixtral
-row of each, alone and with the residual add. The pointers and sizes are declared 16-byte
-aligned, as Triton specializes them at launch for Mixtral's shapes.
+gated, _gather_rows_kernel on a bfloat16 and a float16 table, offload/norm.py's _rms_norm_kernel on a Mixtral row
+of each, alone and with the residual add, and offload/rope.py's _rope_kernel on Mixtral's queries and keys. The
+pointers and sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
 """
 
 import collections
@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.gemv_sass import CASES, compile_case  # noqa: E402
-from offload import embedding, norm  # noqa: E402
+from offload import embedding, norm, rope  # noqa: E402
 from quant import gemv  # noqa: E402
 
 GLOBAL_LOAD = r"ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global"  # to registers, and cp.async to shared
@@ -59,6 +59,16 @@ def compile_norm(arch: int, dtype: str, add: bool) -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8}).asm["ptx"]
 
 
+def compile_rope(arch: int, dtype: str, heads: int) -> str:
+    """PTX of _rope_kernel on Mixtral's `heads` heads of 128, as rotate launches it."""
+    signature = {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}", "pos_ptr": "*i64",
+                 "out_ptr": f"*{dtype}", "H": "i32", "S": "i32", "HEADS": "constexpr", "HALF": "constexpr"}  # fmt: skip
+    source = ASTSource(rope._rope_kernel, signature, {"HEADS": heads, "HALF": 64},
+                       {(i,): [["tt.divisibility", 16]] for i in range(7)})  # fmt: skip
+    warps = min(8, max(1, heads * 64 // 256))  # as rotate
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
+
+
 def counted(ptx: str) -> dict[str, int]:
     return dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
 
@@ -84,4 +94,6 @@ if __name__ == "__main__":
             loads[f"_gather_rows_kernel {dtype} sm_{arch}"] = counted(compile_gather(arch, dtype))
             for add in (False, True):
                 loads[f"_rms_norm_kernel {dtype}{' add' * add} sm_{arch}"] = counted(compile_norm(arch, dtype, add))
+            for heads in (32, 8):  # Mixtral's queries and keys
+                loads[f"_rope_kernel {dtype} {heads} heads sm_{arch}"] = counted(compile_rope(arch, dtype, heads))
     print(json.dumps(loads))

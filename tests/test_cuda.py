@@ -68,7 +68,8 @@ def test_decode_allocates_nothing_on_the_gpu(tiny, tmp_path, prefetch, ahead):
         tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=4, experts=6, seed=11)
     model = offload.load(str(tiny), device="cuda", slots=3, expert_bits="4", attn_bits="4", prefetch=prefetch,
                          prefetch_ahead=ahead)  # fmt: skip
-    assert model.prepared.cuda_graphs and model.decoder.fused_norm  # the norms in graphs are offload/norm.py's
+    # the norms and rotations in the graphs are offload/norm.py's and offload/rope.py's kernels
+    assert model.prepared.cuda_graphs and model.decoder.fused_norm and model.decoder.fused_rope
     assert prefetch == "none" or model.moe.prefetcher.fused_norm
     model.reset()
     model.forward(torch.tensor([5, 6, 7], device="cuda"), 0)

@@ -372,6 +372,10 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     assert len(norms) == 8 and all(set(counts) == {"ld.global.v4.b32"} for counts in norms.values()), norms
     for case in [case for case in norms if " add " in case]:
         assert 2 * norms[case]["ld.global.v4.b32"] == 3 * norms[case.replace(" add", "")]["ld.global.v4.b32"], case
+    # offload/rope.py's kernel on Mixtral's 32 query heads and 8 key heads: the position once, each half of the
+    # heads 16 bytes a load (the tables' rows too, where each thread reads a run of them)
+    ropes = {case: loads.pop(case) for case in list(loads) if case.startswith("_rope_kernel")}
+    assert len(ropes) == 8 and all(c["ld.global.b64"] == 1 and c["ld.global.v4.b32"] >= 2 for c in ropes.values())
     sums = {case: loads.pop(case) for case in list(loads) if case.startswith("_sum_splits_kernel")}
     for arch in (75, 90):  # 4 partials of 16-byte loads a thread; gated, both products' partials
         alone, gated = sums[f"_sum_splits_kernel alone sm_{arch}"], sums[f"_sum_splits_kernel gated sm_{arch}"]
