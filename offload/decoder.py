@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
-from offload import rope
+from offload import norm, rope
 from offload.embedding import gather_rows, host_table
 from offload.graphs import DecodeGraphs, key_range
-from offload.norm import normed, serves
+from offload.norm import normed
 from offload.rope import apply_rope
 from quant import cpu_gemv
 from quant.errors import MoEOffloadError
@@ -256,8 +256,8 @@ class Decoder:
         self.max_seq_len = max_seq_len or min(config.max_position, 4096)
         self.eps = config.rms_norm_eps
         # each RMSNorm, and the residual add before the MoE block's, in one kernel (offload/norm.py): on CUDA
-        self.fused_norm = serves(self.device)
-        self.fused_rope = serves(self.device)  # the queries' and keys' rotation, one kernel each (offload/rope.py)
+        self.fused_norm = norm.works(self.device, dtype) is None
+        self.fused_rope = rope.works(self.device, dtype) is None  # queries' and keys' rotation (offload/rope.py)
         # the table in host memory, each token's row read in place by gather_rows (offload/embedding.py)
         self.host_embedding = host_embedding
         assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)

@@ -12,10 +12,13 @@ writes the normed row.
 The arithmetic is transformers': the sum of squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, then the
 weight's product rounded again (a 16-bit product in torch is float32's, rounded). Only the sum's order differs
 (a tree, not torch's), which moves float32's last bits. `normed` picks it where asked to and it serves the tensors:
-the decoder and the prefetcher ask on CUDA (Decoder.fused_norm); tests run it on the CPU under Triton's interpreter.
+the decoder and the prefetcher ask where `works` (Decoder.fused_norm: CUDA with Triton, where a first try agrees);
+tests run it on the CPU under Triton's interpreter.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -47,9 +50,27 @@ def normed(x: Tensor, weight: Tensor, eps: float, *, fused: bool, out: Tensor | 
     return y if out is None else out.copy_(y)
 
 
-def serves(device: torch.device) -> bool:
-    """Whether the decoder norms through the kernel on `device` by default: CUDA, with Triton."""
-    return triton is not None and device.type == "cuda"
+@functools.cache
+def works(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None where the decoder norms through the kernel on `device` in `dtype`: CUDA, with Triton, and a first
+    try on a Mixtral-wide row that runs and agrees with transformers' steps; else why not, in words (the decoder
+    then norms in torch's steps, as on the CPU). Tried once per device and dtype."""
+    if triton is None or device.type != "cuda":
+        return "Triton is not installed" if triton is None else "not a CUDA device"
+    return first_try(device, dtype)
+
+
+def first_try(device: torch.device, dtype: torch.dtype) -> str | None:
+    """works' try, on any device the kernel runs on (the CPU's interpreter in tests)."""
+    try:
+        generator = torch.Generator(device).manual_seed(0)
+        x, weight = (torch.randn(shape, generator=generator, device=device).to(dtype) for shape in ((2, 4096), (4096,)))
+        got, expected = fused_rms_norm(x, weight, 1e-5).float(), rms_norm(x, weight, 1e-5).float()
+    except Exception as error:  # noqa: BLE001 -- any failure means one thing: norm in torch's steps
+        return f"{type(error).__name__}: {error}"
+    if (got - expected).abs().max() > 4 * torch.finfo(dtype).eps * expected.abs().max():
+        return "the kernel's norm differs from transformers' steps"
+    return None
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:

@@ -5,11 +5,13 @@ the concatenation, two products, the sum), and a decode step also gathers its po
 twelve small kernels a layer, each a launch's worth of device time, as offload/norm.py says of the norm's.
 `rotate` is one Triton kernel a token: it reads the token's position, its cos and sin rows from the whole tables
 and its heads, and writes them rotated. The arithmetic is transformers', rounding where its steps round: each
-product to x's dtype, then their sum. The decoder uses it where Decoder.fused_rope (CUDA with Triton); tests run it
-on the CPU under Triton's interpreter.
+product to x's dtype, then their sum. The decoder uses it where `works` (Decoder.fused_rope: CUDA with Triton,
+where a first try agrees); tests run it on the CPU under Triton's interpreter.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -26,6 +28,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@functools.cache
+def works(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None where the decoder rotates through the kernel on `device` in `dtype`: CUDA, with Triton, and a first
+    try on Mixtral's key heads that runs and agrees with transformers' steps; else why not, in words (the decoder
+    then rotates in torch's steps, as on the CPU). Tried once per device and dtype."""
+    if triton is None or device.type != "cuda":
+        return "Triton is not installed" if triton is None else "not a CUDA device"
+    return first_try(device, dtype)
+
+
+def first_try(device: torch.device, dtype: torch.dtype) -> str | None:
+    """works' try, on any device the kernel runs on (the CPU's interpreter in tests)."""
+    try:
+        generator = torch.Generator(device).manual_seed(0)
+        x, cos, sin = (torch.randn(shape, generator=generator, device=device).to(dtype)
+                       for shape in ((2, 8, 128), (16, 128), (16, 128)))  # fmt: skip
+        positions = torch.tensor([9, 2], device=device)
+        got = rotate(x, cos, sin, positions).float()
+        expected = apply_rope(x, cos[positions], sin[positions]).float()
+    except Exception as error:  # noqa: BLE001 -- any failure means one thing: rotate in torch's steps
+        return f"{type(error).__name__}: {error}"
+    if (got - expected).abs().max() > 4 * torch.finfo(dtype).eps * expected.abs().max():
+        return "the kernel's rotation differs from transformers' steps"
+    return None
 
 
 def supports(x: Tensor, cos: Tensor, positions: Tensor) -> bool:

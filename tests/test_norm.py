@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import offload
-import offload.decoder
-from offload import norm
+from offload import norm, rope
 from offload.norm import fused_rms_norm, normed, rms_norm
 from tests.test_graphs import assert_static_equals_eager
 from tests.test_offload_oracle import DECODE, PROMPT
@@ -19,6 +18,13 @@ from tests.tiny import hf_model, make_tiny_mixtral
 pytestmark = pytest.mark.skipif(norm.triton is None, reason="Triton is not installed (pip install triton)")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted (tests/conftest.py)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def turn_on(monkeypatch) -> None:
+    """The decoder's norm and RoPE kernels on, as a CUDA device's first tries find them (norm.works, rope.works):
+    here, interpreted."""
+    monkeypatch.setattr(norm, "works", lambda device, dtype: None)
+    monkeypatch.setattr(rope, "works", lambda device, dtype: None)
 
 
 class Launches:
@@ -86,7 +92,7 @@ def test_decode_with_the_fused_norm_equals_transformers(tmp_path, monkeypatch):
     """A whole model with every norm in the kernel (the decoder's, and the prefetcher's guess, as on CUDA), on the
     eager path: the prefill's and each decode step's logits against transformers', and the launches: per layer the
     input norm and the post-attention norm, the late guess's norm in each decode step, then the head's."""
-    monkeypatch.setattr(offload.decoder, "serves", lambda device: True)  # what a CUDA device gets
+    turn_on(monkeypatch)  # as a CUDA device's first tries find
     launches = Launches(norm._rms_norm_kernel)
     monkeypatch.setattr(norm, "_rms_norm_kernel", launches)
     path = make_tiny_mixtral(tmp_path / "m", layers=2, seed=4)
@@ -108,10 +114,31 @@ def test_the_static_path_with_the_fused_norm_equals_the_eager_one(tmp_path, monk
     """The static decode path (its graphs run eagerly on the CPU) adds the attention's output into the residual
     stream in the post-attention norm's kernel, where the eager path adds it before: the same logits, cache
     decisions and trace."""
-    monkeypatch.setattr(offload.decoder, "serves", lambda device: True)
+    turn_on(monkeypatch)
     launches = Launches(norm._rms_norm_kernel)
     monkeypatch.setattr(norm, "_rms_norm_kernel", launches)
     path = make_tiny_mixtral(tmp_path / "m", layers=2, seed=6)
     tokens = torch.randint(3, 128, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(6))
     static = assert_static_equals_eager(path, tokens, slots=2, prefetch="late")
     assert static.decoder.fused_norm and launches.adds == DECODE * static.config.num_layers  # the static steps'
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on CUDA the first tries run at load: tests/test_cuda.py")
+def test_first_tries_decide_whether_the_decoder_takes_the_kernels(tmp_path, monkeypatch):
+    """works: off CUDA, why not, in words. first_try (what a CUDA device runs once, here interpreted): None where
+    the kernel runs and agrees with transformers' steps, else why not; a decoder whose tries fail takes torch's."""
+    cpu = torch.device("cpu")
+    assert norm.works(cpu, torch.float32) == rope.works(cpu, torch.float32) == "not a CUDA device"
+    assert norm.first_try(cpu, torch.float32) is None and rope.first_try(cpu, torch.float16) is None
+
+    def unsupported(*args):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120")
+
+    monkeypatch.setattr(norm, "fused_rms_norm", unsupported)
+    monkeypatch.setattr(rope, "rotate", lambda x, cos, sin, positions: 2 * x)
+    assert norm.first_try(cpu, torch.float32) == "RuntimeError: PTX .version 8.7 does not support .target sm_120"
+    assert rope.first_try(cpu, torch.float32) == "the kernel's rotation differs from transformers' steps"
+    monkeypatch.setattr(norm, "works", norm.first_try)  # as on a CUDA device
+    monkeypatch.setattr(rope, "works", rope.first_try)
+    model = offload.load(str(make_tiny_mixtral(tmp_path / "m", layers=1, seed=9)), device="cpu")
+    assert not model.decoder.fused_norm and not model.decoder.fused_rope

@@ -12,6 +12,7 @@ import offload
 import offload.decoder
 from offload import rope
 from offload.rope import apply_rope, rotate
+from tests.test_norm import turn_on
 from tests.test_offload_oracle import DECODE, PROMPT
 from tests.test_offload_oracle import run_teacher_forced as teacher_forced
 from tests.tiny import hf_model, make_tiny_mixtral
@@ -80,7 +81,7 @@ def test_the_decoder_rotates_in_the_kernel_where_it_takes_the_tensors(monkeypatc
 def test_a_model_rotating_in_the_kernel_equals_transformers(tmp_path, monkeypatch):
     """A whole model with its queries and keys rotated in the kernel (as on CUDA), on the eager path: logits against
     transformers', two launches a layer and forward."""
-    monkeypatch.setattr(offload.decoder, "serves", lambda device: True)
+    turn_on(monkeypatch)
     launches = Launches(rope._rope_kernel)
     monkeypatch.setattr(rope, "_rope_kernel", launches)
     path = make_tiny_mixtral(tmp_path / "m", layers=2, seed=8)
