@@ -29,6 +29,7 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton: the decoder norms in torch then
     triton = None
 
+NO_TRITON, NOT_CUDA = "Triton is not installed", "not a CUDA device"  # works' answers where no try is made
 MAX_HIDDEN = 16384  # a row is one program's tile: Mixtral's 4096, and room for larger models
 
 
@@ -56,7 +57,7 @@ def works(device: torch.device, dtype: torch.dtype) -> str | None:
     try on a Mixtral-wide row that runs and agrees with transformers' steps; else why not, in words (the decoder
     then norms in torch's steps, as on the CPU). Tried once per device and dtype."""
     if triton is None or device.type != "cuda":
-        return "Triton is not installed" if triton is None else "not a CUDA device"
+        return NO_TRITON if triton is None else NOT_CUDA
     return first_try(device, dtype)
 
 

@@ -16,6 +16,8 @@ import functools
 import torch
 from torch import Tensor
 
+from offload.norm import NO_TRITON, NOT_CUDA
+
 try:
     import triton
     import triton.language as tl
@@ -36,7 +38,7 @@ def works(device: torch.device, dtype: torch.dtype) -> str | None:
     try on Mixtral's key heads that runs and agrees with transformers' steps; else why not, in words (the decoder
     then rotates in torch's steps, as on the CPU). Tried once per device and dtype."""
     if triton is None or device.type != "cuda":
-        return "Triton is not installed" if triton is None else "not a CUDA device"
+        return NO_TRITON if triton is None else NOT_CUDA
     return first_try(device, dtype)
 
 

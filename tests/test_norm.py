@@ -140,5 +140,13 @@ def test_first_tries_decide_whether_the_decoder_takes_the_kernels(tmp_path, monk
     assert rope.first_try(cpu, torch.float32) == "the kernel's rotation differs from transformers' steps"
     monkeypatch.setattr(norm, "works", norm.first_try)  # as on a CUDA device
     monkeypatch.setattr(rope, "works", rope.first_try)
-    model = offload.load(str(make_tiny_mixtral(tmp_path / "m", layers=1, seed=9)), device="cpu")
+    path = make_tiny_mixtral(tmp_path / "m", layers=1, seed=9)
+    with pytest.warns(UserWarning) as warned:
+        model = offload.load(str(path), device="cpu")
     assert not model.decoder.fused_norm and not model.decoder.fused_rope
+    assert [str(w.message) for w in warned if "first try" in str(w.message)] == [
+        "RMSNorm runs in torch's steps here: its kernel's first try failed (RuntimeError: PTX .version 8.7 does not "
+        "support .target sm_120)",
+        "RoPE runs in torch's steps here: its kernel's first try failed (the kernel's rotation differs from "
+        "transformers' steps)",
+    ]
