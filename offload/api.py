@@ -461,6 +461,12 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
                 progress("experts", layer * config.num_experts + expert + 1, total)
 
     kernel = decode_kernel(prepared.fused_gemv, prepared.device)
+    if kernel is TRITON and expert_format.spec is not None and gemv.GATED:  # w1 and w3 at once, where it works
+        shape = (expert_format.intermediate_size, expert_format.hidden_size)
+        why_not = gemv.gated_first_try(prepared.device, prepared.dtype, expert_format.spec, shape)
+        if why_not is not None:
+            warnings.warn(f"an expert's w1 and w3 launch apart here: the gated kernel's first try failed ({why_not})",
+                          stacklevel=2)  # fmt: skip
     moe = MoEBlock(
         routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
         workspace=Workspace(kernel), prefill_chunk=prepared.options.prefill_chunk,

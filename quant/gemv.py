@@ -34,7 +34,7 @@ from torch import Tensor
 
 from quant.errors import MoEOffloadError
 from quant.files import cache_dir
-from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace
+from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace, _device, random_quantized
 
 try:
     import triton
@@ -134,8 +134,39 @@ def supports(x: Tensor, q: Quantized) -> bool:
 
 def supports_gated(x: Tensor, gate: Quantized, up: Quantized) -> bool:
     """Whether `gated` serves silu(x @ gate.T) * (x @ up.T): GATED, and both matrices ones `gemv` serves, of one
-    spec and shape (an expert's w1 and w3)."""
-    return GATED and gate.spec == up.spec and gate.shape == up.shape and supports(x, gate) and supports(x, up)
+    spec and shape (an expert's w1 and w3), where no first try of gated's failed (gated_first_try)."""
+    return (
+        GATED and gate.spec == up.spec and gate.shape == up.shape and supports(x, gate) and supports(x, up)
+        and (_device(x.device), x.dtype, gate.spec) not in _gated_failed
+    )  # fmt: skip
+
+
+# (device, x's dtype, spec) where gated_first_try failed: w1 and w3 launch apart there
+_gated_failed: dict[tuple[torch.device, torch.dtype, QuantSpec], str] = {}
+
+
+def gated_first_try(device: torch.device, dtype: torch.dtype, spec: QuantSpec, shape: tuple[int, int]) -> str | None:
+    """Run `gated` once on a random pair of `spec` and `shape` (load() tries an expert's w1 and w3 on CUDA), against
+    silu of one gemv times the other: None where it runs and agrees within bfloat16's rounding of the two products,
+    else why not, and from then on supports_gated is off for this device, dtype and spec, so that w1 and w3 launch
+    apart (a Triton too old or too new for the GPU, say, must not stop decode)."""
+    generator = torch.Generator(device).manual_seed(0)
+    w1, w3 = (random_quantized(shape, spec, generator) for _ in range(2))
+    x = torch.randn(1, shape[1], generator=generator, device=device).to(dtype)
+    if not supports_gated(x, w1, w3):
+        return None  # nothing to try: gated would not be asked
+    try:
+        got = gated(x, w1, w3).float()
+        first, second = gemv(x, w1).float(), gemv(x, w3).float()
+    except Exception as error:  # noqa: BLE001 -- any failure means one thing: launch w1 and w3 apart
+        why = f"{type(error).__name__}: {error}"
+    else:
+        expected = torch.nn.functional.silu(first) * second
+        agrees = (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+        why = None if agrees else "its result differs from the two launches'"
+    if why is not None:
+        _gated_failed[_device(device), dtype, spec] = why
+    return why
 
 
 def _rows_together(q: Quantized) -> int:

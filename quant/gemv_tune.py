@@ -171,7 +171,7 @@ def tune(
     """tune_shape for each tuning key of `shapes` (a name per matrix, e.g. "w1", "layers.0.q_proj", or pair, "w1+w3":
     its Shape, or spec and shape), on random matrices of it on `device` with one token of `dtype`: by gemv.tuning_key,
     tune_shape's dict and "matrices", the names of that key. Shapes the kernel does not serve (gemv.supports,
-    gemv.supports_gated) are left out.
+    gemv.supports_gated) are left out, and so is a gated pair whose first try fails here (gemv.gated_first_try).
     `tuned({key: result})` hears each shape's as it is done (save, so that an interrupted tune keeps them)."""
     if l2_bytes is None:
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
@@ -182,6 +182,8 @@ def tune(
     results = {}
     for key, names in by_key.items():
         shape = Shape(*shapes[names[0]])
+        if shape.gated and gemv.gated_first_try(device, dtype, shape.spec, tuple(shape.shape)) is not None:
+            continue  # gated fails on this GPU: decode launches w1 and w3 apart, as tuned below
         generator = torch.Generator(device).manual_seed(0)
         x = torch.randn(1, shape.shape[1], generator=generator, device=device).to(dtype)
         matrices = [_random(shape, generator)]

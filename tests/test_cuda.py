@@ -71,6 +71,9 @@ def test_decode_allocates_nothing_on_the_gpu(tiny, tmp_path, prefetch, ahead):
     # the norms and rotations in the graphs are offload/norm.py's and offload/rope.py's kernels
     assert model.prepared.cuda_graphs and model.decoder.fused_norm and model.decoder.fused_rope
     assert prefetch == "none" or model.moe.prefetcher.fused_norm
+    from quant import gemv
+
+    assert gemv._gated_failed == {}  # load()'s first try of the gated kernel on the experts' shape ran and agreed
     model.reset()
     model.forward(torch.tensor([5, 6, 7], device="cuda"), 0)
     token = torch.tensor([8], device="cuda")

@@ -191,6 +191,43 @@ def test_gated_is_silu_of_the_first_product_times_the_second(monkeypatch, spec, 
     assert [grid[2] for grid in launched.grids] == [1] * 6 + [3] * 3
 
 
+def test_a_failed_first_try_launches_w1_and_w3_apart(monkeypatch):
+    """gated_first_try (load() runs it on CUDA): None where gated runs and agrees with its two launches; where it
+    raises or disagrees, why, and supports_gated is then off for that device, dtype and spec only, so an expert
+    launches w1 and w3 apart."""
+    monkeypatch.setattr(gemv, "_gated_failed", {})
+    two, four = EXPERT_PRESETS["2"], EXPERT_PRESETS["4"]
+    assert gemv.gated_first_try(DEVICE, torch.float32, two, (64, 256)) is None and gemv._gated_failed == {}
+    original = gemv._run
+
+    def unsupported(x, q, up, *args):
+        if up is not None:
+            raise RuntimeError("PTX .version 8.7 does not support .target sm_120")
+        return original(x, q, up, *args)
+
+    monkeypatch.setattr(gemv, "_run", unsupported)
+    why = "RuntimeError: PTX .version 8.7 does not support .target sm_120"
+    assert gemv.gated_first_try(DEVICE, torch.float32, two, (64, 256)) == why
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 256, generator=generator).to(DEVICE)
+    pair = [on_device(random_quantized((64, 256), two, generator)) for _ in range(2)]
+    other = [on_device(random_quantized((64, 256), four, generator)) for _ in range(2)]
+    assert not gemv.supports_gated(x, *pair)
+    assert gemv.supports_gated(x, *other) and gemv.supports_gated(x.half(), *pair)  # that spec and dtype only
+    monkeypatch.setattr(gemv, "_gated_failed", {})
+    monkeypatch.setattr(gemv, "_run", lambda x, q, up, *args: original(x, q, up, *args) * (1 + (up is not None)))
+    assert gemv.gated_first_try(DEVICE, torch.float32, two, (64, 256)) == "its result differs from the two launches'"
+    monkeypatch.setattr(gemv, "_run", original)
+    fmt = ExpertFormat.build(256, 64, two, torch.float32)
+    weights = fmt.unpack(fmt.random(torch.Generator(DEVICE).manual_seed(11), torch.empty(fmt.nbytes, dtype=torch.uint8,
+                                                                                         device=DEVICE)))  # fmt: skip
+    calls = []
+    monkeypatch.setattr(gemv, "gemv", lambda *args, _call=gemv.gemv, **keywords: calls.append("gemv") or _call(
+        *args, **keywords))  # fmt: skip
+    expert_mlp(x, weights, Workspace(TRITON), reuse=True)
+    assert calls == ["gemv"] * 3  # w1, w3 and w2 apart
+
+
 def test_gated_serves_pairs_of_one_spec_and_shape(monkeypatch):
     generator = torch.Generator().manual_seed(8)
     w1, w3 = (random_quantized((64, 256), EXPERT_PRESETS["2"], generator) for _ in range(2))

@@ -340,3 +340,16 @@ def test_info_says_tuned_where_every_expert_shape_is(tmp_path, tuned_folders, mo
         write_tuned(user, launches)
         gemv.forget_tuned()
         assert offload.api.describe(prepared)["decode kernel"] == name
+
+
+def test_tune_leaves_out_a_gated_pair_whose_first_try_fails(monkeypatch):
+    """Where gated's first try fails on this GPU (gemv.gated_first_try: decode then launches w1 and w3 apart), tune
+    tunes the single matrices and not the pair, rather than failing on it."""
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((2,), (512,), (2,))})
+    monkeypatch.setattr(gemv_tune, "VARIANTS", gemv_tune.VARIANTS[:1])
+    monkeypatch.setattr(gemv_tune, "SPLITS", ())
+    tried = []
+    monkeypatch.setattr(gemv, "gated_first_try", lambda device, dtype, spec, shape: tried.append(shape) or "no")
+    shapes = {"w1+w3": gemv_tune.Shape(SPEC, SHAPE, gated=True), "w1": gemv_tune.Shape(SPEC, SHAPE)}
+    results = gemv_tune.tune(shapes, CPU, torch.float32, timer=lambda calls: 1.0)
+    assert list(results) == [gemv.tuning_key(SPEC, SHAPE, torch.float32)] and tried == [SHAPE]
