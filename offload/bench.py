@@ -37,8 +37,10 @@ from cache.trace import Token, read_trace
 from offload.api import OffloadedModel, kernel_name
 from offload.graphs import key_range
 from offload.synth import synthetic_name
+from quant import gemv
 from quant.errors import MoEOffloadError, whole_number
 from quant.files import write_atomically
+from quant.linear import TRITON
 
 PREFETCH = ("gate", "oracle", "none")
 NO_CACHE_IN_EXCLUSIVE_MODE = (
@@ -489,6 +491,19 @@ def _summary(run: DecodeRun, prefetch: str, link: Link, compute_s: float) -> dic
     }
 
 
+def fused_kernels(model: OffloadedModel) -> dict[str, bool]:
+    """Which of decode's one-kernel paths ran: an expert's w1 and w3 in one gated launch (quant/gemv.py), each
+    RMSNorm (offload/norm.py) and each rotation (offload/rope.py) in one kernel. A path whose first try failed at
+    load, or that does not run here (the CPU), is False."""
+    fmt = model.prepared.expert_format
+    gated = model.moe.workspace.kernel is TRITON and fmt.spec is not None
+    return {
+        "gated_w1_w3": gated and gemv.gated_works(model.device, model.prepared.dtype, fmt.spec),
+        "rms_norm": model.decoder.fused_norm,
+        "rope": model.decoder.fused_rope,
+    }
+
+
 def graphs_ran(model: OffloadedModel) -> bool:
     """Whether decode replayed CUDA graphs: asked for, and no capture failed (it then runs eagerly)."""
     graphs = model.decoder.graphs
@@ -552,6 +567,7 @@ def bench(
         "prefill_reserve_bytes": model.plan.reserve_bytes,  # kept free for a prefill of the whole context
         "policy": model.options.policy,
         "kernel": kernel_name(model.prepared),
+        "fused_kernels": fused_kernels(model),
         "cuda_graphs": graphs_ran(model),
         "cuda_graphs_failed": None if model.decoder.graphs is None else model.decoder.graphs.failed,  # why not
         "arena_pinned": model.cache.pinned,
@@ -610,6 +626,7 @@ def _bench_direct(model: OffloadedModel, prompt_tokens: int, tokens: int, routin
         "routing": "model" if routing is None else f"replayed: {routing.path}",
         "mode": "direct",
         "kernel": kernel_name(model.prepared),
+        "fused_kernels": fused_kernels(model),
         "cuda_graphs": False,  # the CPU's
         "cuda_graphs_failed": None,
         "host_embedding": model.prepared.host_embedding,

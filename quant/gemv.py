@@ -136,9 +136,14 @@ def supports_gated(x: Tensor, gate: Quantized, up: Quantized) -> bool:
     """Whether `gated` serves silu(x @ gate.T) * (x @ up.T): GATED, and both matrices ones `gemv` serves, of one
     spec and shape (an expert's w1 and w3), where no first try of gated's failed (gated_first_try)."""
     return (
-        GATED and gate.spec == up.spec and gate.shape == up.shape and supports(x, gate) and supports(x, up)
-        and (_device(x.device), x.dtype, gate.spec) not in _gated_failed
+        gate.spec == up.spec and gate.shape == up.shape and gated_works(x.device, x.dtype, gate.spec)
+        and supports(x, gate) and supports(x, up)
     )  # fmt: skip
+
+
+def gated_works(device: torch.device, dtype: torch.dtype, spec: QuantSpec) -> bool:
+    """GATED, and no first try of gated failed on `device` for x of `dtype` and matrices of `spec`."""
+    return GATED and (_device(device), dtype, spec) not in _gated_failed
 
 
 # (device, x's dtype, spec) where gated_first_try failed: w1 and w3 launch apart there
