@@ -19,6 +19,7 @@ tests run it on the CPU under Triton's interpreter.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -56,21 +57,37 @@ def works(device: torch.device, dtype: torch.dtype) -> str | None:
     """None where the decoder norms through the kernel on `device` in `dtype`: CUDA, with Triton, and a first
     try on a Mixtral-wide row that runs and agrees with transformers' steps; else why not, in words (the decoder
     then norms in torch's steps, as on the CPU). Tried once per device and dtype."""
-    if triton is None or device.type != "cuda":
-        return NO_TRITON if triton is None else NOT_CUDA
-    return first_try(device, dtype)
+    return cuda_with_triton(device) or first_try(device, dtype)
 
 
 def first_try(device: torch.device, dtype: torch.dtype) -> str | None:
     """works' try, on any device the kernel runs on (the CPU's interpreter in tests)."""
-    try:
+
+    def both() -> tuple[Tensor, Tensor]:
         generator = torch.Generator(device).manual_seed(0)
         x, weight = (torch.randn(shape, generator=generator, device=device).to(dtype) for shape in ((2, 4096), (4096,)))
-        got, expected = fused_rms_norm(x, weight, 1e-5).float(), rms_norm(x, weight, 1e-5).float()
-    except Exception as error:  # noqa: BLE001 -- any failure means one thing: norm in torch's steps
+        return fused_rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5)
+
+    return agrees(both, dtype, "norm")
+
+
+def cuda_with_triton(device: torch.device) -> str | None:
+    """None where a first try of the resident part's kernels is made: CUDA, with Triton; else NO_TRITON or
+    NOT_CUDA."""
+    if triton is None:
+        return NO_TRITON
+    return None if device.type == "cuda" else NOT_CUDA
+
+
+def agrees(both: Callable[[], tuple[Tensor, Tensor]], dtype: torch.dtype, what: str) -> str | None:
+    """A first try: both() runs a kernel and transformers' steps on the same input; None where it runs and they
+    agree within a few roundings of `dtype`, else why not (any failure means one thing: torch's steps)."""
+    try:
+        got, expected = (result.float() for result in both())
+    except Exception as error:  # noqa: BLE001
         return f"{type(error).__name__}: {error}"
     if (got - expected).abs().max() > 4 * torch.finfo(dtype).eps * expected.abs().max():
-        return "the kernel's norm differs from transformers' steps"
+        return f"the kernel's {what} differs from transformers' steps"
     return None
 
 

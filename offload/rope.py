@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from offload.norm import NO_TRITON, NOT_CUDA
+from offload.norm import agrees, cuda_with_triton
 
 try:
     import triton
@@ -37,25 +37,20 @@ def works(device: torch.device, dtype: torch.dtype) -> str | None:
     """None where the decoder rotates through the kernel on `device` in `dtype`: CUDA, with Triton, and a first
     try on Mixtral's key heads that runs and agrees with transformers' steps; else why not, in words (the decoder
     then rotates in torch's steps, as on the CPU). Tried once per device and dtype."""
-    if triton is None or device.type != "cuda":
-        return NO_TRITON if triton is None else NOT_CUDA
-    return first_try(device, dtype)
+    return cuda_with_triton(device) or first_try(device, dtype)
 
 
 def first_try(device: torch.device, dtype: torch.dtype) -> str | None:
     """works' try, on any device the kernel runs on (the CPU's interpreter in tests)."""
-    try:
+
+    def both() -> tuple[Tensor, Tensor]:
         generator = torch.Generator(device).manual_seed(0)
         x, cos, sin = (torch.randn(shape, generator=generator, device=device).to(dtype)
                        for shape in ((2, 8, 128), (16, 128), (16, 128)))  # fmt: skip
         positions = torch.tensor([9, 2], device=device)
-        got = rotate(x, cos, sin, positions).float()
-        expected = apply_rope(x, cos[positions], sin[positions]).float()
-    except Exception as error:  # noqa: BLE001 -- any failure means one thing: rotate in torch's steps
-        return f"{type(error).__name__}: {error}"
-    if (got - expected).abs().max() > 4 * torch.finfo(dtype).eps * expected.abs().max():
-        return "the kernel's rotation differs from transformers' steps"
-    return None
+        return rotate(x, cos, sin, positions), apply_rope(x, cos[positions], sin[positions])
+
+    return agrees(both, dtype, "rotation")
 
 
 def supports(x: Tensor, cos: Tensor, positions: Tensor) -> bool:
