@@ -105,7 +105,7 @@ for step in "$@"; do
         # a failure is reported, not fatal: the steps after it still run. No -q: pyproject's addopts has one, and
         # a second drops the line of totals
         # at most 4 minutes: a hang (in a teardown never run on a GPU, say) must not take the call's other steps
-        timeout -k 20 240 python3 -m pytest -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py tests/test_norm.py tests/test_rope.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
+        timeout -k 20 240 python3 -m pytest -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py tests/test_norm.py tests/test_rope.py tests/test_router.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
         ;;
     copy-engine)  # whether a decode step's few-byte copies wait behind an expert load (seconds; after synth, whose

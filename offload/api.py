@@ -21,12 +21,14 @@ import torch
 from cache.expert_cache import ExpertCache
 from cache.policies import make_policies, make_policy
 from cache.stats import CacheStats, LayerStats
+from offload import router
 from offload.convert import Progress, describe_spec, open_source
 from offload.decoder import PREFILL_CHUNK, Decoder, ModelConfig, check_prefill_chunk, keeps_width
 from offload.embedding import reads_host_memory
 from offload.generate import GenerationResult, SamplingConfig, Timing, check_prompt, generate, generate_text
 from offload.graphs import DecodeGraphs
 from offload.moe import MoEBlock
+from offload.norm import takes
 from offload.planner import MemoryPlan, budgets, plan_memory, resolve_device, slots_text
 from offload.prefetch import WHEN, Prefetcher
 from offload.tokenizer import chat_prompt_ids, check_text, load_tokenizer, read_generation_config, stop_ids
@@ -467,9 +469,11 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
         if why_not is not None:
             warnings.warn(f"an expert's w1 and w3 launch apart here: the gated kernel's first try failed ({why_not})",
                           stacklevel=2)  # fmt: skip
+    # a decode step's routing in one kernel (offload/router.py), where it computes the family's and works here
+    fused_route = router.computes(family.route) and takes("routing", router.works(prepared.device, prepared.dtype))
     moe = MoEBlock(
         routers=[], route=family.route, top_k=config.top_k, cache=cache, expert_format=expert_format,
-        workspace=Workspace(kernel), prefill_chunk=prepared.options.prefill_chunk,
+        workspace=Workspace(kernel), prefill_chunk=prepared.options.prefill_chunk, fused_route=fused_route,
     )  # fmt: skip
     in_ram = weights_in_ram(prepared.host_embedding)
     weights = {  # a table kept in RAM, or at its width, goes to the decoder as it is (offload/decoder.py)
@@ -540,6 +544,7 @@ class OffloadedModel:
             when=when,
             ahead=ahead,
             fused_norm=self.decoder.fused_norm,
+            fused_route=self.moe.fused_route,
         )
 
     # -- the LanguageModel protocol (offload/generate.py) --------------------------------------------

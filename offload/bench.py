@@ -493,14 +493,15 @@ def _summary(run: DecodeRun, prefetch: str, link: Link, compute_s: float) -> dic
 
 def fused_kernels(model: OffloadedModel) -> dict[str, bool]:
     """Which of decode's one-kernel paths ran: an expert's w1 and w3 in one gated launch (quant/gemv.py), each
-    RMSNorm (offload/norm.py) and each rotation (offload/rope.py) in one kernel. A path whose first try failed at
-    load, or that does not run here (the CPU), is False."""
+    RMSNorm (offload/norm.py), each rotation (offload/rope.py) and each routing and guess (offload/router.py) in
+    one kernel. A path whose first try failed at load, or that does not run here (the CPU), is False."""
     fmt = model.prepared.expert_format
     gated = model.moe.workspace.kernel is TRITON and fmt.spec is not None
     return {
         "gated_w1_w3": gated and gemv.gated_works(model.device, model.prepared.dtype, fmt.spec),
         "rms_norm": model.decoder.fused_norm,
         "rope": model.decoder.fused_rope,
+        "routing": model.moe.fused_route,
     }
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -36,7 +35,7 @@ from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from offload import norm, rope
 from offload.embedding import gather_rows, host_table
 from offload.graphs import DecodeGraphs, key_range
-from offload.norm import NO_TRITON, NOT_CUDA, normed
+from offload.norm import normed, takes
 from offload.rope import apply_rope
 from quant import cpu_gemv
 from quant.errors import MoEOffloadError
@@ -226,14 +225,6 @@ def _flash_serves(config: ModelConfig, device: torch.device, dtype: torch.dtype)
     return can_use_flash_attention(SDPAParams(q, kv, kv, None, 0.0, True, True), False)  # causal, grouped
 
 
-def _takes(what: str, why_not: str | None) -> bool:
-    """Whether the decoder takes a kernel whose first try (offload/norm.py, works) said `why_not`; a try that was
-    made and failed is said in a warning, since decode is then slower than it could be."""
-    if why_not not in (None, NO_TRITON, NOT_CUDA):
-        warnings.warn(f"{what} runs in torch's steps here: its kernel's first try failed ({why_not})", stacklevel=3)
-    return why_not is None
-
-
 class Decoder:
     """Resident weights, the static KV cache and the layer walk, for one sequence (batch 1)."""
 
@@ -266,8 +257,8 @@ class Decoder:
         self.eps = config.rms_norm_eps
         # on CUDA, each RMSNorm (and the residual add before the MoE block's) in one kernel (offload/norm.py), and
         # the queries' and keys' rotation in one each (offload/rope.py)
-        self.fused_norm = _takes("RMSNorm", norm.works(self.device, dtype))
-        self.fused_rope = _takes("RoPE", rope.works(self.device, dtype))
+        self.fused_norm = takes("RMSNorm", norm.works(self.device, dtype))
+        self.fused_rope = takes("RoPE", rope.works(self.device, dtype))
         # the table in host memory, each token's row read in place by gather_rows (offload/embedding.py)
         self.host_embedding = host_embedding
         assert config.num_heads % config.num_kv_heads == 0, (config.num_heads, config.num_kv_heads)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
 from cache.table import request_order
+from offload import router
 from offload.decoder import PREFILL_CHUNK, check_prefill_chunk
 from quant.hqq import Workspace
 from quant.linear import linear, silu_gate
@@ -54,11 +55,14 @@ class MoEBlock:
         recorder=None,
         workspace: Workspace | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        fused_route: bool = False,
     ) -> None:
         check_prefill_chunk(prefill_chunk)
         self.routers = routers
         self.prefill_chunk = prefill_chunk  # a prefill's tokens an expert takes at once (offload/decoder.py)
         self.route = route
+        # a decode step's routing in one kernel (offload/router.py), where load() found it works and computes `route`
+        self.fused_route = fused_route
         self.top_k = top_k
         self.cache = cache
         self.expert_format = expert_format
@@ -142,11 +146,17 @@ class MoEBlock:
         still runs, as it would. It also clears the output the experts add into."""
         k = self.top_k
         routed = self._routed(x.device)  # [3k]: ids, weights, early guess
-        ids, weights = self.route(F.linear(x, self.routers[layer]), k)  # [1, k] each
-        routed[:k].copy_(ids[0])
-        routed[k : 2 * k].copy_(weights[0] if self.routing is None else self.routing.device_weights(layer))
+        ids, weights = routed[:k], routed[k : 2 * k]
+        if self.fused_route and router.supports(x, self.routers[layer]):
+            router.fused_route(x, self.routers[layer], ids, weights if self.routing is None else None)
+        else:
+            chosen, gates = self.route(F.linear(x, self.routers[layer]), k)  # [1, k] each
+            ids.copy_(chosen[0])
+            weights.copy_(gates[0])
+        if self.routing is not None:
+            weights.copy_(self.routing.device_weights(layer))
         if self._guesses("early", layer):
-            routed[2 * k :].copy_(self.prefetcher.device_guess(layer + 1, h_mid)[0])
+            self.prefetcher.device_guess(layer + 1, h_mid, out=routed[2 * k :])
         self._out(x).zero_()
 
     def decode_experts(self, layer: int, x: torch.Tensor, run: Callable[[Hashable, Callable[[], None]], None]):
@@ -193,8 +203,8 @@ class MoEBlock:
         """Device half of the late guess, graph-safe: the coming layers' routers on layer `layer`'s output
         (the next layer's, or as many as the prefetcher looks ahead)."""
         if self._guesses("late", layer):
-            guesses = self.prefetcher.device_guesses(layer, h)  # [targets * k]
-            self._routed(h.device, "late")[: guesses.numel()].copy_(guesses)
+            p = self.prefetcher
+            p.device_guesses(layer, h, out=self._routed(h.device, "late")[: len(p.targets(layer)) * self.top_k])
 
     def after_residual(self, layer: int, h: torch.Tensor) -> None:
         """Host half of the late guess: start loading it (one more device-to-host copy)."""

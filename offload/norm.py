@@ -19,6 +19,7 @@ tests run it on the CPU under Triton's interpreter.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -77,6 +78,14 @@ def cuda_with_triton(device: torch.device) -> str | None:
     if triton is None:
         return NO_TRITON
     return None if device.type == "cuda" else NOT_CUDA
+
+
+def takes(what: str, why_not: str | None) -> bool:
+    """Whether a kernel whose first try (`works`) said `why_not` is taken; a try that was made and failed is said in
+    a warning, since decode is then slower than it could be."""
+    if why_not not in (None, NO_TRITON, NOT_CUDA):
+        warnings.warn(f"{what} runs in torch's steps here: its kernel's first try failed ({why_not})", stacklevel=3)
+    return why_not is None
 
 
 def agrees(both: Callable[[], tuple[Tensor, Tensor]], dtype: torch.dtype, what: str) -> str | None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.expert_cache import ExpertCache
+from offload import router
 from offload.moe import Route
 from offload.norm import normed
 
@@ -44,6 +45,7 @@ class Prefetcher:
         when: str,
         ahead: int = 1,
         fused_norm: bool = False,
+        fused_route: bool = False,
     ) -> None:
         if when not in WHEN:
             raise ValueError(f"when must be one of {WHEN}, got {when!r}")
@@ -51,6 +53,7 @@ class Prefetcher:
             raise ValueError(f"ahead must be 1, or more with a guess at the output (late or both), got {ahead}")
         self.routers, self.post_norms, self.eps = routers, post_norms, eps
         self.fused_norm = fused_norm  # the norm in one kernel, as the decoder's (offload/norm.py)
+        self.fused_route = fused_route  # the norm and the routing in one kernel, as the MoE block's (offload/router.py)
         self.route, self.top_k, self.cache = route, top_k, cache
         self.early = when in ("early", "both")
         self.late = when in ("late", "both")
@@ -65,18 +68,32 @@ class Prefetcher:
         """The layers guessed at layer `layer`'s output, nearest first: the copy stream serves them in order."""
         return range(layer + 1, min(layer + 1 + self.ahead, len(self.routers)))
 
-    def device_guess(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Layer `layer`'s router on `h` normed as its MoE input is (its post-attention norm): the ids [1, k] it
-        would choose. Graph-safe."""
-        x = normed(h[-1:], self.post_norms[layer], self.eps, fused=self.fused_norm)  # [1, D]
-        return self.route(F.linear(x, self.routers[layer]), self.top_k)[0]
+    def device_guess(self, layer: int, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer `layer`'s router on h's last row normed as its MoE input is (its post-attention norm): the ids it
+        would choose, as float32 [k], into `out` where given. Graph-safe."""
+        x, router_, norm = h[-1:], self.routers[layer], self.post_norms[layer]  # [1, D], [E, D], [D]
+        if out is None:
+            out = torch.empty(self.top_k, dtype=torch.float32, device=h.device)
+        if self.fused_route and router.supports(x, router_, norm):
+            router.fused_route(x, router_, out, norm=norm, eps=self.eps)
+        else:
+            ids, _ = self.route(F.linear(normed(x, norm, self.eps, fused=self.fused_norm), router_), self.top_k)
+            out.copy_(ids[0])
+        return out
 
-    def device_guesses(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """The guesses of every target of layer `layer`'s output, flat [targets * k]. Graph-safe."""
-        return torch.cat([self.device_guess(target, h)[0] for target in self.targets(layer)])
+    def device_guesses(self, layer: int, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The guesses of every target of layer `layer`'s output, flat float32 [targets * k], into `out` where
+        given. Graph-safe."""
+        k, targets = self.top_k, self.targets(layer)
+        if out is None:
+            out = torch.empty(len(targets) * k, dtype=torch.float32, device=h.device)
+        for i, target in enumerate(targets):
+            self.device_guess(target, h, out[i * k : (i + 1) * k])
+        return out
 
     def guess(self, layer: int, h: torch.Tensor) -> list[int]:
-        return self.device_guess(layer, h)[0].tolist()  # may synchronize the device: the cache decides on the host
+        # may synchronize the device: the cache decides on the host
+        return [int(e) for e in self.device_guess(layer, h).tolist()]
 
     def after_attention(self, layer: int, h_mid: torch.Tensor) -> None:
         if self.early and h_mid.shape[0] == 1 and layer + 1 < len(self.routers):

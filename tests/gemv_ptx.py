@@ -7,7 +7,8 @@ pipeliner's copy to shared memory, counted as a load), for
 _gemv_kernel on every case, _gemv_packed_kernel on those with more than one code per element, each alone and gated
 ("<kernel> gated <case> sm_<arch>": an expert's w1 and w3 at once), _sum_splits_kernel adding 4 partials alone and
 gated, _gather_rows_kernel on a bfloat16 and a float16 table, offload/norm.py's _rms_norm_kernel on a Mixtral row
-of each, alone and with the residual add, and offload/rope.py's _rope_kernel on Mixtral's queries and keys. The
+of each, alone and with the residual add, offload/rope.py's _rope_kernel on Mixtral's queries and keys, and
+offload/router.py's _route_kernel on Mixtral's router, with and without the guess's norm. The
 pointers and sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
 """
 
@@ -24,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.gemv_sass import CASES, compile_case  # noqa: E402
-from offload import embedding, norm, rope  # noqa: E402
+from offload import embedding, norm, rope, router  # noqa: E402
 from quant import gemv  # noqa: E402
 
 GLOBAL_LOAD = r"ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global"  # to registers, and cp.async to shared
@@ -69,6 +70,16 @@ def compile_rope(arch: int, dtype: str, heads: int) -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
 
+def compile_route(arch: int, dtype: str, normed: bool) -> str:
+    """PTX of _route_kernel on Mixtral's router (8 experts of 4096, top 2), as fused_route launches it."""
+    signature = {"x_ptr": f"*{dtype}", "router_ptr": f"*{dtype}", "norm_ptr": f"*{dtype}", "ids_ptr": "*fp32",
+                 "weights_ptr": "*fp32", "D": "i32", "E": "i32", "eps": "fp32"}  # fmt: skip
+    constants = {"K": 2, "K_TILE": 2, "EXPERTS": 8, "COLUMNS": router.TILE // 8, "NORM": normed, "WEIGHTS": True}
+    signature |= {name: "constexpr" for name in constants}
+    source = ASTSource(router._route_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in range(6)})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+
+
 def counted(ptx: str) -> dict[str, int]:
     return dict(collections.Counter(re.findall(GLOBAL_LOAD, ptx)))
 
@@ -96,4 +107,7 @@ if __name__ == "__main__":
                 loads[f"_rms_norm_kernel {dtype}{' add' * add} sm_{arch}"] = counted(compile_norm(arch, dtype, add))
             for heads in (32, 8):  # Mixtral's queries and keys
                 loads[f"_rope_kernel {dtype} {heads} heads sm_{arch}"] = counted(compile_rope(arch, dtype, heads))
+            for normed in (False, True):
+                route = compile_route(arch, dtype, normed)
+                loads[f"_route_kernel {dtype}{' norm' * normed} sm_{arch}"] = counted(route)
     print(json.dumps(loads))

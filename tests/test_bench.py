@@ -59,7 +59,7 @@ def test_oracle_prefetch_makes_every_guessed_layer_hit(model):
     assert result["d2h_bytes_per_token"] == 0 and result["d2h_bandwidth_gbps"] is None  # inclusive: nothing back
     assert result["cuda_graphs"] is False and result["arena_pinned"] is False and result["host_embedding"] is False
     # the CPU runs none of the Triton paths: the C kernel has no gated call, and the norm and RoPE take torch's steps
-    assert result["fused_kernels"] == {"gated_w1_w3": False, "rms_norm": False, "rope": False}
+    assert result["fused_kernels"] == {"gated_w1_w3": False, "rms_norm": False, "rope": False, "routing": False}
 
 
 def test_the_gate_guesses_prefetch_ahead_layers(model):
@@ -420,18 +420,18 @@ def test_bench_warns_of_a_long_context_only_where_asked(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="stands the CPU in for CUDA")
 def test_fused_kernels_say_which_one_kernel_paths_ran(tmp_path, monkeypatch):
-    """bench's fused_kernels: each path on where it ran (here as on CUDA: the Triton workspace, the norm's and
-    RoPE's first tries passed), and the gated pair off once its first try failed for the experts' spec."""
+    """bench's fused_kernels: each path on where it ran (here as on CUDA: the Triton workspace, the norm's, RoPE's
+    and the routing's first tries passed), and the gated pair off once its first try failed for the experts' spec."""
     from offload.bench import fused_kernels
     from quant import gemv
     from quant.linear import TRITON
     from tests.test_norm import turn_on
     from tests.tiny import make_tiny_mixtral
 
-    turn_on(monkeypatch)
+    turn_on(monkeypatch, routing=True)
     monkeypatch.setattr(gemv, "_gated_failed", {})
     loaded = offload.load(str(make_tiny_mixtral(tmp_path / "m", layers=1, seed=12)), device="cpu", expert_bits="2")
     loaded.moe.workspace.kernel = TRITON
-    assert fused_kernels(loaded) == {"gated_w1_w3": True, "rms_norm": True, "rope": True}
+    assert fused_kernels(loaded) == {"gated_w1_w3": True, "rms_norm": True, "rope": True, "routing": True}
     gemv._gated_failed[torch.device("cpu"), torch.float32, loaded.prepared.expert_format.spec] = "no"
     assert fused_kernels(loaded)["gated_w1_w3"] is False

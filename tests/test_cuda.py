@@ -70,6 +70,7 @@ def test_decode_allocates_nothing_on_the_gpu(tiny, tmp_path, prefetch, ahead):
                          prefetch_ahead=ahead)  # fmt: skip
     # the norms and rotations in the graphs are offload/norm.py's and offload/rope.py's kernels
     assert model.prepared.cuda_graphs and model.decoder.fused_norm and model.decoder.fused_rope
+    assert model.moe.fused_route and (prefetch == "none" or model.moe.prefetcher.fused_route)  # offload/router.py
     assert prefetch == "none" or model.moe.prefetcher.fused_norm
     from quant import gemv
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import offload
-from offload import norm, rope
+from offload import norm, rope, router
 from offload.norm import fused_rms_norm, normed, rms_norm
 from tests.test_graphs import assert_static_equals_eager
 from tests.test_offload_oracle import DECODE, PROMPT
@@ -20,11 +20,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: in
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
-def turn_on(monkeypatch) -> None:
-    """The decoder's norm and RoPE kernels on, as a CUDA device's first tries find them (norm.works, rope.works):
-    here, interpreted."""
-    monkeypatch.setattr(norm, "works", lambda device, dtype: None)
-    monkeypatch.setattr(rope, "works", lambda device, dtype: None)
+def turn_on(monkeypatch, routing: bool = False) -> None:
+    """The decoder's norm and RoPE kernels on, as a CUDA device's first tries find them (norm.works, rope.works),
+    and with `routing` the MoE block's routing kernel (router.works): here, interpreted."""
+    for module in (norm, rope, router) if routing else (norm, rope):
+        monkeypatch.setattr(module, "works", lambda device, dtype: None)
 
 
 class Launches:
