@@ -51,22 +51,23 @@ def works(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def first_try(device: torch.device, dtype: torch.dtype) -> str | None:
-    """works' try, on any device the kernel runs on (the CPU's interpreter in tests): the same ids, and weights
-    within a few roundings, with and without the norm."""
+    """works' try, on any device the kernel runs on (the CPU's interpreter in tests), in the two forms decode
+    launches: a layer's routing (the same ids, and weights within a few roundings) and a guess (normed, ids alone)."""
     generator = torch.Generator(device).manual_seed(0)
     x, router, norm = (torch.randn(shape, generator=generator, device=device).to(dtype)
                        for shape in ((2, 4096), (8, 4096), (4096,)))  # fmt: skip
     router /= 4096**0.5  # logits of std 1, as a trained router's: no near ties
+    ids, weights, guessed = (torch.empty(2, 2, device=device) for _ in range(3))
     try:
-        for weight in (None, norm):
-            ids, weights = torch.empty(2, 2, device=device), torch.empty(2, 2, device=device)
-            fused_route(x, router, ids, weights, norm=weight, eps=1e-5)
-            normed = x if weight is None else rms_norm(x, weight, 1e-5)
-            expected_ids, expected_weights = mixtral.route(F.linear(normed, router), 2)
-            if not torch.equal(ids, expected_ids.float()) or (weights - expected_weights).abs().max() > 1e-5:
-                return "the kernel's routing differs from transformers' steps"
-    except Exception as error:  # noqa: BLE001
+        fused_route(x, router, ids, weights)
+        fused_route(x, router, guessed, norm=norm, eps=1e-5)
+    except Exception as error:  # noqa: BLE001 -- any failure means one thing: torch's steps
         return f"{type(error).__name__}: {error}"
+    expected_ids, expected_weights = mixtral.route(F.linear(x, router), 2)
+    expected_guess, _ = mixtral.route(F.linear(rms_norm(x, norm, 1e-5), router), 2)
+    same_ids = torch.equal(ids, expected_ids.float()) and torch.equal(guessed, expected_guess.float())
+    if not same_ids or (weights - expected_weights).abs().max() > 1e-5:
+        return "the kernel's routing differs from transformers' steps"
     return None
 
 
