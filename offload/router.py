@@ -34,7 +34,10 @@ except ImportError:  # CPU builds of torch ship without Triton: the MoE block ro
     triton = None
 
 MAX_EXPERTS = 256  # the router's rows are one program's tile: Mixtral's 8, and room for finer-grained models
-TILE = 4096  # elements of the router a program reads at a time: 8 experts x 512 columns
+# elements of the router a program reads at a time: all of Mixtral's 8 x 4096 at once, so that one load's latency is
+# waited for, not one a step of a loop (the router is evicted from L2 between layers by the experts' reads)
+TILE = 32768
+PER_THREAD = 64  # the tile's elements a thread holds: 16 warps for Mixtral's router
 
 
 def computes(route) -> bool:
@@ -101,8 +104,13 @@ def fused_route(
     _route_kernel[(tokens,)](
         x, router, x if norm is None else norm, ids, ids if weights is None else weights, hidden, experts, eps,
         K=k, K_TILE=triton.next_power_of_2(k), EXPERTS=rows, COLUMNS=columns, NORM=norm is not None,
-        WEIGHTS=weights is not None, num_warps=4,
+        WEIGHTS=weights is not None, num_warps=warps(rows, columns),
     )  # fmt: skip
+
+
+def warps(rows: int, columns: int) -> int:
+    """Warps for a [rows, columns] tile of the router: PER_THREAD elements a thread, 1 to 16 warps."""
+    return min(16, max(1, rows * columns // (32 * PER_THREAD)))
 
 
 if triton is not None:

@@ -74,10 +74,12 @@ def compile_route(arch: int, dtype: str, normed: bool) -> str:
     """PTX of _route_kernel on Mixtral's router (8 experts of 4096, top 2), as fused_route launches it."""
     signature = {"x_ptr": f"*{dtype}", "router_ptr": f"*{dtype}", "norm_ptr": f"*{dtype}", "ids_ptr": "*fp32",
                  "weights_ptr": "*fp32", "D": "i32", "E": "i32", "eps": "fp32"}  # fmt: skip
-    constants = {"K": 2, "K_TILE": 2, "EXPERTS": 8, "COLUMNS": router.TILE // 8, "NORM": normed, "WEIGHTS": True}
+    columns = min(router.TILE // 8, 4096)
+    constants = {"K": 2, "K_TILE": 2, "EXPERTS": 8, "COLUMNS": columns, "NORM": normed, "WEIGHTS": True}
     signature |= {name: "constexpr" for name in constants}
     source = ASTSource(router._route_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in range(6)})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+    options = {"num_warps": router.warps(8, columns)}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
 
 def counted(ptx: str) -> dict[str, int]:
