@@ -7,7 +7,7 @@ profile at 9d0bc23), so their count is a cost of its own. This runs the static d
 capture, offload/decoder.py) eagerly on the CPU, on a Mixtral of Mixtral-8x7B's layers, experts and top-k and a
 tiny width, and counts what each piece dispatches: every aten operator that does work (views and allocations
 launch nothing) and every Triton launch (the one-kernel norm, RoPE and routing, interpreted). Counts are split by
-piece (attention, residual, head; the experts' are left out, since the CPU's expert kernel is not the GPU's), with
+piece (attention, guess, head; the experts' are left out, since the CPU's expert kernel is not the GPU's), with
 the MoE block's routing (`route_into`) and the late guess (`guess_into`) apart. It counts each one-kernel path off
 and on: on the GPU an aten operator is at least one kernel, so the differences are the launches a path saves;
 the totals are the CPU's (its attention and projections differ from CUDA's).

@@ -434,10 +434,12 @@ class Decoder:
     def _decode_static(self, input_ids: Tensor, start_pos: int) -> Tensor:
         """One token through the static path: logits [1, V], a buffer valid until the next step.
 
-        Per layer: graph "attention" (embedding at layer 0, attention, post-norm, the MoE block's routing
-        into its buffers), then the host reads the routing and the cache serves the experts, each an
-        "expert" graph of its slot row, then graph "residual" (the MoE output added, the block's late
-        guess). At the end, graph "head". Each graph is run eagerly the first time, then captured
+        Per layer: graph "attention" (embedding at layer 0, the previous layer's MoE output added into the
+        residual stream by the input norm's kernel, attention, post-norm, the MoE block's routing into its
+        buffers), then the host reads the routing and the cache serves the experts, each an "expert" graph of
+        its slot row, then, where the prefetcher guesses at the layer's output on the device, graph "guess" (its
+        guess from the residual stream and the MoE output, not yet added). At the end, graph "head" (the last
+        layer's MoE output added in its norm). Each graph is run eagerly the first time, then captured
         (offload/graphs.py); after the first step every slot row's expert graphs are captured at once.
         """
         s = self._static
@@ -452,8 +454,9 @@ class Decoder:
         run = self.graphs.run
         for layer in range(self.config.num_layers):
             run(("attention", layer, keys), lambda layer=layer: self._static_attention(layer, keys))
-            out = self.moe.decode_experts(layer, s.x, run)  # [1, D], a buffer at a fixed address
-            run(("residual", layer), lambda layer=layer, out=out: self._static_residual(layer, out))
+            s.moe_out = self.moe.decode_experts(layer, s.x, run)  # [1, D], a buffer at a fixed address
+            if self.moe.guesses_late(layer):
+                run(("guess", layer), lambda layer=layer: self.moe.guess_into(layer, s.h, s.moe_out))
             self.moe.after_residual(layer, s.h)
         run(("head",), self._static_head)
         if self.graphs.capture and not s.experts_captured:
@@ -465,17 +468,16 @@ class Decoder:
         s, w, prefix = self._static, self.weights, f"layers.{layer}."
         if layer == 0:
             self._embed(s.ids, out=s.h)
-        attended = self._attention_at(layer, self._norm(s.h, w[prefix + "input_norm"]), s.pos, keys)
+        # the previous layer's MoE output joins the residual stream here, in the input norm's kernel (its add)
+        x = self._norm(s.h, w[prefix + "input_norm"], add=None if layer == 0 else s.moe_out)
+        attended = self._attention_at(layer, x, s.pos, keys)
         self._norm(s.h, w[prefix + "post_norm"], out=s.x, add=attended)
         self.moe.route_into(layer, s.x, s.h)
 
-    def _static_residual(self, layer: int, out: Tensor) -> None:
-        self._static.h.add_(out)
-        self.moe.guess_into(layer, self._static.h)
-
     def _static_head(self) -> None:
         s = self._static
-        s.logits.copy_(linear(self._norm(s.h, self.weights["norm"]), self.weights["lm_head"], self.workspace))
+        normed = self._norm(s.h, self.weights["norm"], add=s.moe_out)  # the last layer's MoE output added first
+        s.logits.copy_(linear(normed, self.weights["lm_head"], self.workspace))
 
     def _attention_at(self, layer: int, x: Tensor, pos: Tensor, keys: int) -> Tensor:
         """One token's attention, its position a device tensor [1]: keys 0..keys-1 read, later ones masked."""
@@ -510,5 +512,6 @@ class StaticStep:
         self.h = torch.zeros(1, config.hidden_size, device=device, dtype=dtype)  # the residual stream
         self.x = torch.zeros(1, config.hidden_size, device=device, dtype=dtype)  # the MoE block's input
         self.logits = torch.zeros(1, config.vocab_size, device=device, dtype=torch.float32)
+        self.moe_out: Tensor | None = None  # the MoE block's output buffer, added into h by the next norm
         self.version = 0  # the MoE block's version the graphs were captured with
         self.experts_captured = False  # whether every slot row's expert graphs are, since the last reset

@@ -135,7 +135,7 @@ class MoEBlock:
         for expert, packed in served:
             y = expert_mlp(x, self._unpack(packed), self.workspace, reuse=True)  # [1, D]
             out.add_(y, alpha=weight_of[expert])
-        return out  # the decoder adds it to the residual before the next layer
+        return out  # the decoder adds it to the residual stream before the next layer
 
     # -- the static decode path's halves (offload/decoder.py): device work in graphs, host work between
 
@@ -199,12 +199,18 @@ class MoEBlock:
 
         return ("expert", packed.data_ptr(), place), work
 
-    def guess_into(self, layer: int, h: torch.Tensor) -> None:
-        """Device half of the late guess, graph-safe: the coming layers' routers on layer `layer`'s output
-        (the next layer's, or as many as the prefetcher looks ahead)."""
-        if self._guesses("late", layer):
-            p = self.prefetcher
-            p.device_guesses(layer, h, out=self._routed(h.device, "late")[: len(p.targets(layer)) * self.top_k])
+    def guesses_late(self, layer: int) -> bool:
+        """Whether the static path runs guess_into at layer `layer`'s output: a prefetcher guessing there, on the
+        device, and a layer after this one."""
+        return self._guesses("late", layer)
+
+    def guess_into(self, layer: int, h: torch.Tensor, out: torch.Tensor) -> None:
+        """Device half of the late guess, graph-safe: the coming layers' routers (the next layer's, or as many as
+        the prefetcher looks ahead) on layer `layer`'s output, h + out, the block's output not yet added (the next
+        layer's input norm adds it)."""
+        p = self.prefetcher
+        guesses = self._routed(h.device, "late")[: len(p.targets(layer)) * self.top_k]
+        p.device_guesses(layer, h, out=guesses, add=out)
 
     def after_residual(self, layer: int, h: torch.Tensor) -> None:
         """Host half of the late guess: start loading it (one more device-to-host copy)."""

@@ -68,27 +68,34 @@ class Prefetcher:
         """The layers guessed at layer `layer`'s output, nearest first: the copy stream serves them in order."""
         return range(layer + 1, min(layer + 1 + self.ahead, len(self.routers)))
 
-    def device_guess(self, layer: int, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Layer `layer`'s router on h's last row normed as its MoE input is (its post-attention norm): the ids it
-        would choose, as float32 [k], into `out` where given. Graph-safe."""
+    def device_guess(
+        self, layer: int, h: torch.Tensor, out: torch.Tensor | None = None, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Layer `layer`'s router on h's last row (plus add's, where given, rounded as the residual stream's add
+        rounds it) normed as its MoE input is (its post-attention norm): the ids it would choose, as float32 [k],
+        into `out` where given. Graph-safe."""
         x, router_, norm = h[-1:], self.routers[layer], self.post_norms[layer]  # [1, D], [E, D], [D]
+        add = None if add is None else add[-1:]
         if out is None:
             out = torch.empty(self.top_k, dtype=torch.float32, device=h.device)
-        if self.fused_route and router.supports(x, router_, norm):
-            router.fused_route(x, router_, out, norm=norm, eps=self.eps)
+        if self.fused_route and router.supports(x, router_, norm, add):
+            router.fused_route(x, router_, out, norm=norm, eps=self.eps, add=add)
         else:
+            x = x if add is None else x + add
             ids, _ = self.route(F.linear(normed(x, norm, self.eps, fused=self.fused_norm), router_), self.top_k)
             out.copy_(ids[0])
         return out
 
-    def device_guesses(self, layer: int, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The guesses of every target of layer `layer`'s output, flat float32 [targets * k], into `out` where
-        given. Graph-safe."""
+    def device_guesses(
+        self, layer: int, h: torch.Tensor, out: torch.Tensor | None = None, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The guesses of every target of layer `layer`'s output (h, plus `add` where given), flat float32
+        [targets * k], into `out` where given. Graph-safe."""
         k, targets = self.top_k, self.targets(layer)
         if out is None:
             out = torch.empty(len(targets) * k, dtype=torch.float32, device=h.device)
         for i, target in enumerate(targets):
-            self.device_guess(target, h, out[i * k : (i + 1) * k])
+            self.device_guess(target, h, out[i * k : (i + 1) * k], add)
         return out
 
     def guess(self, layer: int, h: torch.Tensor) -> list[int]:

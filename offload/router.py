@@ -55,44 +55,48 @@ def works(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def first_try(device: torch.device, dtype: torch.dtype) -> str | None:
     """works' try, on any device the kernel runs on (the CPU's interpreter in tests), in the two forms decode
-    launches: a layer's routing (the same ids, and weights within a few roundings) and a guess (normed, ids alone)."""
+    launches: a layer's routing (the same ids, and weights within a few roundings) and a guess (of the residual
+    stream plus the MoE output, normed; ids alone)."""
     generator = torch.Generator(device).manual_seed(0)
-    x, router, norm = (torch.randn(shape, generator=generator, device=device).to(dtype)
-                       for shape in ((2, 4096), (8, 4096), (4096,)))  # fmt: skip
+    x, added, router, norm = (torch.randn(shape, generator=generator, device=device).to(dtype)
+                              for shape in ((2, 4096), (2, 4096), (8, 4096), (4096,)))  # fmt: skip
     router /= 4096**0.5  # logits of std 1, as a trained router's: no near ties
     ids, weights, guessed = (torch.empty(2, 2, device=device) for _ in range(3))
     try:
         fused_route(x, router, ids, weights)
-        fused_route(x, router, guessed, norm=norm, eps=1e-5)
+        fused_route(x, router, guessed, norm=norm, eps=1e-5, add=added)
     except Exception as error:  # noqa: BLE001 -- any failure means one thing: torch's steps
         return f"{type(error).__name__}: {error}"
     expected_ids, expected_weights = mixtral.route(F.linear(x, router), 2)
-    expected_guess, _ = mixtral.route(F.linear(rms_norm(x, norm, 1e-5), router), 2)
+    expected_guess, _ = mixtral.route(F.linear(rms_norm(x + added, norm, 1e-5), router), 2)
     same_ids = torch.equal(ids, expected_ids.float()) and torch.equal(guessed, expected_guess.float())
     if not same_ids or (weights - expected_weights).abs().max() > 1e-5:
         return "the kernel's routing differs from transformers' steps"
     return None
 
 
-def supports(x: Tensor, router: Tensor, norm: Tensor | None = None) -> bool:
-    """Whether fused_route takes x [T, D] with router [E, D] (and norm [D]): contiguous, of one dtype, E at most
-    MAX_EXPERTS."""
+def supports(x: Tensor, router: Tensor, norm: Tensor | None = None, add: Tensor | None = None) -> bool:
+    """Whether fused_route takes x [T, D] with router [E, D] (and norm [D], add [T, D]): contiguous, of one dtype,
+    E at most MAX_EXPERTS."""
     return (
         triton is not None and x.dim() == 2 and x.is_contiguous() and router.dim() == 2
         and router.shape[1] == x.shape[1] and router.shape[0] <= MAX_EXPERTS and router.dtype == x.dtype
         and router.is_contiguous()
         and (norm is None or (norm.shape == (x.shape[1],) and norm.dtype == x.dtype and norm.is_contiguous()))
+        and (add is None or (add.shape == x.shape and add.dtype == x.dtype and add.is_contiguous()))
     )  # fmt: skip
 
 
 def fused_route(
     x: Tensor, router: Tensor, ids: Tensor, weights: Tensor | None = None, *, norm: Tensor | None = None,
-    eps: float = 0.0,
+    eps: float = 0.0, add: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Mixtral's routing of each row of x [T, D] by router [E, D], in one kernel, into float32 buffers of T * k
     elements (k from their size, highest weight first): the expert ids into `ids`, and their renormalized weights
-    into `weights` where given. With `norm` [D], each row is rms_norm(x, norm, eps) first. Graph-safe."""
-    assert supports(x, router, norm), (tuple(x.shape), tuple(router.shape), x.dtype, router.dtype)
+    into `weights` where given. With `add` [T, D], each row is x + add first, rounded to x's dtype as the residual
+    stream's add_ rounds it (x itself is not written); with `norm` [D], it is then rms_norm(., norm, eps).
+    Graph-safe."""
+    assert supports(x, router, norm, add), (tuple(x.shape), tuple(router.shape), x.dtype, router.dtype)
     tokens, hidden = x.shape
     experts = router.shape[0]
     k = ids.numel() // tokens
@@ -102,9 +106,9 @@ def fused_route(
     rows = triton.next_power_of_2(experts)
     columns = min(max(16, TILE // rows), triton.next_power_of_2(hidden))
     _route_kernel[(tokens,)](
-        x, router, x if norm is None else norm, ids, ids if weights is None else weights, hidden, experts, eps,
-        K=k, K_TILE=triton.next_power_of_2(k), EXPERTS=rows, COLUMNS=columns, NORM=norm is not None,
-        WEIGHTS=weights is not None, num_warps=warps(rows, columns),
+        x, x if add is None else add, router, x if norm is None else norm, ids, ids if weights is None else weights,
+        hidden, experts, eps, K=k, K_TILE=triton.next_power_of_2(k), EXPERTS=rows, COLUMNS=columns,
+        ADD=add is not None, NORM=norm is not None, WEIGHTS=weights is not None, num_warps=warps(rows, columns),
     )  # fmt: skip
 
 
@@ -116,24 +120,23 @@ def warps(rows: int, columns: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _route_kernel(x_ptr, router_ptr, norm_ptr, ids_ptr, weights_ptr, D, E, eps, K: tl.constexpr,
-                      K_TILE: tl.constexpr, EXPERTS: tl.constexpr, COLUMNS: tl.constexpr, NORM: tl.constexpr,
-                      WEIGHTS: tl.constexpr):  # fmt: skip
+    def _route_kernel(x_ptr, add_ptr, router_ptr, norm_ptr, ids_ptr, weights_ptr, D, E, eps, K: tl.constexpr,
+                      K_TILE: tl.constexpr, EXPERTS: tl.constexpr, COLUMNS: tl.constexpr, ADD: tl.constexpr,
+                      NORM: tl.constexpr, WEIGHTS: tl.constexpr):  # fmt: skip
         t = tl.program_id(0)  # the token
-        row = x_ptr + t * D
-        dtype = x_ptr.dtype.element_ty
         e = tl.arange(0, EXPERTS)  # [EXPERTS]
         d = tl.arange(0, COLUMNS)  # [COLUMNS]
         if NORM:  # offload/norm.py's arithmetic: the sum of squares in float32, rounded where it rounds
             squares = tl.zeros([COLUMNS], tl.float32)
             for start in range(0, D, COLUMNS):
-                v = tl.load(row + start + d, mask=start + d < D, other=0).to(tl.float32)
+                v = _row(x_ptr, add_ptr, t * D + start + d, start + d < D, ADD).to(tl.float32)
                 squares += v * v
             scale = tl.rsqrt(tl.sum(squares, axis=0) / D + eps)
         products = tl.zeros([EXPERTS, COLUMNS], tl.float32)
+        dtype = x_ptr.dtype.element_ty
         for start in range(0, D, COLUMNS):
             inside = start + d < D
-            v = tl.load(row + start + d, mask=inside, other=0)
+            v = _row(x_ptr, add_ptr, t * D + start + d, inside, ADD)
             if NORM:
                 v = (v.to(tl.float32) * scale).to(dtype)
                 v = (tl.load(norm_ptr + start + d, mask=inside, other=0).to(tl.float32) * v.to(tl.float32)).to(dtype)
@@ -158,3 +161,11 @@ if triton is not None:
         tl.store(ids_ptr + t * K + place, chosen, mask=place < K)
         if WEIGHTS:
             tl.store(weights_ptr + t * K + place, top / tl.sum(top, axis=0), mask=place < K)
+
+    @triton.jit
+    def _row(x_ptr, add_ptr, offsets, mask, ADD: tl.constexpr):
+        """x's elements at `offsets`, plus add's where ADD, rounded to x's dtype as add_ rounds the sum."""
+        v = tl.load(x_ptr + offsets, mask=mask, other=0)
+        if ADD:
+            v = (v.to(tl.float32) + tl.load(add_ptr + offsets, mask=mask, other=0).to(tl.float32)).to(v.dtype)
+        return v

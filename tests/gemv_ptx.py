@@ -8,7 +8,7 @@ _gemv_kernel on every case, _gemv_packed_kernel on those with more than one code
 ("<kernel> gated <case> sm_<arch>": an expert's w1 and w3 at once), _sum_splits_kernel adding 4 partials alone and
 gated, _gather_rows_kernel on a bfloat16 and a float16 table, offload/norm.py's _rms_norm_kernel on a Mixtral row
 of each, alone and with the residual add, offload/rope.py's _rope_kernel on Mixtral's queries and keys, and
-offload/router.py's _route_kernel on Mixtral's router, with and without the guess's norm. The
+offload/router.py's _route_kernel on Mixtral's router, routing a layer and guessing one. The
 pointers and sizes are declared 16-byte aligned, as Triton specializes them at launch for Mixtral's shapes.
 """
 
@@ -70,14 +70,16 @@ def compile_rope(arch: int, dtype: str, heads: int) -> str:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
 
-def compile_route(arch: int, dtype: str, normed: bool) -> str:
-    """PTX of _route_kernel on Mixtral's router (8 experts of 4096, top 2), as fused_route launches it."""
-    signature = {"x_ptr": f"*{dtype}", "router_ptr": f"*{dtype}", "norm_ptr": f"*{dtype}", "ids_ptr": "*fp32",
-                 "weights_ptr": "*fp32", "D": "i32", "E": "i32", "eps": "fp32"}  # fmt: skip
+def compile_route(arch: int, dtype: str, guess: bool) -> str:
+    """PTX of _route_kernel on Mixtral's router (8 experts of 4096, top 2), in the forms decode launches: a layer's
+    routing (ids and weights), or with `guess` a late guess (the residual stream plus the MoE output, normed; ids)."""
+    signature = {"x_ptr": f"*{dtype}", "add_ptr": f"*{dtype}", "router_ptr": f"*{dtype}", "norm_ptr": f"*{dtype}",
+                 "ids_ptr": "*fp32", "weights_ptr": "*fp32", "D": "i32", "E": "i32", "eps": "fp32"}  # fmt: skip
     columns = min(router.TILE // 8, 4096)
-    constants = {"K": 2, "K_TILE": 2, "EXPERTS": 8, "COLUMNS": columns, "NORM": normed, "WEIGHTS": True}
+    constants = {"K": 2, "K_TILE": 2, "EXPERTS": 8, "COLUMNS": columns, "ADD": guess, "NORM": guess,
+                 "WEIGHTS": not guess}  # fmt: skip
     signature |= {name: "constexpr" for name in constants}
-    source = ASTSource(router._route_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in range(6)})
+    source = ASTSource(router._route_kernel, signature, constants, {(i,): [["tt.divisibility", 16]] for i in range(7)})
     options = {"num_warps": router.warps(8, columns)}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
 
@@ -109,7 +111,7 @@ if __name__ == "__main__":
                 loads[f"_rms_norm_kernel {dtype}{' add' * add} sm_{arch}"] = counted(compile_norm(arch, dtype, add))
             for heads in (32, 8):  # Mixtral's queries and keys
                 loads[f"_rope_kernel {dtype} {heads} heads sm_{arch}"] = counted(compile_rope(arch, dtype, heads))
-            for normed in (False, True):
-                route = compile_route(arch, dtype, normed)
-                loads[f"_route_kernel {dtype}{' norm' * normed} sm_{arch}"] = counted(route)
+            for guess in (False, True):
+                route = compile_route(arch, dtype, guess)
+                loads[f"_route_kernel {dtype}{' guess' * guess} sm_{arch}"] = counted(route)
     print(json.dumps(loads))

@@ -85,7 +85,7 @@ def test_static_path_with_nf4_attention_equals_the_eager_one(case):
 
 @pytest.mark.parametrize(("prefetch", "ahead"), [("late", 2), ("both", 3)])
 def test_static_path_guessing_layers_ahead_equals_the_eager_one(tmp_path, prefetch, ahead):
-    """Every guess of a layer's output (up to `ahead` layers) in its residual graph, read back with one copy."""
+    """Every guess of a layer's output (up to `ahead` layers) in its guess graph, read back with one copy."""
     path = make_tiny_mixtral(tmp_path / "m", layers=4, seed=4)
     tokens = torch.randint(3, 128, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(4))
     static = assert_static_equals_eager(path, tokens, slots=2, prefetch=prefetch, prefetch_ahead=ahead)
@@ -107,10 +107,14 @@ def assert_static_equals_eager(path, tokens, **options):
     for mine, theirs in zip(probs[:half], probs[half:], strict=True):
         assert mine == pytest.approx(theirs, abs=1e-6)
     layers, k = static.config.num_layers, static.config.top_k
-    assert graphs.runs == DECODE * ((2 + k) * layers + 1)  # per layer "attention", k experts, "residual"; "head"
+    # per layer "attention" and k experts, then "guess" where the prefetcher guesses at the output on the device (a
+    # layer before the last); "head"
+    guesses = layers - 1 if static.moe.prefetcher is not None and static.moe.prefetcher.late else 0
+    assert sum(static.moe.guesses_late(layer) for layer in range(layers)) == guesses
+    assert graphs.runs == DECODE * ((1 + k) * layers + guesses + 1)
     # one key range (256) and one prefetcher: one set of pieces, and experts keyed by slot row and place
     expert_keys = [key for key in graphs.first if key[0] == "expert"]
-    assert len(graphs.first) - len(expert_keys) == 2 * layers + 1
+    assert len(graphs.first) - len(expert_keys) == layers + guesses + 1
     rows = {row.data_ptr() for row in static.cache.slot_rows}
     assert {key[1] for key in expert_keys} <= rows and {key[2] for key in expert_keys} == set(range(k))
     return static

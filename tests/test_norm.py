@@ -112,15 +112,17 @@ def test_decode_with_the_fused_norm_equals_transformers(tmp_path, monkeypatch):
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreted on CPU tensors; tests/test_cuda.py replays on CUDA")
 def test_the_static_path_with_the_fused_norm_equals_the_eager_one(tmp_path, monkeypatch):
     """The static decode path (its graphs run eagerly on the CPU) adds the attention's output into the residual
-    stream in the post-attention norm's kernel, where the eager path adds it before: the same logits, cache
-    decisions and trace."""
+    stream in the post-attention norm's kernel, and the MoE block's output in the next layer's input norm's (the
+    last layer's in the head's), where the eager path adds each before: the same logits, cache decisions and
+    trace."""
     turn_on(monkeypatch)
     launches = Launches(norm._rms_norm_kernel)
     monkeypatch.setattr(norm, "_rms_norm_kernel", launches)
     path = make_tiny_mixtral(tmp_path / "m", layers=2, seed=6)
     tokens = torch.randint(3, 128, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(6))
     static = assert_static_equals_eager(path, tokens, slots=2, prefetch="late")
-    assert static.decoder.fused_norm and launches.adds == DECODE * static.config.num_layers  # the static steps'
+    layers = static.config.num_layers
+    assert static.decoder.fused_norm and launches.adds == DECODE * 2 * layers  # the static steps'
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on CUDA the first tries run at load: tests/test_cuda.py")

@@ -38,15 +38,22 @@ def problem(tokens: int, hidden: int, experts: int, dtype: torch.dtype) -> tuple
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("normed", [False, True], ids=["routed", "normed"])
-def test_the_fused_routing_is_transformers(dtype, shape, normed):
+@pytest.mark.parametrize("form", ["routed", "normed", "added"])
+def test_the_fused_routing_is_transformers(dtype, shape, form):
     """The same experts in the same order as Mixtral's route on F.linear's logits (of the rms-normed row, with a
-    norm), and the same renormalized weights to float32's rounding in another order of sums."""
+    norm; of the residual stream plus the MoE output, normed, as a late guess reads them), and the same
+    renormalized weights to float32's rounding in another order of sums."""
     tokens, hidden, experts, k = shape
     x, weight, post_norm = problem(tokens, hidden, experts, dtype)
+    added = torch.randn(x.shape, generator=torch.Generator().manual_seed(tokens)).to(DEVICE, dtype)
+    given = x.clone()
     ids, weights = (torch.full((tokens * k,), float("nan"), device=DEVICE) for _ in range(2))
-    fused_route(x, weight, ids, weights, norm=post_norm if normed else None, eps=1e-5)
-    expected_ids, expected_weights = mixtral.route(F.linear(rms_norm(x, post_norm, 1e-5) if normed else x, weight), k)
+    norm, add = (None, None) if form == "routed" else (post_norm, added if form == "added" else None)
+    fused_route(x, weight, ids, weights, norm=norm, eps=1e-5, add=add)
+    assert torch.equal(x, given)  # the residual stream is read, not written
+    row = x if add is None else x + add  # rounded to the dtype, as add_ rounds it
+    row = row if norm is None else rms_norm(row, norm, 1e-5)
+    expected_ids, expected_weights = mixtral.route(F.linear(row, weight), k)
     assert torch.equal(ids.view(tokens, k), expected_ids.float())
     torch.testing.assert_close(weights.view(tokens, k), expected_weights, rtol=1e-6, atol=1e-6)
 
@@ -68,6 +75,7 @@ def test_it_computes_mixtrals_route_alone_and_takes_contiguous_tensors_of_one_dt
     assert not router.supports(x, weight[:, :32])  # another width
     assert not router.supports(x, torch.zeros(router.MAX_EXPERTS + 1, 64, device=DEVICE))
     assert not router.supports(x, weight, post_norm[:32])
+    assert router.supports(x, weight, post_norm, x) and not router.supports(x, weight, post_norm, x.double())
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on CUDA the first try runs at load: tests/test_cuda.py")
