@@ -457,7 +457,7 @@ class Decoder:
             s.moe_out = self.moe.decode_experts(layer, s.x, run)  # [1, D], a buffer at a fixed address
             if self.moe.guesses_late(layer):
                 run(("guess", layer), lambda layer=layer: self.moe.guess_into(layer, s.h, s.moe_out))
-            self.moe.after_residual(layer, s.h)
+            self.moe.start_guess(layer, s.h)
         run(("head",), self._static_head)
         if self.graphs.capture and not s.experts_captured:
             self.moe.capture_experts(self.graphs.capture_only, s.x)  # every slot row's, this once

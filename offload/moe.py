@@ -204,16 +204,16 @@ class MoEBlock:
         device, and a layer after this one."""
         return self._guesses("late", layer)
 
-    def guess_into(self, layer: int, h: torch.Tensor, out: torch.Tensor) -> None:
+    def guess_into(self, layer: int, h: torch.Tensor, moe_out: torch.Tensor) -> None:
         """Device half of the late guess, graph-safe: the coming layers' routers (the next layer's, or as many as
-        the prefetcher looks ahead) on layer `layer`'s output, h + out, the block's output not yet added (the next
-        layer's input norm adds it)."""
+        the prefetcher looks ahead) on layer `layer`'s output, h + moe_out, this block's output not yet added (the
+        next layer's input norm adds it)."""
         p = self.prefetcher
         guesses = self._routed(h.device, "late")[: len(p.targets(layer)) * self.top_k]
-        p.device_guesses(layer, h, out=guesses, add=out)
+        p.device_guesses(layer, h, out=guesses, add=moe_out)
 
-    def after_residual(self, layer: int, h: torch.Tensor) -> None:
-        """Host half of the late guess: start loading it (one more device-to-host copy)."""
+    def start_guess(self, layer: int, h: torch.Tensor) -> None:
+        """Host half of the late guess, after guess_into's graph: start loading it (one more device-to-host copy)."""
         if self._guesses("late", layer):
             p = self.prefetcher
             # synchronizes: the guess is read on the host, after this layer's kernels (the copies it starts
