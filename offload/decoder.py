@@ -381,6 +381,24 @@ class Decoder:
             return apply_rope(x, self.cos.index_select(0, positions), self.sin.index_select(0, positions))
         return apply_rope(x, self.cos[start : start + x.shape[0]], self.sin[start : start + x.shape[0]])
 
+    def _write_kv(self, layer: int, k: Tensor, v: Tensor, positions: Tensor, start: int | None = None) -> None:
+        """Keys k [T, K, S] rotated at `positions` [T] and values v [T, K, S] into layer `layer`'s KV cache at those
+        positions: in the keys' rotation kernel where fused_rope takes them (offload/rope.py, rotate_into_cache),
+        else rotated by _rotate and copied, into the slice from `start` (a prefill's) or by index_copy_ (a decode
+        step's position, a device tensor)."""
+        key_cache, value_cache = self.k_cache[layer], self.v_cache[layer]  # [K, N, S] each
+        if (self.fused_rope and rope.supports(k, self.cos, positions)
+                and rope.supports_cache(k, v, key_cache, value_cache)):  # fmt: skip
+            rope.rotate_into_cache(k, v, self.cos, self.sin, positions, key_cache, value_cache)
+            return
+        k = self._rotate(k, positions, start)
+        if start is None:
+            key_cache.index_copy_(1, positions, k.transpose(0, 1))
+            value_cache.index_copy_(1, positions, v.transpose(0, 1))
+        else:
+            key_cache[:, start : start + k.shape[0]] = k.transpose(0, 1)
+            value_cache[:, start : start + v.shape[0]] = v.transpose(0, 1)
+
     def _mask(self, start_pos: int, tokens: int) -> Tensor | None:
         """Boolean [T, start_pos+T] (True = attend) where a key range and is_causal cannot say it."""
         if tokens == 1:
@@ -402,10 +420,9 @@ class Decoder:
         ws = self.workspace
         at = self.positions[start_pos:end]  # [T]
         q = self._rotate(linear(x, w[prefix + "q_proj"], ws).view(tokens, c.num_heads, c.head_dim), at, start_pos)
-        k = self._rotate(linear(x, w[prefix + "k_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim), at, start_pos)
-        v = linear(x, w[prefix + "v_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim)  # [T, K, S]
-        self.k_cache[layer, :, start_pos:end] = k.transpose(0, 1)
-        self.v_cache[layer, :, start_pos:end] = v.transpose(0, 1)
+        k = linear(x, w[prefix + "k_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim)  # [T, K, S]
+        v = linear(x, w[prefix + "v_proj"], ws).view(tokens, c.num_kv_heads, c.head_dim)
+        self._write_kv(layer, k, v, at, start_pos)
 
         first = 0  # the first key any query here can see
         if c.sliding_window is not None:
@@ -485,10 +502,9 @@ class Decoder:
         c, w, ws = self.config, self.weights, self.workspace
         prefix = f"layers.{layer}."
         q = self._rotate(linear(x, w[prefix + "q_proj"], ws).view(1, c.num_heads, c.head_dim), pos)  # [1, H, S]
-        k = self._rotate(linear(x, w[prefix + "k_proj"], ws).view(1, c.num_kv_heads, c.head_dim), pos)
-        v = linear(x, w[prefix + "v_proj"], ws).view(1, c.num_kv_heads, c.head_dim)  # [1, K, S]
-        self.k_cache[layer].index_copy_(1, pos, k.transpose(0, 1))
-        self.v_cache[layer].index_copy_(1, pos, v.transpose(0, 1))
+        k = linear(x, w[prefix + "k_proj"], ws).view(1, c.num_kv_heads, c.head_dim)  # [1, K, S]
+        v = linear(x, w[prefix + "v_proj"], ws).view(1, c.num_kv_heads, c.head_dim)
+        self._write_kv(layer, k, v, pos)
         key_pos = self.positions[:keys]
         mask = key_pos <= pos  # [keys]
         if c.sliding_window is not None:

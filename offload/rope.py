@@ -65,21 +65,54 @@ def supports(x: Tensor, cos: Tensor, positions: Tensor) -> bool:
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
     """apply_rope(x, cos[positions], sin[positions]) in one kernel, into a new tensor: x [T, heads, S], the tables
     cos and sin [N, S] whole, positions [T] on x's device (an int tensor: a decode step's stays on the device)."""
+    out = torch.empty_like(x)
+    _launch(x, cos, sin, positions, out)
+    return out
+
+
+def supports_cache(keys: Tensor, values: Tensor, key_cache: Tensor, value_cache: Tensor) -> bool:
+    """Whether rotate_into_cache takes keys and values [T, heads, S] and the caches [heads, N, S]: contiguous, one
+    dtype (and what rotate asks of the keys)."""
+    heads, size = keys.shape[1:]
+    return all(
+        t.dim() == 3 and t.is_contiguous() and t.dtype == keys.dtype
+        for t in (values, key_cache, value_cache)
+    ) and values.shape == keys.shape and key_cache.shape == value_cache.shape and (
+        key_cache.shape[0], key_cache.shape[2]) == (heads, size)  # fmt: skip
+
+
+def rotate_into_cache(
+    keys: Tensor, values: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, key_cache: Tensor, value_cache: Tensor
+) -> None:
+    """The KV cache write with the keys' rotation, in one kernel: apply_rope(keys, cos[positions], sin[positions])
+    into key_cache [heads, N, S], and values copied into value_cache, each token's at its position. keys and values
+    [T, heads, S]; positions [T] on the device. Graph-safe."""
+    assert supports_cache(keys, values, key_cache, value_cache), (keys.shape, values.shape, key_cache.shape)
+    _launch(keys, cos, sin, positions, key_cache, values, value_cache)
+
+
+def _launch(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, out: Tensor, values: Tensor | None = None,
+            value_cache: Tensor | None = None) -> None:  # fmt: skip
+    """x rotated into out: [T, heads, S] as x, or with `values` the key cache [heads, N, S] at the positions (and
+    values copied into value_cache there)."""
     assert supports(x, cos, positions) and sin.shape == cos.shape and sin.dtype == cos.dtype, (x.shape, cos.shape)
     tokens, heads, size = x.shape
-    out = torch.empty_like(x)
     heads_p2, half_p2 = triton.next_power_of_2(heads), triton.next_power_of_2(size // 2)
-    _rope_kernel[(tokens,)](x, cos, sin, positions, out, heads, size, HEADS=heads_p2, HALF=half_p2,
+    cache = values is not None
+    _rope_kernel[(tokens,)](x, cos, sin, positions, out, values if cache else x, value_cache if cache else out, heads,
+                            size, out.shape[1] * size if cache else size, HEADS=heads_p2, HALF=half_p2, CACHE=cache,
                             num_warps=min(8, max(1, heads_p2 * half_p2 // 256)))  # fmt: skip
-    return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, H, S, HEADS: tl.constexpr, HALF: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, v_ptr, v_out_ptr, H, S, OUT_HEAD,
+                     HEADS: tl.constexpr, HALF: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
         # each head's two halves as tiles [HEADS, HALF]: x1 (dims 0..S/2) and x2 (S/2..S), each read in runs.
-        # rotate_half(x) is (-x2, x1), so the first half is x1 cos - x2 sin and the second x2 cos + x1 sin
+        # rotate_half(x) is (-x2, x1), so the first half is x1 cos - x2 sin and the second x2 cos + x1 sin.
+        # out: [T, H, S] as x (OUT_HEAD = S); CACHE: the key cache [H, N, S] (OUT_HEAD = N * S), the token's row at
+        # its position, and the values v copied into theirs (v_out) there
         t = tl.program_id(0)  # the token
         h = tl.arange(0, HEADS)[:, None]  # [HEADS, 1]
         d = tl.arange(0, HALF)[None, :]  # [1, HALF]
@@ -94,8 +127,12 @@ if triton is not None:
         sin1 = tl.load(sin_ptr + table + d, mask=d < half, other=0).to(tl.float32)
         sin2 = tl.load(sin_ptr + table + half + d, mask=d < half, other=0).to(tl.float32)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(out_ptr + row + d, _rounded_sum(a * cos1, -b * sin1, x1.dtype), mask=inside)
-        tl.store(out_ptr + row + half + d, _rounded_sum(b * cos2, a * sin2, x1.dtype), mask=inside)
+        dest = h * OUT_HEAD + (table if CACHE else t * H * S)  # [HEADS, 1]: each head's row of out
+        tl.store(out_ptr + dest + d, _rounded_sum(a * cos1, -b * sin1, x1.dtype), mask=inside)
+        tl.store(out_ptr + dest + half + d, _rounded_sum(b * cos2, a * sin2, x1.dtype), mask=inside)
+        if CACHE:
+            tl.store(v_out_ptr + dest + d, tl.load(v_ptr + row + d, mask=inside, other=0), mask=inside)
+            tl.store(v_out_ptr + dest + half + d, tl.load(v_ptr + row + half + d, mask=inside, other=0), mask=inside)
 
     @triton.jit
     def _rounded_sum(by_cos, by_sin, dtype: tl.constexpr):

@@ -61,11 +61,13 @@ def compile_norm(arch: int, dtype: str, add: bool) -> str:
 
 
 def compile_rope(arch: int, dtype: str, heads: int) -> str:
-    """PTX of _rope_kernel on Mixtral's `heads` heads of 128, as rotate launches it."""
+    """PTX of _rope_kernel on Mixtral's `heads` heads of 128, as the decoder launches it: the queries' 32 by rotate,
+    the keys' 8 by rotate_into_cache (into the key cache at the position, the values copied into theirs)."""
     signature = {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}", "pos_ptr": "*i64",
-                 "out_ptr": f"*{dtype}", "H": "i32", "S": "i32", "HEADS": "constexpr", "HALF": "constexpr"}  # fmt: skip
-    source = ASTSource(rope._rope_kernel, signature, {"HEADS": heads, "HALF": 64},
-                       {(i,): [["tt.divisibility", 16]] for i in range(7)})  # fmt: skip
+                 "out_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "v_out_ptr": f"*{dtype}", "H": "i32", "S": "i32",
+                 "OUT_HEAD": "i32", "HEADS": "constexpr", "HALF": "constexpr", "CACHE": "constexpr"}  # fmt: skip
+    source = ASTSource(rope._rope_kernel, signature, {"HEADS": heads, "HALF": 64, "CACHE": heads == 8},
+                       {(i,): [["tt.divisibility", 16]] for i in range(10)})  # fmt: skip
     warps = min(8, max(1, heads * 64 // 256))  # as rotate
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 

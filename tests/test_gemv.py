@@ -410,9 +410,11 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     for case in [case for case in norms if " add " in case]:
         assert 2 * norms[case]["ld.global.v4.b32"] == 3 * norms[case.replace(" add", "")]["ld.global.v4.b32"], case
     # offload/rope.py's kernel on Mixtral's 32 query heads and 8 key heads: the position once, each half of the
-    # heads 16 bytes a load (the tables' rows too, where each thread reads a run of them)
+    # heads 16 bytes a load (the tables' rows too, where each thread reads a run of them); the keys' launch writes
+    # the KV cache, so it reads the values' halves too, 16 bytes a load
     ropes = {case: loads.pop(case) for case in list(loads) if case.startswith("_rope_kernel")}
     assert len(ropes) == 8 and all(c["ld.global.b64"] == 1 and c["ld.global.v4.b32"] >= 2 for c in ropes.values())
+    assert all(c["ld.global.v4.b32"] == 4 for case, c in ropes.items() if " 8 heads " in case), ropes
     # offload/router.py's kernel on Mixtral's router: all 8 x 4096 of it in one tile, 16 bytes a load, 8 a thread of
     # 16 warps, and x's columns in one load a thread (a guess reads the residual stream and the MoE output twice,
     # for the sum of squares and the product, and the norm's weight): no loop, one load's latency for the router

@@ -94,3 +94,52 @@ def test_a_model_rotating_in_the_kernel_equals_transformers(tmp_path, monkeypatc
     assert (got - expected).abs().max().item() < 1e-4
     layers = model.config.num_layers
     assert launches.grids == ([(PROMPT,)] * 2 * layers) + [(1,)] * 2 * layers * DECODE
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_the_keys_rotation_writes_the_kv_cache(dtype, tokens):
+    """rotate_into_cache: the keys rotated as apply_rope rotates them, into the key cache at each token's position
+    (out of order, as a decode step's comes from the device), and the values copied into theirs; every other row of
+    both caches as it was."""
+    generator = torch.Generator().manual_seed(tokens)
+    keys, values = (torch.randn(tokens, 2, 12, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    cos, sin = (torch.randn(20, 12, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    key_cache, value_cache = (torch.randn(2, 20, 12, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    positions = torch.tensor([7, 0, 19][:tokens], device=DEVICE)
+    expected_keys, expected_values = key_cache.clone(), value_cache.clone()
+    expected_keys[:, positions] = apply_rope(keys, cos[positions], sin[positions]).transpose(0, 1)
+    expected_values[:, positions] = values.transpose(0, 1)
+    rope.rotate_into_cache(keys, values, cos, sin, positions, key_cache, value_cache)
+    if dtype == torch.float32 and DEVICE.type == "cuda":  # ptxas may fuse a product into the sum (FMA)
+        torch.testing.assert_close(key_cache, expected_keys, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(key_cache, expected_keys)
+    assert torch.equal(value_cache, expected_values)
+
+
+def test_the_decoder_writes_the_kv_cache_in_the_kernel_where_it_takes_the_tensors(monkeypatch):
+    """Decoder._write_kv: one launch where fused_rope and the caches are the keys' dtype, else the rotation and the
+    copies (a prefill's into the slice from its start, a decode step's by index_copy_): the same cache either way."""
+    launches = Launches(rope._rope_kernel)
+    monkeypatch.setattr(rope, "_rope_kernel", launches)
+    decoder = offload.decoder.Decoder.__new__(offload.decoder.Decoder)  # _write_kv reads the tables, caches and flag
+    generator = torch.Generator().manual_seed(4)
+    decoder.cos, decoder.sin = (torch.randn(12, 16, generator=generator).to(DEVICE) for _ in range(2))
+    decoder.k_cache, decoder.v_cache = (torch.zeros(2, 2, 12, 16, device=DEVICE) for _ in range(2))
+    k, v = (torch.randn(3, 2, 16, generator=generator).to(DEVICE) for _ in range(2))
+    positions = torch.tensor([4, 5, 6], device=DEVICE)
+    caches = []
+    for fused, start in ((False, 4), (False, None), (True, 4), (True, None)):
+        decoder.fused_rope = fused
+        decoder.k_cache.zero_(), decoder.v_cache.zero_()
+        decoder._write_kv(1, k, v, positions, start)
+        caches.append((decoder.k_cache.clone(), decoder.v_cache.clone()))
+    assert launches.grids == [(3,), (3,)]  # the fused writes, one launch each
+    rotated = apply_rope(k, decoder.cos[4:7], decoder.sin[4:7]).transpose(0, 1)
+    for key_cache, value_cache in caches:
+        assert torch.equal(key_cache[1, :, 4:7], rotated) and torch.equal(value_cache[1, :, 4:7], v.transpose(0, 1))
+        assert key_cache[0].abs().sum() == key_cache[1, :, :4].abs().sum() == value_cache[1, :, 7:].abs().sum() == 0
+    decoder.k_cache, decoder.v_cache = decoder.k_cache.double(), decoder.v_cache.double()
+    decoder._write_kv(1, k.double(), v.double(), positions)  # float64 keys against float32 tables: torch's steps
+    assert launches.grids == [(3,), (3,)] and torch.equal(decoder.v_cache[1, :, 4:7], v.double().transpose(0, 1))
