@@ -152,7 +152,8 @@ class MoEBlock:
         else:
             chosen, gates = self.route(F.linear(x, self.routers[layer]), k)  # [1, k] each
             ids.copy_(chosen[0])
-            weights.copy_(gates[0])
+            if self.routing is None:
+                weights.copy_(gates[0])
         if self.routing is not None:
             weights.copy_(self.routing.device_weights(layer))
         if self._guesses("early", layer):

@@ -514,12 +514,12 @@ if triton is not None:
 
     @triton.jit
     def _grid_step(
-        acc, codes_ptr, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero, r, mask, xk, j, STEP,
-        BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr, QUANTIZED_META: tl.constexpr,
+        acc, codes_ptr, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero, r, mask, xk, xs, j,
+        STEP, BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr, QUANTIZED_META: tl.constexpr,
         META_GROUP: tl.constexpr, EVEN: tl.constexpr, LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr,
         EARLY_META: tl.constexpr,
     ):  # fmt: skip
-        """acc plus _gemv_kernel's K step of one matrix: grid rows r [BN, GB], against xk [GB, G]."""
+        """acc plus _gemv_kernel's K step of one matrix: grid rows r [BN, GB], against xk [GB, G], xs its sums."""
         address = (r % STEP) * GROUP  # hqq packs grid row r into packed row r % STEP, bit slot r // STEP
         packed = _load(codes_ptr + address[:, :, None] + j[None, None, :], mask[:, :, None], EVEN)
         if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
@@ -528,7 +528,6 @@ if triton is not None:
         shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
         code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
         cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
-        xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
         if not EARLY_META:
             s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
                                QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
@@ -570,12 +569,13 @@ if triton is not None:
             xk = _load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], g_ok[:, None], EVEN).to(tl.float32)  # [GB, G]
             r = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] grid row of each group
             mask = n_ok[:, None] & g_ok[None, :]
+            xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j, once for both matrices
             acc = _grid_step(acc, codes_ptr, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
-                             r, mask, xk, j, STEP, BITS, PER, GROUP, QUANTIZED_META, META_GROUP, EVEN, LATE_SUM,
+                             r, mask, xk, xs, j, STEP, BITS, PER, GROUP, QUANTIZED_META, META_GROUP, EVEN, LATE_SUM,
                              FAST_CODES, EARLY_META)  # fmt: skip
             if GATED:
                 acc_up = _grid_step(acc_up, up_codes, up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes,
-                                    up_zero_scale, up_zero_zero, r, mask, xk, j, STEP, BITS, PER, GROUP,
+                                    up_zero_scale, up_zero_zero, r, mask, xk, xs, j, STEP, BITS, PER, GROUP,
                                     QUANTIZED_META, META_GROUP, EVEN, LATE_SUM, FAST_CODES, EARLY_META)  # fmt: skip
         if LATE_SUM:
             acc = tl.sum(acc, axis=1)  # [BN]
