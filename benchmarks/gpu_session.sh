@@ -5,7 +5,7 @@
 #       puts the wheels of hqq, termcolor and bitsandbytes, the Mixtral routing trace and the commit into .gpu/
 #       (git-ignored); run it again before each session, since every result is stamped with that commit
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests copy-engine kernel kernel-sweep synth tune bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
 #   between calls: launches `tune` found (its gemv_tuned_GPU.json) put in .gpu/gemv_tuned/ are installed at the start of
 #       each later call, and the bench results' names then say _tuned
 #
@@ -120,6 +120,11 @@ for step in "$@"; do
         attempt python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;
+    ncu)  # the GEMV kernels' hardware counters under Nsight Compute: what they wait on (no model needed; ncu reads
+        # counters on the H100's Firecracker machines). At most 5 minutes, so that a hang leaves the call's other steps
+        attempt timeout -k 10 300 python3 benchmarks/gemv_ncu.py --out "$results/gemv_ncu_$gpu.json"
+        stamp "$results/gemv_ncu_$gpu.json"
+        ;;
     kernel-sweep)  # every 2-bit launch shape of the default variant (of all 8: ~600 compiles, past a call's 10 minutes)
         attempt python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
         stamp "$results/gemv_kernel_sweep_$gpu.json"
@@ -209,7 +214,7 @@ sys.exit(None if a == b else f'WARNING: inclusive slots {b} differ from exclusiv
             "$results/bench_${gpu}_colab${tuned}_exclusive.json" "$results/bench_${gpu}_colab${tuned}_inclusive.json" || true
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep synth tune bench bench-more bench-path embedding prefill colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune bench bench-more bench-path embedding prefill colab profile" >&2
         exit 2
         ;;
     esac

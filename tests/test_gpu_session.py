@@ -48,6 +48,7 @@ def commands(body: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
         line = raw.strip().split(" >", 1)[0].split(" 2>&1", 1)[0].split(" ||", 1)[0]
         line = line.split("; ", 1)[-1] if line.startswith("for ") else line
         line = line.removeprefix("if ").removesuffix("; then").removeprefix("attempt ")
+        line = re.sub(r"^timeout (-k \d+ )?\d+ ", "", line)  # a script run under a time limit
         if line.startswith("bench "):
             found.append(("moe", expand(BENCH + line[len("bench") :], values)))
         elif line.startswith("profile "):
