@@ -149,7 +149,10 @@ def report_module(ncu: Path):
     for folder in folders:
         if (folder / "ncu_report.py").is_file():
             sys.path.insert(0, str(folder))
-            return importlib.import_module("ncu_report")
+            try:
+                return importlib.import_module("ncu_report")
+            except ImportError as error:  # its compiled half, built for another Python, say
+                raise MoEOffloadError(f"cannot import {folder / 'ncu_report.py'}: {error}") from None
     raise MoEOffloadError(f"no ncu_report.py (Nsight Compute's Python interface) in {', '.join(map(str, folders))}")
 
 
@@ -287,7 +290,10 @@ def main() -> None:
     ncu = find_ncu(args.ncu)
     if not torch.cuda.is_available() or gemv.triton is None:
         sys.exit("error: this benchmark needs a CUDA device and Triton")
-    module = report_module(ncu)
+    try:
+        module, unread = report_module(ncu), None
+    except MoEOffloadError as error:  # the counters are still kept, as ncu's own CSV
+        module, unread = None, str(error)
     version = subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     with tempfile.TemporaryDirectory() as folder:
         report, launched = Path(folder) / "gemv", Path(folder) / "launched.json"  # ncu adds .ncu-rep
@@ -297,13 +303,26 @@ def main() -> None:
         print(shlex.join(command), flush=True)
         if (code := subprocess.run(command).returncode) != 0:
             raise MoEOffloadError(f"ncu exited with code {code}: {shlex.join(command)}")
-        cases = pair(json.loads(launched.read_text()), read_report(report.with_suffix(".ncu-rep"), module))
+        cases = json.loads(launched.read_text())
+        if module is not None:
+            try:
+                cases = pair(cases, read_report(report.with_suffix(".ncu-rep"), module))
+            except Exception as error:  # noqa: BLE001 -- an interface unlike the one read_report knows
+                unread = f"{type(error).__name__}: {error}"
+        if unread is not None:  # ncu's details page as it prints it, so that the GPU's minutes are not lost
+            print(f"warning: the report was not read ({unread}); keeping ncu's details page as CSV", file=sys.stderr)
+            details = [str(ncu), "--import", str(report.with_suffix(".ncu-rep")), "--page", "details", "--csv"]
+            csv = subprocess.run(details, capture_output=True, text=True).stdout
     record = {
         **environment(torch.device("cuda"), program=f"python {sys.argv[0]}"),
         "ncu": version[-1] if version else None,
         "ncu_command": shlex.join(command[: command.index(sys.executable)]),
         "cases": cases,
     }
+    if unread is not None:
+        record |= {"unread": unread, "details_csv": csv}
+        write_json(args.out, record, "--out")
+        sys.exit(f"error: wrote {args.out} with ncu's CSV only: {unread}")
     print_table(cases)
     write_json(args.out, record, "--out")
     print(f"wrote {args.out}")

@@ -218,3 +218,64 @@ def test_no_ncu_anywhere_says_where_it_looked(monkeypatch, tmp_path):
         gemv_ncu.find_ncu(None)
     assert str(refused.value) == (f"no ncu on the PATH or under {tmp_path}: install Nsight Compute, or give its path "
                                   "with --ncu")  # fmt: skip
+
+
+FAKE_NCU = """#!/usr/bin/env bash
+# ncu as gemv_ncu.py calls it: --version; a profile (--export REPORT ... --launch FILE), whose inner run this stands
+# in for by writing FILE; --import REPORT --page details --csv
+if [[ $1 == --version ]]; then echo "NVIDIA (R) Nsight Compute"; echo "Version 2025.3.1.0"; exit; fi
+if [[ $1 == --import ]]; then echo '"ID","Kernel Name","Metric Name","Metric Value"'; exit; fi
+while [[ $# -gt 0 ]]; do case $1 in --export) report=$2;; --launch) launched=$2;; esac; shift; done
+touch "$report.ncu-rep"
+echo '[{"label": "w1", "kernels": ["_gemv_packed_kernel"], "quantized_bytes": 22000000}]' >"$launched"
+"""
+
+
+def run_main(tmp_path, monkeypatch, *, interface: bool):
+    """gemv_ncu's main with a stand-in ncu (and, with `interface`, an ncu_report beside it that reads back
+    gemv_action): its exit message, if any, and the JSON it wrote."""
+    ncu = tmp_path / "nsight" / "ncu"
+    ncu.parent.mkdir()
+    ncu.write_text(FAKE_NCU)
+    ncu.chmod(0o755)
+    if interface:
+        extras = ncu.parent / "extras" / "python"
+        extras.mkdir(parents=True)
+        interface = "from tests.test_gemv_ncu import Report, gemv_action\n\n\ndef load_report(path):\n"
+        (extras / "ncu_report.py").write_text(interface + "    return Report([gemv_action()])\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # report_module adds the interface's folder
+    monkeypatch.delitem(sys.modules, "ncu_report", raising=False)
+    monkeypatch.setattr(gemv_ncu, "NCU_HOME", tmp_path / "none")
+    monkeypatch.setattr(gemv_ncu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gemv_ncu, "environment", lambda device, program: {"device": "cuda: stand-in"})
+    out = tmp_path / "ncu.json"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/gemv_ncu.py", "--ncu", str(ncu), "--out", str(out)])
+    try:
+        gemv_ncu.main()
+        message = None
+    except SystemExit as exit:
+        message = str(exit.code)
+    monkeypatch.delitem(sys.modules, "ncu_report", raising=False)
+    return message, json.loads(out.read_text())
+
+
+def test_main_reads_the_report_into_the_json(tmp_path, monkeypatch, capsys):
+    message, record = run_main(tmp_path, monkeypatch, interface=True)
+    assert message is None
+    assert record["ncu"] == "Version 2025.3.1.0"
+    assert record["ncu_command"].endswith("--clock-control none --profile-from-start off --set full "
+                                          f"--target-processes all --export {record['ncu_command'].split()[-2]} "
+                                          "--force-overwrite")  # fmt: skip
+    (case,) = record["cases"]
+    assert case["kernels"][0]["summary"]["quantized_gb_per_s"] == 314.3  # 22 MB in the stand-in's 70 us
+    assert "unread" not in record
+    assert "w1                    _gemv_packed_kernel       70.0   314.3" in capsys.readouterr().out
+
+
+def test_a_report_it_cannot_read_keeps_ncus_csv_and_exits_with_an_error(tmp_path, monkeypatch):
+    message, record = run_main(tmp_path, monkeypatch, interface=False)
+    why = f"no ncu_report.py (Nsight Compute's Python interface) in {tmp_path / 'nsight' / 'extras' / 'python'}"
+    assert message == f"error: wrote {tmp_path / 'ncu.json'} with ncu's CSV only: {why}"
+    assert record["unread"] == why
+    assert record["details_csv"] == '"ID","Kernel Name","Metric Name","Metric Value"\n'
+    assert record["cases"] == [{"label": "w1", "kernels": ["_gemv_packed_kernel"], "quantized_bytes": 22000000}]
