@@ -1,6 +1,6 @@
 """The fused GEMV under Nsight Compute's hardware counters (CUDA, with `ncu`): what its kernels wait on.
 
-    python benchmarks/gemv_ncu.py [--out benchmarks/results/gemv_ncu.json] [--ncu PATH] [--set full]
+    python benchmarks/gemv_ncu.py [--out benchmarks/results/gemv_ncu.json] [--ncu PATH] [--set full] [--case LABEL]
 
 At 9d0bc23 a 2-bit Mixtral expert matrix (22 MB) took about 70 us of device time in a decode step
 (h100_9d0bc23/profile_decode_h100_graphs.json), where an H100's memory moves it in about 7 and its issue rate allows
@@ -88,6 +88,16 @@ STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.
 # Per instruction (correlated by PC): warps sampled stalled there, by reason (SourceCounters), and executions
 PC_STALL = re.compile(r"smsp__pcsamp_warps_issue_stalled_(\w+)")
 TOP_PCS = 40  # the instructions kept, most sampled first
+
+
+def chosen_cases(labels: list[str] | None) -> tuple[Case, ...]:
+    """The CASES of these labels (--case), in CASES' order; all of them for None; a one-line error for another."""
+    if labels is None:
+        return CASES
+    known = [case.label for case in CASES]
+    if unknown := [label for label in labels if label not in known]:
+        raise MoEOffloadError(f"--case {unknown[0]!r} is not a case; choose among {', '.join(map(repr, known))}")
+    return tuple(case for case in CASES if case.label in labels)
 
 
 def kernel_names(q, chosen: dict) -> list[str]:
@@ -281,10 +291,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gemv_ncu.json"))
     parser.add_argument("--ncu", help="Nsight Compute's ncu (default: on the PATH, else /opt/nvidia/nsight-compute)")
     parser.add_argument("--set", default="full", help="ncu's section set (default: full; `ncu --list-sets`)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        metavar="LABEL",
+        help="profile only this case (repeatable; default: all): " + ", ".join(repr(c.label) for c in CASES),
+    )
     parser.add_argument("--launch", help=argparse.SUPPRESS)  # the inner run, under ncu: where to write what ran
     args = parser.parse_args()
+    chosen = chosen_cases(args.case)  # its one-line error before any work
     if args.launch is not None:
-        launch_cases(args.launch)
+        launch_cases(args.launch, chosen)
         return
     check_writable(args.out, "--out")  # before the work, not after it
     ncu = find_ncu(args.ncu)
@@ -299,7 +316,8 @@ def main() -> None:
         report, launched = Path(folder) / "gemv", Path(folder) / "launched.json"  # ncu adds .ncu-rep
         command = [str(ncu), "--clock-control", "none", "--profile-from-start", "off", "--set", args.set,
                    "--target-processes", "all", "--export", str(report), "--force-overwrite",
-                   sys.executable, str(Path(__file__).resolve()), "--launch", str(launched)]  # fmt: skip
+                   sys.executable, str(Path(__file__).resolve()), "--launch", str(launched),
+                   *(f"--case={label}" for label in args.case or ())]  # fmt: skip
         print(shlex.join(command), flush=True)
         if (code := subprocess.run(command).returncode) != 0:
             raise MoEOffloadError(f"ncu exited with code {code}: {shlex.join(command)}")

@@ -225,13 +225,14 @@ FAKE_NCU = """#!/usr/bin/env bash
 # in for by writing FILE; --import REPORT --page details --csv
 if [[ $1 == --version ]]; then echo "NVIDIA (R) Nsight Compute"; echo "Version 2025.3.1.0"; exit; fi
 if [[ $1 == --import ]]; then echo '"ID","Kernel Name","Metric Name","Metric Value"'; exit; fi
+echo "$*" >"$(dirname "$0")/profiled"  # what the inner run was asked
 while [[ $# -gt 0 ]]; do case $1 in --export) report=$2;; --launch) launched=$2;; esac; shift; done
 touch "$report.ncu-rep"
 echo '[{"label": "w1", "kernels": ["_gemv_packed_kernel"], "quantized_bytes": 22000000}]' >"$launched"
 """
 
 
-def run_main(tmp_path, monkeypatch, *, interface: bool):
+def run_main(tmp_path, monkeypatch, *, interface: bool, options=()):
     """gemv_ncu's main with a stand-in ncu (and, with `interface`, an ncu_report beside it that reads back
     gemv_action): its exit message, if any, and the JSON it wrote."""
     ncu = tmp_path / "nsight" / "ncu"
@@ -249,7 +250,7 @@ def run_main(tmp_path, monkeypatch, *, interface: bool):
     monkeypatch.setattr(gemv_ncu.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gemv_ncu, "environment", lambda device, program: {"device": "cuda: stand-in"})
     out = tmp_path / "ncu.json"
-    monkeypatch.setattr(sys, "argv", ["benchmarks/gemv_ncu.py", "--ncu", str(ncu), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["benchmarks/gemv_ncu.py", "--ncu", str(ncu), "--out", str(out), *options])
     try:
         gemv_ncu.main()
         message = None
@@ -260,7 +261,10 @@ def run_main(tmp_path, monkeypatch, *, interface: bool):
 
 
 def test_main_reads_the_report_into_the_json(tmp_path, monkeypatch, capsys):
-    message, record = run_main(tmp_path, monkeypatch, interface=True)
+    message, record = run_main(
+        tmp_path, monkeypatch, interface=True, options=["--case", "w2 2-bit", "--case", "w1 2-bit"]
+    )
+    assert (tmp_path / "nsight" / "profiled").read_text().endswith("--case=w2 2-bit --case=w1 2-bit\n")
     assert message is None
     assert record["ncu"] == "Version 2025.3.1.0"
     assert record["ncu_command"].endswith("--clock-control none --profile-from-start off --set full "
@@ -279,3 +283,12 @@ def test_a_report_it_cannot_read_keeps_ncus_csv_and_exits_with_an_error(tmp_path
     assert record["unread"] == why
     assert record["details_csv"] == '"ID","Kernel Name","Metric Name","Metric Value"\n'
     assert record["cases"] == [{"label": "w1", "kernels": ["_gemv_packed_kernel"], "quantized_bytes": 22000000}]
+
+
+def test_case_picks_cases_in_their_order_and_refuses_another_label():
+    assert [case.label for case in gemv_ncu.chosen_cases(["q_proj 4-bit", "w1 2-bit"])] == ["w1 2-bit", "q_proj 4-bit"]
+    assert gemv_ncu.chosen_cases(None) == gemv_ncu.CASES
+    with pytest.raises(MoEOffloadError) as refused:
+        gemv_ncu.chosen_cases(["w1 2-bit", "w3"])
+    labels = "'w1 2-bit', 'w2 2-bit', 'w1+w3 2-bit gated', 'w1 2-bit, one stage', 'q_proj 4-bit'"
+    assert str(refused.value) == f"--case 'w3' is not a case; choose among {labels}"
