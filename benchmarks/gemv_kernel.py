@@ -34,7 +34,7 @@ from offload.bench import environment, write_json  # noqa: E402
 from offload.moe import expert_mlp  # noqa: E402
 from quant import gemv  # noqa: E402
 from quant.files import check_writable  # noqa: E402
-from quant.gemv_tune import KEYWORDS, LAUNCH_SHAPES, VARIANTS, timed_us  # noqa: E402
+from quant.gemv_tune import KEYWORDS, LAUNCH_SHAPES, VARIANTS, multiply, timed_us  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, dequantize, quantized_nbytes  # noqa: E402
 from quant.linear import TRITON, linear  # noqa: E402
 from quant.packing import ExpertFormat  # noqa: E402
@@ -50,11 +50,6 @@ SPLITS = (2, 4, 8)  # with --variants, the default launch with K split over thes
 def on_copies(fn, x, copies: list, *args, **kwargs) -> list:
     """fn(x, copy, *args, **kwargs) for each copy of the weights: the calls that timed_us takes in turn."""
     return [functools.partial(fn, x, copy, *args, **kwargs) for copy in copies]
-
-
-def _gated(x, pair, out, workspace, **launch):
-    """gemv.gated on a (w1, w3) pair: what on_copies calls for each copy."""
-    return gemv.gated(x, *pair, out, workspace, **launch)
 
 
 def eager_us(calls: list, repeats: int = 50) -> float:
@@ -152,7 +147,7 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                     row["launches"].append({"block_n": n, "block_k": k, "num_warps": w, "us": us})
             if name == "w1":  # with w3, as the one gated launch that decode makes of them
                 pairs = [(weights["w1"], weights["w3"]) for weights in experts]
-                gated_calls = functools.partial(on_copies, _gated, xin, pairs, out, Workspace())
+                gated_calls = functools.partial(on_copies, multiply, xin, pairs, out, Workspace())
                 row["gated"] = {"us": round(timed_us(gated_calls()), 1), "apart_us": round(2 * fused_us, 1)}
                 if args.variants:
                     early_meta = not gemv.GATED_EARLY_META

@@ -110,8 +110,8 @@ def copies_for(spec: QuantSpec, shape: tuple[int, int], gated: bool = False, *, 
     return max(1, math.ceil(2 * l2_bytes / ((1 + gated) * quantized_nbytes(shape, spec))))
 
 
-def _multiply(x: torch.Tensor, m: Quantized | tuple[Quantized, Quantized], out=None, workspace=None, **launch):
-    """gemv.gemv of one matrix, or gemv.gated of a pair (w1, w3)."""
+def multiply(x: torch.Tensor, m: Quantized | tuple[Quantized, Quantized], out=None, workspace=None, **launch):
+    """gemv.gemv of one matrix, or gemv.gated of a pair (w1, w3): what tune and the kernel benchmarks time."""
     if isinstance(m, tuple):
         return gemv.gated(x, *m, out, workspace, **launch)
     return gemv.gemv(x, m, out, workspace, **launch)
@@ -128,7 +128,7 @@ def tune_shape(matrices: list, x: torch.Tensor, timer: Timer = timed_us,
     out = torch.empty(x.shape[0], q.shape[0], dtype=x.dtype, device=x.device)
     workspace = Workspace()  # split-K's partial sums, made once, as in decode
     default = gemv.launch(x, q, tuned=False, gated=gated)  # the built-in launch, whatever is tuned
-    expected = _multiply(x, matrices[0], **default).float()
+    expected = multiply(x, matrices[0], **default).float()
     scale = expected.abs().max().item() or 1.0
     timings: list[dict] = []
 
@@ -137,10 +137,10 @@ def tune_shape(matrices: list, x: torch.Tensor, timer: Timer = timed_us,
         if earlier is not None:
             return earlier["us"]
         try:
-            got = _multiply(x, matrices[0], **launch).float()
+            got = multiply(x, matrices[0], **launch).float()
             us = None
             if (got - expected).abs().max().item() <= AGREE * scale:
-                us = timer([functools.partial(_multiply, x, m, out, workspace, **launch) for m in matrices])
+                us = timer([functools.partial(multiply, x, m, out, workspace, **launch) for m in matrices])
         except gemv.triton.runtime.errors.OutOfResources:
             us = None
         timings.append({**launch, "us": None if us is None else round(us, 2)})
