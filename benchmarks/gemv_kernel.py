@@ -5,9 +5,11 @@
 
 For 2-, 3- and 4-bit experts and one token: microseconds per matrix, the quantized bytes each read per second, w1
 and w3 as one gated launch (gemv.gated) against the two apart, and one whole expert MLP (w1, w3, w2) dequantized,
-fused with w1 and w3 apart, and fused with them gated (gemv.GATED). Times are device time per call, from CUDA graphs
-of back-to-back calls (fused_eager_us adds what a Python caller pays: Triton's launch on the host), over copies of the
-weights that together overflow L2, so every call reads its codes from memory as a decode step does.
+fused with w1 and w3 apart, and fused with them gated (gemv.GATED). Where the meta can lie by packed row (2 bits:
+quant/packing.py's with_meta_by_row), each matrix and the gated pair are timed so too (quant/gemv.py's META_ROWS).
+Times are device time per call, from CUDA graphs of back-to-back calls (fused_eager_us adds what a Python caller pays:
+Triton's launch on the host), over copies of the weights that together overflow L2, so every call reads its codes from
+memory as a decode step does.
 --variants also times each (late_sum, fast_codes, stages, mantissa_codes) variant of the kernel (mantissa_codes only
 where it applies: 2 and 4 bits), the default launch with K split over 2, 4 and 8 programs (SPLITS) and with
 early_meta flipped (the gated pair's too), and the default variant at a few other 2-bit launches (LAUNCHES);
@@ -37,7 +39,7 @@ from quant.files import check_writable  # noqa: E402
 from quant.gemv_tune import KEYWORDS, LAUNCH_SHAPES, VARIANTS, multiply, timed_us  # noqa: E402
 from quant.hqq import EXPERT_PRESETS, Workspace, dequantize, quantized_nbytes  # noqa: E402
 from quant.linear import TRITON, linear  # noqa: E402
-from quant.packing import ExpertFormat  # noqa: E402
+from quant.packing import ExpertFormat, by_row, with_meta_by_row  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 4096, 14336  # Mixtral-8x7B
 # With --variants, the default variant at these launches (block_n, block_k, warps) too: 9d0bc23's sweep found w2's
@@ -153,6 +155,13 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                     early_meta = not gemv.GATED_EARLY_META
                     us = timed_us(gated_calls(early_meta=early_meta))
                     row["gated"]["early_meta"] = {"early_meta": early_meta, "us": round(us, 1)}
+            if by_row(q.shape, q.spec):  # the scales and zeros by packed row (quant/gemv.py, META_ROWS)
+                by_rows = [with_meta_by_row(matrix) for matrix in matrices]
+                row["meta_by_row"] = {"us": round(timed_us(on_copies(gemv.gemv, xin, by_rows, out, Workspace())), 1)}
+                if name == "w1":
+                    pairs = [(with_meta_by_row(weights["w1"]), with_meta_by_row(weights["w3"])) for weights in experts]
+                    us = timed_us(on_copies(multiply, xin, pairs, out, Workspace()))
+                    row["meta_by_row"]["gated_us"] = round(us, 1)
             if sweep:
                 swept = [v["best"] for v in row.get("variants", ())
                          if tuple(v[key] for key in KEYWORDS) == default]  # fmt: skip
@@ -175,6 +184,12 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                 print(f"    with w3, gated: {gated['us']} us, against {gated['apart_us']} us apart"
                       + (f"; early_meta={gated['early_meta']['early_meta']}: {gated['early_meta']['us']} us"
                          if "early_meta" in gated else ""))  # fmt: skip
+            if "meta_by_row" in row:
+                by_rows = row["meta_by_row"]
+                print(
+                    f"    meta by packed row: {by_rows['us']} us"
+                    + (f"; with w3, gated: {by_rows['gated_us']} us" if "gated_us" in by_rows else "")
+                )
             for launch in row.get("launches", ()):
                 shape = ", ".join(f"{key}={launch[key]}" for key in ("block_n", "block_k", "num_warps"))
                 print(f"    launch {shape}: {launch['us']} us")

@@ -4,12 +4,13 @@
 
 Compiles quant/gemv.py's packed-row kernel, which Mixtral's expert matrices take at 2 and 4 bits, at gemv's default
 launch, in each variant benchmarks/gemv_kernel.py times on a GPU (late_sum, fast_codes, stages, mantissa_codes; and
-the default with early_meta flipped; and as gemv.gated's w1 and w3 pair, at gated's early_meta and flipped). It uses
-Triton's own ptxas, then reads the cubin back with the cuobjdump and
-nvdisasm that Triton ships. For each it gives the registers a thread, the shared memory a program, how many programs
-an SM holds by those two (GPUS: an H100 for sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then
-take on its SMs, and the instructions of the K loop's body (one step: a thread's share of block_n x block_k codes),
-by kind, with where in it the loads to registers are issued.
+the default with early_meta flipped; and as gemv.gated's w1 and w3 pair, at gated's early_meta and flipped; then, for
+8-bit meta, the default alone and gated with the meta by packed row, gemv's META_ROWS). It uses Triton's own
+ptxas, then reads the cubin back with the cuobjdump and nvdisasm that Triton ships. For each it gives the registers a
+thread, the shared memory a program (the cubin's, and the pipeliner's stages'), how many programs an SM holds by those
+two (GPUS: an H100 for sm_90, a T4 for sm_75, the free Colab's), how many waves w1 and w2 then take on its SMs, and the
+instructions of the K loop's body (one step: a thread's share of block_n x block_k codes), by kind, with where in it
+the loads to registers are issued.
 These are counts, not times: a kernel that waits on memory runs no faster for fewer instructions. Runs without
 TRITON_INTERPRET (which makes kernels interpreted). Writes benchmarks/results/gemv_sass.json.
 """
@@ -82,6 +83,7 @@ def compile_case(case: tuple, arch: int, packed: bool = False, **variant):
     if packed:
         constants["PER_P2"] = triton.next_power_of_2(per)
         constants["MANTISSA_CODES"] = codes == "u8" and variant.get("mantissa_codes", gemv.MANTISSA_CODES)
+        constants["META_ROWS"] = variant.get("meta_rows", False)
     signature = {name: "*" + dtype for name, dtype in pointers.items()}
     signature |= {"N": "i32", "K": "i32", "STEP": "i32"} | {name: "constexpr" for name in constants}
     aligned = [i for i, name in enumerate(signature) if name not in constants]  # every pointer and size
@@ -129,7 +131,8 @@ def analyse(case: tuple, arch: int, **variant) -> dict:
                                capture_output=True, text=True).stdout  # fmt: skip
         sass = subprocess.run([triton_tool("nvdisasm"), "-c", str(cubin)], check=True, capture_output=True,
                               text=True).stdout  # fmt: skip
-    registers, shared = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "SHARED"))
+    registers, static = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "SHARED"))
+    shared = static + kernel.metadata.shared  # the pipeliner's stages are dynamic shared memory, which the cubin omits
     bits, per = case[3], case[4]
     block_n, block_k, warps = gemv.PACKED_LAUNCH[bits]
     gpu = GPUS[arch]
@@ -177,18 +180,28 @@ def main() -> None:
         # own default early_meta and flipped
         runs = [(v, gemv.EARLY_META, False) for v in VARIANTS] + [(default, not gemv.EARLY_META, False)]
         runs += [(default, early_meta, True) for early_meta in (gemv.GATED_EARLY_META, not gemv.GATED_EARLY_META)]
-        for variant, early_meta, gated in runs:
+        runs = [(*run, False) for run in runs]
+        if case[6] is not None and case[3] != 3:  # 8-bit meta: by packed row too (META_ROWS), alone and gated
+            runs += [(default, gemv.EARLY_META, False, True)]
+            runs += [(default, early_meta, True, True) for early_meta in (gemv.GATED_EARLY_META,
+                                                                          not gemv.GATED_EARLY_META)]  # fmt: skip
+        for variant, early_meta, gated, meta_rows in runs:
             late_sum, fast_codes, stages, mantissa_codes = variant
-            keywords = {**dict(zip(KEYWORDS, variant)), "early_meta": early_meta, "gated": gated}
+            keywords = {**dict(zip(KEYWORDS, variant)), "early_meta": early_meta, "gated": gated,
+                        "meta_rows": meta_rows}  # fmt: skip
             row = {"case": name, **analyse(case, args.arch, **keywords)}
             rows.append(row)
+            is_default = (
+                not meta_rows
+                and variant == default
+                and early_meta == (gemv.GATED_EARLY_META if gated else gemv.EARLY_META)
+            )
             print(f"{name:24} late_sum={late_sum!s:5} fast_codes={fast_codes!s:5} stages={stages} "
-                  f"mantissa_codes={mantissa_codes!s:5} early_meta={early_meta!s:5}{' gated' * gated}: "
-                  f"{row['registers']:3} registers, {row['programs_per_sm']:2} programs an SM, w1 in "
-                  f"{row['waves']['w1']} waves; loop {row['loop_instructions']} instructions for "
-                  f"{row['codes_a_thread_a_step']} codes, loads at {_span(row['global_loads_at'])}"
-                  + (" (default)" if variant == default and early_meta == (gemv.GATED_EARLY_META if gated
-                                                                          else gemv.EARLY_META) else ""))  # fmt: skip
+                  f"mantissa_codes={mantissa_codes!s:5} early_meta={early_meta!s:5}{' gated' * gated}"
+                  f"{' meta by row' * meta_rows}: {row['registers']:3} registers, {row['shared_bytes']} B shared, "
+                  f"{row['programs_per_sm']:2} programs an SM, w1 in {row['waves']['w1']} waves; loop "
+                  f"{row['loop_instructions']} instructions for {row['codes_a_thread_a_step']} codes, loads at "
+                  f"{_span(row['global_loads_at'])}" + (" (default)" if is_default else ""))  # fmt: skip
     report = {
         **environment(torch.device("cpu"), program=f"python {sys.argv[0]}"),
         "arch": f"sm_{args.arch}", "gpu": GPUS[args.arch]["name"], "triton": gemv.triton.__version__,

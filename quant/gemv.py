@@ -35,6 +35,7 @@ from torch import Tensor
 from quant.errors import MoEOffloadError
 from quant.files import cache_dir
 from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace, _device, random_quantized
+from quant.packing import has_meta_by_row
 
 try:
     import triton
@@ -105,6 +106,15 @@ GATED = True
 # a wave, with the meta loaded after the codes' sums as EARLY_META's comment says (gemv_sass_93f22e2.json, gated).
 # Late keeps every program in flight at once, as early does apart; `tune` tries both
 GATED_EARLY_META = False
+# META_ROWS, the packed-row kernel's reading of scales and zeros by packed row (quant/packing.py, with_meta_by_row),
+# where a weight's lie so: a property of the weight, not of the launch. A thread then reads its packed row's PER bit
+# slots' scale codes and zero codes in two loads of PER bytes, and the float16 meta of their meta group in four loads
+# of PER (one a step where a step's groups lie in one meta group), which Triton's pipeliner copies ahead with the x
+# and codes tiles (cp.async). In grid order each is a load of one value, 6 PER a step, issued in the step that uses
+# it: the 2-bit packed loop's sm_90 SASS has 24 such loads a step and 429 instructions, by row none and 397; gated
+# (at GATED_EARLY_META) 48 and 763, by row none and 711, at the same 64 registers (benchmarks/gemv_sass.py). On a T4
+# (sm_75, no cp.async) 24 loads a step become 6. No expert format holds its meta so yet: benchmarks/gemv_kernel.py
+# times it against grid order on a GPU, whose figures decide whether the GPU's expert format should hold it
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
           "early_meta")  # fmt: skip
@@ -126,9 +136,11 @@ def supports(x: Tensor, q: Quantized) -> bool:
     g = q.spec.group_size
     if g & (g - 1) or BLOCK_K % g or q.shape[0] * q.shape[1] >= 2**31:
         return False
-    # meta in grid order: the CPU's, by output (quant/packing.py), is a view with rows apart
-    return q.spec.meta_bits in (None, 8) and all(
-        meta.codes.is_contiguous() for meta in (q.scale, q.zero) if isinstance(meta, Quantized)
+    # meta in grid order, or by packed row (META_ROWS); the CPU's, by output (quant/packing.py), is a view with rows
+    # apart
+    return q.spec.meta_bits in (None, 8) and (
+        all(meta.codes.is_contiguous() for meta in (q.scale, q.zero) if isinstance(meta, Quantized))
+        or has_meta_by_row(q)
     )
 
 
@@ -137,8 +149,13 @@ def supports_gated(x: Tensor, gate: Quantized, up: Quantized) -> bool:
     spec and shape (an expert's w1 and w3), where no first try of gated's failed (gated_first_try)."""
     return (
         gate.spec == up.spec and gate.shape == up.shape and gated_works(x.device, x.dtype, gate.spec)
-        and supports(x, gate) and supports(x, up)
+        and supports(x, gate) and supports(x, up) and _meta_by_row(gate) == _meta_by_row(up)
     )  # fmt: skip
+
+
+def _meta_by_row(q: Quantized) -> bool:
+    """Whether q, which supports() serves, holds its meta by packed row (META_ROWS), not in grid order."""
+    return isinstance(q.scale, Quantized) and not q.scale.codes.is_contiguous()
 
 
 def gated_works(device: torch.device, dtype: torch.dtype, spec: QuantSpec) -> bool:
@@ -382,7 +399,8 @@ def _run(x: Tensor, q: Quantized, up: Quantized | None, out: Tensor | None, work
     )  # fmt: skip
     if per > 1:
         grid = (triton.cdiv(outputs // per, block_n), rows, split_k)
-        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), MANTISSA_CODES=mantissa_codes, **constants)
+        _gemv_packed_kernel[grid](*args, PER_P2=triton.next_power_of_2(per), MANTISSA_CODES=mantissa_codes,
+                                  META_ROWS=_meta_by_row(q), **constants)  # fmt: skip
     else:
         _gemv_kernel[(triton.cdiv(outputs, block_n), rows, split_k)](*args, **constants)
     if split_k > 1:
@@ -621,18 +639,90 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _row_meta(p, mask, first, first_ok, slot, codes, meta, PER: tl.constexpr, META_GROUP: tl.constexpr,
+                  ONE_META_GROUP: tl.constexpr, FAST_CODES: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+        """Packed rows p's [BN, GB] scales and zeros of every bit slot [BN, GB, P] in float32, from meta by packed row
+        (quant/packing.py, with_meta_by_row): `codes` [STEP, 2, P] (slots' scale codes, then zero codes) and `meta`
+        [STEP / META_GROUP, 4, P] float16 (the scales' scale and zero, the zeros' scale and zero). Each load is a
+        thread's P slots at once, which the pipeliner copies ahead with the codes' tiles. ONE_META_GROUP: the step's
+        packed rows of an output lie in one meta group, that of `first` [BN, 1], so that its meta is read once."""
+        row = p[:, :, None] * (2 * PER) + slot[None, None, :]  # [BN, GB, P]
+        if ONE_META_GROUP:
+            group, group_ok = first[:, :, None], first_ok[:, :, None]  # [BN, 1, 1]
+        else:
+            group, group_ok = p[:, :, None], mask[:, :, None]
+        group = (group.to(tl.uint32) // META_GROUP).to(tl.int32) * (4 * PER) + slot[None, None, :]
+        mask = mask[:, :, None]
+        s = (_as_float(_load(codes + row, mask, EVEN), FAST_CODES)
+             - _load(meta + group + PER, group_ok, EVEN).to(tl.float32)
+             ) * _load(meta + group, group_ok, EVEN).to(tl.float32)  # fmt: skip
+        z = (_as_float(_load(codes + row + PER, mask, EVEN), FAST_CODES)
+             - _load(meta + group + 3 * PER, group_ok, EVEN).to(tl.float32)
+             ) * _load(meta + group + 2 * PER, group_ok, EVEN).to(tl.float32)  # fmt: skip
+        return s, z
+
+    @triton.jit
+    def _pair_row_meta(p, mask, first, first_ok, slot, codes, meta, up_codes, up_meta, PER: tl.constexpr,
+                       META_GROUP: tl.constexpr, ONE_META_GROUP: tl.constexpr, FAST_CODES: tl.constexpr,
+                       EVEN: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
+        """_row_meta of the matrix, and GATED of the second: s, z, s_up, z_up (without GATED, s and z again)."""
+        s, z = _row_meta(p, mask, first, first_ok, slot, codes, meta, PER, META_GROUP, ONE_META_GROUP, FAST_CODES,
+                         EVEN)  # fmt: skip
+        s_up, z_up = s, z
+        if GATED:
+            s_up, z_up = _row_meta(p, mask, first, first_ok, slot, up_codes, up_meta, PER, META_GROUP, ONE_META_GROUP,
+                                   FAST_CODES, EVEN)  # fmt: skip
+        return s, z, s_up, z_up
+
+    @triton.jit
+    def _slots_dot(packed, xk, xs, slot, BITS: tl.constexpr, PER: tl.constexpr, MANTISSA: tl.constexpr,
+                   FAST: tl.constexpr):  # fmt: skip
+        """_slot_dot of every bit slot, as [BN, GB, P]: slot i's sums in column i."""
+        cx = _slot_dot(packed, xk, xs, 0, BITS, MANTISSA, FAST)[:, :, None]  # the last slot's: the lowest bits
+        for i in tl.static_range(PER - 1):
+            cx = tl.where(slot[None, None, :] == i, _slot_dot(packed, xk, xs, (PER - 1 - i) * BITS, BITS, MANTISSA,
+                                                              FAST)[:, :, None], cx)  # fmt: skip
+        return cx
+
+    @triton.jit
+    def _into_slots(acc, part, LATE_SUM: tl.constexpr):
+        """acc plus every bit slot's sums part [BN, GB, P]: acc [BN, GB, P] with LATE_SUM, else [BN, P]."""
+        if LATE_SUM:
+            acc += part
+        else:
+            acc += tl.sum(part, axis=1)
+        return acc
+
+    @triton.jit
     def _packed_step(
         acc, acc_up, packed, packed_up,
         scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
         up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
-        p, mask, xk, xs, slot,
+        p, mask, first, first_ok, xk, xs, slot,
         STEP, BITS: tl.constexpr, PER: tl.constexpr, QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
+        ONE_META_GROUP: tl.constexpr,
         EVEN: tl.constexpr, LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
-        EARLY_META: tl.constexpr, GATED: tl.constexpr,
+        EARLY_META: tl.constexpr, GATED: tl.constexpr, META_ROWS: tl.constexpr,
     ):  # fmt: skip
         """acc (and GATED acc_up) plus _gemv_packed_kernel's K step, from the codes tiles `packed` (and `packed_up`:
         _codes_tile). A slot at a time, the two matrices side by side, so that EARLY_META issues both's meta loads
-        ahead of either's sums."""
+        ahead of either's sums. META_ROWS: every slot's sums, then every slot's meta at once (_row_meta)."""
+        if META_ROWS:
+            if EARLY_META:
+                s, z, s_up, z_up = _pair_row_meta(p, mask, first, first_ok, slot, scale_codes, scale_scale,
+                                                  up_scale_codes, up_scale_scale, PER, META_GROUP, ONE_META_GROUP,
+                                                  FAST_CODES, EVEN, GATED)  # fmt: skip
+            cx = _slots_dot(packed, xk, xs, slot, BITS, PER, MANTISSA_CODES, FAST_CODES)  # [BN, GB, P]
+            if GATED:
+                cx_up = _slots_dot(packed_up, xk, xs, slot, BITS, PER, MANTISSA_CODES, FAST_CODES)
+            if not EARLY_META:
+                s, z, s_up, z_up = _pair_row_meta(p, mask, first, first_ok, slot, scale_codes, scale_scale,
+                                                  up_scale_codes, up_scale_scale, PER, META_GROUP, ONE_META_GROUP,
+                                                  FAST_CODES, EVEN, GATED)  # fmt: skip
+            acc = _into_slots(acc, s * (cx - z * xs[None, :, None]), LATE_SUM)
+            if GATED:
+                acc_up = _into_slots(acc_up, s_up * (cx_up - z_up * xs[None, :, None]), LATE_SUM)
+            return acc, acc_up
         for i in tl.static_range(PER):  # bit slot i: its own codes, scales and zeros, its own outputs
             r = p + i * STEP  # [BN, GB] grid row
             if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
@@ -664,7 +754,7 @@ if triton is not None:
         QUANTIZED_META: tl.constexpr, META_GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GB: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
         LATE_SUM: tl.constexpr, FAST_CODES: tl.constexpr, STAGES: tl.constexpr, MANTISSA_CODES: tl.constexpr,
-        EARLY_META: tl.constexpr, GATED: tl.constexpr,
+        EARLY_META: tl.constexpr, GATED: tl.constexpr, META_ROWS: tl.constexpr,
     ):  # fmt: skip
         # N % PER == 0, so STEP = N/PER * K/g: packed row p = n * K/g + k // g of an n < N/PER holds, at bit
         # slot i, grid row p + i * STEP, i.e. output n + i * N/PER. One program: BLOCK_N such n (each K
@@ -688,6 +778,7 @@ if triton is not None:
             xk = _load(x_ptr + m * K + g[:, None] * GROUP + j[None, :], g_ok[:, None], EVEN).to(tl.float32)  # [GB, G]
             xs = tl.sum(xk, axis=1)  # [GB]: sum_j x_j
             p = n[:, None] * groups_per_row + g[None, :]  # [BN, GB] packed row, = grid row of bit slot 0
+            first = n[:, None] * groups_per_row + k0 // GROUP  # [BN, 1]: the step's first packed row of each output
             mask = n_ok[:, None] & g_ok[None, :]
             packed = _codes_tile(codes_ptr, p, mask, j, GROUP, EVEN, FAST_CODES, MANTISSA_CODES)
             if GATED:  # both tiles' loads issued before either's math
@@ -696,8 +787,9 @@ if triton is not None:
                 acc, acc_up, packed, packed_up if GATED else packed,
                 scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
                 up_scale_codes, up_scale_scale, up_scale_zero, up_zero_codes, up_zero_scale, up_zero_zero,
-                p, mask, xk, xs, slot, STEP, BITS, PER, QUANTIZED_META, META_GROUP, EVEN, LATE_SUM, FAST_CODES,
-                MANTISSA_CODES, EARLY_META, GATED,
+                p, mask, first, n_ok[:, None], xk, xs, slot, STEP, BITS, PER, QUANTIZED_META, META_GROUP,
+                META_GROUP % GB == 0, EVEN, LATE_SUM, FAST_CODES,
+                MANTISSA_CODES, EARLY_META, GATED, META_ROWS,
             )  # fmt: skip
         if LATE_SUM:
             acc = tl.sum(acc, axis=1)  # [BN, P]

@@ -11,6 +11,12 @@ of their scales and zeros at once: in grid order, where each slot's scale codes,
 streams of their own, that is 2 PER streams of codes and 4 PER of float16 beside the weights' codes; by output, two.
 The views come out [PER, N / PER, G] and [PER, N / PER, G / 128], in the grid's row-major order (quant/hqq.py reads
 them so). Files, and the GPU's kernel, keep grid order.
+
+The GPU's kernel also reads a third order (`with_meta_by_row`, quant/gemv.py's META_ROWS; not yet a format's): a
+packed row's PER bit slots' scale codes, then their zero codes, [N / PER * G, 2, PER], and for each meta group of
+packed rows the float16 scales and zeros of those, [N / PER * G / 128, 4, PER]. A thread that makes a packed row's
+PER outputs then reads all of their scales and zeros in two loads of PER bytes and four of PER float16, which
+Triton's pipeliner copies ahead with the codes' tiles, where in grid order they are 6 PER loads of one value each.
 """
 
 from __future__ import annotations
@@ -341,14 +347,76 @@ def _views_by_output(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return views
 
 
+def _shapes_by_row(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tuple[tuple, torch.dtype]]:
+    """[N / PER, G, 2, PER] codes: a packed row's scale codes of its bit slots, then their zero codes; and
+    [N / PER, G / group, 4, PER] float16: for each meta group of packed rows, their scales' scale and zero, then their
+    zeros' scale and zero, of each bit slot (module doc)."""
+    per = _ROWS_PER_ELEMENT[spec.bits]
+    outputs, groups = shape[0] // per, shape[1] // spec.group_size
+    return {"meta.codes": ((outputs, groups, 2, per), torch.uint8),
+            "meta.meta": ((outputs, groups // spec.meta_group_size, 4, per), META_DTYPE)}  # fmt: skip
+
+
+def _views_by_row(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """_shapes_by_row's tensors back as to_tensors' names: views [PER, N / PER, G or G / group], as _views_by_output
+    gives its own."""
+    views = {}
+    for key, parts in BY_OUTPUT.items():
+        views.update(zip(parts, _row_views(tensors[key]), strict=True))
+    return views
+
+
+def _row_views(held: Tensor) -> tuple[Tensor, ...]:
+    """One of _shapes_by_row's tensors [N / PER, G, parts, PER] as its parts' views [PER, N / PER, G] in grid order."""
+    return held.permute(2, 3, 0, 1).unbind(0)
+
+
+def by_row(shape: tuple[int, int], spec: QuantSpec) -> bool:
+    """Whether a weight of `shape` at `spec` can hold its meta by packed row (with_meta_by_row): where it can by
+    output, and its packed rows hold more than one output (not 8-bit's)."""
+    return by_output(shape, spec) and _ROWS_PER_ELEMENT[spec.bits] > 1
+
+
+def has_meta_by_row(q: Quantized) -> bool:
+    """Whether q's scales and zeros are the views of a by-row pair of tensors (with_meta_by_row), which the GPU's
+    kernel reads from the first element of its scale codes and of their scale."""
+    if not by_row(q.shape, q.spec) or not all(isinstance(meta, Quantized) for meta in (q.scale, q.zero)):
+        return False
+    tensors = to_tensors(q, "")
+    for key, (shape, dtype) in _shapes_by_row(q.shape, q.spec).items():
+        parts = [tensors["." + part] for part in BY_OUTPUT[key]]
+        if any(part.dtype != dtype for part in parts):
+            return False
+        try:  # the tensor the parts would be views of, from the first's first element
+            held = parts[0].as_strided(shape, torch.empty(shape, device="meta").stride())
+        except RuntimeError:  # past the end of the first's storage: not its views
+            return False
+        if any((part.shape, part.stride(), part.data_ptr()) != (view.shape, view.stride(), view.data_ptr())
+               for part, view in zip(parts, _row_views(held), strict=True)):  # fmt: skip
+            return False
+    return True
+
+
 def with_meta_by_output(q: Quantized) -> Quantized:
     """q with its scales and zeros by output, as a `meta_by_output` format holds them (new tensors; the codes are
     q's): one weight's, for benchmarks and tests."""
     if not by_output(q.shape, q.spec):
         raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by output")
-    held = {key: torch.empty(shape, dtype=dtype, device=q.codes.device)
-            for key, (shape, dtype) in _shapes_by_output(q.shape, q.spec).items()}  # fmt: skip
-    views = _views_by_output(held)
+    return _with_meta(q, _shapes_by_output(q.shape, q.spec), _views_by_output)
+
+
+def with_meta_by_row(q: Quantized) -> Quantized:
+    """q with its scales and zeros by packed row, as the GPU's kernel reads them fastest (module doc; new tensors,
+    the codes are q's): one weight's, for benchmarks and tests."""
+    if not by_row(q.shape, q.spec):
+        raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by packed row")
+    return _with_meta(q, _shapes_by_row(q.shape, q.spec), _views_by_row)
+
+
+def _with_meta(q: Quantized, shapes: dict, views_of) -> Quantized:
+    """q with its scales and zeros copied into new tensors of `shapes`, whose views `views_of` gives in grid order."""
+    held = {key: torch.empty(shape, dtype=dtype, device=q.codes.device) for key, (shape, dtype) in shapes.items()}
+    views = views_of(held)
     for key, tensor in to_tensors(q, "").items():
         if key != ".codes":
             _copy_into(views[key[1:]], tensor, key[1:])

@@ -100,6 +100,10 @@ if __name__ == "__main__":
                 loads[f"{kernel} {name} sm_{arch}"] = counted(compile_case(case, arch, packed).asm["ptx"])
                 gated = compile_case(case, arch, packed, gated=True).asm["ptx"]
                 loads[f"{kernel} gated {name} sm_{arch}"] = counted(gated)
+                if packed and case[6] is not None and case[3] != 3:  # 8-bit meta by packed row (META_ROWS), too
+                    for gated in (False, True):
+                        rows = compile_case(case, arch, packed, gated=gated, meta_rows=True).asm["ptx"]
+                        loads[f"{kernel}{' gated' * gated} rows {name} sm_{arch}"] = counted(rows)
     for arch in map(int, sys.argv[1:]):
         for halves in (1, 2):
             loads[f"_sum_splits_kernel {'gated' if halves == 2 else 'alone'} sm_{arch}"] = counted(

@@ -32,7 +32,7 @@ from quant.hqq import (
     to_tensors,
 )
 from quant.linear import TRITON, linear
-from quant.packing import ExpertFormat, with_meta_by_output
+from quant.packing import ExpertFormat, with_meta_by_output, with_meta_by_row
 from tests.test_quantized_model import carry_our_weights
 from tests.tiny import hf_model, make_tiny_mixtral
 
@@ -353,6 +353,32 @@ def test_gemv_supports_only_what_it_reads():
     assert_close(linear(x, q, Workspace(TRITON)), reference(x, q))
 
 
+@pytest.mark.parametrize(
+    "shape, keywords",
+    [
+        ((16, 2048), {}),  # the default launch: 2 programs of 2 packed rows, 4 steps of 32 groups, in one meta group
+        ((12, 2048), {"late_sum": False, "early_meta": True, "split_k": 2}),  # a ragged program; K in 2 splits
+        ((16, 2048), {"block_k": 4096, "mantissa_codes": False}),  # one step of 256 groups, past K: 2 meta groups
+    ],
+)
+def test_meta_by_packed_row_multiplies_as_grid_order(shape, keywords):
+    """With the scales and zeros by packed row (quant/packing.py, with_meta_by_row: META_ROWS), the packed kernel
+    reads them there, alone and gated; a pair whose two matrices differ in layout launches apart."""
+    generator = torch.Generator().manual_seed(shape[0])
+    w1, w3 = (random_quantized(shape, EXPERT_PRESETS["2"], generator) for _ in range(2))
+    grid1, grid3 = on_device(w1), on_device(w3)
+    rows1, rows3 = with_meta_by_row(grid1), with_meta_by_row(grid3)  # on DEVICE: views of two new tensors each
+    x = torch.randn(2, shape[1], generator=generator)
+    assert gemv.supports(x.to(DEVICE), rows1) and gemv._meta_by_row(rows1) and not gemv._meta_by_row(grid1)
+    got = gemv.gemv(x.to(DEVICE), rows1, **keywords)
+    assert_close(got, reference(x, w1), tolerance(w1, keywords.get("mantissa_codes", gemv.MANTISSA_CODES)))
+    assert_close(got, gemv.gemv(x.to(DEVICE), grid1, **keywords).double().cpu(), 1e-6)  # the sums' order may differ
+    both = gemv.gated(x.to(DEVICE), rows1, rows3, **keywords)
+    expected = torch.nn.functional.silu(reference(x, w1)) * reference(x, w3)
+    assert_close(both, expected, 1e-4)
+    assert not gemv.supports_gated(x.to(DEVICE), rows1, grid3) and not gemv.supports_gated(x.to(DEVICE), grid1, rows3)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreted on CPU tensors; tests/test_cuda.py has the CUDA twin")
 def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path, monkeypatch):
     """The whole model, prefill dequantized and every decode step through the kernel (experts in slots,
@@ -426,6 +452,20 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
     for arch in (75, 90):  # 4 partials of 16-byte loads a thread; gated, both products' partials
         alone, gated = sums[f"_sum_splits_kernel alone sm_{arch}"], sums[f"_sum_splits_kernel gated sm_{arch}"]
         assert gated == {load: 2 * n for load, n in alone.items()} and alone["ld.global.v4.b32"] >= 4
+    # the packed kernel with 8-bit meta by packed row (META_ROWS), alone and gated: a thread's bit slots' scale codes
+    # and zero codes in a load of 4 bytes each, their float16 meta in four of 8 bytes; on sm_90 each copied ahead by
+    # cp.async with the tiles, so that no load to registers is left
+    by_row = {case: loads.pop(case) for case in list(loads) if " rows " in case}
+    assert sorted(by_row) == sorted(f"_gemv_packed_kernel{gated} rows 2-bit, 8-bit meta, bf16 sm_{arch}"
+                                    for arch in (75, 90) for gated in ("", " gated"))  # fmt: skip
+    for case, counts in by_row.items():
+        matrices = 2 if " gated " in case else 1
+        if case.endswith("sm_75") or gemv.PACKED_STAGES == 1:
+            assert counts == {"ld.global.v4.b32": 1 + matrices, "ld.global.b32": 2 * matrices,
+                              "ld.global.v2.b32": 4 * matrices}, case  # fmt: skip
+        else:  # the tiles in 16-byte copies, the meta in 4 and 8, each of them in every stage
+            assert counts == {"cp.async.cg.shared.global": (1 + matrices) * gemv.PACKED_STAGES,
+                              "cp.async.ca.shared.global": 6 * matrices * gemv.PACKED_STAGES}, case  # fmt: skip
     assert sorted(case.split()[0] for case in loads) == ["_gemv_kernel"] * 16 + ["_gemv_packed_kernel"] * 12
     for case in [case for case in loads if " gated " in case]:  # an expert's w1 and w3 at once
         alone, gated = loads[case.replace(" gated", "")], loads[case]

@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from quant import hqq
-from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, dequantize, quantize, to_tensors
-from quant.packing import ExpertFormat, PackedLayout, TensorEntry
+from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, dequantize, quantize, random_quantized, to_tensors
+from quant.packing import (
+    ExpertFormat,
+    PackedLayout,
+    TensorEntry,
+    by_row,
+    has_meta_by_row,
+    with_meta_by_output,
+    with_meta_by_row,
+)
 
 D, I = 64, 128  # hidden, intermediate: w1 [128, 64] at 2-bit g16 has 512 groups, 4 meta groups of 128
 
@@ -230,3 +238,37 @@ def test_meta_by_output_puts_an_outputs_scales_and_zeros_together():
         cpu.to_dict()
     grid_format = ExpertFormat.build(WIDE, 256, EXPERT_PRESETS["2"], torch.float32)
     assert torch.equal(buffer, cpu.pack(**grid_format.unpack(grid_format.random(torch.Generator().manual_seed(5)))))
+
+
+def test_meta_by_packed_row_puts_a_rows_slots_together():
+    """with_meta_by_row, the GPU kernel's order: grid row s * step + p's scale code at (p * 2 + 0) * PER + s and its
+    zero code at (p * 2 + 1) * PER + s; the float16 meta of its meta group at (p // 128 * 4 + k) * PER + s (k: the
+    scales' scale, their zero, the zeros' scale, their zero). The same weights, bit for bit; has_meta_by_row tells its
+    views from grid order's, the CPU's by output, and a copy; what cannot hold it says why."""
+    generator = torch.Generator().manual_seed(6)
+    q = random_quantized((64, WIDE), EXPERT_PRESETS["2"], generator)
+    rows = with_meta_by_row(q)
+    assert rows.codes is q.codes and torch.equal(dequantize(rows), dequantize(q))
+    assert has_meta_by_row(rows) and not has_meta_by_row(q) and not has_meta_by_row(with_meta_by_output(q))
+    view = rows.scale.codes
+    alike = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype).copy_(view)  # strides and all, elsewhere
+    scale = rows.scale
+    copied = Quantized(rows.codes, Quantized(alike, scale.scale, scale.zero, scale.shape, scale.spec), rows.zero,
+                       rows.shape, rows.spec)  # fmt: skip
+    assert torch.equal(dequantize(copied), dequantize(q)) and not has_meta_by_row(copied)
+
+    def held(view, dtype):  # the whole tensor a view is of
+        return torch.empty(0, dtype=dtype).set_(view.untyped_storage(), 0, (view.untyped_storage().nbytes()
+                                                                             // dtype.itemsize,))  # fmt: skip
+
+    codes, meta = held(rows.scale.codes, torch.uint8), held(rows.scale.scale, torch.float16)
+    step = q.codes.shape[0]  # packed rows: 16 outputs of 128 groups
+    for s, p in ((0, 0), (1, 5), (3, step - 1), (2, 1000)):
+        r = s * step + p
+        assert codes[p * 8 + s] == q.scale.codes.reshape(-1)[r] and codes[p * 8 + 4 + s] == q.zero.codes.reshape(-1)[r]
+        for k, grid in enumerate((q.scale.scale, q.scale.zero, q.zero.scale, q.zero.zero)):
+            assert meta[(p // 128 * 4 + k) * 4 + s] == grid.reshape(-1)[r // 128]
+    with pytest.raises(ValueError, match=r"^a weight \(64, 2048\) at 4-bit g64 has no meta by packed row$"):
+        with_meta_by_row(random_quantized((64, WIDE), EXPERT_PRESETS["4"], generator))
+    narrow = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)  # 16 groups an output: no meta group whole
+    assert not by_row(narrow.shape, narrow.spec) and not has_meta_by_row(narrow)
