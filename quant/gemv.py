@@ -112,8 +112,9 @@ GATED_EARLY_META = False
 # of PER (one a step where a step's groups lie in one meta group), which Triton's pipeliner copies ahead with the x
 # and codes tiles (cp.async). In grid order each is a load of one value, 6 PER a step, issued in the step that uses
 # it: the 2-bit packed loop's sm_90 SASS has 24 such loads a step and 429 instructions, by row none and 397; gated
-# (at GATED_EARLY_META) 48 and 763, by row none and 711, at the same 64 registers (benchmarks/gemv_sass.py). On a T4
-# (sm_75, no cp.async) 24 loads a step become 6. No expert format holds its meta so yet: benchmarks/gemv_kernel.py
+# (at GATED_EARLY_META) 48 and 763, by row none and 711, at the same 64 registers (benchmarks/results/
+# gemv_sass_8935bad.json). On a T4 (sm_75, no cp.async) 24 loads a step become 6, and 369 instructions 340
+# (gemv_sass_t4_8935bad.json). No expert format holds its meta so yet: benchmarks/gemv_kernel.py
 # times it against grid order on a GPU, whose figures decide whether the GPU's expert format should hold it
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
