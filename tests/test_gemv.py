@@ -484,19 +484,26 @@ def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():
 def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypatch):
     """benchmarks/gemv_kernel.py's measurements on small shapes, interpreted, its CUDA timers stood in for by one
     that runs the calls and counts: every variant and launch a GPU run reports reaches gemv as its keywords, the
-    default is timed once, and the kernel's error is its own."""
+    default is timed once, and the kernel's error is its own. 2-bit's meta groups of 8, not 128, let these shapes hold
+    their meta by packed row, which the benchmark times too."""
     from benchmarks import gemv_kernel
 
     monkeypatch.setattr(gemv_kernel, "HIDDEN", 128)
     monkeypatch.setattr(gemv_kernel, "INTERMEDIATE", 256)
+    monkeypatch.setitem(gemv_kernel.EXPERT_PRESETS, "2", QuantSpec(2, 16, meta_bits=8, meta_group_size=8))
     original, original_gated, seen, timings = gemv.gemv, gemv.gated, set(), itertools.count(1)
+    by_row = []  # (bits, shape, gated) of each call with the meta by packed row
 
     def recording(x, q, out=None, workspace=None, **keywords):
         seen.add((q.spec.bits, tuple(q.shape), tuple(sorted(keywords.items()))))
+        if gemv._meta_by_row(q):
+            by_row.append((q.spec.bits, tuple(q.shape), False))
         return original(x, q, out, **keywords)
 
     def recording_gated(x, w1, w3, out=None, workspace=None, **keywords):
         seen.add(("gated", w1.spec.bits, tuple(w1.shape), tuple(sorted(keywords.items()))))
+        if gemv._meta_by_row(w1) and gemv._meta_by_row(w3):
+            by_row.append((w1.spec.bits, tuple(w1.shape), True))
         return original_gated(x, w1, w3, out, **keywords)
 
     def timer(calls, repeats=50):
@@ -544,6 +551,11 @@ def test_the_kernel_benchmark_times_every_variant_and_launch_it_reports(monkeypa
             assert {("gated", row["bits"], shape, ()), ("gated", row["bits"], shape, flipped)} <= seen
         else:
             assert "gated" not in row
+        if row["bits"] == 2:  # by packed row too: alone, and w1 with w3 gated, at the default launch
+            assert set(row["meta_by_row"]) == ({"us", "gated_us"} if row["matrix"] == "w1" else {"us"})
+        else:
+            assert "meta_by_row" not in row  # 3 bits: no 8-bit meta; 4 bits: float16 meta
+    assert sorted(set(by_row)) == [(2, (128, 256), False), (2, (256, 128), False), (2, (256, 128), True)]
 
 
 def test_the_static_counts_read_the_loop_and_the_occupancy_right():
