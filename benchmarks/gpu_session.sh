@@ -5,7 +5,7 @@
 #       puts the wheels of hqq, termcolor and bitsandbytes, the Mixtral routing trace and the commit into .gpu/
 #       (git-ignored); run it again before each session, since every result is stamped with that commit
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune bench bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune tune-rows bench bench-rows bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
 #   between calls: launches `tune` found (its gemv_tuned_GPU.json) put in .gpu/gemv_tuned/ are installed at the start of
 #       each later call, and the bench results' names then say _tuned
 #
@@ -139,6 +139,14 @@ print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
             [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned
         fi
         ;;
+    tune-rows)  # tune's, for the experts held by packed row (--meta-rows): their own launches (gemv.tuning_key)
+        if [[ -z $no_model ]]; then
+            attempt timeout -k 10 240 python3 -m cli.app tune "$model" --no-verify --meta-rows
+            written=$(python3 -c "import torch; from quant import gemv; \
+print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
+            [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned
+        fi
+        ;;
     synth-start)  # synth on 8 CPU threads in the background, while the GPU steps run
         [[ -f $model/manifest.json ]] || { OMP_NUM_THREADS=8 moe synth "$model" --preset mixtral-8x7b >/tmp/synth.log 2>&1 & synth_pid=$!; }
         ;;
@@ -158,6 +166,12 @@ print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch gate \
             --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_gate.json"
         stamp "$results"/bench_"${gpu}"_mixtral-8x7b${tuned}_*.json
+        ;;
+    bench-rows)  # bench's first run (without --compare) with the experts' scales and zeros by packed row (--meta-rows,
+        # gemv.META_ROWS): against bench's, whether load should hold them so on CUDA by default
+        attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --meta-rows \
+            --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_rows.json"
+        stamp "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_rows.json"
         ;;
     bench-more)  # the same work without the fused kernel, without CUDA graphs, and with the oracle two layers
         # ahead: a perfect-recall `--prefetch-ahead 2`
@@ -214,7 +228,7 @@ sys.exit(None if a == b else f'WARNING: inclusive slots {b} differ from exclusiv
             "$results/bench_${gpu}_colab${tuned}_exclusive.json" "$results/bench_${gpu}_colab${tuned}_inclusive.json" || true
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune bench bench-more bench-path embedding prefill colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune tune-rows bench bench-rows bench-more bench-path embedding prefill colab profile" >&2
         exit 2
         ;;
     esac

@@ -54,13 +54,12 @@ def main() -> None:
     context = args.prompt_tokens + args.tokens + 16
     model = offload.load(args.model, device="cpu", verify=False, max_seq_len=context, expert_bits=args.expert_bits)
     by_output = model.moe.expert_format
-    if model.plan.mode != "direct" or not by_output.meta_by_output:
+    if model.plan.mode != "direct" or by_output.meta_order != "output":
         raise MoEOffloadError(
             f"{args.model}: no expert has scales and zeros by output; give 2-bit experts (a quantized "
             "folder, or an HF folder with --expert-bits 2) whose hidden size is a multiple of 2048"
         )
-    formats = {"output": by_output, "grid": ExpertFormat.build(
-        by_output.hidden_size, by_output.intermediate_size, by_output.spec, by_output.dtype)}  # fmt: skip
+    formats = {"output": by_output, "grid": by_output.in_order("grid")}
     c = model.config
     routing = None
     if args.route_trace is not None:

@@ -169,6 +169,16 @@ HostEmbedding = Annotated[
         show_default=False,
     ),
 ]
+MetaRows = Annotated[
+    bool | None,
+    typer.Option(
+        "--meta-rows/--no-meta-rows",
+        help="On CUDA, hold each expert's 8-bit scales and zeros by packed row, which the fused kernel reads in "
+        "fewer, wider loads that it copies ahead of use; experts are repacked from the files' order as they load. "
+        "Default: off until timed on a GPU. On the CPU they lie by output, for its own loop.",
+        show_default=False,
+    ),
+]
 PrefillChunk = Annotated[
     int,
     typer.Option(
@@ -210,6 +220,7 @@ LOAD_OPTIONS: dict[str, tuple[object, object]] = {
     "fused_gemv": (FusedGemv, LoadOptions.fused_gemv),
     "cuda_graphs": (CudaGraphs, LoadOptions.cuda_graphs),
     "host_embedding": (HostEmbedding, LoadOptions.host_embedding),
+    "meta_rows": (MetaRows, LoadOptions.meta_rows),
     "prefill_chunk": (PrefillChunk, LoadOptions.prefill_chunk),
     "verify": (Verify, LoadOptions.verify),
 }
@@ -644,7 +655,7 @@ def synth(
 @loads_model(
     "slots", "gpu_memory", "cpu_memory", "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "policy",
     "cache_mode", "max_seq_len", "fused_gemv", "cuda_graphs", "prefill_chunk", "host_embedding", "prefetch_ahead",
-    "verify",
+    "meta_rows", "verify",
     helps={
         "slots": "Expert slots per layer (top-k to the experts per layer). On CUDA the default fills the GPU "
         "budget. On the CPU, K slots run the expert cache and count it exactly as GPU slots would; without "
@@ -737,7 +748,11 @@ def bench(
 
 
 @app.command()
-@loads_model("device", "dtype", "expert_bits", "attn_bits", "attn_quant", "verify")
+@loads_model(
+    "device", "dtype", "expert_bits", "attn_bits", "attn_quant", "meta_rows", "verify",
+    helps={"meta_rows": "Tune the experts' matrices with their scales and zeros by packed row, as a run with "
+           "--meta-rows holds them (their launches are kept apart from grid order's). Default: as a run does."},
+)  # fmt: skip
 def tune(model: Model, load: dict | None = None) -> None:
     """Time the fused GEMV kernel's variants, launch shapes and splits of K on this GPU, for each shape of MODEL's
     quantized matrices, and keep the fastest: from then on, every run on this GPU uses them (delete the file it
@@ -812,6 +827,7 @@ def _print_bench(result: dict) -> None:
     out.print(f"routing: {result['routing']} · {result['mode']} mode, {slots} "
               f"· prefetch {_prefetch_phrase(result['prefetch'])} · H2D {result['h2d_bandwidth_gbps']:.2f} GB/s "
               f"· compute {result['compute_s_per_token'] * 1000:.1f} ms/token · {result['kernel']}"
+              + (" · meta by packed row" if result.get("meta_order") == "row" else "")
               + (" · CUDA graphs" if result["cuda_graphs"] else "")
               + (" · embedding in RAM" if result.get("host_embedding") else ""))  # fmt: skip
     out.print(table)

@@ -77,6 +77,10 @@ class LoadOptions:
     # the embedding table in RAM, each token's row read in place by the GPU (offload/embedding.py), which frees
     # its GPU memory for expert slots; None: on CUDA where the GPU can, unless lm_head is the same table
     host_embedding: bool | None = None
+    # on CUDA, the experts' 8-bit scales and zeros by packed row, as the fused kernel reads them in fewer, wider loads
+    # (quant/packing.py; quant/gemv.py, META_ROWS), each expert repacked from its file's grid order as it is read.
+    # None: gemv.META_ROWS_BY_DEFAULT. On the CPU they lie by output, for its own loop, whatever this says
+    meta_rows: bool | None = None
 
     def __post_init__(self) -> None:
         """A value of the wrong type from Python (the CLI's are parsed already) is one line naming the option,
@@ -244,9 +248,8 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     check_prefetch(opts.prefetch, opts.prefetch_ahead, config.num_layers)
     max_seq_len = _context(opts.max_seq_len, config)
     check_prefill_chunk(opts.prefill_chunk)  # before the long part
-    expert_format = source.expert_format(dtype)
-    if device.type == "cpu":  # computed where they lie, by the CPU's loop: scales and zeros by output
-        expert_format = expert_format.on_cpu()
+    fused = resolve_fused_gemv(opts.fused_gemv, device)
+    expert_format = source.expert_format(dtype).in_order(meta_order(opts.meta_rows, device, fused))
     resident = source.resident()
     kv_bytes = config.kv_cache_bytes(max_seq_len, dtype)
     reserve = prefill_reserve(config, resident, expert_format, max_seq_len, opts.prefill_chunk, dtype, device)
@@ -269,7 +272,6 @@ def prepare(model: str, *, text: str | None = None, **options) -> Prepared:
     )
     if plan.mode == "direct":
         _warn_without_slots(opts)
-    fused = resolve_fused_gemv(opts.fused_gemv, device)
     graphs = resolve_cuda_graphs(opts.cuda_graphs, device)
     tokenizer = None
     if text is not None:  # the options' own errors first
@@ -378,7 +380,9 @@ def kernel_name(prepared: Prepared) -> str:
     if kernel is TRITON and fmt.spec is not None and gemv.USE_TUNED:
         tuned = gemv.tuned_launches(prepared.device)
         gated = (gemv.GATED, False)  # decode's w1 and w3 as gemv.gated's pair, where GATED
-        if all(gemv.tuning_key(fmt.spec, shape, prepared.dtype, g) in tuned for shape, g in zip(shapes, gated)):
+        keys = [gemv.tuning_key(fmt.spec, shape, prepared.dtype, g, fmt.meta_by_row(shape))
+                for shape, g in zip(shapes, gated, strict=True)]  # fmt: skip
+        if all(key in tuned for key in keys):
             return f"{kernel.name}, tuned"
     if kernel is CPU and cpu_gemv.int8_tokens() and fmt.spec is not None:
         if all(cpu_gemv.int8_reads(shape, fmt.spec) for shape in shapes):
@@ -404,6 +408,28 @@ def resolve_fused_gemv(option: bool | None, device: torch.device) -> bool:
                       stacklevel=3)  # fmt: skip
         return False
     return True
+
+
+def meta_order(meta_rows: bool | None, device: torch.device, fused: bool) -> str:
+    """LoadOptions.meta_rows -> how the experts' scales and zeros lie in memory (quant/packing.py, META_ORDERS): on
+    the CPU by output, which its loop reads; on CUDA by packed row (meta_rows; None: gemv.META_ROWS_BY_DEFAULT) where
+    the fused kernel runs, else in grid order, as files hold them. Asking for rows where no kernel reads them is an
+    error."""
+    if meta_rows and device.type != "cuda":
+        raise MoEOffloadError("--meta-rows lays experts out for the GPU's kernel; on the CPU their scales and zeros "
+                              "lie by output, for the CPU's own loop")  # fmt: skip
+    if meta_rows and not fused:
+        raise MoEOffloadError("--meta-rows lays experts out for the fused GEMV kernel, which is off here "
+                              "(--no-fused-gemv, or no Triton)")  # fmt: skip
+    if device.type == "cpu":  # computed where they lie, by the CPU's loop
+        return "output"
+    return kernel_meta_order(meta_rows) if fused else "grid"
+
+
+def kernel_meta_order(meta_rows: bool | None) -> str:
+    """The meta order the GPU's fused kernel is given its experts in: by packed row with `meta_rows` (None:
+    gemv.META_ROWS_BY_DEFAULT), else grid order."""
+    return "row" if (gemv.META_ROWS_BY_DEFAULT if meta_rows is None else meta_rows) else "grid"
 
 
 def resolve_cuda_graphs(option: bool | None, device: torch.device) -> bool:
@@ -465,7 +491,8 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
     kernel = decode_kernel(prepared.fused_gemv, prepared.device)
     if kernel is TRITON and expert_format.spec is not None and gemv.GATED:  # w1 and w3 at once, where it works
         shape = (expert_format.intermediate_size, expert_format.hidden_size)
-        why_not = gemv.gated_first_try(prepared.device, prepared.dtype, expert_format.spec, shape)
+        why_not = gemv.gated_first_try(prepared.device, prepared.dtype, expert_format.spec, shape,
+                                       expert_format.meta_by_row(shape))  # fmt: skip
         if why_not is not None:
             warnings.warn(f"an expert's w1 and w3 launch apart here: the gated kernel's first try failed ({why_not})",
                           stacklevel=2)  # fmt: skip
@@ -805,7 +832,7 @@ def facts(prepared: Prepared) -> dict[str, object]:
     return {
         "model": words["model"], "family": c.model_type, "num_layers": c.num_layers, "num_experts": c.num_experts,
         "top_k": c.top_k, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "experts": words["experts"], "attention": words["attention"],
+        "experts": words["experts"], "meta_order": prepared.expert_format.meta_order, "attention": words["attention"],
         "device": str(prepared.device), "dtype": str(prepared.dtype).removeprefix("torch."),
         "kernel": words["decode kernel"], "cuda_graphs": prepared.cuda_graphs,
         "host_embedding": prepared.host_embedding,
@@ -823,8 +850,8 @@ def describe(prepared: Prepared) -> dict[str, object]:
     """What `moe-offload info` prints: the model, its formats and the memory plan."""
     c, fmt = prepared.config, prepared.expert_format
     experts = "unquantized " + str(fmt.dtype).removeprefix("torch.") if fmt.spec is None else fmt.spec.describe()
-    if fmt.meta_by_output:  # on the CPU (quant/packing.py)
-        experts += ", scales and zeros by output"
+    if fmt.meta_order != "grid":  # by output on the CPU, by packed row with meta_rows (quant/packing.py)
+        experts += ", scales and zeros by " + {"output": "output", "row": "packed row"}[fmt.meta_order]
     return {
         "model": prepared.source.description,
         "family": c.model_type,

@@ -568,6 +568,7 @@ def bench(
         "prefill_reserve_bytes": model.plan.reserve_bytes,  # kept free for a prefill of the whole context
         "policy": model.options.policy,
         "kernel": kernel_name(model.prepared),
+        "meta_order": model.prepared.expert_format.meta_order,  # the experts' scales and zeros (quant/packing.py)
         "fused_kernels": fused_kernels(model),
         "cuda_graphs": graphs_ran(model),
         "cuda_graphs_failed": None if model.decoder.graphs is None else model.decoder.graphs.failed,  # why not
@@ -627,6 +628,7 @@ def _bench_direct(model: OffloadedModel, prompt_tokens: int, tokens: int, routin
         "routing": "model" if routing is None else f"replayed: {routing.path}",
         "mode": "direct",
         "kernel": kernel_name(model.prepared),
+        "meta_order": model.prepared.expert_format.meta_order,  # the experts' scales and zeros (quant/packing.py)
         "fused_kernels": fused_kernels(model),
         "cuda_graphs": False,  # the CPU's
         "cuda_graphs_failed": None,

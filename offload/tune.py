@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from offload.api import resolve_dtype
+from offload.api import kernel_meta_order, resolve_dtype
 from offload.convert import Progress, open_source
 from offload.planner import resolve_device
 from quant import gemv, gemv_tune
@@ -36,18 +36,19 @@ class Tuned:
     path: Path  # where gemv reads them
 
 
-def kernel_shapes(source, dtype: torch.dtype) -> dict[str, Shape]:
+def kernel_shapes(source, dtype: torch.dtype, meta_order: str = "grid") -> dict[str, Shape]:
     """The spec and shape of every matrix decode multiplies through the kernel, by name: the experts' first
     ("experts.w1+w3", gemv.gated's pair, then "experts.w2", then w1 and w3 alone, which decode multiplies only with
-    gemv.GATED off), since a tune cut short keeps the shapes it finished; then each HQQ-quantized resident weight
-    ("layers.0.q_proj", ...). Float and NF4 weights take no part."""
+    gemv.GATED off), since a tune cut short keeps the shapes it finished, with their scales and zeros as a load holds
+    them in `meta_order` (quant/packing.py); then each HQQ-quantized resident weight ("layers.0.q_proj", ...).
+    Float and NF4 weights take no part."""
     shapes = {}
-    fmt = source.expert_format(dtype)
+    fmt = source.expert_format(dtype).in_order(meta_order)
     if fmt.spec is not None:
         weights = ExpertFormat._weight_shapes(fmt.hidden_size, fmt.intermediate_size)
-        shapes["experts.w1+w3"] = Shape(fmt.spec, weights["w1"], gated=True)
+        shapes["experts.w1+w3"] = Shape(fmt.spec, weights["w1"], gated=True, meta_rows=fmt.meta_by_row(weights["w1"]))
         for name in ("w2", "w1", "w3"):
-            shapes[f"experts.{name}"] = Shape(fmt.spec, weights[name])
+            shapes[f"experts.{name}"] = Shape(fmt.spec, weights[name], meta_rows=fmt.meta_by_row(weights[name]))
     for name, weight in source.resident().items():
         if isinstance(weight, Quantized):
             shapes[name] = Shape(weight.spec, tuple(weight.shape))
@@ -56,13 +57,13 @@ def kernel_shapes(source, dtype: torch.dtype) -> dict[str, Shape]:
 
 def tune_model(
     model: str, *, device: str = "auto", dtype: str = "auto", expert_bits: str = "none", attn_bits: str = "none",
-    attn_quant: str = "hqq", verify: bool = True, progress: Progress | None = None, about: dict | None = None,
-    timer: gemv_tune.Timer | None = None,
+    attn_quant: str = "hqq", verify: bool = True, meta_rows: bool | None = None, progress: Progress | None = None,
+    about: dict | None = None, timer: gemv_tune.Timer | None = None,
 ) -> Tuned:  # fmt: skip
-    """Tune every shape of `model`'s kernel_shapes on `device` for one token of `dtype` (the load options' names and
-    meanings), and save each shape's result where gemv reads it as it is done (gemv_tune.save, recording `about`):
-    an interrupted tune (Ctrl-C, a session's time limit) keeps the shapes it finished. `timer` stands in for CUDA's
-    (gemv_tune.timed_us), as the tests' does on the interpreter."""
+    """Tune every shape of `model`'s kernel_shapes on `device` for one token of `dtype`, its experts as a load with
+    `meta_rows` holds them (the load options' names and meanings), and save each shape's result where gemv reads it
+    as it is done (gemv_tune.save, recording `about`): an interrupted tune (Ctrl-C, a session's time limit) keeps the
+    shapes it finished. `timer` stands in for CUDA's (gemv_tune.timed_us), as the tests' does on the interpreter."""
     where = resolve_device(device)
     if timer is None:
         if where.type != "cuda":
@@ -73,7 +74,7 @@ def tune_model(
         timer = gemv_tune.timed_us
     compute = resolve_dtype(dtype, where)
     source = open_source(model, expert_bits=expert_bits, attn_bits=attn_bits, attn_quant=attn_quant, verify=verify)
-    shapes = kernel_shapes(source, compute)
+    shapes = kernel_shapes(source, compute, kernel_meta_order(meta_rows))
     if not shapes:
         raise MoEOffloadError(f"{model} has no HQQ-quantized matrix for the kernel to multiply: nothing to tune")
     results = gemv_tune.tune(shapes, where, compute, timer=timer, progress=progress,

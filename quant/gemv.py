@@ -35,7 +35,7 @@ from torch import Tensor
 from quant.errors import MoEOffloadError
 from quant.files import cache_dir
 from quant.hqq import _ROWS_PER_ELEMENT, Quantized, QuantSpec, Workspace, _device, random_quantized
-from quant.packing import has_meta_by_row
+from quant.packing import has_meta_by_row, with_meta_by_row
 
 try:
     import triton
@@ -114,8 +114,11 @@ GATED_EARLY_META = False
 # it: the 2-bit packed loop's sm_90 SASS has 24 such loads a step and 429 instructions, by row none and 397; gated
 # (at GATED_EARLY_META) 48 and 763, by row none and 711, at the same 64 registers (benchmarks/results/
 # gemv_sass_8935bad.json). On a T4 (sm_75, no cp.async) 24 loads a step become 6, and 369 instructions 340
-# (gemv_sass_t4_8935bad.json). No expert format holds its meta so yet: benchmarks/gemv_kernel.py
-# times it against grid order on a GPU, whose figures decide whether the GPU's expert format should hold it
+# (gemv_sass_t4_8935bad.json). A load holds its experts so with `meta_rows` (offload/api.py; the CLI's --meta-rows),
+# repacking each from its file's grid order; tuned launches are filed by layout (tuning_key)
+# load's meta_rows where not given, on CUDA: off until a GPU has timed by row against grid order (benchmarks/
+# gemv_kernel.py's meta_by_row rows, and gpu_session.sh's bench-rows step, the whole decode both ways)
+META_ROWS_BY_DEFAULT = False
 # gemv's launch keywords: a launch shape, then a variant of the kernel
 LAUNCH = ("block_n", "block_k", "num_warps", "split_k", "late_sum", "fast_codes", "stages", "mantissa_codes",
           "early_meta")  # fmt: skip
@@ -168,13 +171,18 @@ def gated_works(device: torch.device, dtype: torch.dtype, spec: QuantSpec) -> bo
 _gated_failed: dict[tuple[torch.device, torch.dtype, QuantSpec], str] = {}
 
 
-def gated_first_try(device: torch.device, dtype: torch.dtype, spec: QuantSpec, shape: tuple[int, int]) -> str | None:
-    """Run `gated` once on a random pair of `spec` and `shape` (load() tries an expert's w1 and w3 on CUDA), against
-    silu of one gemv times the other: None where it runs and agrees within bfloat16's rounding of the two products,
-    else why not, and from then on supports_gated is off for this device, dtype and spec, so that w1 and w3 launch
-    apart (a Triton too old or too new for the GPU, say, must not stop decode)."""
+def gated_first_try(
+    device: torch.device, dtype: torch.dtype, spec: QuantSpec, shape: tuple[int, int], meta_rows: bool = False
+) -> str | None:
+    """Run `gated` once on a random pair of `spec` and `shape`, with `meta_rows` their meta by packed row (load()
+    tries an expert's w1 and w3 on CUDA, as it holds them), against silu of one gemv times the other: None where it
+    runs and agrees within bfloat16's rounding of the two products, else why not, and from then on supports_gated is
+    off for this device, dtype and spec, so that w1 and w3 launch apart (a Triton too old or too new for the GPU,
+    say, must not stop decode)."""
     generator = torch.Generator(device).manual_seed(0)
     w1, w3 = (random_quantized(shape, spec, generator) for _ in range(2))
+    if meta_rows:
+        w1, w3 = with_meta_by_row(w1), with_meta_by_row(w3)
     x = torch.randn(1, shape[1], generator=generator, device=device).to(dtype)
     if not supports_gated(x, w1, w3):
         return None  # nothing to try: gated would not be asked
@@ -232,10 +240,14 @@ def tuned_file_name(device: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def tuning_key(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, gated: bool = False) -> str:
-    """What a tuned launch is filed under: "2-bit g16, 8-bit meta g128 14336x4096 bfloat16" (x's dtype), and
-    `gated`'s pairs of that shape under "gated 2-bit g16, ..." (twice the tiles a program: launched apart)."""
-    return f"{'gated ' * gated}{spec.describe()} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}"
+def tuning_key(
+    spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, gated: bool = False, meta_rows: bool = False
+) -> str:
+    """What a tuned launch is filed under: "2-bit g16, 8-bit meta g128 14336x4096 bfloat16" (x's dtype), `gated`'s
+    pairs of that shape under "gated 2-bit g16, ..." (twice the tiles a program: launched apart), and matrices with
+    their meta by packed row (META_ROWS: other loads, another kernel) under "..., meta by row"."""
+    key = f"{'gated ' * gated}{spec.describe()} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}"
+    return key + ", meta by row" * meta_rows
 
 
 def _check_launch(launch: object) -> str | None:
@@ -311,7 +323,7 @@ def launch(x: Tensor, q: Quantized, *, tuned: bool = True, gated: bool = False, 
     chosen = dict(zip(LAUNCH, (*shape, SPLIT_K, *default_variant(q), early_meta), strict=True))
     if tuned and USE_TUNED and any(given.get(key) is None for key in LAUNCH):
         if launches := tuned_launches(x.device):
-            chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype, gated), ()))
+            chosen.update(launches.get(tuning_key(q.spec, tuple(q.shape), x.dtype, gated, _meta_by_row(q)), ()))
     chosen.update((key, value) for key, value in given.items() if value is not None)
     chosen["mantissa_codes"] = chosen["mantissa_codes"] and reads_bytes(q)
     return chosen

@@ -35,6 +35,7 @@ from quant import gemv
 from quant.errors import MoEOffloadError
 from quant.files import write_atomically
 from quant.hqq import Quantized, QuantSpec, Workspace, quantized_nbytes, random_quantized
+from quant.packing import with_meta_by_row
 
 # (late_sum, fast_codes, stages, mantissa_codes): the first three in every combination as integer codes, then with
 # codes in the mantissa, where fast_codes is left only the 8-bit meta's conversion
@@ -54,11 +55,14 @@ AGREE = 1e-2
 
 
 class Shape(NamedTuple):
-    """What `tune` times: a matrix's spec and shape [N, K], or with `gated` gemv.gated's pair of two such matrices."""
+    """What `tune` times: a matrix's spec and shape [N, K], or with `gated` gemv.gated's pair of two such matrices;
+    with `meta_rows`, their scales and zeros by packed row (quant/packing.py, with_meta_by_row), as a load with
+    meta_rows holds an expert's."""
 
     spec: QuantSpec
     shape: tuple[int, int]
     gated: bool = False
+    meta_rows: bool = False
 
 
 Timer = Callable[[list], float]  # device microseconds per call of `calls`, taken in turn
@@ -177,19 +181,20 @@ def tune(
         l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     by_key: dict[str, list[str]] = {}
     for name, value in shapes.items():
-        spec, shape, gated = Shape(*value)
-        by_key.setdefault(gemv.tuning_key(spec, tuple(shape), dtype, gated), []).append(name)
+        spec, shape, gated, meta_rows = Shape(*value)
+        by_key.setdefault(gemv.tuning_key(spec, tuple(shape), dtype, gated, meta_rows), []).append(name)
     results = {}
     for key, names in by_key.items():
         shape = Shape(*shapes[names[0]])
-        if shape.gated and gemv.gated_first_try(device, dtype, shape.spec, tuple(shape.shape)) is not None:
+        if shape.gated and gemv.gated_first_try(device, dtype, shape.spec, tuple(shape.shape), shape.meta_rows):
             continue  # gated fails on this GPU: decode launches w1 and w3 apart, as tuned below
         generator = torch.Generator(device).manual_seed(0)
         x = torch.randn(1, shape.shape[1], generator=generator, device=device).to(dtype)
         matrices = [_random(shape, generator)]
         if not (gemv.supports_gated(x, *matrices[0]) if shape.gated else gemv.supports(x, matrices[0])):
             continue
-        matrices += [_random(shape, generator) for _ in range(copies_for(*shape, l2_bytes=l2_bytes) - 1)]
+        copies = copies_for(shape.spec, shape.shape, shape.gated, l2_bytes=l2_bytes)
+        matrices += [_random(shape, generator) for _ in range(copies - 1)]
         tried = None
         if progress is not None:
             tried = functools.partial(_tried, progress, key, len(results), len(by_key))
@@ -203,11 +208,12 @@ def tune(
 
 def _random(shape: Shape, generator: torch.Generator) -> Quantized | tuple[Quantized, Quantized]:
     """A random matrix of `shape`, or with shape.gated a pair of them."""
-    if shape.gated:
-        return random_quantized(shape.shape, shape.spec, generator), random_quantized(
-            shape.shape, shape.spec, generator
-        )
-    return random_quantized(shape.shape, shape.spec, generator)
+
+    def one() -> Quantized:
+        q = random_quantized(shape.shape, shape.spec, generator)
+        return with_meta_by_row(q) if shape.meta_rows else q
+
+    return (one(), one()) if shape.gated else one()
 
 
 def _tried(progress: Progress, key: str, done: int, total: int, launches: int) -> None:

@@ -4,7 +4,7 @@ A `PackedLayout` records where each tensor lives (offset, shape, dtype). Every e
 shares one layout (`ExpertFormat`), so loading an expert is one copy of `nbytes` bytes into a slot,
 and `views(slot)` turns the slot back into tensors without copying.
 
-Experts computed on the CPU keep their 8-bit scales and zeros by output (`meta_by_output`): a packed row's
+Experts computed on the CPU keep their 8-bit scales and zeros by output (`meta_order` "output"): a packed row's
 PER bit slots' scale codes and zero codes lie together, [N / PER, PER, 2, G], and so do their own float16 scales
 and zeros, [N / PER, PER, 2, 2, G / 128]. The CPU's loop (quant/cpu_gemv.c) reads a packed row's codes and all
 of their scales and zeros at once: in grid order, where each slot's scale codes, zero codes and their meta are
@@ -12,17 +12,21 @@ streams of their own, that is 2 PER streams of codes and 4 PER of float16 beside
 The views come out [PER, N / PER, G] and [PER, N / PER, G / 128], in the grid's row-major order (quant/hqq.py reads
 them so). Files, and the GPU's kernel, keep grid order.
 
-The GPU's kernel also reads a third order (`with_meta_by_row`, quant/gemv.py's META_ROWS; not yet a format's): a
+The GPU's kernel also reads a third order (`meta_order` "row", quant/gemv.py's META_ROWS; load's `meta_rows`): a
 packed row's PER bit slots' scale codes, then their zero codes, [N / PER * G, 2, PER], and for each meta group of
 packed rows the float16 scales and zeros of those, [N / PER * G / 128, 4, PER]. A thread that makes a packed row's
 PER outputs then reads all of their scales and zeros in two loads of PER bytes and four of PER float16, which
 Triton's pipeliner copies ahead with the codes' tiles, where in grid order they are 6 PER loads of one value each.
+Both orders are made at load (`ExpertFormat.in_order`), each expert repacked from its file's grid order as it is
+read into the arena; a weight whose shape or meta allows neither keeps grid order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -161,7 +165,9 @@ class ExpertFormat:
     spec: QuantSpec | None  # None: raw weights of `dtype`, same layout mechanism
     dtype: torch.dtype  # dtype of unquantized weights (spec None); unused when quantized
     layout: PackedLayout
-    meta_by_output: bool = False  # 8-bit scale and zero codes by output, for the CPU's loop (module doc)
+    # where 8-bit scale and zero codes lie (META_ORDERS): "grid", as files hold them; "output", for the CPU's loop;
+    # "row", for the GPU's kernel (module doc). Those of a weight that cannot lie so stay in grid order
+    meta_order: str = "grid"
 
     @classmethod
     def build(
@@ -170,27 +176,40 @@ class ExpertFormat:
         intermediate_size: int,
         spec: QuantSpec | None,
         dtype: torch.dtype,
-        meta_by_output: bool = False,
+        meta_order: str = "grid",
     ) -> ExpertFormat:
         """Derive the layout analytically from the shapes (nothing is quantized)."""
+        if meta_order not in META_ORDERS:
+            raise ValueError(f"unknown meta order {meta_order!r}; the orders are {', '.join(META_ORDERS)}")
         shapes: dict[str, tuple[tuple, torch.dtype]] = {}
         for name, shape in cls._weight_shapes(hidden_size, intermediate_size).items():
             if spec is None:
                 shapes[name] = (shape, dtype)
                 continue
             tensors = tensor_shapes(shape, spec, name)
-            if meta_by_output and by_output(shape, spec):
-                tensors = _merged(tensors, name, _shapes_by_output(shape, spec))
+            if meta_order != "grid" and _ORDERS[meta_order].applies(shape, spec):
+                tensors = _merged(tensors, name, _ORDERS[meta_order].shapes(shape, spec))
             shapes.update(tensors)
-        return cls(hidden_size, intermediate_size, spec, dtype, PackedLayout.of(shapes), meta_by_output)
+        return cls(hidden_size, intermediate_size, spec, dtype, PackedLayout.of(shapes), meta_order)
+
+    def in_order(self, meta_order: str) -> ExpertFormat:
+        """This format with its scales and zeros in `meta_order` where a weight's allow it; where none does, the
+        grid order's format (this one, when it is), so that a load reads its files' experts as they are."""
+        if self.spec is None or meta_order == self.meta_order:
+            return self
+        fmt = {order: self if order == self.meta_order else
+               ExpertFormat.build(self.hidden_size, self.intermediate_size, self.spec, self.dtype, order)
+               for order in ("grid", meta_order)}  # fmt: skip
+        return fmt["grid"] if fmt[meta_order].layout == fmt["grid"].layout else fmt[meta_order]
 
     def on_cpu(self) -> ExpertFormat:
         """This format as experts computed on the CPU hold it: scales and zeros by output where a weight's allow it
-        (by_output), else this format itself, so that a load reads its files' experts as they are."""
-        if self.spec is None or self.meta_by_output:
-            return self
-        cpu = ExpertFormat.build(self.hidden_size, self.intermediate_size, self.spec, self.dtype, meta_by_output=True)
-        return self if cpu.layout == self.layout else cpu
+        (by_output), else this format itself."""
+        return self if self.meta_order == "output" else self.in_order("output")
+
+    def meta_by_row(self, shape: tuple[int, int]) -> bool:
+        """Whether this format holds the scales and zeros of a weight of `shape` by packed row (META_ROWS)."""
+        return self.meta_order == "row" and by_row(shape, self.spec)
 
     @staticmethod
     def _weight_shapes(hidden_size: int, intermediate_size: int) -> dict[str, tuple[int, int]]:
@@ -240,8 +259,8 @@ class ExpertFormat:
         trained model's, so a synthetic model computes sane numbers. Deterministic for a seeded
         `generator` (which must live on out's device). By output, the same weights as in grid order.
         """
-        if self.meta_by_output:
-            grid = ExpertFormat.build(self.hidden_size, self.intermediate_size, self.spec, self.dtype)
+        if self.meta_order != "grid":
+            grid = self.in_order("grid")
             return self.pack(**grid.unpack(grid.random(generator)), out=out)
         if out is None:
             out = torch.zeros(self.nbytes, dtype=torch.uint8)
@@ -272,12 +291,12 @@ class ExpertFormat:
         for name in shapes:
             if f"{name}.meta.codes" in views:
                 held = {key: views.pop(f"{name}.{key}") for key in BY_OUTPUT}
-                views.update((f"{name}.{part}", view) for part, view in _views_by_output(held).items())
+                views.update((f"{name}.{part}", view) for part, view in _ORDERS[self.meta_order].views(held).items())
         return {name: from_tensors(views, name, self.spec, shape) for name, shape in shapes.items()}
 
     def to_dict(self) -> dict:
-        if self.meta_by_output:  # the CPU's, made at load: files keep grid order, which the GPU reads
-            raise ValueError("an expert format with its meta by output is not written to a file")
+        if self.meta_order != "grid":  # made at load: files keep grid order (module doc)
+            raise ValueError(f"an expert format with its meta by {self.meta_order} is not written to a file")
         return {
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -298,7 +317,7 @@ class ExpertFormat:
 
 
 def by_output(shape: tuple[int, int], spec: QuantSpec) -> bool:
-    """Whether a weight of `shape` at `spec` has its meta laid out by output in a `meta_by_output` format: 8-bit
+    """Whether a weight of `shape` at `spec` has its meta laid out by output in an "output" format: 8-bit
     scale and zero codes with float meta of their own, in groups that tile an output's G, and bit slots that hold
     whole outputs (not 3-bit's)."""
     meta = spec.meta_spec
@@ -371,6 +390,7 @@ def _row_views(held: Tensor) -> tuple[Tensor, ...]:
     return held.permute(2, 3, 0, 1).unbind(0)
 
 
+@functools.lru_cache(maxsize=64)
 def by_row(shape: tuple[int, int], spec: QuantSpec) -> bool:
     """Whether a weight of `shape` at `spec` can hold its meta by packed row (with_meta_by_row): where it can by
     output, and its packed rows hold more than one output (not 8-bit's)."""
@@ -379,26 +399,25 @@ def by_row(shape: tuple[int, int], spec: QuantSpec) -> bool:
 
 def has_meta_by_row(q: Quantized) -> bool:
     """Whether q's scales and zeros are the views of a by-row pair of tensors (with_meta_by_row), which the GPU's
-    kernel reads from the first element of its scale codes and of their scale."""
+    kernel reads from the first element of its scale codes and of their scale. Cheap (a few microseconds): gemv asks
+    at every call."""
     if not by_row(q.shape, q.spec) or not all(isinstance(meta, Quantized) for meta in (q.scale, q.zero)):
         return False
-    tensors = to_tensors(q, "")
+    per = _ROWS_PER_ELEMENT[q.spec.bits]
     for key, (shape, dtype) in _shapes_by_row(q.shape, q.spec).items():
-        parts = [tensors["." + part] for part in BY_OUTPUT[key]]
-        if any(part.dtype != dtype for part in parts):
-            return False
-        try:  # the tensor the parts would be views of, from the first's first element
-            held = parts[0].as_strided(shape, torch.empty(shape, device="meta").stride())
-        except RuntimeError:  # past the end of the first's storage: not its views
-            return False
-        if any((part.shape, part.stride(), part.data_ptr()) != (view.shape, view.stride(), view.data_ptr())
-               for part, view in zip(parts, _row_views(held), strict=True)):  # fmt: skip
-            return False
+        parts = [getattr(getattr(q, meta), part) for meta, part in (name.split(".") for name in BY_OUTPUT[key])]
+        # _row_views' of [rows, groups, len(parts), PER]: part k at k * PER, [PER, rows, groups], strides below
+        strides, first = (1, shape[1] * len(parts) * per, len(parts) * per), parts[0]
+        for k, part in enumerate(parts):
+            if (part.dtype != dtype or part.shape != (per, *shape[:2]) or part.stride() != strides
+                    or part.data_ptr() != first.data_ptr() + k * per * dtype.itemsize
+                    or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):  # fmt: skip
+                return False
     return True
 
 
 def with_meta_by_output(q: Quantized) -> Quantized:
-    """q with its scales and zeros by output, as a `meta_by_output` format holds them (new tensors; the codes are
+    """q with its scales and zeros by output, as an "output" format holds them (new tensors; the codes are
     q's): one weight's, for benchmarks and tests."""
     if not by_output(q.shape, q.spec):
         raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by output")
@@ -406,8 +425,8 @@ def with_meta_by_output(q: Quantized) -> Quantized:
 
 
 def with_meta_by_row(q: Quantized) -> Quantized:
-    """q with its scales and zeros by packed row, as the GPU's kernel reads them fastest (module doc; new tensors,
-    the codes are q's): one weight's, for benchmarks and tests."""
+    """q with its scales and zeros by packed row, as a "row" format holds them for the GPU's kernel (module doc; new
+    tensors, the codes are q's): one weight's, for benchmarks and tests."""
     if not by_row(q.shape, q.spec):
         raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by packed row")
     return _with_meta(q, _shapes_by_row(q.shape, q.spec), _views_by_row)
@@ -424,9 +443,23 @@ def _with_meta(q: Quantized, shapes: dict, views_of) -> Quantized:
                         q.shape)  # fmt: skip
 
 
+class _Order(NamedTuple):
+    """A meta order other than grid's: where it applies, the tensors it lays a weight's scales and zeros in (BY_OUTPUT's
+    keys), and their views in grid order."""
+
+    applies: Callable[[tuple[int, int], QuantSpec], bool]
+    shapes: Callable[[tuple[int, int], QuantSpec], dict[str, tuple[tuple, torch.dtype]]]
+    views: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+
+
+_ORDERS = {"output": _Order(by_output, _shapes_by_output, _views_by_output),
+           "row": _Order(by_row, _shapes_by_row, _views_by_row)}  # fmt: skip
+META_ORDERS = ("grid", *_ORDERS)
+
+
 def _merged(tensors: dict, name: str, replacements: dict) -> dict:
     """A weight's tensor shapes (tensor_shapes) with its scales' and zeros' replaced by `replacements` (BY_OUTPUT's
-    keys, _shapes_by_output), in their place."""
+    keys: an _Order's shapes), in their place."""
     held = {f"{name}.{part}" for parts in BY_OUTPUT.values() for part in parts}
     merged = {}
     for key, value in tensors.items():

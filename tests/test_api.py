@@ -298,3 +298,24 @@ def test_stats_of_experts_in_place_show_no_hit_rate_and_python_oo_imports(traine
     done = subprocess.run([sys.executable, "-OO", "-m", "cli.app", "--version"], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0 and done.stdout.startswith("moe-offload "), done.stderr
+
+
+def test_meta_rows_resolves_to_the_order_the_decode_kernel_reads(monkeypatch):
+    """LoadOptions.meta_rows -> the experts' meta order: on the CPU by output whatever else (its loop's); on CUDA by
+    packed row where asked, or by gemv.META_ROWS_BY_DEFAULT where not, but only where the fused kernel runs; asking
+    for rows where nothing reads them is a one-line error."""
+    from quant import gemv
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [api.meta_order(rows, cpu, fused) for rows in (None, False) for fused in (True, False)] == ["output"] * 4
+    assert api.meta_order(True, cuda, True) == "row" and api.meta_order(False, cuda, True) == "grid"
+    assert api.meta_order(None, cuda, True) == ("row" if gemv.META_ROWS_BY_DEFAULT else "grid")
+    monkeypatch.setattr(gemv, "META_ROWS_BY_DEFAULT", True)
+    assert api.meta_order(None, cuda, True) == "row" and api.meta_order(None, cuda, False) == "grid"
+    assert api.kernel_meta_order(None) == "row" and api.kernel_meta_order(False) == "grid"
+    with pytest.raises(MoEOffloadError) as error:
+        api.meta_order(True, cuda, False)
+    assert str(error.value) == ("--meta-rows lays experts out for the fused GEMV kernel, which is off here "
+                                "(--no-fused-gemv, or no Triton)")  # fmt: skip
+    with pytest.raises(MoEOffloadError, match=r"^--meta-rows lays experts out for the GPU's kernel; on the CPU"):
+        api.meta_order(True, cpu, True)

@@ -405,6 +405,18 @@ def test_host_embedding_where_it_cannot_run(capsys, quantized):
     assert code == 0 and json.loads(out)["host_embedding"] is False
 
 
+def test_meta_rows_where_no_kernel_reads_them(capsys, quantized):
+    """--meta-rows is the GPU kernel's layout: every command that loads refuses it on the CPU, which holds its experts
+    by output; --no-meta-rows is taken, and `info --json` says the order the experts are held in (this 4-bit model's
+    float meta has none but grid's)."""
+    for command in ("bench", "chat", "info"):
+        code, _, err = run(capsys, command, quantized, "--device", "cpu", "--meta-rows")
+        assert_one_line_error(code, err, "--meta-rows lays experts out for the GPU's kernel; on the CPU their scales "
+                                         "and zeros lie by output, for the CPU's own loop")  # fmt: skip
+    code, out, _ = run(capsys, "info", quantized, "--device", "cpu", "--json", "--no-meta-rows")
+    assert code == 0 and json.loads(out)["meta_order"] == "grid"
+
+
 # -- what a user runs --------------------------------------------------------------------------------------
 
 

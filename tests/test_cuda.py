@@ -209,6 +209,26 @@ def test_fused_gemv_decode_matches_dequantize_then_matmul_on_cuda(tiny, dtype, t
     assert error < tolerance, f"{dtype}: fused against dequantize+matmul, max |logit diff| {error:.3g}"
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-3), ("bfloat16", 0.1)])
+def test_meta_rows_decode_matches_grid_order_on_cuda(tmp_path, dtype, tolerance):
+    """--meta-rows compiled for the GPU, in CUDA graphs: at hidden 2048, w1 and w3 held by packed row (META_ROWS),
+    the logits of grid order's experts, within the sums' order; `info` says so."""
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=2048, intermediate=256, layers=2, experts=4, seed=12)
+    tokens = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for rows in (True, False):
+        model = offload.load(str(tiny), device="cuda", dtype=dtype, slots=2, expert_bits="2", meta_rows=rows)
+        assert model.prepared.expert_format.meta_order == ("row" if rows else "grid")
+        assert model.info()["experts"].endswith(", scales and zeros by packed row") == rows
+        model.reset()
+        got = [model.forward(tokens[:6], 0)[-1:]]
+        for pos in range(6, 12):
+            got.append(model.forward(tokens[pos : pos + 1], pos))
+        logits[rows] = torch.cat(got).float().cpu()
+    error = (logits[True] - logits[False]).abs().max().item()
+    assert error < tolerance, f"{dtype}: by packed row against grid order, max |logit diff| {error:.3g}"
+
+
 def test_a_failed_capture_decodes_on_and_says_why():
     """An operator that cannot be captured (a host sync): the graphs stop, the stream decode ran on is
     the current one again, and `failed` names the first error, not the capture's own after it."""

@@ -192,13 +192,17 @@ def test_gated_is_silu_of_the_first_product_times_the_second(monkeypatch, spec, 
 
 
 def test_a_failed_first_try_launches_w1_and_w3_apart(monkeypatch):
-    """gated_first_try (load() runs it on CUDA): None where gated runs and agrees with its two launches; where it
-    raises or disagrees, why, and supports_gated is then off for that device, dtype and spec only, so an expert
-    launches w1 and w3 apart."""
+    """gated_first_try (load() runs it on CUDA, on a pair held as its experts are): None where gated runs and agrees
+    with its two launches; where it raises or disagrees, why, and supports_gated is then off for that device, dtype
+    and spec only, so an expert launches w1 and w3 apart."""
     monkeypatch.setattr(gemv, "_gated_failed", {})
     two, four = EXPERT_PRESETS["2"], EXPERT_PRESETS["4"]
     assert gemv.gated_first_try(DEVICE, torch.float32, two, (64, 256)) is None and gemv._gated_failed == {}
     original = gemv._run
+    rows = []  # with meta_rows, the pair it tries is held by packed row, as load holds its experts so
+    monkeypatch.setattr(gemv, "_run", lambda x, q, up, *args: rows.append(gemv._meta_by_row(q)) or original(
+        x, q, up, *args))  # fmt: skip
+    assert gemv.gated_first_try(DEVICE, torch.float32, two, (64, 2048), meta_rows=True) is None and rows == [True] * 3
 
     def unsupported(x, q, up, *args):
         if up is not None:
@@ -383,7 +387,7 @@ def test_meta_by_packed_row_multiplies_as_grid_order(shape, keywords):
 def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path, monkeypatch):
     """The whole model, prefill dequantized and every decode step through the kernel (experts in slots,
     4-bit attention fused too), against transformers carrying the same dequantized weights."""
-    monkeypatch.setattr(ExpertFormat, "on_cpu", lambda fmt: fmt)  # the experts in grid order, as on CUDA
+    monkeypatch.setattr(offload.api, "meta_order", lambda meta_rows, device, fused: "grid")  # as on CUDA
     tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=2, experts=4, seed=7)
     model = offload.load(str(tiny), device="cpu", expert_bits="2", attn_bits="4", slots=2)
     model.moe.workspace.kernel = model.decoder.workspace.kernel = TRITON  # what load() picks on CUDA
@@ -410,6 +414,37 @@ def test_fused_decode_equals_transformers_with_our_dequantized_weights(tmp_path,
     with torch.no_grad():
         expected = reference(tokens[None]).logits[0, 9:]
     assert (torch.stack(got) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="interpreted on CPU tensors; tests/test_cuda.py has the CUDA twin")
+def test_a_load_with_meta_rows_decodes_by_packed_row_as_grid_order(tmp_path, monkeypatch):
+    """meta_rows, as on CUDA: at hidden 2048 (128 groups an output of w1 and w3 at 2-bit g16) each expert is repacked
+    from its file's grid order into its row of the arena by packed row, copied into a slot as it is, and multiplied
+    there by the kernel reading its meta by row (META_ROWS); w2 (16 groups an output) stays in grid order. The logits
+    are grid order's, but for the sums' order."""
+    import offload.api
+
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=2048, intermediate=256, layers=1, experts=4, seed=3)
+    tokens = torch.randint(3, 128, (6,), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(offload.api, "decode_kernel", lambda fused, device: TRITON)  # as on CUDA
+    monkeypatch.setitem(gemv.PACKED_LAUNCH, 2, (64, 512, 2))  # interpreted: 32 times fewer programs, w1 whole in one
+    logits, pairs = {}, []
+    original = gemv.gated
+    monkeypatch.setattr(gemv, "gated", lambda x, w1, w3, out=None, workspace=None: pairs.append(
+        (gemv._meta_by_row(w1), gemv._meta_by_row(w3))) or original(x, w1, w3, out, workspace))  # fmt: skip
+    for order in ("row", "grid"):
+        monkeypatch.setattr(offload.api, "meta_order", lambda meta_rows, device, fused, order=order: order)
+        model = offload.load(str(tiny), device="cpu", expert_bits="2", slots=2)
+        fmt = model.prepared.expert_format
+        assert fmt.meta_order == order and fmt.meta_by_row((256, 2048)) == (order == "row")
+        assert model.info()["experts"] == "2-bit g16, 8-bit meta g128" + ", scales and zeros by packed row" * (
+            order == "row")  # fmt: skip
+        model.reset()
+        got = [model.forward(tokens[:3], 0)[-1:]] + [model.forward(tokens[p : p + 1], p) for p in range(3, 6)]
+        logits[order] = torch.cat(got)
+        assert pairs and set(pairs) == {(order == "row",) * 2}  # every decode step's experts, both matrices
+        pairs.clear()
+    assert_close(logits["row"], logits["grid"].double(), 1e-5)
 
 
 def test_the_kernel_compiles_for_a_t4_and_an_h100_with_vector_loads():

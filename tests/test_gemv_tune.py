@@ -349,7 +349,72 @@ def test_tune_leaves_out_a_gated_pair_whose_first_try_fails(monkeypatch):
     monkeypatch.setattr(gemv_tune, "VARIANTS", gemv_tune.VARIANTS[:1])
     monkeypatch.setattr(gemv_tune, "SPLITS", ())
     tried = []
-    monkeypatch.setattr(gemv, "gated_first_try", lambda device, dtype, spec, shape: tried.append(shape) or "no")
+    monkeypatch.setattr(gemv, "gated_first_try", lambda device, dtype, spec, shape, rows: tried.append(shape) or "no")
     shapes = {"w1+w3": gemv_tune.Shape(SPEC, SHAPE, gated=True), "w1": gemv_tune.Shape(SPEC, SHAPE)}
     results = gemv_tune.tune(shapes, CPU, torch.float32, timer=lambda calls: 1.0)
     assert list(results) == [gemv.tuning_key(SPEC, SHAPE, torch.float32)] and tried == [SHAPE]
+
+
+def test_launches_by_packed_row_are_tuned_and_filed_apart_from_grid_orders(tmp_path, tuned_folders, monkeypatch):
+    """Meta by packed row is another loop of the kernel (gemv.META_ROWS): a tune with meta_rows times the experts' w1
+    and w3 held so (kernel_shapes: w2, 4 groups an output, cannot be) and files their launches under "..., meta by
+    row"; gemv launches such a launch for a matrix held by row, and not for one in grid order, nor the other way."""
+    from offload.convert import open_source
+    from offload.tune import kernel_shapes
+    from quant.packing import has_meta_by_row, with_meta_by_row
+    from tests.tiny import make_tiny_mixtral
+
+    source = open_source(str(make_tiny_mixtral(tmp_path / "m", hidden=2048, intermediate=64, layers=1, experts=4)),
+                         expert_bits="2")  # fmt: skip
+    for order, rows in (("row", True), ("grid", False)):
+        shapes = kernel_shapes(source, torch.float32, order)
+        held = [shapes[f"experts.{name}"].meta_rows for name in ("w1+w3", "w2", "w1", "w3")]
+        assert held == [rows, False, rows, rows]
+    monkeypatch.setattr(gemv_tune, "LAUNCH_SHAPES", {True: ((2,), (512,), (2,))})
+    monkeypatch.setattr(gemv_tune, "VARIANTS", gemv_tune.VARIANTS[:1])
+    monkeypatch.setattr(gemv_tune, "SPLITS", ())
+    shape, timed = (64, 2048), []
+
+    def timer(calls: list) -> float:  # which order each launch was timed on
+        timed.append({has_meta_by_row(call.args[1]) for call in calls})
+        return 1.0
+
+    shapes = {"w1": gemv_tune.Shape(SPEC, shape, meta_rows=True), "w3": gemv_tune.Shape(SPEC, shape)}
+    results = gemv_tune.tune(shapes, CPU, torch.float32, timer=timer)
+    rows, grid = (gemv.tuning_key(SPEC, shape, torch.float32, meta_rows=rows) for rows in (True, False))
+    assert rows == "2-bit g16, 8-bit meta g128 64x2048 float32, meta by row" and list(results) == [rows, grid]
+    assert results[rows]["matrices"] == ["w1"] and results[grid]["matrices"] == ["w3"]
+    assert timed[0] == {True} and timed[-1] == {False} and timed.count({True}) + timed.count({False}) == len(timed)
+    _, user = tuned_folders
+    write_tuned(user, {rows: TUNED})
+    gemv.forget_tuned()
+    q = random_quantized(shape, SPEC, torch.Generator().manual_seed(0))
+    x = torch.randn(1, shape[1])
+    assert gemv.launch(x, with_meta_by_row(q)) == TUNED and gemv.launch(x, q) == gemv.launch(x, q, tuned=False)
+    write_tuned(user, {grid: TUNED})
+    gemv.forget_tuned()
+    assert gemv.launch(x, q) == TUNED and gemv.launch(x, with_meta_by_row(q)) == gemv.launch(x, q, tuned=False)
+
+
+def test_info_says_tuned_for_experts_by_packed_row_only_with_their_own_launches(tmp_path, tuned_folders, monkeypatch):
+    """Experts held by packed row (meta_rows) run the launches tuned for that layout: grid order's tuned launches for
+    the same shapes do not make `info` say ", tuned"; theirs for w1 and w3's pair, with w2's (in grid order: 4 groups
+    an output), do."""
+    import offload.api
+    from quant.linear import TRITON
+    from tests.tiny import make_tiny_mixtral
+
+    _, user = tuned_folders
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=2048, intermediate=64, layers=1, experts=4)
+    monkeypatch.setattr(offload.api, "decode_kernel", lambda fused, device: TRITON)  # as on CUDA
+    monkeypatch.setattr(offload.api, "meta_order", lambda meta_rows, device, fused: "row")  # as with meta_rows there
+    prepared = offload.api.prepare(str(tiny), device="cpu", dtype="float32", expert_bits="2")
+    assert prepared.expert_format.meta_order == "row"
+    w2 = gemv.tuning_key(SPEC, (2048, 64), torch.float32)
+    pairs = {
+        rows: gemv.tuning_key(SPEC, (64, 2048), torch.float32, gated=True, meta_rows=rows) for rows in (True, False)
+    }
+    for rows, name in ((False, TRITON.name), (True, f"{TRITON.name}, tuned")):
+        write_tuned(user, {pairs[rows]: TUNED, w2: TUNED})
+        gemv.forget_tuned()
+        assert offload.api.describe(prepared)["decode kernel"] == name

@@ -189,7 +189,7 @@ def test_meta_by_output_is_a_layout_of_the_same_weights(name):
     if name != "2":
         assert cpu is grid  # its experts load as the files hold them
         return
-    assert cpu.meta_by_output and cpu.on_cpu() is cpu and not grid.meta_by_output
+    assert cpu.meta_order == "output" and cpu.on_cpu() is cpu and grid.meta_order == "grid"
     tiny = ExpertFormat.build(64, 128, spec, torch.float32)  # 4 and 8 groups an output, no meta group whole
     assert tiny.on_cpu() is tiny
     names = [entry.name for entry in cpu.layout.entries if entry.name.startswith("w1.")]
@@ -272,3 +272,43 @@ def test_meta_by_packed_row_puts_a_rows_slots_together():
         with_meta_by_row(random_quantized((64, WIDE), EXPERT_PRESETS["4"], generator))
     narrow = random_quantized((64, 256), EXPERT_PRESETS["2"], generator)  # 16 groups an output: no meta group whole
     assert not by_row(narrow.shape, narrow.spec) and not has_meta_by_row(narrow)
+
+
+def test_a_format_by_packed_row_holds_the_same_weights_as_the_kernel_reads_them():
+    """in_order("row"), as a load with meta_rows holds experts for the GPU's kernel: w1 and w3 [256, 2048] and w2
+    [2048, 256] at 2-bit g16 (G 128 and 16: w2's has no meta group whole and stays in grid order) lie by packed row,
+    with_meta_by_row's tensors in their place. Grid, output and row formats read each other's experts and pack them
+    back byte for byte; the unpacked weights are the kernel's (has_meta_by_row) and dequantize as grid order's, bit
+    for bit. Orders a weight cannot hold give the grid order's format itself; no format but grid's is written."""
+    spec = EXPERT_PRESETS["2"]
+    grid = ExpertFormat.build(WIDE, 256, spec, torch.float32)
+    rows = grid.in_order("row")
+    assert rows.meta_order == "row" and rows.in_order("row") is rows and rows.in_order("grid") == grid
+    assert rows.meta_by_row((256, WIDE)) and not rows.meta_by_row((WIDE, 256)) and not grid.meta_by_row((256, WIDE))
+    shapes = {entry.name: (entry.shape, entry.dtype) for entry in rows.layout.entries}
+    assert [name for name in shapes if name.startswith("w1.")] == ["w1.codes", "w1.meta.codes", "w1.meta.meta"]
+    assert shapes["w1.meta.codes"] == ((64, 128, 2, 4), "uint8")  # 64 packed rows, 128 groups, 4 slots
+    assert shapes["w1.meta.meta"] == ((64, 1, 4, 4), "float16")
+    assert "w2.meta.codes" not in shapes and "w2.scale.codes" in shapes and rows.nbytes == grid.nbytes
+    weights = [torch.randn(shape, generator=torch.Generator().manual_seed(9)) * 0.02
+               for shape in ((256, WIDE), (WIDE, 256), (256, WIDE))]  # fmt: skip
+    cpu = grid.on_cpu()
+    packed = {fmt.meta_order: fmt.pack(*weights) for fmt in (grid, cpu, rows)}
+    assert not torch.equal(packed["row"], packed["grid"]) and not torch.equal(packed["row"], packed["output"])
+    for to in (grid, cpu, rows):
+        for source in (grid, cpu, rows):
+            row = torch.full((to.nbytes,), 0xA5, dtype=torch.uint8)  # a used cache row, as load fills
+            assert torch.equal(to.pack(**source.unpack(packed[source.meta_order]), out=row), packed[to.meta_order])
+    ours, theirs = rows.unpack(packed["row"]), grid.unpack(packed["grid"])
+    assert has_meta_by_row(ours["w1"]) and has_meta_by_row(ours["w3"]) and not has_meta_by_row(ours["w2"])
+    for key in ("w1", "w2", "w3"):
+        assert torch.equal(dequantize(ours[key]), dequantize(theirs[key]))
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(rows.random(generator), rows.pack(**grid.unpack(grid.random(torch.Generator().manual_seed(3)))))
+    with pytest.raises(ValueError, match="^an expert format with its meta by row is not written to a file$"):
+        rows.to_dict()
+    for narrow in (ExpertFormat.build(64, 128, spec, torch.float32), ExpertFormat.build(WIDE, 256, EXPERT_PRESETS["3"],
+                                                                                      torch.float32)):  # fmt: skip
+        assert narrow.in_order("row") is narrow and narrow.in_order("output") is narrow
+    with pytest.raises(ValueError, match=r"^unknown meta order 'column'; the orders are grid, output, row$"):
+        grid.in_order("column")
