@@ -69,3 +69,20 @@ def test_meta_order_takes_turns_in_one_model_and_refuses_a_model_without_it(tmp_
     narrow = make_tiny_mixtral(tmp_path / "narrow", hidden=64, intermediate=128, layers=1, experts=4, seed=3)
     done = subprocess.run([*script, str(narrow), *args], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith(f"error: {narrow}: no expert has scales and zeros by output")
+
+
+def test_meta_repack_times_each_order_and_says_which_the_kernel_reads(tmp_path):
+    """benchmarks/meta_repack.py at hidden 2048: w1 is held by output and by packed row (not by 3-bit, whose experts
+    keep grid order in every order), the Triton kernel reads grid order and rows, not the CPU's order; --rounds 0 is
+    refused in one line."""
+    script = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "meta_repack.py")]
+    out = tmp_path / "repack.json"
+    for bits, held, reads in (("2", ["grid", "output", "row"], [True, False, True]), ("3", ["grid"] * 3, [True] * 3)):
+        args = ["--hidden", "2048", "--intermediate", "256", "--expert-bits", bits, "--rounds", "1", "--out", str(out)]
+        done = subprocess.run([*script, *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rows = json.loads(out.read_text())["results"]
+        assert [row["order"] for row in rows] == ["grid", "output", "row"] and [row["held_as"] for row in rows] == held
+        assert [row["kernel_reads_it"] for row in rows] == reads and all(row["ms_per_expert"] > 0 for row in rows)
+    done = subprocess.run([*script, "--rounds", "0", "--out", str(out)], capture_output=True, text=True)
+    assert (done.returncode, done.stderr.strip()) == (2, "error: --rounds must be at least 1, got 0")
