@@ -207,7 +207,7 @@ def tune(
 
 
 def _random(shape: Shape, generator: torch.Generator) -> Quantized | tuple[Quantized, Quantized]:
-    """A random matrix of `shape`, or with shape.gated a pair of them."""
+    """A random matrix of `shape`, or with shape.gated a pair of them; with shape.meta_rows, held by packed row."""
 
     def one() -> Quantized:
         q = random_quantized(shape.shape, shape.spec, generator)
