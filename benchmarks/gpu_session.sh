@@ -172,6 +172,11 @@ print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
         attempt bench --gpu-memory 12GiB --route-trace "$trace" --prefetch oracle --meta-rows \
             --json "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_rows.json"
         stamp "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_rows.json"
+        # side by side in the log, where bench's run is there too (a warning only: the steps after it still run)
+        python3 -c "import json, os, sys; [print(f'{p}: {d.get(\"meta_order\", \"grid\")}, decode {d[\"decode_tokens_per_s\"]} tok/s, \
+compute {d[\"compute_s_per_token\"] * 1000:.2f} ms/token') for p in sys.argv[1:] if os.path.exists(p) \
+for d in [json.load(open(p))]]" "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle.json" \
+            "$results/bench_${gpu}_mixtral-8x7b${tuned}_oracle_rows.json" || true
         ;;
     bench-more)  # the same work without the fused kernel, without CUDA graphs, and with the oracle two layers
         # ahead: a perfect-recall `--prefetch-ahead 2`
