@@ -850,8 +850,8 @@ def describe(prepared: Prepared) -> dict[str, object]:
     """What `moe-offload info` prints: the model, its formats and the memory plan."""
     c, fmt = prepared.config, prepared.expert_format
     experts = "unquantized " + str(fmt.dtype).removeprefix("torch.") if fmt.spec is None else fmt.spec.describe()
-    if fmt.meta_order != "grid":  # by output on the CPU, by packed row with meta_rows (quant/packing.py)
-        experts += ", scales and zeros by " + {"output": "output", "row": "packed row"}[fmt.meta_order]
+    if fmt.meta_words is not None:  # by output on the CPU, by packed row with meta_rows (quant/packing.py)
+        experts += ", scales and zeros by " + fmt.meta_words
     return {
         "model": prepared.source.description,
         "family": c.model_type,

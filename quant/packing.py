@@ -197,15 +197,23 @@ class ExpertFormat:
         grid order's format (this one, when it is), so that a load reads its files' experts as they are."""
         if self.spec is None or meta_order == self.meta_order:
             return self
-        fmt = {order: self if order == self.meta_order else
-               ExpertFormat.build(self.hidden_size, self.intermediate_size, self.spec, self.dtype, order)
-               for order in ("grid", meta_order)}  # fmt: skip
-        return fmt["grid"] if fmt[meta_order].layout == fmt["grid"].layout else fmt[meta_order]
+        sizes = (self.hidden_size, self.intermediate_size, self.spec, self.dtype)
+        grid = self if self.meta_order == "grid" else ExpertFormat.build(*sizes)
+        if meta_order == "grid":
+            return grid
+        moved = ExpertFormat.build(*sizes, meta_order)
+        return grid if moved.layout == grid.layout else moved
 
     def on_cpu(self) -> ExpertFormat:
         """This format as experts computed on the CPU hold it: scales and zeros by output where a weight's allow it
         (by_output), else this format itself."""
-        return self if self.meta_order == "output" else self.in_order("output")
+        return self.in_order("output")
+
+    @property
+    def meta_words(self) -> str | None:
+        """Where this format's scales and zeros lie, in words ("packed row", as in "by packed row"); None in grid
+        order."""
+        return None if self.meta_order == "grid" else _ORDERS[self.meta_order].words
 
     def meta_by_row(self, shape: tuple[int, int]) -> bool:
         """Whether this format holds the scales and zeros of a weight of `shape` by packed row (META_ROWS)."""
@@ -419,23 +427,23 @@ def has_meta_by_row(q: Quantized) -> bool:
 def with_meta_by_output(q: Quantized) -> Quantized:
     """q with its scales and zeros by output, as an "output" format holds them (new tensors; the codes are
     q's): one weight's, for benchmarks and tests."""
-    if not by_output(q.shape, q.spec):
-        raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by output")
-    return _with_meta(q, _shapes_by_output(q.shape, q.spec), _views_by_output)
+    return _with_meta(q, "output")
 
 
 def with_meta_by_row(q: Quantized) -> Quantized:
     """q with its scales and zeros by packed row, as a "row" format holds them for the GPU's kernel (module doc; new
     tensors, the codes are q's): one weight's, for benchmarks and tests."""
-    if not by_row(q.shape, q.spec):
-        raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by packed row")
-    return _with_meta(q, _shapes_by_row(q.shape, q.spec), _views_by_row)
+    return _with_meta(q, "row")
 
 
-def _with_meta(q: Quantized, shapes: dict, views_of) -> Quantized:
-    """q with its scales and zeros copied into new tensors of `shapes`, whose views `views_of` gives in grid order."""
+def _with_meta(q: Quantized, meta_order: str) -> Quantized:
+    """q with its scales and zeros copied into new tensors in `meta_order` (_ORDERS), whose views are in grid order."""
+    order = _ORDERS[meta_order]
+    if not order.applies(q.shape, q.spec):
+        raise ValueError(f"a weight {q.shape} at {q.spec.describe()} has no meta by {order.words}")
+    shapes = order.shapes(q.shape, q.spec)
     held = {key: torch.empty(shape, dtype=dtype, device=q.codes.device) for key, (shape, dtype) in shapes.items()}
-    views = views_of(held)
+    views = order.views(held)
     for key, tensor in to_tensors(q, "").items():
         if key != ".codes":
             _copy_into(views[key[1:]], tensor, key[1:])
@@ -445,15 +453,16 @@ def _with_meta(q: Quantized, shapes: dict, views_of) -> Quantized:
 
 class _Order(NamedTuple):
     """A meta order other than grid's: where it applies, the tensors it lays a weight's scales and zeros in (BY_OUTPUT's
-    keys), and their views in grid order."""
+    keys), their views in grid order, and its name in words ("by packed row")."""
 
     applies: Callable[[tuple[int, int], QuantSpec], bool]
     shapes: Callable[[tuple[int, int], QuantSpec], dict[str, tuple[tuple, torch.dtype]]]
     views: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+    words: str
 
 
-_ORDERS = {"output": _Order(by_output, _shapes_by_output, _views_by_output),
-           "row": _Order(by_row, _shapes_by_row, _views_by_row)}  # fmt: skip
+_ORDERS = {"output": _Order(by_output, _shapes_by_output, _views_by_output, "output"),
+           "row": _Order(by_row, _shapes_by_row, _views_by_row, "packed row")}  # fmt: skip
 META_ORDERS = ("grid", *_ORDERS)
 
 
