@@ -17,7 +17,7 @@ from quant import cpu_gemv
 from quant.hqq import EXPERT_PRESETS, Quantized, QuantSpec, Workspace, dequantize, random_quantized
 from quant.linear import CPU, DEQUANTIZE, linear
 from quant.packing import with_meta_by_output
-from tests.tiny import make_tiny_mixtral
+from tests.tiny import make_tiny_mixtral, prefill_then_decode
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build quant/cpu_gemv.c")
 
@@ -337,10 +337,7 @@ def test_load_picks_the_kernel_on_the_cpu_and_decodes_as_the_dequantizing_path(t
         assert model.moe.workspace.kernel is expected and model.decoder.workspace.kernel is expected
         named = {None: f"{CPU.name}, int8 tokens" if tokens_in == "int8 tokens" else CPU.name, False: DEQUANTIZE}
         assert model.info()["decode kernel"] == named[fused]
-        model.reset()
-        got = [model.forward(tokens[:8], 0)[-1:]]
-        got += [model.forward(tokens[p : p + 1], p) for p in range(8, 12)]
-        logits[fused] = torch.cat(got).float()
+        logits[fused] = prefill_then_decode(model, tokens, 8).float()
         assert set(calls) == ({getattr(torch, dtype)} if fused is None else set())
         calls.clear()
     difference = (logits[None] - logits[False]).abs().max().item()
@@ -365,9 +362,7 @@ def test_load_on_the_cpu_holds_experts_by_output_and_decodes_as_grid_order(tmp_p
         assert model.info()["experts"] == "2-bit g16, 8-bit meta g128" + by_output
         names = {entry.name for entry in experts.layout.entries}
         assert ("w1.meta.codes" in names) == (order == "output") and "w2.scale.codes" in names
-        model.reset()
-        got = [model.forward(tokens[:6], 0)[-1:]] + [model.forward(tokens[p : p + 1], p) for p in range(6, 9)]
-        logits[order, slots] = torch.cat(got)
+        logits[order, slots] = prefill_then_decode(model, tokens, 6)
     for slots in (None, 2):  # direct, and through slots: the same bytes, copied
         assert torch.equal(logits["output", slots], logits["grid", slots])
 

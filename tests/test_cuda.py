@@ -11,7 +11,7 @@ import torch
 import offload
 from cache.expert_cache import ExpertCache
 from quant.linear import TRITON
-from tests.tiny import hf_model, make_tiny_mixtral
+from tests.tiny import hf_model, make_tiny_mixtral, prefill_then_decode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -138,14 +138,11 @@ def test_cuda_graphs_replay_the_eager_decode(tiny):
     for graphs in (True, False):
         model = offload.load(str(tiny), device="cuda", dtype="float32", slots=3, expert_bits="2", attn_bits="4",
                              prefetch="both", cuda_graphs=graphs, max_seq_len=320)  # fmt: skip
-        model.reset()
-        got = [model.forward(tokens[:8], 0)[-1:]]
-        for pos in range(8, 300):  # past 256 keys: a second set of graphs, over 320 keys
-            got.append(model.forward(tokens[pos : pos + 1], pos))
+        got = prefill_then_decode(model, tokens, 8)  # past 256 keys: a second set of graphs, over 320 keys
         # every counter but stall_s, the seconds the host waited on loads in flight: a clock, not a count
         per_layer = model.stats.cache.per_layer
         counters = [{k: v for k, v in layer.to_dict().items() if k != "stall_s"} for layer in per_layer]
-        runs[graphs] = torch.cat(got).float().cpu(), counters, model.decoder.graphs
+        runs[graphs] = got.float().cpu(), counters, model.decoder.graphs
     error = (runs[True][0] - runs[False][0]).abs().max().item()
     assert error < 1e-4, f"graphs against eager, max |logit diff| {error:.3g}"
     assert runs[True][1] == runs[False][1]
@@ -200,11 +197,7 @@ def test_fused_gemv_decode_matches_dequantize_then_matmul_on_cuda(tiny, dtype, t
                              fused_gemv=fused)  # fmt: skip
         expected = TRITON if fused is None else None
         assert model.moe.workspace.kernel is expected and model.decoder.workspace.kernel is expected
-        model.reset()
-        got = [model.forward(tokens[:8], 0)[-1:]]
-        for pos in range(8, 16):
-            got.append(model.forward(tokens[pos : pos + 1], pos))
-        logits[fused] = torch.cat(got).float().cpu()
+        logits[fused] = prefill_then_decode(model, tokens, 8).float().cpu()
     error = (logits[None] - logits[False]).abs().max().item()
     assert error < tolerance, f"{dtype}: fused against dequantize+matmul, max |logit diff| {error:.3g}"
 
@@ -220,11 +213,7 @@ def test_meta_rows_decode_matches_grid_order_on_cuda(tmp_path, dtype, tolerance)
         model = offload.load(str(tiny), device="cuda", dtype=dtype, slots=2, expert_bits="2", meta_rows=rows)
         assert model.prepared.expert_format.meta_order == ("row" if rows else "grid")
         assert model.info()["experts"].endswith(", scales and zeros by packed row") == rows
-        model.reset()
-        got = [model.forward(tokens[:6], 0)[-1:]]
-        for pos in range(6, 12):
-            got.append(model.forward(tokens[pos : pos + 1], pos))
-        logits[rows] = torch.cat(got).float().cpu()
+        logits[rows] = prefill_then_decode(model, tokens, 6).float().cpu()
     error = (logits[True] - logits[False]).abs().max().item()
     assert error < tolerance, f"{dtype}: by packed row against grid order, max |logit diff| {error:.3g}"
 

@@ -34,7 +34,7 @@ from quant.hqq import (
 from quant.linear import TRITON, linear
 from quant.packing import ExpertFormat, with_meta_by_output, with_meta_by_row
 from tests.test_quantized_model import carry_our_weights
-from tests.tiny import hf_model, make_tiny_mixtral
+from tests.tiny import hf_model, make_tiny_mixtral, prefill_then_decode
 
 pytestmark = pytest.mark.skipif(gemv.triton is None, reason="Triton is not installed (pip install triton)")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted (tests/conftest.py)
@@ -439,9 +439,7 @@ def test_a_load_with_meta_rows_decodes_by_packed_row_as_grid_order(tmp_path, mon
         assert fmt.meta_order == order and fmt.meta_by_row((256, 2048)) == (order == "row")
         assert model.info()["experts"] == "2-bit g16, 8-bit meta g128" + ", scales and zeros by packed row" * (
             order == "row")  # fmt: skip
-        model.reset()
-        got = [model.forward(tokens[:3], 0)[-1:]] + [model.forward(tokens[p : p + 1], p) for p in range(3, 6)]
-        logits[order] = torch.cat(got)
+        logits[order] = prefill_then_decode(model, tokens, 3)
         assert pairs and set(pairs) == {(order == "row",) * 2}  # every decode step's experts, both matrices
         pairs.clear()
     assert_close(logits["row"], logits["grid"].double(), 1e-5)

@@ -51,6 +51,15 @@ def make_tiny_mixtral(
     return path
 
 
+def prefill_then_decode(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+    """From a reset cache: the logits of the first `prefill` tokens' last, then of each later token decoded one at a
+    time, [len(tokens) - prefill + 1, vocab]."""
+    model.reset()
+    rows = [model.forward(tokens[:prefill], 0)[-1:]]
+    rows += [model.forward(tokens[p : p + 1], p) for p in range(prefill, len(tokens))]
+    return torch.cat(rows)
+
+
 def hf_model(path: Path):
     """The transformers oracle: MixtralForCausalLM in float32, eval mode."""
     from transformers import MixtralForCausalLM
