@@ -212,7 +212,7 @@ def repeat_kv_policy(config: ModelConfig, device: torch.device, dtype: torch.dty
     float32 scores [H, T, N]. Repeated key heads let the memory-efficient kernel run instead, as
     transformers does. Whether flash serves an unmasked span is asked of torch itself, with this model's
     heads. The CPU's fused kernel takes grouped heads under a mask as they are. A decode step's single
-    query never repeats: its math-kernel scores are one row."""
+    query never repeats: one_query_attention gives each key head its group of queries instead."""
     if device.type != "cuda" or config.num_heads == config.num_kv_heads:
         return None
     return "masked" if _flash_serves(config, device, dtype) else "always"
@@ -223,6 +223,23 @@ def _flash_serves(config: ModelConfig, device: torch.device, dtype: torch.dtype)
     q = torch.empty(1, config.num_heads, 2, config.head_dim, device=device, dtype=dtype)
     kv = torch.empty(1, config.num_kv_heads, 2, config.head_dim, device=device, dtype=dtype)
     return can_use_flash_attention(SDPAParams(q, kv, kv, None, 0.0, True, True), False)  # causal, grouped
+
+
+def one_query_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One token's attention: q [H, S] over keys and values [K, N, S], under `mask` [N] (True: attend) -> [H, S].
+
+    The query heads that share a key head are taken as that key head's H/K queries, so SDPA sees plain
+    attention over K heads, 4-D, as its fused kernels want it: no key is repeated, and on CUDA a masked call
+    (the static path's) or a T4's runs the memory-efficient kernel. With the heads as they are and enable_gqa,
+    those ran the math kernel, which repeats the keys and values to every query head in float32: 128 MiB a
+    layer for Mixtral at 4096 keys (benchmarks/decode_attention.py).
+    """
+    # H = heads, K = kv heads, S = head dim, N = keys
+    heads, head_dim = q.shape
+    kv_heads = keys.shape[0]
+    grouped = q.reshape(1, kv_heads, heads // kv_heads, head_dim)  # head h: key head h // (H/K), as repeat_kv
+    mask = None if mask is None else mask.view(1, 1, 1, -1)  # 4-D as well: the CPU's kernel takes no other
+    return F.scaled_dot_product_attention(grouped, keys[None], values[None], attn_mask=mask).view(heads, head_dim)
 
 
 class Decoder:
@@ -431,9 +448,12 @@ class Decoder:
             mask = mask[:, first:]
         keys = self.k_cache[layer, :, first:end]  # [K, N, S], a view: no copy
         values = self.v_cache[layer, :, first:end]
+        if tokens == 1:  # a decode step (its mask is None: the key range is the mask)
+            out = one_query_attention(q[0], keys, values, mask)  # [H, S]
+            return linear(out.reshape(1, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
         grouped = c.num_heads != c.num_kv_heads
         repeat = self.repeat_kv == "always" or (self.repeat_kv == "masked" and mask is not None)
-        if grouped and tokens > 1 and repeat:  # see repeat_kv_policy
+        if grouped and repeat:  # see repeat_kv_policy
             keys = keys.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)  # [H, N, S]
             values = values.repeat_interleave(c.num_heads // c.num_kv_heads, dim=0)
             grouped = False
@@ -441,8 +461,8 @@ class Decoder:
         # math kernel would make the float32 scores [H, T, N], 2 GiB for 4096 Mixtral queries at once.
         # out: [H, T, S]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-            is_causal=mask is None and tokens > 1, enable_gqa=grouped,
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None,
+            enable_gqa=grouped,
         )[0]  # fmt: skip
         return linear(out.transpose(0, 1).reshape(tokens, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
 
@@ -509,14 +529,8 @@ class Decoder:
         mask = key_pos <= pos  # [keys]
         if c.sliding_window is not None:
             mask &= key_pos > pos - c.sliding_window
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            self.k_cache[layer, :, :keys],
-            self.v_cache[layer, :, :keys],
-            attn_mask=mask[None, :],
-            enable_gqa=c.num_heads != c.num_kv_heads,
-        )  # [H, 1, S]
-        return linear(out.transpose(0, 1).reshape(1, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
+        out = one_query_attention(q[0], self.k_cache[layer, :, :keys], self.v_cache[layer, :, :keys], mask)  # [H, S]
+        return linear(out.reshape(1, c.num_heads * c.head_dim), w[prefix + "o_proj"], ws)
 
 
 class StaticStep:

@@ -4,6 +4,8 @@ no tensor outside the pieces that CUDA graphs capture. tests/test_cuda.py replay
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import offload
 from offload.bench import ReplayedRouting
@@ -164,6 +166,35 @@ def test_outside_the_graphs_a_decode_step_makes_no_tensor(tmp_path, routing):
             torch.argmax(logits[-1], dim=-1, keepdim=True, out=token)  # as bench samples
     assert fresh.made == {}
     assert model.stats.total.misses > misses  # the steps did load experts
+
+
+class AttentionBackends(TorchDispatchMode):
+    """The kernel SDPA picks for each of its calls inside it (torch's own choice, asked with the call's arguments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.picked: list[SDPBackend] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket is torch.ops.aten.scaled_dot_product_attention:
+            self.picked.append(SDPBackend(torch._fused_sdp_choice(*args, **kwargs)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("path_", ["eager", "static"])
+def test_a_decode_steps_attention_runs_sdpas_fused_kernel(case, path_):
+    """A decode step's one query meets its key heads' keys as they are (offload.decoder.one_query_attention):
+    SDPA's fused kernel, on the CPU as on CUDA, where the math kernel would repeat the keys and values for every
+    query head in float32 (the static step's masked call and a T4's took it; 128 MiB a layer at 4096 keys)."""
+    path, shape, tokens, _ = case
+    model, _ = load(path, CountedGraphs() if path_ == "static" else None, slots=2)
+    model.reset()
+    model.forward(tokens[:4], 0)
+    with AttentionBackends() as attention:
+        for pos in range(4, 7):
+            model.forward(tokens[pos : pos + 1], pos)
+    assert attention.picked == [SDPBackend.FLASH_ATTENTION] * (3 * model.config.num_layers)  # the CPU's fused one
 
 
 class FixedRouting:
