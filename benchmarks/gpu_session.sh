@@ -57,15 +57,18 @@ df -h /tmp || true  # synth writes 18.4 GB there, and refuses to start if the di
 
 # launches tuned for this GPU, carried from an earlier call: installed where gemv reads them (quant/gemv.py)
 tuned=  # "_tuned" once they are: the names of the model's results say so
-if compgen -G ".gpu/gemv_tuned/*.json" >/dev/null; then
-    python3 - <<'EOF'
-import glob, json, shutil
+# only where they are this GPU's: a call that the run tool moved to another kind (an H200) runs the built-in ones
+if compgen -G ".gpu/gemv_tuned/*.json" >/dev/null && python3 - <<'EOF'; then
+import glob, json, shutil, sys
+import torch
 from quant import gemv
+here = gemv.device_name(torch.device("cuda"))
 for path in glob.glob(".gpu/gemv_tuned/*.json"):
     device = json.load(open(path))["device"]
     gemv.user_tuned_folder().mkdir(parents=True, exist_ok=True)
     shutil.copy(path, gemv.user_tuned_file(device))
     print(f"tuned launches for {device}: {path}")
+sys.exit(None if gemv.user_tuned_file(here).exists() else f"no tuned launches for this GPU, {here}")
 EOF
     tuned=_tuned
 fi
@@ -83,6 +86,16 @@ profile() {
 attempt() {  # a run that fails (the first on a new machine, say) is reported, and the runs after it still run
     "$@" || echo "== failed with exit code $?: $*"
 }
+# The run tool kills a call at 600 s, before the EXIT trap below, and a file a step writes at its end is then lost:
+# a step that may run long is given what is left of the call, less a margin for the files' return
+CALL_SECONDS=${CALL_SECONDS:-570}
+limited() {  # limited SECONDS COMMAND...: COMMAND under a time limit of SECONDS, or of what is left of the call
+    local limit=$1 left=$((CALL_SECONDS - SECONDS))
+    shift
+    ((left >= 20)) || { echo "== no time left in the call for: $*"; return 124; }
+    ((left < limit)) && limit=$left
+    timeout -k 10 "$limit" "$@"
+}
 
 stamp() {  # the machine's copy has the session's first commit in .git, or none: record the commit sent
     python3 - "$@" <<'EOF'
@@ -94,18 +107,19 @@ for path in filter(os.path.exists, sys.argv[1:]):  # a step that failed wrote no
     json.dump(data, open(path, "w"), indent=2)
 EOF
 }
-if [[ -n ${OUT:-} ]]; then  # a call cut short at its time limit: its last step's results still name the commit sent
-    trap 'stamp "$results"/*.json' EXIT
+if [[ -n ${OUT:-} ]]; then  # a call cut short at its time limit: its last step's results still name the commit sent,
+    # and a write killed midway leaves no temporary file to count against the call's 8
+    trap 'rm -f "$results"/.*.tmp; stamp "$results"/*.json' EXIT
 fi
 
 for step in "$@"; do
     echo "== $step $(date +%T)"
     case $step in
     tests)
-        # a failure is reported, not fatal: the steps after it still run. No -q: pyproject's addopts has one, and
-        # a second drops the line of totals
+        # a failure is reported, not fatal: the steps after it still run. -vv against pyproject's -q: a line per test
+        # as it ends, so a run cut off at its limit (before pytest's summary) still names what passed and failed
         # at most 4 minutes: a hang (in a teardown never run on a GPU, say) must not take the call's other steps
-        timeout -k 20 240 python3 -m pytest -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py tests/test_norm.py tests/test_rope.py tests/test_router.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
+        limited 240 python3 -m pytest -vv -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py tests/test_norm.py tests/test_rope.py tests/test_router.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
         ;;
     copy-engine)  # whether a decode step's few-byte copies wait behind an expert load (seconds; after synth, whose
@@ -117,33 +131,33 @@ for step in "$@"; do
         fi
         ;;
     kernel)  # device time per call, every variant (late_sum, fast_codes, stages, mantissa_codes) at the default launch
-        attempt python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
+        attempt limited 240 python3 benchmarks/gemv_kernel.py --variants --out "$results/gemv_kernel_$gpu.json"
         stamp "$results/gemv_kernel_$gpu.json"
         ;;
     ncu)  # the GEMV kernels' hardware counters under Nsight Compute: what they wait on (no model needed; ncu reads
         # counters on the H100's Firecracker machines). At most 5 minutes, so that a hang leaves the call's other steps
-        attempt timeout -k 10 300 python3 benchmarks/gemv_ncu.py --out "$results/gemv_ncu_$gpu.json"
+        attempt limited 300 python3 benchmarks/gemv_ncu.py --out "$results/gemv_ncu_$gpu.json"
         stamp "$results/gemv_ncu_$gpu.json"
         ;;
     kernel-sweep)  # every 2-bit launch shape of the default variant (of all 8: ~600 compiles, past a call's 10 minutes)
-        attempt python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
+        attempt limited 600 python3 benchmarks/gemv_kernel.py --sweep --sweep-bits 2 --out "$results/gemv_kernel_sweep_$gpu.json"
         stamp "$results/gemv_kernel_sweep_$gpu.json"
         ;;
     tune)  # the kernel's fastest launch for each of the model's shapes on this GPU (minutes); the steps after it run them
         # at most 4 minutes, so that the file comes back within the call: tune saves each shape as it is done, the
         # experts' first, so one cut off still leaves those
         if [[ -z $no_model ]]; then
-            attempt timeout -k 10 240 python3 -m cli.app tune "$model" --no-verify
+            attempt limited 240 python3 -m cli.app tune "$model" --no-verify
             written=$(python3 -c "import torch; from quant import gemv; \
-print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
+print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))") || written=  # under set -e: not fatal
             [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned
         fi
         ;;
     tune-rows)  # tune's, for the experts held by packed row (--meta-rows): their own launches (gemv.tuning_key)
         if [[ -z $no_model ]]; then
-            attempt timeout -k 10 240 python3 -m cli.app tune "$model" --no-verify --meta-rows
+            attempt limited 240 python3 -m cli.app tune "$model" --no-verify --meta-rows
             written=$(python3 -c "import torch; from quant import gemv; \
-print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))")
+print(gemv.user_tuned_file(gemv.device_name(torch.device('cuda'))))") || written=  # under set -e: not fatal
             [[ -f $written ]] && cp "$written" "$results/gemv_tuned_$gpu.json" && tuned=_tuned
         fi
         ;;

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def commands(body: str, values: dict[str, str]) -> list[tuple[str, list[str]]]:
         line = raw.strip().split(" >", 1)[0].split(" 2>&1", 1)[0].split(" ||", 1)[0]
         line = line.split("; ", 1)[-1] if line.startswith("for ") else line
         line = line.removeprefix("if ").removesuffix("; then").removeprefix("attempt ")
-        line = re.sub(r"^timeout (-k \d+ )?\d+ ", "", line)  # a script run under a time limit
+        line = re.sub(r"^(timeout (-k \d+ )?|limited )\d+ ", "", line)  # a script run under a time limit
         if line.startswith("bench "):
             found.append(("moe", expand(BENCH + line[len("bench") :], values)))
         elif line.startswith("profile "):
@@ -167,3 +168,31 @@ def test_each_planned_call_brings_back_at_most_8_files():
     for call in calls:
         outputs = {"gpu_session.log"}.union(*(step_outputs(step) for step in call.split()))
         assert len(outputs) <= 8, (call, sorted(outputs))
+
+
+LONG_STEPS = ("tests", "kernel", "kernel-sweep", "ncu", "tune", "tune-rows")  # minutes, and their files come at the end
+
+
+def test_a_long_step_ends_within_the_call():
+    """The run tool kills a call at 600 s, before the EXIT trap: a step that may run for minutes is held to what is
+    left of the call (`limited`), so that what it wrote still comes back."""
+    for step in LONG_STEPS:
+        runs = [line.strip().removeprefix("attempt ") for line in STEPS[step].splitlines()
+                if re.search(r"\bpython3 (-m|benchmarks/)", line) and "-c" not in line.split()]  # fmt: skip
+        assert runs and all(run.startswith("limited ") for run in runs), (step, runs)
+
+
+def limited(call_seconds: int, command: str) -> subprocess.CompletedProcess:
+    """The script's `limited` function, run with the call's seconds set to `call_seconds`."""
+    function = re.search(r"^limited\(\) \{.*?^\}$", TEXT, flags=re.M | re.S)[0]
+    script = f"set -euo pipefail\nCALL_SECONDS={call_seconds}\n{function}\n{command}"
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_limited_cuts_a_run_at_its_limit_or_at_the_calls_end():
+    run = limited(570, "limited 1 sleep 30 || echo cut $?")  # its own limit
+    assert run.stdout.strip() == "cut 124"
+    run = limited(15, "limited 240 sleep 30 || echo cut $?")  # too little of the call left to start it
+    assert run.stdout.splitlines() == ["== no time left in the call for: sleep 30", "cut 124"]
+    run = limited(570, "limited 240 echo ran")
+    assert run.stdout.strip() == "ran"
