@@ -398,3 +398,46 @@ def test_gated_on_cuda_is_silu_of_w1_times_w3_and_replays_in_a_graph(split_k):
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
     assert torch.equal(out, eager)
+
+
+MIXTRAL_MATRICES = {"w1": ((14336, 4096), "2"), "w2": ((4096, 14336), "2"), "q_proj": ((4096, 4096), "4")}
+
+
+@pytest.mark.parametrize("matrix", MIXTRAL_MATRICES)
+@pytest.mark.parametrize("meta_rows", [False, True])
+def test_the_kernel_at_mixtrals_shapes_equals_dequantize_then_matmul(matrix, meta_rows):
+    """Every other GPU test of the kernel compares it with itself (split against unsplit, gated against two
+    launches, tune against the default launch) or runs the tiny model, whose K is one masked step. Here Mixtral's
+    matrices take the path real decode takes (unmasked loads, many K steps, the pipelined loop, the codes in the
+    mantissa) against dequantize's weights times x in float64, at the default launch and at each variant decode may
+    run: K split, the meta early, and for w1 the gated pair; held by packed row where that layout applies."""
+    from quant import gemv
+    from quant.hqq import ATTN_PRESETS, EXPERT_PRESETS, dequantize, random_quantized
+    from quant.packing import by_row, with_meta_by_row
+
+    shape, bits = MIXTRAL_MATRICES[matrix]
+    spec = (EXPERT_PRESETS if matrix != "q_proj" else ATTN_PRESETS)[bits]
+    generator = torch.Generator("cuda").manual_seed(len(matrix) + meta_rows)
+    q, up = (random_quantized(shape, spec, generator) for _ in range(2))
+    if meta_rows:
+        if not by_row(shape, spec):  # q_proj: 4-bit's scales and zeros are float16, no meta codes
+            pytest.skip(f"{matrix}: its scales and zeros are not held by packed row")
+        q, up = with_meta_by_row(q), with_meta_by_row(up)
+        assert gemv._meta_by_row(q)
+    x = torch.randn(1, shape[1], generator=generator, device="cuda", dtype=torch.float32)
+    weight = dequantize(q, torch.float32).double()  # [N, K]
+    expected = (x.double() @ weight.T).cpu()
+    scale = expected.abs().max().item()
+    for keywords in ({}, {"split_k": 4}, {"early_meta": True}, {"split_k": 4, "early_meta": True}):
+        error = (gemv.gemv(x, q, **keywords).double().cpu() - expected).abs().max().item()
+        assert error < 1e-4 * scale, f"{matrix} {keywords}: max |error| {error:.3g} of {scale:.3g}"
+        if matrix == "w1":  # with w3 (`up`), as decode's gated launch
+            gate, product = torch.nn.functional.silu(expected), (x.double() @ dequantize(up).double().T).cpu()
+            error = (gemv.gated(x, q, up, **keywords).double().cpu() - gate * product).abs().max().item()
+            bound = 2e-4 * gate.abs().max().item() * product.abs().max().item()  # each factor's error, times the other
+            assert error < bound, f"gated {keywords}: max |error| {error:.3g}, bound {bound:.3g}"
+    for dtype, relative in ((torch.bfloat16, 0.02), (torch.float16, 5e-3)):  # decode's dtypes: one rounding more
+        got = gemv.gemv(x.to(dtype), q).double().cpu()
+        reference = (x.to(dtype).double() @ weight.T).cpu()
+        error = (got - reference).abs().max().item()
+        assert error < relative * scale, f"{matrix} {dtype}: max |error| {error:.3g} of {scale:.3g}"
