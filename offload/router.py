@@ -151,7 +151,9 @@ if triton is not None:
         place = tl.arange(0, K_TILE)
         top = tl.zeros([K_TILE], tl.float32)
         chosen = tl.zeros([K_TILE], tl.float32)
-        left = tl.where(e < E, probs, -1.0)
+        # a NaN (a NaN in x: every prob is then) counts as the largest, as torch.topk takes it, so that the ids stay
+        # distinct experts, lowest first: a max over NaNs matches no element, and would pick id EXPERTS
+        left = tl.where(e < E, tl.where(probs == probs, probs, 2.0), -1.0)
         for j in tl.static_range(K):
             best = tl.max(left, axis=0)
             pick = tl.min(tl.where(left == best, e, EXPERTS), axis=0)

@@ -58,6 +58,18 @@ def test_the_fused_routing_is_transformers(dtype, shape, form):
     torch.testing.assert_close(weights.view(tokens, k), expected_weights, rtol=1e-6, atol=1e-6)
 
 
+def test_a_nan_in_the_row_still_routes_to_distinct_experts():
+    """A NaN in the hidden state (a float16 overflow, say) makes every logit NaN: torch.topk still gives k experts
+    of the layer, and so must the kernel, whose ids the cache serves (a max over NaNs matched no expert, and the
+    id was EXPERTS, one past the last). The lowest ids, as the kernel's ties go."""
+    x, weight, _ = problem(2, 4096, 8, torch.float32)
+    x[1, 7] = float("nan")
+    ids = torch.full((4,), -1.0, device=DEVICE)
+    fused_route(x, weight, ids, None)
+    expected_ids, _ = mixtral.route(F.linear(x[:1], weight), 2)
+    assert ids.tolist() == expected_ids[0].float().tolist() + [0.0, 1.0]
+
+
 def test_without_a_weights_buffer_only_the_ids_are_written():
     """The prefetcher's guesses, and replayed routing's steps, read the ids alone: no weights are stored."""
     x, weight, _ = problem(1, 64, 8, torch.float32)
