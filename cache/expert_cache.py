@@ -96,9 +96,11 @@ def huge_pages(tensor: torch.Tensor) -> bool:
 
 def _unregister(cudart, pointer: int) -> None:
     """Unpin memory whose tensor was freed, after any copy still reading it (a wrong guess's load, say,
-    which nothing waits for)."""
+    which nothing waits for), on whichever GPU they run: host memory is every device's, and the current one
+    need not be the arena's."""
     try:
-        torch.cuda.synchronize()
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
     except RuntimeError:  # at exit, with the context torn down: nothing is in flight
         pass
     cudart.cudaHostUnregister(pointer)
@@ -227,6 +229,15 @@ class ExpertCache:
             return self.slot_rows[self.slot_row[self.slot_base[layer] + table.place(expert)]]
         self.home[layer][expert], self._next_home = self._next_home, self._next_home + 1
         return self.arena[self.home[layer][expert]]
+
+    def placed(self) -> None:
+        """Every expert is placed (`place`, `write`): the copy streams start after those writes. In exclusive mode the
+        first K of a layer went into slot rows on the current stream, whose kernels may still be queued (a zero fill,
+        a repack into a view), and the copy streams are torch's non-blocking ones, which no other stream's work
+        orders: a swap's write-back could read such a row before it is written."""
+        if self.on_cuda:
+            for stream in filter(None, (self.h2d_stream, self.d2h_stream)):
+                stream.wait_stream(torch.cuda.current_stream(self.device))
 
     # -- the decode path ---------------------------------------------------------------------------
 

@@ -487,6 +487,7 @@ def load(model: str, progress: Progress | None = None, *, text: str | None = Non
             prepared.source.packed_expert(layer, expert, expert_format, out=cache.place(layer, expert))
             if progress is not None:
                 progress("experts", layer * config.num_experts + expert + 1, total)
+    cache.placed()
 
     kernel = decode_kernel(prepared.fused_gemv, prepared.device)
     if kernel is TRITON and expert_format.spec is not None and gemv.GATED:  # w1 and w3 at once, where it works

@@ -10,6 +10,7 @@ import offload
 from cache.expert_cache import HUGE_PAGE, ExpertCache, huge_pages
 from offload.graphs import DecodeGraphs
 from quant.errors import MoEOffloadError
+from tests.tiny import make_tiny_mixtral
 
 LAYERS, EXPERTS, NBYTES = 2, 6, 40
 
@@ -128,6 +129,36 @@ def test_exclusive_swaps_wait_only_for_the_previous_swaps_other_copy():
     ]  # fmt: skip
 
 
+class FakeStream:
+    """A CUDA stream's ordering calls, logged: which streams it was told to wait for."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.waited_for = name, []
+
+    def wait_stream(self, stream) -> None:
+        self.waited_for.append(stream.name)
+
+
+@pytest.mark.parametrize("mode", ["inclusive", "exclusive"])
+def test_the_copy_streams_start_after_the_experts_placed_at_load(tmp_path, monkeypatch, mode):
+    """In exclusive mode load writes the first K experts of a layer into slot rows on the current stream; the copy
+    streams (non-blocking: nothing orders them after another stream's work) wait for it before their first copy."""
+    compute = FakeStream("compute")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    cache = ExpertCache(num_layers=1, num_experts=4, expert_bytes=NBYTES, slots_per_layer=[2], mode=mode)
+    cache.on_cuda = True  # as on a GPU, its copy streams stand-ins
+    cache.h2d_stream, cache.d2h_stream = FakeStream("h2d"), FakeStream("d2h") if mode == "exclusive" else None
+    cache.placed()
+    for stream in filter(None, (cache.h2d_stream, cache.d2h_stream)):
+        assert stream.waited_for == ["compute"]
+    places, placed = [], []  # at load: each expert's place asked for, then placed() (when, in places)
+    place = ExpertCache.place
+    monkeypatch.setattr(ExpertCache, "place", lambda self, *args: places.append(args) or place(self, *args))
+    monkeypatch.setattr(ExpertCache, "placed", lambda self: placed.append(len(places)))
+    model = offload.load(str(make_tiny_mixtral(tmp_path / "m", layers=2)), device="cpu", slots=2, cache_mode=mode)
+    assert placed == [model.config.num_layers * model.config.num_experts] == [len(places)]  # once, after the last
+
+
 def test_direct_mode_serves_from_the_arena_without_copies():
     cache = make_cache(slots=None)
     assert cache.mode == "direct"
@@ -210,13 +241,14 @@ def test_the_arena_is_pinned_at_its_exact_size(monkeypatch):
     cudart = FakeCudart()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
-    # unpinned only after the copies still in flight (a wrong guess's, which nothing waits for)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: cudart.unregistered.append("synchronized"))
+    # unpinned only after the copies still in flight (a wrong guess's, which nothing waits for), on every GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: cudart.unregistered.append(f"synchronized {device}"))
     cache = ExpertCache(num_layers=3, num_experts=5, expert_bytes=1000, pin_memory=True)
     pointer = cache.arena.data_ptr()
     assert cache.pinned and cudart.registered == [(pointer, 3 * 5 * 1000, 0)]
     del cache
-    assert cudart.unregistered == ["synchronized", pointer]
+    assert cudart.unregistered == ["synchronized 0", "synchronized 1", pointer]
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
     with pytest.warns(UserWarning, match=r"^could not pin 15000 bytes \(cudaHostRegister of 15000 bytes failed "
                                          r"with CUDA error 2\); using pageable memory: each load is then a "
