@@ -556,7 +556,9 @@ if triton is not None:
         if EARLY_META:  # loaded ahead of the codes' sums, whose math then covers their wait
             s, z = _scale_zero(r, mask, scale_codes, scale_scale, scale_zero, zero_codes, zero_scale, zero_zero,
                                QUANTIZED_META, META_GROUP, FAST_CODES, EVEN)  # fmt: skip
-        shift = (PER - 1 - r // STEP) * BITS  # [BN, GB] int32: the shifted codes are int32 too
+        # [BN, GB] int32, as the shifted codes are. A masked lane's row may lie past the last slot: its shift is held
+        # at 0, not negative (LLVM makes a negative shift poison; its codes are masked, and meet a zero scale)
+        shift = (PER - 1 - tl.minimum(r // STEP, PER - 1)) * BITS
         code = _as_float((packed >> shift[:, :, None]) & ((1 << BITS) - 1), FAST_CODES)  # [BN, GB, G]
         cx = tl.sum(code * xk[None, :, :], axis=2)  # [BN, GB]: sum_j c_j x_j
         if not EARLY_META:
