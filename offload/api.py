@@ -8,7 +8,9 @@ print(result.text, model.stats.hit_rate)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import numbers
 import os
 import warnings
@@ -543,6 +545,15 @@ class OffloadedModel:
         self.decode_step = 0  # decode forwards in the current sequence; traces number tokens by it
         self.context_ids: list[int] = []  # the ids the KV cache holds: a chat's next turn reuses their prefix
         self.broken: str | None = None  # why this model can run no more (an exclusive-mode step cut short)
+        # the GPU it runs on, by index: a bare "cuda" is the device current at load, which a later load may change
+        self.gpu: int | None = None
+        if self.device.type == "cuda":
+            self.gpu = torch.cuda.current_device() if self.device.index is None else self.device.index
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """This model's GPU made the current device while it runs: graph capture, Triton's launches and a bare
+        "cuda" mean the current one, and another model loaded since (on another GPU) made its own current."""
+        return contextlib.nullcontext() if self.gpu is None else torch.cuda.device(self.gpu)
 
     def __repr__(self) -> str:
         slots = "experts in place" if self.plan.slots_per_layer is None else (
@@ -597,7 +608,8 @@ class OffloadedModel:
         if self.broken is not None:
             raise MoEOffloadError(self.broken)
         try:
-            logits = self.decoder.forward(input_ids.to(self.device), start_pos, last_only=last_only)
+            with self._on_device():
+                logits = self.decoder.forward(input_ids.to(self.device), start_pos, last_only=last_only)
         except MoEOffloadError:  # a check before any work: nothing was cut
             raise
         except BaseException:  # Ctrl-C or an error part-way through the step
@@ -719,7 +731,7 @@ class OffloadedModel:
         else:
             prompt_ids = self.token_ids(prompt)
         config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
+        synchronize = None if self.gpu is None else functools.partial(torch.cuda.synchronize, self.gpu)
         stops = self.stop_ids(tokenizer)
         # a conversation going on: the KV cache already holds the turns so far, so prefill only what is new
         cached = 0 if messages is None else min(_common_prefix(self.context_ids, prompt_ids), len(prompt_ids) - 1)

@@ -48,6 +48,9 @@ class DecodeGraphs:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.failed: str | None = None  # why capturing stopped, if it did
+        # the stream captures run on: torch's own default is one for the process, made on the device current at its
+        # first capture, and a capture on another device's stream would record none of this model's kernels
+        self.stream: torch.cuda.Stream | None = None
 
     def run(self, key: Hashable, fn: Callable[[], None]) -> None:
         graph = self.graphs.get(key)
@@ -67,8 +70,10 @@ class DecodeGraphs:
     def _capture(self, key: Hashable, fn: Callable[[], None]) -> None:
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.current_stream()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()  # on the current device: the model's (OffloadedModel._on_device)
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 fn()
         except RuntimeError as error:  # an operator that cannot be captured: carry on eagerly, and say so
             # the failed capture's exit raises before it restores the stream: the work after it, and every

@@ -319,3 +319,35 @@ def test_meta_rows_resolves_to_the_order_the_decode_kernel_reads(monkeypatch):
                                 "(--no-fused-gemv, or no Triton)")  # fmt: skip
     with pytest.raises(MoEOffloadError, match=r"^--meta-rows lays experts out for the GPU's kernel; on the CPU"):
         api.meta_order(True, cpu, True)
+
+
+def test_a_model_makes_its_own_gpu_current_while_it_runs(tmp_path, monkeypatch):
+    """Graph capture, Triton's launches and a bare "cuda" all mean the current device, process-wide: a model on
+    cuda:1 must run with cuda:1 current even after another model's load made cuda:0 current. (On the CPU, with the
+    model's GPU and torch.cuda.device stood in for.)"""
+    from tests.tiny import make_tiny_mixtral
+
+    model = offload.load(str(make_tiny_mixtral(tmp_path / "m")), device="cpu")
+    assert model.gpu is None
+    current = []  # the device current at each decoder forward
+    entered = []
+
+    class Device:  # torch.cuda.device's stand-in: makes `index` current inside
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    synchronized = []  # generate's clock readings wait for this model's GPU, not the current one
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
+    forward = model.decoder.forward
+    monkeypatch.setattr(model.decoder, "forward", lambda *a, **k: current.append(list(entered)) or forward(*a, **k))
+    model.gpu = 1
+    model.generate([1, 5, 9], max_new_tokens=3, temperature=0)
+    assert current == [[1]] * 3 and entered == []  # the prefill and two decode steps, each inside cuda:1
+    assert synchronized and set(synchronized) == {1}

@@ -2,6 +2,8 @@
 first run is: it must equal the eager path in logits, in every cache decision and in the trace, and make
 no tensor outside the pieces that CUDA graphs capture. tests/test_cuda.py replays the graphs themselves."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
@@ -195,6 +197,23 @@ def test_a_decode_steps_attention_runs_sdpas_fused_kernel(case, path_):
         for pos in range(4, 7):
             model.forward(tokens[pos : pos + 1], pos)
     assert attention.picked == [SDPBackend.FLASH_ATTENTION] * (3 * model.config.num_layers)  # the CPU's fused one
+
+
+def test_graphs_capture_on_a_stream_of_their_own(monkeypatch):
+    """torch's default capture stream is one for the process, made on the device current at its first capture: a
+    model on another GPU must capture on a stream of its own, made on its device, the same one for every piece.
+    (On the CPU, with CUDA's graph, stream and capture stood in for.)"""
+    captured, made = [], []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("Graph", (), {"pool": lambda self: "pool"})())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "decode stream")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: made.append(f"stream {len(made)}") or made[-1])
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool, stream: captured.append(stream) or nullcontext())
+    graphs = DecodeGraphs()
+    for key in ("attention", "guess", "head"):
+        graphs.run(key, lambda: None)
+    graphs.reset()  # new graphs, the same stream
+    graphs.run("attention", lambda: None)
+    assert made == ["stream 0"] and captured == ["stream 0"] * 4
 
 
 class FixedRouting:
