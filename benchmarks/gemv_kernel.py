@@ -76,7 +76,7 @@ def best_launch(calls_with, packed: bool) -> dict:
     for n, k, w in itertools.product(*LAUNCH_SHAPES[packed]):
         try:
             timings.append((timed_us(calls_with(block_n=n, block_k=k, num_warps=w), repeats=20), n, k, w))
-        except gemv.triton.runtime.errors.OutOfResources:  # e.g. pipelined stages of a large tile: no launch
+        except gemv.CANNOT_LAUNCH:  # e.g. pipelined stages of a large tile: no launch
             continue
     us, n, k, w = min(timings)
     return {"us": round(us, 1), "block_n": n, "block_k": k, "num_warps": w}
@@ -144,7 +144,7 @@ def measure(device: torch.device, dtype: torch.dtype, l2_bytes: int, args: argpa
                 for n, k, w in LAUNCHES[int(bits)]:
                     try:
                         us = round(timed_us(fused_calls(block_n=n, block_k=k, num_warps=w)), 1)
-                    except gemv.triton.runtime.errors.OutOfResources:  # pipelined stages of a large tile, say
+                    except gemv.CANNOT_LAUNCH:  # pipelined stages of a large tile, say
                         us = None
                     row["launches"].append({"block_n": n, "block_k": k, "num_warps": w, "us": us})
             if name == "w1":  # with w3, as the one gated launch that decode makes of them

@@ -43,6 +43,18 @@ try:
 except ImportError:  # CPU builds of torch ship without Triton; linear() then dequantizes instead
     triton = None
 
+# What a launch raises where its kernel cannot be built for this GPU (shared memory or registers, ptxas, the
+# compiler): `tune` and the benchmarks pass over such a launch. An error at run time (CUDA's) is not among them.
+CANNOT_LAUNCH: tuple[type[Exception], ...] = (
+    ()
+    if triton is None
+    else (
+        triton.runtime.errors.OutOfResources,
+        triton.runtime.errors.PTXASError,
+        triton.compiler.errors.CompilationError,
+    )
+)
+
 MAX_ROWS = 8  # tokens per call the kernel serves; a prefill's matrix product is faster dequantized
 BLOCK_N = 16  # _gemv_kernel's outputs per program: small, so a 4096-output matrix spreads over 256 programs
 BLOCK_K = 256  # inputs per loop step; a multiple of every supported group size up to 256

@@ -13,7 +13,7 @@ each shape, in turn:
 About 65 launches a shape, where every variant at every shape would be 432; each compiles in well under a second
 (sm_90's, ahead of time on a 2-core CPU: about 0.3 s).
 A launch whose result differs from the default launch's by more than rounding is left out (a miscompiled variant
-must not win), and so is one that cannot launch (Triton's OutOfResources: shared memory, say). Each time is device
+must not win), and so is one that cannot be built (gemv.CANNOT_LAUNCH: shared memory, say). Each time is device
 time per call, from a CUDA graph of calls over copies of the weights that together overflow L2 (timed_us), as a
 decode step reads its codes from memory.
 """
@@ -145,7 +145,7 @@ def tune_shape(matrices: list, x: torch.Tensor, timer: Timer = timed_us,
             us = None
             if (got - expected).abs().max().item() <= AGREE * scale:
                 us = timer([functools.partial(multiply, x, m, out, workspace, **launch) for m in matrices])
-        except gemv.triton.runtime.errors.OutOfResources:
+        except gemv.CANNOT_LAUNCH:
             us = None
         timings.append({**launch, "us": None if us is None else round(us, 2)})
         if tried is not None:

@@ -115,7 +115,8 @@ def test_a_tuned_file_gemv_cannot_use_is_a_one_line_error(tuned_folders, content
                                      "`moe-offload tune` again")  # fmt: skip
 
 
-def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
+@pytest.mark.parametrize("cannot", ["OutOfResources", "PTXASError"])
+def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch, cannot):
     """tune_shape on the interpreter with a stand-in timer: the fastest variant, the fastest launch shape, the
     fastest split of K there, the meta ahead of the codes or after, then the variants again there. block_n 4 at
     block_k 512 cannot launch; 4 warps at 2048 give a wrong result, and are never chosen, however fast. Each launch
@@ -125,7 +126,9 @@ def test_tuning_keeps_the_fastest_launch_whose_result_agrees(monkeypatch):
 
     def flawed(x, q, out=None, workspace=None, **launch):  # 4 warps at 2048: wrong; block_n 4 at 512: no launch
         if launch["block_k"] == 512 and launch["block_n"] == 4:
-            raise gemv.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+            errors = gemv.triton.runtime.errors
+            raise errors.OutOfResources(1, 0, "shared memory") if cannot == "OutOfResources" else errors.PTXASError(
+                "ptxas fatal: an error of ptxas's own")  # fmt: skip
         y = original(x, q, out, workspace, **launch)
         return y + 1 if launch["block_k"] == 2048 and launch["num_warps"] == 4 else y
 
