@@ -35,6 +35,10 @@ if [[ "${1:-}" == prepare ]]; then
         --platform manylinux_2_24_x86_64 bitsandbytes=="$bnb"
     cp ../shared/traces/mixtral-8x7b-instruct_humaneval_routing.jsonl .gpu.new/
     git rev-parse HEAD >.gpu.new/COMMIT
+    # each tracked file's sum, which the GPU machine checks: its results name COMMIT, and the tree sent is the tree
+    # as it is at each call
+    git ls-files -z | xargs -0 sha256sum >.gpu.new/TREE.sha256
+    [[ -d .gpu/gemv_tuned ]] && cp -r .gpu/gemv_tuned .gpu.new/  # launches a call tuned this session: kept
     if [[ -n $(git status --porcelain --untracked-files=no) ]]; then
         echo "prepare: warning: uncommitted changes; the results will name $(cat .gpu.new/COMMIT)" >&2
     fi
@@ -53,6 +57,11 @@ model=/tmp/m8x7b
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 echo "commit $(cat .gpu/COMMIT)"
+if [[ -f .gpu/TREE.sha256 ]] && ! sha256sum --quiet -c .gpu/TREE.sha256 >/dev/null 2>&1; then
+    echo "WARNING: the tree sent differs from commit $(cat .gpu/COMMIT), which the results will name:" \
+        "run prepare again after committing" >&2
+    sha256sum --quiet -c .gpu/TREE.sha256 2>&1 | head -5 >&2 || true
+fi
 df -h /tmp || true  # synth writes 18.4 GB there, and refuses to start if the disk says it cannot hold it
 
 # launches tuned for this GPU, carried from an earlier call: installed where gemv reads them (quant/gemv.py)
