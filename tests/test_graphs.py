@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import offload
 from offload.bench import ReplayedRouting
@@ -214,6 +215,73 @@ def test_graphs_capture_on_a_stream_of_their_own(monkeypatch):
     graphs.reset()  # new graphs, the same stream
     graphs.run("attention", lambda: None)
     assert made == ["stream 0"] and captured == ["stream 0"] * 4
+
+
+class OutsideAddresses(TorchDispatchMode):
+    """Where the operators inside it read and write tensors made before it: the addresses a CUDA graph of that
+    code keeps as they were at its capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: set[int] = set()  # storages made inside
+        self.outside: list[int] = []  # data pointers of the others, as each operator met them
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        self.outside += [t.data_ptr() for t in given if t.untyped_storage().data_ptr() not in self.made]
+        out = func(*args, **kwargs)
+        storages = {t.untyped_storage().data_ptr() for t in given}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
+                self.made.add(t.untyped_storage().data_ptr())
+        return out
+
+
+class AddressedGraphs(DecodeGraphs):
+    """Eager, recording each run of each piece: the addresses from outside it that its operators met."""
+
+    def __init__(self) -> None:
+        super().__init__(capture=False)
+        self.runs: dict = {}
+
+    def run(self, key, fn) -> None:
+        with OutsideAddresses() as addresses:
+            fn()
+        self.runs.setdefault(key, []).append(addresses.outside)
+
+
+@pytest.mark.parametrize("mutant", [None, "a KV cache made anew at reset"])
+def test_every_replay_of_a_piece_meets_the_addresses_of_its_capture(tmp_path, monkeypatch, mutant):
+    """A graph replays its capture's kernels on its capture's addresses: a piece must find whatever it reads or
+    writes from outside (the residual stream, the KV cache, the routing buffers, a slot row) where it found it at
+    its second run (its first makes the workspace's buffers), at every later step, across a reset and a new
+    sequence. On the CPU each piece runs again eagerly and would be right on new buffers, so only this can show a
+    buffer made anew; the mutant is one."""
+    if mutant is not None:
+        reset = offload.decoder.Decoder.reset
+
+        def reset_anew(decoder):
+            reset(decoder)
+            decoder.k_cache = torch.zeros_like(decoder.k_cache)
+
+        monkeypatch.setattr(offload.decoder.Decoder, "reset", reset_anew)
+    tiny = make_tiny_mixtral(tmp_path / "m", hidden=64, intermediate=128, layers=3, experts=4, seed=3)
+    model, _ = load(tiny, None, expert_bits="2", slots=2, prefetch="both")
+    graphs = model.decoder.graphs = AddressedGraphs()
+    tokens = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):  # two sequences
+        model.reset()
+        model.forward(tokens[:4], 0)
+        for pos in range(4, len(tokens)):
+            model.forward(tokens[pos : pos + 1], pos)
+    moved = sorted(str(key) for key, runs in graphs.runs.items() if any(run != runs[1] for run in runs[2:]))
+    assert {key[0] for key in graphs.runs} == {"attention", "expert", "guess", "head"}
+    assert all(len(runs) > 2 and runs[1] for key, runs in graphs.runs.items() if key[0] != "expert")
+    if mutant is None:
+        assert moved == []
+    else:
+        assert moved == [str(("attention", layer, 256)) for layer in range(3)]
 
 
 class FixedRouting:
