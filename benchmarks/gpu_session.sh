@@ -5,7 +5,7 @@
 #       puts the wheels of hqq, termcolor and bitsandbytes, the Mixtral routing trace and the commit into .gpu/
 #       (git-ignored); run it again before each session, since every result is stamped with that commit
 #   on the GPU machine:       bash benchmarks/gpu_session.sh STEP [STEP ...]     (carry .gpu)
-#       steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune tune-rows bench bench-rows bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
+#       steps: synth-start tests attention copy-engine kernel kernel-sweep ncu synth tune tune-rows bench bench-rows bench-more bench-path embedding prefill colab profile; results go to $OUT (the device's) or benchmarks/results
 #   between calls: launches `tune` found (its gemv_tuned_GPU.json) put in .gpu/gemv_tuned/ are installed at the start of
 #       each later call, and the bench results' names then say _tuned
 #
@@ -130,6 +130,11 @@ for step in "$@"; do
         # at most 4 minutes: a hang (in a teardown never run on a GPU, say) must not take the call's other steps
         limited 240 python3 -m pytest -vv -rs tests/test_cuda.py tests/test_gemv.py tests/test_graphs.py tests/test_embedding.py tests/test_norm.py tests/test_rope.py tests/test_router.py 2>&1 | tee "$results/cuda_tests_$gpu.log" ||
             echo "== tests failed: see $results/cuda_tests_$gpu.log"
+        ;;
+    attention)  # a decode step's attention, grouped query heads against each head with enable_gqa: which kernel is
+        # faster here and what each holds, eager and in the static step's masked form (seconds; no model needed)
+        attempt limited 120 python3 benchmarks/decode_attention.py --out "$results/decode_attention_$gpu.json"
+        stamp "$results/decode_attention_$gpu.json"
         ;;
     copy-engine)  # whether a decode step's few-byte copies wait behind an expert load (seconds; after synth, whose
         # writes would disturb microsecond timings; a failure does not stop the steps after it)
@@ -256,7 +261,7 @@ sys.exit(None if a == b else f'WARNING: inclusive slots {b} differ from exclusiv
             "$results/bench_${gpu}_colab${tuned}_exclusive.json" "$results/bench_${gpu}_colab${tuned}_inclusive.json" || true
         ;;
     *)
-        echo "unknown step $step; steps: synth-start tests copy-engine kernel kernel-sweep ncu synth tune tune-rows bench bench-rows bench-more bench-path embedding prefill colab profile" >&2
+        echo "unknown step $step; steps: synth-start tests attention copy-engine kernel kernel-sweep ncu synth tune tune-rows bench bench-rows bench-more bench-path embedding prefill colab profile" >&2
         exit 2
         ;;
     esac
