@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py") if p.stem != "__init__")
 
@@ -86,3 +87,18 @@ def test_meta_repack_times_each_order_and_says_which_the_kernel_reads(tmp_path):
         assert [row["kernel_reads_it"] for row in rows] == reads and all(row["ms_per_expert"] > 0 for row in rows)
     done = subprocess.run([*script, "--rounds", "0", "--out", str(out)], capture_output=True, text=True)
     assert (done.returncode, done.stderr.strip()) == (2, "error: --rounds must be at least 1, got 0")
+
+
+def test_decode_attention_measures_both_ways_alike_and_the_grouped_one_holds_no_repeated_keys():
+    """benchmarks/decode_attention.py's rows: the two ways give one attention (to float32's rounding against float64),
+    and under the static step's mask the per-head call holds the keys and values repeated for every head in float32
+    (256 keys: 32 heads x 256 x 128 x 4 bytes, twice, 8 MiB), the grouped one nothing of that size."""
+    from benchmarks.decode_attention import measure
+
+    for masked in (False, True):
+        rows = {row["way"]: row for row in measure(torch.device("cpu"), torch.float32, 256, masked, calls=1)}
+        assert set(rows) == {"heads", "grouped"}
+        assert all(row["max_abs_error"] < 1e-5 for row in rows.values())
+        assert rows["grouped"]["peak_bytes"] < 1 << 20
+        if masked:
+            assert rows["heads"]["peak_bytes"] >= 2 * 32 * 256 * 128 * 4
