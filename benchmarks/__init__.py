@@ -6,6 +6,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import torch
+
+from offload.bench import synchronize
 from quant.errors import MoEOffloadError
 
 
@@ -18,10 +21,13 @@ def run_script(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def ms_per_call(call: Callable[[], object], calls: int) -> float:
-    """Milliseconds a call of `call`, after one call to warm up."""
+def ms_per_call(call: Callable[[], object], calls: int, device: torch.device | None = None) -> float:
+    """Milliseconds a call of `call`, after one call to warm up; on a CUDA `device`, the work it queued counted."""
+    device = device or torch.device("cpu")
     call()
+    synchronize(device)
     begin = time.perf_counter()
     for _ in range(calls):
         call()
+    synchronize(device)
     return (time.perf_counter() - begin) / calls * 1000

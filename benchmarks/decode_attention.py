@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import run_script  # noqa: E402
+from benchmarks import ms_per_call, run_script  # noqa: E402
 from benchmarks.prefill_memory import live_peak  # noqa: E402
 from offload.bench import environment, synchronize, write_json  # noqa: E402
 from offload.decoder import one_query_attention  # noqa: E402
@@ -71,16 +70,6 @@ def peak_bytes(call, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def ms_per_call(call, device: torch.device, calls: int) -> float:
-    call()  # warm
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    synchronize(device)
-    return (time.perf_counter() - start) / calls * 1000
-
-
 def measure(device: torch.device, dtype: torch.dtype, keys: int, masked: bool, calls: int) -> list[dict]:
     generator = torch.Generator().manual_seed(keys)
     q = torch.randn(HEADS, HEAD_DIM, generator=generator).to(device, dtype)
@@ -94,7 +83,7 @@ def measure(device: torch.device, dtype: torch.dtype, keys: int, masked: bool, c
         error = (call().double() - expected).abs().max().item()
         rows.append({
             "call": "static" if masked else "eager", "keys": keys, "dtype": str(dtype).removeprefix("torch."),
-            "way": way, "ms_per_call": round(ms_per_call(call, device, calls), 4),
+            "way": way, "ms_per_call": round(ms_per_call(call, calls, device), 4),
             "peak_bytes": peak_bytes(call, device), "max_abs_error": error,
         })  # fmt: skip
     return rows

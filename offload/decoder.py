@@ -231,7 +231,7 @@ def one_query_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | 
     The query heads that share a key head are taken as that key head's H/K queries, so SDPA sees plain
     attention over K heads, 4-D, as its fused kernels want it: no key is repeated, and on CUDA a masked call
     (the static path's) or a T4's runs the memory-efficient kernel. With the heads as they are and enable_gqa,
-    those ran the math kernel, which repeats the keys and values to every query head in float32: 128 MiB a
+    those ran the math kernel, which repeats the keys and values to every query head in float32: 192 MiB held a
     layer for Mixtral at 4096 keys (benchmarks/decode_attention.py).
     """
     # H = heads, K = kv heads, S = head dim, N = keys

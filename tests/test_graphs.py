@@ -189,7 +189,7 @@ class AttentionBackends(TorchDispatchMode):
 def test_a_decode_steps_attention_runs_sdpas_fused_kernel(case, path_):
     """A decode step's one query meets its key heads' keys as they are (offload.decoder.one_query_attention):
     SDPA's fused kernel, on the CPU as on CUDA, where the math kernel would repeat the keys and values for every
-    query head in float32 (the static step's masked call and a T4's took it; 128 MiB a layer at 4096 keys)."""
+    query head in float32 (the static step's masked call and a T4's took it; 192 MiB a layer at 4096 keys)."""
     path, shape, tokens, _ = case
     model, _ = load(path, CountedGraphs() if path_ == "static" else None, slots=2)
     model.reset()
